@@ -1,0 +1,35 @@
+//! The agentrun wire contract.
+//!
+//! Everything that two agentrun components must agree on lives here: the names of the Redis
+//! keys and Pub/Sub channels of a run ([`names`]), the fields of a stream entry ([`entry`]), the
+//! JSON envelope sent to clients ([`envelope`]), the control and status messages ([`control`],
+//! [`status`]), how to reach Redis ([`settings`]), and the two primitives that touch streams:
+//! [`publish`] (append and notify, deduplicated, in batches) and [`replay`] (read a stream from
+//! a cursor in pages). `docs/protocol.md` describes the same contract for people.
+
+pub mod control;
+pub mod entry;
+pub mod envelope;
+pub mod names;
+pub mod publish;
+pub mod replay;
+pub mod settings;
+pub mod status;
+#[cfg(feature = "test-support")]
+pub mod testing;
+
+pub use control::{ControlAction, ControlMessage};
+pub use entry::{Entry, EntryType, LiveMessage, NewEntry};
+pub use envelope::Envelope;
+pub use names::{NameError, RunId, StreamName, Variation};
+pub use publish::{PublishOptions, Publisher};
+pub use settings::{RedisConn, RedisMode, RedisSettings, SettingsError};
+pub use status::{RunState, StatusEvent};
+
+/// Milliseconds since the Unix epoch, the unit of every `ts` field.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,260 @@
+//! The publish primitive: append entries to a run's stream and announce each one on the
+//! channel of the same name, exactly once, in order.
+//!
+//! One Lua script does the work for a batch of entries of one stream from one producer, so the
+//! append and the announcement are atomic and ordered alike. Re-sends are harmless: the script
+//! remembers, per stream and producer, the highest producer sequence (`pseq`) it has applied
+//! (in the hash `run:{RUN}:producers`) and skips anything at or below it. Stream sequence
+//! numbers (`seq`, also the entry id `0-SEQ`) are assigned by the script, contiguous from 1,
+//! whoever the producer. Batches for several streams go to Redis in one pipeline.
+
+use crate::entry::NewEntry;
+use crate::names::{RUNS_INDEX_KEY, RunId, StreamName};
+use redis::aio::ConnectionLike;
+use redis::{Cmd, RedisError, Value};
+
+/// KEYS[1] stream key (and channel); KEYS[2] producers hash.
+/// ARGV[1] producer id, ARGV[2] MAXLEN (0 = uncapped), ARGV[3] publish command or "",
+/// then five values per entry: pseq, ts, type, content, meta ("" = none).
+/// Returns {last stream seq, number of entries appended, highest pseq applied}.
+const PUBLISH_SCRIPT: &str = r#"
+local field = KEYS[1] .. '|' .. ARGV[1]
+local applied = tonumber(redis.call('HGET', KEYS[2], field) or '0')
+local top = 0
+local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #newest > 0 then
+  top = tonumber(string.sub(newest[1][1], 3))
+end
+local maxlen = tonumber(ARGV[2])
+local pub = ARGV[3]
+local added = 0
+for i = 4, #ARGV, 5 do
+  local pseq = tonumber(ARGV[i])
+  if pseq > applied then
+    top = top + 1
+    local ts, kind, content, meta = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
+    local args = {KEYS[1]}
+    if maxlen > 0 then
+      args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
+    end
+    args[#args + 1] = '0-' .. top
+    args[#args + 1] = 'seq'; args[#args + 1] = top
+    args[#args + 1] = 'ts'; args[#args + 1] = ts
+    args[#args + 1] = 'type'; args[#args + 1] = kind
+    args[#args + 1] = 'content'; args[#args + 1] = content
+    if meta ~= '' then
+      args[#args + 1] = 'meta'; args[#args + 1] = meta
+    end
+    redis.call('XADD', unpack(args))
+    if pub ~= '' then
+      redis.call(pub, KEYS[1], top .. ' ' .. ts .. ' ' .. kind .. ' ' .. #meta .. '\n' .. meta .. content)
+    end
+    applied = pseq
+    added = added + 1
+  end
+end
+if added > 0 then
+  redis.call('HSET', KEYS[2], field, applied)
+end
+return {top, added, applied}
+"#;
+
+/// How entries are published.
+#[derive(Debug, Clone)]
+pub struct PublishOptions {
+    /// Approximate cap on each stream's length (`XADD MAXLEN ~`); `None` keeps everything.
+    pub max_len: Option<u64>,
+    /// `PUBLISH`, or `SPUBLISH` for Redis Cluster (see [`crate::RedisSettings::publish_command`]).
+    pub publish_command: &'static str,
+}
+
+impl Default for PublishOptions {
+    fn default() -> Self {
+        Self {
+            max_len: Some(100_000),
+            publish_command: "PUBLISH",
+        }
+    }
+}
+
+/// The result of publishing one batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PublishOutcome {
+    /// The stream's last `seq` after the batch.
+    pub last_seq: u64,
+    /// How many entries were new (the rest were re-sends and skipped).
+    pub appended: u64,
+    /// The highest producer sequence the stream has applied for this producer.
+    pub applied_pseq: u64,
+}
+
+/// One stream's entries from one producer.
+#[derive(Debug, Clone, Copy)]
+pub struct Batch<'a> {
+    pub stream: &'a StreamName,
+    pub producer: &'a str,
+    pub entries: &'a [NewEntry],
+}
+
+/// Appends and announces entries; cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Publisher {
+    options: PublishOptions,
+    sha: String,
+}
+
+impl Publisher {
+    pub fn new(options: PublishOptions) -> Self {
+        Self {
+            options,
+            sha: redis::Script::new(PUBLISH_SCRIPT).get_hash().to_owned(),
+        }
+    }
+
+    pub fn options(&self) -> &PublishOptions {
+        &self.options
+    }
+
+    fn command(&self, run: &RunId, batch: &Batch<'_>) -> Cmd {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&self.sha)
+            .arg(2)
+            .arg(batch.stream.key(run))
+            .arg(run.producers_key())
+            .arg(batch.producer)
+            .arg(self.options.max_len.unwrap_or(0))
+            .arg(self.options.publish_command);
+        for e in batch.entries {
+            cmd.arg(e.pseq)
+                .arg(e.ts)
+                .arg(e.kind.as_str())
+                .arg(e.content.as_ref())
+                .arg(e.meta.as_deref().unwrap_or(""));
+        }
+        cmd
+    }
+
+    /// Publishes one batch.
+    pub async fn publish<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        run: &RunId,
+        batch: Batch<'_>,
+    ) -> Result<PublishOutcome, RedisError> {
+        let mut out = self.publish_many(conn, run, &[batch]).await?;
+        Ok(out.remove(0))
+    }
+
+    /// Publishes several batches (usually of different streams) in one round trip.
+    /// Safe to retry as a whole after any error: applied entries are skipped.
+    pub async fn publish_many<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        run: &RunId,
+        batches: &[Batch<'_>],
+    ) -> Result<Vec<PublishOutcome>, RedisError> {
+        let mut loaded = false;
+        loop {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for b in batches {
+                pipe.add_command(self.command(run, b));
+            }
+            let replies: Vec<Value> = pipe.query_async(conn).await?;
+            let mut outcomes = Vec::with_capacity(replies.len());
+            let mut missing_script = false;
+            for reply in replies {
+                match reply {
+                    Value::ServerError(e) if e.code() == "NOSCRIPT" => missing_script = true,
+                    Value::ServerError(e) => return Err(RedisError::from(e)),
+                    v => outcomes.push(parse_outcome(&v)?),
+                }
+            }
+            if !missing_script {
+                return Ok(outcomes);
+            }
+            if loaded {
+                return Err(RedisError::from((
+                    redis::ErrorKind::Client,
+                    "the publish script vanished right after it was loaded",
+                )));
+            }
+            let _: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(PUBLISH_SCRIPT)
+                .query_async(conn)
+                .await?;
+            loaded = true;
+        }
+    }
+}
+
+fn parse_outcome(v: &Value) -> Result<PublishOutcome, RedisError> {
+    let (last_seq, appended, applied_pseq): (u64, u64, u64) =
+        redis::FromRedisValue::from_redis_value_ref(v)?;
+    Ok(PublishOutcome {
+        last_seq,
+        appended,
+        applied_pseq,
+    })
+}
+
+/// Adds a run to the run index (if it is not there yet) and writes fields to its state hash.
+pub async fn register_run<C: ConnectionLike>(
+    conn: &mut C,
+    run: &RunId,
+    created_ms: u64,
+    fields: &[(&str, String)],
+) -> Result<(), RedisError> {
+    let mut pipe = redis::pipe();
+    pipe.cmd("ZADD")
+        .arg(RUNS_INDEX_KEY)
+        .arg("NX")
+        .arg(created_ms)
+        .arg(run.as_str())
+        .ignore();
+    pipe.cmd("HSETNX")
+        .arg(run.state_key())
+        .arg("created")
+        .arg(created_ms)
+        .ignore();
+    if !fields.is_empty() {
+        let mut hset = redis::cmd("HSET");
+        hset.arg(run.state_key());
+        for (k, v) in fields {
+            hset.arg(*k).arg(v);
+        }
+        pipe.add_command(hset).ignore();
+    }
+    pipe.query_async::<()>(conn).await
+}
+
+/// Writes fields to the run's state hash.
+pub async fn set_state<C: ConnectionLike>(
+    conn: &mut C,
+    run: &RunId,
+    fields: &[(&str, String)],
+) -> Result<(), RedisError> {
+    if fields.is_empty() {
+        return Ok(());
+    }
+    let mut hset = redis::cmd("HSET");
+    hset.arg(run.state_key());
+    for (k, v) in fields {
+        hset.arg(*k).arg(v);
+    }
+    hset.query_async::<()>(conn).await
+}
+
+/// Puts a TTL on the given keys of a run (once the run has ended).
+pub async fn expire_keys<C: ConnectionLike>(
+    conn: &mut C,
+    keys: &[String],
+    ttl_seconds: u64,
+) -> Result<(), RedisError> {
+    let mut pipe = redis::pipe();
+    for k in keys {
+        pipe.cmd("EXPIRE").arg(k).arg(ttl_seconds).ignore();
+    }
+    pipe.query_async::<()>(conn).await
+}

@@ -1,0 +1,522 @@
+//! How to reach Redis: one URL plus optional credentials and TLS files.
+//!
+//! | URL | mode |
+//! |---|---|
+//! | `redis://[user:pass@]host:port[/db]` | standalone, plain TCP |
+//! | `rediss://[user:pass@]host:port[/db]` | standalone, TLS |
+//! | `redis+sentinel://[user:pass@]host:port[,host:port...]/MASTER` (or `rediss+sentinel://`) | Sentinel: the master named `MASTER` |
+//! | `redis+cluster://[user:pass@]host:port[,host:port...]` (or `rediss+cluster://`) | Redis Cluster |
+//!
+//! A username or password given separately (flags, env, a Secret) wins over the URL's, so
+//! the URL can be shared and the password kept in a Secret.
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Which kind of Redis deployment the URL names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisMode {
+    Standalone,
+    /// Ask these Sentinels for the address of the master called `master`.
+    Sentinel {
+        master: String,
+    },
+    /// Redis Cluster with these seed nodes; sharded Pub/Sub is used.
+    Cluster,
+}
+
+/// Redis connection settings shared by every agentrun component.
+#[derive(Clone)]
+pub struct RedisSettings {
+    pub mode: RedisMode,
+    /// `host:port` of each node (one for standalone).
+    pub nodes: Vec<(String, u16)>,
+    pub tls: bool,
+    pub db: i64,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    /// PEM bundle of the CA that signed the server certificate (otherwise the system roots).
+    pub ca_file: Option<PathBuf>,
+    /// PEM client certificate and key, for servers that require mutual TLS.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+    /// How long one command may take before it counts as failed.
+    pub response_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+impl std::fmt::Debug for RedisSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisSettings")
+            .field("mode", &self.mode)
+            .field("nodes", &self.nodes)
+            .field("tls", &self.tls)
+            .field("db", &self.db)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("ca_file", &self.ca_file)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What is wrong with the Redis settings; every message names the setting and the fix.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(
+        "Redis URL {url:?} is not valid: {why}. Use redis://[user:password@]host:port[/db], rediss://... for TLS, redis+sentinel://host:port[,host:port]/MASTER or redis+cluster://host:port[,host:port]"
+    )]
+    Url { url: String, why: String },
+    #[error("cannot read {what} file {path}: {source}")]
+    File {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("--redis-client-cert and --redis-client-key must be given together")]
+    HalfClientCert,
+    #[error("cannot connect to Redis at {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: redis::RedisError,
+    },
+    #[error(
+        "Pub/Sub subscriptions in Redis Cluster mode need sharded subscriptions, which this component does not support yet; point it at a standalone or Sentinel Redis"
+    )]
+    ClusterPubSub,
+}
+
+fn url_err(url: &str, why: impl Into<String>) -> SettingsError {
+    SettingsError::Url {
+        url: redact(url),
+        why: why.into(),
+    }
+}
+
+/// The URL with its password replaced, safe for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let userinfo = &url[s + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+impl RedisSettings {
+    /// Parses a Redis URL (see the module docs for the forms).
+    pub fn from_url(url: &str) -> Result<Self, SettingsError> {
+        let url = url.trim();
+        let (scheme, rest) = url
+            .split_once("://")
+            .ok_or_else(|| url_err(url, "it has no scheme"))?;
+        let (mode_hint, tls) = match scheme {
+            "redis" => ("", false),
+            "rediss" => ("", true),
+            "redis+sentinel" => ("sentinel", false),
+            "rediss+sentinel" => ("sentinel", true),
+            "redis+cluster" => ("cluster", false),
+            "rediss+cluster" => ("cluster", true),
+            other => return Err(url_err(url, format!("unknown scheme {other:?}"))),
+        };
+        let (userinfo, hostpart) = match rest.rfind('@') {
+            Some(at) => (Some(&rest[..at]), &rest[at + 1..]),
+            None => (None, rest),
+        };
+        let (username, password) = match userinfo {
+            None => (None, None),
+            Some(ui) => match ui.split_once(':') {
+                Some((u, p)) => (
+                    (!u.is_empty()).then(|| percent_decode(u)),
+                    (!p.is_empty()).then(|| percent_decode(p)),
+                ),
+                None => ((!ui.is_empty()).then(|| percent_decode(ui)), None),
+            },
+        };
+        let hostpart = hostpart.split(['?', '#']).next().unwrap_or_default();
+        let (hosts, path) = match hostpart.split_once('/') {
+            Some((h, p)) => (h, p),
+            None => (hostpart, ""),
+        };
+        let mut nodes = Vec::new();
+        for h in hosts.split(',').filter(|h| !h.is_empty()) {
+            let default_port = if mode_hint == "sentinel" { 26379 } else { 6379 };
+            let (host, port) = match h.rsplit_once(':') {
+                Some((host, port)) if !host.ends_with(']') || host.starts_with('[') => (
+                    host.trim_start_matches('[').trim_end_matches(']'),
+                    port.parse::<u16>()
+                        .map_err(|_| url_err(url, format!("port {port:?} is not a number")))?,
+                ),
+                _ => (h, default_port),
+            };
+            if host.is_empty() {
+                return Err(url_err(url, "a host name is empty"));
+            }
+            nodes.push((host.to_owned(), port));
+        }
+        if nodes.is_empty() {
+            return Err(url_err(url, "it names no host"));
+        }
+        let mut db = 0;
+        let mode = match mode_hint {
+            "sentinel" => {
+                if path.is_empty() {
+                    return Err(url_err(url, "a Sentinel URL must end with /MASTER-NAME"));
+                }
+                RedisMode::Sentinel {
+                    master: path.to_owned(),
+                }
+            }
+            "cluster" => RedisMode::Cluster,
+            _ => {
+                if nodes.len() > 1 {
+                    return Err(url_err(
+                        url,
+                        "several hosts need redis+sentinel:// or redis+cluster://",
+                    ));
+                }
+                if !path.is_empty() {
+                    db = path
+                        .parse()
+                        .map_err(|_| url_err(url, format!("database {path:?} is not a number")))?;
+                }
+                RedisMode::Standalone
+            }
+        };
+        Ok(Self {
+            mode,
+            nodes,
+            tls,
+            db,
+            username,
+            password,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+            response_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(3),
+        })
+    }
+
+    /// Overrides the URL's credentials with separately given ones (empty values are ignored).
+    pub fn with_credentials(mut self, username: Option<String>, password: Option<String>) -> Self {
+        if let Some(u) = username.filter(|u| !u.is_empty()) {
+            self.username = Some(u);
+        }
+        if let Some(p) = password.filter(|p| !p.is_empty()) {
+            self.password = Some(p);
+        }
+        self
+    }
+
+    /// A short description for logs and errors, without credentials.
+    pub fn target(&self) -> String {
+        let hosts: Vec<String> = self.nodes.iter().map(|(h, p)| format!("{h}:{p}")).collect();
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        match &self.mode {
+            RedisMode::Standalone => format!("{scheme}://{}/{}", hosts.join(","), self.db),
+            RedisMode::Sentinel { master } => {
+                format!("{scheme}+sentinel://{}/{master}", hosts.join(","))
+            }
+            RedisMode::Cluster => format!("{scheme}+cluster://{}", hosts.join(",")),
+        }
+    }
+
+    fn node_info(&self, host: &str, port: u16) -> Result<ConnectionInfo, SettingsError> {
+        let scheme = if self.tls { "rediss" } else { "redis" };
+        let host_part = if host.contains(':') {
+            format!("[{host}]")
+        } else {
+            host.to_owned()
+        };
+        let info = format!("{scheme}://{host_part}:{port}/{}", self.db)
+            .into_connection_info()
+            .map_err(|e| url_err(&self.target(), e.to_string()))?;
+        let mut redis_info = info.redis_settings().clone();
+        if let Some(u) = &self.username {
+            redis_info = redis_info.set_username(u);
+        }
+        if let Some(p) = &self.password {
+            redis_info = redis_info.set_password(p);
+        }
+        Ok(info.set_redis_settings(redis_info))
+    }
+
+    fn tls_certificates(&self) -> Result<Option<redis::TlsCertificates>, SettingsError> {
+        let read = |what: &'static str, path: &PathBuf| {
+            std::fs::read(path).map_err(|source| SettingsError::File {
+                what,
+                path: path.clone(),
+                source,
+            })
+        };
+        let root_cert = self
+            .ca_file
+            .as_ref()
+            .map(|p| read("Redis CA", p))
+            .transpose()?;
+        let client_tls = match (&self.client_cert, &self.client_key) {
+            (Some(c), Some(k)) => Some(redis::ClientTlsConfig {
+                client_cert: read("Redis client certificate", c)?,
+                client_key: read("Redis client key", k)?,
+            }),
+            (None, None) => None,
+            _ => return Err(SettingsError::HalfClientCert),
+        };
+        if root_cert.is_none() && client_tls.is_none() {
+            return Ok(None);
+        }
+        Ok(Some(redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        }))
+    }
+
+    fn client_for(&self, info: ConnectionInfo) -> Result<Client, SettingsError> {
+        let result = match self.tls_certificates()? {
+            Some(certs) if self.tls => Client::build_with_tls(info, certs),
+            _ => Client::open(info),
+        };
+        result.map_err(|e| url_err(&self.target(), e.to_string()))
+    }
+
+    /// A client for the node that takes writes (the master, for Sentinel).
+    pub async fn client(&self) -> Result<Client, SettingsError> {
+        match &self.mode {
+            RedisMode::Standalone | RedisMode::Cluster => {
+                let (h, p) = &self.nodes[0];
+                self.client_for(self.node_info(h, *p)?)
+            }
+            RedisMode::Sentinel { master } => {
+                let sentinels = self
+                    .nodes
+                    .iter()
+                    .map(|(h, p)| self.node_info(h, *p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let node_info = redis::sentinel::SentinelNodeConnectionInfo::default()
+                    .set_redis_connection_info(sentinels[0].redis_settings().clone());
+                let node_info = if self.tls {
+                    node_info.set_tls_mode(redis::TlsMode::Secure)
+                } else {
+                    node_info
+                };
+                let mut sentinel = redis::sentinel::SentinelClient::build(
+                    sentinels,
+                    master.clone(),
+                    Some(node_info),
+                    redis::sentinel::SentinelServerType::Master,
+                )
+                .map_err(|e| url_err(&self.target(), e.to_string()))?;
+                sentinel
+                    .async_get_client()
+                    .await
+                    .map_err(|source| SettingsError::Connect {
+                        target: self.target(),
+                        source,
+                    })
+            }
+        }
+    }
+
+    /// Connects for commands. The connection reconnects by itself after a failure; commands
+    /// sent while Redis is away fail and are for the caller to retry.
+    pub async fn connect(&self) -> Result<RedisConn, SettingsError> {
+        let connect_err = |source| SettingsError::Connect {
+            target: self.target(),
+            source,
+        };
+        match &self.mode {
+            RedisMode::Cluster => {
+                let nodes = self
+                    .nodes
+                    .iter()
+                    .map(|(h, p)| self.node_info(h, *p))
+                    .collect::<Result<Vec<_>, _>>()?;
+                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .response_timeout(self.response_timeout)
+                    .connection_timeout(self.connect_timeout);
+                if let Some(certs) = self.tls_certificates()? {
+                    builder = builder.certs(certs);
+                }
+                let client = builder
+                    .build()
+                    .map_err(|e| url_err(&self.target(), e.to_string()))?;
+                let conn = client.get_async_connection().await.map_err(connect_err)?;
+                Ok(RedisConn::Cluster(conn))
+            }
+            _ => {
+                let client = self.client().await?;
+                let config = ConnectionManagerConfig::new()
+                    .set_response_timeout(Some(self.response_timeout))
+                    .set_connection_timeout(Some(self.connect_timeout))
+                    .set_number_of_retries(2)
+                    .set_max_delay(Duration::from_secs(2));
+                let conn = ConnectionManager::new_with_config(client, config)
+                    .await
+                    .map_err(connect_err)?;
+                Ok(RedisConn::Single(conn))
+            }
+        }
+    }
+
+    /// Opens a dedicated Pub/Sub connection.
+    pub async fn pubsub(&self) -> Result<redis::aio::PubSub, SettingsError> {
+        if self.mode == RedisMode::Cluster {
+            return Err(SettingsError::ClusterPubSub);
+        }
+        let client = self.client().await?;
+        tokio::time::timeout(self.connect_timeout, client.get_async_pubsub())
+            .await
+            .map_err(|_| SettingsError::Connect {
+                target: self.target(),
+                source: redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "timed out opening a Pub/Sub connection",
+                )),
+            })?
+            .map_err(|source| SettingsError::Connect {
+                target: self.target(),
+                source,
+            })
+    }
+
+    /// The publish command for this mode: sharded Pub/Sub in Cluster mode.
+    pub fn publish_command(&self) -> &'static str {
+        if self.mode == RedisMode::Cluster {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        }
+    }
+}
+
+/// A command connection to standalone/Sentinel Redis or to a Redis Cluster.
+#[derive(Clone)]
+pub enum RedisConn {
+    Single(ConnectionManager),
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_the_documented_forms() {
+        let s = RedisSettings::from_url("redis://127.0.0.1:6390/2").unwrap();
+        assert_eq!(
+            (s.mode.clone(), s.nodes.clone(), s.tls, s.db),
+            (
+                RedisMode::Standalone,
+                vec![("127.0.0.1".into(), 6390)],
+                false,
+                2
+            )
+        );
+        let s = RedisSettings::from_url("rediss://agent:p%40ss@redis.svc:6380").unwrap();
+        assert!(s.tls);
+        assert_eq!(s.username.as_deref(), Some("agent"));
+        assert_eq!(s.password.as_deref(), Some("p@ss"));
+        let s = RedisSettings::from_url("redis+sentinel://a:26379,b/mymaster").unwrap();
+        assert_eq!(
+            s.mode,
+            RedisMode::Sentinel {
+                master: "mymaster".into()
+            }
+        );
+        assert_eq!(s.nodes[1], ("b".into(), 26379));
+        let s = RedisSettings::from_url("redis+cluster://a:7000,b:7001").unwrap();
+        assert_eq!(s.mode, RedisMode::Cluster);
+        assert_eq!(s.publish_command(), "SPUBLISH");
+        let s = RedisSettings::from_url("redis://localhost").unwrap();
+        assert_eq!(s.nodes[0].1, 6379);
+    }
+
+    #[test]
+    fn bad_urls_say_what_to_do() {
+        for bad in [
+            "localhost:6379",
+            "http://x",
+            "redis://",
+            "redis://h:port",
+            "redis+sentinel://h",
+            "redis://a,b",
+            "redis://h/x",
+        ] {
+            let e = RedisSettings::from_url(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("redis://[user:password@]host:port"),
+                "{bad}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn credentials_are_never_printed() {
+        let s = RedisSettings::from_url("redis://u:hunter2@h:1").unwrap();
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(!s.target().contains("hunter2"));
+        let e = RedisSettings::from_url("ftp://u:hunter2@h")
+            .unwrap_err()
+            .to_string();
+        assert!(!e.contains("hunter2"), "{e}");
+        let s = s.with_credentials(Some("other".into()), Some(String::new()));
+        assert_eq!(
+            (s.username.as_deref(), s.password.as_deref()),
+            (Some("other"), Some("hunter2"))
+        );
+    }
+}
