@@ -1,1 +1,3 @@
-fn main() {}
+fn main() {
+    let _ = agentrun_relay::app(agentrun_relay::AppState::default());
+}
