@@ -1,0 +1,368 @@
+// Test harness for the browser tests: a real redis-server and the real agentrun-relay binary on
+// free loopback ports, a tiny Redis client that publishes entries exactly the way the protocol
+// crate does (it runs the protocol's own Lua publish script, read from protocol/src/publish.rs),
+// and headless Debian chromium driven by playwright-core.
+
+import { spawn } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, existsSync, mkdirSync } from 'node:fs';
+import net from 'node:net';
+import { tmpdir } from 'node:os';
+import { join, dirname, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { chromium } from 'playwright-core';
+
+const here = dirname(fileURLToPath(import.meta.url));
+export const REPO = resolve(here, '../../../..');
+export const ARTIFACTS = resolve(here, '../artifacts');
+
+/** Polls `fn` until it returns a truthy value; throws with `what` after `ms`. */
+export async function waitFor(what, fn, ms = 15000, every = 50) {
+  const deadline = Date.now() + ms;
+  let last;
+  for (;;) {
+    try {
+      const v = await fn();
+      if (v) return v;
+    } catch (e) {
+      last = e;
+    }
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}${last ? `: ${last.message}` : ''}`);
+    await new Promise((r) => setTimeout(r, every));
+  }
+}
+
+export function freePort() {
+  return new Promise((res, rej) => {
+    const s = net.createServer();
+    s.unref();
+    s.on('error', rej);
+    s.listen(0, '127.0.0.1', () => {
+      const { port } = s.address();
+      s.close(() => res(port));
+    });
+  });
+}
+
+function exited(child) {
+  return new Promise((res) => {
+    if (child.exitCode !== null || child.signalCode !== null) res();
+    else child.once('exit', () => res());
+  });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Redis
+
+/** A minimal RESP2 client: enough for the tests' commands and one subscription. */
+export class RedisClient {
+  static async connect(port) {
+    const sock = net.createConnection({ host: '127.0.0.1', port });
+    await new Promise((res, rej) => {
+      sock.once('connect', res);
+      sock.once('error', rej);
+    });
+    return new RedisClient(sock);
+  }
+
+  constructor(sock) {
+    this.sock = sock;
+    this.buf = Buffer.alloc(0);
+    this.queue = [];
+    this.onMessage = null;
+    sock.on('data', (d) => {
+      this.buf = Buffer.concat([this.buf, d]);
+      this.drain();
+    });
+    sock.on('error', () => {});
+    sock.on('close', () => {
+      for (const q of this.queue.splice(0)) q.reject(new Error('redis connection closed'));
+    });
+  }
+
+  command(...args) {
+    const parts = [`*${args.length}\r\n`];
+    const bufs = [];
+    for (const a of args) {
+      const b = Buffer.isBuffer(a) ? a : Buffer.from(String(a));
+      bufs.push(Buffer.from(`$${b.length}\r\n`), b, Buffer.from('\r\n'));
+    }
+    return new Promise((resolve, reject) => {
+      this.queue.push({ resolve, reject });
+      this.sock.write(Buffer.concat([Buffer.from(parts[0]), ...bufs]));
+    });
+  }
+
+  /** Subscribes to a channel; `onMessage(channel, payloadString)` gets every message. */
+  async subscribe(channel, onMessage) {
+    this.onMessage = onMessage;
+    await this.command('SUBSCRIBE', channel);
+  }
+
+  drain() {
+    for (;;) {
+      const r = parseReply(this.buf, 0);
+      if (!r) return;
+      this.buf = this.buf.subarray(r.end);
+      const v = r.value;
+      if (this.onMessage && Array.isArray(v) && v[0] === 'message') {
+        this.onMessage(v[1], v[2]);
+        continue;
+      }
+      const q = this.queue.shift();
+      if (!q) continue;
+      if (v instanceof Error) q.reject(v);
+      else q.resolve(v);
+    }
+  }
+
+  close() {
+    this.sock.destroy();
+  }
+}
+
+function parseReply(buf, i) {
+  if (i >= buf.length) return null;
+  const nl = buf.indexOf('\r\n', i);
+  if (nl < 0) return null;
+  const type = String.fromCharCode(buf[i]);
+  const line = buf.toString('utf8', i + 1, nl);
+  const after = nl + 2;
+  if (type === '+') return { value: line, end: after };
+  if (type === '-') return { value: new Error(line), end: after };
+  if (type === ':') return { value: Number(line), end: after };
+  if (type === '$') {
+    const n = Number(line);
+    if (n < 0) return { value: null, end: after };
+    if (buf.length < after + n + 2) return null;
+    return { value: buf.toString('utf8', after, after + n), end: after + n + 2 };
+  }
+  if (type === '*') {
+    const n = Number(line);
+    if (n < 0) return { value: null, end: after };
+    const out = [];
+    let j = after;
+    for (let k = 0; k < n; k++) {
+      const r = parseReply(buf, j);
+      if (!r) return null;
+      out.push(r.value);
+      j = r.end;
+    }
+    return { value: out, end: j };
+  }
+  throw new Error(`unexpected RESP type ${JSON.stringify(type)}`);
+}
+
+export class RedisServer {
+  static async start() {
+    const s = new RedisServer();
+    s.port = await freePort();
+    s.dir = mkdtempSync(join(tmpdir(), 'agentrun-ui-redis-'));
+    s.child = spawn('redis-server', ['--port', String(s.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', s.dir], { stdio: 'ignore' });
+    await waitFor('redis-server to answer PING', async () => {
+      const c = await RedisClient.connect(s.port);
+      try {
+        return (await c.command('PING')) === 'PONG';
+      } finally {
+        c.close();
+      }
+    }, 20000, 100);
+    return s;
+  }
+
+  get url() {
+    return `redis://127.0.0.1:${this.port}`;
+  }
+
+  async stop() {
+    this.child.kill('SIGKILL');
+    await exited(this.child);
+    rmSync(this.dir, { recursive: true, force: true });
+  }
+}
+
+const PUBLISH_SCRIPT = (() => {
+  const src = readFileSync(join(REPO, 'protocol/src/publish.rs'), 'utf8');
+  const m = /const PUBLISH_SCRIPT: &str = r#"([\s\S]*?)"#;/.exec(src);
+  if (!m) throw new Error('cannot find PUBLISH_SCRIPT in protocol/src/publish.rs');
+  return m[1];
+})();
+
+/** Publishes entries to one run the way agentrun_protocol::Publisher does. */
+export class RunPublisher {
+  constructor(redis, run, producer = 'ui-test') {
+    this.redis = redis;
+    this.run = run;
+    this.producer = producer;
+    this.pseq = new Map();
+  }
+
+  key(stream) {
+    return `run:{${this.run}}:${stream}`;
+  }
+
+  async register(variations, extra = {}) {
+    const now = Date.now();
+    await this.redis.command('ZADD', 'agentrun:runs', 'NX', now, this.run);
+    await this.redis.command('HSETNX', this.key('state'), 'created', now);
+    await this.redis.command('HSET', this.key('state'), 'variations', variations.join(','), ...Object.entries(extra).flat());
+  }
+
+  async setState(fields) {
+    await this.redis.command('HSET', this.key('state'), ...Object.entries(fields).flat());
+  }
+
+  /** stream: 'output:VAR', 'logs:VAR', 'status', 'metrics'; entries: [{type, content, meta?}] */
+  async publish(stream, entries) {
+    const p = this.pseq.get(stream) || 0;
+    const args = [];
+    entries.forEach((e, k) => {
+      args.push(p + k + 1, Date.now(), e.type, e.content, e.meta ? JSON.stringify(e.meta) : '');
+    });
+    this.pseq.set(stream, p + entries.length);
+    return this.redis.command('EVAL', PUBLISH_SCRIPT, 2, this.key(stream), this.key('producers'), this.producer, 0, 'PUBLISH', ...args);
+  }
+
+  output(variation, text) {
+    return this.publish(`output:${variation}`, [{ type: 'output', content: text }]);
+  }
+
+  logs(variation, text) {
+    return this.publish(`logs:${variation}`, [{ type: 'logs', content: text }]);
+  }
+
+  async status(variation, state, more = {}) {
+    const ev = { variation, state, source: 'test', ...more };
+    await this.setState({ [`var:${variation}`]: JSON.stringify(ev) });
+    return this.publish('status', [{ type: 'status', content: JSON.stringify(ev) }]);
+  }
+
+  /** Marks every variation final and the run ended, so that the relay sends `end`. */
+  async finish(variations, state = 'succeeded') {
+    for (const v of variations) await this.status(v, state, { reason: 'Completed', exitCode: 0 });
+    await this.setState({ phase: state, ended: Date.now() });
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Relay
+
+export function binary(name) {
+  const env = process.env[`AGENTRUN_${name.replace(/^agentrun-/, '').toUpperCase()}_BIN`];
+  if (env) return env;
+  const target = process.env.CARGO_TARGET_DIR || join(REPO, 'target');
+  const p = join(target, 'debug', name);
+  if (!existsSync(p)) throw new Error(`${p} does not exist: run \`cargo build -p ${name}\` first (scripts/test-browser.sh does)`);
+  return p;
+}
+
+export class Relay {
+  static async start(redisUrl, port) {
+    const r = new Relay();
+    r.redisUrl = redisUrl;
+    r.port = port || (await freePort());
+    await r.spawn();
+    return r;
+  }
+
+  get url() {
+    return `http://127.0.0.1:${this.port}`;
+  }
+
+  async spawn() {
+    this.log = '';
+    this.child = spawn(binary('agentrun-relay'), ['--redis-url', this.redisUrl, '--listen', `127.0.0.1:${this.port}`], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'warn' },
+    });
+    const keep = (d) => {
+      this.log = (this.log + d.toString()).slice(-20000);
+    };
+    this.child.stdout.on('data', keep);
+    this.child.stderr.on('data', keep);
+    await waitFor(`the relay on port ${this.port} to serve / (log: ${this.log})`, async () => {
+      if (this.child.exitCode !== null) throw new Error(`relay exited: ${this.log}`);
+      const res = await fetch(`${this.url}/`);
+      return res.ok;
+    }, 30000, 100);
+  }
+
+  async stop(signal = 'SIGTERM') {
+    if (!this.child || this.child.exitCode !== null || this.child.signalCode !== null) return;
+    this.child.kill(signal);
+    const t = setTimeout(() => this.child.kill('SIGKILL'), 10000);
+    await exited(this.child);
+    clearTimeout(t);
+  }
+
+  async restart(signal = 'SIGTERM', downMs = 0) {
+    await this.stop(signal);
+    if (downMs) await new Promise((r) => setTimeout(r, downMs));
+    await this.spawn();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Browser
+
+export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
+
+/**
+ * Launches headless chromium with a fresh profile. Tracks dialogs and page errors so that tests
+ * can assert that hostile output opened none.
+ */
+export async function launchBrowser() {
+  const profile = mkdtempSync(join(tmpdir(), 'agentrun-ui-chromium-'));
+  const context = await chromium.launchPersistentContext(profile, {
+    executablePath: CHROMIUM,
+    headless: true,
+    viewport: { width: 1400, height: 900 },
+    args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
+  });
+  const dialogs = [];
+  const errors = [];
+  const cspViolations = [];
+  const watch = (page) => {
+    page.on('dialog', (d) => {
+      dialogs.push(`${d.type()}: ${d.message()}`);
+      d.dismiss().catch(() => {});
+    });
+    page.on('pageerror', (e) => errors.push(String(e)));
+    page.on('console', (m) => {
+      if (m.type() === 'error' && /Content Security Policy/i.test(m.text())) cspViolations.push(m.text());
+    });
+  };
+  context.on('page', watch);
+  const page = context.pages()[0] || (await context.newPage());
+  watch(page);
+  return {
+    context,
+    page,
+    dialogs,
+    errors,
+    cspViolations,
+    async screenshot(name) {
+      mkdirSync(ARTIFACTS, { recursive: true });
+      const path = join(ARTIFACTS, `${name}.png`);
+      await page.screenshot({ path, fullPage: false });
+      return path;
+    },
+    async close() {
+      await context.close().catch(() => {});
+      rmSync(profile, { recursive: true, force: true });
+    },
+  };
+}
+
+/** The output text shown for a variation (plain view). */
+export function outputText(page, variation) {
+  return page.evaluate((v) => {
+    const col = document.querySelector(`section.variation[data-variation="${v}"] pre.term`);
+    return col ? col.textContent : null;
+  }, variation);
+}
+
+let runCounter = 0;
+export function uniqueRun(prefix) {
+  runCounter++;
+  return `${prefix}-${process.pid}-${runCounter}-${Date.now().toString(36)}`;
+}
