@@ -1,0 +1,352 @@
+//! `agentrun-entrypoint`: runs the agent's command, captures its output byte-exact, and hands
+//! it to the sidecar; applies control messages to the agent.
+
+pub mod outbox;
+
+use crate::chunker::Chunker;
+use crate::frame::Pipe;
+use agentrun_protocol::{ControlAction, ControlMessage, RunState, StatusEvent};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use outbox::{FinishReport, Outbox, OutboxConfig};
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+#[derive(Debug, Clone)]
+pub struct EntrypointConfig {
+    /// The sidecar's Unix socket.
+    pub socket: PathBuf,
+    /// Where to spool while the sidecar is away (next to the socket by default).
+    pub spool_dir: PathBuf,
+    /// The agent's command and arguments.
+    pub command: Vec<OsString>,
+    /// After `stop`, how long the agent has between SIGTERM and SIGKILL.
+    pub stop_grace: Duration,
+    /// After the agent exits, how long to wait for the sidecar to take the rest.
+    pub drain_timeout: Duration,
+    /// A partial line is sent after this much quiet.
+    pub idle_flush: Duration,
+    pub window_bytes: usize,
+    pub spool_max_bytes: u64,
+    /// Also copy the agent's output to our own stdout/stderr (so `kubectl logs` works).
+    pub tee: bool,
+    /// Producer id (random per process when not given).
+    pub producer: Option<String>,
+}
+
+impl EntrypointConfig {
+    pub fn new(socket: PathBuf, command: Vec<OsString>) -> Self {
+        let spool_dir = socket
+            .parent()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("."));
+        Self {
+            socket,
+            spool_dir,
+            command,
+            stop_grace: Duration::from_secs(10),
+            drain_timeout: Duration::from_secs(30),
+            idle_flush: Duration::from_millis(20),
+            window_bytes: 8 * 1024 * 1024,
+            spool_max_bytes: 1024 * 1024 * 1024,
+            tee: true,
+            producer: None,
+        }
+    }
+}
+
+/// A producer id that is unique per process: `ep-<random>`.
+pub fn new_producer_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
+/// Exit code for a command that could not be started (as a shell reports it).
+pub const EXIT_CANNOT_START: i32 = 127;
+
+/// Runs the agent to completion and returns the exit code to exit with.
+pub async fn run(config: EntrypointConfig) -> i32 {
+    let producer = config
+        .producer
+        .clone()
+        .unwrap_or_else(|| new_producer_id("ep"));
+    let (outbox, mut control_rx) = Outbox::start(OutboxConfig {
+        socket: config.socket.clone(),
+        spool_dir: config.spool_dir.clone(),
+        producer,
+        window_bytes: config.window_bytes,
+        spool_max_bytes: config.spool_max_bytes,
+        reconnect_every: Duration::from_millis(100),
+    });
+
+    let Some((program, args)) = config.command.split_first() else {
+        eprintln!(
+            "agentrun-entrypoint: no command given: use agentrun-entrypoint [--socket PATH] -- CMD [ARGS...]"
+        );
+        return 2;
+    };
+    let mut child = match tokio::process::Command::new(program)
+        .args(args)
+        .process_group(0)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            let msg = format!(
+                "cannot start {:?}: {e} (is it installed in the image and on PATH?)",
+                program
+            );
+            eprintln!("agentrun-entrypoint: {msg}");
+            let mut event = StatusEvent::new(None, RunState::Failed)
+                .reason("StartError")
+                .message(msg);
+            event.exit_code = Some(EXIT_CANNOT_START);
+            outbox.event(event).await;
+            report(outbox.finish(config.drain_timeout).await);
+            return EXIT_CANNOT_START;
+        }
+    };
+    let pgid = Pid::from_raw(child.id().unwrap_or(0) as i32);
+    let mut started = StatusEvent::new(None, RunState::Running).reason("Started");
+    started.message = Some(format!("agent started (pid {pgid})"));
+    outbox.event(started).await;
+
+    let (exited_tx, exited_rx) = watch::channel(false);
+    let mut readers = Vec::new();
+    if let Some(out) = child.stdout.take() {
+        readers.push(tokio::spawn(pump(
+            out,
+            Pipe::Stdout,
+            outbox.clone(),
+            config.tee.then(tokio::io::stdout),
+            config.idle_flush,
+            exited_rx.clone(),
+        )));
+    }
+    if let Some(err) = child.stderr.take() {
+        readers.push(tokio::spawn(pump(
+            err,
+            Pipe::Stderr,
+            outbox.clone(),
+            config.tee.then(tokio::io::stderr),
+            config.idle_flush,
+            exited_rx.clone(),
+        )));
+    }
+
+    // stdin: control messages write lines to the agent.
+    let (stdin_tx, mut stdin_rx) = mpsc::channel::<String>(64);
+    if let Some(mut stdin) = child.stdin.take() {
+        tokio::spawn(async move {
+            while let Some(line) = stdin_rx.recv().await {
+                if stdin.write_all(line.as_bytes()).await.is_err() || stdin.flush().await.is_err() {
+                    eprintln!(
+                        "agentrun-entrypoint: the agent closed its stdin; dropping stdin messages"
+                    );
+                    break;
+                }
+            }
+        });
+    }
+
+    let stop_requested = Arc::new(AtomicBool::new(false));
+    let mut terminate =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    let mut interrupt =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
+
+    let status = loop {
+        tokio::select! {
+            status = child.wait() => break status,
+            Some(msg) = control_rx.recv() => {
+                apply_control(msg, pgid, &outbox, &stdin_tx, &stop_requested, config.stop_grace).await;
+            }
+            Some(_) = recv_signal(&mut terminate) => {
+                stop_requested.store(true, Ordering::SeqCst);
+                let _ = killpg(pgid, Signal::SIGCONT);
+                let _ = killpg(pgid, Signal::SIGTERM);
+            }
+            Some(_) = recv_signal(&mut interrupt) => {
+                let _ = killpg(pgid, Signal::SIGINT);
+            }
+        }
+    };
+    // Let the readers drain what the agent wrote; children that keep the pipes open get a
+    // short grace before the readers stop waiting for them.
+    let _ = exited_tx.send(true);
+    for r in readers {
+        let _ = r.await;
+    }
+
+    let (code, event) = match status {
+        Ok(status) => exit_event(status, stop_requested.load(Ordering::SeqCst)),
+        Err(e) => {
+            let ev = StatusEvent::new(None, RunState::Failed)
+                .reason("Error")
+                .message(format!("waiting for the agent failed: {e}"));
+            (1, ev)
+        }
+    };
+    outbox.event(event).await;
+    report(outbox.finish(config.drain_timeout).await);
+    code
+}
+
+async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
+    match s {
+        Some(s) => s.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+fn report(r: FinishReport) {
+    match r {
+        FinishReport::Delivered => {}
+        FinishReport::Spooled { path, frames } => eprintln!(
+            "agentrun-entrypoint: the sidecar did not take {frames} frame(s) in time; they are in {} and the sidecar will publish them",
+            path.display()
+        ),
+        FinishReport::Lost { frames, error } => eprintln!(
+            "agentrun-entrypoint: {frames} frame(s) could not be delivered nor spooled: {error}"
+        ),
+    }
+}
+
+/// The exit code to exit with and the final status event.
+pub fn exit_event(status: std::process::ExitStatus, stop_requested: bool) -> (i32, StatusEvent) {
+    use std::os::unix::process::ExitStatusExt;
+    let (code, signal) = match (status.code(), status.signal()) {
+        (Some(c), _) => (c, None),
+        (None, Some(s)) => (128 + s, Some(s)),
+        (None, None) => (1, None),
+    };
+    let mut ev = if stop_requested {
+        StatusEvent::new(None, RunState::Stopped)
+            .reason("Stopped")
+            .message("the agent was stopped on request")
+    } else if code == 0 {
+        StatusEvent::new(None, RunState::Succeeded).reason("Completed")
+    } else if let Some(s) = signal {
+        let name = Signal::try_from(s)
+            .map(|s| s.as_str().to_owned())
+            .unwrap_or_else(|_| s.to_string());
+        StatusEvent::new(None, RunState::Failed)
+            .reason("Signaled")
+            .message(format!("the agent was killed by {name}"))
+    } else {
+        StatusEvent::new(None, RunState::Failed)
+            .reason("Error")
+            .message(format!("the agent exited with code {code}"))
+    };
+    ev.exit_code = Some(code);
+    ev.signal = signal;
+    (code, ev)
+}
+
+async fn apply_control(
+    msg: ControlMessage,
+    pgid: Pid,
+    outbox: &Outbox,
+    stdin: &mpsc::Sender<String>,
+    stop_requested: &Arc<AtomicBool>,
+    grace: Duration,
+) {
+    match msg.action {
+        ControlAction::Pause => {
+            if killpg(pgid, Signal::SIGSTOP).is_ok() {
+                outbox
+                    .event(StatusEvent::new(None, RunState::Paused).reason("Paused"))
+                    .await;
+            }
+        }
+        ControlAction::Resume => {
+            if killpg(pgid, Signal::SIGCONT).is_ok() {
+                outbox
+                    .event(StatusEvent::new(None, RunState::Running).reason("Resumed"))
+                    .await;
+            }
+        }
+        ControlAction::Stop => {
+            if stop_requested.swap(true, Ordering::SeqCst) {
+                return;
+            }
+            let _ = killpg(pgid, Signal::SIGCONT);
+            let _ = killpg(pgid, Signal::SIGTERM);
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                let _ = killpg(pgid, Signal::SIGKILL);
+            });
+        }
+        ControlAction::Stdin => {
+            let mut line = msg.data.unwrap_or_default();
+            line.push('\n');
+            let _ = stdin.try_send(line);
+        }
+    }
+}
+
+/// Reads one of the agent's pipes, copies it to our own stream, and sends it in chunks.
+async fn pump<R, W>(
+    mut pipe: R,
+    which: Pipe,
+    outbox: Outbox,
+    mut tee: Option<W>,
+    idle: Duration,
+    mut exited: watch::Receiver<bool>,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut chunker = Chunker::new();
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut deadline: Option<tokio::time::Instant> = None;
+    loop {
+        let idle_timer = async {
+            if chunker.pending() > 0 {
+                tokio::time::sleep(idle).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        let exit_timer = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            n = pipe.read(&mut buf) => {
+                let n = match n { Ok(n) => n, Err(_) => 0 };
+                if n == 0 { break; }
+                if let Some(t) = tee.as_mut() {
+                    if t.write_all(&buf[..n]).await.is_err() || t.flush().await.is_err() {
+                        tee = None;
+                    }
+                }
+                for chunk in chunker.push(&buf[..n]) {
+                    outbox.data(which, chunk).await;
+                }
+            }
+            _ = idle_timer => {
+                if let Some(chunk) = chunker.flush_idle() {
+                    outbox.data(which, chunk).await;
+                }
+            }
+            Ok(()) = exited.changed(), if deadline.is_none() => {
+                deadline = Some(tokio::time::Instant::now() + Duration::from_secs(2));
+            }
+            _ = exit_timer => break,
+        }
+    }
+    if let Some(chunk) = chunker.finish() {
+        outbox.data(which, chunk).await;
+    }
+}

@@ -1,0 +1,488 @@
+//! The entrypoint's outbox: numbers frames, sends them to the sidecar, keeps every frame until
+//! the sidecar acknowledges it, and spools to disk when the sidecar cannot take them.
+//!
+//! Rules, in order, for a new frame:
+//! 1. if the spool holds unsent frames, append to it (order is kept);
+//! 2. else, with a sidecar connected and room in the in-memory window, send it;
+//! 3. else, with a sidecar connected and Redis up, wait (back-pressure: the agent's pipe fills
+//!    and the agent slows down to what Redis takes);
+//! 4. else (no sidecar, or Redis down) append to the spool; past the spool's bound, drop the
+//!    chunk and count it, and send an explicit `gap` frame once there is room again.
+//!
+//! Frames sent and not yet acknowledged stay in memory (bounded by the window) and are sent
+//! again after a reconnect; Redis drops the duplicates by producer sequence.
+
+use crate::frame::{Frame, Pipe};
+use crate::spool::{SpoolFile, write_spool};
+use agentrun_protocol::{ControlMessage, StatusEvent, now_ms};
+use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixStream;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+
+#[derive(Debug, Clone)]
+pub struct OutboxConfig {
+    pub socket: PathBuf,
+    pub spool_dir: PathBuf,
+    pub producer: String,
+    /// Bytes sent and not yet acknowledged before the outbox waits or spools.
+    pub window_bytes: usize,
+    /// Largest spool; beyond it output is dropped and reported as a gap.
+    pub spool_max_bytes: u64,
+    /// How often to retry connecting to the sidecar.
+    pub reconnect_every: Duration,
+}
+
+/// What the outbox reports when it is finished.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishReport {
+    /// The sidecar acknowledged everything.
+    Delivered,
+    /// The deadline passed; what was left is in this spool file for the sidecar to publish.
+    Spooled { path: PathBuf, frames: usize },
+    /// The deadline passed and the frames could not even be written to disk.
+    Lost { frames: usize, error: String },
+}
+
+enum Command {
+    Data {
+        pipe: Pipe,
+        ts: u64,
+        bytes: Bytes,
+    },
+    Event {
+        ts: u64,
+        event: StatusEvent,
+    },
+    Finish {
+        deadline: Instant,
+        reply: oneshot::Sender<FinishReport>,
+    },
+}
+
+/// Cheap handle used by the pipe readers and the main task.
+#[derive(Clone)]
+pub struct Outbox {
+    tx: mpsc::Sender<Command>,
+}
+
+impl Outbox {
+    /// Starts the outbox task. Control messages from the sidecar arrive on the returned receiver.
+    pub fn start(config: OutboxConfig) -> (Self, mpsc::Receiver<ControlMessage>) {
+        let (tx, rx) = mpsc::channel(8);
+        let (control_tx, control_rx) = mpsc::channel(64);
+        tokio::spawn(Actor::new(config, control_tx).run(rx));
+        (Self { tx }, control_rx)
+    }
+
+    /// Queues a chunk of output; waits while the outbox applies back-pressure.
+    pub async fn data(&self, pipe: Pipe, bytes: Bytes) {
+        let _ = self
+            .tx
+            .send(Command::Data {
+                pipe,
+                ts: now_ms(),
+                bytes,
+            })
+            .await;
+    }
+
+    /// Queues a lifecycle event for the status stream.
+    pub async fn event(&self, event: StatusEvent) {
+        let _ = self
+            .tx
+            .send(Command::Event {
+                ts: now_ms(),
+                event,
+            })
+            .await;
+    }
+
+    /// Waits until everything is acknowledged, or until `timeout`, then stops the outbox.
+    pub async fn finish(&self, timeout: Duration) -> FinishReport {
+        let (reply, rx) = oneshot::channel();
+        let deadline = Instant::now() + timeout;
+        if self
+            .tx
+            .send(Command::Finish { deadline, reply })
+            .await
+            .is_err()
+        {
+            return FinishReport::Lost {
+                frames: 0,
+                error: "the outbox has stopped".into(),
+            };
+        }
+        rx.await.unwrap_or(FinishReport::Lost {
+            frames: 0,
+            error: "the outbox has stopped".into(),
+        })
+    }
+}
+
+struct Connection {
+    epoch: u64,
+    writer: mpsc::UnboundedSender<Bytes>,
+}
+
+enum Incoming {
+    Frame(u64, Frame),
+    Closed(u64),
+}
+
+#[derive(Default, Clone, Copy)]
+struct Dropped {
+    bytes: u64,
+    chunks: u64,
+}
+
+struct Actor {
+    config: OutboxConfig,
+    control_tx: mpsc::Sender<ControlMessage>,
+    next_fseq: u64,
+    pseq_out: u64,
+    pseq_err: u64,
+    pseq_status: u64,
+    inflight: VecDeque<Frame>,
+    inflight_bytes: usize,
+    spool: Option<SpoolFile>,
+    spool_error: Option<String>,
+    dropped: [Dropped; 2],
+    conn: Option<Connection>,
+    epoch: u64,
+    redis_up: bool,
+    incoming_tx: mpsc::Sender<Incoming>,
+    incoming_rx: mpsc::Receiver<Incoming>,
+    finishing: Option<(Instant, oneshot::Sender<FinishReport>)>,
+}
+
+impl Actor {
+    fn new(config: OutboxConfig, control_tx: mpsc::Sender<ControlMessage>) -> Self {
+        let (incoming_tx, incoming_rx) = mpsc::channel(256);
+        Self {
+            config,
+            control_tx,
+            next_fseq: 1,
+            pseq_out: 0,
+            pseq_err: 0,
+            pseq_status: 0,
+            inflight: VecDeque::new(),
+            inflight_bytes: 0,
+            spool: None,
+            spool_error: None,
+            dropped: [Dropped::default(); 2],
+            conn: None,
+            epoch: 0,
+            redis_up: true,
+            incoming_tx,
+            incoming_rx,
+            finishing: None,
+        }
+    }
+
+    fn spool_unread(&self) -> u64 {
+        self.spool.as_ref().map_or(0, SpoolFile::unread)
+    }
+
+    fn window_full(&self) -> bool {
+        self.inflight_bytes >= self.config.window_bytes
+    }
+
+    /// Whether the outbox must wait before taking another frame (rule 3).
+    fn back_pressure(&self) -> bool {
+        self.conn.is_some() && self.redis_up && self.spool_unread() == 0 && self.window_full()
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut next_connect = Instant::now();
+        let mut commands_open = true;
+        loop {
+            self.pump_spool();
+            if let Some(report) = self.check_finished() {
+                if let Some((_, reply)) = self.finishing.take() {
+                    let _ = reply.send(report);
+                }
+                return;
+            }
+            let accepting = commands_open && self.finishing.is_none() && !self.back_pressure();
+            let finish_at = self.finishing.as_ref().map(|(d, _)| *d);
+            tokio::select! {
+                cmd = commands.recv(), if accepting => match cmd {
+                    Some(cmd) => self.command(cmd),
+                    None => commands_open = false,
+                },
+                Some(msg) = self.incoming_rx.recv() => self.incoming(msg).await,
+                _ = tokio::time::sleep_until(next_connect), if self.conn.is_none() => {
+                    self.connect().await;
+                    next_connect = Instant::now() + self.config.reconnect_every;
+                }
+                _ = sleep_until_opt(finish_at) => {
+                    let report = self.give_up();
+                    if let Some((_, reply)) = self.finishing.take() {
+                        let _ = reply.send(report);
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    fn command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Data { pipe, ts, bytes } => {
+                let weight = bytes.len() as u64 + 32;
+                if self.must_spool() && !self.spool_has_room(weight) {
+                    let d = &mut self.dropped[pipe as usize];
+                    d.bytes += bytes.len() as u64;
+                    d.chunks += 1;
+                    return;
+                }
+                self.emit_gaps();
+                let frame = Frame::Data {
+                    fseq: self.fseq(),
+                    pipe,
+                    pseq: self.pseq(pipe),
+                    ts,
+                    bytes,
+                };
+                self.route(frame);
+            }
+            Command::Event { ts, event } => {
+                self.emit_gaps();
+                self.pseq_status += 1;
+                let frame = Frame::Event {
+                    fseq: self.fseq(),
+                    pseq: self.pseq_status,
+                    ts,
+                    event,
+                };
+                self.route(frame);
+            }
+            Command::Finish { deadline, reply } => {
+                self.emit_gaps();
+                self.finishing = Some((deadline, reply));
+            }
+        }
+    }
+
+    fn fseq(&mut self) -> u64 {
+        let f = self.next_fseq;
+        self.next_fseq += 1;
+        f
+    }
+
+    fn pseq(&mut self, pipe: Pipe) -> u64 {
+        let p = match pipe {
+            Pipe::Stdout => &mut self.pseq_out,
+            Pipe::Stderr => &mut self.pseq_err,
+        };
+        *p += 1;
+        *p
+    }
+
+    /// Whether a new frame goes to the spool rather than to the sidecar (rules 1 and 4).
+    fn must_spool(&self) -> bool {
+        self.spool_unread() > 0 || self.conn.is_none() || (self.window_full() && !self.redis_up)
+    }
+
+    fn spool_has_room(&self, weight: u64) -> bool {
+        self.spool_error.is_none() && self.spool_unread() + weight <= self.config.spool_max_bytes
+    }
+
+    /// Sends the gap frames for output that was dropped, once there is room again.
+    fn emit_gaps(&mut self) {
+        for pipe in [Pipe::Stdout, Pipe::Stderr] {
+            let d = self.dropped[pipe as usize];
+            if d.chunks == 0 {
+                continue;
+            }
+            self.dropped[pipe as usize] = Dropped::default();
+            let frame = Frame::Gap {
+                fseq: self.fseq(),
+                pipe,
+                pseq: self.pseq(pipe),
+                ts: now_ms(),
+                dropped_bytes: d.bytes,
+                dropped_chunks: d.chunks,
+            };
+            self.route(frame);
+        }
+    }
+
+    fn route(&mut self, frame: Frame) {
+        if self.must_spool() {
+            if let Err(e) = self.spool_append(&frame) {
+                // The disk refused: keep the frame in memory rather than lose it silently.
+                eprintln!(
+                    "agentrun-entrypoint: cannot write the spool: {e}; keeping output in memory"
+                );
+                self.spool_error = Some(e.to_string());
+                self.inflight_bytes += frame.weight();
+                self.inflight.push_back(frame);
+            }
+        } else {
+            self.send(frame);
+        }
+    }
+
+    fn spool_append(&mut self, frame: &Frame) -> std::io::Result<()> {
+        if self.spool.is_none() {
+            self.spool = Some(SpoolFile::create(
+                &self.config.spool_dir,
+                &self.config.producer,
+            )?);
+        }
+        match self.spool.as_mut() {
+            Some(s) => s.append(frame),
+            None => Ok(()),
+        }
+    }
+
+    fn send(&mut self, frame: Frame) {
+        if let Some(conn) = &self.conn {
+            if conn.writer.send(frame.to_bytes()).is_err() {
+                self.conn = None;
+            }
+        }
+        self.inflight_bytes += frame.weight();
+        self.inflight.push_back(frame);
+    }
+
+    /// Moves spooled frames to the sidecar while there is room in the window.
+    fn pump_spool(&mut self) {
+        while self.conn.is_some() && !self.window_full() && self.spool_unread() > 0 {
+            let next = match self.spool.as_mut().map(SpoolFile::next_frame) {
+                Some(Ok(Some(f))) => f,
+                Some(Ok(None)) | None => break,
+                Some(Err(e)) => {
+                    eprintln!("agentrun-entrypoint: the spool is unreadable: {e}");
+                    self.spool_error = Some(e.to_string());
+                    self.spool = None;
+                    break;
+                }
+            };
+            self.send(next);
+        }
+    }
+
+    async fn connect(&mut self) {
+        let Ok(stream) = UnixStream::connect(&self.config.socket).await else {
+            return;
+        };
+        let (mut read, mut write) = stream.into_split();
+        self.epoch += 1;
+        let epoch = self.epoch;
+        let (writer, mut queue) = mpsc::unbounded_channel::<Bytes>();
+        let incoming = self.incoming_tx.clone();
+        tokio::spawn(async move {
+            while let Some(bytes) = queue.recv().await {
+                if write.write_all(&bytes).await.is_err() {
+                    break;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            loop {
+                match Frame::read(&mut read).await {
+                    Ok(Some(f)) => {
+                        if incoming.send(Incoming::Frame(epoch, f)).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ => {
+                        let _ = incoming.send(Incoming::Closed(epoch)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        let hello = Frame::Hello {
+            producer: self.config.producer.clone(),
+            pid: std::process::id(),
+        };
+        let mut batch = BytesMut::new();
+        hello.encode(&mut batch);
+        for f in &self.inflight {
+            f.encode(&mut batch);
+        }
+        if writer.send(batch.freeze()).is_ok() {
+            self.redis_up = true;
+            self.conn = Some(Connection { epoch, writer });
+        }
+    }
+
+    async fn incoming(&mut self, msg: Incoming) {
+        match msg {
+            Incoming::Closed(epoch) => {
+                if self.conn.as_ref().is_some_and(|c| c.epoch == epoch) {
+                    self.conn = None;
+                }
+            }
+            Incoming::Frame(epoch, frame) => {
+                if self.conn.as_ref().is_none_or(|c| c.epoch != epoch) {
+                    return;
+                }
+                match frame {
+                    Frame::Ack { fseq } => {
+                        while self
+                            .inflight
+                            .front()
+                            .and_then(Frame::fseq)
+                            .is_some_and(|f| f <= fseq)
+                        {
+                            if let Some(f) = self.inflight.pop_front() {
+                                self.inflight_bytes -= f.weight();
+                            }
+                        }
+                    }
+                    Frame::Health { redis_up } => self.redis_up = redis_up,
+                    Frame::Control(msg) => {
+                        let _ = self.control_tx.send(msg).await;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    fn check_finished(&mut self) -> Option<FinishReport> {
+        self.finishing.as_ref()?;
+        let done =
+            self.inflight.is_empty() && self.spool_unread() == 0 && self.spool_error.is_none();
+        if !done {
+            return None;
+        }
+        if let Some(conn) = &self.conn {
+            let _ = conn.writer.send(Frame::Done.to_bytes());
+        }
+        Some(FinishReport::Delivered)
+    }
+
+    /// The deadline passed: leave everything unacknowledged in a spool file.
+    fn give_up(&mut self) -> FinishReport {
+        let front: Vec<Frame> = self.inflight.drain(..).collect();
+        let frames = front.len();
+        let result = match self.spool.take() {
+            Some(spool) => spool.persist_with_front(&front),
+            None => write_spool(&self.config.spool_dir, &self.config.producer, &front),
+        };
+        match result {
+            Ok(path) => FinishReport::Spooled { path, frames },
+            Err(e) => FinishReport::Lost {
+                frames,
+                error: e.to_string(),
+            },
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}

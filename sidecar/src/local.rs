@@ -1,0 +1,55 @@
+//! `agentrun-sidecar run`: the whole path in one process on a laptop. Starts a sidecar on a
+//! private socket, runs the agent through the entrypoint logic, and exits with its exit code.
+
+use crate::entrypoint::{self, EntrypointConfig};
+use crate::server::{Sidecar, SidecarConfig, SidecarError};
+use agentrun_protocol::now_ms;
+use agentrun_protocol::publish::register_run;
+use std::ffi::OsString;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct LocalRun {
+    pub sidecar: SidecarConfig,
+    pub command: Vec<OsString>,
+    pub stop_grace: Duration,
+    pub tee: bool,
+}
+
+/// Runs the agent and returns its exit code.
+pub async fn run(mut local: LocalRun) -> Result<i32, SidecarError> {
+    local.sidecar.owns_run = true;
+    if local.sidecar.fail_fast.is_none() {
+        local.sidecar.fail_fast = Some(Duration::from_secs(5));
+    }
+    let sidecar_config = local.sidecar.clone();
+    let sidecar = Sidecar::start(sidecar_config.clone()).await?;
+
+    // Register the run so the relay lists it.
+    if let Ok(mut conn) = sidecar_config.redis.connect().await {
+        let fields = [
+            ("variations", sidecar_config.variation.to_string()),
+            ("phase", "running".to_owned()),
+            ("name", sidecar_config.run.to_string()),
+        ];
+        if let Err(e) = register_run(&mut conn, &sidecar_config.run, now_ms(), &fields).await {
+            tracing::warn!(error = %e, "cannot register the run in Redis");
+        }
+    }
+
+    let mut ep = EntrypointConfig::new(sidecar_config.socket.clone(), local.command);
+    ep.spool_dir = sidecar_config.spool_dir.clone();
+    ep.stop_grace = local.stop_grace;
+    ep.tee = local.tee;
+    ep.drain_timeout = sidecar_config.drain_timeout;
+    let code = entrypoint::run(ep).await;
+    let report = sidecar.shutdown().await;
+    if report.undelivered_bytes > 0 {
+        eprintln!(
+            "agentrun-sidecar: {} bytes could not be delivered to Redis before the drain deadline; they remain in {}",
+            report.undelivered_bytes,
+            sidecar_config.spool_dir.display()
+        );
+    }
+    Ok(code)
+}

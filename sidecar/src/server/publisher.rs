@@ -1,0 +1,310 @@
+//! Batches items and publishes them to Redis, retrying with exponential back-off and jitter
+//! until Redis takes them; acknowledges frames to the entrypoint once they are in Redis.
+
+use super::Shared;
+use agentrun_protocol::publish::{Batch, expire_keys, set_state};
+use agentrun_protocol::{
+    NewEntry, Publisher, RedisConn, RedisSettings, StatusEvent, StreamName, now_ms,
+};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
+
+const MAX_BATCH_ITEMS: usize = 1024;
+const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
+
+pub(crate) enum Item {
+    Entry {
+        stream: StreamName,
+        producer: Arc<str>,
+        entry: NewEntry,
+        /// (connection epoch, frame seq) to acknowledge once published.
+        ack: Option<(u64, u64)>,
+        /// For status entries: the event, to mirror into the state hash.
+        status: Option<StatusEvent>,
+        /// Share of the sidecar's buffer budget, released once published.
+        permit: Option<(OwnedSemaphorePermit, u32)>,
+    },
+    /// Answered once everything queued before it is published.
+    Barrier(oneshot::Sender<()>),
+}
+
+/// Exponential back-off with full jitter.
+pub(crate) struct Backoff {
+    next: Duration,
+    min: Duration,
+    max: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
+        Self {
+            next: min,
+            min,
+            max,
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.next = self.min;
+    }
+
+    /// The next delay: uniformly between half and all of the current step, which doubles.
+    pub(crate) fn delay(&mut self) -> Duration {
+        let step = self.next;
+        self.next = (self.next * 2).min(self.max);
+        step.mul_f64(0.5 + rand::random::<f64>() * 0.5)
+    }
+}
+
+pub(crate) struct PublishLoop {
+    settings: RedisSettings,
+    publisher: Publisher,
+}
+
+impl PublishLoop {
+    /// Connects to Redis. With `fail_fast`, keeps trying for that long and then reports why it
+    /// could not connect; without, one attempt, and the loop keeps trying in the background.
+    pub(crate) async fn connect(
+        settings: RedisSettings,
+        publisher: Publisher,
+        fail_fast: Option<Duration>,
+    ) -> Result<(Self, Option<RedisConn>), String> {
+        let deadline = fail_fast.map(|d| tokio::time::Instant::now() + d);
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
+        loop {
+            match settings.connect().await {
+                Ok(conn) => {
+                    return Ok((
+                        Self {
+                            settings,
+                            publisher,
+                        },
+                        Some(conn),
+                    ));
+                }
+                Err(e) => match deadline {
+                    None => {
+                        tracing::warn!(error = %e, "Redis is not reachable yet; will keep trying");
+                        return Ok((
+                            Self {
+                                settings,
+                                publisher,
+                            },
+                            None,
+                        ));
+                    }
+                    Some(d) if tokio::time::Instant::now() >= d => return Err(e.to_string()),
+                    Some(_) => tokio::time::sleep(backoff.delay()).await,
+                },
+            }
+        }
+    }
+
+    pub(crate) async fn run(
+        self,
+        shared: Arc<Shared>,
+        mut conn: Option<RedisConn>,
+        mut rx: mpsc::Receiver<Item>,
+    ) {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
+        while let Some(first) = rx.recv().await {
+            let mut items = vec![first];
+            let mut bytes = 0usize;
+            while items.len() < MAX_BATCH_ITEMS && bytes < MAX_BATCH_BYTES {
+                match rx.try_recv() {
+                    Ok(item) => {
+                        if let Item::Entry { entry, .. } = &item {
+                            bytes += entry.content.len();
+                        }
+                        items.push(item);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut batch = Vec::new();
+            for item in items {
+                match item {
+                    Item::Barrier(done) => {
+                        self.deliver(&shared, &mut conn, &mut backoff, std::mem::take(&mut batch))
+                            .await;
+                        let _ = done.send(());
+                    }
+                    entry => batch.push(entry),
+                }
+            }
+            self.deliver(&shared, &mut conn, &mut backoff, batch).await;
+        }
+    }
+
+    /// Publishes `items`, retrying until Redis takes them.
+    async fn deliver(
+        &self,
+        shared: &Arc<Shared>,
+        conn: &mut Option<RedisConn>,
+        backoff: &mut Backoff,
+        items: Vec<Item>,
+    ) {
+        if items.is_empty() {
+            return;
+        }
+        // Consecutive entries of one stream and producer form one script call; the calls go
+        // in one pipeline, in the order the entries came.
+        let mut groups: Vec<(StreamName, Arc<str>, Vec<NewEntry>)> = Vec::new();
+        let mut acks: HashMap<u64, u64> = HashMap::new();
+        let mut statuses = Vec::new();
+        let mut permits = Vec::new();
+        for item in items {
+            let Item::Entry {
+                stream,
+                producer,
+                entry,
+                ack,
+                status,
+                permit,
+            } = item
+            else {
+                continue;
+            };
+            if let Some((epoch, fseq)) = ack {
+                let e = acks.entry(epoch).or_insert(0);
+                *e = (*e).max(fseq);
+            }
+            if let Some(s) = status {
+                statuses.push(s);
+            }
+            if let Some(p) = permit {
+                permits.push(p);
+            }
+            match groups.last_mut() {
+                Some((s, p, entries)) if *s == stream && *p == producer => entries.push(entry),
+                _ => groups.push((stream, producer, vec![entry])),
+            }
+        }
+        let run = &shared.config.run;
+        let mut failures = 0u32;
+        loop {
+            let Some(c) = conn.as_mut() else {
+                match self.settings.connect().await {
+                    Ok(c) => {
+                        shared.metrics.redis_reconnects.inc();
+                        *conn = Some(c);
+                    }
+                    Err(e) => {
+                        shared.set_redis_up(false);
+                        if failures % 20 == 0 {
+                            tracing::warn!(error = %e, "cannot reach Redis; holding output and retrying");
+                        }
+                        failures += 1;
+                        tokio::time::sleep(backoff.delay()).await;
+                    }
+                }
+                continue;
+            };
+            let batches: Vec<Batch<'_>> = groups
+                .iter()
+                .map(|(stream, producer, entries)| Batch {
+                    stream,
+                    producer,
+                    entries,
+                })
+                .collect();
+            let timer = shared.metrics.publish_seconds.start_timer();
+            match self.publisher.publish_many(c, run, &batches).await {
+                Ok(outcomes) => {
+                    timer.observe_duration();
+                    let appended: u64 = outcomes.iter().map(|o| o.appended).sum();
+                    shared.metrics.entries_published.inc_by(appended);
+                    shared.set_redis_up(true);
+                    backoff.reset();
+                    break;
+                }
+                Err(e) => {
+                    drop(timer);
+                    shared.metrics.publish_errors.inc();
+                    shared.set_redis_up(false);
+                    if failures % 20 == 0 {
+                        tracing::warn!(error = %e, "publishing to Redis failed; holding output and retrying");
+                    }
+                    failures += 1;
+                    if failures % 3 == 0 {
+                        // Start over with a fresh connection.
+                        *conn = None;
+                    }
+                    tokio::time::sleep(backoff.delay()).await;
+                }
+            }
+        }
+        for event in statuses {
+            self.mirror_status(shared, conn, event).await;
+        }
+        for (epoch, fseq) in acks {
+            shared.ack(epoch, fseq);
+        }
+        for (permit, weight) in permits {
+            shared.metrics.buffered_bytes.sub(i64::from(weight));
+            drop(permit);
+        }
+    }
+
+    /// Mirrors a status event into the state hash; on a final state, puts the retention TTL
+    /// on the keys this sidecar is responsible for.
+    async fn mirror_status(
+        &self,
+        shared: &Arc<Shared>,
+        conn: &mut Option<RedisConn>,
+        event: StatusEvent,
+    ) {
+        let Some(c) = conn.as_mut() else { return };
+        let config = &shared.config;
+        let run = &config.run;
+        let field = format!("var:{}", config.variation);
+        let json = String::from_utf8(event.to_json()).unwrap_or_default();
+        let result: Result<(), redis::RedisError> = async {
+            if event.reason.as_deref() == Some("SidecarStarted") {
+                // A restarted sidecar must not hide the state of a running agent.
+                redis::cmd("HSETNX")
+                    .arg(run.state_key())
+                    .arg(&field)
+                    .arg(&json)
+                    .query_async::<()>(c)
+                    .await?;
+                return Ok(());
+            }
+            let mut fields = vec![(field.as_str(), json.clone())];
+            let owns_phase = config.owns_run || {
+                let declared: Option<String> = redis::cmd("HGET")
+                    .arg(run.state_key())
+                    .arg("variations")
+                    .query_async(c)
+                    .await?;
+                declared.is_none_or(|d| d == config.variation.as_str())
+            };
+            if owns_phase {
+                fields.push(("phase", event.state.as_str().to_owned()));
+                if event.state.is_final() {
+                    fields.push(("ended", now_ms().to_string()));
+                }
+            }
+            set_state(c, run, &fields).await?;
+            if event.state.is_final() {
+                let ttl = config.retention.as_secs().max(1);
+                let keys = if owns_phase {
+                    run.all_keys([&config.variation])
+                } else {
+                    vec![
+                        StreamName::Output(config.variation.clone()).key(run),
+                        StreamName::Logs(config.variation.clone()).key(run),
+                    ]
+                };
+                expire_keys(c, &keys, ttl).await?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "cannot update the run's state hash");
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Spool files: frames that could not go to the sidecar yet, kept on the shared volume.
+//!
+//! The entrypoint appends frames to its spool while the sidecar is away (or while Redis is down
+//! and its in-memory window is full), and sends them, in order, when the sidecar is back. The
+//! file holds an exclusive `flock` for as long as its writer lives; a spool whose lock can be
+//! taken belongs to an entrypoint that has exited, and the sidecar publishes it and removes it.
+
+use crate::frame::{Frame, FrameError, MAX_FRAME};
+use bytes::{Bytes, BytesMut};
+use nix::fcntl::{Flock, FlockArg};
+use std::fs::{File, OpenOptions};
+use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+
+const PREFIX: &str = "agentrun-spool-";
+const SUFFIX: &str = ".bin";
+
+/// A spool file being written (and drained) by its owner.
+pub struct SpoolFile {
+    path: PathBuf,
+    writer: Flock<File>,
+    reader: BufReader<File>,
+    written: u64,
+    read: u64,
+}
+
+impl SpoolFile {
+    /// Creates (or truncates) the spool of `producer` in `dir` and locks it.
+    pub fn create(dir: &Path, producer: &str) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let path = dir.join(format!("{PREFIX}{producer}{SUFFIX}"));
+        let file = OpenOptions::new()
+            .create(true)
+            .read(true)
+            .write(true)
+            .truncate(true)
+            .open(&path)?;
+        let writer = Flock::lock(file, FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| std::io::Error::from(errno))?;
+        let reader = BufReader::with_capacity(256 * 1024, File::open(&path)?);
+        Ok(Self {
+            path,
+            writer,
+            reader,
+            written: 0,
+            read: 0,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Bytes appended and not yet read back.
+    pub fn unread(&self) -> u64 {
+        self.written - self.read
+    }
+
+    pub fn append(&mut self, frame: &Frame) -> std::io::Result<()> {
+        let bytes = frame.to_bytes();
+        self.writer.seek(SeekFrom::Start(self.written))?;
+        self.writer.write_all(&bytes)?;
+        self.written += bytes.len() as u64;
+        Ok(())
+    }
+
+    /// The next frame not yet read back, if any.
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.read >= self.written {
+            return Ok(None);
+        }
+        match read_frame_sync(&mut self.reader)? {
+            Some((frame, len)) => {
+                self.read += len as u64;
+                if self.read >= self.written {
+                    self.reset()?;
+                }
+                Ok(Some(frame))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Empties the file once everything in it has been read back.
+    fn reset(&mut self) -> std::io::Result<()> {
+        self.writer.set_len(0)?;
+        self.reader.seek(SeekFrom::Start(0))?;
+        self.written = 0;
+        self.read = 0;
+        Ok(())
+    }
+
+    /// Rewrites the spool so that it starts with `front` followed by what has not been read
+    /// yet; used when the entrypoint exits before the sidecar took everything.
+    pub fn persist_with_front(mut self, front: &[Frame]) -> std::io::Result<PathBuf> {
+        let tmp = self.path.with_extension("tmp");
+        let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+        for f in front {
+            out.write_all(&f.to_bytes())?;
+        }
+        let mut rest = Vec::new();
+        self.reader.read_to_end(&mut rest)?;
+        out.write_all(&rest)?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        std::fs::rename(&tmp, &self.path)?;
+        self.written = u64::MAX; // keep the file on drop
+        Ok(self.path.clone())
+    }
+}
+
+impl Drop for SpoolFile {
+    fn drop(&mut self) {
+        if self.written == 0 {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Writes `frames` as a new spool file for `producer` (used when there is no live spool).
+pub fn write_spool(dir: &Path, producer: &str, frames: &[Frame]) -> std::io::Result<PathBuf> {
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!("{PREFIX}{producer}{SUFFIX}"));
+    let tmp = path.with_extension("tmp");
+    let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+    for f in frames {
+        out.write_all(&f.to_bytes())?;
+    }
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    std::fs::rename(&tmp, &path)?;
+    Ok(path)
+}
+
+fn read_frame_sync<R: Read>(r: &mut R) -> Result<Option<(Frame, usize)>, FrameError> {
+    let mut len = [0u8; 4];
+    if let Err(e) = r.read_exact(&mut len) {
+        return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Ok(None)
+        } else {
+            Err(e.into())
+        };
+    }
+    let n = u32::from_be_bytes(len) as usize;
+    if n > MAX_FRAME {
+        return Err(FrameError::TooLarge(n));
+    }
+    let mut body = BytesMut::zeroed(n);
+    if let Err(e) = r.read_exact(&mut body) {
+        return if e.kind() == std::io::ErrorKind::UnexpectedEof {
+            Ok(None)
+        } else {
+            Err(e.into())
+        };
+    }
+    Ok(Some((Frame::decode(Bytes::from(body))?, n + 4)))
+}
+
+/// A spool left behind by an entrypoint that has exited, locked by the caller.
+pub struct OrphanSpool {
+    pub path: PathBuf,
+    lock: Flock<File>,
+}
+
+impl OrphanSpool {
+    /// Every frame in it (a torn last frame is ignored).
+    pub fn frames(&mut self) -> Result<Vec<Frame>, FrameError> {
+        self.lock.seek(SeekFrom::Start(0))?;
+        let mut r = BufReader::new(&*self.lock);
+        let mut out = Vec::new();
+        while let Some((f, _)) = read_frame_sync(&mut r)? {
+            out.push(f);
+        }
+        Ok(out)
+    }
+
+    pub fn remove(self) -> std::io::Result<()> {
+        std::fs::remove_file(&self.path)
+    }
+}
+
+/// Spool files in `dir` whose writers are gone.
+pub fn orphan_spools(dir: &Path) -> Vec<OrphanSpool> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut found: Vec<OrphanSpool> = entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            name.starts_with(PREFIX) && name.ends_with(SUFFIX)
+        })
+        .filter_map(|e| {
+            let path = e.path();
+            let file = OpenOptions::new().read(true).write(true).open(&path).ok()?;
+            let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()?;
+            Some(OrphanSpool { path, lock })
+        })
+        .collect();
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Pipe;
+
+    fn data(fseq: u64, text: &str) -> Frame {
+        Frame::Data {
+            fseq,
+            pipe: Pipe::Stdout,
+            pseq: fseq,
+            ts: 0,
+            bytes: Bytes::copy_from_slice(text.as_bytes()),
+        }
+    }
+
+    #[test]
+    fn appends_and_reads_back_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SpoolFile::create(dir.path(), "p").unwrap();
+        s.append(&data(1, "a")).unwrap();
+        s.append(&data(2, "b")).unwrap();
+        assert_eq!(s.next_frame().unwrap(), Some(data(1, "a")));
+        s.append(&data(3, "c")).unwrap();
+        assert_eq!(s.next_frame().unwrap(), Some(data(2, "b")));
+        assert_eq!(s.next_frame().unwrap(), Some(data(3, "c")));
+        assert_eq!(s.next_frame().unwrap(), None);
+        assert_eq!(s.unread(), 0);
+        // A live spool is locked, so it is not an orphan.
+        assert!(orphan_spools(dir.path()).is_empty());
+        drop(s);
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "an empty spool is removed"
+        );
+    }
+
+    #[test]
+    fn a_persisted_spool_is_an_orphan_with_the_front_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = SpoolFile::create(dir.path(), "p").unwrap();
+        s.append(&data(3, "c")).unwrap();
+        s.persist_with_front(&[data(1, "a"), data(2, "b")]).unwrap();
+        let mut orphans = orphan_spools(dir.path());
+        assert_eq!(orphans.len(), 1);
+        let frames = orphans[0].frames().unwrap();
+        assert_eq!(frames, vec![data(1, "a"), data(2, "b"), data(3, "c")]);
+        orphans.pop().unwrap().remove().unwrap();
+        assert!(orphan_spools(dir.path()).is_empty());
+    }
+}

@@ -1,0 +1,92 @@
+//! Shared helpers for the sidecar's integration tests: real Redis, real binaries.
+#![allow(dead_code)]
+
+use agentrun_protocol::replay::read_page;
+use agentrun_protocol::testing::RedisServer;
+use agentrun_protocol::{Entry, EntryType, RedisConn, RunId, StatusEvent, StreamName, Variation};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+pub const SIDECAR: &str = env!("CARGO_BIN_EXE_agentrun-sidecar");
+pub const ENTRYPOINT: &str = env!("CARGO_BIN_EXE_agentrun-entrypoint");
+
+pub fn run_id(tag: &str) -> RunId {
+    RunId::new(format!("{tag}-{:08x}", rand::random::<u32>())).unwrap()
+}
+
+/// `agentrun-sidecar run` for an agent command, with a fresh run id.
+pub fn sidecar_run(redis: &RedisServer, run: &RunId, agent: &[&str]) -> Command {
+    let mut cmd = Command::new(SIDECAR);
+    cmd.args([
+        "run",
+        "--quiet",
+        "--metrics-interval-seconds",
+        "0",
+        "--redis-url",
+    ])
+    .arg(redis.url())
+    .args(["--run-id", run.as_str(), "--variation", "default", "--"])
+    .args(agent)
+    .env("RUST_LOG", "warn");
+    cmd
+}
+
+pub fn output_of(cmd: &mut Command) -> Output {
+    cmd.stdin(Stdio::null())
+        .output()
+        .expect("run agentrun-sidecar")
+}
+
+/// Every entry of a stream, in order.
+pub async fn read_all(conn: &mut RedisConn, key: &str) -> Vec<Entry> {
+    let mut out = Vec::new();
+    let mut after = 0;
+    loop {
+        let page = read_page(conn, key, after, 500).await.unwrap();
+        assert!(page.trimmed.is_none(), "unexpected trim in {key}");
+        let Some(last) = page.entries.last() else {
+            break;
+        };
+        after = last.seq;
+        out.extend(page.entries);
+    }
+    out
+}
+
+pub fn output_key(run: &RunId) -> String {
+    StreamName::Output(Variation::default_name()).key(run)
+}
+
+pub fn logs_key(run: &RunId) -> String {
+    StreamName::Logs(Variation::default_name()).key(run)
+}
+
+/// The bytes of a stream's data entries, checking order and contiguity on the way.
+pub fn concat(entries: &[Entry]) -> Vec<u8> {
+    for (i, e) in entries.iter().enumerate() {
+        assert_eq!(e.seq, i as u64 + 1, "seq must be contiguous from 1");
+    }
+    entries
+        .iter()
+        .filter(|e| matches!(e.kind, EntryType::Output | EntryType::Logs))
+        .flat_map(|e| e.content.iter().copied())
+        .collect()
+}
+
+pub async fn statuses(conn: &mut RedisConn, run: &RunId) -> Vec<StatusEvent> {
+    read_all(conn, &StreamName::Status.key(run))
+        .await
+        .iter()
+        .map(|e| serde_json::from_slice(&e.content).unwrap())
+        .collect()
+}
+
+/// Writes a Python agent script to a file and returns its path as a string.
+pub fn python_agent(dir: &Path, name: &str, source: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, source).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+pub const DEADLINE: Duration = Duration::from_secs(60);
