@@ -16,7 +16,7 @@ const TIMELINE_CAP = 500; // status entries kept
 const CHANNELS = 'output,logs,status,metrics';
 // Event names the relay may send. "gap" is an entry of a stream; the others are notices about
 // the stream itself (history trimmed past the cursor, the relay going away...).
-const EVENT_NAMES = ['output', 'logs', 'status', 'metrics', 'gap', 'end', 'trimmed', 'reset', 'notice', 'lagged', 'shutdown'];
+const EVENT_NAMES = ['open', 'output', 'logs', 'status', 'metrics', 'gap', 'end', 'trimmed', 'shutdown', 'notice'];
 const FINAL = new Set(['succeeded', 'failed', 'stopped']);
 const LEVELS = ['trace', 'debug', 'info', 'warn', 'error'];
 
@@ -724,7 +724,33 @@ class RunPage {
     if (name === 'end') {
       this.ended = true;
       this.es.close();
-      setConn('ended', 'run ended · all output received');
+      const phase = env && typeof env.phase === 'string' ? env.phase : '';
+      if (phase) this.setRunState(phase);
+      setConn('ended', env && env.finished === false ? 'stream closed' : 'run ended · all output received');
+      return;
+    }
+    if (name === 'open') {
+      // {run, variations: [...], phase}
+      if (env && Array.isArray(env.variations)) for (const v of env.variations) if (typeof v === 'string') this.column(v);
+      return;
+    }
+    if (name === 'shutdown') {
+      // The relay is going away; EventSource reconnects with this event's id by itself.
+      setConn('connecting', 'relay restarting · reconnecting…');
+      return;
+    }
+    if (name === 'trimmed' && env && typeof env === 'object') {
+      // {channel, variation, wanted, firstAvailable, missed}: history was trimmed past the cursor.
+      const first = Number(env.firstAvailable);
+      const msg = `⚠ history trimmed: ${Number(env.missed) || 'some'} earlier entries of ${env.channel} are no longer kept (the stream now starts at entry ${first})`;
+      if (Number.isFinite(first) && first > 0) {
+        const key = `${env.channel}|${env.variation || ''}`;
+        if ((this.lastSeq.get(key) || 0) < first - 1) this.lastSeq.set(key, first - 1);
+      }
+      if ((env.channel === 'output' || env.channel === 'logs') && typeof env.variation === 'string') {
+        const col = this.column(env.variation);
+        (env.channel === 'output' ? col.output : col.logs).marker(msg, 'info');
+      } else this.addTimeline({ ts: Date.now(), state: 'notice', message: msg });
       return;
     }
     if (!env || typeof env !== 'object' || typeof env.channel !== 'string' || !Number.isFinite(env.seq)) {
@@ -767,9 +793,7 @@ class RunPage {
     if (env && typeof env === 'object') {
       text = env.message || env.reason || JSON.stringify(env);
     } else text = data || name;
-    const msg = `${name}: ${clip(String(text), 400)}`;
-    this.addTimeline({ ts: Date.now(), state: 'notice', message: msg });
-    if (name === 'trimmed' || name === 'reset') for (const c of this.columns.values()) c.output.marker(`⚠ ${msg}`, 'info');
+    this.addTimeline({ ts: Date.now(), state: 'notice', message: `${name}: ${clip(String(text), 400)}` });
   }
 
   onStatus(env) {

@@ -366,3 +366,25 @@ export function uniqueRun(prefix) {
   runCounter++;
   return `${prefix}-${process.pid}-${runCounter}-${Date.now().toString(36)}`;
 }
+
+/** Redis, the relay, a Redis client and a browser, for one test file. */
+export async function startStack() {
+  const redis = await RedisServer.start();
+  const client = await RedisClient.connect(redis.port);
+  const relay = await Relay.start(redis.url);
+  const browser = await launchBrowser();
+  return {
+    redis,
+    client,
+    relay,
+    browser,
+    page: browser.page,
+    publisher: (run) => new RunPublisher(client, run),
+    async close() {
+      await browser.close();
+      await relay.stop('SIGKILL');
+      client.close();
+      await redis.stop();
+    },
+  };
+}
