@@ -1,15 +1,194 @@
 //! agentrun-relay: streams runs from Redis to browsers and the kubectl plugin over
 //! Server-Sent Events, with replay and resume, and forwards control messages to the agents.
+//!
+//! [`app`] builds the HTTP application from an [`AppState`]; `main.rs` only parses flags,
+//! connects and serves. `docs/relay.md` describes the endpoints, the cursor and the events.
 
+pub mod api;
+pub mod cursor;
+pub mod events;
+pub mod hub;
+pub mod metrics;
 pub mod ui;
 
+use agentrun_protocol::{PublishOptions, Publisher, RedisConn, RedisSettings};
 use axum::Router;
+use axum::routing::{get, post};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+use tokio::sync::watch;
 
-/// Shared state of the relay's handlers.
-#[derive(Clone, Default)]
-pub struct AppState {}
+/// Settings of the relay (flags and environment variables of `agentrun-relay`).
+#[derive(Debug, Clone, clap::Parser)]
+#[command(
+    name = "agentrun-relay",
+    version,
+    about = "Streams agentrun runs from Redis to browsers over Server-Sent Events"
+)]
+pub struct Config {
+    /// Redis URL: redis://, rediss://, redis+sentinel://HOSTS/MASTER.
+    #[arg(long, env = "AGENTRUN_REDIS_URL")]
+    pub redis_url: String,
+    /// Redis user name (overrides the URL's).
+    #[arg(long, env = "AGENTRUN_REDIS_USERNAME")]
+    pub redis_username: Option<String>,
+    /// Redis password (overrides the URL's).
+    #[arg(long, env = "AGENTRUN_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+    /// PEM CA bundle for rediss:// (otherwise the system roots).
+    #[arg(long, env = "AGENTRUN_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+    /// Address to serve HTTP on.
+    #[arg(long, env = "AGENTRUN_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: String,
+    /// Seconds between keep-alive comments on idle SSE streams.
+    #[arg(long, env = "AGENTRUN_KEEPALIVE_SECONDS", default_value_t = 15)]
+    pub keepalive_seconds: u64,
+    /// Live entries kept per watched run for clients that read slowly; a client further
+    /// behind catches up from the Redis stream.
+    #[arg(long, env = "AGENTRUN_FEED_CAPACITY", default_value_t = 1024)]
+    pub feed_capacity: usize,
+    /// Entries read from a stream per replay page.
+    #[arg(long, env = "AGENTRUN_REPLAY_PAGE", default_value_t = 500)]
+    pub replay_page: usize,
+    /// Reconnection delay suggested to SSE clients (`retry:`), in milliseconds.
+    #[arg(long, env = "AGENTRUN_SSE_RETRY_MS", default_value_t = 2000)]
+    pub retry_ms: u64,
+    /// Maximum length of the control stream (`XADD MAXLEN ~`).
+    #[arg(long, env = "AGENTRUN_CONTROL_MAXLEN", default_value_t = 10_000)]
+    pub control_maxlen: u64,
+}
+
+impl Config {
+    /// Settings for tests and tools: everything at its default but the Redis URL.
+    pub fn for_redis(url: impl Into<String>) -> Self {
+        <Self as clap::Parser>::parse_from(["agentrun-relay", "--redis-url", &url.into()])
+    }
+
+    pub fn redis_settings(&self) -> Result<RedisSettings, agentrun_protocol::SettingsError> {
+        let mut s = RedisSettings::from_url(&self.redis_url)?
+            .with_credentials(self.redis_username.clone(), self.redis_password.clone());
+        s.ca_file = self.redis_ca_file.clone();
+        Ok(s)
+    }
+}
+
+/// Limits applied to every SSE connection.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub keepalive: Duration,
+    pub replay_page: usize,
+    pub retry_ms: u64,
+}
+
+pub(crate) struct Inner {
+    pub settings: RedisSettings,
+    pub conn: RedisConn,
+    pub hub: hub::Hub,
+    pub metrics: metrics::Metrics,
+    pub limits: Limits,
+    pub publisher: Publisher,
+    pub producer_id: String,
+    /// Control messages are published one at a time so producer sequences arrive in order.
+    pub control_lock: tokio::sync::Mutex<()>,
+    pub control_pseq: AtomicU64,
+    pub shutdown: watch::Sender<bool>,
+    pub sent_live: prometheus::IntCounter,
+    pub sent_replay: prometheus::IntCounter,
+}
+
+/// Shared state of the relay's handlers; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl AppState {
+    /// Connects to Redis (commands and the shared Pub/Sub connection).
+    pub async fn connect(config: &Config) -> anyhow::Result<Self> {
+        let settings = config.redis_settings()?;
+        let conn = settings.connect().await?;
+        let metrics = metrics::Metrics::new();
+        let hub = hub::Hub::start(
+            settings.clone(),
+            conn.clone(),
+            hub::HubOptions {
+                feed_capacity: config.feed_capacity,
+                ..Default::default()
+            },
+            metrics.clone(),
+        )
+        .await?;
+        let publisher = Publisher::new(PublishOptions {
+            max_len: Some(config.control_maxlen),
+            publish_command: settings.publish_command(),
+        });
+        let (shutdown, _) = watch::channel(false);
+        Ok(Self {
+            inner: Arc::new(Inner {
+                sent_live: metrics.events_sent.with_label_values(&["live"]),
+                sent_replay: metrics.events_sent.with_label_values(&["replay"]),
+                settings,
+                conn,
+                hub,
+                metrics,
+                limits: Limits {
+                    keepalive: Duration::from_secs(config.keepalive_seconds.max(1)),
+                    replay_page: config.replay_page.max(1),
+                    retry_ms: config.retry_ms,
+                },
+                publisher,
+                producer_id: format!("relay-{:016x}", rand::random::<u64>()),
+                control_lock: tokio::sync::Mutex::new(()),
+                control_pseq: AtomicU64::new(0),
+                shutdown,
+            }),
+        })
+    }
+
+    /// Ends every open SSE stream with a resumable cursor (`event: shutdown`) and refuses
+    /// new ones. Call before the server's graceful shutdown.
+    pub fn begin_shutdown(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    pub fn metrics(&self) -> &metrics::Metrics {
+        &self.inner.metrics
+    }
+
+    pub fn hub(&self) -> &hub::Hub {
+        &self.inner.hub
+    }
+}
 
 /// The relay's HTTP application: API routes merged with the web UI.
 pub fn app(state: AppState) -> Router {
-    Router::new().merge(crate::ui::router()).with_state(state)
+    Router::new()
+        .route("/api/runs", get(api::list_runs))
+        .route("/api/runs/{run}", get(api::get_run))
+        .route("/api/runs/{run}/events", get(events::events))
+        .route("/api/runs/{run}/control", post(api::control))
+        .route("/metrics", get(api::metrics))
+        .route("/healthz", get(api::healthz))
+        .route("/readyz", get(api::readyz))
+        .merge(crate::ui::router())
+        .with_state(state)
+}
+
+/// Serves the app on a bound listener until `shutdown` resolves, then ends the SSE streams
+/// with a resumable cursor and waits for connections to close.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = app(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            state.begin_shutdown();
+        })
+        .await
 }

@@ -1,0 +1,265 @@
+//! The JSON API: runs, a run's state, control messages, health and metrics.
+
+use crate::AppState;
+use crate::hub::{phase_from_state, variations_from_state};
+use agentrun_protocol::names::RUNS_INDEX_KEY;
+use agentrun_protocol::publish::Batch;
+use agentrun_protocol::{ControlMessage, EntryType, NewEntry, RunId, StreamName, Variation};
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// An error answered as `{"error": "..."}` with a status code.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn redis(state: &AppState, e: impl std::fmt::Display) -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "Redis at {} did not answer ({e}); retry when it is reachable",
+                state.inner.settings.target()
+            ),
+        )
+    }
+
+    pub fn not_found(run: &RunId) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "run {run} was not found in Redis: it never started here, or it ended and its data expired; list runs with GET /api/runs"
+            ),
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (
+            self.status,
+            Json(serde_json::json!({ "error": self.message })),
+        )
+            .into_response()
+    }
+}
+
+pub fn parse_run(run: &str) -> Result<RunId, ApiError> {
+    RunId::new(run).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// What `GET /api/runs/{run}` and each item of `GET /api/runs` say about a run.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RunSummary {
+    pub run: String,
+    /// Creation time, ms since the epoch.
+    pub created: Option<u64>,
+    /// Run-level state (`pending`, `running`, ..., `succeeded`, `failed`, `stopped`).
+    pub phase: Option<String>,
+    /// When the run reached a final phase, ms since the epoch.
+    pub ended: Option<u64>,
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub url: Option<String>,
+    /// Latest status of each variation (a `StatusEvent` object, or null when not known yet).
+    pub variations: BTreeMap<String, serde_json::Value>,
+    /// Whether the run has reached a final phase.
+    pub finished: bool,
+}
+
+pub fn summary(
+    run: &str,
+    created_score: Option<u64>,
+    state: &HashMap<String, String>,
+) -> RunSummary {
+    let num = |k: &str| state.get(k).and_then(|v| v.parse::<u64>().ok());
+    let text = |k: &str| state.get(k).cloned();
+    let mut variations = BTreeMap::new();
+    for v in variations_from_state(state) {
+        let status = state
+            .get(&format!("var:{v}"))
+            .and_then(|s| serde_json::from_str(s).ok())
+            .unwrap_or(serde_json::Value::Null);
+        variations.insert(v.as_str().to_owned(), status);
+    }
+    RunSummary {
+        run: run.to_owned(),
+        created: num("created").or(created_score),
+        phase: text("phase"),
+        ended: num("ended"),
+        name: text("name"),
+        namespace: text("namespace"),
+        url: text("url"),
+        variations,
+        finished: phase_from_state(state).is_some_and(|p| p.is_final()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+pub struct ListQuery {
+    pub limit: Option<usize>,
+}
+
+/// `GET /api/runs?limit=N`: runs known to Redis, newest first, with their state.
+pub async fn list_runs(
+    State(state): State<AppState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let mut conn = state.inner.conn.clone();
+    let ids: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
+        .arg(RUNS_INDEX_KEY)
+        .arg(0)
+        .arg(limit as i64 - 1)
+        .arg("WITHSCORES")
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| ApiError::redis(&state, e))?;
+    let mut pipe = redis::pipe();
+    let mut valid = Vec::new();
+    for (id, score) in ids {
+        if let Ok(run) = RunId::new(&id) {
+            pipe.cmd("HGETALL").arg(run.state_key());
+            valid.push((id, score));
+        }
+    }
+    let states: Vec<HashMap<String, String>> = if valid.is_empty() {
+        Vec::new()
+    } else {
+        pipe.query_async(&mut conn)
+            .await
+            .map_err(|e| ApiError::redis(&state, e))?
+    };
+    let runs: Vec<RunSummary> = valid
+        .iter()
+        .zip(states.iter())
+        // A run whose state hash expired has no data left to show.
+        .filter(|(_, s)| !s.is_empty())
+        .map(|((id, score), s)| summary(id, Some(*score as u64), s))
+        .collect();
+    Ok(Json(serde_json::json!({ "runs": runs })))
+}
+
+/// `GET /api/runs/{run}`: the run's state hash, summarised.
+pub async fn get_run(
+    State(state): State<AppState>,
+    Path(run): Path<String>,
+) -> Result<Json<RunSummary>, ApiError> {
+    let run = parse_run(&run)?;
+    let mut conn = state.inner.conn.clone();
+    let hash: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(run.state_key())
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| ApiError::redis(&state, e))?;
+    if hash.is_empty() {
+        return Err(ApiError::not_found(&run));
+    }
+    Ok(Json(summary(run.as_str(), None, &hash)))
+}
+
+/// `POST /api/runs/{run}/control`: publishes a control message to the run's agents.
+pub async fn control(
+    State(state): State<AppState>,
+    Path(run): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let run = parse_run(&run)?;
+    let msg = ControlMessage::parse(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    if let Some(v) = &msg.variation {
+        Variation::new(v.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    let mut conn = state.inner.conn.clone();
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(run.state_key())
+        .query_async(&mut conn)
+        .await
+        .map_err(|e| ApiError::redis(&state, e))?;
+    if !exists {
+        return Err(ApiError::not_found(&run));
+    }
+    let outcome = {
+        let _order = state.inner.control_lock.lock().await;
+        let pseq = state.inner.control_pseq.fetch_add(1, Ordering::SeqCst) + 1;
+        let entry = NewEntry {
+            pseq,
+            ts: agentrun_protocol::now_ms(),
+            kind: EntryType::Control,
+            content: Bytes::from(msg.to_json()),
+            meta: None,
+        };
+        state
+            .inner
+            .publisher
+            .publish(
+                &mut conn,
+                &run,
+                Batch {
+                    stream: &StreamName::Control,
+                    producer: &state.inner.producer_id,
+                    entries: std::slice::from_ref(&entry),
+                },
+            )
+            .await
+            .map_err(|e| ApiError::redis(&state, e))?
+    };
+    state.inner.metrics.control_messages.inc();
+    tracing::info!(%run, action = %msg.action, variation = msg.variation.as_deref().unwrap_or("*"), "control message published");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "run": run.as_str(),
+            "action": msg.action.as_str(),
+            "variation": msg.variation,
+            "seq": outcome.last_seq,
+        })),
+    )
+        .into_response())
+}
+
+pub async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.inner.metrics.render(),
+    )
+        .into_response()
+}
+
+pub async fn healthz() -> &'static str {
+    "ok\n"
+}
+
+/// Ready when Redis answers.
+pub async fn readyz(State(state): State<AppState>) -> Response {
+    let mut conn = state.inner.conn.clone();
+    let ping = tokio::time::timeout(
+        Duration::from_secs(2),
+        redis::cmd("PING").query_async::<String>(&mut conn),
+    )
+    .await;
+    match ping {
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(Err(e)) => ApiError::redis(&state, e).into_response(),
+        Err(_) => ApiError::redis(&state, "timed out after 2 s").into_response(),
+    }
+}

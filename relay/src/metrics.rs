@@ -1,0 +1,99 @@
+//! Prometheus metrics of the relay, served at `/metrics`.
+
+use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open SSE connections.
+    pub connections: IntGauge,
+    /// Runs with at least one SSE client (each has its Redis channel subscriptions).
+    pub watched_runs: IntGauge,
+    /// Events written to SSE clients, by source (`live` fan-out or `replay` from a stream).
+    pub events_sent: IntCounterVec,
+    /// Times a client read too slowly, overran its bounded queue and was switched to replay.
+    pub slow_client_fallbacks: IntCounter,
+    /// Times the shared Pub/Sub connection was re-opened after Redis went away.
+    pub redis_reconnects: IntCounter,
+    /// Control messages accepted and published.
+    pub control_messages: IntCounter,
+    /// Trimmed-history notices sent to clients.
+    pub trimmed_notices: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace("agentrun_relay");
+        let connections =
+            IntGauge::with_opts(opts("connections", "Open SSE connections")).expect("valid metric");
+        let watched_runs = IntGauge::with_opts(opts(
+            "watched_runs",
+            "Runs with at least one SSE client on this relay",
+        ))
+        .expect("valid metric");
+        let events_sent = IntCounterVec::new(
+            opts(
+                "events_sent_total",
+                "Events written to SSE clients, by source (live or replay)",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        let slow_client_fallbacks = IntCounter::with_opts(opts(
+            "slow_client_fallbacks_total",
+            "Clients that overran their bounded live queue and were switched to replay from the stream",
+        ))
+        .expect("valid metric");
+        let redis_reconnects = IntCounter::with_opts(opts(
+            "redis_reconnects_total",
+            "Times the shared Pub/Sub connection was re-opened",
+        ))
+        .expect("valid metric");
+        let control_messages =
+            IntCounter::with_opts(opts("control_messages_total", "Control messages published"))
+                .expect("valid metric");
+        let trimmed_notices = IntCounter::with_opts(opts(
+            "trimmed_notices_total",
+            "Trimmed-history notices sent to clients",
+        ))
+        .expect("valid metric");
+        for c in [
+            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(watched_runs.clone()),
+            Box::new(events_sent.clone()),
+            Box::new(slow_client_fallbacks.clone()),
+            Box::new(redis_reconnects.clone()),
+            Box::new(control_messages.clone()),
+            Box::new(trimmed_notices.clone()),
+        ] {
+            registry.register(c).expect("metric registered once");
+        }
+        Self {
+            registry,
+            connections,
+            watched_runs,
+            events_sent,
+            slow_client_fallbacks,
+            redis_reconnects,
+            control_messages,
+            trimmed_notices,
+        }
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::new();
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "could not encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

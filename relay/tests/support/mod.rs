@@ -1,0 +1,320 @@
+//! Test support: a relay on a loopback port, a small SSE client, and publishing helpers.
+#![allow(dead_code)]
+
+use agentrun_protocol::publish::{Batch, register_run, set_state};
+use agentrun_protocol::{
+    EntryType, NewEntry, PublishOptions, Publisher, RedisConn, RunId, RunState, StatusEvent,
+    StreamName, Variation,
+};
+use agentrun_relay::{AppState, Config};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use std::pin::Pin;
+use std::time::Duration;
+
+pub const WAIT: Duration = Duration::from_secs(30);
+
+/// A relay served in-process on 127.0.0.1 with a random port.
+pub struct Relay {
+    pub base: String,
+    pub state: AppState,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    pub async fn start(redis_url: &str) -> Self {
+        Self::start_with(Config::for_redis(redis_url), "127.0.0.1:0").await
+    }
+
+    pub async fn start_with(config: Config, addr: &str) -> Self {
+        let state = AppState::connect(&config).await.expect("relay connects");
+        let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            agentrun_relay::serve(listener, st, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve");
+        });
+        Relay {
+            base,
+            state,
+            stop: Some(stop),
+            task: Some(task),
+        }
+    }
+
+    /// Graceful shutdown: SSE streams end with `event: shutdown`; waits for the server.
+    pub async fn shutdown(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(t) = self.task.take() {
+            tokio::time::timeout(WAIT, t)
+                .await
+                .expect("relay stops within the deadline")
+                .expect("relay task");
+        }
+    }
+
+    pub fn events_url(&self, run: &str, query: &str) -> String {
+        format!("{}/api/runs/{run}/events?{query}", self.base)
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(t) = self.task.take() {
+            t.abort();
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SseEvent {
+    pub id: Option<String>,
+    pub event: String,
+    pub data: String,
+}
+
+impl SseEvent {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.data).expect("event data is JSON")
+    }
+}
+
+/// A minimal Server-Sent Events reader over a streaming HTTP response.
+pub struct SseClient {
+    body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    buf: Vec<u8>,
+    pub last_id: Option<String>,
+    pub headers: reqwest::header::HeaderMap,
+}
+
+impl SseClient {
+    pub async fn connect(url: &str, last_event_id: Option<&str>) -> Self {
+        let client = reqwest::Client::new();
+        let mut req = client.get(url).header("accept", "text/event-stream");
+        if let Some(id) = last_event_id {
+            req = req.header("last-event-id", id);
+        }
+        let resp = req.send().await.expect("connect to the relay");
+        let status = resp.status();
+        if !status.is_success() {
+            let body = resp.text().await.unwrap_or_default();
+            panic!("GET {url} answered {status}: {body}");
+        }
+        let headers = resp.headers().clone();
+        SseClient {
+            body: Box::pin(resp.bytes_stream()),
+            buf: Vec::new(),
+            last_id: last_event_id.map(str::to_owned),
+            headers,
+        }
+    }
+
+    /// The next event with data (comments and `retry:` blocks skipped); `None` at the end.
+    pub async fn next(&mut self) -> Option<SseEvent> {
+        loop {
+            if let Some(pos) = find_blank_line(&self.buf) {
+                let block: Vec<u8> = self.buf.drain(..pos + 2).collect();
+                let text = String::from_utf8(block).expect("SSE is UTF-8");
+                let mut ev = SseEvent {
+                    id: None,
+                    event: "message".into(),
+                    data: String::new(),
+                };
+                let mut has_data = false;
+                for line in text.lines() {
+                    if line.starts_with(':') || line.is_empty() {
+                        continue;
+                    }
+                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
+                    let value = value.strip_prefix(' ').unwrap_or(value);
+                    match field {
+                        "id" => ev.id = Some(value.to_owned()),
+                        "event" => ev.event = value.to_owned(),
+                        "data" => {
+                            if has_data {
+                                ev.data.push('\n');
+                            }
+                            ev.data.push_str(value);
+                            has_data = true;
+                        }
+                        _ => {}
+                    }
+                }
+                if let Some(id) = &ev.id {
+                    self.last_id = Some(id.clone());
+                }
+                if has_data {
+                    return Some(ev);
+                }
+                continue;
+            }
+            match self.body.next().await {
+                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                Some(Err(_)) | None => return None,
+            }
+        }
+    }
+
+    /// The next event, or a panic naming `what` after the deadline.
+    pub async fn expect(&mut self, what: &str) -> SseEvent {
+        match tokio::time::timeout(WAIT, self.next()).await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => panic!("stream ended while waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+
+    /// Skips `open` events.
+    pub async fn expect_entry(&mut self, what: &str) -> SseEvent {
+        loop {
+            let ev = self.expect(what).await;
+            if ev.event != "open" {
+                return ev;
+            }
+        }
+    }
+}
+
+fn find_blank_line(buf: &[u8]) -> Option<usize> {
+    buf.windows(2).position(|w| w == b"\n\n")
+}
+
+pub fn run_id(name: &str) -> RunId {
+    RunId::new(name).unwrap()
+}
+
+pub fn var(name: &str) -> Variation {
+    Variation::new(name).unwrap()
+}
+
+pub async fn register(conn: &mut RedisConn, run: &RunId, variations: &[&str]) {
+    register_run(
+        conn,
+        run,
+        agentrun_protocol::now_ms(),
+        &[("variations", variations.join(","))],
+    )
+    .await
+    .unwrap();
+}
+
+/// Publishes entries as one producer would, with its own producer sequence.
+pub struct Producer {
+    pub publisher: Publisher,
+    pub id: String,
+    pub pseq: u64,
+}
+
+impl Producer {
+    pub fn new(id: &str) -> Self {
+        Self::with_options(id, PublishOptions::default())
+    }
+
+    pub fn with_options(id: &str, options: PublishOptions) -> Self {
+        Producer {
+            publisher: Publisher::new(options),
+            id: id.to_owned(),
+            pseq: 0,
+        }
+    }
+
+    pub async fn publish(
+        &mut self,
+        conn: &mut RedisConn,
+        run: &RunId,
+        stream: &StreamName,
+        kind: EntryType,
+        contents: &[Vec<u8>],
+    ) -> redis::RedisResult<u64> {
+        let entries: Vec<NewEntry> = contents
+            .iter()
+            .enumerate()
+            .map(|(i, c)| NewEntry {
+                pseq: self.pseq + 1 + i as u64,
+                ts: agentrun_protocol::now_ms(),
+                kind,
+                content: Bytes::from(c.clone()),
+                meta: None,
+            })
+            .collect();
+        let out = self
+            .publisher
+            .publish(
+                conn,
+                run,
+                Batch {
+                    stream,
+                    producer: &self.id,
+                    entries: &entries,
+                },
+            )
+            .await?;
+        self.pseq += contents.len() as u64;
+        Ok(out.last_seq)
+    }
+
+    pub async fn output(
+        &mut self,
+        conn: &mut RedisConn,
+        run: &RunId,
+        v: &str,
+        lines: &[String],
+    ) -> u64 {
+        let contents: Vec<Vec<u8>> = lines.iter().map(|l| l.clone().into_bytes()).collect();
+        self.publish(
+            conn,
+            run,
+            &StreamName::Output(var(v)),
+            EntryType::Output,
+            &contents,
+        )
+        .await
+        .unwrap()
+    }
+
+    pub async fn status(&mut self, conn: &mut RedisConn, run: &RunId, event: StatusEvent) {
+        self.publish(
+            conn,
+            run,
+            &StreamName::Status,
+            EntryType::Status,
+            &[event.to_json()],
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// Marks the run (and a variation) final the way the sidecar does: state hash, then status.
+pub async fn finish(
+    conn: &mut RedisConn,
+    producer: &mut Producer,
+    run: &RunId,
+    v: &str,
+    state: RunState,
+) {
+    let ev = StatusEvent::new(Some(v), state).source("test");
+    set_state(
+        conn,
+        run,
+        &[
+            (
+                &format!("var:{v}"),
+                String::from_utf8(ev.to_json()).unwrap(),
+            ),
+            ("phase", state.as_str().to_owned()),
+            ("ended", agentrun_protocol::now_ms().to_string()),
+        ],
+    )
+    .await
+    .unwrap();
+    producer.status(conn, run, ev).await;
+}
