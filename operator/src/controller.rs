@@ -1,0 +1,664 @@
+//! The reconciler: one `finalizer()` entry point dispatching to idempotent `apply` and
+//! `cleanup`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentrun_protocol::{ControlAction, RunState, StatusEvent};
+use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::core::DeserializeGuard;
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{Event as Finalizer, finalizer};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tracing::{info, warn};
+
+use crate::config::Settings;
+use crate::crd::{AgentRun, AgentRunStatus, MAX_RUN_NAME_LEN, RunPhase, VariationStatus};
+use crate::error::{Error, Result};
+use crate::metrics::Metrics;
+use crate::pod::{self, object_name};
+use crate::status::{self, Observation, conditions, reasons, set_condition};
+use crate::store::{RunInfo, RunStore};
+
+/// Finalizer that lets the operator stop agents and expire Redis data before a run goes.
+pub const FINALIZER: &str = "agentrun.dev/cleanup";
+/// Field manager of every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "agentrun-operator";
+/// How often an unfinished run is looked at even without changes.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// Back-off after a failed reconciliation.
+pub const ERROR_REQUEUE: Duration = Duration::from_secs(15);
+
+/// Where the reconciler gets the time from (fixed in tests).
+#[derive(Clone, Debug)]
+pub enum Clock {
+    System,
+    Fixed(Timestamp),
+}
+
+impl Clock {
+    pub fn now(&self) -> Timestamp {
+        match self {
+            Self::System => Timestamp::now(),
+            Self::Fixed(t) => *t,
+        }
+    }
+}
+
+/// What every reconciliation needs.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    pub store: Arc<dyn RunStore>,
+    pub clock: Clock,
+}
+
+/// Reconciles one AgentRun. A malformed object is reported and skipped, never retried in a loop.
+pub async fn reconcile(
+    guard: Arc<DeserializeGuard<AgentRun>>,
+    ctx: Arc<Context>,
+) -> Result<Action> {
+    let _timer = ctx.metrics.count_and_measure();
+    let run = match &guard.0 {
+        Ok(run) => Arc::new(run.clone()),
+        Err(invalid) => {
+            report_malformed(&guard, &invalid.error, &ctx).await;
+            ctx.metrics.reconciled("malformed");
+            return Ok(Action::await_change());
+        }
+    };
+    let ns = run.namespace().unwrap_or_else(|| "default".into());
+    let api: Api<AgentRun> = Api::namespaced(ctx.client.clone(), &ns);
+    let result = finalizer(&api, FINALIZER, run, |event| async {
+        match event {
+            Finalizer::Apply(run) => apply(run, ctx.clone()).await,
+            Finalizer::Cleanup(run) => cleanup(run, ctx.clone()).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.metrics.reconciled(match &result {
+        Ok(_) => "ok",
+        Err(e) => e.metric_label(),
+    });
+    result
+}
+
+/// What to do after a failed reconciliation: log it and retry after a pause.
+pub fn error_policy(
+    guard: Arc<DeserializeGuard<AgentRun>>,
+    error: &Error,
+    _ctx: Arc<Context>,
+) -> Action {
+    let meta = guard.meta();
+    warn!(
+        namespace = meta.namespace.as_deref().unwrap_or_default(),
+        name = meta.name.as_deref().unwrap_or_default(),
+        %error,
+        "reconcile failed; retrying in {}s",
+        ERROR_REQUEUE.as_secs()
+    );
+    Action::requeue(ERROR_REQUEUE)
+}
+
+fn reference(meta: &kube::core::ObjectMeta) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(AgentRun::api_version(&()).into()),
+        kind: Some(AgentRun::kind(&()).into()),
+        name: meta.name.clone(),
+        namespace: meta.namespace.clone(),
+        uid: meta.uid.clone(),
+        ..Default::default()
+    }
+}
+
+async fn publish_event(
+    ctx: &Context,
+    reference: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
+    let mut note = note;
+    if note.len() > 1000 {
+        let mut cut = 1000;
+        while !note.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        note.truncate(cut);
+    }
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(note),
+        action: action.into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, reference).await {
+        warn!(reason, error = %e, "could not publish a Kubernetes event");
+    }
+}
+
+/// An object that does not parse as an AgentRun: say so in an event and in its status.
+async fn report_malformed(guard: &DeserializeGuard<AgentRun>, error: &str, ctx: &Context) {
+    let meta = guard.meta();
+    let (Some(name), Some(ns)) = (meta.name.clone(), meta.namespace.clone()) else {
+        return;
+    };
+    let message = format!(
+        "AgentRun {ns}/{name} does not match the agentrun.dev/v1alpha1 schema: {error}; fix the object (kubectl edit agentrun {name} -n {ns}) or re-install the CRD"
+    );
+    warn!(%message, "skipping malformed AgentRun");
+    publish_event(
+        ctx,
+        &reference(meta),
+        EventType::Warning,
+        reasons::INVALID_SPEC,
+        "Validate",
+        message.clone(),
+    )
+    .await;
+    let now = ctx.clock.now();
+    let patch = json!({
+        "apiVersion": AgentRun::api_version(&()),
+        "kind": AgentRun::kind(&()),
+        "status": {
+            "phase": RunPhase::Failed,
+            "conditions": [Condition {
+                type_: conditions::SPEC_VALID.into(),
+                status: "False".into(),
+                reason: reasons::INVALID_SPEC.into(),
+                message,
+                observed_generation: meta.generation,
+                last_transition_time: Time(now),
+            }],
+        },
+    });
+    let api: Api<DeserializeGuard<AgentRun>> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Err(e) = api
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+    {
+        warn!(error = %e, "could not write the status of a malformed AgentRun");
+    }
+}
+
+/// Checks that the schema cannot do (or that an API server without CEL did not do).
+pub fn validate(run: &AgentRun) -> std::result::Result<(), (String, String)> {
+    let spec = &run.spec;
+    let name = run.name_any();
+    if name.len() > MAX_RUN_NAME_LEN {
+        return Err((
+            "metadata.name".into(),
+            format!(
+                "is {} characters long; use at most {MAX_RUN_NAME_LEN} so that pod names <run>-<variation> stay valid",
+                name.len()
+            ),
+        ));
+    }
+    if spec.command.is_empty() {
+        return Err((
+            "spec.command".into(),
+            "is empty; list the agent's command, for example [\"python\", \"agent.py\"]".into(),
+        ));
+    }
+    for (i, v) in spec.variations.iter().enumerate() {
+        if let Err(e) = agentrun_protocol::Variation::new(v.name.clone()) {
+            return Err((format!("spec.variations[{i}].name"), e.to_string()));
+        }
+        if spec.variations[..i].iter().any(|w| w.name == v.name) {
+            return Err((
+                format!("spec.variations[{i}].name"),
+                format!("{:?} is used twice; variation names must be unique", v.name),
+            ));
+        }
+    }
+    if let Some(p) = spec.parallelism
+        && p < 1
+    {
+        return Err((
+            "spec.parallelism".into(),
+            format!("is {p}; it must be at least 1"),
+        ));
+    }
+    Ok(())
+}
+
+fn run_state(phase: RunPhase) -> RunState {
+    match phase {
+        RunPhase::Pending => RunState::Pending,
+        RunPhase::Running => RunState::Running,
+        RunPhase::Succeeded => RunState::Succeeded,
+        RunPhase::Failed => RunState::Failed,
+        RunPhase::Stopped => RunState::Stopped,
+    }
+}
+
+/// Lifecycle facts to publish: every variation whose phase or reason changed, and the run when
+/// its phase changed.
+pub fn status_events(prev: &AgentRunStatus, next: &AgentRunStatus) -> Vec<StatusEvent> {
+    let mut events = Vec::new();
+    for v in &next.variations {
+        let before = prev.variations.iter().find(|p| p.name == v.name);
+        let changed = before.is_none_or(|b| b.phase != v.phase || b.reason != v.reason);
+        if !changed {
+            continue;
+        }
+        let mut ev = StatusEvent::new(Some(&v.name), run_state(v.phase)).source("operator");
+        if let Some(r) = &v.reason {
+            ev = ev.reason(r.clone());
+        }
+        if let Some(m) = &v.message {
+            ev = ev.message(m.clone());
+        }
+        ev.exit_code = v.exit_code;
+        events.push(ev);
+    }
+    if let Some(phase) = next.phase
+        && prev.phase != Some(phase)
+    {
+        let mut ev = StatusEvent::new(None, run_state(phase)).source("operator");
+        if let Some(c) = next
+            .conditions
+            .iter()
+            .find(|c| c.type_ == conditions::READY)
+        {
+            ev = ev.reason(c.reason.clone()).message(c.message.clone());
+        }
+        events.push(ev);
+    }
+    events
+}
+
+fn is_active(pod: &Pod) -> bool {
+    let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+    pod.metadata.deletion_timestamp.is_none()
+        && !matches!(phase, Some("Succeeded") | Some("Failed"))
+}
+
+/// Creates what is missing, derives and writes the status, applies timeout, pause and TTL.
+async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
+    let now = ctx.clock.now();
+    let ns = run.namespace().unwrap_or_else(|| "default".into());
+    let name = run.name_any();
+    let key = format!("{ns}/{name}");
+    let reference = reference(&run.metadata);
+    let api: Api<AgentRun> = Api::namespaced(ctx.client.clone(), &ns);
+    let prev = run.status.clone().unwrap_or_default();
+
+    if let Err((field, message)) = validate(&run) {
+        return reject(&run, &ctx, &api, &reference, &prev, &field, &message, now).await;
+    }
+    let run_id = pod::run_id(&run)?;
+    let variations = run.spec.resolved_variations();
+
+    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods: Vec<Pod> = pods_api
+        .list(&ListParams::default().labels(&pod::run_selector(&run)))
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| pod::is_owned_by(p, &run))
+        .collect();
+
+    let mut next = status::derive(&Observation {
+        variations: &variations,
+        pods: &pods,
+        previous: &prev,
+        generation: run.metadata.generation,
+        timeout_seconds: run.spec.timeout_seconds,
+        now,
+    });
+    next.url = ctx.settings.run_url(&run_id);
+    next.run_id = prev.run_id.clone();
+    if prev.run_id.is_none() {
+        let info = RunInfo {
+            run_id: run_id.clone(),
+            namespace: ns.clone(),
+            name: name.clone(),
+            variations: variations.iter().map(|v| v.name.clone()).collect(),
+            created_ms: run
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_millisecond().max(0) as u64)
+                .unwrap_or_else(|| now.as_millisecond().max(0) as u64),
+        };
+        match ctx.store.register(&info).await {
+            Ok(()) => next.run_id = Some(run_id.clone()),
+            Err(e) => {
+                warn!(run = %key, error = %e, "could not register the run in Redis; retrying on the next reconcile")
+            }
+        }
+    }
+
+    let finished = next.phase.is_some_and(RunPhase::is_finished);
+    let was_finished = prev.phase.is_some_and(RunPhase::is_finished);
+    let timed_out_now = !was_finished
+        && next
+            .variations
+            .iter()
+            .any(|v| v.reason.as_deref() == Some(reasons::TIMEOUT));
+
+    if timed_out_now {
+        for p in pods.iter().filter(|p| is_active(p)) {
+            let pod_name = p.name_any();
+            match pods_api.delete(&pod_name, &DeleteParams::default()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        publish_event(
+            &ctx,
+            &reference,
+            EventType::Warning,
+            reasons::TIMEOUT,
+            "StopAgents",
+            format!(
+                "the run exceeded spec.timeoutSeconds ({}s); its agents were stopped",
+                run.spec.timeout_seconds.unwrap_or_default()
+            ),
+        )
+        .await;
+    } else if !finished {
+        create_missing_pods(&run, &ctx, &pods_api, &pods, &mut next, &reference, now).await?;
+    }
+
+    // Declarative pause and resume.
+    let want_paused = run.spec.paused;
+    let is_paused = prev.paused.unwrap_or(false);
+    if !finished && want_paused != is_paused {
+        let (action, reason) = if want_paused {
+            (ControlAction::Pause, "Paused")
+        } else {
+            (ControlAction::Resume, "Resumed")
+        };
+        match ctx.store.send_control(&run_id, action).await {
+            Ok(()) => {
+                next.paused = Some(want_paused);
+                publish_event(
+                    &ctx,
+                    &reference,
+                    EventType::Normal,
+                    reason,
+                    reason.trim_end_matches('d'),
+                    format!("sent {action} to the agents"),
+                )
+                .await;
+            }
+            Err(e) => {
+                warn!(run = %key, error = %e, "could not send {action}; retrying on the next reconcile")
+            }
+        }
+    }
+
+    for ev in status_events(&prev, &next) {
+        if let Err(e) = ctx.store.publish_status(&run_id, &ev).await {
+            warn!(run = %key, error = %e, "could not publish a status event to Redis");
+            break;
+        }
+    }
+
+    if finished && !was_finished {
+        let phase = next.phase.unwrap_or_default();
+        let (type_, note) = match phase {
+            RunPhase::Succeeded => (
+                EventType::Normal,
+                "every agent exited with code 0".to_string(),
+            ),
+            RunPhase::Stopped => (
+                EventType::Normal,
+                "the run was stopped on request".to_string(),
+            ),
+            _ => (
+                EventType::Warning,
+                next.conditions
+                    .iter()
+                    .find(|c| c.type_ == conditions::READY)
+                    .map(|c| c.message.clone())
+                    .unwrap_or_else(|| "the run failed".into()),
+            ),
+        };
+        publish_event(&ctx, &reference, type_, phase.as_str(), "Complete", note).await;
+    }
+
+    if next != prev {
+        patch_status(&api, &name, &next).await?;
+    }
+    ctx.metrics.set_phase(&key, next.phase);
+
+    // TTL after finishing, like a Job's.
+    if finished
+        && let (Some(ttl), Some(done)) = (
+            run.spec.ttl_seconds_after_finished,
+            next.completion_time.as_ref(),
+        )
+    {
+        let expires = done
+            .0
+            .checked_add(SignedDuration::from_secs(i64::from(ttl)))
+            .unwrap_or(done.0);
+        if now >= expires {
+            info!(run = %key, "deleting the finished run: ttlSecondsAfterFinished ({ttl}s) is over");
+            match api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+            return Ok(Action::await_change());
+        }
+        return Ok(Action::requeue(until(now, expires)));
+    }
+    if finished {
+        return Ok(Action::await_change());
+    }
+    let requeue = match status::deadline(next.start_time.as_ref(), run.spec.timeout_seconds) {
+        Some(deadline) => until(now, deadline).min(RESYNC),
+        None => RESYNC,
+    };
+    Ok(Action::requeue(requeue))
+}
+
+fn until(now: Timestamp, then: Timestamp) -> Duration {
+    let d = then.duration_since(now);
+    if d.is_negative() {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(d.as_secs().max(1) as u64)
+    }
+}
+
+async fn patch_status(api: &Api<AgentRun>, name: &str, status: &AgentRunStatus) -> Result<()> {
+    let patch = json!({
+        "apiVersion": AgentRun::api_version(&()),
+        "kind": AgentRun::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn reject(
+    run: &AgentRun,
+    ctx: &Context,
+    api: &Api<AgentRun>,
+    reference: &ObjectReference,
+    prev: &AgentRunStatus,
+    field: &str,
+    message: &str,
+    now: Timestamp,
+) -> Result<Action> {
+    let text = format!("{}: {field} {message}", object_name(run));
+    let mut next = prev.clone();
+    next.observed_generation = run.metadata.generation;
+    next.phase = Some(RunPhase::Failed);
+    for type_ in [conditions::SPEC_VALID, conditions::READY] {
+        set_condition(
+            &mut next.conditions,
+            Condition {
+                type_: type_.into(),
+                status: "False".into(),
+                reason: reasons::INVALID_SPEC.into(),
+                message: text.clone(),
+                observed_generation: run.metadata.generation,
+                last_transition_time: Time(now),
+            },
+        );
+    }
+    if next != *prev {
+        warn!(%text, "refusing to run an invalid AgentRun");
+        publish_event(
+            ctx,
+            reference,
+            EventType::Warning,
+            reasons::INVALID_SPEC,
+            "Validate",
+            text,
+        )
+        .await;
+        patch_status(api, &run.name_any(), &next).await?;
+    }
+    Ok(Action::await_change())
+}
+
+async fn create_missing_pods(
+    run: &AgentRun,
+    ctx: &Context,
+    pods_api: &Api<Pod>,
+    pods: &[Pod],
+    next: &mut AgentRunStatus,
+    reference: &ObjectReference,
+    now: Timestamp,
+) -> Result<()> {
+    let active = pods.iter().filter(|p| is_active(p)).count();
+    let mut slots = run.spec.effective_parallelism().saturating_sub(active);
+    let variations = run.spec.resolved_variations();
+    let missing: Vec<usize> = next
+        .variations
+        .iter()
+        .enumerate()
+        .filter(|(_, v)| v.phase == RunPhase::Pending && v.pod_name.is_none())
+        .map(|(i, _)| i)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if slots > 0 {
+        let secret = pod::build_secret(run, &ctx.settings)?;
+        let secrets: Api<Secret> =
+            Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
+        secrets
+            .patch(
+                &pod::secret_name(run),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&secret),
+            )
+            .await?;
+    }
+    for i in missing {
+        let vs: &mut VariationStatus = &mut next.variations[i];
+        if slots == 0 {
+            vs.reason = Some(reasons::WAITING_FOR_PARALLELISM.into());
+            vs.message = Some(format!(
+                "waiting for a free slot: spec.parallelism is {}",
+                run.spec.effective_parallelism()
+            ));
+            continue;
+        }
+        let Some(variation) = variations.iter().find(|v| v.name == vs.name) else {
+            continue;
+        };
+        let pod = pod::build_pod(run, variation, &ctx.settings)?;
+        let pod_name = pod.name_any();
+        match pods_api.create(&PostParams::default(), &pod).await {
+            Ok(_) => {
+                ctx.metrics.pods_created.inc();
+                info!(pod = %pod_name, "created agent pod");
+                publish_event(
+                    ctx,
+                    reference,
+                    EventType::Normal,
+                    "PodCreated",
+                    "CreatePod",
+                    format!("created pod {pod_name} for variation {}", vs.name),
+                )
+                .await;
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(e) => return Err(e.into()),
+        }
+        vs.pod_name = Some(pod_name);
+        vs.reason = Some("PodCreated".into());
+        vs.message = Some("the pod was created and waits to be scheduled".into());
+        slots -= 1;
+        if next.start_time.is_none() {
+            next.start_time = Some(Time(now));
+        }
+    }
+    Ok(())
+}
+
+/// Stops running agents and puts the retention TTL on the run's Redis data. Works when `apply`
+/// never ran: the run id comes from the uid, and Redis failures do not block the deletion.
+async fn cleanup(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
+    let key = format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any());
+    ctx.metrics.set_phase(&key, None);
+    let status = run.status.clone().unwrap_or_default();
+    let run_id = match status.run_id.clone() {
+        Some(id) => id,
+        None => match pod::run_id(&run) {
+            Ok(id) => id,
+            Err(_) => return Ok(Action::await_change()),
+        },
+    };
+    let unfinished = !status.phase.is_some_and(RunPhase::is_finished);
+    if unfinished
+        && status.run_id.is_some()
+        && let Err(e) = ctx.store.send_control(&run_id, ControlAction::Stop).await
+    {
+        warn!(run = %key, error = %e, "could not send stop to the agents; their pods are deleted anyway");
+    }
+    let retention = run
+        .spec
+        .retention_seconds
+        .unwrap_or(ctx.settings.default_retention_seconds)
+        .max(1) as u64;
+    let variations: Vec<String> = run
+        .spec
+        .resolved_variations()
+        .into_iter()
+        .map(|v| v.name)
+        .collect();
+    if let Err(e) = ctx.store.expire(&run_id, &variations, retention).await {
+        warn!(run = %key, error = %e, "could not set the retention TTL on the run's Redis keys; they stay until trimmed by hand");
+    }
+    publish_event(
+        &ctx,
+        &reference(&run.metadata),
+        EventType::Normal,
+        "Deleting",
+        "Cleanup",
+        format!("stopping the agents; the run's Redis data is kept for {retention}s"),
+    )
+    .await;
+    Ok(Action::await_change())
+}

@@ -1,0 +1,345 @@
+//! Test fixtures: builders for runs and pods, and the `ApiServerVerifier` that plays the API
+//! server for reconcile scenario tests.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateRunning, ContainerStateTerminated, ContainerStateWaiting,
+    ContainerStatus, Pod, PodCondition, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::client::Body;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::{Client, Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use crate::config::Settings;
+use crate::controller::{Clock, Context, FINALIZER};
+use crate::crd::{AgentRun, AgentRunSpec, AgentRunStatus, Variation};
+use crate::metrics::Metrics;
+use crate::pod;
+use crate::store::RecordingStore;
+
+/// The fixed "now" of every test.
+pub fn now() -> Timestamp {
+    "2026-01-01T12:00:00Z".parse().expect("valid timestamp")
+}
+
+/// A time `secs` seconds before [`now`].
+pub fn ago(secs: i64) -> Time {
+    Time(now() - k8s_openapi::jiff::SignedDuration::from_secs(secs))
+}
+
+/// Settings with a fixed sidecar image.
+pub fn settings() -> Settings {
+    Settings {
+        sidecar_image: "ghcr.io/agentrun/agentrun-sidecar:0.1.0".into(),
+        redis_url: "redis://agentrun-redis:6379".into(),
+        redis_password: Some("s3cret".into()),
+        relay_url: Some("https://agentrun.example.com".into()),
+        ..Settings::default()
+    }
+}
+
+impl AgentRun {
+    /// A stored run `default/hello` running `sh -c 'echo hello'` in busybox.
+    pub fn test() -> Self {
+        let mut run = AgentRun::new(
+            "hello",
+            AgentRunSpec {
+                image: "busybox:1.36".into(),
+                command: vec!["sh".into(), "-c".into()],
+                args: vec!["echo hello".into()],
+                ..Default::default()
+            },
+        );
+        run.meta_mut().namespace = Some("default".into());
+        run.meta_mut().uid = Some("0f1e2d3c-aaaa-bbbb-cccc-000000000001".into());
+        run.meta_mut().generation = Some(1);
+        run.meta_mut().resource_version = Some("100".into());
+        run.meta_mut().creation_timestamp = Some(ago(600));
+        run
+    }
+
+    /// With the operator's finalizer.
+    pub fn finalized(mut self) -> Self {
+        self.finalizers_mut().push(FINALIZER.into());
+        self
+    }
+
+    /// Being deleted.
+    pub fn deleting(mut self) -> Self {
+        self.meta_mut().deletion_timestamp = Some(ago(1));
+        self
+    }
+
+    /// With named variations.
+    pub fn with_variations(mut self, names: &[&str]) -> Self {
+        self.spec.variations = names
+            .iter()
+            .map(|n| Variation {
+                name: (*n).into(),
+                ..Default::default()
+            })
+            .collect();
+        self
+    }
+
+    /// With a status.
+    pub fn with_status(mut self, status: AgentRunStatus) -> Self {
+        self.status = Some(status);
+        self
+    }
+}
+
+/// The pod the operator builds for a variation, with a status.
+pub fn pod_of(run: &AgentRun, variation: &str, status: PodStatus) -> Pod {
+    let v = run
+        .spec
+        .resolved_variations()
+        .into_iter()
+        .find(|v| v.name == variation)
+        .expect("variation exists");
+    let mut pod = pod::build_pod(run, &v, &settings()).expect("pod builds");
+    pod.status = Some(status);
+    pod
+}
+
+fn agent_status(state: ContainerState) -> ContainerStatus {
+    ContainerStatus {
+        name: pod::AGENT_CONTAINER.into(),
+        image: "busybox:1.36".into(),
+        image_id: String::new(),
+        ready: false,
+        restart_count: 0,
+        state: Some(state),
+        ..Default::default()
+    }
+}
+
+/// Pod status: agent running.
+pub fn running() -> PodStatus {
+    PodStatus {
+        phase: Some("Running".into()),
+        container_statuses: Some(vec![agent_status(ContainerState {
+            running: Some(ContainerStateRunning {
+                started_at: Some(ago(60)),
+            }),
+            ..Default::default()
+        })]),
+        ..Default::default()
+    }
+}
+
+/// Pod status: agent exited.
+pub fn exited(
+    pod_phase: &str,
+    code: i32,
+    reason: Option<&str>,
+    message: Option<&str>,
+) -> PodStatus {
+    PodStatus {
+        phase: Some(pod_phase.into()),
+        container_statuses: Some(vec![agent_status(ContainerState {
+            terminated: Some(ContainerStateTerminated {
+                exit_code: code,
+                reason: reason.map(Into::into),
+                message: message.map(Into::into),
+                started_at: Some(ago(60)),
+                finished_at: Some(ago(5)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })]),
+        ..Default::default()
+    }
+}
+
+/// Pod status: not schedulable.
+pub fn unschedulable() -> PodStatus {
+    PodStatus {
+        phase: Some("Pending".into()),
+        conditions: Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            message: Some("0/3 nodes are available: 3 Insufficient memory.".into()),
+            ..Default::default()
+        }]),
+        ..Default::default()
+    }
+}
+
+/// Pod status: a container waits with a reason (image pull errors and the like).
+pub fn waiting(container: &str, init: bool, reason: &str, message: &str) -> PodStatus {
+    let status = ContainerStatus {
+        name: container.into(),
+        state: Some(ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some(reason.into()),
+                message: Some(message.into()),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    PodStatus {
+        phase: Some("Pending".into()),
+        conditions: Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "True".into(),
+            ..Default::default()
+        }]),
+        init_container_statuses: init.then(|| vec![status.clone()]),
+        container_statuses: (!init).then(|| vec![status]),
+        ..Default::default()
+    }
+}
+
+/// Pod status: evicted by the kubelet.
+pub fn evicted() -> PodStatus {
+    PodStatus {
+        phase: Some("Failed".into()),
+        reason: Some("Evicted".into()),
+        message: Some("The node was low on resource: memory.".into()),
+        ..Default::default()
+    }
+}
+
+type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+
+/// Plays the API server: each `expect` call checks the next request and answers it.
+pub struct ApiServerVerifier(ApiServerHandle);
+
+/// One request the verifier saw.
+#[derive(Debug)]
+pub struct Seen {
+    pub method: Method,
+    pub uri: String,
+    pub body: Value,
+}
+
+impl ApiServerVerifier {
+    /// Checks that the next request has `method` and a URI containing `uri`, answers with
+    /// `status` and `response`, and returns what was sent.
+    pub async fn expect(
+        &mut self,
+        method: Method,
+        uri: &str,
+        status: u16,
+        response: Value,
+    ) -> Seen {
+        let (request, send) =
+            self.0.next_request().await.unwrap_or_else(|| {
+                panic!("expected {method} {uri}, but the client sent nothing more")
+            });
+        let seen_method = request.method().clone();
+        let seen_uri = request.uri().to_string();
+        let bytes = request
+            .into_body()
+            .collect_bytes()
+            .await
+            .expect("request body");
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes)
+                .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
+        };
+        assert_eq!(
+            seen_method, method,
+            "method of {seen_uri} (expected {method} {uri}); body: {body}"
+        );
+        assert!(
+            seen_uri.contains(uri),
+            "expected a URI containing {uri}, got {seen_method} {seen_uri}"
+        );
+        let response = Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(&response).expect("json")))
+            .expect("response");
+        send.send_response(response);
+        Seen {
+            method: seen_method,
+            uri: seen_uri,
+            body,
+        }
+    }
+
+    /// Answers an event creation (events.k8s.io) and returns its body.
+    pub async fn expect_event(&mut self, reason: &str) -> Value {
+        let seen = self
+            .expect(
+                Method::POST,
+                "/apis/events.k8s.io/v1/namespaces/default/events",
+                201,
+                json!({}),
+            )
+            .await;
+        let mut body = seen.body;
+        assert_eq!(body["reason"], reason, "event reason; event: {body}");
+        body["metadata"] = Value::Null;
+        body
+    }
+
+    /// Answers a pod list for the run with these pods.
+    pub async fn expect_pod_list(&mut self, run: &AgentRun, pods: Vec<Pod>) {
+        let uri = format!(
+            "/api/v1/namespaces/default/pods?&labelSelector=agentrun.dev%2Frun%3D{}",
+            run.name_any()
+        );
+        self.expect(Method::GET, &uri, 200, json!({
+            "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": pods
+        }))
+        .await;
+    }
+
+    /// Answers the status patch of the run and returns the status that was sent.
+    pub async fn expect_status_patch(&mut self, run: &AgentRun) -> AgentRunStatus {
+        let uri = format!(
+            "/apis/agentrun.dev/v1alpha1/namespaces/default/agentruns/{}/status?&force=true&fieldManager=agentrun-operator",
+            run.name_any()
+        );
+        let mut answer = serde_json::to_value(run).expect("json");
+        let seen = self.expect(Method::PATCH, &uri, 200, Value::Null).await;
+        answer["status"] = seen.body["status"].clone();
+        assert_eq!(seen.body["apiVersion"], "agentrun.dev/v1alpha1");
+        assert_eq!(seen.body["kind"], "AgentRun");
+        serde_json::from_value(seen.body["status"].clone()).expect("status parses")
+    }
+
+    /// Asserts that the client sends nothing more (call after the reconcile finished and the
+    /// context was dropped).
+    pub async fn expect_nothing_more(mut self) {
+        if let Some((request, _)) = self.0.next_request().await {
+            panic!("unexpected request {} {}", request.method(), request.uri());
+        }
+    }
+}
+
+impl Context {
+    /// A context whose client talks to an [`ApiServerVerifier`], with a recording Redis store
+    /// and a fixed clock.
+    pub fn test() -> (Arc<Self>, ApiServerVerifier, Arc<RecordingStore>) {
+        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = Client::new(service, "default");
+        let store = RecordingStore::shared();
+        let ctx = Context {
+            client: client.clone(),
+            recorder: Recorder::new(
+                client,
+                Reporter {
+                    controller: "agentrun-operator".into(),
+                    instance: Some("test".into()),
+                },
+            ),
+            metrics: Arc::new(Metrics::new()),
+            settings: settings(),
+            store: store.clone(),
+            clock: Clock::Fixed(now()),
+        };
+        (Arc::new(ctx), ApiServerVerifier(handle), store)
+    }
+}

@@ -1,0 +1,295 @@
+//! `agentrun-operator run` reconciles AgentRuns; `agentrun-operator crd` prints the CRD.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use agentrun_operator::config::Settings;
+use agentrun_operator::controller::{self, Clock, Context};
+use agentrun_operator::crd::{self, AgentRun};
+use agentrun_operator::leader::LeaseLock;
+use agentrun_operator::metrics::Metrics;
+use agentrun_operator::server::{ServerState, app};
+use agentrun_operator::store::{RedisStore, RunStore};
+use agentrun_operator::{pod, telemetry};
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::ListParams;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::DeserializeGuard;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+use kube::{Api, Client, Config};
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+#[derive(Parser)]
+#[command(
+    name = "agentrun-operator",
+    version,
+    about = "Reconciles agentrun.dev AgentRuns into agent pods"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the operator against the cluster of the kubeconfig (or the in-cluster config).
+    Run(Box<RunArgs>),
+    /// Print the AgentRun CustomResourceDefinition as YAML.
+    Crd,
+}
+
+#[derive(Parser)]
+struct RunArgs {
+    /// Kubeconfig file; without it `KUBECONFIG`, `~/.kube/config` or the in-cluster config.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, env = "AGENTRUN_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Image with agentrun-sidecar and agentrun-entrypoint, put into every agent pod.
+    #[arg(long, env = "AGENTRUN_SIDECAR_IMAGE")]
+    sidecar_image: String,
+    /// Pull policy of the sidecar image.
+    #[arg(long, env = "AGENTRUN_SIDECAR_IMAGE_PULL_POLICY")]
+    sidecar_image_pull_policy: Option<String>,
+    /// Redis URL of the operator (redis://, rediss://, redis+sentinel://, redis+cluster://).
+    #[arg(long, env = "AGENTRUN_REDIS_URL")]
+    redis_url: String,
+    /// Redis ACL user (instead of one in the URL).
+    #[arg(long, env = "AGENTRUN_REDIS_USERNAME")]
+    redis_username: Option<String>,
+    /// Redis password (instead of one in the URL).
+    #[arg(long, env = "AGENTRUN_REDIS_PASSWORD", hide_env_values = true)]
+    redis_password: Option<String>,
+    /// Redis URL handed to the sidecars, when they reach Redis by another address.
+    #[arg(long, env = "AGENTRUN_SIDECAR_REDIS_URL")]
+    sidecar_redis_url: Option<String>,
+    /// Public base URL of the relay (web UI); a run's page is `<url>/runs/<runId>`.
+    #[arg(long, env = "AGENTRUN_RELAY_URL")]
+    relay_url: Option<String>,
+    /// Default cap on each stream of a run.
+    #[arg(long, env = "AGENTRUN_STREAM_MAXLEN", default_value_t = 100_000)]
+    stream_max_len: i64,
+    /// Default seconds a run's Redis data is kept after it ended.
+    #[arg(long, env = "AGENTRUN_RETENTION_SECONDS", default_value_t = 604_800)]
+    retention_seconds: i64,
+    /// Only watch this namespace (default: all namespaces).
+    #[arg(long, env = "AGENTRUN_WATCH_NAMESPACE")]
+    watch_namespace: Option<String>,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "AGENTRUN_POD_NAMESPACE", default_value = "default")]
+    lease_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "AGENTRUN_LEASE_NAME", default_value = "agentrun-operator")]
+    lease_name: String,
+    /// Identity in the Lease (the pod name).
+    #[arg(long, env = "AGENTRUN_POD_NAME")]
+    identity: Option<String>,
+    /// Run without leader election (a single replica only).
+    #[arg(long)]
+    no_leader_election: bool,
+    /// Log JSON lines instead of text.
+    #[arg(long, env = "AGENTRUN_LOG_JSON")]
+    log_json: bool,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Crd => {
+            use std::io::Write as _;
+            let yaml = crd::crd_yaml()?;
+            // A closed pipe (`| head`) is not an error worth a panic.
+            let _ = std::io::stdout().write_all(yaml.as_bytes());
+            Ok(())
+        }
+        Command::Run(args) => run(*args).await,
+    }
+}
+
+async fn client(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("could not read the kubeconfig {}", path.display()))?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
+        }
+        None => Config::infer().await.context(
+            "no Kubernetes config: pass --kubeconfig, set KUBECONFIG, or run in a cluster",
+        )?,
+    };
+    Ok(Client::try_from(config)?)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_json);
+    let client = client(args.kubeconfig.as_ref()).await?;
+    let metrics = Arc::new(Metrics::new());
+    let ready = Arc::new(AtomicBool::new(false));
+    let state = ServerState {
+        metrics: metrics.clone(),
+        ready: ready.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(args.metrics_addr)
+        .await
+        .with_context(|| format!("could not listen on {} (--metrics-addr)", args.metrics_addr))?;
+    let server = tokio::spawn(async move { axum::serve(listener, app(state)).await });
+
+    // Refuse to start without the CRD.
+    let check: Api<AgentRun> = Api::all(client.clone());
+    if let Err(e) = check.list_metadata(&ListParams::default().limit(1)).await {
+        match e {
+            kube::Error::Api(s) if s.code == 404 => bail!(
+                "the AgentRun CRD (agentruns.agentrun.dev) is not installed in this cluster: install it with `kubectl apply -f crds/agentrun.dev_agentruns.yaml` (or `agentrun-operator crd | kubectl apply -f -`) and start the operator again"
+            ),
+            e => return Err(e).context("could not list AgentRuns; check the operator's RBAC (list/watch agentruns.agentrun.dev)"),
+        }
+    }
+    ready.store(true, Ordering::SeqCst);
+
+    let redis = agentrun_protocol::RedisSettings::from_url(&args.redis_url)
+        .context("--redis-url / AGENTRUN_REDIS_URL is not a valid Redis URL")?
+        .with_credentials(args.redis_username.clone(), args.redis_password.clone());
+    let store: Arc<dyn RunStore> = match RedisStore::connect(
+        &redis,
+        args.stream_max_len.max(1) as u64,
+    )
+    .await
+    {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            bail!(
+                "could not connect to Redis at {}: {e}; check --redis-url and that Redis is running",
+                redis.target()
+            )
+        }
+    };
+
+    let identity = args
+        .identity
+        .clone()
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("agentrun-operator-{}", std::process::id()));
+    let (leading_tx, mut leading_rx) = watch::channel(true);
+    let lease = Arc::new(LeaseLock::new(
+        Api::<Lease>::namespaced(client.clone(), &args.lease_namespace),
+        args.lease_name.clone(),
+        identity.clone(),
+        Duration::from_secs(15),
+    ));
+    if !args.no_leader_election {
+        info!(identity = %identity, lease = %args.lease_name, "waiting to become the leader");
+        tokio::select! {
+            _ = lease.acquire() => {},
+            _ = shutdown_signal() => return Ok(()),
+        }
+        let keeper = lease.clone();
+        tokio::spawn(async move { keeper.keep(leading_tx).await });
+    }
+
+    let settings = Settings {
+        sidecar_image: args.sidecar_image.clone(),
+        sidecar_image_pull_policy: args.sidecar_image_pull_policy.clone(),
+        redis_url: args
+            .sidecar_redis_url
+            .clone()
+            .unwrap_or_else(|| args.redis_url.clone()),
+        redis_username: args.redis_username.clone(),
+        redis_password: args.redis_password.clone(),
+        relay_url: args.relay_url.clone(),
+        default_stream_max_len: args.stream_max_len,
+        default_retention_seconds: args.retention_seconds,
+        ..Settings::default()
+    };
+    let reporter = Reporter {
+        controller: pod::MANAGED_BY.into(),
+        instance: Some(identity.clone()),
+    };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics,
+        settings,
+        store,
+        clock: Clock::System,
+    });
+    let (runs, pods): (Api<DeserializeGuard<AgentRun>>, Api<Pod>) = match &args.watch_namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client.clone())),
+    };
+    let lost_leadership = async move {
+        while leading_rx.changed().await.is_ok() {
+            if !*leading_rx.borrow() {
+                return;
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    let lost = Arc::new(AtomicBool::new(false));
+    let lost_flag = lost.clone();
+    let stop = async move {
+        tokio::select! {
+            _ = shutdown_signal() => info!("shutting down"),
+            _ = lost_leadership => {
+                lost_flag.store(true, Ordering::SeqCst);
+                warn!("stopping: this replica is no longer the leader");
+            }
+        }
+    };
+    info!("starting the AgentRun controller");
+    Controller::new(runs, watcher::Config::default().any_semantic())
+        .owns(pods, watcher::Config::default().labels(pod::RUN_LABEL))
+        .graceful_shutdown_on(stop)
+        .run(controller::reconcile, controller::error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(run = %obj.name, "reconciled"),
+                Err(e) => tracing::debug!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    if !args.no_leader_election {
+        lease.release().await;
+    }
+    server.abort();
+    if lost.load(Ordering::SeqCst) {
+        bail!(
+            "lost the leader Lease; exiting so that Kubernetes restarts this replica as a standby"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,460 @@
+//! Building agent pods (and the per-run Secret) from an AgentRun: pure functions.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, HTTPGetAction, Pod,
+    PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret, SecretEnvSource, SecurityContext,
+    Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
+
+use crate::config::Settings;
+use crate::crd::{AgentRun, ResolvedVariation};
+use crate::error::{Error, Result};
+
+/// Label with the AgentRun's name, on every pod and Secret it owns.
+pub const RUN_LABEL: &str = "agentrun.dev/run";
+/// Label with the variation name, on every agent pod.
+pub const VARIATION_LABEL: &str = "agentrun.dev/variation";
+/// Annotation with the run id used in Redis.
+pub const RUN_ID_ANNOTATION: &str = "agentrun.dev/run-id";
+/// `app.kubernetes.io/managed-by` value.
+pub const MANAGED_BY: &str = "agentrun-operator";
+
+/// Name of the agent container.
+pub const AGENT_CONTAINER: &str = "agent";
+/// Name of the init container that copies the entrypoint.
+pub const TOOLS_CONTAINER: &str = "agentrun-tools";
+/// Name of the native sidecar container.
+pub const SIDECAR_CONTAINER: &str = "agentrun-sidecar";
+/// Shared volume between the containers.
+pub const VOLUME: &str = "agentrun";
+/// Where the shared volume is mounted.
+pub const MOUNT_PATH: &str = "/agentrun";
+/// Unix socket of the sidecar.
+pub const SOCKET_PATH: &str = "/agentrun/agentrun.sock";
+/// Where the tools container copies the entrypoint.
+pub const ENTRYPOINT_PATH: &str = "/agentrun/bin/agentrun-entrypoint";
+/// Sidecar binary inside the sidecar image.
+pub const SIDECAR_BINARY: &str = "/usr/local/bin/agentrun-sidecar";
+/// Port of the sidecar's /metrics, /healthz, /readyz.
+pub const SIDECAR_METRICS_PORT: i32 = 9464;
+/// Non-root user of the agentrun containers (distroless `nonroot`).
+pub const AGENTRUN_UID: i64 = 65532;
+
+/// Run id used in Redis: unique per AgentRun incarnation (the uid changes when a run is deleted
+/// and re-created), readable, and free of `{`, `}` and `:` so it can sit in a hash tag.
+pub fn run_id(run: &AgentRun) -> Result<String> {
+    let uid = run.uid().ok_or_else(|| Error::MissingField {
+        object: object_name(run),
+        field: "metadata.uid",
+    })?;
+    let short: String = uid
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .take(8)
+        .collect();
+    Ok(format!(
+        "{}.{}.{}",
+        run.namespace().unwrap_or_else(|| "default".into()),
+        run.name_any(),
+        short
+    ))
+}
+
+/// `namespace/name` of a run, for messages.
+pub fn object_name(run: &AgentRun) -> String {
+    format!(
+        "AgentRun {}/{}",
+        run.namespace().unwrap_or_default(),
+        run.name_any()
+    )
+}
+
+/// Name of the pod of a variation.
+pub fn pod_name(run: &AgentRun, variation: &str) -> String {
+    format!("{}-{variation}", run.name_any())
+}
+
+/// Name of the per-run Secret with the sidecar's Redis settings.
+pub fn secret_name(run: &AgentRun) -> String {
+    format!("{}-agentrun-redis", run.name_any())
+}
+
+/// Label selector of the pods of a run.
+pub fn run_selector(run: &AgentRun) -> String {
+    format!("{RUN_LABEL}={}", run.name_any())
+}
+
+/// The variation that a pod runs (from its label).
+pub fn variation_of(pod: &Pod) -> Option<&str> {
+    pod.metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(VARIATION_LABEL))
+        .map(String::as_str)
+}
+
+/// Whether the pod is controlled by this incarnation of the run.
+pub fn is_owned_by(pod: &Pod, run: &AgentRun) -> bool {
+    let Some(uid) = run.uid() else { return false };
+    pod.owner_references()
+        .iter()
+        .any(|o| o.uid == uid && o.controller == Some(true))
+}
+
+fn owner_meta(
+    run: &AgentRun,
+    name: String,
+    extra_labels: BTreeMap<String, String>,
+) -> Result<ObjectMeta> {
+    let owner = run
+        .controller_owner_ref(&())
+        .ok_or_else(|| Error::MissingField {
+            object: object_name(run),
+            field: "metadata.uid",
+        })?;
+    let mut labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGED_BY.to_string(),
+        ),
+        ("app.kubernetes.io/name".to_string(), "agentrun".to_string()),
+        (RUN_LABEL.to_string(), run.name_any()),
+    ]);
+    labels.extend(extra_labels);
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: run.namespace(),
+        labels: Some(labels),
+        annotations: Some(BTreeMap::from([(
+            RUN_ID_ANNOTATION.to_string(),
+            run_id(run)?,
+        )])),
+        owner_references: Some(vec![owner]),
+        ..Default::default()
+    })
+}
+
+/// The Secret holding the Redis settings of the run's sidecars, owned by the run.
+pub fn build_secret(run: &AgentRun, settings: &Settings) -> Result<Secret> {
+    let mut data = BTreeMap::from([("AGENTRUN_REDIS_URL".to_string(), settings.redis_url.clone())]);
+    if let Some(user) = &settings.redis_username {
+        data.insert("AGENTRUN_REDIS_USERNAME".into(), user.clone());
+    }
+    if let Some(password) = &settings.redis_password {
+        data.insert("AGENTRUN_REDIS_PASSWORD".into(), password.clone());
+    }
+    Ok(Secret {
+        metadata: owner_meta(run, secret_name(run), BTreeMap::new())?,
+        string_data: Some(data),
+        type_: Some("Opaque".into()),
+        ..Default::default()
+    })
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn hardened() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(AGENTRUN_UID),
+        run_as_group: Some(AGENTRUN_UID),
+        ..Default::default()
+    }
+}
+
+fn mount() -> VolumeMount {
+    VolumeMount {
+        name: VOLUME.into(),
+        mount_path: MOUNT_PATH.into(),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(SIDECAR_METRICS_PORT),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        ..Default::default()
+    }
+}
+
+/// The pod of one variation: tools init container, native sidecar, agent with its command
+/// rewritten to the entrypoint, shared `emptyDir` at `/agentrun`.
+pub fn build_pod(
+    run: &AgentRun,
+    variation: &ResolvedVariation,
+    settings: &Settings,
+) -> Result<Pod> {
+    let spec = &run.spec;
+    if spec.command.is_empty() {
+        return Err(Error::InvalidSpec {
+            object: object_name(run),
+            field: "spec.command",
+            message: "must list the agent's command; the image's ENTRYPOINT is not used".into(),
+        });
+    }
+    let user_labels: BTreeMap<String, String> = spec
+        .pod_labels
+        .iter()
+        .filter(|(k, _)| !k.starts_with("agentrun.dev/"))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let mut labels = user_labels;
+    labels.insert(VARIATION_LABEL.into(), variation.name.clone());
+    let mut metadata = owner_meta(run, pod_name(run, &variation.name), labels)?;
+    if let Some(annotations) = metadata.annotations.as_mut() {
+        for (k, v) in &spec.pod_annotations {
+            annotations.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    let run_id = run_id(run)?;
+    let stream_max_len = spec
+        .stream_max_len
+        .unwrap_or(settings.default_stream_max_len);
+    let retention = spec
+        .retention_seconds
+        .unwrap_or(settings.default_retention_seconds);
+
+    let tools = Container {
+        name: TOOLS_CONTAINER.into(),
+        image: Some(settings.sidecar_image.clone()),
+        image_pull_policy: settings.sidecar_image_pull_policy.clone(),
+        command: Some(vec![
+            SIDECAR_BINARY.into(),
+            "install-entrypoint".into(),
+            format!("{MOUNT_PATH}/bin"),
+        ]),
+        volume_mounts: Some(vec![mount()]),
+        security_context: Some(hardened()),
+        resources: Some(settings.sidecar_resources.clone()),
+        ..Default::default()
+    };
+    let sidecar = Container {
+        name: SIDECAR_CONTAINER.into(),
+        image: Some(settings.sidecar_image.clone()),
+        image_pull_policy: settings.sidecar_image_pull_policy.clone(),
+        restart_policy: Some("Always".into()),
+        command: Some(vec![SIDECAR_BINARY.into(), "serve".into()]),
+        env: Some(vec![
+            env("AGENTRUN_SOCKET", SOCKET_PATH),
+            env("AGENTRUN_RUN_ID", run_id.clone()),
+            env("AGENTRUN_VARIATION", variation.name.clone()),
+            env(
+                "AGENTRUN_METRICS_ADDR",
+                format!("0.0.0.0:{SIDECAR_METRICS_PORT}"),
+            ),
+            env("AGENTRUN_STREAM_MAXLEN", stream_max_len.to_string()),
+            env("AGENTRUN_RETENTION_SECONDS", retention.to_string()),
+        ]),
+        env_from: Some(vec![EnvFromSource {
+            secret_ref: Some(SecretEnvSource {
+                name: secret_name(run),
+                optional: Some(false),
+            }),
+            ..Default::default()
+        }]),
+        ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
+            name: Some("metrics".into()),
+            container_port: SIDECAR_METRICS_PORT,
+            ..Default::default()
+        }]),
+        startup_probe: Some(http_probe("/healthz", 1, 30)),
+        readiness_probe: Some(http_probe("/readyz", 5, 3)),
+        volume_mounts: Some(vec![mount()]),
+        security_context: Some(hardened()),
+        resources: Some(settings.sidecar_resources.clone()),
+        ..Default::default()
+    };
+    let mut command = vec![
+        ENTRYPOINT_PATH.to_string(),
+        "--socket".into(),
+        SOCKET_PATH.into(),
+        "--".into(),
+    ];
+    command.extend(spec.command.iter().cloned());
+    command.extend(variation.args.iter().cloned());
+    let agent = Container {
+        name: AGENT_CONTAINER.into(),
+        image: Some(variation.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_string()),
+        command: Some(command),
+        env: (!variation.env.is_empty()).then(|| variation.env.clone()),
+        env_from: (!spec.env_from.is_empty()).then(|| spec.env_from.clone()),
+        working_dir: spec.working_dir.clone(),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(vec![mount()]),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    Ok(Pod {
+        metadata,
+        spec: Some(PodSpec {
+            restart_policy: Some("Never".into()),
+            init_containers: Some(vec![tools, sidecar]),
+            containers: vec![agent],
+            volumes: Some(vec![Volume {
+                name: VOLUME.into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            }]),
+            service_account_name: spec.service_account_name.clone(),
+            automount_service_account_token: Some(spec.service_account_name.is_some()),
+            node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
+            tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+            affinity: spec.affinity.clone(),
+            termination_grace_period_seconds: Some(settings.termination_grace_period_seconds),
+            enable_service_links: Some(false),
+            security_context: Some(PodSecurityContext {
+                fs_group: Some(AGENTRUN_UID),
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        status: None,
+    })
+}
+
+/// Pod for each variation, in order.
+pub fn build_pods(run: &AgentRun, settings: &Settings) -> Result<Vec<Pod>> {
+    run.spec
+        .resolved_variations()
+        .iter()
+        .map(|v| build_pod(run, v, settings))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::AgentRun;
+    use crate::fixtures::settings;
+
+    /// Compares with a committed snapshot; `UPDATE_SNAPSHOTS=1` rewrites it.
+    fn assert_snapshot(name: &str, value: &impl serde::Serialize) {
+        let yaml = serde_yaml::to_string(value).expect("yaml");
+        let path = format!("{}/src/snapshots/{name}.yaml", env!("CARGO_MANIFEST_DIR"));
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(&path, &yaml).expect("write snapshot");
+        }
+        let committed = std::fs::read_to_string(&path).unwrap_or_default();
+        assert!(
+            committed == yaml,
+            "{path} differs from the built object (rerun with UPDATE_SNAPSHOTS=1 if the change is intended):\n{yaml}"
+        );
+    }
+
+    #[test]
+    fn hello_pod_snapshot() {
+        let run = AgentRun::test();
+        let pods = build_pods(&run, &settings()).expect("builds");
+        assert_eq!(pods.len(), 1);
+        assert_snapshot("pod-hello", &pods[0]);
+        assert_snapshot(
+            "secret-hello",
+            &build_secret(&run, &settings()).expect("builds"),
+        );
+    }
+
+    #[test]
+    fn variation_pod_snapshot() {
+        let mut run = AgentRun::test().with_variations(&["fast", "careful"]);
+        run.spec.variations[1].args = Some(vec!["--careful".into()]);
+        run.spec.variations[1].image = Some("busybox:1.37".into());
+        run.spec
+            .node_selector
+            .insert("pool".into(), "agents".into());
+        run.spec.pod_labels.insert("team".into(), "ml".into());
+        run.spec
+            .pod_labels
+            .insert("agentrun.dev/run".into(), "spoofed".into());
+        run.spec.service_account_name = Some("agent".into());
+        run.spec.image_pull_policy = Some(crate::crd::ImagePullPolicy::Always);
+        run.spec.stream_max_len = Some(5000);
+        let pods = build_pods(&run, &settings()).expect("builds");
+        assert_eq!(pods.len(), 2);
+        assert_snapshot("pod-variation-careful", &pods[1]);
+    }
+
+    #[test]
+    fn pod_layout_follows_the_architecture() {
+        let run = AgentRun::test();
+        let pod = build_pods(&run, &settings()).expect("builds").remove(0);
+        let spec = pod.spec.expect("spec");
+        let init = spec.init_containers.expect("init containers");
+        assert_eq!(init[0].name, TOOLS_CONTAINER);
+        assert_eq!(
+            init[0].command.as_deref().unwrap_or_default()[1..],
+            ["install-entrypoint", "/agentrun/bin"]
+        );
+        assert_eq!(init[1].name, SIDECAR_CONTAINER);
+        assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
+        assert!(init[1].readiness_probe.is_some());
+        assert_eq!(
+            spec.containers[0].command.as_deref().unwrap_or_default(),
+            [
+                ENTRYPOINT_PATH,
+                "--socket",
+                SOCKET_PATH,
+                "--",
+                "sh",
+                "-c",
+                "echo hello"
+            ]
+        );
+        assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+        let owner = &pod.metadata.owner_references.expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("AgentRun", Some(true))
+        );
+        assert_eq!(run_id(&run).expect("id"), "default.hello.0f1e2d3c");
+        agentrun_protocol::RunId::new(run_id(&run).expect("id")).expect("a valid protocol run id");
+    }
+
+    #[test]
+    fn runs_without_a_uid_are_refused_with_the_object_name() {
+        let mut run = AgentRun::test();
+        run.metadata.uid = None;
+        let err = build_pods(&run, &settings())
+            .expect_err("no uid")
+            .to_string();
+        assert!(
+            err.contains("AgentRun default/hello") && err.contains("metadata.uid"),
+            "{err}"
+        );
+    }
+}
