@@ -594,7 +594,7 @@ class RunPage {
     this.ended = false;
     this.es = null;
     this.retryMs = 1000;
-    this.stats = { received: 0, duplicates: 0 };
+    this.stats = { received: 0, duplicates: 0, connects: 0 };
     window.__agentrun = this.stats; // for the browser tests and for debugging
 
     this.runBadge = el('span', { class: 'badge-slot' }, badge('pending'));
@@ -692,6 +692,7 @@ class RunPage {
     this.es = es;
     setConn('connecting', 'connecting…');
     es.onopen = () => {
+      this.stats.connects++;
       this.retryMs = 1000;
       setConn('live', 'live');
     };
@@ -838,9 +839,12 @@ class RunPage {
       badge(st.state),
       el('span', { class: 'tl-detail', text: statusDetail(st) }),
       st.source ? el('span', { class: 'tl-source muted', text: clip(String(st.source), 40) }) : null);
-    this.timeline.appendChild(li);
+    const tl = this.timeline;
+    const stick = tl.scrollHeight - tl.scrollTop - tl.clientHeight <= 4;
+    tl.appendChild(li);
     while (this.timeline.childElementCount > TIMELINE_CAP) this.timeline.firstChild.remove();
     this.timelineCount.textContent = `(${this.timeline.childElementCount})`;
+    if (stick) tl.scrollTop = tl.scrollHeight; // follow the newest entry unless scrolled up
   }
 }
 

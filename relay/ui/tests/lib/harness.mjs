@@ -388,3 +388,47 @@ export async function startStack() {
     },
   };
 }
+
+/** A TCP proxy in front of the relay whose connections can be cut, as a network failure would. */
+export class TcpProxy {
+  static async start(targetPort) {
+    const p = new TcpProxy();
+    p.targetPort = targetPort;
+    p.sockets = new Set();
+    p.server = net.createServer((client) => {
+      const upstream = net.createConnection({ host: '127.0.0.1', port: p.targetPort });
+      p.sockets.add(client);
+      p.sockets.add(upstream);
+      const done = () => {
+        client.destroy();
+        upstream.destroy();
+        p.sockets.delete(client);
+        p.sockets.delete(upstream);
+      };
+      client.on('error', done).on('close', done);
+      upstream.on('error', done).on('close', done);
+      client.pipe(upstream);
+      upstream.pipe(client);
+    });
+    await new Promise((r) => p.server.listen(0, '127.0.0.1', r));
+    p.port = p.server.address().port;
+    return p;
+  }
+
+  get url() {
+    return `http://127.0.0.1:${this.port}`;
+  }
+
+  /** Resets every open connection (both directions). */
+  cut() {
+    const n = this.sockets.size;
+    for (const s of this.sockets) s.resetAndDestroy ? s.resetAndDestroy() : s.destroy();
+    this.sockets.clear();
+    return n / 2;
+  }
+
+  async close() {
+    this.cut();
+    await new Promise((r) => this.server.close(r));
+  }
+}

@@ -1,0 +1,102 @@
+// Pause, resume and stop from the page, through the real relay and real agents run by
+// `agentrun-sidecar run`: pausing one variation stops its output while the other goes on,
+// resuming continues it, and stop ends the run. The control messages themselves are checked on
+// the run's control channel too.
+
+import test, { before, after } from 'node:test';
+import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
+import { startStack, waitFor, outputText, uniqueRun, binary, RedisClient } from './lib/harness.mjs';
+
+let s;
+const agents = [];
+let sub;
+before(async () => {
+  s = await startStack();
+});
+after(async () => {
+  for (const a of agents) if (a.exitCode === null && a.signalCode === null) a.kill('SIGKILL');
+  sub?.close();
+  await s?.close();
+});
+
+function startAgent(run, variation) {
+  const script = 'i=0; while [ $i -lt 100000 ]; do i=$((i+1)); echo "tick $i"; sleep 0.05; done';
+  const child = spawn(binary('agentrun-sidecar'), ['run', '--redis-url', s.redis.url, '--run-id', run, '--variation', variation, '--quiet', '--stop-grace-seconds', '2', '--', 'sh', '-c', script], { stdio: ['ignore', 'ignore', 'pipe'] });
+  child.log = '';
+  child.stderr.on('data', (d) => {
+    child.log = (child.log + d).slice(-5000);
+  });
+  agents.push(child);
+  return child;
+}
+
+const ticks = async (page, v) => {
+  const m = (await outputText(page, v) || '').match(/tick (\d+)\n/g);
+  return m ? Number(m[m.length - 1].slice(5, -1)) : 0;
+};
+const badgeOf = (page, v) => page.locator(`section.variation[data-variation="${v}"] .var-title .badge`).textContent();
+
+test('pause stops a variation\'s output, resume continues it, stop ends the run', async () => {
+  const run = uniqueRun('ctl');
+  const messages = [];
+  sub = await RedisClient.connect(s.redis.port);
+  await sub.subscribe(`run:{${run}}:control`, (_ch, payload) => messages.push(payload));
+
+  startAgent(run, 'a');
+  startAgent(run, 'b');
+  await waitFor('the run to be registered', async () => {
+    const r = await fetch(`${s.relay.url}/api/runs/${run}`);
+    if (!r.ok) return false;
+    const body = await r.json();
+    return Object.keys(body.variations || {}).length === 2;
+  }, 30000);
+  const { page } = s;
+  await page.goto(`${s.relay.url}/runs/${run}`);
+  await waitFor('both agents to print', async () => (await ticks(page, 'a')) >= 5 && (await ticks(page, 'b')) >= 5, 30000);
+
+  // Pause only variation a.
+  await page.locator('section.variation[data-variation="a"] button[data-action="pause"]').click();
+  await waitFor('a to be paused', async () => (await badgeOf(page, 'a')) === 'paused', 15000);
+  let b0 = await ticks(page, 'b');
+  await waitFor('b to go on', async () => (await ticks(page, 'b')) >= b0 + 5, 15000); // output in flight settles
+  const aPaused = await ticks(page, 'a');
+  b0 = await ticks(page, 'b');
+  await waitFor('b to go on for another second', async () => (await ticks(page, 'b')) >= b0 + 20, 15000);
+  assert.equal(await ticks(page, 'a'), aPaused, 'a printed while paused');
+  assert.equal(await badgeOf(page, 'b'), 'running');
+
+  // Resume it.
+  await page.locator('section.variation[data-variation="a"] button[data-action="resume"]').click();
+  await waitFor('a to print again', async () => (await ticks(page, 'a')) >= aPaused + 5, 15000);
+  assert.equal(await badgeOf(page, 'a'), 'running');
+
+  // Stop everything: the button asks for a second click first.
+  const stop = page.locator('.run-actions button[data-action="stop"]');
+  await stop.click();
+  assert.equal(await stop.textContent(), 'Confirm stop');
+  await stop.click();
+  await waitFor('both agents to stop', async () => (await badgeOf(page, 'a')) === 'stopped' && (await badgeOf(page, 'b')) === 'stopped', 20000);
+  await waitFor('the agent processes to exit', () => agents.every((a) => a.exitCode !== null || a.signalCode !== null), 20000);
+  await s.browser.screenshot('controlled-run');
+
+  const parsed = messages.map((m) => {
+    // The Pub/Sub payload is "SEQ TS TYPE METALEN\n" + meta + content (protocol LiveMessage).
+    const nl = m.indexOf('\n');
+    const [, , type, metaLen] = m.slice(0, nl).split(' ');
+    assert.equal(type, 'control');
+    return JSON.parse(m.slice(nl + 1 + Number(metaLen)));
+  });
+  assert.deepEqual(parsed, [{ action: 'pause', variation: 'a' }, { action: 'resume', variation: 'a' }, { action: 'stop' }]);
+  assert.deepEqual(s.browser.errors, []);
+});
+
+test('a refused control request is shown on the page', async () => {
+  const { page } = s;
+  // A run page for a run that does not exist: the relay answers 404.
+  await page.goto(`${s.relay.url}/runs/${uniqueRun('missing')}`);
+  await waitFor('the not-found notice', () => page.locator('.notice').isVisible());
+  await page.locator('.run-actions button[data-action="pause"]').click();
+  await waitFor('the error', () => page.locator('.page > .error').isVisible());
+  assert.match(await page.locator('.page > .error').textContent(), /^pause failed: .*(not found|no run|404)/i);
+});
