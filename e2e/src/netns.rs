@@ -1,0 +1,111 @@
+//! Per-pod network namespaces: each pod gets its own namespace (its own loopback, so pods never
+//! collide on ports) joined to the host by a veth pair; the pod's default route points at the
+//! host side, so the pod reaches anything the host listens on at the veth address or at the
+//! optional "host service address" that kube-sim adds to the host's loopback device.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use tokio::process::Command;
+
+/// Pod network settings.
+#[derive(Debug)]
+pub struct Network {
+    next: AtomicU32,
+    /// An address (like 10.99.0.1) added to the host's `lo`; test services bind it and pods
+    /// reach it through their default route.
+    pub host_address: Option<String>,
+    prefix: u32,
+}
+
+/// One pod's network namespace.
+#[derive(Debug, Clone)]
+pub struct NetNs {
+    pub name: String,
+    pub ip: String,
+    host_if: String,
+}
+
+async fn ip(args: &[&str]) -> Result<(), String> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .await
+        .map_err(|e| format!("running ip {}: {e}", args.join(" ")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ))
+    }
+}
+
+impl Network {
+    /// Sets up the host side. Each kube-sim uses its own range of namespace names so that
+    /// several instances (parallel tests) do not collide.
+    pub async fn new(host_address: Option<String>) -> Result<Network, String> {
+        if let Some(a) = &host_address {
+            let cidr = format!("{a}/32");
+            if let Err(e) = ip(&["addr", "add", &cidr, "dev", "lo"]).await
+                && !e.contains("File exists")
+            {
+                return Err(e);
+            }
+        }
+        // Spread instances over the 10.200.0.0/16 range by process id and a random start.
+        let prefix = (std::process::id() % 64) * 256 + rand::random::<u32>() % 200;
+        Ok(Network {
+            next: AtomicU32::new(0),
+            host_address,
+            prefix,
+        })
+    }
+
+    pub async fn create(&self, _pod_uid: &str) -> Result<NetNs, String> {
+        let n = (self.prefix + self.next.fetch_add(1, Ordering::SeqCst)) % 16_384;
+        let (third, fourth) = (n / 64, (n % 64) * 4);
+        let host_ip = format!("10.200.{third}.{}", fourth + 1);
+        let pod_ip = format!("10.200.{third}.{}", fourth + 2);
+        let name = format!("kube-sim-{n}");
+        let (host_if, pod_if) = (format!("ksh{n}"), format!("ksp{n}"));
+        // Leftovers of an earlier run with the same number.
+        let _ = ip(&["link", "del", &host_if]).await;
+        let _ = ip(&["netns", "del", &name]).await;
+        ip(&["netns", "add", &name]).await?;
+        let host_cidr = format!("{host_ip}/30");
+        let pod_cidr = format!("{pod_ip}/30");
+        let steps: Vec<Vec<&str>> = vec![
+            vec![
+                "link", "add", &host_if, "type", "veth", "peer", "name", &pod_if,
+            ],
+            vec!["link", "set", &pod_if, "netns", &name],
+            vec!["addr", "add", &host_cidr, "dev", &host_if],
+            vec!["link", "set", &host_if, "up"],
+            vec!["-n", &name, "addr", "add", &pod_cidr, "dev", &pod_if],
+            vec!["-n", &name, "link", "set", &pod_if, "up"],
+            vec!["-n", &name, "link", "set", "lo", "up"],
+            vec!["-n", &name, "route", "add", "default", "via", &host_ip],
+        ];
+        let ns = NetNs {
+            name: name.clone(),
+            ip: pod_ip.clone(),
+            host_if: host_if.clone(),
+        };
+        for step in steps {
+            if let Err(e) = ip(&step).await {
+                ns.destroy().await;
+                return Err(e);
+            }
+        }
+        Ok(ns)
+    }
+}
+
+impl NetNs {
+    pub async fn destroy(&self) {
+        let _ = ip(&["link", "del", &self.host_if]).await;
+        let _ = ip(&["netns", "del", &self.name]).await;
+    }
+}

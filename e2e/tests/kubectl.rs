@@ -1,0 +1,291 @@
+//! kube-sim driven by the real kubectl binary: apply, get (tables with printer columns), -o
+//! json, patch, delete, wait, logs and watch, and validation errors that name the field.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use common::{Cluster, fixture, kubectl_bin};
+use serde_json::Value;
+
+fn widget(name: &str, spec: &str) -> String {
+    format!(
+        "apiVersion: test.agentrun.dev/v1\nkind: Widget\nmetadata:\n  name: {name}\nspec:\n{spec}"
+    )
+}
+
+fn install_crd(c: &Cluster) {
+    let crd = fixture("widgets-crd.yaml");
+    c.kubectl_ok(&["apply", "-f", crd.to_str().expect("utf-8 path")]);
+    c.kubectl_ok(&[
+        "wait",
+        "--for=condition=Established",
+        "crd/widgets.test.agentrun.dev",
+        "--timeout=30s",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn crd_apply_get_patch_delete() {
+    let c = Cluster::start().await;
+    let ns = c.namespace.clone();
+    install_crd(&c);
+    let w = c.write("w1.yaml", &widget("w1", "  command: [echo, hi]\n"));
+    let out = c.kubectl_ok(&["apply", "-n", &ns, "-f", w.to_str().expect("path")]);
+    assert!(out.contains("widget.test.agentrun.dev/w1 created"), "{out}");
+    // Applying the same file again changes nothing.
+    let out = c.kubectl_ok(&["apply", "-n", &ns, "-f", w.to_str().expect("path")]);
+    assert!(out.contains("unchanged"), "{out}");
+
+    // Printer columns, short name and category.
+    let table = c.kubectl_ok(&["get", "wd", "-n", &ns]);
+    let mut lines = table.lines();
+    let header: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(header, ["NAME", "PHASE", "SIZE", "AGE"], "{table}");
+    let row: Vec<&str> = lines
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        &row[..2],
+        ["w1", "1"],
+        "defaulted size shows, phase is empty: {table}"
+    );
+    let by_category = c.kubectl_ok(&["get", "agentrun-test", "-n", &ns, "-o", "name"]);
+    assert_eq!(by_category.trim(), "widget.test.agentrun.dev/w1");
+
+    // -o json carries the object with server-set metadata and schema defaults.
+    let obj: Value =
+        serde_json::from_str(&c.kubectl_ok(&["get", "widget", "w1", "-n", &ns, "-o", "json"]))
+            .expect("json");
+    assert_eq!(obj["spec"]["size"], 1);
+    assert_eq!(obj["metadata"]["generation"], 1);
+    assert!(
+        obj["metadata"]["uid"]
+            .as_str()
+            .is_some_and(|u| u.len() == 36)
+    );
+
+    // Spec changes bump generation; status goes through the subresource only.
+    c.kubectl_ok(&[
+        "patch",
+        "widget",
+        "w1",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"size":3}}"#,
+    ]);
+    c.kubectl_ok(&[
+        "patch",
+        "widget",
+        "w1",
+        "-n",
+        &ns,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Ready","observedGeneration":2}}"#,
+    ]);
+    c.kubectl_ok(&[
+        "patch",
+        "widget",
+        "w1",
+        "-n",
+        &ns,
+        "--type=merge",
+        "-p",
+        r#"{"status":{"phase":"Ignored"}}"#,
+    ]);
+    let obj: Value =
+        serde_json::from_str(&c.kubectl_ok(&["get", "widget", "w1", "-n", &ns, "-o", "json"]))
+            .expect("json");
+    assert_eq!(obj["metadata"]["generation"], 2);
+    assert_eq!(obj["status"]["phase"], "Ready");
+    let table = c.kubectl_ok(&["get", "wd", "w1", "-n", &ns, "--no-headers"]);
+    let row: Vec<&str> = table.split_whitespace().collect();
+    assert_eq!(&row[..3], ["w1", "Ready", "3"], "{table}");
+
+    c.kubectl_ok(&["delete", "widget", "w1", "-n", &ns]);
+    let out = c.kubectl(&["get", "widget", "w1", "-n", &ns]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("NotFound") && err.contains("\"w1\" not found"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn invalid_custom_resources_are_rejected_naming_the_field() {
+    let c = Cluster::start().await;
+    let ns = c.namespace.clone();
+    install_crd(&c);
+    let cases = [
+        (
+            "missing-command",
+            "  size: 2\n",
+            vec!["spec.command: Required value"],
+        ),
+        (
+            "bad-variation",
+            "  command: [x]\n  variations:\n  - name: Bad_Name\n",
+            vec!["spec.variations[0].name", "should match"],
+        ),
+        (
+            "too-big",
+            "  command: [x]\n  size: 20\n",
+            vec!["spec.size", "less than or equal to 10"],
+        ),
+        (
+            "wrong-type",
+            "  command: [x]\n  size: big\n",
+            vec!["spec.size", "must be of type integer"],
+        ),
+        (
+            "bad-enum",
+            "  command: [x]\n  mode: medium\n",
+            vec!["spec.mode", "Unsupported value: \"medium\""],
+        ),
+        (
+            "dup",
+            "  command: [x]\n  variations:\n  - name: a\n  - name: a\n",
+            vec!["spec.variations[1]", "Duplicate value"],
+        ),
+        (
+            "unknown-field",
+            "  command: [x]\n  bogus: 1\n",
+            vec!["unknown field \"spec.bogus\""],
+        ),
+    ];
+    for (name, spec, needles) in cases {
+        let f = c.write(&format!("{name}.yaml"), &widget(name, spec));
+        let out = c.kubectl(&["apply", "-n", &ns, "-f", f.to_str().expect("path")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name} was accepted");
+        for n in needles {
+            assert!(err.contains(n), "{name}: expected {n:?} in: {err}");
+        }
+    }
+    let out = c.kubectl_ok(&["get", "widgets", "-n", &ns, "-o", "name"]);
+    assert_eq!(out.trim(), "", "no invalid widget was stored");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pod_runs_to_completion_and_kubectl_waits_and_reads_logs() {
+    let c = Cluster::start().await;
+    let ns = c.namespace.clone();
+    let pod = c.write(
+        "pod.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: hello\nspec:\n  restartPolicy: Never\n  containers:\n  - name: main\n    image: busybox\n    command: [sh, -c, 'echo hello from $(POD); exit 0']\n    env:\n    - name: POD\n      valueFrom:\n        fieldRef: {fieldPath: metadata.name}\n",
+    );
+    c.kubectl_ok(&["apply", "-n", &ns, "-f", pod.to_str().expect("path")]);
+    c.kubectl_ok(&[
+        "wait",
+        "-n",
+        &ns,
+        "pod/hello",
+        "--for=jsonpath={.status.phase}=Succeeded",
+        "--timeout=60s",
+    ]);
+    let logs = c.kubectl_ok(&["logs", "-n", &ns, "hello"]);
+    assert_eq!(logs, "hello from hello\n");
+    let table = c.kubectl_ok(&["get", "pods", "-n", &ns, "--no-headers"]);
+    let row: Vec<&str> = table.split_whitespace().collect();
+    assert_eq!(&row[..4], ["hello", "0/1", "Completed", "0"], "{table}");
+    c.kubectl_ok(&["delete", "-n", &ns, "pod/hello"]);
+    assert_eq!(
+        c.kubectl_ok(&["get", "pods", "-n", &ns, "-o", "name"])
+            .trim(),
+        ""
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kubectl_get_watch_streams_changes() {
+    let c = Cluster::start().await;
+    let ns = c.namespace.clone();
+    let cm = |name: &str| {
+        let f = c.write(
+            &format!("{name}.yaml"),
+            &format!(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\ndata:\n  a: '1'\n"
+            ),
+        );
+        c.kubectl_ok(&["apply", "-n", &ns, "-f", f.to_str().expect("path")]);
+    };
+    // An object that exists before the watch starts: its ADDED line shows the watch is up.
+    cm("first");
+    let cache = c.dir.path().join("watch-cache");
+    let mut child = std::process::Command::new(kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .args([
+            "get",
+            "configmaps",
+            "-n",
+            &ns,
+            "-w",
+            "--output-watch-events",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kubectl get -w");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut created, mut deleted) = (false, false);
+    while Instant::now() < deadline {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) => seen.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(e) => panic!("kubectl get -w ended: {e}; saw {seen:?}"),
+        }
+        let has = |ev: &str, name: &str| {
+            seen.iter()
+                .any(|l| l.split_whitespace().take(2).eq([ev, name]))
+        };
+        if !created && has("ADDED", "first") {
+            cm("watched");
+            created = true;
+        }
+        if !deleted && has("ADDED", "watched") {
+            c.kubectl_ok(&["delete", "configmap", "watched", "-n", &ns]);
+            deleted = true;
+        }
+        if has("DELETED", "watched") {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let watched: Vec<&String> = seen.iter().filter(|l| l.contains(" watched ")).collect();
+    assert_eq!(
+        watched.len(),
+        2,
+        "expected ADDED then DELETED, saw {seen:?}"
+    );
+    assert!(
+        watched[0].starts_with("ADDED") && watched[1].starts_with("DELETED"),
+        "{seen:?}"
+    );
+}
