@@ -148,8 +148,10 @@ mod tests {
                     prop_assert!(!ch.is_empty() && ch.len() <= MAX_CHUNK);
                     got.extend_from_slice(&ch);
                 }
-                if idle_mask & (1 << (i % 64)) != 0 {
-                    if let Some(ch) = c.flush_idle() { got.extend_from_slice(&ch); }
+                if idle_mask & (1 << (i % 64)) != 0
+                    && let Some(ch) = c.flush_idle()
+                {
+                    got.extend_from_slice(&ch);
                 }
             }
             if let Some(ch) = c.finish() { got.extend_from_slice(&ch); }

@@ -324,12 +324,12 @@ async fn pump<R, W>(
         };
         tokio::select! {
             n = pipe.read(&mut buf) => {
-                let n = match n { Ok(n) => n, Err(_) => 0 };
+                let n: usize = n.unwrap_or_default();
                 if n == 0 { break; }
-                if let Some(t) = tee.as_mut() {
-                    if t.write_all(&buf[..n]).await.is_err() || t.flush().await.is_err() {
-                        tee = None;
-                    }
+                if let Some(t) = tee.as_mut()
+                    && (t.write_all(&buf[..n]).await.is_err() || t.flush().await.is_err())
+                {
+                    tee = None;
                 }
                 for chunk in chunker.push(&buf[..n]) {
                     outbox.data(which, chunk).await;

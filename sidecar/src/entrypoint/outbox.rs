@@ -343,10 +343,10 @@ impl Actor {
     }
 
     fn send(&mut self, frame: Frame) {
-        if let Some(conn) = &self.conn {
-            if conn.writer.send(frame.to_bytes()).is_err() {
-                self.conn = None;
-            }
+        if let Some(conn) = &self.conn
+            && conn.writer.send(frame.to_bytes()).is_err()
+        {
+            self.conn = None;
         }
         self.inflight_bytes += frame.weight();
         self.inflight.push_back(frame);

@@ -349,7 +349,7 @@ async fn push_status(
         .send(Item::Entry {
             stream: StreamName::Status,
             producer: producer.clone(),
-            entry,
+            entry: Box::new(entry),
             ack: None,
             status: Some(event),
             permit: None,
@@ -395,7 +395,7 @@ async fn metrics_ticker(
             .send(Item::Entry {
                 stream: StreamName::Metrics,
                 producer: producer.clone(),
-                entry,
+                entry: Box::new(entry),
                 ack: None,
                 status: None,
                 permit: None,
@@ -536,7 +536,7 @@ async fn frame_item(
     Some(Item::Entry {
         stream,
         producer: producer.clone(),
-        entry,
+        entry: Box::new(entry),
         ack: epoch.map(|e| (e, fseq)),
         status,
         permit: Some((permit, weight)),
@@ -595,10 +595,9 @@ async fn handle_connection(
             Ok(Some(frame)) => {
                 if let Some(item) =
                     frame_item(&shared, &producer, frame, Some(epoch), &budget).await
+                    && items.send(item).await.is_err()
                 {
-                    if items.send(item).await.is_err() {
-                        break;
-                    }
+                    break;
                 }
             }
             Ok(None) => break,
@@ -608,10 +607,10 @@ async fn handle_connection(
             }
         }
     }
-    if let Ok(mut p) = shared.peer.lock() {
-        if p.as_ref().is_some_and(|p| p.epoch == epoch) {
-            *p = None;
-        }
+    if let Ok(mut p) = shared.peer.lock()
+        && p.as_ref().is_some_and(|p| p.epoch == epoch)
+    {
+        *p = None;
     }
     tracing::info!(producer = %producer, "entrypoint disconnected");
 }

@@ -14,11 +14,13 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 const MAX_BATCH_ITEMS: usize = 1024;
 const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
+// Barriers are rare; boxing the common variant would only add an allocation per entry.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Item {
     Entry {
         stream: StreamName,
         producer: Arc<str>,
-        entry: NewEntry,
+        entry: Box<NewEntry>,
         /// (connection epoch, frame seq) to acknowledge once published.
         ack: Option<(u64, u64)>,
         /// For status entries: the event, to mirror into the state hash.
@@ -178,8 +180,8 @@ impl PublishLoop {
                 permits.push(p);
             }
             match groups.last_mut() {
-                Some((s, p, entries)) if *s == stream && *p == producer => entries.push(entry),
-                _ => groups.push((stream, producer, vec![entry])),
+                Some((s, p, entries)) if *s == stream && *p == producer => entries.push(*entry),
+                _ => groups.push((stream, producer, vec![*entry])),
             }
         }
         let run = &shared.config.run;
@@ -193,7 +195,7 @@ impl PublishLoop {
                     }
                     Err(e) => {
                         shared.set_redis_up(false);
-                        if failures % 20 == 0 {
+                        if failures.is_multiple_of(20) {
                             tracing::warn!(error = %e, "cannot reach Redis; holding output and retrying");
                         }
                         failures += 1;
@@ -224,11 +226,11 @@ impl PublishLoop {
                     drop(timer);
                     shared.metrics.publish_errors.inc();
                     shared.set_redis_up(false);
-                    if failures % 20 == 0 {
+                    if failures.is_multiple_of(20) {
                         tracing::warn!(error = %e, "publishing to Redis failed; holding output and retrying");
                     }
                     failures += 1;
-                    if failures % 3 == 0 {
+                    if failures.is_multiple_of(3) {
                         // Start over with a fresh connection.
                         *conn = None;
                     }

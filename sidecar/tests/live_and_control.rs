@@ -1,0 +1,183 @@
+//! Live delivery on Pub/Sub, and control messages reaching the agent.
+
+mod common;
+
+use agentrun_protocol::entry::LiveMessage;
+use agentrun_protocol::publish::Batch;
+use agentrun_protocol::testing::{RedisServer, wait_for};
+use agentrun_protocol::{
+    ControlAction, ControlMessage, EntryType, NewEntry, PublishOptions, Publisher, RunId, RunState,
+    StreamName, now_ms,
+};
+use bytes::Bytes;
+use common::*;
+use futures::StreamExt;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+#[tokio::test]
+async fn a_write_with_no_newline_is_delivered_live() {
+    let redis = RedisServer::start();
+    let run = run_id("live");
+    let mut pubsub = redis.settings().pubsub().await.unwrap();
+    pubsub.subscribe(output_key(&run)).await.unwrap();
+    let mut live = pubsub.into_on_message();
+
+    // The agent writes a token with no newline, then stays alive for a long time.
+    let mut child = tokio::process::Command::from(sidecar_run(
+        &redis,
+        &run,
+        &["sh", "-c", "printf token; sleep 30"],
+    ))
+    .kill_on_drop(true)
+    .spawn()
+    .unwrap();
+    let started = Instant::now();
+    let msg = tokio::time::timeout(DEADLINE, live.next())
+        .await
+        .expect("a live message")
+        .unwrap();
+    let entry = LiveMessage::decode(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
+    assert_eq!(entry.content.as_ref(), b"token");
+    assert_eq!(entry.seq, 1);
+    // It came while the agent was still running, not when its output closed.
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "the agent must still be running"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "took {:?}",
+        started.elapsed()
+    );
+    child.kill().await.unwrap();
+}
+
+async fn send_control(redis: &RedisServer, run: &RunId, msg: ControlMessage, pseq: u64) {
+    let mut conn = redis.conn().await;
+    let entry = NewEntry {
+        pseq,
+        ts: now_ms(),
+        kind: EntryType::Control,
+        content: Bytes::from(msg.to_json()),
+        meta: None,
+    };
+    Publisher::new(PublishOptions::default())
+        .publish(
+            &mut conn,
+            run,
+            Batch {
+                stream: &StreamName::Control,
+                producer: "test",
+                entries: &[entry],
+            },
+        )
+        .await
+        .unwrap();
+}
+
+const TICKER: &str = r#"
+import sys, time, threading
+def echo():
+    for line in sys.stdin:
+        print("got:" + line.strip(), flush=True)
+threading.Thread(target=echo, daemon=True).start()
+i = 0
+while True:
+    print("tick", i, flush=True)
+    i += 1
+    time.sleep(0.02)
+"#;
+
+#[tokio::test]
+async fn pause_resume_stdin_and_stop_reach_the_agent() {
+    let redis = RedisServer::start();
+    let run = run_id("control");
+    let dir = tempfile::tempdir().unwrap();
+    let agent = python_agent(dir.path(), "ticker.py", TICKER);
+    let mut cmd = sidecar_run(&redis, &run, &["python3", "-u", &agent]);
+    cmd.args(["--stop-grace-seconds", "5"]);
+    let child = tokio::process::Command::from(cmd)
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut conn = redis.conn().await;
+    let out_key = output_key(&run);
+
+    let text = |entries: &[agentrun_protocol::Entry]| -> String {
+        entries
+            .iter()
+            .map(|e| String::from_utf8_lossy(&e.content).into_owned())
+            .collect()
+    };
+    let ticks = |s: &str| s.matches("tick").count();
+
+    wait_for("first ticks", DEADLINE, || {
+        let mut c = conn.clone();
+        let k = out_key.clone();
+        async move { (ticks(&text(&read_all(&mut c, &k).await)) >= 3).then_some(()) }
+    })
+    .await;
+
+    send_control(&redis, &run, ControlMessage::new(ControlAction::Pause), 1).await;
+    wait_for("paused status", DEADLINE, || {
+        let mut c = conn.clone();
+        let r = run.clone();
+        async move {
+            statuses(&mut c, &r)
+                .await
+                .iter()
+                .any(|s| s.state == RunState::Paused)
+                .then_some(())
+        }
+    })
+    .await;
+    // While paused, the agent writes nothing. (Give the last in-flight chunk a moment to land.)
+    let settle = ticks(&text(&read_all(&mut conn, &out_key).await));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = ticks(&text(&read_all(&mut conn, &out_key).await));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = ticks(&text(&read_all(&mut conn, &out_key).await));
+    assert!(before >= settle);
+    assert_eq!(before, after, "output must stop while paused");
+
+    send_control(&redis, &run, ControlMessage::new(ControlAction::Resume), 2).await;
+    wait_for("output after resume", DEADLINE, || {
+        let mut c = conn.clone();
+        let k = out_key.clone();
+        async move { (ticks(&text(&read_all(&mut c, &k).await)) > after + 3).then_some(()) }
+    })
+    .await;
+
+    let mut stdin = ControlMessage::new(ControlAction::Stdin);
+    stdin.data = Some("hello agent".into());
+    send_control(&redis, &run, stdin, 3).await;
+    wait_for("stdin echo", DEADLINE, || {
+        let mut c = conn.clone();
+        let k = out_key.clone();
+        async move {
+            text(&read_all(&mut c, &k).await)
+                .contains("got:hello agent")
+                .then_some(())
+        }
+    })
+    .await;
+
+    send_control(&redis, &run, ControlMessage::new(ControlAction::Stop), 4).await;
+    let status = tokio::time::timeout(DEADLINE, child.wait_with_output())
+        .await
+        .expect("agent stops")
+        .unwrap()
+        .status;
+    assert_eq!(status.code(), Some(143), "SIGTERM → 128+15");
+    let last = statuses(&mut conn, &run).await.pop().unwrap();
+    assert_eq!(last.state, RunState::Stopped);
+    let phase: String = redis::cmd("HGET")
+        .arg(run.state_key())
+        .arg("phase")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(phase, "stopped");
+}
