@@ -196,8 +196,7 @@ async fn output_spooled_while_no_sidecar_is_there_is_published_later() {
     let last = statuses(&mut conn, &run)
         .await
         .into_iter()
-        .filter(|s| s.reason.as_deref() != Some("SidecarStarted"))
-        .next_back()
+        .rfind(|s| s.reason.as_deref() != Some("SidecarStarted"))
         .unwrap();
     assert_eq!(last.exit_code, Some(4));
     wait_for("spool removed", DEADLINE, || {
