@@ -76,7 +76,13 @@ test('pause stops a variation\'s output, resume continues it, stop ends the run'
   await stop.click();
   assert.equal(await stop.textContent(), 'Confirm stop');
   await stop.click();
-  await waitFor('both agents to stop', async () => (await badgeOf(page, 'a')) === 'stopped' && (await badgeOf(page, 'b')) === 'stopped', 20000);
+  try {
+    await waitFor('both agents to stop', async () => (await badgeOf(page, 'a')) === 'stopped' && (await badgeOf(page, 'b')) === 'stopped', 20000);
+  } catch (e) {
+    const timeline = await page.locator('.timeline').textContent();
+    const exits = agents.map((a) => `${a.exitCode}/${a.signalCode}: ${a.log.slice(-800)}`);
+    throw new Error(`${e.message}; badges ${await badgeOf(page, 'a')}/${await badgeOf(page, 'b')}; control messages ${JSON.stringify(messages)}; timeline ${timeline}; agents ${JSON.stringify(exits)}`);
+  }
   await waitFor('the agent processes to exit', () => agents.every((a) => a.exitCode !== null || a.signalCode !== null), 20000);
   await s.browser.screenshot('controlled-run');
 

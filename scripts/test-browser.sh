@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Browser tests of the web UI (relay/ui/tests): Debian's chromium, headless, driven by
+# playwright-core from the npm registry (it never downloads a browser), against a real
+# redis-server, the real agentrun-relay and agents run by agentrun-sidecar.
+#
+# Needs what scripts/deps/browser.sh installs (chromium, node >= 20, npm, redis-server).
+# Screenshots of the pages the tests saw land in relay/ui/tests/artifacts/.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build -p agentrun-relay -p agentrun-sidecar
+
+cd relay/ui/tests
+if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
+    PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error
+fi
+# One file at a time: each starts its own Redis, relay and browser, and the machine is small.
+exec node --test --test-concurrency=1 --test-timeout=300000 "$@" ./*.test.mjs
