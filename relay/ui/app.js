@@ -728,6 +728,7 @@ class RunPage {
       const phase = env && typeof env.phase === 'string' ? env.phase : '';
       if (phase) this.setRunState(phase);
       setConn('ended', env && env.finished === false ? 'stream closed' : 'run ended · all output received');
+      this.loadState(); // the state hash has the final word on every variation
       return;
     }
     if (name === 'open') {
