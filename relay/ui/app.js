@@ -34,6 +34,9 @@ function el(tag, props = {}, ...children) {
     else if (k === 'hidden') e.hidden = true;
     else if (k === 'disabled') e.disabled = true;
     else if (k === 'open') e.open = true;
+    else if (k === 'tabindex') e.tabIndex = Number(v);
+    else if (k === 'placeholder') e.placeholder = v;
+    else if (k === 'autocomplete') e.autocomplete = v;
     else if (k === 'type') e.type = v;
     else if (k === 'value') e.value = v;
     else if (k === 'onclick') e.addEventListener('click', v);
@@ -134,6 +137,8 @@ function normalizeRun(raw, id) {
     vars,
     phase: phase ? String(phase).toLowerCase() : '',
     ended: fields.ended || r.ended || '',
+    name: typeof fields.name === 'string' ? fields.name : '',
+    namespace: typeof fields.namespace === 'string' ? fields.namespace : '',
   };
 }
 
@@ -167,7 +172,8 @@ async function listPage(app) {
       tbody.replaceChildren(...runs.map((run) => {
         const link = el('a', { href: `/runs/${encodeURIComponent(run.id)}`, text: run.id });
         const vars = el('span', { class: 'vars' }, ...run.variations.map((v) => el('span', { class: 'var-chip' }, v, ' ', badge(run.vars[v] && run.vars[v].state))));
-        return el('tr', { 'data-run': run.id }, el('td', {}, link), el('td', {}, badge(overallState(run))), el('td', {}, vars), el('td', { class: 'muted', text: fmtDate(run.created) }));
+        const owner = run.name ? el('div', { class: 'muted small', text: run.namespace ? `${run.namespace}/${run.name}` : run.name }) : null;
+        return el('tr', { 'data-run': run.id }, el('td', {}, link, owner), el('td', {}, badge(overallState(run))), el('td', {}, vars), el('td', { class: 'muted', text: fmtDate(run.created) }));
       }));
       table.hidden = runs.length === 0;
       info.hidden = runs.length > 0;
@@ -253,7 +259,7 @@ class OutputPane {
     this.trimNotice = el('div', { class: 'trim-notice', hidden: true });
     this.term = el('pre', { class: 'term' });
     this.md = el('div', { class: 'markdown', hidden: true });
-    this.scroller = el('div', { class: 'scroll output-scroll' }, this.trimNotice, this.term, this.md);
+    this.scroller = el('div', { class: 'scroll output-scroll', tabindex: 0, 'aria-label': 'Output' }, this.trimNotice, this.term, this.md);
     this.followButton = el('button', { class: 'follow', type: 'button', hidden: true, text: '↓ Follow output' });
     this.follower = new Follower(this.scroller, this.followButton);
     this.root = el('div', { class: 'pane output-pane' }, this.scroller, this.followButton);
@@ -373,7 +379,7 @@ class LogPane {
     this.dropped = 0;
     this.list = el('div', { class: 'log-lines' });
     this.dropNotice = el('div', { class: 'trim-notice', hidden: true });
-    this.scroller = el('div', { class: 'scroll logs-scroll' }, this.dropNotice, this.list);
+    this.scroller = el('div', { class: 'scroll logs-scroll', tabindex: 0, 'aria-label': 'Logs' }, this.dropNotice, this.list);
     this.followButton = el('button', { class: 'follow', type: 'button', hidden: true, text: '↓ Follow logs' });
     this.follower = new Follower(this.scroller, this.followButton);
     this.root = el('div', { class: 'pane logs-pane' }, this.scroller, this.followButton);
@@ -465,9 +471,10 @@ class LogPane {
 // ---------------------------------------------------------------------------------------------
 // Run page
 
-async function control(run, action, variation) {
+async function control(run, action, variation, data) {
   const body = { action };
   if (variation) body.variation = variation;
+  if (data !== undefined) body.data = data;
   const res = await fetch(api(`/runs/${encodeURIComponent(run)}/control`), {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
@@ -546,12 +553,27 @@ class VariationColumn {
       mdToggle.setAttribute('aria-pressed', String(on));
       this.output.setMarkdown(on);
     });
+    // A line for the agent's stdin (control action "stdin").
+    const stdinInput = el('input', { type: 'text', class: 'stdin-input', placeholder: 'Send a line to the agent\'s stdin…', autocomplete: 'off', 'aria-label': `stdin of ${name}` });
+    const stdinForm = el('form', { class: 'stdin' }, stdinInput, el('button', { type: 'submit', class: 'btn', text: 'Send' }));
+    stdinForm.addEventListener('submit', async (e) => {
+      e.preventDefault();
+      const line = stdinInput.value;
+      try {
+        await control(page.run, 'stdin', name, line);
+        stdinInput.value = '';
+        setError('');
+      } catch (err) {
+        setError(`stdin failed: ${err.message}`);
+      }
+    });
     this.root = el('section', { class: 'variation', 'data-variation': name },
       el('header', { class: 'var-head' },
         el('div', { class: 'var-title' }, el('h2', { text: name }), this.badgeSlot, controls(page.run, name, setError)),
         this.detail, this.error),
       el('div', { class: 'pane-head' }, el('h3', { text: 'Output' }), mdToggle),
       this.output.root,
+      stdinForm,
       el('div', { class: 'pane-head' }, el('h3', { text: 'Logs' })),
       this.logs.root,
       this.metrics);
@@ -655,7 +677,11 @@ class RunPage {
       for (const v of state.variations) this.column(v);
       for (const [v, st] of Object.entries(state.vars)) this.column(v).setStatus(st);
       this.setRunState(overallState(state));
-      if (state.created) this.runDetail.textContent = `created ${fmtDate(state.created)}`;
+      const parts = [];
+      if (state.name) parts.push(`AgentRun ${state.namespace ? `${state.namespace}/` : ''}${state.name}`);
+      if (state.created) parts.push(`created ${fmtDate(state.created)}`);
+      if (state.ended) parts.push(`ended ${fmtDate(state.ended)}`);
+      if (!this.runDetail.textContent) this.runDetail.textContent = parts.join(' · ');
     } catch (e) {
       this.showNotice(`Cannot read the run's state: ${e.message}`);
     }

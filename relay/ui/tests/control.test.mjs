@@ -1,6 +1,6 @@
 // Pause, resume and stop from the page, through the real relay and real agents run by
 // `agentrun-sidecar run`: pausing one variation stops its output while the other goes on,
-// resuming continues it, and stop ends the run. The control messages themselves are checked on
+// resuming continues it, a line typed for stdin reaches the agent, and stop ends the run. The control messages themselves are checked on
 // the run's control channel too.
 
 import test, { before, after } from 'node:test';
@@ -20,8 +20,10 @@ after(async () => {
   await s?.close();
 });
 
-function startAgent(run, variation) {
-  const script = 'i=0; while [ $i -lt 100000 ]; do i=$((i+1)); echo "tick $i"; sleep 0.05; done';
+const TICKER = 'i=0; while [ $i -lt 100000 ]; do i=$((i+1)); echo "tick $i"; sleep 0.05; done';
+const ECHO = 'while read -r line; do echo "got: $line"; done';
+
+function startAgent(run, variation, script = TICKER) {
   const child = spawn(binary('agentrun-sidecar'), ['run', '--redis-url', s.redis.url, '--run-id', run, '--variation', variation, '--quiet', '--stop-grace-seconds', '2', '--', 'sh', '-c', script], { stdio: ['ignore', 'ignore', 'pipe'] });
   child.log = '';
   child.stderr.on('data', (d) => {
@@ -45,11 +47,12 @@ test('pause stops a variation\'s output, resume continues it, stop ends the run'
 
   startAgent(run, 'a');
   startAgent(run, 'b');
+  startAgent(run, 'c', ECHO);
   await waitFor('the run to be registered', async () => {
     const r = await fetch(`${s.relay.url}/api/runs/${run}`);
     if (!r.ok) return false;
     const body = await r.json();
-    return Object.keys(body.variations || {}).length === 2;
+    return Object.keys(body.variations || {}).length === 3;
   }, 30000);
   const { page } = s;
   await page.goto(`${s.relay.url}/runs/${run}`);
@@ -71,6 +74,13 @@ test('pause stops a variation\'s output, resume continues it, stop ends the run'
   await waitFor('a to print again', async () => (await ticks(page, 'a')) >= aPaused + 5, 15000);
   assert.equal(await badgeOf(page, 'a'), 'running');
 
+  // A line for c's stdin, typed into its box.
+  const box = page.locator('section.variation[data-variation="c"] .stdin-input');
+  await box.fill('hello <b>agent</b>');
+  await box.press('Enter');
+  await waitFor('the agent to echo its stdin', async () => (await outputText(page, 'c')) === 'got: hello <b>agent</b>\n', 15000);
+  assert.equal(await box.inputValue(), '');
+
   // Stop everything: the button asks for a second click first.
   const stop = page.locator('.run-actions button[data-action="stop"]');
   await stop.click();
@@ -83,7 +93,7 @@ test('pause stops a variation\'s output, resume continues it, stop ends the run'
     await waitFor('a variation to stop', async () => (await badgeOf(page, 'a')) === 'stopped' || (await badgeOf(page, 'b')) === 'stopped', 20000);
     await waitFor('the agent processes to exit', () => agents.every((a) => a.exitCode !== null || a.signalCode !== null), 20000);
     await page.reload();
-    await waitFor('both agents stopped', async () => (await badgeOf(page, 'a')) === 'stopped' && (await badgeOf(page, 'b')) === 'stopped', 20000);
+    await waitFor('both agents stopped', async () => (await badgeOf(page, 'a')) === 'stopped' && (await badgeOf(page, 'b')) === 'stopped' && (await badgeOf(page, 'c')) === 'stopped', 20000);
   } catch (e) {
     const timeline = await page.locator('.timeline').textContent();
     const exits = agents.map((a) => `${a.exitCode}/${a.signalCode}: ${a.log.slice(-800)}`);
@@ -99,7 +109,7 @@ test('pause stops a variation\'s output, resume continues it, stop ends the run'
     assert.equal(type, 'control');
     return JSON.parse(m.slice(nl + 1 + Number(metaLen)));
   });
-  assert.deepEqual(parsed, [{ action: 'pause', variation: 'a' }, { action: 'resume', variation: 'a' }, { action: 'stop' }]);
+  assert.deepEqual(parsed, [{ action: 'pause', variation: 'a' }, { action: 'resume', variation: 'a' }, { action: 'stdin', variation: 'c', data: 'hello <b>agent</b>' }, { action: 'stop' }]);
   assert.deepEqual(s.browser.errors, []);
 });
 

@@ -52,6 +52,13 @@ test('the run list shows runs with status badges and links to their pages', asyn
   const row = s.page.locator(`tr[data-run="${run}"]`);
   await waitFor('the run in the list', () => row.isVisible());
   assert.equal(await row.locator('td').nth(1).textContent(), 'running');
+  // The list refreshes itself: a run registered now shows up without a reload.
+  const later = uniqueRun('later');
+  await s.publisher(later).register(['solo']);
+  await s.publisher(later).status('solo', 'succeeded', { exitCode: 0 });
+  await waitFor('the new run in the list', () => s.page.locator(`tr[data-run="${later}"]`).isVisible(), 15000);
+  assert.equal(await s.page.locator('table.runs tbody tr').first().getAttribute('data-run'), later, 'newest first');
+  await s.browser.screenshot('run-list');
   assert.match(await row.locator('.vars').textContent(), /alpha running\s*beta pending/);
   await row.locator('a').click();
   await waitFor('the run page', async () => new URL(s.page.url()).pathname === `/runs/${run}`);

@@ -42,7 +42,8 @@ const HOSTILE = [
 
 async function assertInert(page, where) {
   const report = await page.evaluate(() => {
-    const cols = [...document.querySelectorAll('section.variation, .timeline, .metrics')];
+    // Everything that holds agent-controlled content (the page's own buttons and inputs are not).
+    const cols = [...document.querySelectorAll('section.variation pre.term, section.variation .markdown, section.variation .log-lines, section.variation .var-detail, .timeline, .metrics')];
     const bad = [];
     for (const c of cols) {
       for (const e of c.querySelectorAll('script, img, svg, iframe, object, embed, style, link, meta, form, details, input, video, audio, base')) bad.push(e.outerHTML.slice(0, 80));
