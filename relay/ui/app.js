@@ -620,6 +620,7 @@ class RunPage {
     window.__agentrun = this.stats; // for the browser tests and for debugging
 
     this.runBadge = el('span', { class: 'badge-slot' }, badge('pending'));
+    this.runInfo = el('div', { class: 'muted run-detail' });
     this.runDetail = el('div', { class: 'muted run-detail' });
     this.runMetrics = el('div', { class: 'metrics muted' });
     this.error = el('div', { class: 'error', hidden: true });
@@ -647,7 +648,7 @@ class RunPage {
           el('label', { class: 'muted', text: 'Logs: ' }, levelSelect),
           el('span', { class: 'muted all-label', text: 'All variations:' }),
           controls(run, null, setError))),
-      this.runDetail, this.error, this.notice,
+      this.runInfo, this.runDetail, this.error, this.notice,
       el('details', { class: 'timeline-box', open: true }, el('summary', {}, 'Status timeline ', this.timelineCount), this.timeline),
       this.runMetrics,
       this.grid));
@@ -681,7 +682,7 @@ class RunPage {
       if (state.name) parts.push(`AgentRun ${state.namespace ? `${state.namespace}/` : ''}${state.name}`);
       if (state.created) parts.push(`created ${fmtDate(state.created)}`);
       if (state.ended) parts.push(`ended ${fmtDate(state.ended)}`);
-      if (!this.runDetail.textContent) this.runDetail.textContent = parts.join(' · ');
+      this.runInfo.textContent = parts.join(' · ');
     } catch (e) {
       this.showNotice(`Cannot read the run's state: ${e.message}`);
     }
