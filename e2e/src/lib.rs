@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cel;
 pub mod discovery;
 pub mod gc;
 pub mod kubelet;

@@ -5,6 +5,7 @@
 use regex::Regex;
 use serde_json::{Map, Value};
 
+use crate::cel;
 use crate::util::{FieldError, short_value};
 
 /// Result of checking an object against its schema.
@@ -18,6 +19,11 @@ pub struct Outcome {
 /// Applies defaults, prunes unknown fields and validates `obj` against `schema` (the
 /// `openAPIV3Schema` of a CRD version). `apiVersion`, `kind` and `metadata` are not validated.
 pub fn check(schema: &Value, obj: &mut Value) -> Outcome {
+    check_update(schema, obj, None)
+}
+
+/// Like [`check`], with the stored object for transition rules (`oldSelf`).
+pub fn check_update(schema: &Value, obj: &mut Value, old: Option<&Value>) -> Outcome {
     let mut out = Outcome::default();
     let Some(map) = obj.as_object_mut() else {
         out.errors.push(FieldError::with(
@@ -37,7 +43,7 @@ pub fn check(schema: &Value, obj: &mut Value) -> Outcome {
         match props.and_then(|p| p.get(&key)) {
             Some(sub) => {
                 if let Some(v) = map.get_mut(&key) {
-                    walk(sub, v, &key, &mut out);
+                    walk(sub, v, &key, &mut out, old.and_then(|o| o.get(&key)));
                 }
             }
             None if preserves(schema) => {}
@@ -48,7 +54,56 @@ pub fn check(schema: &Value, obj: &mut Value) -> Outcome {
         }
     }
     check_required(schema, map, "", &mut out);
+    if out.errors.is_empty() {
+        check_rules(schema, obj, "", old, &mut out);
+    }
     out
+}
+
+/// Evaluates the `x-kubernetes-validations` of one node.
+fn check_rules(schema: &Value, v: &Value, path: &str, old: Option<&Value>, out: &mut Outcome) {
+    let Some(rules) = schema["x-kubernetes-validations"].as_array() else {
+        return;
+    };
+    for r in rules {
+        let Some(rule) = r["rule"].as_str() else {
+            continue;
+        };
+        let transition = cel::is_transition_rule(rule);
+        if transition && old.is_none() {
+            continue;
+        }
+        let field = match r["fieldPath"].as_str() {
+            Some(fp) => child(path, fp.trim_start_matches('.')),
+            None if path.is_empty() => "<nil>".to_string(),
+            None => path.to_string(),
+        };
+        let message = r["message"]
+            .as_str()
+            .map(String::from)
+            .unwrap_or_else(|| format!("failed rule: {rule}"));
+        match cel::eval_rule(rule, v, if transition { old } else { None }) {
+            Ok(true) => {}
+            Ok(false) => out.errors.push(FieldError::with(
+                &field,
+                "FieldValueInvalid",
+                format!("Invalid value: \"{}\": {message}", type_name(v)),
+            )),
+            Err(cel::CelError::Eval(e)) => out.errors.push(FieldError::with(
+                &field,
+                "FieldValueInvalid",
+                format!(
+                    "Invalid value: \"{}\": {message} (evaluating {rule:?}: {e})",
+                    type_name(v)
+                ),
+            )),
+            Err(cel::CelError::Unsupported(e)) => {
+                tracing::warn!(
+                    "kube-sim does not evaluate the CEL rule {rule:?} at {field}: {e}; skipped"
+                );
+            }
+        }
+    }
 }
 
 fn preserves(schema: &Value) -> bool {
@@ -109,7 +164,7 @@ fn type_ok(want: &str, v: &Value) -> bool {
     }
 }
 
-fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome) {
+fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome, old: Option<&Value>) {
     if v.is_null() && schema["nullable"] == Value::Bool(true) {
         return;
     }
@@ -154,9 +209,10 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome) {
             ),
         ));
     }
+    let before = out.errors.len();
     match v {
-        Value::Object(map) => walk_object(schema, map, path, out),
-        Value::Array(items) => walk_array(schema, items, path, out),
+        Value::Object(map) => walk_object(schema, map, path, out, old),
+        Value::Array(items) => walk_array(schema, items, path, out, old),
         Value::String(s) => check_string(schema, s, path, out),
         Value::Number(n) => {
             if let Some(x) = n.as_f64() {
@@ -165,9 +221,18 @@ fn walk(schema: &Value, v: &mut Value, path: &str, out: &mut Outcome) {
         }
         _ => {}
     }
+    if out.errors.len() == before {
+        check_rules(schema, v, path, old, out);
+    }
 }
 
-fn walk_object(schema: &Value, map: &mut Map<String, Value>, path: &str, out: &mut Outcome) {
+fn walk_object(
+    schema: &Value,
+    map: &mut Map<String, Value>,
+    path: &str,
+    out: &mut Outcome,
+    old: Option<&Value>,
+) {
     apply_defaults(schema, map);
     let props = schema.get("properties").and_then(Value::as_object);
     let additional = schema.get("additionalProperties");
@@ -181,7 +246,7 @@ fn walk_object(schema: &Value, map: &mut Map<String, Value>, path: &str, out: &m
         match sub_schema {
             Some(sub) => {
                 if let Some(val) = map.get_mut(&key) {
-                    walk(sub, val, &sub_path, out);
+                    walk(sub, val, &sub_path, out, old.and_then(|o| o.get(&key)));
                 }
             }
             None if preserves(schema) || additional == Some(&Value::Bool(true)) => {}
@@ -203,7 +268,13 @@ fn walk_object(schema: &Value, map: &mut Map<String, Value>, path: &str, out: &m
     }
 }
 
-fn walk_array(schema: &Value, items: &mut [Value], path: &str, out: &mut Outcome) {
+fn walk_array(
+    schema: &Value,
+    items: &mut [Value],
+    path: &str,
+    out: &mut Outcome,
+    old: Option<&Value>,
+) {
     if let Some(max) = schema["maxItems"].as_u64()
         && items.len() as u64 > max
     {
@@ -225,12 +296,26 @@ fn walk_array(schema: &Value, items: &mut [Value], path: &str, out: &mut Outcome
             ),
         ));
     }
+    let list_type = schema["x-kubernetes-list-type"].as_str();
+    let map_keys: Vec<String> = schema["x-kubernetes-list-map-keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(String::from)
+        .collect();
     if let Some(item_schema) = schema.get("items") {
         for (i, it) in items.iter_mut().enumerate() {
-            walk(item_schema, it, &format!("{path}[{i}]"), out);
+            // Old items are correlated by key in map lists only, as on a real server.
+            let old_item = match (list_type, old.and_then(Value::as_array)) {
+                (Some("map"), Some(olds)) => olds
+                    .iter()
+                    .find(|o| map_keys.iter().all(|k| o.get(k) == it.get(k))),
+                _ => None,
+            };
+            walk(item_schema, it, &format!("{path}[{i}]"), out, old_item);
         }
     }
-    let list_type = schema["x-kubernetes-list-type"].as_str();
     let unique = schema["uniqueItems"] == Value::Bool(true);
     if list_type == Some("map") || list_type == Some("set") || unique {
         let keys: Vec<String> = schema["x-kubernetes-list-map-keys"]

@@ -475,7 +475,7 @@ impl Store {
         }
         self.prepare_create(t, &mut obj, &name)?;
         if t.custom {
-            self.check_schema(t, &name, &mut obj, opts.strict)?;
+            self.check_schema(t, &name, &mut obj, opts.strict, None)?;
         }
         let now = now_rfc3339();
         {
@@ -709,9 +709,10 @@ impl Store {
         name: &str,
         obj: &mut Value,
         strict: bool,
+        old: Option<&Value>,
     ) -> Result<(), ApiError> {
         let Some(s) = &t.schema else { return Ok(()) };
-        let out = schema::check(s, obj);
+        let out = schema::check_update(s, obj, old);
         if strict && !out.unknown.is_empty() {
             let fields: Vec<String> = out
                 .unknown
@@ -821,7 +822,7 @@ impl Store {
                 }
             }
             if t.custom {
-                self.check_schema(t, name, &mut new, opts.strict)?;
+                self.check_schema(t, name, &mut new, opts.strict, Some(&old))?;
             }
             if key.0.is_empty()
                 && key.1 == "services"
@@ -853,7 +854,7 @@ impl Store {
             new
         };
         if t.custom && opts.status {
-            self.check_schema(t, name, &mut merged, opts.strict)?;
+            self.check_schema(t, name, &mut merged, opts.strict, Some(&old))?;
         }
         if spec_part(&merged) != spec_part(&old) {
             let g = old
