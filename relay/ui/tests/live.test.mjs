@@ -116,3 +116,18 @@ test('output, logs and status appear live, side by side, and the stream ends wit
   assert.deepEqual(s.browser.cspViolations, []);
   assert.equal(await page.evaluate(() => window.__agentrun.duplicates), 0);
 });
+
+test('history trimmed from Redis is announced in the pane, not skipped silently', async () => {
+  const run = uniqueRun('trimmed');
+  const pub = s.publisher(run);
+  await pub.register(['main']);
+  for (let i = 1; i <= 50; i++) await pub.output('main', `entry ${i}\n`);
+  await s.client.command('XTRIM', `run:{${run}}:output:main`, 'MAXLEN', '=', 10);
+  const { page } = s;
+  await page.goto(`${s.relay.url}/runs/${run}`);
+  await waitFor('the kept entries', async () => (await outputText(page, 'main'))?.includes('entry 50\n'));
+  const text = await outputText(page, 'main');
+  assert.match(text, /history trimmed: 40 earlier entries of output are no longer kept \(the stream now starts at entry 41\)/);
+  assert.ok(text.endsWith(Array.from({ length: 10 }, (_, i) => `entry ${41 + i}\n`).join('')), text);
+  assert.doesNotMatch(text, /entry 40\n|not received/);
+});
