@@ -1,0 +1,437 @@
+//! `kubectl agentrun`: follow and steer agentrun runs through the relay.
+//!
+//! ```text
+//! kubectl agentrun logs RUN [-f] [--variation V] [--channels output,logs] [--from earliest|now|CURSOR] [-o raw|json]
+//! kubectl agentrun pause|resume|stop RUN [--variation V]
+//! kubectl agentrun open RUN [--browser]
+//! ```
+//!
+//! The relay's URL comes from `--relay-url` or `AGENTRUN_RELAY_URL`; without either, the
+//! plugin asks `kubectl` for the AgentRun named RUN and uses its `status.url` and
+//! `status.runId`. Exit codes of `logs -f`: 0 the run succeeded, 1 it failed, 3 it was
+//! stopped, 2 the plugin could not do its job (bad arguments, relay unreachable too long).
+
+pub mod sse;
+
+use agentrun_protocol::Envelope;
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use futures::StreamExt;
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+/// Exit code when the run succeeded (or for commands that did their job).
+pub const EXIT_OK: i32 = 0;
+/// Exit code of `logs -f` when the run failed.
+pub const EXIT_FAILED: i32 = 1;
+/// Exit code for errors of the plugin itself.
+pub const EXIT_ERROR: i32 = 2;
+/// Exit code of `logs -f` when the run was stopped.
+pub const EXIT_STOPPED: i32 = 3;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "kubectl-agentrun",
+    bin_name = "kubectl agentrun",
+    version,
+    about = "Follow and steer agentrun runs"
+)]
+pub struct Cli {
+    /// Base URL of the agentrun relay, e.g. http://127.0.0.1:8080 after
+    /// `kubectl port-forward svc/agentrun-relay 8080:80`.
+    #[arg(long, env = "AGENTRUN_RELAY_URL", global = true)]
+    pub relay_url: Option<String>,
+    /// Namespace of the AgentRun, when the relay URL is looked up with kubectl.
+    #[arg(short = 'n', long, global = true)]
+    pub namespace: Option<String>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Print a run's output (stdout) and logs (stderr); -f follows until the run ends.
+    Logs(LogsArgs),
+    /// Suspend the run's agents (SIGSTOP).
+    Pause(ControlArgs),
+    /// Continue paused agents.
+    Resume(ControlArgs),
+    /// Stop the run's agents (SIGTERM, then SIGKILL after the grace period).
+    Stop(ControlArgs),
+    /// Print the URL of the run's page in the web UI.
+    Open(OpenArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OutputFormat {
+    /// Output bytes exactly as the agent wrote them; logs and notices on stderr.
+    Raw,
+    /// One JSON envelope per line on stdout.
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// Run id (or AgentRun name when the relay URL is looked up with kubectl).
+    pub run: String,
+    /// Follow until the run ends; the exit code tells whether it succeeded.
+    #[arg(short, long)]
+    pub follow: bool,
+    /// Only this variation (default: all).
+    #[arg(long)]
+    pub variation: Option<String>,
+    /// Channels to show: any of output, logs, status, metrics.
+    #[arg(long, value_delimiter = ',', default_value = "output,logs")]
+    pub channels: Vec<String>,
+    /// Where to start: earliest, now, or a cursor printed by `-o json` (`id`).
+    #[arg(long, default_value = "earliest")]
+    pub from: String,
+    #[arg(short, long, value_enum, default_value = "raw")]
+    pub output: OutputFormat,
+    /// Give up after the relay has been unreachable this many seconds.
+    #[arg(long, default_value_t = 300)]
+    pub reconnect_timeout: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    pub run: String,
+    /// Only this variation (default: all).
+    #[arg(long)]
+    pub variation: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct OpenArgs {
+    pub run: String,
+    /// Also open the page in a browser (xdg-open or open).
+    #[arg(long)]
+    pub browser: bool,
+}
+
+/// Where the relay is and which run id to ask it for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub base: String,
+    pub run: String,
+}
+
+/// Finds the relay and the run id: from the flag/env, or from the AgentRun's status.
+pub fn resolve(
+    cli_url: Option<&str>,
+    namespace: Option<&str>,
+    run: &str,
+) -> anyhow::Result<Target> {
+    if let Some(url) = cli_url.map(str::trim).filter(|u| !u.is_empty()) {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            bail!("relay URL {url:?} must start with http:// or https://");
+        }
+        return Ok(Target {
+            base: url.trim_end_matches('/').to_owned(),
+            run: run.to_owned(),
+        });
+    }
+    let mut cmd = std::process::Command::new("kubectl");
+    cmd.args(["get", "agentrun", run, "-o", "json"]);
+    if let Some(ns) = namespace {
+        cmd.args(["-n", ns]);
+    }
+    let hint = "set --relay-url or AGENTRUN_RELAY_URL (for example `kubectl port-forward svc/agentrun-relay 8080:80` and http://127.0.0.1:8080)";
+    let out = cmd
+        .output()
+        .map_err(|e| anyhow!("no relay URL given and kubectl could not be run ({e}); {hint}"))?;
+    if !out.status.success() {
+        bail!(
+            "no relay URL given and `kubectl get agentrun {run}` failed: {}; {hint}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let obj: serde_json::Value =
+        serde_json::from_slice(&out.stdout).context("reading `kubectl get agentrun -o json`")?;
+    let status = &obj["status"];
+    let (Some(url), Some(run_id)) = (status["url"].as_str(), status["runId"].as_str()) else {
+        bail!(
+            "AgentRun {run} has no status.url or status.runId yet (the operator needs --relay-url); {hint}"
+        );
+    };
+    let suffix = format!("/runs/{run_id}");
+    let base = url
+        .strip_suffix(&suffix)
+        .unwrap_or(url)
+        .trim_end_matches('/');
+    Ok(Target {
+        base: base.to_owned(),
+        run: run_id.to_owned(),
+    })
+}
+
+/// Runs the command; returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let (run_arg, _) = match &cli.command {
+        Command::Logs(a) => (a.run.as_str(), ()),
+        Command::Pause(a) | Command::Resume(a) | Command::Stop(a) => (a.run.as_str(), ()),
+        Command::Open(a) => (a.run.as_str(), ()),
+    };
+    let target = resolve(cli.relay_url.as_deref(), cli.namespace.as_deref(), run_arg)?;
+    match &cli.command {
+        Command::Logs(args) => logs(&target, args).await,
+        Command::Pause(a) => control(&target, "pause", a).await,
+        Command::Resume(a) => control(&target, "resume", a).await,
+        Command::Stop(a) => control(&target, "stop", a).await,
+        Command::Open(a) => {
+            let url = format!("{}/runs/{}", target.base, target.run);
+            println!("{url}");
+            if a.browser {
+                let opener = if cfg!(target_os = "macos") {
+                    "open"
+                } else {
+                    "xdg-open"
+                };
+                if let Err(e) = std::process::Command::new(opener).arg(&url).spawn() {
+                    eprintln!(
+                        "kubectl-agentrun: could not start {opener} ({e}); open the URL above"
+                    );
+                }
+            }
+            Ok(EXIT_OK)
+        }
+    }
+}
+
+fn http() -> anyhow::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .context("building the HTTP client")
+}
+
+async fn error_message(resp: reqwest::Response) -> String {
+    let status = resp.status();
+    let body = resp.text().await.unwrap_or_default();
+    let msg = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|v| v["error"].as_str().map(str::to_owned))
+        .unwrap_or(body);
+    format!("{status}: {}", msg.trim())
+}
+
+async fn control(target: &Target, action: &str, args: &ControlArgs) -> anyhow::Result<i32> {
+    let body = serde_json::json!({ "action": action, "variation": args.variation });
+    let url = format!("{}/api/runs/{}/control", target.base, target.run);
+    let resp = http()?
+        .post(&url)
+        .json(&body)
+        .send()
+        .await
+        .map_err(|e| anyhow!("cannot reach the relay at {}: {e}", target.base))?;
+    if !resp.status().is_success() {
+        bail!("the relay refused {action}: {}", error_message(resp).await);
+    }
+    let scope = args
+        .variation
+        .as_deref()
+        .map_or("all variations".to_owned(), |v| format!("variation {v}"));
+    eprintln!("{action} sent to run {} ({scope})", target.run);
+    Ok(EXIT_OK)
+}
+
+enum Outcome {
+    /// `end` received: the phase, and whether the run is over.
+    End(Option<String>, bool),
+    /// The connection ended without `end` (relay restart, network): resume.
+    Disconnected { got_events: bool },
+}
+
+struct Printer {
+    format: OutputFormat,
+}
+
+impl Printer {
+    fn entry(&self, ev: &sse::Event) -> anyhow::Result<()> {
+        let env: Envelope = serde_json::from_str(&ev.data).with_context(|| {
+            format!(
+                "the relay sent a {} event that is not an envelope",
+                ev.event
+            )
+        })?;
+        if self.format == OutputFormat::Json {
+            let mut v = serde_json::to_value(&env)?;
+            v["id"] = serde_json::Value::from(ev.id.clone());
+            let mut out = std::io::stdout().lock();
+            writeln!(out, "{v}")?;
+            return Ok(());
+        }
+        let bytes = env
+            .content_bytes()
+            .context("the relay sent base64 content that does not decode")?;
+        match ev.event.as_str() {
+            "output" => std::io::stdout().lock().write_all(&bytes)?,
+            "logs" => std::io::stderr().lock().write_all(&bytes)?,
+            "status" => {
+                let s: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+                let mut line = format!(
+                    "agentrun: {} {}",
+                    s["variation"]
+                        .as_str()
+                        .or(env.variation.as_deref())
+                        .unwrap_or("run"),
+                    s["state"].as_str().unwrap_or("?")
+                );
+                if let Some(r) = s["reason"].as_str() {
+                    line.push_str(&format!(" ({r})"));
+                }
+                if let Some(m) = s["message"].as_str() {
+                    line.push_str(&format!(": {m}"));
+                }
+                if let Some(c) = s["exitCode"].as_i64() {
+                    line.push_str(&format!(" exit code {c}"));
+                }
+                eprintln!("{line}");
+            }
+            "gap" => eprintln!(
+                "agentrun: {} of {} were dropped here before reaching Redis ({})",
+                env.channel,
+                env.variation.as_deref().unwrap_or("the run"),
+                env.meta
+            ),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn notice(&self, ev: &sse::Event) -> anyhow::Result<()> {
+        let v: serde_json::Value = serde_json::from_str(&ev.data).unwrap_or_default();
+        if self.format == OutputFormat::Json {
+            let mut v = v;
+            v["event"] = serde_json::Value::from(ev.event.clone());
+            v["id"] = serde_json::Value::from(ev.id.clone());
+            writeln!(std::io::stdout().lock(), "{v}")?;
+        } else if ev.event == "trimmed" {
+            eprintln!(
+                "agentrun: {} entries of {}{} were trimmed from history before they could be shown (from seq {} on only)",
+                v["missed"],
+                v["channel"].as_str().unwrap_or("?"),
+                v["variation"]
+                    .as_str()
+                    .map(|s| format!(" of {s}"))
+                    .unwrap_or_default(),
+                v["firstAvailable"]
+            );
+        }
+        Ok(())
+    }
+}
+
+async fn read_stream(
+    resp: reqwest::Response,
+    printer: &Printer,
+    last_id: &mut Option<String>,
+) -> anyhow::Result<Outcome> {
+    let mut parser = sse::Parser::default();
+    let mut body = resp.bytes_stream();
+    let mut got_events = false;
+    while let Some(chunk) = body.next().await {
+        let Ok(chunk) = chunk else { break };
+        parser.push(&chunk);
+        while let Some(ev) = parser.next_event() {
+            got_events = true;
+            match ev.event.as_str() {
+                "output" | "logs" | "status" | "metrics" | "gap" => printer.entry(&ev)?,
+                "trimmed" => printer.notice(&ev)?,
+                "end" => {
+                    if let Some(id) = &ev.id {
+                        *last_id = Some(id.clone());
+                    }
+                    let v: serde_json::Value = serde_json::from_str(&ev.data).unwrap_or_default();
+                    if printer.format == OutputFormat::Json {
+                        printer.notice(&ev)?;
+                    }
+                    return Ok(Outcome::End(
+                        v["phase"].as_str().map(str::to_owned),
+                        v["finished"].as_bool().unwrap_or(false),
+                    ));
+                }
+                // `open`, `shutdown` and future events only move the cursor.
+                _ => {}
+            }
+            if let Some(id) = &ev.id {
+                *last_id = Some(id.clone());
+            }
+        }
+        std::io::stdout().flush()?;
+    }
+    std::io::stdout().flush()?;
+    Ok(Outcome::Disconnected { got_events })
+}
+
+async fn logs(target: &Target, args: &LogsArgs) -> anyhow::Result<i32> {
+    let client = http()?;
+    let printer = Printer {
+        format: args.output,
+    };
+    let mut last_id: Option<String> = None;
+    let mut failing_since: Option<Instant> = None;
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let mut url =
+            reqwest::Url::parse(&format!("{}/api/runs/{}/events", target.base, target.run))
+                .with_context(|| format!("relay URL {} is not valid", target.base))?;
+        {
+            let mut q = url.query_pairs_mut();
+            q.append_pair("channels", &args.channels.join(","));
+            if let Some(v) = &args.variation {
+                q.append_pair("variation", v);
+            }
+            if !args.follow {
+                q.append_pair("follow", "false");
+            }
+            match &last_id {
+                Some(id) => q.append_pair("from", id),
+                None => q.append_pair("from", &args.from),
+            };
+        }
+        let outcome = match client
+            .get(url)
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+        {
+            Ok(resp) if resp.status().is_success() => {
+                read_stream(resp, &printer, &mut last_id).await?
+            }
+            Ok(resp) if resp.status().is_client_error() => {
+                bail!("{}", error_message(resp).await);
+            }
+            Ok(_) | Err(_) => Outcome::Disconnected { got_events: false },
+        };
+        match outcome {
+            Outcome::End(phase, finished) => {
+                if !args.follow {
+                    return Ok(EXIT_OK);
+                }
+                return Ok(match (phase.as_deref(), finished) {
+                    (Some("succeeded"), _) => EXIT_OK,
+                    (Some("stopped"), _) => EXIT_STOPPED,
+                    _ => EXIT_FAILED,
+                });
+            }
+            Outcome::Disconnected { got_events } => {
+                if got_events {
+                    failing_since = None;
+                    delay = Duration::from_millis(100);
+                }
+                let since = *failing_since.get_or_insert_with(Instant::now);
+                if since.elapsed() > Duration::from_secs(args.reconnect_timeout) {
+                    bail!(
+                        "the relay at {} has been unreachable for {} s; check it and retry with --from {}",
+                        target.base,
+                        args.reconnect_timeout,
+                        last_id.as_deref().unwrap_or("earliest")
+                    );
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
