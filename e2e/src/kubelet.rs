@@ -920,7 +920,6 @@ impl PodRunner {
             ),
             ("HOME".into(), "/root".into()),
             ("HOSTNAME".into(), self.name.clone()),
-            ("KUBERNETES_SERVICE_HOST".into(), "127.0.0.1".into()),
         ];
         let set = |env: &mut Vec<(String, String)>, k: String, v: String| {
             env.retain(|(x, _)| *x != k);

@@ -18,7 +18,7 @@ pub struct Network {
 }
 
 /// One pod's network namespace.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct NetNs {
     pub name: String,
     pub ip: String,
@@ -104,8 +104,29 @@ impl Network {
 }
 
 impl NetNs {
-    pub async fn destroy(&self) {
+    /// Removes the namespace and its veth pair (also done on drop).
+    pub async fn destroy(mut self) {
         let _ = ip(&["link", "del", &self.host_if]).await;
         let _ = ip(&["netns", "del", &self.name]).await;
+        self.name.clear();
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if self.name.is_empty() {
+            return;
+        }
+        // The runtime may be gone (a test ending): clean up synchronously.
+        for args in [
+            vec!["link", "del", self.host_if.as_str()],
+            vec!["netns", "del", self.name.as_str()],
+        ] {
+            let _ = std::process::Command::new("ip")
+                .args(&args)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
     }
 }

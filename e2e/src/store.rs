@@ -863,6 +863,17 @@ impl Store {
                 .unwrap_or(1);
             merged["metadata"]["generation"] = json!(g + 1);
         }
+        merged["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        if key.0 == "apiextensions.k8s.io" && !opts.status {
+            merged["status"] = crd_status(&merged);
+            if let Some(conds) = old.pointer("/status/conditions") {
+                merged["status"]["conditions"] = conds.clone();
+            }
+        }
+        // A write that changes nothing is a no-op: no new resourceVersion, no event.
+        if merged == old {
+            return Ok(old);
+        }
         if let Some(manager) = &opts.field_manager {
             record_manager(
                 &mut merged,
@@ -871,11 +882,7 @@ impl Store {
                 &t.api_version(),
             );
         }
-        merged["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
-        if key.0 == "apiextensions.k8s.io" && !opts.status {
-            merged["status"] = crd_status(&merged);
-        }
-        if merged == old || opts.dry_run {
+        if opts.dry_run {
             return Ok(merged);
         }
         self.commit_update(&key, store_ns, name, merged, Some(old), false)

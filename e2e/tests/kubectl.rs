@@ -385,3 +385,129 @@ async fn the_agentrun_crd_installs_and_validates() {
         "{err}"
     );
 }
+
+/// The kinds of object an install consists of are accepted and listed; deleting the namespace
+/// deletes them.
+#[tokio::test(flavor = "multi_thread")]
+async fn install_objects_apply_and_namespace_deletion_removes_them() {
+    let c = Cluster::start().await;
+    let ns = c.namespace.clone();
+    let f = fixture("install-objects.yaml");
+    let out = c.kubectl_ok(&["apply", "-n", &ns, "-f", f.to_str().expect("path")]);
+    assert_eq!(out.lines().count(), 11, "{out}");
+    let again = c.kubectl_ok(&["apply", "-n", &ns, "-f", f.to_str().expect("path")]);
+    // A Secret with stringData, and a PDB (its selector's patch strategy is "replace"), report
+    // "configured" on every apply, on real clusters too.
+    assert!(
+        again
+            .lines()
+            .filter(|l| !l.starts_with("secret/") && !l.starts_with("poddisruptionbudget"))
+            .all(|l| l.ends_with("unchanged")),
+        "re-apply changes nothing: {again}"
+    );
+    let names = c.kubectl_ok(&[
+        "get", "-n", &ns, "-o", "name",
+        "deployments,statefulsets,services,secrets,serviceaccounts,roles,rolebindings,poddisruptionbudgets,ingresses,leases",
+    ]);
+    for want in [
+        "deployment.apps/relay",
+        "statefulset.apps/redis",
+        "service/relay",
+        "secret/redis",
+        "serviceaccount/operator",
+        "role.rbac.authorization.k8s.io/leases",
+        "rolebinding.rbac.authorization.k8s.io/leases",
+        "poddisruptionbudget.policy/relay",
+        "ingress.networking.k8s.io/relay",
+        "lease.coordination.k8s.io/agentrun-operator",
+    ] {
+        assert!(
+            names.lines().any(|l| l == want),
+            "missing {want} in {names}"
+        );
+    }
+    let secret: Value =
+        serde_json::from_str(&c.kubectl_ok(&["get", "secret", "redis", "-n", &ns, "-o", "json"]))
+            .expect("json");
+    assert_eq!(
+        secret["data"]["password"], "aHVudGVyMg==",
+        "stringData folds into data"
+    );
+    // A strategic merge patch on a Deployment merges containers by name.
+    c.kubectl_ok(&[
+        "patch", "deployment", "relay", "-n", &ns, "-p",
+        r#"{"spec":{"template":{"spec":{"containers":[{"name":"relay","image":"ghcr.io/agentrun/relay:0.2.0"}]}}}}"#,
+    ]);
+    let d: Value =
+        serde_json::from_str(&c.kubectl_ok(&["get", "deploy", "relay", "-n", &ns, "-o", "json"]))
+            .expect("json");
+    let ctr = &d["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(ctr["image"], "ghcr.io/agentrun/relay:0.2.0");
+    assert_eq!(
+        ctr["ports"][0]["containerPort"], 8080,
+        "other fields kept: {ctr}"
+    );
+    c.kubectl_ok(&["delete", "clusterrole", "kube-sim-test-operator"]);
+
+    if c.is_sim() {
+        c.kubectl_ok(&["delete", "namespace", &ns, "--timeout=60s"]);
+        let out = c.kubectl(&["get", "namespace", &ns]);
+        assert!(!out.status.success(), "namespace still there");
+        let out = c.kubectl_ok(&["get", "deployments,secrets,leases", "-A", "-o", "name"]);
+        assert_eq!(out.trim(), "", "namespace content left behind: {out}");
+    }
+}
+
+/// The `kube-sim` binary writes a kubeconfig, prints its URL, serves kubectl and stops on
+/// SIGTERM.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_kube_sim_binary_serves_kubectl() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let kc = dir.path().join("kubeconfig");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_kube-sim"))
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--no-kubelet",
+            "--kubeconfig-out",
+        ])
+        .arg(&kc)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn kube-sim");
+    let mut url = String::new();
+    BufReader::new(child.stdout.take().expect("stdout"))
+        .read_line(&mut url)
+        .expect("read url");
+    assert!(url.starts_with("http://127.0.0.1:"), "{url}");
+    let out = std::process::Command::new(kubectl_bin())
+        .arg("--kubeconfig")
+        .arg(&kc)
+        .args(["get", "namespaces", "-o", "name"])
+        .output()
+        .expect("kubectl");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "namespace/default\nnamespace/kube-node-lease\nnamespace/kube-public\nnamespace/kube-system\n"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "kube-sim did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
