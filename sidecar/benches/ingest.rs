@@ -1,0 +1,211 @@
+//! Ingest benchmark: agent → entrypoint → sidecar → Redis stream, and agent write → Pub/Sub
+//! delivery latency. Run with `cargo bench -p agentrun-sidecar --bench ingest`.
+//!
+//! Starts its own `redis-server` (persistence off) on a free port, measures
+//! `redis-benchmark -P 64` XADD on it as the baseline, then drives the real `agentrun-sidecar
+//! run` binary. The agent is this same program, re-run with `AGENTRUN_BENCH_AGENT` set.
+
+use agentrun_protocol::entry::LiveMessage;
+use agentrun_protocol::replay::read_page;
+use agentrun_protocol::testing::RedisServer;
+use agentrun_protocol::{RunId, StreamName, Variation, now_ms};
+use futures::StreamExt;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+const SIDECAR: &str = env!("CARGO_BIN_EXE_agentrun-sidecar");
+const LINE: usize = 100;
+
+fn now_us() -> u128 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0)
+}
+
+/// The agent side: `flood N` writes N 100-byte lines flat out; `paced RATE SECONDS` writes
+/// lines at RATE per second, each starting with the microsecond it was written.
+fn agent(mode: &str, args: &[String]) {
+    let mut out = std::io::stdout().lock();
+    match mode {
+        "flood" => {
+            let n: usize = args[0].parse().unwrap_or(0);
+            let mut line = vec![b'x'; LINE];
+            line[LINE - 1] = b'\n';
+            let mut block = Vec::with_capacity(LINE * 1000);
+            for _ in 0..1000 {
+                block.extend_from_slice(&line);
+            }
+            for _ in 0..n / 1000 {
+                out.write_all(&block).unwrap();
+            }
+            out.flush().unwrap();
+        }
+        "paced" => {
+            let rate: u64 = args[0].parse().unwrap_or(10_000);
+            let secs: u64 = args[1].parse().unwrap_or(5);
+            let start = Instant::now();
+            let total = rate * secs;
+            for i in 0..total {
+                // Write line i at its scheduled time.
+                let due = start + Duration::from_nanos(i * 1_000_000_000 / rate);
+                let now = Instant::now();
+                if due > now {
+                    std::thread::sleep(due - now);
+                }
+                let mut line = format!("{} ", now_us()).into_bytes();
+                line.resize(LINE - 1, b'.');
+                line.push(b'\n');
+                out.write_all(&line).unwrap();
+                out.flush().unwrap();
+            }
+        }
+        _ => {}
+    }
+}
+
+fn redis_benchmark_xadd(port: u16) -> Option<f64> {
+    let value = "x".repeat(LINE);
+    let out = Command::new("redis-benchmark")
+        .args(["-p", &port.to_string(), "-P", "64", "-n", "1000000", "-q", "XADD", "bench:baseline", "*", "content"])
+        .arg(&value)
+        .output()
+        .ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    // "XADD bench:baseline * content xxx...: 512345.67 requests per second, p50=..."
+    let tail = text.rsplit(':').find(|s| s.contains("requests per second"))?;
+    tail.split_whitespace().next()?.parse().ok()
+}
+
+fn sidecar_run(redis: &RedisServer, run: &RunId, agent_args: &[&str]) -> Command {
+    let me = std::env::current_exe().expect("bench path");
+    let mut cmd = Command::new(SIDECAR);
+    cmd.args(["run", "--quiet", "--metrics-interval-seconds", "0", "--stream-maxlen", "1000000", "--redis-url"])
+        .arg(redis.url())
+        .args(["--run-id", run.as_str(), "--"])
+        .arg(me)
+        .args(agent_args)
+        .env("AGENTRUN_BENCH_AGENT", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null());
+    cmd
+}
+
+async fn stream_bytes(redis: &RedisServer, key: &str) -> u64 {
+    let mut conn = redis.conn().await;
+    let mut after = 0;
+    let mut total = 0;
+    loop {
+        let page = read_page(&mut conn, key, after, 1000).await.unwrap();
+        let Some(last) = page.entries.last() else { break };
+        after = last.seq;
+        total += page.entries.iter().map(|e| e.content.len() as u64).sum::<u64>();
+    }
+    total
+}
+
+fn percentile(sorted: &[u128], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+async fn bench() {
+    let redis = RedisServer::start_with(&["--appendonly", "no"]);
+    println!("# agentrun ingest benchmark");
+    println!(
+        "machine: {} cores, {}, load average {}",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        mem_total(),
+        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+    );
+
+    let baseline = redis_benchmark_xadd(redis.port());
+    match baseline {
+        Some(b) => println!("baseline: redis-benchmark -P 64 XADD (100-byte field): {b:.0} requests/s"),
+        None => println!("baseline: redis-benchmark not available"),
+    }
+
+    // Throughput: 2 million 100-byte lines flat out.
+    let lines = 2_000_000usize;
+    let mut best = f64::MAX;
+    for attempt in 0..3 {
+        let run = RunId::new(format!("bench-flood-{attempt}-{}", now_ms())).unwrap();
+        let started = Instant::now();
+        let status = sidecar_run(&redis, &run, &["flood", &lines.to_string()]).status().unwrap();
+        let secs = started.elapsed().as_secs_f64();
+        assert!(status.success());
+        let key = StreamName::Output(Variation::default_name()).key(&run);
+        let bytes = stream_bytes(&redis, &key).await;
+        assert_eq!(bytes, (lines * LINE) as u64, "every byte must be in the stream");
+        best = best.min(secs);
+    }
+    let lines_per_s = lines as f64 / best;
+    println!(
+        "ingest: {lines} lines of {LINE} bytes, agent start to all in Redis: best of 3 {best:.2} s = {lines_per_s:.0} lines/s, {:.1} MB/s",
+        (lines * LINE) as f64 / best / 1e6
+    );
+    if let Some(b) = baseline {
+        println!("ingest / baseline: {:.2}", lines_per_s / b);
+    }
+
+    // Latency at 10,000 lines/s for 10 s: agent write → Pub/Sub delivery.
+    let run = RunId::new(format!("bench-paced-{}", now_ms())).unwrap();
+    let key = StreamName::Output(Variation::default_name()).key(&run);
+    let mut pubsub = redis.settings().pubsub().await.unwrap();
+    pubsub.subscribe(&key).await.unwrap();
+    let mut live = pubsub.into_on_message();
+    let mut child = tokio::process::Command::from(sidecar_run(&redis, &run, &["paced", "10000", "10"])).spawn().unwrap();
+    let mut latencies: Vec<u128> = Vec::with_capacity(100_000);
+    let collect = async {
+        while let Some(msg) = live.next().await {
+            let received = now_us();
+            let entry = LiveMessage::decode(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
+            for line in entry.content.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
+                let stamp = line.split(|b| *b == b' ').next().and_then(|s| std::str::from_utf8(s).ok()).and_then(|s| s.parse::<u128>().ok());
+                if let Some(t) = stamp {
+                    latencies.push(received.saturating_sub(t));
+                }
+            }
+            if latencies.len() >= 100_000 {
+                break;
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(60), collect).await.ok();
+    let _ = child.wait().await;
+    latencies.sort_unstable();
+    println!(
+        "latency at 10,000 lines/s ({} lines): p50 {:.2} ms, p99 {:.2} ms, p99.9 {:.2} ms, max {:.2} ms",
+        latencies.len(),
+        percentile(&latencies, 0.50),
+        percentile(&latencies, 0.99),
+        percentile(&latencies, 0.999),
+        percentile(&latencies, 1.0),
+    );
+}
+
+fn mem_total() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|kib| kib.parse::<u64>().ok())
+        .map(|kib| format!("{:.0} GiB memory", kib as f64 / 1024.0 / 1024.0))
+        .unwrap_or_default()
+}
+
+fn main() {
+    if std::env::var_os("AGENTRUN_BENCH_AGENT").is_some() {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        if let Some((mode, rest)) = args.split_first() {
+            agent(mode, rest);
+        }
+        return;
+    }
+    // `cargo test --benches` runs benches in test mode: keep that quick.
+    if std::env::args().any(|a| a == "--test" || a == "--list") {
+        return;
+    }
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(bench());
+}
