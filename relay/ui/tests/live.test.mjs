@@ -131,3 +131,18 @@ test('history trimmed from Redis is announced in the pane, not skipped silently'
   assert.ok(text.endsWith(Array.from({ length: 10 }, (_, i) => `entry ${41 + i}\n`).join('')), text);
   assert.doesNotMatch(text, /entry 40\n|not received/);
 });
+
+test('a gap entry (data the sidecar had to drop) is shown where it happened', async () => {
+  const run = uniqueRun('gap');
+  const pub = s.publisher(run);
+  await pub.register(['main']);
+  const { page } = s;
+  await page.goto(`${s.relay.url}/runs/${run}`);
+  await waitFor('the page to connect', async () => (await page.locator('#conn').getAttribute('data-state')) === 'live');
+  await pub.output('main', 'before\n');
+  await pub.publish('output:main', [{ type: 'gap', content: '', meta: { droppedBytes: 1048576, droppedChunks: 17 } }]);
+  await pub.output('main', 'after\n');
+  await waitFor('the output after the gap', async () => (await outputText(page, 'main'))?.includes('after\n'));
+  assert.equal(await outputText(page, 'main'), 'before\n⚠ gap: 1.0 MiB, 17 chunks of output could not be kept and were dropped hereafter\n');
+  assert.equal(await page.locator('section.variation[data-variation="main"] pre.term .marker-warn').count(), 1);
+});

@@ -1,5 +1,5 @@
-// A relay restart (graceful, then a crash) and a network drop in the middle of a run: the open
-// page reconnects by itself and ends up with every line exactly once, in order.
+// A relay restart (graceful, then a crash), a network drop and a proxy error in the middle of a
+// run: the open page reconnects by itself and ends up with every line exactly once, in order.
 
 import test, { before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -65,6 +65,16 @@ test('relay restarts mid-run lose and duplicate nothing on the page', async () =
   await waitFor('lines after the network drop', () => published >= mark3 + 100);
   await waitFor(`line ${published} after the network drop`, shows(published), 30000);
 
+  // 4. A proxy answers 502 while the backend is away: the browser's EventSource gives up, and
+  // the page reconnects by itself with its last cursor (?from=).
+  proxy.badGateway = true;
+  proxy.cut();
+  await waitFor('the page to notice', async () => /retrying/.test(await page.locator('#conn').textContent()), 20000);
+  const mark4 = published;
+  await waitFor('lines while the page is disconnected', () => published >= mark4 + 50);
+  proxy.badGateway = false;
+  await waitFor(`line ${published} after the page reconnected itself`, shows(published), 30000);
+
   stop = true;
   await producer;
   await pub.finish(['main']);
@@ -84,6 +94,6 @@ test('relay restarts mid-run lose and duplicate nothing on the page', async () =
   assert.equal(await page.evaluate(() => window.__samePage), true, 'the page was reloaded');
   const stats = await page.evaluate(() => window.__agentrun);
   assert.equal(stats.duplicates, 0, 'the relay sent entries the page already had');
-  assert.ok(stats.connects >= 4, `the page connected ${stats.connects} times; expected the first connection and three reconnections`);
+  assert.ok(stats.connects >= 5, `the page connected ${stats.connects} times; expected the first connection and four reconnections`);
   assert.deepEqual(s.browser.errors, []);
 });

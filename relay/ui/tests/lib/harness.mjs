@@ -395,7 +395,14 @@ export class TcpProxy {
     const p = new TcpProxy();
     p.targetPort = targetPort;
     p.sockets = new Set();
+    p.badGateway = false;
     p.server = net.createServer((client) => {
+      if (p.badGateway) {
+        // Answer like a proxy whose backend is gone: EventSource gives up on an HTTP error.
+        client.on('error', () => {});
+        client.end('HTTP/1.1 502 Bad Gateway\r\ncontent-type: text/plain\r\ncontent-length: 12\r\nconnection: close\r\n\r\nbad gateway\n');
+        return;
+      }
       const upstream = net.createConnection({ host: '127.0.0.1', port: p.targetPort });
       p.sockets.add(client);
       p.sockets.add(upstream);
