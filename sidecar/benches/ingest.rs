@@ -18,7 +18,10 @@ const SIDECAR: &str = env!("CARGO_BIN_EXE_agentrun-sidecar");
 const LINE: usize = 100;
 
 fn now_us() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_micros()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0)
 }
 
 /// The agent side: `flood N` writes N 100-byte lines flat out; `paced RATE SECONDS` writes
@@ -65,27 +68,49 @@ fn agent(mode: &str, args: &[String]) {
 fn redis_benchmark_xadd(port: u16) -> Option<f64> {
     let value = "x".repeat(LINE);
     let out = Command::new("redis-benchmark")
-        .args(["-p", &port.to_string(), "-P", "64", "-n", "1000000", "-q", "XADD", "bench:baseline", "*", "content"])
+        .args([
+            "-p",
+            &port.to_string(),
+            "-P",
+            "64",
+            "-n",
+            "1000000",
+            "-q",
+            "XADD",
+            "bench:baseline",
+            "*",
+            "content",
+        ])
         .arg(&value)
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     // "XADD bench:baseline * content xxx...: 512345.67 requests per second, p50=..."
-    let tail = text.rsplit(':').find(|s| s.contains("requests per second"))?;
+    let tail = text
+        .rsplit(':')
+        .find(|s| s.contains("requests per second"))?;
     tail.split_whitespace().next()?.parse().ok()
 }
 
 fn sidecar_run(redis: &RedisServer, run: &RunId, agent_args: &[&str]) -> Command {
     let me = std::env::current_exe().expect("bench path");
     let mut cmd = Command::new(SIDECAR);
-    cmd.args(["run", "--quiet", "--metrics-interval-seconds", "0", "--stream-maxlen", "1000000", "--redis-url"])
-        .arg(redis.url())
-        .args(["--run-id", run.as_str(), "--"])
-        .arg(me)
-        .args(agent_args)
-        .env("AGENTRUN_BENCH_AGENT", "1")
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null());
+    cmd.args([
+        "run",
+        "--quiet",
+        "--metrics-interval-seconds",
+        "0",
+        "--stream-maxlen",
+        "1000000",
+        "--redis-url",
+    ])
+    .arg(redis.url())
+    .args(["--run-id", run.as_str(), "--"])
+    .arg(me)
+    .args(agent_args)
+    .env("AGENTRUN_BENCH_AGENT", "1")
+    .env("RUST_LOG", "warn")
+    .stdout(Stdio::null());
     cmd
 }
 
@@ -95,9 +120,15 @@ async fn stream_bytes(redis: &RedisServer, key: &str) -> u64 {
     let mut total = 0;
     loop {
         let page = read_page(&mut conn, key, after, 1000).await.unwrap();
-        let Some(last) = page.entries.last() else { break };
+        let Some(last) = page.entries.last() else {
+            break;
+        };
         after = last.seq;
-        total += page.entries.iter().map(|e| e.content.len() as u64).sum::<u64>();
+        total += page
+            .entries
+            .iter()
+            .map(|e| e.content.len() as u64)
+            .sum::<u64>();
     }
     total
 }
@@ -115,14 +146,23 @@ async fn bench() {
     println!("# agentrun ingest benchmark");
     println!(
         "machine: {} cores, {}, load average {}",
-        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(0),
         mem_total(),
-        std::fs::read_to_string("/proc/loadavg").unwrap_or_default().split_whitespace().take(3).collect::<Vec<_>>().join(" ")
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     );
 
     let baseline = redis_benchmark_xadd(redis.port());
     match baseline {
-        Some(b) => println!("baseline: redis-benchmark -P 64 XADD (100-byte field): {b:.0} requests/s"),
+        Some(b) => {
+            println!("baseline: redis-benchmark -P 64 XADD (100-byte field): {b:.0} requests/s")
+        }
         None => println!("baseline: redis-benchmark not available"),
     }
 
@@ -132,12 +172,18 @@ async fn bench() {
     for attempt in 0..3 {
         let run = RunId::new(format!("bench-flood-{attempt}-{}", now_ms())).unwrap();
         let started = Instant::now();
-        let status = sidecar_run(&redis, &run, &["flood", &lines.to_string()]).status().unwrap();
+        let status = sidecar_run(&redis, &run, &["flood", &lines.to_string()])
+            .status()
+            .unwrap();
         let secs = started.elapsed().as_secs_f64();
         assert!(status.success());
         let key = StreamName::Output(Variation::default_name()).key(&run);
         let bytes = stream_bytes(&redis, &key).await;
-        assert_eq!(bytes, (lines * LINE) as u64, "every byte must be in the stream");
+        assert_eq!(
+            bytes,
+            (lines * LINE) as u64,
+            "every byte must be in the stream"
+        );
         best = best.min(secs);
     }
     let lines_per_s = lines as f64 / best;
@@ -155,14 +201,25 @@ async fn bench() {
     let mut pubsub = redis.settings().pubsub().await.unwrap();
     pubsub.subscribe(&key).await.unwrap();
     let mut live = pubsub.into_on_message();
-    let mut child = tokio::process::Command::from(sidecar_run(&redis, &run, &["paced", "10000", "10"])).spawn().unwrap();
+    let mut child =
+        tokio::process::Command::from(sidecar_run(&redis, &run, &["paced", "10000", "10"]))
+            .spawn()
+            .unwrap();
     let mut latencies: Vec<u128> = Vec::with_capacity(100_000);
     let collect = async {
         while let Some(msg) = live.next().await {
             let received = now_us();
             let entry = LiveMessage::decode(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
-            for line in entry.content.split(|b| *b == b'\n').filter(|l| !l.is_empty()) {
-                let stamp = line.split(|b| *b == b' ').next().and_then(|s| std::str::from_utf8(s).ok()).and_then(|s| s.parse::<u128>().ok());
+            for line in entry
+                .content
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+            {
+                let stamp = line
+                    .split(|b| *b == b' ')
+                    .next()
+                    .and_then(|s| std::str::from_utf8(s).ok())
+                    .and_then(|s| s.parse::<u128>().ok());
                 if let Some(t) = stamp {
                     latencies.push(received.saturating_sub(t));
                 }
@@ -172,7 +229,9 @@ async fn bench() {
             }
         }
     };
-    tokio::time::timeout(Duration::from_secs(60), collect).await.ok();
+    tokio::time::timeout(Duration::from_secs(60), collect)
+        .await
+        .ok();
     let _ = child.wait().await;
     latencies.sort_unstable();
     println!(
@@ -188,7 +247,11 @@ async fn bench() {
 fn mem_total() -> String {
     std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|m| m.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned()))
+        .and_then(|m| {
+            m.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
+        })
         .and_then(|kib| kib.parse::<u64>().ok())
         .map(|kib| format!("{:.0} GiB memory", kib as f64 / 1024.0 / 1024.0))
         .unwrap_or_default()

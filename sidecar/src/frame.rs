@@ -70,6 +70,8 @@ pub enum Frame {
     Ack { fseq: u64 },
     /// Sidecar to entrypoint: apply a control message.
     Control(ControlMessage),
+    /// The agent's resource use (a live figure: never spooled nor acknowledged).
+    Usage { cpu_millis: u64, rss_bytes: u64 },
     /// Sidecar to entrypoint: whether Redis is reachable (when not, the entrypoint spools
     /// instead of waiting).
     Health { redis_up: bool },
@@ -169,6 +171,14 @@ impl Frame {
                 out.put_u8(8);
                 out.put_u8(u8::from(*redis_up));
             }
+            Frame::Usage {
+                cpu_millis,
+                rss_bytes,
+            } => {
+                out.put_u8(9);
+                out.put_u64(*cpu_millis);
+                out.put_u64(*rss_bytes);
+            }
         }
         let len = (out.len() - start - 4) as u32;
         out[start..start + 4].copy_from_slice(&len.to_be_bytes());
@@ -259,6 +269,13 @@ impl Frame {
                     redis_up: body.get_u8() != 0,
                 }
             }
+            9 => {
+                need(&body, 16)?;
+                Frame::Usage {
+                    cpu_millis: body.get_u64(),
+                    rss_bytes: body.get_u64(),
+                }
+            }
             _ => return Err(Malformed("unknown frame tag")),
         })
     }
@@ -323,6 +340,10 @@ mod tests {
             Frame::Ack { fseq: 3 },
             Frame::Control(ControlMessage::new(ControlAction::Pause)),
             Frame::Health { redis_up: true },
+            Frame::Usage {
+                cpu_millis: 1500,
+                rss_bytes: 4096,
+            },
         ];
         let mut buf = BytesMut::new();
         for f in &frames {

@@ -30,6 +30,9 @@ pub struct Metrics {
     pub control_messages: IntCounter,
     /// Output reported as dropped by the entrypoint (spool full).
     pub gap_bytes: IntCounter,
+    /// The agent's CPU time and resident memory, as last reported by the entrypoint.
+    pub agent_cpu_millis: IntGauge,
+    pub agent_rss_bytes: IntGauge,
     pub ready: Arc<AtomicBool>,
 }
 
@@ -84,8 +87,20 @@ impl Metrics {
             "Output bytes dropped because the spool was full",
         )
         .expect("metric");
+        let agent_cpu_millis = IntGauge::new(
+            "agent_cpu_milliseconds",
+            "CPU time the agent has used (user + system)",
+        )
+        .expect("metric");
+        let agent_rss_bytes = IntGauge::new(
+            "agent_memory_bytes",
+            "Resident memory of the agent's process",
+        )
+        .expect("metric");
         for m in [
-            Box::new(bytes_in.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(agent_cpu_millis.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(agent_rss_bytes.clone()),
+            Box::new(bytes_in.clone()),
             Box::new(entries_published.clone()),
             Box::new(publish_errors.clone()),
             Box::new(publish_seconds.clone()),
@@ -108,6 +123,8 @@ impl Metrics {
             redis_reconnects,
             control_messages,
             gap_bytes,
+            agent_cpu_millis,
+            agent_rss_bytes,
             ready: Arc::new(AtomicBool::new(false)),
         }
     }

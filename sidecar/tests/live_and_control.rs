@@ -181,3 +181,71 @@ async fn pause_resume_stdin_and_stop_reach_the_agent() {
         .unwrap();
     assert_eq!(phase, "stopped");
 }
+
+#[tokio::test]
+async fn serve_exposes_metrics_health_and_readiness() {
+    let redis = RedisServer::start();
+    let run = run_id("metrics");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agentrun.sock");
+    let port = agentrun_protocol::testing::free_port();
+    let mut sidecar = std::process::Command::new(SIDECAR)
+        .args([
+            "serve",
+            "--metrics-addr",
+            &format!("127.0.0.1:{port}"),
+            "--redis-url",
+        ])
+        .arg(redis.url())
+        .args(["--run-id", run.as_str(), "--socket"])
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    let get = |path: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).await.ok()?;
+        Some(body)
+    };
+    let ready = wait_for("readiness", DEADLINE, || async {
+        get("/readyz")
+            .await
+            .filter(|b| b.starts_with("HTTP/1.1 200"))
+    })
+    .await;
+    assert!(ready.contains("ready"));
+    assert!(get("/healthz").await.unwrap().starts_with("HTTP/1.1 200"));
+    // Output through the socket shows up in the figures.
+    let status = tokio::process::Command::new(ENTRYPOINT)
+        .arg("--socket")
+        .arg(&socket)
+        .args(["--no-tee", "--", "printf", "12345"])
+        .status()
+        .await
+        .unwrap();
+    assert!(status.success());
+    let metrics = get("/metrics").await.unwrap();
+    assert!(
+        metrics.contains("agentrun_sidecar_bytes_received_total{stream=\"output\"} 5"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("agentrun_sidecar_redis_up 1"));
+    // When Redis goes away, readiness says so.
+    drop(redis);
+    wait_for("not ready", DEADLINE, || async {
+        get("/readyz")
+            .await
+            .filter(|b| b.starts_with("HTTP/1.1 503"))
+    })
+    .await;
+    sidecar.kill().unwrap();
+    sidecar.wait().unwrap();
+}

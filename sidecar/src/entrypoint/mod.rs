@@ -163,9 +163,16 @@ pub async fn run(config: EntrypointConfig) -> i32 {
     let mut interrupt =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt()).ok();
 
+    let child_pid = pgid.as_raw() as u32;
+    let mut usage_tick = tokio::time::interval(Duration::from_secs(2));
     let status = loop {
         tokio::select! {
             status = child.wait() => break status,
+            _ = usage_tick.tick() => {
+                if let Some((cpu, rss)) = process_usage(child_pid) {
+                    outbox.usage(cpu, rss);
+                }
+            }
             Some(msg) = control_rx.recv() => {
                 apply_control(msg, pgid, &outbox, &stdin_tx, &stop_requested, config.stop_grace).await;
             }
@@ -198,6 +205,26 @@ pub async fn run(config: EntrypointConfig) -> i32 {
     outbox.event(event).await;
     report(outbox.finish(config.drain_timeout).await);
     code
+}
+
+/// CPU time (ms, user + system) and resident memory (bytes) of a process, from /proc.
+pub fn process_usage(pid: u32) -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    let rss_pages: u64 = fields.get(21)?.parse().ok()?;
+    let ticks = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as u64;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE)
+        .ok()
+        .flatten()
+        .unwrap_or(4096) as u64;
+    Some(((utime + stime) * 1000 / ticks.max(1), rss_pages * page))
 }
 
 async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> {
@@ -348,5 +375,41 @@ async fn pump<R, W>(
     }
     if let Some(chunk) = chunker.finish() {
         outbox.data(which, chunk).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_of_a_live_process_is_read_from_proc() {
+        let (cpu, rss) = process_usage(std::process::id()).expect("own /proc entry");
+        assert!(rss > 1024 * 1024, "rss {rss}");
+        assert!(cpu < 3_600_000);
+        assert!(process_usage(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn exit_statuses_map_to_final_events() {
+        use std::os::unix::process::ExitStatusExt;
+        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(0), false);
+        assert_eq!(
+            (code, ev.state, ev.reason.as_deref()),
+            (0, RunState::Succeeded, Some("Completed"))
+        );
+        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(3 << 8), false);
+        assert_eq!(
+            (code, ev.state, ev.exit_code),
+            (3, RunState::Failed, Some(3))
+        );
+        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(9), false);
+        assert_eq!(
+            (code, ev.signal, ev.reason.as_deref()),
+            (137, Some(9), Some("Signaled"))
+        );
+        assert!(ev.message.unwrap().contains("SIGKILL"));
+        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(15), true);
+        assert_eq!((code, ev.state), (143, RunState::Stopped));
     }
 }

@@ -62,6 +62,10 @@ enum Command {
         deadline: Instant,
         reply: oneshot::Sender<FinishReport>,
     },
+    Usage {
+        cpu_millis: u64,
+        rss_bytes: u64,
+    },
 }
 
 /// Cheap handle used by the pipe readers and the main task.
@@ -100,6 +104,14 @@ impl Outbox {
                 event,
             })
             .await;
+    }
+
+    /// Reports the agent's resource use to the sidecar if one is connected (never spooled).
+    pub fn usage(&self, cpu_millis: u64, rss_bytes: u64) {
+        let _ = self.tx.try_send(Command::Usage {
+            cpu_millis,
+            rss_bytes,
+        });
     }
 
     /// Waits until everything is acknowledged, or until `timeout`, then stops the outbox.
@@ -261,6 +273,20 @@ impl Actor {
                     event,
                 };
                 self.route(frame);
+            }
+            Command::Usage {
+                cpu_millis,
+                rss_bytes,
+            } => {
+                if let Some(conn) = &self.conn {
+                    let _ = conn.writer.send(
+                        Frame::Usage {
+                            cpu_millis,
+                            rss_bytes,
+                        }
+                        .to_bytes(),
+                    );
+                }
             }
             Command::Finish { deadline, reply } => {
                 self.emit_gaps();

@@ -265,6 +265,7 @@ async fn run(
         Arc::from(crate::entrypoint::new_producer_id("sidecar").as_str());
     let publisher = tokio::spawn(publish_loop.run(shared.clone(), conn, items_rx));
     let controls = tokio::spawn(control::subscribe(shared.clone()));
+    let pinger = tokio::spawn(health_pinger(shared.clone()));
     shared
         .metrics
         .ready
@@ -313,6 +314,7 @@ async fn run(
     let _ = items_tx.send(Item::Barrier(barrier_tx)).await;
     let delivered = tokio::time::timeout_at(deadline, barrier_rx).await.is_ok();
     controls.abort();
+    pinger.abort();
     let undelivered = if delivered {
         0
     } else {
@@ -329,6 +331,28 @@ async fn run(
         undelivered_bytes: undelivered,
         metrics_addr: None,
     });
+}
+
+/// Notices an outage (and the end of one) while nothing is being published, so readiness and
+/// the entrypoint's spooling decision follow Redis even when the agent is quiet.
+async fn health_pinger(shared: Arc<Shared>) {
+    let mut conn = None;
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        if conn.is_none() {
+            conn = shared.config.redis.connect().await.ok();
+        }
+        let ok = match conn.as_mut() {
+            Some(c) => redis::cmd("PING").query_async::<String>(c).await.is_ok(),
+            None => false,
+        };
+        if !ok {
+            conn = None;
+            shared.set_redis_up(false);
+        } else if shared.metrics.buffered_bytes.get() == 0 {
+            shared.set_redis_up(true);
+        }
+    }
 }
 
 async fn push_status(
@@ -382,6 +406,8 @@ async fn metrics_ticker(
             "bufferedBytes": m.buffered_bytes.get(),
             "publishErrors": m.publish_errors.get(),
             "gapBytes": m.gap_bytes.get(),
+            "agentCpuMillis": m.agent_cpu_millis.get(),
+            "agentMemoryBytes": m.agent_rss_bytes.get(),
         });
         let p = pseq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
         let entry = NewEntry {
@@ -589,6 +615,13 @@ async fn handle_connection(
     tracing::info!(producer = %producer, "entrypoint connected");
     loop {
         match Frame::read(&mut read).await {
+            Ok(Some(Frame::Usage {
+                cpu_millis,
+                rss_bytes,
+            })) => {
+                shared.metrics.agent_cpu_millis.set(cpu_millis as i64);
+                shared.metrics.agent_rss_bytes.set(rss_bytes as i64);
+            }
             Ok(Some(Frame::Done)) => {
                 let _ = shared.entrypoint_done.send(true);
             }
