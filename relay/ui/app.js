@@ -614,6 +614,7 @@ class RunPage {
     this.lastSeq = new Map();
     this.lastId = '';
     this.ended = false;
+    this.missing = false;
     this.es = null;
     this.retryMs = 1000;
     this.stats = { received: 0, duplicates: 0, connects: 0 };
@@ -670,8 +671,13 @@ class RunPage {
     try {
       const res = await fetch(api(`/runs/${encodeURIComponent(this.run)}`), { headers: { accept: 'application/json' } });
       if (res.status === 404) {
+        this.missing = true;
         this.showNotice('This run is not known to the relay (yet). Waiting for it to appear…');
         return;
+      }
+      if (this.missing) {
+        this.missing = false;
+        this.showNotice('');
       }
       if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
       const state = normalizeRun(await res.json(), this.run);
@@ -721,6 +727,7 @@ class RunPage {
     es.onopen = () => {
       this.stats.connects++;
       this.retryMs = 1000;
+      if (this.missing) this.loadState(); // the run exists now
       setConn('live', 'live');
     };
     es.onerror = () => {

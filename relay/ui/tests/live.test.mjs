@@ -146,3 +146,17 @@ test('a gap entry (data the sidecar had to drop) is shown where it happened', as
   assert.equal(await outputText(page, 'main'), 'before\n⚠ gap: 1.0 MiB, 17 chunks of output could not be kept and were dropped hereafter\n');
   assert.equal(await page.locator('section.variation[data-variation="main"] pre.term .marker-warn').count(), 1);
 });
+
+test('a page opened before its run exists picks the run up when it appears', async () => {
+  const run = uniqueRun('early');
+  const { page } = s;
+  await page.goto(`${s.relay.url}/runs/${run}`);
+  await waitFor('the not-yet-known notice', () => page.locator('.notice').isVisible());
+  const pub = s.publisher(run);
+  await pub.register(['late']);
+  await pub.status('late', 'running');
+  await pub.output('late', 'finally here\n');
+  await waitFor('the output of the new run', async () => (await outputText(page, 'late')) === 'finally here\n', 40000);
+  await waitFor('the notice to go away', async () => !(await page.locator('.notice').isVisible()));
+  assert.equal(await page.locator('section.variation[data-variation="late"] .var-title .badge').textContent(), 'running');
+});
