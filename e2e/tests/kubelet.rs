@@ -467,7 +467,9 @@ async fn pods_get_their_own_network_namespace() {
             &pod(
                 name,
                 json!({"containers": [{"name": "main", "image": "kube-sim",
-            "command": [server, "--listen", "0.0.0.0:18081", "--no-kubelet"]}]}),
+            "command": [server, "--listen", "0.0.0.0:18081", "--no-kubelet"],
+            "ports": [{"name": "api", "containerPort": 18081}],
+            "readinessProbe": {"httpGet": {"path": "/healthz", "port": "api"}, "periodSeconds": 1}}]}),
             ),
         )
         .await
@@ -475,7 +477,19 @@ async fn pods_get_their_own_network_namespace() {
     }
     let mut ips = Vec::new();
     for name in ["net-a", "net-b"] {
-        let p = wait_for(&api, name, 60, "Running", |p| phase(p) == "Running").await;
+        let p = wait_for(
+            &api,
+            name,
+            60,
+            "Ready through its httpGet readiness probe",
+            |p| {
+                p["status"]["conditions"].as_array().is_some_and(|c| {
+                    c.iter()
+                        .any(|c| c["type"] == "Ready" && c["status"] == "True")
+                })
+            },
+        )
+        .await;
         ips.push(
             p["status"]["podIP"]
                 .as_str()
@@ -504,4 +518,80 @@ async fn pods_get_their_own_network_namespace() {
             "{name} crashed: {v}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn probes_gate_start_readiness_and_liveness() {
+    let c = Cluster::start().await;
+    let api: Api<Pod> = Api::namespaced(c.client().await, &c.namespace);
+    let mount = json!([{"name": "shared", "mountPath": "/probes"}]);
+    let exec = |cmd: &str, period: u64, failures: u64| json!({"exec": {"command": ["sh", "-c", cmd]}, "periodSeconds": period, "failureThreshold": failures});
+    // A native sidecar with a startup probe holds back the main container until it passes.
+    let mut sidecar = sh("sidecar", "sleep 1.5; touch /probes/up; exec sleep 600");
+    sidecar["restartPolicy"] = json!("Always");
+    sidecar["startupProbe"] = exec("test -f /probes/up", 1, 30);
+    // Readiness follows the probe; liveness failures kill and restart the container.
+    let mut main = sh(
+        "main",
+        "test -f /probes/up || exit 99; sleep 2; touch /probes/ready; sleep 600",
+    );
+    main["readinessProbe"] = exec("test -f /probes/ready", 1, 1);
+    let mut doomed = sh("doomed", "touch /probes/dead; exec sleep 600");
+    doomed["livenessProbe"] = exec("test ! -f /probes/dead", 1, 1);
+    let mut spec = json!({"initContainers": [sidecar], "containers": [main, doomed],
+        "volumes": [{"name": "shared", "emptyDir": {}}]});
+    for list in ["initContainers", "containers"] {
+        for ctr in spec[list].as_array_mut().expect("list") {
+            ctr["volumeMounts"] = mount.clone();
+        }
+    }
+    api.create(&PostParams::default(), &pod("probed", spec))
+        .await
+        .expect("create");
+    let status_of = |p: &Value, name: &str| -> Value {
+        p["status"]["containerStatuses"]
+            .as_array()
+            .and_then(|a| a.iter().find(|c| c["name"] == name).cloned())
+            .unwrap_or(Value::Null)
+    };
+    let p = wait_for(&api, "probed", 60, "main running but not ready", |p| {
+        let m = status_of(p, "main");
+        m["state"].get("running").is_some() && m["ready"] == false
+    })
+    .await;
+    assert_eq!(
+        p["status"]["initContainerStatuses"][0]["started"], true,
+        "{p}"
+    );
+    wait_for(&api, "probed", 60, "main ready", |p| {
+        status_of(p, "main")["ready"] == true
+    })
+    .await;
+    let p = wait_for(
+        &api,
+        "probed",
+        90,
+        "doomed restarted by its liveness probe",
+        |p| status_of(p, "doomed")["restartCount"].as_i64().unwrap_or(0) >= 1,
+    )
+    .await;
+    assert_eq!(
+        status_of(&p, "main")["restartCount"],
+        0,
+        "main never failed its start gate: {p}"
+    );
+    assert_eq!(
+        status_of(&p, "doomed")["lastState"]["terminated"]["exitCode"],
+        143,
+        "{p}"
+    );
+    api.delete(
+        "probed",
+        &DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        },
+    )
+    .await
+    .expect("delete");
 }
