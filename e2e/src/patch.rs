@@ -48,6 +48,19 @@ pub fn apply(kind: PatchKind, target: &Value, patch: &Value) -> Result<Value, Ap
             let ops: json_patch::Patch = serde_json::from_value(patch.clone())
                 .map_err(|e| ApiError::bad_request(format!("invalid JSON patch: {e}")))?;
             let mut doc = target.clone();
+            // Like the API server's JSON patch library, `test` of a missing path against null
+            // succeeds (kube-runtime's finalizer helper relies on it).
+            let ops = json_patch::Patch(
+                ops.0
+                    .into_iter()
+                    .filter(|op| match op {
+                        json_patch::PatchOperation::Test(t) => {
+                            !(t.value.is_null() && doc.pointer(t.path.as_str()).is_none())
+                        }
+                        _ => true,
+                    })
+                    .collect(),
+            );
             json_patch::patch(&mut doc, &ops).map_err(|e| {
                 ApiError::new(
                     422,
@@ -220,5 +233,10 @@ mod tests {
             &json!([{"op": "test", "path": "/a/b", "value": 2}]),
         );
         assert!(r.is_err());
+        // kube-runtime's finalizer helper: test a missing list against null, then add it.
+        let p = json!([{"op": "test", "path": "/f", "value": null},
+                       {"op": "add", "path": "/f", "value": ["x"]}]);
+        let r = apply(PatchKind::Json, &t, &p);
+        assert_eq!(r.ok(), Some(json!({"a": {"b": 1}, "c": [1], "f": ["x"]})));
     }
 }
