@@ -166,19 +166,29 @@ async fn bench() {
         None => println!("baseline: redis-benchmark not available"),
     }
 
-    // Throughput: 2 million 100-byte lines flat out.
+    let only = std::env::var("AGENTRUN_BENCH_ONLY").unwrap_or_default();
+    if only != "latency" {
+        throughput(&redis, baseline).await;
+    }
+    if only != "throughput" {
+        latency(&redis).await;
+    }
+}
+
+async fn throughput(redis: &RedisServer, baseline: Option<f64>) {
+    // 2 million 100-byte lines flat out.
     let lines = 2_000_000usize;
     let mut best = f64::MAX;
     for attempt in 0..3 {
         let run = RunId::new(format!("bench-flood-{attempt}-{}", now_ms())).unwrap();
         let started = Instant::now();
-        let status = sidecar_run(&redis, &run, &["flood", &lines.to_string()])
+        let status = sidecar_run(redis, &run, &["flood", &lines.to_string()])
             .status()
             .unwrap();
         let secs = started.elapsed().as_secs_f64();
         assert!(status.success());
         let key = StreamName::Output(Variation::default_name()).key(&run);
-        let bytes = stream_bytes(&redis, &key).await;
+        let bytes = stream_bytes(redis, &key).await;
         assert_eq!(
             bytes,
             (lines * LINE) as u64,
@@ -194,8 +204,10 @@ async fn bench() {
     if let Some(b) = baseline {
         println!("ingest / baseline: {:.2}", lines_per_s / b);
     }
+}
 
-    // Latency at 10,000 lines/s for 10 s: agent write → Pub/Sub delivery.
+async fn latency(redis: &RedisServer) {
+    // 10,000 lines/s for 10 s: agent write → Pub/Sub delivery.
     let run = RunId::new(format!("bench-paced-{}", now_ms())).unwrap();
     let key = StreamName::Output(Variation::default_name()).key(&run);
     let mut pubsub = redis.settings().pubsub().await.unwrap();
