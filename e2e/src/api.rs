@@ -688,6 +688,17 @@ async fn logs(
         .as_ref()
         .map(|k| k.log_path(uid, &container))
         .ok_or_else(|| ApiError::bad_request("kube-sim runs without a kubelet"))?;
+    let path = if q.get("previous").is_some_and(|p| p == "true") {
+        let prev = path.with_extension("previous.log");
+        if !prev.exists() {
+            return Err(ApiError::bad_request(format!(
+                "previous terminated container \"{container}\" in pod \"{name}\" not found"
+            )));
+        }
+        prev
+    } else {
+        path
+    };
     let follow = q.get("follow").is_some_and(|f| f == "true");
     if !follow {
         let data = tokio::fs::read(&path).await.map_err(|_| {

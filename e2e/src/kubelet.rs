@@ -272,7 +272,22 @@ impl Kubelet {
             s(pod, "/metadata/uid"),
         );
         let now = now_rfc3339();
+        let was_unschedulable = pod
+            .pointer("/status/conditions")
+            .and_then(Value::as_array)
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "PodScheduled" && c["reason"] == "Unschedulable")
+            });
         if selector_ok {
+            pod_event(
+                &self.store,
+                pod,
+                "Normal",
+                "Scheduled",
+                &format!("Successfully assigned {ns}/{name} to {NODE_NAME}"),
+                "default-scheduler",
+            );
             self.store.modify(&pods_key(), &ns, &name, |p| {
                 if s(p, "/metadata/uid") != uid || p.pointer("/spec/nodeName").is_some() {
                     return;
@@ -282,6 +297,16 @@ impl Kubelet {
             });
         } else {
             let msg = "0/1 nodes are available: 1 node(s) didn't match Pod's node affinity/selector. preemption: 0/1 nodes are available: 1 Preemption is not helpful for scheduling.";
+            if !was_unschedulable {
+                pod_event(
+                    &self.store,
+                    pod,
+                    "Warning",
+                    "FailedScheduling",
+                    msg,
+                    "default-scheduler",
+                );
+            }
             self.store.modify(&pods_key(), &ns, &name, |p| {
                 if s(p, "/metadata/uid") != uid {
                     return;
@@ -298,6 +323,39 @@ impl Kubelet {
                 }
             });
         }
+    }
+}
+
+/// Records a core/v1 Event about a pod, as the scheduler and kubelet do.
+fn pod_event(
+    store: &Store,
+    pod: &Value,
+    type_: &str,
+    reason: &str,
+    message: &str,
+    component: &str,
+) {
+    let Some(t) = store.find_type("", "v1", "events") else {
+        return;
+    };
+    let now = now_rfc3339();
+    let ns = s(pod, "/metadata/namespace");
+    let ev = json!({
+        "metadata": {"name": format!("{}.{:016x}", s(pod, "/metadata/name"), rand::random::<u64>())},
+        "involvedObject": {"kind": "Pod", "apiVersion": "v1", "namespace": ns,
+                           "name": s(pod, "/metadata/name"), "uid": s(pod, "/metadata/uid")},
+        "type": type_,
+        "reason": reason,
+        "message": message,
+        "source": {"component": component, "host": NODE_NAME},
+        "reportingComponent": component,
+        "reportingInstance": NODE_NAME,
+        "firstTimestamp": now,
+        "lastTimestamp": now,
+        "count": 1,
+    });
+    if let Err(e) = store.create(&t, &ns, ev, &crate::store::WriteOpts::default()) {
+        tracing::debug!("event {reason} for pod {ns}: {e}");
     }
 }
 
@@ -435,6 +493,8 @@ struct PodRunner {
     initialized: bool,
     net: Option<NetNs>,
     pod_ip: String,
+    /// Events to record: type, reason, message.
+    events: Vec<(&'static str, &'static str, String)>,
 }
 
 enum Prepared {
@@ -471,10 +531,18 @@ impl PodRunner {
             initialized: false,
             net: None,
             pod_ip: "127.0.0.1".into(),
+            events: Vec::new(),
         }
     }
 
-    fn publish(&self) {
+    fn flush_events(&mut self) {
+        for (t, reason, msg) in std::mem::take(&mut self.events) {
+            pod_event(&self.kubelet.store, &self.pod, t, reason, &msg, "kubelet");
+        }
+    }
+
+    fn publish(&mut self) {
+        self.flush_events();
         let now = now_rfc3339();
         let init_done = self.initialized;
         let ready = self.phase == "Running"
@@ -606,10 +674,16 @@ impl PodRunner {
                     "DeadlineExceeded",
                     "Pod was active on the node longer than the specified deadline".into(),
                 ));
+                self.events.push((
+                    "Warning",
+                    "DeadlineExceeded",
+                    "Pod was active on the node longer than the specified deadline".into(),
+                ));
                 break;
             }
             self.reap();
             self.probe_all().await;
+            self.flush_events();
             // Init containers in order.
             if !self.initialized {
                 let mut all_done = true;
@@ -705,6 +779,18 @@ impl PodRunner {
                 .max(0) as u64,
         );
         let end = Instant::now() + grace;
+        for c in self
+            .inits
+            .iter()
+            .chain(self.mains.iter())
+            .filter(|c| c.running())
+        {
+            self.events.push((
+                "Normal",
+                "Killing",
+                format!("Stopping container {}", c.name),
+            ));
+        }
         self.terminate(false, end).await;
         self.terminate(true, end.max(Instant::now() + Duration::from_secs(1)))
             .await;
@@ -780,6 +866,14 @@ impl PodRunner {
                     }
                     READINESS if ok && st.successes >= success_threshold => c.ready = true,
                     READINESS if !ok && st.failures >= failure_threshold => c.ready = false,
+                    _ => {}
+                }
+                if !ok {
+                    let kind = ["Startup", "Readiness", "Liveness"][k];
+                    self.events
+                        .push(("Warning", "Unhealthy", format!("{kind} probe failed")));
+                }
+                match k {
                     STARTUP | LIVENESS if !ok && st.failures >= failure_threshold => {
                         tracing::info!(
                             "pod {}/{}: container {} failed its {} probe; killing it",
@@ -792,6 +886,16 @@ impl PodRunner {
                             let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
                         }
                         c.kill_at = Some(now + grace);
+                        let kind = ["Startup", "Readiness", "Liveness"][k];
+                        self.events.push((
+                            "Normal",
+                            "Killing",
+                            format!(
+                                "Container {} failed {} probe, will be restarted",
+                                c.name,
+                                kind.to_lowercase()
+                            ),
+                        ));
                     }
                     _ => {}
                 }
@@ -873,6 +977,15 @@ impl PodRunner {
         let (argv, env) = match prepared {
             Prepared::Argv(a, e) => (a, e),
             Prepared::Wait(reason, message) => {
+                if c.state.pointer("/waiting/reason").and_then(Value::as_str) != Some(reason) {
+                    let ev = match reason {
+                        "ImagePullBackOff" => "BackOff",
+                        "ContainerCreating" => "FailedMount",
+                        _ => "Failed",
+                    };
+                    self.events
+                        .push(("Warning", ev, format!("Error: {reason}: {message}")));
+                }
                 c.state = json!({"waiting": {"reason": reason, "message": message}});
                 c.next_start = Some(Instant::now() + Duration::from_millis(500));
                 return;
@@ -881,6 +994,10 @@ impl PodRunner {
         let restarted = c.exit_code.is_some();
         let mounts = mounts_of(&spec, &self.pod, &self.dir);
         let log = self.kubelet.log_path(&self.uid, &c.name);
+        if restarted {
+            // `kubectl logs` shows the current instance; `--previous` the one before.
+            let _ = std::fs::rename(&log, log.with_extension("previous.log"));
+        }
         match spawn(
             &argv,
             &env,
@@ -910,6 +1027,19 @@ impl PodRunner {
                 c.started = spec.get("startupProbe").is_none();
                 c.ready = c.started && spec.get("readinessProbe").is_none();
                 c.state = json!({"running": {"startedAt": now_rfc3339()}});
+                let image = spec["image"].as_str().unwrap_or_default();
+                self.events.push((
+                    "Normal",
+                    "Pulled",
+                    format!("Container image \"{image}\" already present on machine"),
+                ));
+                self.events.push((
+                    "Normal",
+                    "Created",
+                    format!("Created container: {}", c.name),
+                ));
+                self.events
+                    .push(("Normal", "Started", format!("Started container {}", c.name)));
             }
             Err(e) => {
                 c.state = json!({"waiting": {"reason": "RunContainerError", "message": e}});
@@ -1162,6 +1292,7 @@ impl PodRunner {
                 "reason": if code == 0 { "Completed" } else { "Error" },
                 "startedAt": started,
                 "finishedAt": now_rfc3339(),
+                "containerID": format!("kube-sim://{}", c.pid.unwrap_or(0)),
             }});
         }
         for c in self.inits.iter_mut().chain(self.mains.iter_mut()) {

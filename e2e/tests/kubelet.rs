@@ -75,7 +75,7 @@ async fn pod_exit_codes_and_restart_policies() {
     assert_eq!(logs(&api, "fails", "main").await, "out\nerr\n");
 
     // OnFailure: restarted until it succeeds (a counter in an emptyDir survives restarts).
-    let script = "n=$(cat /state/n 2>/dev/null || echo 0); echo $((n+1)) > /state/n; [ $n -ge 1 ]";
+    let script = "n=$(cat /state/n 2>/dev/null || echo 0); echo run $n; echo $((n+1)) > /state/n; [ $n -ge 1 ]";
     let mut ctr = sh("main", script);
     ctr["volumeMounts"] = json!([{"name": "state", "mountPath": "/state"}]);
     api.create(
@@ -96,6 +96,20 @@ async fn pod_exit_codes_and_restart_policies() {
     assert_eq!(cs["restartCount"], 1, "{p}");
     assert_eq!(cs["state"]["terminated"]["exitCode"], 0);
     assert_eq!(cs["lastState"]["terminated"]["exitCode"], 1);
+    // Logs are those of the current instance; --previous shows the one before.
+    assert_eq!(logs(&api, "retries", "main").await, "run 1\n");
+    let previous = api
+        .logs(
+            "retries",
+            &LogParams {
+                container: Some("main".into()),
+                previous: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("previous logs");
+    assert_eq!(previous, "run 0\n");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -288,6 +302,30 @@ async fn deadlines_scheduling_failures_and_graceful_deletion() {
     .await;
     assert_eq!(phase(&p), "Pending");
     assert!(p.pointer("/spec/nodeName").is_none());
+
+    // The scheduler and kubelet record Events, as kubectl describe shows them.
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(c.client().await, &c.namespace);
+    for (pod_name, reason) in [
+        ("nowhere", "FailedScheduling"),
+        ("slow", "Started"),
+        ("slow", "DeadlineExceeded"),
+    ] {
+        let lp =
+            kube::api::ListParams::default().fields(&format!("involvedObject.name={pod_name}"));
+        eventually(30, &format!("{reason} event for {pod_name}"), || {
+            let events = events.clone();
+            let lp = lp.clone();
+            async move {
+                let list = events.list(&lp).await.ok()?;
+                list.items
+                    .iter()
+                    .any(|e| e.reason.as_deref() == Some(reason))
+                    .then_some(())
+            }
+        })
+        .await;
+    }
 
     // SIGTERM first: a pod that exits on TERM goes quickly, one that ignores it is killed
     // after its grace period.
