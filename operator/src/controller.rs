@@ -375,6 +375,7 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
         .await;
     } else if !finished {
         create_missing_pods(&run, &ctx, &pods_api, &pods, &mut next, &reference, now).await?;
+        status::set_conditions(&mut next, false, run.metadata.generation, now);
     }
 
     // Declarative pause and resume.
@@ -662,3 +663,7 @@ async fn cleanup(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
     .await;
     Ok(Action::await_change())
 }
+
+#[cfg(test)]
+#[path = "controller_tests.rs"]
+mod tests;

@@ -286,25 +286,32 @@ impl ApiServerVerifier {
 
     /// Answers a pod list for the run with these pods.
     pub async fn expect_pod_list(&mut self, run: &AgentRun, pods: Vec<Pod>) {
-        let uri = format!(
-            "/api/v1/namespaces/default/pods?&labelSelector=agentrun.dev%2Frun%3D{}",
-            run.name_any()
+        let seen = self
+            .expect(Method::GET, "/api/v1/namespaces/default/pods?", 200, json!({
+                "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": pods
+            }))
+            .await;
+        let selector = format!("labelSelector=agentrun.dev%2Frun%3D{}", run.name_any());
+        assert!(
+            seen.uri.contains(&selector),
+            "pod list must select the run's pods: {}",
+            seen.uri
         );
-        self.expect(Method::GET, &uri, 200, json!({
-            "apiVersion": "v1", "kind": "PodList", "metadata": {"resourceVersion": "1"}, "items": pods
-        }))
-        .await;
     }
 
     /// Answers the status patch of the run and returns the status that was sent.
     pub async fn expect_status_patch(&mut self, run: &AgentRun) -> AgentRunStatus {
         let uri = format!(
-            "/apis/agentrun.dev/v1alpha1/namespaces/default/agentruns/{}/status?&force=true&fieldManager=agentrun-operator",
+            "/apis/agentrun.dev/v1alpha1/namespaces/default/agentruns/{}/status?",
             run.name_any()
         );
-        let mut answer = serde_json::to_value(run).expect("json");
-        let seen = self.expect(Method::PATCH, &uri, 200, Value::Null).await;
-        answer["status"] = seen.body["status"].clone();
+        let answer = serde_json::to_value(run).expect("json");
+        let seen = self.expect(Method::PATCH, &uri, 200, answer).await;
+        assert!(
+            seen.uri.contains("fieldManager=agentrun-operator") && seen.uri.contains("force=true"),
+            "status is written with server-side apply: {}",
+            seen.uri
+        );
         assert_eq!(seen.body["apiVersion"], "agentrun.dev/v1alpha1");
         assert_eq!(seen.body["kind"], "AgentRun");
         serde_json::from_value(seen.body["status"].clone()).expect("status parses")

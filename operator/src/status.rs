@@ -302,8 +302,24 @@ pub fn derive(obs: &Observation<'_>) -> AgentRunStatus {
             next.duration = Some(format_duration(obs.now.duration_since(start.0)));
         }
     }
-    let generation = obs.generation;
-    let (ready_status, ready_reason, ready_message) = ready_condition(phase, &variations);
+    next.phase = Some(phase);
+    next.variations = variations;
+    set_conditions(&mut next, timed_out, obs.generation, obs.now);
+    next
+}
+
+/// Writes the `Ready`, `Complete` and `SpecValid` conditions from the phase and variations
+/// (call again after changing the variations).
+pub fn set_conditions(
+    next: &mut AgentRunStatus,
+    timed_out: bool,
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    let phase = next.phase.unwrap_or_default();
+    let variations = &next.variations;
+    let obs_now = now;
+    let (ready_status, ready_reason, ready_message) = ready_condition(phase, variations);
     set_condition(
         &mut next.conditions,
         Condition {
@@ -312,7 +328,7 @@ pub fn derive(obs: &Observation<'_>) -> AgentRunStatus {
             reason: ready_reason,
             message: ready_message,
             observed_generation: generation,
-            last_transition_time: Time(obs.now),
+            last_transition_time: Time(obs_now),
         },
     );
     let (complete_status, complete_reason, complete_message) = if phase.is_finished() {
@@ -341,7 +357,7 @@ pub fn derive(obs: &Observation<'_>) -> AgentRunStatus {
             reason: complete_reason,
             message: complete_message,
             observed_generation: generation,
-            last_transition_time: Time(obs.now),
+            last_transition_time: Time(obs_now),
         },
     );
     set_condition(
@@ -352,12 +368,9 @@ pub fn derive(obs: &Observation<'_>) -> AgentRunStatus {
             reason: reasons::SPEC_VALID.into(),
             message: "the spec was turned into pods".into(),
             observed_generation: generation,
-            last_transition_time: Time(obs.now),
+            last_transition_time: Time(obs_now),
         },
     );
-    next.phase = Some(phase);
-    next.variations = variations;
-    next
 }
 
 fn ready_condition(
@@ -472,7 +485,14 @@ mod tests {
     #[test]
     fn variation_status_table() {
         // (case, pod status, phase, reason, exit code, message contains)
-        type Case = (&'static str, PodStatus, RunPhase, &'static str, Option<i32>, &'static str);
+        type Case = (
+            &'static str,
+            PodStatus,
+            RunPhase,
+            &'static str,
+            Option<i32>,
+            &'static str,
+        );
         let cases: Vec<Case> = vec![
             (
                 "unschedulable",
