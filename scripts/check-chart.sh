@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Checks the Helm chart and the plain manifests:
+#   1. helm lint --strict with the default values and with every CI values file;
+#   2. helm template of each, validated (with the CRD) against the Kubernetes 1.33/1.35 schemas
+#      by kubernetes-validate --strict (unknown fields are errors);
+#   3. manifests/examples/*.yaml validated against the AgentRun CRD's OpenAPI schema;
+#   4. manifests/install.yaml equal to a fresh render (`--update` rewrites it).
+# Needs helm v4 and kubernetes-validate: scripts/deps/helm.sh installs both.
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+chart="$root/helm/agentrun"
+install="$root/manifests/install.yaml"
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+render_install() {
+  {
+    cat <<'HEADER'
+# agentrun plain install: rendered from helm/agentrun by scripts/check-chart.sh --update.
+# Do not edit by hand. Before applying, create the bundled Redis password:
+#   kubectl create namespace agentrun
+#   kubectl -n agentrun create secret generic agentrun-redis-auth \
+#     --from-literal=password="$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
+#   kubectl apply --server-side -f manifests/install.yaml
+HEADER
+    helm template agentrun "$chart" --namespace agentrun --include-crds \
+      --set redis.createSecret=false
+  }
+}
+
+if [ "${1:-}" = "--update" ]; then
+  render_install > "$install"
+  echo "wrote $install"
+  exit 0
+fi
+
+for tool in helm kubernetes-validate python3; do
+  command -v "$tool" >/dev/null || { echo "check-chart: $tool is missing; run scripts/deps/helm.sh" >&2; exit 1; }
+done
+
+fail=0
+value_sets=(
+  "default::"
+  "external-redis::--set redis.bundled=false --set redis.external.url=rediss://redis.example.com:6380 --set redis.external.password=p"
+  "existing-secret::--set redis.bundled=false --set redis.external.existingSecret=my-redis"
+  "everything::--set relay.ingress.enabled=true --set relay.ingress.tlsSecretName=tls --set operator.replicas=2 --set relay.replicas=3 --set operator.podDisruptionBudget.enabled=true --set relay.podDisruptionBudget.enabled=true --set redis.persistence.enabled=false --set operator.watchNamespace=agents --set metrics.serviceMonitor.enabled=true"
+)
+for entry in "${value_sets[@]}"; do
+  name="${entry%%::*}"
+  args="${entry#*::}"
+  echo "== $name"
+  # shellcheck disable=SC2086
+  helm lint --strict "$chart" $args >/dev/null || { echo "helm lint failed for $name" >&2; helm lint --strict "$chart" $args; fail=1; }
+  # shellcheck disable=SC2086
+  helm template agentrun "$chart" --namespace agentrun --include-crds $args > "$work/$name.yaml"
+  # ServiceMonitor is a Prometheus Operator CRD: not in the Kubernetes schemas, checked by structure below.
+  python3 - "$work/$name.yaml" "$work/$name-core.yaml" <<'PY'
+import sys, yaml
+docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
+core, monitors = [], []
+for d in docs:
+    (monitors if d.get("kind") == "ServiceMonitor" else core).append(d)
+for m in monitors:
+    assert m["apiVersion"] == "monitoring.coreos.com/v1", m
+    assert m["spec"]["endpoints"][0]["port"] == "http", m
+    assert m["spec"]["selector"]["matchLabels"], m
+yaml.safe_dump_all(core, open(sys.argv[2], "w"))
+PY
+  for version in 1.33.0 1.35.0; do
+    if ! out="$(kubernetes-validate --strict --quiet -k "$version" "$work/$name-core.yaml" 2>&1)"; then
+      echo "$out" >&2
+      echo "rendered manifests ($name) do not validate against Kubernetes $version" >&2
+      fail=1
+    fi
+  done
+done
+
+echo "== CRD and examples"
+for version in 1.33.0 1.35.0; do
+  kubernetes-validate --strict --quiet -k "$version" "$root/crds/agentrun.dev_agentruns.yaml" || { echo "the CRD does not validate against Kubernetes $version" >&2; fail=1; }
+done
+python3 - "$root/crds/agentrun.dev_agentruns.yaml" "$root"/manifests/examples/*.yaml <<'PY' || fail=1
+import sys, yaml, jsonschema
+crd = yaml.safe_load(open(sys.argv[1]))
+schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+def to_json_schema(s):
+    """OpenAPI v3 (Kubernetes flavour) to JSON Schema: drop the x-kubernetes-* and nullable keys."""
+    if isinstance(s, dict):
+        out = {k: to_json_schema(v) for k, v in s.items() if not k.startswith("x-kubernetes") and k != "nullable"}
+        if s.get("nullable") and "type" in out:
+            out["type"] = [out["type"], "null"]
+        if s.get("x-kubernetes-int-or-string"):
+            out.pop("type", None)
+            out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        if "properties" in out and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(s, list):
+        return [to_json_schema(v) for v in s]
+    return s
+
+js = to_json_schema(schema)
+js["properties"]["metadata"] = {"type": "object"}
+js["properties"]["apiVersion"] = {"const": "agentrun.dev/v1alpha1"}
+js["properties"]["kind"] = {"const": "AgentRun"}
+bad = 0
+for path in sys.argv[2:]:
+    for doc in yaml.safe_load_all(open(path)):
+        if not doc:
+            continue
+        errors = sorted(jsonschema.Draft7Validator(js).iter_errors(doc), key=lambda e: list(e.path))
+        for e in errors:
+            print(f"{path}: {'.'.join(map(str, e.path)) or '<root>'}: {e.message}", file=sys.stderr)
+            bad = 1
+        if len(doc["metadata"]["name"]) > 42:
+            print(f"{path}: metadata.name is longer than 42 characters", file=sys.stderr)
+            bad = 1
+print(f"{len(sys.argv) - 2} example files checked against the AgentRun schema")
+sys.exit(bad)
+PY
+
+echo "== manifests/install.yaml"
+render_install > "$work/install.yaml"
+if ! diff -u "$install" "$work/install.yaml" > "$work/install.diff"; then
+  head -50 "$work/install.diff" >&2
+  echo "manifests/install.yaml is out of date with helm/agentrun: run scripts/check-chart.sh --update" >&2
+  fail=1
+fi
+kubernetes-validate --strict --quiet -k 1.35.0 "$install" || { echo "manifests/install.yaml does not validate" >&2; fail=1; }
+
+if [ "$fail" != 0 ]; then
+  echo "check-chart: FAILED" >&2
+  exit 1
+fi
+echo "check-chart: all chart, CRD and manifest checks passed"
