@@ -7,6 +7,7 @@
 //! [`publish`] (append and notify, deduplicated, in batches) and [`replay`] (read a stream from
 //! a cursor in pages). `docs/protocol.md` describes the same contract for people.
 
+pub mod acl;
 pub mod control;
 pub mod entry;
 pub mod envelope;

@@ -259,7 +259,8 @@ impl RedisSettings {
         let info = format!("{scheme}://{host_part}:{port}/{}", self.db)
             .into_connection_info()
             .map_err(|e| url_err(&self.target(), e.to_string()))?;
-        let mut redis_info = info.redis_settings().clone();
+        // No CLIENT SETINFO on connect: ACL users are not granted it.
+        let mut redis_info = info.redis_settings().clone().set_skip_set_lib_name();
         if let Some(u) = &self.username {
             redis_info = redis_info.set_username(u);
         }
@@ -300,6 +301,7 @@ impl RedisSettings {
     }
 
     fn client_for(&self, info: ConnectionInfo) -> Result<Client, SettingsError> {
+        install_crypto_provider();
         let result = match self.tls_certificates()? {
             Some(certs) if self.tls => Client::build_with_tls(info, certs),
             _ => Client::open(info),
@@ -362,6 +364,7 @@ impl RedisSettings {
                 let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
                     .response_timeout(self.response_timeout)
                     .connection_timeout(self.connect_timeout);
+                install_crypto_provider();
                 if let Some(certs) = self.tls_certificates()? {
                     builder = builder.certs(certs);
                 }
@@ -415,6 +418,15 @@ impl RedisSettings {
             "PUBLISH"
         }
     }
+}
+
+/// Selects rustls's `ring` provider for the process (once), so that TLS works whichever
+/// providers other crates enabled.
+fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
 }
 
 /// A command connection to standalone/Sentinel Redis or to a Redis Cluster.

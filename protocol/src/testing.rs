@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 pub struct RedisServer {
     port: u16,
+    tls: bool,
     dir: tempfile::TempDir,
     extra_args: Vec<String>,
     child: Option<Child>,
@@ -46,6 +47,7 @@ impl RedisServer {
     pub fn start_with(extra: &[&str]) -> Self {
         let mut server = RedisServer {
             port: free_port(),
+            tls: extra.contains(&"--tls-port"),
             dir: tempfile::tempdir().expect("temp dir"),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
             child: None,
@@ -54,13 +56,18 @@ impl RedisServer {
         server
     }
 
+    fn spawn_on_port(&mut self) {
+        self.spawn();
+    }
+
     fn spawn(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
             let mut cmd = Command::new(redis_server_binary());
-            cmd.arg("--port")
-                .arg(self.port.to_string())
-                .args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
+            if !self.tls {
+                cmd.arg("--port").arg(self.port.to_string());
+            }
+            cmd.args(["--bind", "127.0.0.1", "--save", "", "--daemonize", "no"])
                 .args(["--appendonly", "yes", "--appendfsync", "always"])
                 .arg("--dir")
                 .arg(self.dir.path())
@@ -95,6 +102,10 @@ impl RedisServer {
 
     fn ping(&self) -> bool {
         use std::io::{Read, Write};
+        if self.tls {
+            // A TLS port that accepts connections is up; the handshake is the client's test.
+            return std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok();
+        }
         let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
@@ -111,7 +122,47 @@ impl RedisServer {
     }
 
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        if self.tls {
+            format!("rediss://localhost:{}", self.port)
+        } else {
+            format!("redis://127.0.0.1:{}", self.port)
+        }
+    }
+
+    /// Starts a server that speaks only TLS, with certificates from `tls`; with
+    /// `require_client_cert`, clients must present a certificate signed by the test CA.
+    pub fn start_tls(tls: &TlsFiles, require_client_cert: bool) -> Self {
+        let port = free_port();
+        let args = [
+            "--port".to_owned(),
+            "0".to_owned(),
+            "--tls-port".to_owned(),
+            port.to_string(),
+            "--tls-cert-file".to_owned(),
+            tls.server_cert.display().to_string(),
+            "--tls-key-file".to_owned(),
+            tls.server_key.display().to_string(),
+            "--tls-ca-cert-file".to_owned(),
+            tls.ca.display().to_string(),
+            "--tls-auth-clients".to_owned(),
+            if require_client_cert { "yes" } else { "no" }.to_owned(),
+        ];
+        let mut server = RedisServer {
+            port,
+            tls: true,
+            dir: tempfile::tempdir().expect("temp dir"),
+            extra_args: args.to_vec(),
+            child: None,
+        };
+        server.spawn_on_port();
+        server
+    }
+
+    /// Settings for a TLS server: its URL plus the test CA.
+    pub fn tls_settings(&self, tls: &TlsFiles) -> RedisSettings {
+        let mut s = self.settings();
+        s.ca_file = Some(tls.ca.clone());
+        s
     }
 
     pub fn settings(&self) -> RedisSettings {
@@ -169,5 +220,53 @@ where
             panic!("timed out after {timeout:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A CA, a server certificate for `localhost` and `127.0.0.1`, and a client certificate, all
+/// generated for the test (PEM files in a temporary directory).
+pub struct TlsFiles {
+    _dir: tempfile::TempDir,
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn generate() -> Self {
+        use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose};
+        let dir = tempfile::tempdir().expect("temp dir");
+        let write = |name: &str, pem: String| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, pem).expect("write pem");
+            path
+        };
+        let ca_key = KeyPair::generate().expect("key");
+        let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        ca_params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "agentrun test CA");
+        let ca_cert = ca_params.self_signed(&ca_key).expect("ca");
+        let issuer = Issuer::new(ca_params, ca_key);
+        let leaf = |names: Vec<String>| {
+            let key = KeyPair::generate().expect("key");
+            let params = CertificateParams::new(names).expect("params");
+            let cert = params.signed_by(&key, &issuer).expect("sign");
+            (cert.pem(), key.serialize_pem())
+        };
+        let (server_cert, server_key) = leaf(vec!["localhost".into(), "127.0.0.1".into()]);
+        let (client_cert, client_key) = leaf(vec!["agentrun-client".into()]);
+        TlsFiles {
+            ca: write("ca.pem", ca_cert.pem()),
+            server_cert: write("server.pem", server_cert),
+            server_key: write("server.key", server_key),
+            client_cert: write("client.pem", client_cert),
+            client_key: write("client.key", client_key),
+            _dir: dir,
+        }
     }
 }

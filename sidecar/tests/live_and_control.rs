@@ -95,8 +95,12 @@ async fn pause_resume_stdin_and_stop_reach_the_agent() {
     let run = run_id("control");
     let dir = tempfile::tempdir().unwrap();
     let agent = python_agent(dir.path(), "ticker.py", TICKER);
-    let mut cmd = sidecar_run(&redis, &run, &["python3", "-u", &agent]);
-    cmd.args(["--stop-grace-seconds", "5"]);
+    let cmd = sidecar_run_with(
+        &redis,
+        &run,
+        &["--stop-grace-seconds", "5"],
+        &["python3", "-u", &agent],
+    );
     let child = tokio::process::Command::from(cmd)
         .stdout(Stdio::null())
         .kill_on_drop(true)

@@ -17,6 +17,16 @@ pub fn run_id(tag: &str) -> RunId {
 
 /// `agentrun-sidecar run` for an agent command, with a fresh run id.
 pub fn sidecar_run(redis: &RedisServer, run: &RunId, agent: &[&str]) -> Command {
+    sidecar_run_with(redis, run, &[], agent)
+}
+
+/// `agentrun-sidecar run` with extra options (before the `--`).
+pub fn sidecar_run_with(
+    redis: &RedisServer,
+    run: &RunId,
+    options: &[&str],
+    agent: &[&str],
+) -> Command {
     let mut cmd = Command::new(SIDECAR);
     cmd.args([
         "run",
@@ -26,7 +36,9 @@ pub fn sidecar_run(redis: &RedisServer, run: &RunId, agent: &[&str]) -> Command 
         "--redis-url",
     ])
     .arg(redis.url())
-    .args(["--run-id", run.as_str(), "--variation", "default", "--"])
+    .args(["--run-id", run.as_str(), "--variation", "default"])
+    .args(options)
+    .arg("--")
     .args(agent)
     .env("RUST_LOG", "warn");
     cmd

@@ -1,0 +1,189 @@
+//! Redis ACL users, one per kind of credential, so that each component can touch only what it
+//! needs (see `docs/security.md`).
+//!
+//! - **run user** (`agentrun-run-RUN`): the sidecars of one run. Keys and channels limited to
+//!   `run:{RUN}:*`; only the commands the sidecar sends. Created by the operator when the run
+//!   starts, with a random password kept in a Secret owned by the AgentRun; deleted on cleanup
+//!   (which also disconnects it).
+//! - **relay user**: reads every run's streams and state and the run index, subscribes to
+//!   every run's channels, and may append to and publish on **control** streams and channels
+//!   only (through a selector); no writes to output, logs or status, no admin commands.
+//! - **operator user**: manages run users (`ACL SETUSER`/`DELUSER`, which is as powerful as
+//!   an admin: keep its password as safe as Redis's own), registers runs, publishes status
+//!   and control, and applies retention.
+
+use crate::names::{RUNS_INDEX_KEY, RunId};
+use redis::RedisError;
+use redis::aio::ConnectionLike;
+
+/// Commands every component needs to connect (authentication, handshake, health).
+const CONNECT: &[&str] = &["+ping", "+hello", "+auth"];
+
+/// What the publish script and the sidecar's control follower send.
+const SIDECAR_COMMANDS: &[&str] = &[
+    "+evalsha",
+    "+script|load",
+    "+xadd",
+    "+xrange",
+    "+xrevrange",
+    "+hget",
+    "+hset",
+    "+hsetnx",
+    "+expire",
+    "+publish",
+    "+spublish",
+    "+subscribe",
+    "+ssubscribe",
+    "+unsubscribe",
+    "+sunsubscribe",
+];
+
+/// The ACL user name of a run's sidecars.
+pub fn run_username(run: &RunId) -> String {
+    format!("agentrun-run-{run}")
+}
+
+/// A random password: 32 bytes, hex.
+pub fn generate_password() -> String {
+    let bytes: [u8; 32] = rand::random();
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The rules of a run's user (after `reset`, `on` and the password).
+pub fn run_user_rules(run: &RunId) -> Vec<String> {
+    let mut rules = vec![
+        "resetkeys".to_owned(),
+        format!("~{}*", run.prefix()),
+        "resetchannels".to_owned(),
+        format!("&{}*", run.prefix()),
+        "-@all".to_owned(),
+    ];
+    rules.extend(
+        CONNECT
+            .iter()
+            .chain(SIDECAR_COMMANDS)
+            .map(|c| (*c).to_owned()),
+    );
+    rules
+}
+
+/// The rules of the relay's user.
+pub fn relay_user_rules() -> Vec<String> {
+    let mut rules = vec![
+        "resetkeys".to_owned(),
+        "%R~run:*".to_owned(),
+        format!("%R~{RUNS_INDEX_KEY}"),
+        "resetchannels".to_owned(),
+        "&run:*".to_owned(),
+        "-@all".to_owned(),
+    ];
+    rules.extend(
+        CONNECT
+            .iter()
+            .chain(&[
+                "+xrange",
+                "+xrevrange",
+                "+xlen",
+                "+hget",
+                "+hgetall",
+                "+hmget",
+                "+exists",
+                "+zrange",
+                "+zrevrange",
+                "+zrangebyscore",
+                "+zrevrangebyscore",
+                "+zcard",
+                "+zscore",
+                "+subscribe",
+                "+ssubscribe",
+                "+unsubscribe",
+                "+sunsubscribe",
+            ])
+            .map(|c| (*c).to_owned()),
+    );
+    // Control messages go through the publish script: only on control streams and channels
+    // (and the producers hash the script keeps). `run:{*}:control` cannot match an output
+    // stream of a variation named "control" (`run:{R}:output:control`), since run ids hold
+    // no braces.
+    rules.push(
+        "(~run:{*}:control ~run:{*}:producers &run:{*}:control +evalsha +script|load +xadd +xrevrange +hget +hset +publish +spublish)"
+            .to_owned(),
+    );
+    rules
+}
+
+/// The rules of the operator's user.
+pub fn operator_user_rules() -> Vec<String> {
+    let mut rules = vec![
+        "resetkeys".to_owned(),
+        "~run:*".to_owned(),
+        format!("~{RUNS_INDEX_KEY}"),
+        "resetchannels".to_owned(),
+        "&run:*".to_owned(),
+        "-@all".to_owned(),
+    ];
+    rules.extend(
+        CONNECT
+            .iter()
+            .chain(SIDECAR_COMMANDS)
+            .chain(&[
+                "+acl|setuser",
+                "+acl|deluser",
+                "+acl|getuser",
+                "+hgetall",
+                "+zadd",
+                "+zrem",
+                "+zrangebyscore",
+                "+zscore",
+                "+del",
+                "+exists",
+                "+ttl",
+            ])
+            .map(|c| (*c).to_owned()),
+    );
+    rules
+}
+
+/// Creates (or replaces) a user with these rules and this password.
+pub async fn set_user<C: ConnectionLike>(
+    conn: &mut C,
+    name: &str,
+    password: &str,
+    rules: &[String],
+) -> Result<(), RedisError> {
+    let mut cmd = redis::cmd("ACL");
+    cmd.arg("SETUSER")
+        .arg(name)
+        .arg("reset")
+        .arg("on")
+        .arg(format!(">{password}"));
+    for r in rules {
+        cmd.arg(r);
+    }
+    cmd.query_async::<()>(conn).await
+}
+
+/// Creates the user of a run's sidecars; returns its name.
+pub async fn create_run_user<C: ConnectionLike>(
+    conn: &mut C,
+    run: &RunId,
+    password: &str,
+) -> Result<String, RedisError> {
+    let name = run_username(run);
+    set_user(conn, &name, password, &run_user_rules(run)).await?;
+    Ok(name)
+}
+
+/// Deletes the user of a run's sidecars (and so disconnects them). Deleting a user that does
+/// not exist is not an error.
+pub async fn delete_run_user<C: ConnectionLike>(
+    conn: &mut C,
+    run: &RunId,
+) -> Result<(), RedisError> {
+    redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(run_username(run))
+        .query_async::<u64>(conn)
+        .await
+        .map(|_| ())
+}
