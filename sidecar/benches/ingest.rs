@@ -214,7 +214,7 @@ async fn latency(redis: &RedisServer) {
     pubsub.subscribe(&key).await.unwrap();
     let mut live = pubsub.into_on_message();
     let mut child =
-        tokio::process::Command::from(sidecar_run(&redis, &run, &["paced", "10000", "10"]))
+        tokio::process::Command::from(sidecar_run(redis, &run, &["paced", "10000", "10"]))
             .spawn()
             .unwrap();
     let mut latencies: Vec<u128> = Vec::with_capacity(100_000);
