@@ -15,4 +15,6 @@ if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modu
     PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error
 fi
 # One file at a time: each starts its own Redis, relay and browser, and the machine is small.
-exec node --test --test-concurrency=1 --test-timeout=300000 "$@" ./*.test.mjs
+# Every wait in the tests has its own deadline; the outer timeout is only a last resort so that a
+# wedged browser can never hold CI until its own limit.
+exec timeout --kill-after=30 1800 node --test --test-concurrency=1 --test-timeout=300000 --test-force-exit "$@" ./*.test.mjs

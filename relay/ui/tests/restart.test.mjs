@@ -12,6 +12,7 @@ before(async () => {
   proxy = await TcpProxy.start(s.relay.port);
 });
 after(async () => {
+  await s?.browser.close(); // first, so that nothing reconnects through the proxy
   await proxy?.close();
   await s?.close();
 });

@@ -74,6 +74,8 @@ export class FakeRelay {
 
   async close() {
     this.dropAll();
-    await new Promise((r) => this.server.close(r));
+    const closed = new Promise((r) => this.server.close(r));
+    this.server.closeAllConnections();
+    await closed;
   }
 }

@@ -15,13 +15,32 @@ const here = dirname(fileURLToPath(import.meta.url));
 export const REPO = resolve(here, '../../../..');
 export const ARTIFACTS = resolve(here, '../artifacts');
 
+/** Resolves with `promise`, or with undefined after `ms` (and says so): for teardown steps. */
+export function bounded(promise, ms, what) {
+  let timer;
+  const late = new Promise((res) => {
+    timer = setTimeout(() => {
+      console.error(`# ${what} did not finish within ${ms} ms; going on`);
+      res(undefined);
+    }, ms);
+  });
+  return Promise.race([Promise.resolve(promise).catch(() => undefined), late]).finally(() => clearTimeout(timer));
+}
+
 /** Polls `fn` until it returns a truthy value; throws with `what` after `ms`. */
 export async function waitFor(what, fn, ms = 15000, every = 50) {
   const deadline = Date.now() + ms;
   let last;
   for (;;) {
     try {
-      const v = await fn();
+      // A call that hangs (a stuck page, say) must not outlive the deadline either.
+      let timer;
+      const v = await Promise.race([
+        fn(),
+        new Promise((_, rej) => {
+          timer = setTimeout(() => rej(new Error('a check did not answer')), Math.max(1000, deadline - Date.now()));
+        }),
+      ]).finally(() => clearTimeout(timer));
       if (v) return v;
     } catch (e) {
       last = e;
@@ -307,17 +326,21 @@ export class Relay {
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
 
 /**
- * Launches headless chromium with a fresh profile. Tracks dialogs and page errors so that tests
- * can assert that hostile output opened none.
+ * Launches headless chromium (playwright gives it a fresh temporary profile, --user-data-dir).
+ * Tracks dialogs, page errors, crashes and CSP reports so that tests can assert that hostile
+ * output opened no dialog and ran nothing.
  */
 export async function launchBrowser() {
-  const profile = mkdtempSync(join(tmpdir(), 'agentrun-ui-chromium-'));
-  const context = await chromium.launchPersistentContext(profile, {
+  // A browser server, so that teardown can kill the chromium process if closing hangs.
+  const server = await chromium.launchServer({
     executablePath: CHROMIUM,
     headless: true,
-    viewport: { width: 1400, height: 900 },
+    timeout: 60000,
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
+  const browser = await chromium.connect(server.wsEndpoint(), { timeout: 60000 });
+  const context = await browser.newContext({ viewport: { width: 1400, height: 900 } });
+  context.setDefaultTimeout(30000);
   const dialogs = [];
   const errors = [];
   const cspViolations = [];
@@ -327,14 +350,15 @@ export async function launchBrowser() {
       d.dismiss().catch(() => {});
     });
     page.on('pageerror', (e) => errors.push(String(e)));
+    page.on('crash', () => errors.push('the page crashed'));
     page.on('console', (m) => {
       if (m.type() === 'error' && /Content Security Policy/i.test(m.text())) cspViolations.push(m.text());
     });
   };
   context.on('page', watch);
-  const page = context.pages()[0] || (await context.newPage());
-  watch(page);
+  const page = await context.newPage();
   return {
+    browser,
     context,
     page,
     dialogs,
@@ -347,8 +371,9 @@ export async function launchBrowser() {
       return path;
     },
     async close() {
-      await context.close().catch(() => {});
-      rmSync(profile, { recursive: true, force: true });
+      await bounded(browser.close(), 15000, 'closing the browser connection');
+      await bounded(server.close(), 15000, 'closing chromium');
+      await bounded(server.kill(), 15000, 'killing chromium');
     },
   };
 }
@@ -382,9 +407,9 @@ export async function startStack() {
     publisher: (run) => new RunPublisher(client, run),
     async close() {
       await browser.close();
-      await relay.stop('SIGKILL');
+      await bounded(relay.stop('SIGKILL'), 15000, 'stopping the relay');
       client.close();
-      await redis.stop();
+      await bounded(redis.stop(), 15000, 'stopping redis');
     },
   };
 }
@@ -435,7 +460,8 @@ export class TcpProxy {
   }
 
   async close() {
+    this.badGateway = false;
+    this.server.close();
     this.cut();
-    await new Promise((r) => this.server.close(r));
   }
 }
