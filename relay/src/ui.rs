@@ -101,7 +101,10 @@ fn security_headers(headers: &mut HeaderMap) {
         header::X_CONTENT_TYPE_OPTIONS,
         HeaderValue::from_static("nosniff"),
     );
-    headers.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    headers.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     headers.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     // Revalidate every time: cheap (ETag) and never stale after an upgrade.
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
@@ -117,7 +120,10 @@ fn serve(asset: &Asset, request: &HeaderMap) -> Response {
         StatusCode::NOT_MODIFIED.into_response()
     } else {
         (
-            [(header::CONTENT_TYPE, HeaderValue::from_static(asset.content_type))],
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(asset.content_type),
+            )],
             asset.body,
         )
             .into_response()
@@ -152,7 +158,10 @@ mod tests {
     fn every_asset_the_page_loads_is_embedded() {
         let index = std::str::from_utf8(INDEX.body).unwrap();
         for needed in ["/ui/app.js", "/ui/style.css", "/ui/favicon.svg"] {
-            assert!(index.contains(needed), "index.html no longer loads {needed}");
+            assert!(
+                index.contains(needed),
+                "index.html no longer loads {needed}"
+            );
         }
         for a in ASSETS {
             assert!(!a.body.is_empty(), "{} is empty", a.name);
