@@ -326,6 +326,12 @@ impl ApiServerVerifier {
     }
 }
 
+/// A client talking to a fresh [`ApiServerVerifier`].
+pub fn mock_client() -> (Client, ApiServerVerifier) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(service, "default"), ApiServerVerifier(handle))
+}
+
 impl Context {
     /// A context whose client talks to an [`ApiServerVerifier`], with a recording Redis store
     /// and a fixed clock.

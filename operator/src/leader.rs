@@ -246,4 +246,121 @@ mod tests {
         let released = LeaseSpec::default();
         assert_eq!(decide(Some(&released), "a", now, d), Decision::Acquire);
     }
+
+    use crate::fixtures::mock_client;
+    use http::Method;
+    use serde_json::json;
+
+    const PATH: &str = "/apis/coordination.k8s.io/v1/namespaces/default/leases/agentrun-operator";
+
+    fn not_found() -> serde_json::Value {
+        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+    }
+
+    fn lock(client: kube::Client, me: &str) -> LeaseLock {
+        LeaseLock::new(
+            Api::namespaced(client, "default"),
+            "agentrun-operator",
+            me,
+            Duration::from_secs(15),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_missing_lease_is_created_and_held() {
+        let (client, mut api) = mock_client();
+        let server = tokio::spawn(async move {
+            api.expect(Method::GET, PATH, 404, not_found()).await;
+            let created = api
+                .expect(
+                    Method::POST,
+                    "/apis/coordination.k8s.io/v1/namespaces/default/leases?",
+                    201,
+                    json!({}),
+                )
+                .await;
+            assert_eq!(created.body["metadata"]["name"], "agentrun-operator");
+            assert_eq!(created.body["spec"]["holderIdentity"], "pod-a");
+            assert_eq!(created.body["spec"]["leaseDurationSeconds"], 15);
+            api
+        });
+        assert!(
+            lock(client, "pod-a")
+                .try_acquire_or_renew()
+                .await
+                .expect("no error")
+        );
+        server
+            .await
+            .expect("scenario held")
+            .expect_nothing_more()
+            .await;
+    }
+
+    fn live_lease(holder: &str) -> serde_json::Value {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": "agentrun-operator", "namespace": "default", "resourceVersion": "7"},
+            "spec": {"holderIdentity": holder, "leaseDurationSeconds": 15, "renewTime": Timestamp::now().to_string(), "leaseTransitions": 2}
+        })
+    }
+
+    #[tokio::test]
+    async fn a_live_lease_of_another_replica_is_left_alone() {
+        let (client, mut api) = mock_client();
+        let server = tokio::spawn(async move {
+            api.expect(Method::GET, PATH, 200, live_lease("pod-b"))
+                .await;
+            api
+        });
+        assert!(
+            !lock(client, "pod-a")
+                .try_acquire_or_renew()
+                .await
+                .expect("no error")
+        );
+        server
+            .await
+            .expect("scenario held")
+            .expect_nothing_more()
+            .await;
+    }
+
+    #[tokio::test]
+    async fn the_holder_renews_with_optimistic_concurrency_and_loses_on_conflict() {
+        let (client, mut api) = mock_client();
+        let server = tokio::spawn(async move {
+            api.expect(Method::GET, PATH, 200, live_lease("pod-a"))
+                .await;
+            let renewed = api
+                .expect(Method::PUT, PATH, 200, live_lease("pod-a"))
+                .await;
+            assert_eq!(
+                renewed.body["metadata"]["resourceVersion"], "7",
+                "replace carries the resourceVersion"
+            );
+            assert_eq!(renewed.body["spec"]["leaseTransitions"], 2);
+            api.expect(Method::GET, PATH, 200, live_lease("pod-a"))
+                .await;
+            api.expect(Method::PUT, PATH, 409, json!({
+                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"
+            }))
+            .await;
+            api
+        });
+        let lock = lock(client, "pod-a");
+        assert!(lock.try_acquire_or_renew().await.expect("renewed"));
+        assert!(
+            !lock
+                .try_acquire_or_renew()
+                .await
+                .expect("a conflict is not an error")
+        );
+        drop(lock);
+        server
+            .await
+            .expect("scenario held")
+            .expect_nothing_more()
+            .await;
+    }
 }

@@ -167,13 +167,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(async move { axum::serve(listener, app(state)).await });
 
     // Refuse to start without the CRD.
-    let check: Api<AgentRun> = Api::all(client.clone());
-    if let Err(e) = check.list_metadata(&ListParams::default().limit(1)).await {
+    let check: Api<DeserializeGuard<AgentRun>> = Api::all(client.clone());
+    if let Err(e) = check.list(&ListParams::default().limit(1)).await {
         match e {
             kube::Error::Api(s) if s.code == 404 => bail!(
                 "the AgentRun CRD (agentruns.agentrun.dev) is not installed in this cluster: install it with `kubectl apply -f crds/agentrun.dev_agentruns.yaml` (or `agentrun-operator crd | kubectl apply -f -`) and start the operator again"
             ),
-            e => return Err(e).context("could not list AgentRuns; check the operator's RBAC (list/watch agentruns.agentrun.dev)"),
+            kube::Error::Api(s) if s.code == 401 || s.code == 403 => bail!(
+                "the operator may not list AgentRuns ({}): grant list/watch on agentruns.agentrun.dev (the Helm chart's ClusterRole does)",
+                s.message
+            ),
+            e => return Err(e).context("could not reach the Kubernetes API server to list AgentRuns; check --kubeconfig / KUBECONFIG / the in-cluster config"),
         }
     }
     ready.store(true, Ordering::SeqCst);
