@@ -67,46 +67,62 @@ impl Network {
     }
 
     pub async fn create(&self, _pod_uid: &str) -> Result<NetNs, String> {
-        let n = (self.prefix + NEXT.fetch_add(1, Ordering::SeqCst)) % 16_384;
-        let (third, fourth) = (n / 64, (n % 64) * 4);
-        let host_ip = format!("10.200.{third}.{}", fourth + 1);
-        let pod_ip = format!("10.200.{third}.{}", fourth + 2);
-        let name = format!("kube-sim-{n}");
-        let (host_if, pod_if) = (format!("ksh{n}"), format!("ksp{n}"));
-        // Leftovers of an earlier run with the same number.
-        let _ = ip(&["link", "del", &host_if]).await;
-        let _ = ip(&["netns", "del", &name]).await;
-        ip(&["netns", "add", &name]).await?;
-        let host_cidr = format!("{host_ip}/30");
-        let pod_cidr = format!("{pod_ip}/30");
-        let steps: Vec<Vec<&str>> = vec![
-            vec![
-                "link", "add", &host_if, "type", "veth", "peer", "name", &pod_if,
-            ],
-            vec!["link", "set", &pod_if, "netns", &name],
-            vec!["addr", "add", &host_cidr, "dev", &host_if],
-            vec!["link", "set", &host_if, "up"],
-            vec!["-n", &name, "addr", "add", &pod_cidr, "dev", &pod_if],
-            vec!["-n", &name, "link", "set", &pod_if, "up"],
-            vec!["-n", &name, "link", "set", "lo", "up"],
-            vec!["-n", &name, "route", "add", "default", "via", &host_ip],
-        ];
-        let ns = NetNs {
-            name: name.clone(),
-            ip: pod_ip.clone(),
-            host_if: host_if.clone(),
-        };
-        for step in steps {
-            if let Err(e) = ip(&step).await {
-                ns.destroy().await;
-                return Err(e);
+        // A number another kube-sim (another test process) holds is skipped, never taken over.
+        let mut last_err = String::new();
+        for _ in 0..64 {
+            let n = (self.prefix + NEXT.fetch_add(1, Ordering::SeqCst)) % 16_384;
+            let name = format!("kube-sim-{n}");
+            let host_if = format!("ksh{n}");
+            if let Err(e) = ip(&["netns", "add", &name]).await {
+                last_err = e;
+                continue;
+            }
+            // From here on the number is ours; dropping `ns` removes what was made.
+            let mut ns = NetNs {
+                name,
+                ip: String::new(),
+                host_if,
+            };
+            match ns.wire(n).await {
+                Ok(pod_ip) => {
+                    ns.ip = pod_ip;
+                    return Ok(ns);
+                }
+                Err(e) => last_err = e,
             }
         }
-        Ok(ns)
+        Err(format!("no free pod network namespace: {last_err}"))
     }
 }
 
 impl NetNs {
+    /// Creates the veth pair and addresses of namespace number `n`; returns the pod IP.
+    async fn wire(&self, n: u32) -> Result<String, String> {
+        let (third, fourth) = (n / 64, (n % 64) * 4);
+        let host_ip = format!("10.200.{third}.{}", fourth + 1);
+        let pod_ip = format!("10.200.{third}.{}", fourth + 2);
+        let pod_if = format!("ksp{n}");
+        let host_cidr = format!("{host_ip}/30");
+        let pod_cidr = format!("{pod_ip}/30");
+        let (name, host_if) = (self.name.as_str(), self.host_if.as_str());
+        let steps: Vec<Vec<&str>> = vec![
+            vec![
+                "link", "add", host_if, "type", "veth", "peer", "name", &pod_if,
+            ],
+            vec!["link", "set", &pod_if, "netns", name],
+            vec!["addr", "add", &host_cidr, "dev", host_if],
+            vec!["link", "set", host_if, "up"],
+            vec!["-n", name, "addr", "add", &pod_cidr, "dev", &pod_if],
+            vec!["-n", name, "link", "set", &pod_if, "up"],
+            vec!["-n", name, "link", "set", "lo", "up"],
+            vec!["-n", name, "route", "add", "default", "via", &host_ip],
+        ];
+        for step in steps {
+            ip(&step).await?;
+        }
+        Ok(pod_ip)
+    }
+
     /// Removes the namespace and its veth pair (also done on drop).
     pub async fn destroy(mut self) {
         let _ = ip(&["link", "del", &self.host_if]).await;
