@@ -258,3 +258,79 @@ pub async fn expire_keys<C: ConnectionLike>(
     }
     pipe.query_async::<()>(conn).await
 }
+
+/// Adds a variation to the run's declared `variations` (comma-separated) if it is not there.
+const ADD_VARIATION_SCRIPT: &str = r#"
+local current = redis.call('HGET', KEYS[1], 'variations')
+if not current or current == '' then
+  redis.call('HSET', KEYS[1], 'variations', ARGV[1])
+  return 1
+end
+for v in string.gmatch(current, '[^,]+') do
+  if v == ARGV[1] then return 0 end
+end
+redis.call('HSET', KEYS[1], 'variations', current .. ',' .. ARGV[1])
+return 1
+"#;
+
+/// Derives the run's `phase` from the latest state of each declared variation: final once
+/// every variation is final (failed if any failed, else stopped if any stopped, else
+/// succeeded), otherwise running, paused, starting or pending. Sets `ended` the first time
+/// the phase is final. Returns the phase.
+const SETTLE_PHASE_SCRIPT: &str = r#"
+local declared = redis.call('HGET', KEYS[1], 'variations')
+if not declared or declared == '' then return false end
+local total, final, failed, stopped, paused, running, starting = 0, 0, 0, 0, 0, 0, 0
+for v in string.gmatch(declared, '[^,]+') do
+  total = total + 1
+  local state = 'pending'
+  local raw = redis.call('HGET', KEYS[1], 'var:' .. v)
+  if raw then
+    local ok, event = pcall(cjson.decode, raw)
+    if ok and type(event) == 'table' and type(event.state) == 'string' then state = event.state end
+  end
+  if state == 'succeeded' then final = final + 1
+  elseif state == 'failed' then final = final + 1; failed = failed + 1
+  elseif state == 'stopped' then final = final + 1; stopped = stopped + 1
+  elseif state == 'paused' then paused = paused + 1
+  elseif state == 'running' then running = running + 1
+  elseif state == 'starting' then starting = starting + 1 end
+end
+local phase = 'pending'
+if final == total then
+  if failed > 0 then phase = 'failed' elseif stopped > 0 then phase = 'stopped' else phase = 'succeeded' end
+elseif running > 0 then phase = 'running'
+elseif paused > 0 then phase = 'paused'
+elseif starting > 0 then phase = 'starting' end
+redis.call('HSET', KEYS[1], 'phase', phase)
+if final == total then redis.call('HSETNX', KEYS[1], 'ended', ARGV[1]) end
+return phase
+"#;
+
+/// Declares a variation of a run (for runs that no operator registered).
+pub async fn add_variation<C: ConnectionLike>(
+    conn: &mut C,
+    run: &RunId,
+    variation: &crate::Variation,
+) -> Result<(), RedisError> {
+    redis::Script::new(ADD_VARIATION_SCRIPT)
+        .key(run.state_key())
+        .arg(variation.as_str())
+        .invoke_async::<i64>(conn)
+        .await
+        .map(|_| ())
+}
+
+/// Recomputes the run's phase from its variations' states (see the script above).
+pub async fn settle_phase<C: ConnectionLike>(
+    conn: &mut C,
+    run: &RunId,
+    now_ms: u64,
+) -> Result<Option<crate::RunState>, RedisError> {
+    let phase: Option<String> = redis::Script::new(SETTLE_PHASE_SCRIPT)
+        .key(run.state_key())
+        .arg(now_ms)
+        .invoke_async(conn)
+        .await?;
+    Ok(phase.and_then(|p| serde_json::from_value(serde_json::Value::String(p)).ok()))
+}

@@ -183,3 +183,71 @@ async fn unreachable_redis_is_a_clear_error() {
     let msg = err.to_string();
     assert!(msg.contains(&format!("127.0.0.1:{port}")), "{msg}");
 }
+
+#[tokio::test]
+async fn the_phase_is_settled_from_every_declared_variation() {
+    use agentrun_protocol::publish::{add_variation, set_state, settle_phase};
+    use agentrun_protocol::{RunState, StatusEvent};
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let run = RunId::new("multi").unwrap();
+    let (a, b) = (Variation::new("a").unwrap(), Variation::new("b").unwrap());
+    add_variation(&mut conn, &run, &a).await.unwrap();
+    add_variation(&mut conn, &run, &b).await.unwrap();
+    add_variation(&mut conn, &run, &a).await.unwrap();
+    let declared: String = redis::cmd("HGET")
+        .arg(run.state_key())
+        .arg("variations")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(declared, "a,b");
+    let set = |v: &str, s: RunState| {
+        (
+            format!("var:{v}"),
+            String::from_utf8(StatusEvent::new(Some(v), s).to_json()).unwrap(),
+        )
+    };
+    async fn apply(
+        conn: &mut agentrun_protocol::RedisConn,
+        run: &RunId,
+        field: (String, String),
+    ) -> Option<RunState> {
+        set_state(conn, run, &[(field.0.as_str(), field.1)])
+            .await
+            .unwrap();
+        settle_phase(conn, run, 42).await.unwrap()
+    }
+    assert_eq!(
+        apply(&mut conn, &run, set("a", RunState::Running)).await,
+        Some(RunState::Running)
+    );
+    // One variation done is not the run done.
+    assert_eq!(
+        apply(&mut conn, &run, set("a", RunState::Succeeded)).await,
+        Some(RunState::Pending)
+    );
+    assert_eq!(
+        apply(&mut conn, &run, set("b", RunState::Paused)).await,
+        Some(RunState::Paused)
+    );
+    assert_eq!(
+        apply(&mut conn, &run, set("b", RunState::Failed)).await,
+        Some(RunState::Failed)
+    );
+    let ended: u64 = redis::cmd("HGET")
+        .arg(run.state_key())
+        .arg("ended")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(ended, 42);
+    assert_eq!(
+        apply(&mut conn, &run, set("b", RunState::Stopped)).await,
+        Some(RunState::Stopped)
+    );
+    assert_eq!(
+        apply(&mut conn, &run, set("b", RunState::Succeeded)).await,
+        Some(RunState::Succeeded)
+    );
+}

@@ -4,7 +4,7 @@
 use crate::entrypoint::{self, EntrypointConfig};
 use crate::server::{Sidecar, SidecarConfig, SidecarError};
 use agentrun_protocol::now_ms;
-use agentrun_protocol::publish::register_run;
+use agentrun_protocol::publish::{add_variation, register_run, settle_phase};
 use std::ffi::OsString;
 use std::time::Duration;
 
@@ -27,12 +27,13 @@ pub async fn run(mut local: LocalRun) -> Result<i32, SidecarError> {
 
     // Register the run so the relay lists it.
     if let Ok(mut conn) = sidecar_config.redis.connect().await {
-        let fields = [
-            ("variations", sidecar_config.variation.to_string()),
-            ("phase", "running".to_owned()),
-            ("name", sidecar_config.run.to_string()),
-        ];
-        if let Err(e) = register_run(&mut conn, &sidecar_config.run, now_ms(), &fields).await {
+        let run = &sidecar_config.run;
+        let registered = async {
+            register_run(&mut conn, run, now_ms(), &[("name", run.to_string())]).await?;
+            add_variation(&mut conn, run, &sidecar_config.variation).await?;
+            settle_phase(&mut conn, run, now_ms()).await
+        };
+        if let Err(e) = registered.await {
             tracing::warn!(error = %e, "cannot register the run in Redis");
         }
     }

@@ -2,9 +2,9 @@
 //! until Redis takes them; acknowledges frames to the entrypoint once they are in Redis.
 
 use super::Shared;
-use agentrun_protocol::publish::{Batch, expire_keys, set_state};
+use agentrun_protocol::publish::{Batch, add_variation, expire_keys, set_state, settle_phase};
 use agentrun_protocol::{
-    NewEntry, Publisher, RedisConn, RedisSettings, StatusEvent, StreamName, now_ms,
+    NewEntry, Publisher, RedisConn, RedisSettings, StatusEvent, StreamName, Variation, now_ms,
 };
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -274,32 +274,42 @@ impl PublishLoop {
                     .await?;
                 return Ok(());
             }
-            let mut fields = vec![(field.as_str(), json.clone())];
-            let owns_phase = config.owns_run || {
+            set_state(c, run, &[(field.as_str(), json.clone())]).await?;
+            // Without an operator (no `namespace` in the state hash) the sidecars settle the
+            // run's phase themselves, from every declared variation; with one, it does.
+            let operator_owned = !config.owns_run && {
+                let ns: Option<String> = redis::cmd("HGET")
+                    .arg(run.state_key())
+                    .arg("namespace")
+                    .query_async(c)
+                    .await?;
+                ns.is_some()
+            };
+            let mut run_final = false;
+            if !operator_owned {
+                add_variation(c, run, &config.variation).await?;
+                run_final = settle_phase(c, run, now_ms())
+                    .await?
+                    .is_some_and(|p| p.is_final());
+            }
+            let ttl = config.retention.as_secs().max(1);
+            if run_final {
                 let declared: Option<String> = redis::cmd("HGET")
                     .arg(run.state_key())
                     .arg("variations")
                     .query_async(c)
                     .await?;
-                declared.is_none_or(|d| d == config.variation.as_str())
-            };
-            if owns_phase {
-                fields.push(("phase", event.state.as_str().to_owned()));
-                if event.state.is_final() {
-                    fields.push(("ended", now_ms().to_string()));
-                }
-            }
-            set_state(c, run, &fields).await?;
-            if event.state.is_final() {
-                let ttl = config.retention.as_secs().max(1);
-                let keys = if owns_phase {
-                    run.all_keys([&config.variation])
-                } else {
-                    vec![
-                        StreamName::Output(config.variation.clone()).key(run),
-                        StreamName::Logs(config.variation.clone()).key(run),
-                    ]
-                };
+                let variations: Vec<Variation> = declared
+                    .unwrap_or_default()
+                    .split(',')
+                    .filter_map(|v| Variation::new(v).ok())
+                    .collect();
+                expire_keys(c, &run.all_keys(variations.iter()), ttl).await?;
+            } else if event.state.is_final() {
+                let keys = [
+                    StreamName::Output(config.variation.clone()).key(run),
+                    StreamName::Logs(config.variation.clone()).key(run),
+                ];
                 expire_keys(c, &keys, ttl).await?;
             }
             Ok(())
