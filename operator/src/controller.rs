@@ -466,10 +466,17 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
     if finished {
         return Ok(Action::await_change());
     }
-    let requeue = match status::deadline(next.start_time.as_ref(), run.spec.timeout_seconds) {
+    let mut requeue = match status::deadline(next.start_time.as_ref(), run.spec.timeout_seconds) {
         Some(deadline) => until(now, deadline).min(RESYNC),
         None => RESYNC,
     };
+    if next
+        .variations
+        .iter()
+        .any(|v| v.reason.as_deref() == Some(reasons::POD_NAME_TAKEN))
+    {
+        requeue = requeue.min(Duration::from_secs(10));
+    }
     Ok(Action::requeue(requeue))
 }
 
@@ -603,13 +610,20 @@ async fn create_missing_pods(
                     format!("created pod {pod_name} for variation {}", vs.name),
                 )
                 .await;
+                vs.pod_name = Some(pod_name);
+                vs.reason = Some(reasons::POD_CREATED.into());
+                vs.message = Some("the pod was created and waits to be scheduled".into());
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                // Ours from a concurrent reconcile (the next list shows it), or an earlier
+                // incarnation's pod that is still terminating: wait, do not claim it.
+                vs.reason = Some(reasons::POD_NAME_TAKEN.into());
+                vs.message = Some(format!(
+                    "a pod named {pod_name} already exists; waiting for it (if it belongs to an earlier run of the same name, it goes when it finishes terminating)"
+                ));
+            }
             Err(e) => return Err(e.into()),
         }
-        vs.pod_name = Some(pod_name);
-        vs.reason = Some("PodCreated".into());
-        vs.message = Some("the pod was created and waits to be scheduled".into());
         slots -= 1;
         if next.start_time.is_none() {
             next.start_time = Some(Time(now));

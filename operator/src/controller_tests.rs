@@ -310,11 +310,23 @@ async fn an_existing_pod_from_a_race_is_not_an_error() {
             "message": "pods \"hello-default\" already exists", "code": 409
         }))
         .await;
-        api.expect_status_patch(&r).await;
+        let status = api.expect_status_patch(&r).await;
+        assert_eq!(
+            status.variations[0].reason.as_deref(),
+            Some(reasons::POD_NAME_TAKEN)
+        );
+        assert_eq!(
+            status.variations[0].pod_name, None,
+            "a pod that may not be ours is not claimed"
+        );
         api
     })
     .await;
-    out.result.expect("a 409 on create means the pod is there");
+    assert_eq!(
+        out.result.expect("a 409 on create is not an error"),
+        Action::requeue(Duration::from_secs(10)),
+        "look again soon for the old pod to go"
+    );
     assert_eq!(out.metrics.pods_created.get(), 0);
 }
 

@@ -20,6 +20,8 @@ pub mod conditions {
 /// Machine-readable reasons used in conditions, variation status and `run:{RUN}:status`.
 pub mod reasons {
     pub const POD_NOT_CREATED: &str = "PodNotCreated";
+    pub const POD_CREATED: &str = "PodCreated";
+    pub const POD_NAME_TAKEN: &str = "PodNameTaken";
     pub const WAITING_FOR_PARALLELISM: &str = "WaitingForParallelism";
     pub const UNSCHEDULABLE: &str = "Unschedulable";
     pub const SCHEDULED: &str = "Scheduled";
