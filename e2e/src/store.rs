@@ -94,19 +94,44 @@ fn meta(obj: &Value, field: &str) -> Option<String> {
     obj.get("metadata")?.get(field)?.as_str().map(String::from)
 }
 
-fn meta_mut(obj: &mut Value) -> &mut Map<String, Value> {
-    if !obj.get("metadata").is_some_and(Value::is_object) {
-        obj["metadata"] = json!({});
+fn meta_mut(obj: &mut Value) -> Option<&mut Map<String, Value>> {
+    let root = obj.as_object_mut()?;
+    let m = root
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if !m.is_object() {
+        *m = Value::Object(Map::new());
     }
-    match obj.get_mut("metadata").and_then(Value::as_object_mut) {
-        Some(m) => m,
-        None => unreachable_meta(),
-    }
+    m.as_object_mut()
 }
 
-#[allow(clippy::panic)]
-fn unreachable_meta() -> ! {
-    panic!("metadata was just set to an object")
+fn bad_shape() -> ApiError {
+    ApiError::bad_request("the body of the request must be an object")
+}
+
+/// Rejects bodies whose well-known parts have the wrong JSON type (the real server fails to
+/// decode them).
+fn check_shape(obj: &Value) -> Result<(), ApiError> {
+    let Some(o) = obj.as_object() else {
+        return Err(bad_shape());
+    };
+    for k in ["metadata", "spec", "status"] {
+        if o.get(k).is_some_and(|v| !v.is_object() && !v.is_null()) {
+            return Err(ApiError::bad_request(format!(
+                "error decoding request body: .{k} must be an object"
+            )));
+        }
+    }
+    if let Some(m) = o.get("metadata").and_then(Value::as_object) {
+        for k in ["labels", "annotations"] {
+            if m.get(k).is_some_and(|v| !v.is_object() && !v.is_null()) {
+                return Err(ApiError::bad_request(format!(
+                    "error decoding request body: .metadata.{k} must be an object"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The object without `metadata` and `status`: what counts as its spec for `generation`.
@@ -415,11 +440,7 @@ impl Store {
         mut obj: Value,
         opts: &WriteOpts,
     ) -> Result<Value, ApiError> {
-        if !obj.is_object() {
-            return Err(ApiError::bad_request(
-                "the body of the request must be an object",
-            ));
-        }
+        check_shape(&obj)?;
         let key: TypeKey = (t.group.clone(), t.plural.clone());
         obj["apiVersion"] = Value::String(t.api_version());
         obj["kind"] = Value::String(t.kind.clone());
@@ -479,7 +500,9 @@ impl Store {
         }
         let now = now_rfc3339();
         {
-            let m = meta_mut(&mut obj);
+            let Some(m) = meta_mut(&mut obj) else {
+                return Err(bad_shape());
+            };
             m.insert("name".into(), Value::String(name.clone()));
             if t.namespaced {
                 m.insert("namespace".into(), Value::String(ns.to_string()));
@@ -627,7 +650,9 @@ impl Store {
             ("", "namespaces") if builtin => {
                 obj["status"] = json!({"phase": "Active"});
                 obj["spec"] = json!({"finalizers": ["kubernetes"]});
-                let m = meta_mut(obj);
+                let Some(m) = meta_mut(obj) else {
+                    return Err(bad_shape());
+                };
                 let labels = m.entry("labels").or_insert_with(|| json!({}));
                 labels["kubernetes.io/metadata.name"] = Value::String(name.to_string());
             }
@@ -757,11 +782,7 @@ impl Store {
     ) -> Result<Value, ApiError> {
         let key: TypeKey = (t.group.clone(), t.plural.clone());
         let store_ns = if t.namespaced { ns } else { "" };
-        if !new.is_object() {
-            return Err(ApiError::bad_request(
-                "the body of the request must be an object",
-            ));
-        }
+        check_shape(&new)?;
         if let Some(body_name) = meta(&new, "name")
             && body_name != name
         {
@@ -801,7 +822,9 @@ impl Store {
             }
             // Immutable metadata comes from the stored object.
             let old_meta = old["metadata"].clone();
-            let m = meta_mut(&mut new);
+            let Some(m) = meta_mut(&mut new) else {
+                return Err(bad_shape());
+            };
             for f in [
                 "uid",
                 "creationTimestamp",
@@ -1029,7 +1052,9 @@ impl Store {
             }
         });
         if policy == "Foreground" {
-            let m = meta_mut(&mut new);
+            let Some(m) = meta_mut(&mut new) else {
+                return Err(bad_shape());
+            };
             let f = m.entry("finalizers").or_insert_with(|| json!([]));
             if let Some(a) = f.as_array_mut()
                 && !a.contains(&json!("foregroundDeletion"))
@@ -1038,7 +1063,9 @@ impl Store {
             }
         }
         if !already {
-            let m = meta_mut(&mut new);
+            let Some(m) = meta_mut(&mut new) else {
+                return Err(bad_shape());
+            };
             m.insert("deletionTimestamp".into(), Value::String(now_rfc3339()));
             m.insert(
                 "deletionGracePeriodSeconds".into(),
@@ -1174,7 +1201,9 @@ pub fn record_manager(obj: &mut Value, manager: &str, operation: &str, api_versi
         "fieldsType": "FieldsV1",
         "fieldsV1": {},
     });
-    let m = meta_mut(obj);
+    let Some(m) = meta_mut(obj) else {
+        return;
+    };
     let list = m.entry("managedFields").or_insert_with(|| json!([]));
     if let Some(a) = list.as_array_mut() {
         a.retain(|e| !(e["manager"] == manager && e["operation"] == operation));

@@ -618,6 +618,15 @@ async fn errors_are_kubernetes_status_objects() {
         }
         other => panic!("expected 422, got {other:?}"),
     }
+    // A malformed body is a 400, and the server keeps serving.
+    let req = http::Request::post(format!("/api/v1/namespaces/{}/configmaps", c.namespace))
+        .header("content-type", "application/json")
+        .body(br#"{"apiVersion":"v1","kind":"ConfigMap","metadata":5}"#.to_vec())
+        .expect("request");
+    match c.client().await.request::<serde_json::Value>(req).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 400, "{s:?}"),
+        other => panic!("expected 400, got {other:?}"),
+    }
     let missing_ns: Api<ConfigMap> = Api::namespaced(c.client().await, "no-such-namespace");
     match missing_ns
         .create(&PostParams::default(), &cm("x", json!({})))
