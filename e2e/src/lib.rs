@@ -82,6 +82,8 @@ pub struct KubeSim {
     pub kubelet: Option<Arc<Kubelet>>,
     pub kubeconfig: Option<PathBuf>,
     pub state_dir: PathBuf,
+    /// The state directory was made by kube-sim (no `--state-dir`) and goes on shutdown.
+    owned_state_dir: bool,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -94,16 +96,21 @@ pub fn kubeconfig_yaml(url: &str) -> String {
 
 /// Starts the API server (and the kubelet and garbage collector) on `opts.listen`.
 pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
-    let state_dir = match &opts.state_dir {
-        Some(d) => d.clone(),
-        None => std::env::temp_dir().join(format!(
-            "kube-sim-{}-{:08x}",
-            std::process::id(),
-            rand::random::<u32>()
-        )),
+    let (state_dir, owned_state_dir) = match &opts.state_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!(
+                "kube-sim-{}-{:08x}",
+                std::process::id(),
+                rand::random::<u32>()
+            )),
+            true,
+        ),
     };
-    std::fs::create_dir_all(&state_dir)
-        .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    if opts.kubelet || !owned_state_dir {
+        std::fs::create_dir_all(&state_dir)
+            .with_context(|| format!("creating state dir {}", state_dir.display()))?;
+    }
     let store = Store::new(opts.watch_history);
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -154,6 +161,7 @@ pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
         None => None,
     };
     Ok(KubeSim {
+        owned_state_dir,
         addr,
         url,
         store,
@@ -172,6 +180,9 @@ impl KubeSim {
         }
         for t in self.tasks.drain(..) {
             t.abort();
+        }
+        if self.owned_state_dir {
+            let _ = std::fs::remove_dir_all(&self.state_dir);
         }
     }
 }
