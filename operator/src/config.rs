@@ -20,6 +20,10 @@ pub struct Settings {
     pub redis_username: Option<String>,
     /// Redis password handed to the sidecars, if any.
     pub redis_password: Option<String>,
+    /// Key from which each run's Redis ACL password is derived; when set, every run gets its
+    /// own Redis user limited to its keys and channels (`None`: the sidecars share
+    /// `redis_username`/`redis_password`).
+    pub run_credential_key: Option<String>,
     /// Public base URL of the relay (web UI); the run page is `<url>/runs/<runId>`.
     pub relay_url: Option<String>,
     /// Default `streamMaxLen` for runs that do not set it.
@@ -39,6 +43,7 @@ impl Default for Settings {
             redis_url: "redis://redis:6379".into(),
             redis_username: None,
             redis_password: None,
+            run_credential_key: None,
             relay_url: None,
             default_stream_max_len: 100_000,
             default_retention_seconds: 7 * 24 * 3600,

@@ -571,6 +571,10 @@ async fn create_missing_pods(
         return Ok(());
     }
     if slots > 0 {
+        if let Some((_, password)) = pod::run_credentials(run, &ctx.settings)? {
+            let run_id = pod::run_id(run)?;
+            ctx.store.ensure_run_user(&run_id, &password).await?;
+        }
         let secret = pod::build_secret(run, &ctx.settings)?;
         let secrets: Api<Secret> =
             Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
@@ -665,6 +669,11 @@ async fn cleanup(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
         .collect();
     if let Err(e) = ctx.store.expire(&run_id, &variations, retention).await {
         warn!(run = %key, error = %e, "could not set the retention TTL on the run's Redis keys; they stay until trimmed by hand");
+    }
+    if ctx.settings.run_credential_key.is_some()
+        && let Err(e) = ctx.store.delete_run_user(&run_id).await
+    {
+        warn!(run = %key, error = %e, "could not delete the run's Redis user; delete it with ACL DELUSER by hand");
     }
     publish_event(
         &ctx,

@@ -139,7 +139,18 @@ async fn the_first_reconcile_creates_the_secret_the_pod_and_the_status() {
             secret.body["stringData"]["AGENTRUN_REDIS_URL"],
             "redis://agentrun-redis:6379"
         );
+        // The run gets its own Redis user, with a password derived from the operator's key
+        // (never the operator's own password).
+        let id = agentrun_protocol::RunId::new("default.hello.0f1e2d3c").expect("run id");
         assert_eq!(
+            secret.body["stringData"]["AGENTRUN_REDIS_USERNAME"],
+            "agentrun-run-default.hello.0f1e2d3c"
+        );
+        assert_eq!(
+            secret.body["stringData"]["AGENTRUN_REDIS_PASSWORD"],
+            agentrun_protocol::acl::derive_run_password("test-key", &id)
+        );
+        assert_ne!(
             secret.body["stringData"]["AGENTRUN_REDIS_PASSWORD"],
             "s3cret"
         );
@@ -532,6 +543,9 @@ async fn cleanup_stops_agents_expires_redis_data_and_removes_the_finalizer() {
                 variations: vec!["default".into()],
                 ttl_seconds: 604_800
             },
+            StoreCall::DeleteUser {
+                run_id: "default.hello.0f1e2d3c".into()
+            },
         ]
     );
 }
@@ -559,11 +573,16 @@ async fn cleanup_copes_with_apply_never_having_run() {
     out.result.expect("ok");
     assert_eq!(
         out.store.calls(),
-        vec![StoreCall::Expire {
-            run_id: "default.hello.0f1e2d3c".into(),
-            variations: vec!["a".into(), "b".into()],
-            ttl_seconds: 3600,
-        }]
+        vec![
+            StoreCall::Expire {
+                run_id: "default.hello.0f1e2d3c".into(),
+                variations: vec!["a".into(), "b".into()],
+                ttl_seconds: 3600,
+            },
+            StoreCall::DeleteUser {
+                run_id: "default.hello.0f1e2d3c".into()
+            },
+        ]
     );
 }
 

@@ -38,6 +38,7 @@ pub fn settings() -> Settings {
         sidecar_image: "ghcr.io/agentrun/agentrun-sidecar:0.1.0".into(),
         redis_url: "redis://agentrun-redis:6379".into(),
         redis_password: Some("s3cret".into()),
+        run_credential_key: Some("test-key".into()),
         relay_url: Some("https://agentrun.example.com".into()),
         ..Settings::default()
     }

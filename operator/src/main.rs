@@ -70,6 +70,13 @@ struct RunArgs {
     /// Redis password (instead of one in the URL).
     #[arg(long, env = "AGENTRUN_REDIS_PASSWORD", hide_env_values = true)]
     redis_password: Option<String>,
+    /// Give each run its own Redis ACL user (needs ACL SETUSER rights); its password is
+    /// derived from --run-credential-key, or from the Redis password when that is not given.
+    #[arg(long, env = "AGENTRUN_PER_RUN_REDIS_USERS", default_value_t = true, action = clap::ArgAction::Set)]
+    per_run_redis_users: bool,
+    /// Secret key for deriving per-run Redis passwords.
+    #[arg(long, env = "AGENTRUN_RUN_CREDENTIAL_KEY", hide_env_values = true)]
+    run_credential_key: Option<String>,
     /// Redis URL handed to the sidecars, when they reach Redis by another address.
     #[arg(long, env = "AGENTRUN_SIDECAR_REDIS_URL")]
     sidecar_redis_url: Option<String>,
@@ -231,6 +238,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|| args.redis_url.clone()),
         redis_username: args.redis_username.clone(),
         redis_password: args.redis_password.clone(),
+        run_credential_key: run_credential_key(&args),
         relay_url: args.relay_url.clone(),
         default_stream_max_len: args.stream_max_len,
         default_retention_seconds: args.retention_seconds,
@@ -296,4 +304,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The key per-run Redis passwords are derived from, when per-run users are on.
+fn run_credential_key(args: &RunArgs) -> Option<String> {
+    if !args.per_run_redis_users {
+        return None;
+    }
+    let key = args
+        .run_credential_key
+        .clone()
+        .or_else(|| args.redis_password.clone())
+        .filter(|k| !k.is_empty());
+    if key.is_none() {
+        tracing::warn!(
+            "per-run Redis users are on but there is neither --run-credential-key nor a Redis password to derive their passwords from; the sidecars share the operator's Redis credentials"
+        );
+    }
+    key
 }

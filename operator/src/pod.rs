@@ -139,14 +139,35 @@ fn owner_meta(
     })
 }
 
+/// The run's own Redis user and password, when per-run users are on.
+pub fn run_credentials(run: &AgentRun, settings: &Settings) -> Result<Option<(String, String)>> {
+    let Some(key) = &settings.run_credential_key else {
+        return Ok(None);
+    };
+    let id = agentrun_protocol::RunId::new(run_id(run)?).map_err(|e| Error::InvalidSpec {
+        object: object_name(run),
+        field: "metadata.name",
+        message: e.to_string(),
+    })?;
+    Ok(Some((
+        agentrun_protocol::acl::run_username(&id),
+        agentrun_protocol::acl::derive_run_password(key, &id),
+    )))
+}
+
 /// The Secret holding the Redis settings of the run's sidecars, owned by the run.
 pub fn build_secret(run: &AgentRun, settings: &Settings) -> Result<Secret> {
     let mut data = BTreeMap::from([("AGENTRUN_REDIS_URL".to_string(), settings.redis_url.clone())]);
-    if let Some(user) = &settings.redis_username {
-        data.insert("AGENTRUN_REDIS_USERNAME".into(), user.clone());
-    }
-    if let Some(password) = &settings.redis_password {
-        data.insert("AGENTRUN_REDIS_PASSWORD".into(), password.clone());
+    if let Some((user, password)) = run_credentials(run, settings)? {
+        data.insert("AGENTRUN_REDIS_USERNAME".into(), user);
+        data.insert("AGENTRUN_REDIS_PASSWORD".into(), password);
+    } else {
+        if let Some(user) = &settings.redis_username {
+            data.insert("AGENTRUN_REDIS_USERNAME".into(), user.clone());
+        }
+        if let Some(password) = &settings.redis_password {
+            data.insert("AGENTRUN_REDIS_PASSWORD".into(), password.clone());
+        }
     }
     Ok(Secret {
         metadata: owner_meta(run, secret_name(run), BTreeMap::new())?,

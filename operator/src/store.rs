@@ -46,6 +46,12 @@ pub enum StoreCall {
         variations: Vec<String>,
         ttl_seconds: u64,
     },
+    EnsureUser {
+        run_id: String,
+    },
+    DeleteUser {
+        run_id: String,
+    },
 }
 
 /// The operator's writes to Redis.
@@ -64,6 +70,14 @@ pub trait RunStore: Send + Sync {
         run_id: &'a str,
         action: ControlAction,
     ) -> BoxFuture<'a, Result<()>>;
+    /// Creates the run's own Redis user unless it exists.
+    fn ensure_run_user<'a>(
+        &'a self,
+        run_id: &'a str,
+        password: &'a str,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Deletes the run's Redis user (disconnecting its sidecars); no error when it is gone.
+    fn delete_run_user<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, Result<()>>;
     /// Puts the retention TTL on every key of the run.
     fn expire<'a>(
         &'a self,
@@ -157,6 +171,31 @@ fn redis_err(run_id: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl RunStore for RedisStore {
+    fn ensure_run_user<'a>(
+        &'a self,
+        run_id: &'a str,
+        password: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let run = parse_run_id(run_id)?;
+            let mut conn = self.conn.clone();
+            agentrun_protocol::acl::ensure_run_user(&mut conn, &run, password)
+                .await
+                .map(|_| ())
+                .map_err(|e| redis_err(run_id, e))
+        })
+    }
+
+    fn delete_run_user<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let run = parse_run_id(run_id)?;
+            let mut conn = self.conn.clone();
+            agentrun_protocol::acl::delete_run_user(&mut conn, &run)
+                .await
+                .map_err(|e| redis_err(run_id, e))
+        })
+    }
+
     fn register<'a>(&'a self, info: &'a RunInfo) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let run = parse_run_id(&info.run_id)?;
@@ -187,18 +226,28 @@ impl RunStore for RedisStore {
             )
             .await?;
             let run = parse_run_id(run_id)?;
-            let field = event.variation.clone().unwrap_or_else(|| "run".into());
+            // A variation's event is its `var:NAME`; a run-wide one sets the run's `phase`
+            // (and `ended` once final), which tells readers the run is over.
+            let json = String::from_utf8_lossy(&event.to_json()).into_owned();
+            let mut fields: Vec<(String, String)> = Vec::new();
+            match &event.variation {
+                Some(v) => fields.push((format!("var:{v}"), json)),
+                None => {
+                    fields.push(("phase".into(), event.state.as_str().into()));
+                    fields.push(("run".into(), json));
+                    if event.state.is_final() {
+                        fields.push(("ended".into(), agentrun_protocol::now_ms().to_string()));
+                    }
+                }
+            }
+            let refs: Vec<(&str, String)> = fields
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.clone()))
+                .collect();
             let mut conn = self.conn.clone();
-            set_state(
-                &mut conn,
-                &run,
-                &[(
-                    field.as_str(),
-                    String::from_utf8_lossy(&event.to_json()).into_owned(),
-                )],
-            )
-            .await
-            .map_err(|e| redis_err(run_id, e))
+            set_state(&mut conn, &run, &refs)
+                .await
+                .map_err(|e| redis_err(run_id, e))
         })
     }
 
@@ -281,6 +330,26 @@ impl RecordingStore {
 }
 
 impl RunStore for RecordingStore {
+    fn ensure_run_user<'a>(
+        &'a self,
+        run_id: &'a str,
+        _password: &'a str,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.record(StoreCall::EnsureUser {
+                run_id: run_id.into(),
+            })
+        })
+    }
+
+    fn delete_run_user<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.record(StoreCall::DeleteUser {
+                run_id: run_id.into(),
+            })
+        })
+    }
+
     fn register<'a>(&'a self, run: &'a RunInfo) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move { self.record(StoreCall::Register(run.clone())) })
     }

@@ -63,7 +63,10 @@ async fn register_status_control_and_expire() {
         [1, 2],
         "seq is contiguous"
     );
-    let latest: Option<String> = conn.hget(run.state_key(), "default").await.expect("hget");
+    let latest: Option<String> = conn
+        .hget(run.state_key(), "var:default")
+        .await
+        .expect("hget");
     assert_eq!(
         serde_json::from_str::<StatusEvent>(&latest.expect("state field")).expect("json"),
         failed,
@@ -102,4 +105,71 @@ async fn an_invalid_run_id_is_a_clear_error() {
         .await
         .expect_err("refused");
     assert!(err.to_string().contains("bad id {with braces}"), "{err}");
+}
+
+#[tokio::test]
+async fn run_wide_status_sets_the_phase_and_run_users_come_and_go() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.settings(), 1000)
+        .await
+        .expect("connects");
+    let run_id = "default.phase.0123abcd";
+    let run = RunId::new(run_id).expect("run id");
+    let mut conn = server.conn().await;
+    store
+        .publish_status(
+            run_id,
+            &StatusEvent::new(None, RunState::Running).source("operator"),
+        )
+        .await
+        .expect("publishes");
+    let phase: Option<String> = conn.hget(run.state_key(), "phase").await.expect("hget");
+    assert_eq!(phase.as_deref(), Some("running"));
+    let ended: Option<String> = conn.hget(run.state_key(), "ended").await.expect("hget");
+    assert_eq!(ended, None);
+    store
+        .publish_status(
+            run_id,
+            &StatusEvent::new(None, RunState::Succeeded).source("operator"),
+        )
+        .await
+        .expect("publishes");
+    let phase: Option<String> = conn.hget(run.state_key(), "phase").await.expect("hget");
+    assert_eq!(phase.as_deref(), Some("succeeded"));
+    let ended: Option<String> = conn.hget(run.state_key(), "ended").await.expect("hget");
+    assert!(ended.is_some(), "a final phase records when the run ended");
+
+    let password = agentrun_protocol::acl::derive_run_password("key", &run);
+    store
+        .ensure_run_user(run_id, &password)
+        .await
+        .expect("creates the user");
+    store
+        .ensure_run_user(run_id, &password)
+        .await
+        .expect("idempotent");
+    let user = agentrun_protocol::acl::run_username(&run);
+    let mut as_run = server
+        .settings()
+        .with_credentials(Some(user.clone()), Some(password.clone()))
+        .connect()
+        .await
+        .expect("the run user logs in");
+    let _: Option<String> = redis::cmd("HGET")
+        .arg(run.state_key())
+        .arg("phase")
+        .query_async(&mut as_run)
+        .await
+        .expect("reads its own run");
+    store
+        .delete_run_user(run_id)
+        .await
+        .expect("deletes the user");
+    store.delete_run_user(run_id).await.expect("idempotent");
+    let gone = server
+        .settings()
+        .with_credentials(Some(user), Some(password))
+        .connect()
+        .await;
+    assert!(gone.is_err(), "a deleted run user cannot log in");
 }

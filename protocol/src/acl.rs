@@ -187,3 +187,50 @@ pub async fn delete_run_user<C: ConnectionLike>(
         .await
         .map(|_| ())
 }
+
+/// The password of a run's user, derived from a key only the operator holds:
+/// HMAC-SHA256(key, "agentrun-run:" + RUN), hex. Deriving it (rather than storing a random
+/// one) lets any operator replica, before or after a restart, produce the same password
+/// without reading anything back; knowing one run's password reveals nothing about another's.
+pub fn derive_run_password(key: &str, run: &RunId) -> String {
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, key.as_bytes());
+    let tag = ring::hmac::sign(&key, format!("agentrun-run:{run}").as_bytes());
+    tag.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Creates the run's user unless it exists (an existing user, and the sidecars logged in as
+/// it, are left alone).
+pub async fn ensure_run_user<C: ConnectionLike>(
+    conn: &mut C,
+    run: &RunId,
+    password: &str,
+) -> Result<String, RedisError> {
+    let name = run_username(run);
+    let existing: redis::Value = redis::cmd("ACL")
+        .arg("GETUSER")
+        .arg(&name)
+        .query_async(conn)
+        .await?;
+    if matches!(existing, redis::Value::Nil) {
+        set_user(conn, &name, password, &run_user_rules(run)).await?;
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_passwords_are_stable_per_key_and_run() {
+        let a = RunId::new("a").unwrap();
+        let b = RunId::new("b").unwrap();
+        assert_eq!(derive_run_password("k", &a), derive_run_password("k", &a));
+        assert_ne!(derive_run_password("k", &a), derive_run_password("k", &b));
+        assert_ne!(
+            derive_run_password("k", &a),
+            derive_run_password("other", &a)
+        );
+        assert_eq!(derive_run_password("k", &a).len(), 64);
+    }
+}
