@@ -59,6 +59,41 @@ pub fn encode(cursors: &Cursors) -> String {
     format!("{VERSION}{}", URL_SAFE_NO_PAD.encode(text))
 }
 
+/// Appends the token to `out` without allocating for the common, short cursors.
+pub fn encode_into(cursors: &Cursors, out: &mut bytes::BytesMut) {
+    use std::io::Write;
+    let mut text = [0u8; 384];
+    let mut w = std::io::Cursor::new(&mut text[..]);
+    let mut ok = true;
+    for (i, (stream, seq)) in cursors.iter().enumerate() {
+        let sep = if i == 0 { "" } else { "," };
+        let r = match stream {
+            StreamName::Status => write!(w, "{sep}s={seq}"),
+            StreamName::Metrics => write!(w, "{sep}m={seq}"),
+            StreamName::Output(v) => write!(w, "{sep}o.{v}={seq}"),
+            StreamName::Logs(v) => write!(w, "{sep}l.{v}={seq}"),
+            StreamName::Control => Ok(()),
+        };
+        if r.is_err() {
+            ok = false;
+            break;
+        }
+    }
+    if !ok {
+        out.extend_from_slice(encode(cursors).as_bytes());
+        return;
+    }
+    let len = w.position() as usize;
+    let mut b64 = [0u8; 512];
+    match URL_SAFE_NO_PAD.encode_slice(&text[..len], &mut b64) {
+        Ok(n) => {
+            out.extend_from_slice(VERSION.as_bytes());
+            out.extend_from_slice(&b64[..n]);
+        }
+        Err(_) => out.extend_from_slice(encode(cursors).as_bytes()),
+    }
+}
+
 /// Decodes a token made by [`encode`].
 pub fn decode(token: &str) -> Result<Cursors, BadCursor> {
     let bad = || BadCursor(token.chars().take(200).collect());
@@ -93,6 +128,19 @@ mod tests {
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         );
         assert_eq!(decode(&token).unwrap(), c);
+        let mut buf = bytes::BytesMut::new();
+        encode_into(&c, &mut buf);
+        assert_eq!(&buf[..], token.as_bytes());
+        let mut many = Cursors::new();
+        for i in 0..40 {
+            many.insert(
+                StreamName::Output(Variation::new(format!("variation-{i}")).unwrap()),
+                u64::MAX,
+            );
+        }
+        let mut buf = bytes::BytesMut::new();
+        encode_into(&many, &mut buf);
+        assert_eq!(decode(std::str::from_utf8(&buf).unwrap()).unwrap(), many);
         assert_eq!(decode(&encode(&Cursors::new())).unwrap(), Cursors::new());
         for bad in [
             "",

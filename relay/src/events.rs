@@ -21,6 +21,7 @@ use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
 use std::collections::{BTreeSet, HashMap};
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{Instant, Interval};
@@ -108,7 +109,7 @@ struct Session {
     done: bool,
     retry_at: Option<Instant>,
     keepalive: Interval,
-    shutdown: tokio::sync::watch::Receiver<bool>,
+    shutdown: bool,
     _gauge: ConnectionGauge,
 }
 
@@ -166,8 +167,7 @@ impl Session {
 
     fn write_id(&mut self) {
         self.out.extend_from_slice(b"id: ");
-        self.out
-            .extend_from_slice(cursor::encode(&self.cursors).as_bytes());
+        cursor::encode_into(&self.cursors, &mut self.out);
         self.out.extend_from_slice(b"\n");
     }
 
@@ -186,19 +186,28 @@ impl Session {
 
     fn handle(&mut self, item: &FeedItem) {
         match item {
-            FeedItem::Entry { stream, seq, event } => {
+            FeedItem::Entry {
+                stream,
+                entry,
+                event,
+            } => {
+                let seq = entry.seq;
                 let Some(&at) = self.cursors.get(stream) else {
                     // A stream this connection wants but did not know (a new variation).
                     self.track(stream.clone());
                     return;
                 };
-                if *seq <= at {
+                if seq <= at {
                     return;
                 }
-                if *seq == at + 1 && !self.catchup.contains(stream) {
-                    self.cursors.insert(stream.clone(), *seq);
+                if seq == at + 1 && !self.catchup.contains(stream) {
+                    if let Some(c) = self.cursors.get_mut(stream) {
+                        *c = seq;
+                    }
                     self.write_id();
-                    self.out.extend_from_slice(event);
+                    let tail =
+                        event.get_or_init(|| crate::hub::encode_event(&self.run, stream, entry));
+                    self.out.extend_from_slice(tail);
                     self.app.inner.sent_live.inc();
                 } else {
                     // Something between the cursor and this entry was not seen live.
@@ -211,6 +220,7 @@ impl Session {
                 }
             }
             FeedItem::Resync => self.catch_up_all(),
+            FeedItem::Shutdown => self.shutdown = true,
             FeedItem::Ended(state) => {
                 if !matches!(self.ending, Some(Ending::Final(_))) {
                     self.ending = Some(Ending::Final(*state));
@@ -317,7 +327,7 @@ impl Session {
             if self.out.len() >= FLUSH_BYTES {
                 return self.take();
             }
-            if *self.shutdown.borrow() {
+            if self.shutdown || self.app.inner.shutting_down.load(Ordering::Relaxed) {
                 let data = serde_json::json!({
                     "run": self.run.as_str(),
                     "reason": "the relay is shutting down; reconnect with this event's id as Last-Event-ID",
@@ -360,7 +370,6 @@ impl Session {
             let retry_at = self.retry_at;
             tokio::select! {
                 biased;
-                _ = self.shutdown.changed() => {}
                 _ = async { if let Some(t) = retry_at { tokio::time::sleep_until(t).await } }, if retry_at.is_some() => {
                     self.retry_at = None;
                 }
@@ -411,7 +420,7 @@ pub async fn events(
             Start::Cursor(cursor::decode(token).map_err(|e| ApiError::bad_request(e.to_string()))?)
         }
     };
-    if *app.inner.shutdown.borrow() {
+    if app.inner.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the relay is shutting down; reconnect to another replica or retry shortly",
@@ -454,7 +463,7 @@ pub async fn events(
         done: false,
         retry_at: None,
         keepalive: tokio::time::interval_at(Instant::now() + keepalive_period, keepalive_period),
-        shutdown: app.inner.shutdown.subscribe(),
+        shutdown: false,
         _gauge: ConnectionGauge(gauge),
         app: app.clone(),
     };

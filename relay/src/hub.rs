@@ -28,12 +28,13 @@ use tokio::sync::{Mutex, OnceCell, broadcast};
 /// What a feed tells its clients.
 #[derive(Debug)]
 pub enum FeedItem {
-    /// A new entry on one of the run's streams. `event` is the pre-encoded SSE tail
-    /// (`event: TYPE\ndata: JSON\n\n`); each client prepends its own `id:` line.
+    /// A new entry on one of the run's streams. Its SSE tail (`event: TYPE\ndata: JSON\n\n`)
+    /// is encoded once, by the first client that sends it (off the Pub/Sub task), and shared;
+    /// each client prepends its own `id:` line.
     Entry {
         stream: StreamName,
-        seq: u64,
-        event: Bytes,
+        entry: agentrun_protocol::Entry,
+        event: std::sync::OnceLock<Bytes>,
     },
     /// A variation the feed had not known about (announced on the status stream).
     Variation(Variation),
@@ -41,6 +42,8 @@ pub enum FeedItem {
     Resync,
     /// The run reached a final phase.
     Ended(RunState),
+    /// The relay is stopping: end the stream with a resumable cursor.
+    Shutdown,
 }
 
 /// Tuning of the fan-out.
@@ -356,6 +359,14 @@ impl Hub {
         }
     }
 
+    /// Tells every open stream that the relay is stopping.
+    pub fn shutdown(&self) {
+        let feeds: Vec<Arc<Feed>> = lock(&self.inner.feeds).values().cloned().collect();
+        for feed in feeds {
+            let _ = feed.tx.send(Arc::new(FeedItem::Shutdown));
+        }
+    }
+
     /// Number of channels currently subscribed (for tests and metrics).
     pub async fn subscribed_channels(&self) -> usize {
         self.inner.subs.lock().await.refs.len()
@@ -401,11 +412,10 @@ impl HubInner {
                 Err(e) => tracing::debug!(%run, error = %e, "status entry is not a StatusEvent"),
             }
         }
-        let event = encode_event(&run, &stream, &entry);
         let _ = feed.tx.send(Arc::new(FeedItem::Entry {
             stream,
-            seq: entry.seq,
-            event,
+            entry,
+            event: std::sync::OnceLock::new(),
         }));
     }
 }

@@ -16,9 +16,8 @@ use axum::Router;
 use axum::routing::{get, post};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::watch;
 
 /// Settings of the relay (flags and environment variables of `agentrun-relay`).
 #[derive(Debug, Clone, clap::Parser)]
@@ -94,7 +93,8 @@ pub(crate) struct Inner {
     /// Control messages are published one at a time so producer sequences arrive in order.
     pub control_lock: tokio::sync::Mutex<()>,
     pub control_pseq: AtomicU64,
-    pub shutdown: watch::Sender<bool>,
+    /// Set once the relay is stopping; open streams are told through their feeds.
+    pub shutting_down: AtomicBool,
     pub sent_live: prometheus::IntCounter,
     pub sent_replay: prometheus::IntCounter,
 }
@@ -125,7 +125,6 @@ impl AppState {
             max_len: Some(config.control_maxlen),
             publish_command: settings.publish_command(),
         });
-        let (shutdown, _) = watch::channel(false);
         Ok(Self {
             inner: Arc::new(Inner {
                 sent_live: metrics.events_sent.with_label_values(&["live"]),
@@ -143,7 +142,7 @@ impl AppState {
                 producer_id: format!("relay-{:016x}", rand::random::<u64>()),
                 control_lock: tokio::sync::Mutex::new(()),
                 control_pseq: AtomicU64::new(0),
-                shutdown,
+                shutting_down: AtomicBool::new(false),
             }),
         })
     }
@@ -151,7 +150,8 @@ impl AppState {
     /// Ends every open SSE stream with a resumable cursor (`event: shutdown`) and refuses
     /// new ones. Call before the server's graceful shutdown.
     pub fn begin_shutdown(&self) {
-        self.inner.shutdown.send_replace(true);
+        self.inner.shutting_down.store(true, Ordering::SeqCst);
+        self.inner.hub.shutdown();
     }
 
     pub fn metrics(&self) -> &metrics::Metrics {
@@ -179,16 +179,50 @@ pub fn app(state: AppState) -> Router {
 
 /// Serves the app on a bound listener until `shutdown` resolves, then ends the SSE streams
 /// with a resumable cursor and waits for connections to close.
+///
+/// HTTP/1.1 only (proxies and ingress controllers speak HTTP/1.1 to backends). Served with
+/// hyper directly rather than `axum::serve` to keep per-connection memory small: no HTTP/2
+/// detection layer, and a write buffer capped at 16 KiB for clients that read slowly.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
     let app = app(state.clone());
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            state.begin_shutdown();
-        })
-        .await
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .max_buf_size(16 * 1024)
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and similar: back off instead of spinning.
+                    tracing::warn!(error = %e, "cannot accept a connection (raise the open-file limit if this says 'Too many open files')");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let conn =
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    state.begin_shutdown();
+    graceful.shutdown().await;
+    Ok(())
 }
