@@ -253,3 +253,53 @@ async fn serve_exposes_metrics_health_and_readiness() {
     sidecar.kill().unwrap();
     sidecar.wait().unwrap();
 }
+
+#[tokio::test]
+async fn a_stop_request_leaves_the_termination_message_for_kubernetes() {
+    let redis = RedisServer::start();
+    let run = run_id("termlog");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agentrun.sock");
+    let termination_log = dir.path().join("termination-log");
+    std::fs::write(&termination_log, b"").unwrap();
+    let mut sidecar = std::process::Command::new(SIDECAR)
+        .args(["serve", "--metrics-addr", "127.0.0.1:0", "--redis-url"])
+        .arg(redis.url())
+        .args(["--run-id", run.as_str(), "--socket"])
+        .arg(&socket)
+        .spawn()
+        .unwrap();
+    let agent = tokio::process::Command::new(ENTRYPOINT)
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--termination-log")
+        .arg(&termination_log)
+        .args(["--no-tee", "--", "sh", "-c", "echo ready; sleep 60"])
+        .spawn()
+        .unwrap();
+    let mut conn = redis.conn().await;
+    wait_for("the agent runs", DEADLINE, || {
+        let mut c = conn.clone();
+        let k = output_key(&run);
+        async move { (!read_all(&mut c, &k).await.is_empty()).then_some(()) }
+    })
+    .await;
+    send_control(&redis, &run, ControlMessage::new(ControlAction::Stop), 1).await;
+    let status = tokio::time::timeout(DEADLINE, agent.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap()
+        .status;
+    assert_eq!(status.code(), Some(143));
+    assert_eq!(
+        std::fs::read_to_string(&termination_log).unwrap(),
+        "agentrun: stopped"
+    );
+    let last = statuses(&mut conn, &run).await.pop().unwrap();
+    assert_eq!(
+        (last.state, last.reason.as_deref()),
+        (RunState::Stopped, Some("Stopped"))
+    );
+    sidecar.kill().unwrap();
+    sidecar.wait().unwrap();
+}

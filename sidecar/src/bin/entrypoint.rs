@@ -30,6 +30,13 @@ struct Args {
     /// Largest spool in MiB; past it output is dropped and reported as a gap.
     #[arg(long, env = "AGENTRUN_SPOOL_MAX_MIB", default_value_t = 1024)]
     spool_max_mib: u64,
+    /// File for the container's termination message (written only if it exists).
+    #[arg(
+        long,
+        env = "AGENTRUN_TERMINATION_LOG",
+        default_value = "/dev/termination-log"
+    )]
+    termination_log: PathBuf,
     /// Do not copy the agent's output to this process's stdout/stderr.
     #[arg(long)]
     no_tee: bool,
@@ -48,6 +55,7 @@ fn main() {
     config.drain_timeout = Duration::from_secs(args.drain_timeout_seconds);
     config.spool_max_bytes = args.spool_max_mib * 1024 * 1024;
     config.tee = !args.no_tee;
+    config.termination_log = args.termination_log;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -38,7 +38,13 @@ pub struct EntrypointConfig {
     pub tee: bool,
     /// Producer id (random per process when not given).
     pub producer: Option<String>,
+    /// Where Kubernetes reads the container's termination message; when the agent was stopped
+    /// on request, `agentrun: stopped` is written there (only if the file exists).
+    pub termination_log: PathBuf,
 }
+
+/// Termination message that tells the operator the agent was stopped on request.
+pub const STOPPED_TERMINATION_MESSAGE: &str = "agentrun: stopped";
 
 impl EntrypointConfig {
     pub fn new(socket: PathBuf, command: Vec<OsString>) -> Self {
@@ -57,6 +63,7 @@ impl EntrypointConfig {
             spool_max_bytes: 1024 * 1024 * 1024,
             tee: true,
             producer: None,
+            termination_log: PathBuf::from("/dev/termination-log"),
         }
     }
 }
@@ -158,6 +165,7 @@ pub async fn run(config: EntrypointConfig) -> i32 {
     }
 
     let stop_requested = Arc::new(AtomicBool::new(false));
+    let mut terminated = false;
     let mut terminate =
         tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
     let mut interrupt =
@@ -177,7 +185,7 @@ pub async fn run(config: EntrypointConfig) -> i32 {
                 apply_control(msg, pgid, &outbox, &stdin_tx, &stop_requested, config.stop_grace).await;
             }
             Some(_) = recv_signal(&mut terminate) => {
-                stop_requested.store(true, Ordering::SeqCst);
+                terminated = true;
                 let _ = killpg(pgid, Signal::SIGCONT);
                 let _ = killpg(pgid, Signal::SIGTERM);
             }
@@ -194,7 +202,7 @@ pub async fn run(config: EntrypointConfig) -> i32 {
     }
 
     let (code, event) = match status {
-        Ok(status) => exit_event(status, stop_requested.load(Ordering::SeqCst)),
+        Ok(status) => exit_event(status, stop_requested.load(Ordering::SeqCst), terminated),
         Err(e) => {
             let ev = StatusEvent::new(None, RunState::Failed)
                 .reason("Error")
@@ -202,9 +210,25 @@ pub async fn run(config: EntrypointConfig) -> i32 {
             (1, ev)
         }
     };
+    if event.state == RunState::Stopped && event.reason.as_deref() == Some("Stopped") {
+        write_termination_message(&config.termination_log);
+    }
     outbox.event(event).await;
     report(outbox.finish(config.drain_timeout).await);
     code
+}
+
+/// Writes the stopped message to the termination log the kubelet created (never creates it:
+/// outside Kubernetes there is none).
+fn write_termination_message(path: &std::path::Path) {
+    use std::io::Write;
+    if let Ok(mut f) = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(path)
+    {
+        let _ = f.write_all(STOPPED_TERMINATION_MESSAGE.as_bytes());
+    }
 }
 
 /// CPU time (ms, user + system) and resident memory (bytes) of a process, from /proc.
@@ -248,7 +272,11 @@ fn report(r: FinishReport) {
 }
 
 /// The exit code to exit with and the final status event.
-pub fn exit_event(status: std::process::ExitStatus, stop_requested: bool) -> (i32, StatusEvent) {
+pub fn exit_event(
+    status: std::process::ExitStatus,
+    stop_requested: bool,
+    terminated: bool,
+) -> (i32, StatusEvent) {
     use std::os::unix::process::ExitStatusExt;
     let (code, signal) = match (status.code(), status.signal()) {
         (Some(c), _) => (c, None),
@@ -259,6 +287,10 @@ pub fn exit_event(status: std::process::ExitStatus, stop_requested: bool) -> (i3
         StatusEvent::new(None, RunState::Stopped)
             .reason("Stopped")
             .message("the agent was stopped on request")
+    } else if terminated {
+        StatusEvent::new(None, RunState::Stopped)
+            .reason("Terminated")
+            .message("the agent was terminated: its container got SIGTERM (the pod is being deleted or the run timed out)")
     } else if code == 0 {
         StatusEvent::new(None, RunState::Succeeded).reason("Completed")
     } else if let Some(s) = signal {
@@ -393,23 +425,28 @@ mod tests {
     #[test]
     fn exit_statuses_map_to_final_events() {
         use std::os::unix::process::ExitStatusExt;
-        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(0), false);
+        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(0), false, false);
         assert_eq!(
             (code, ev.state, ev.reason.as_deref()),
             (0, RunState::Succeeded, Some("Completed"))
         );
-        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(3 << 8), false);
+        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(3 << 8), false, false);
         assert_eq!(
             (code, ev.state, ev.exit_code),
             (3, RunState::Failed, Some(3))
         );
-        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(9), false);
+        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(9), false, false);
         assert_eq!(
             (code, ev.signal, ev.reason.as_deref()),
             (137, Some(9), Some("Signaled"))
         );
         assert!(ev.message.unwrap().contains("SIGKILL"));
-        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(15), true);
+        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(15), true, false);
         assert_eq!((code, ev.state), (143, RunState::Stopped));
+        let (code, ev) = exit_event(std::process::ExitStatus::from_raw(15), false, true);
+        assert_eq!(
+            (code, ev.state, ev.reason.as_deref()),
+            (143, RunState::Stopped, Some("Terminated"))
+        );
     }
 }
