@@ -84,3 +84,140 @@ async fn install_and_hello_streams_byte_exact_output() {
     let seqs: Vec<u64> = sse.seqs("output").into_iter().map(|(_, q)| q).collect();
     assert_eq!(seqs, (1..=seqs.len() as u64).collect::<Vec<_>>());
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn three_variations_run_as_three_pods_side_by_side() {
+    let s = Stack::start().await;
+    s.apply_example("manifests/examples/variations.yaml");
+    let run_id = s.run_id("hello-variations").await;
+    // All three pods exist at once (parallelism 3), one per variation.
+    let names = s
+        .eventually(30, "three variation pods", || async {
+            let mut names: Vec<String> = s
+                .pods()
+                .await
+                .iter()
+                .filter_map(|p| p["metadata"]["name"].as_str().map(str::to_string))
+                .collect();
+            names.sort();
+            (names.len() == 3).then_some(names)
+        })
+        .await;
+    assert_eq!(
+        names,
+        [
+            "hello-variations-custom-args",
+            "hello-variations-plain",
+            "hello-variations-shouty"
+        ]
+    );
+    let done = s
+        .wait_phase("hello-variations", &["Succeeded", "Failed", "Stopped"], 50)
+        .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    assert_eq!(done["status"]["variationsDone"], "3/3", "{done:#}");
+
+    let sse = s.sse(&run_id, 20).await;
+    let out = sse.output();
+    let steps = |style: &str| {
+        let mut t = format!("style: {style}\n");
+        for i in 1..=5 {
+            t.push_str(&format!("[{style}] step {i}\n"));
+        }
+        t
+    };
+    let text = |v: &str| String::from_utf8_lossy(out.get(v).map(Vec::as_slice).unwrap_or(b""));
+    assert_eq!(text("plain"), steps("plain"));
+    assert_eq!(text("shouty"), steps("SHOUTY"));
+    assert_eq!(
+        text("custom-args"),
+        "this variation replaces the args\ndone\n"
+    );
+    assert_eq!(out.len(), 3, "{:?}", out.keys());
+
+    // Side by side: the variations' output overlaps in time (each takes several seconds).
+    let span = |v: &str| {
+        let ts: Vec<u64> = sse
+            .events
+            .iter()
+            .filter(|(_, d)| d["channel"] == "output" && d["variation"] == v)
+            .filter_map(|(_, d)| d["ts"].as_u64())
+            .collect();
+        (*ts.iter().min().expect("ts"), *ts.iter().max().expect("ts"))
+    };
+    let (p0, p1) = span("plain");
+    let (s0, s1) = span("shouty");
+    assert!(
+        p0 < s1 && s0 < p1,
+        "plain {p0}..{p1} and shouty {s0}..{s1} ran at the same time"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn failing_agent_fails_with_its_exit_code() {
+    let s = Stack::start().await;
+    s.apply_example("manifests/examples/failing.yaml");
+    let run_id = s.run_id("failing").await;
+    let done = s
+        .wait_phase("failing", &["Succeeded", "Failed", "Stopped"], 40)
+        .await;
+    assert_eq!(done["status"]["phase"], "Failed", "{done:#}");
+    let var = &done["status"]["variations"][0];
+    assert_eq!(var["exitCode"], 3, "{done:#}");
+    assert_eq!(var["reason"], "Error", "{done:#}");
+    let sse = s.sse(&run_id, 20).await;
+    assert_eq!(sse.end().expect("end")["phase"], "failed");
+    assert_eq!(
+        String::from_utf8_lossy(&sse.output()["default"]),
+        "starting the task\n"
+    );
+    let logs = sse.channel_bytes("logs");
+    let logs = String::from_utf8_lossy(logs.get("default").map(Vec::as_slice).unwrap_or(b""));
+    assert!(
+        logs.contains("error: the task could not finish (simulated)"),
+        "stderr reaches the logs stream: {logs}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn timeout_fails_the_run_with_reason_timeout_and_kills_the_agent() {
+    let s = Stack::start().await;
+    s.apply_example("manifests/examples/timeout.yaml");
+    let run_id = s.run_id("timeout").await;
+    let started = std::time::Instant::now();
+    let done = s
+        .wait_phase("timeout", &["Succeeded", "Failed", "Stopped"], 50)
+        .await;
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(45),
+        "timeoutSeconds is 20"
+    );
+    assert!(
+        matches!(done["status"]["phase"].as_str(), Some("Failed" | "Stopped")),
+        "{done:#}"
+    );
+    let var = &done["status"]["variations"][0];
+    assert_eq!(var["reason"], "Timeout", "{done:#}");
+    // The agent is killed: its pod's agent container terminates (kube-sim reports that only
+    // once the process is gone) or the pod itself goes.
+    s.eventually(30, "the agent process is gone", || async {
+        let pods = s.pods().await;
+        let Some(p) = pods.iter().find(|p| p["metadata"]["name"] == "timeout") else {
+            return Some(());
+        };
+        let agent = p["status"]["containerStatuses"]
+            .as_array()?
+            .iter()
+            .find(|c| c["name"] == "agent")?;
+        agent["state"]["terminated"].is_object().then_some(())
+    })
+    .await;
+    let sse = s.sse(&run_id, 20).await;
+    let out = String::from_utf8_lossy(&sse.output()["default"]).into_owned();
+    assert!(out.starts_with("still working (0 s)\n"), "{out}");
+    let lines = out.lines().count();
+    assert!(
+        (5..=40).contains(&lines),
+        "about 20 s of output, then nothing: {lines} lines"
+    );
+}

@@ -171,14 +171,19 @@ impl Stack {
             ),
         )
         .expect("write image map");
+        if !real {
+            ensure_host_address(&host_address);
+        }
         let cluster = Cluster::start_with(agentrun_e2e::Options {
             images: agentrun_e2e::ImageMap::load(&images).expect("image map"),
             pod_network: true,
-            host_address: Some(host_address.clone()),
+            // Not `host_address`: kube-sim's `ip addr add` fails when the address is already
+            // there ("Address already assigned" from this iproute2; see ensure_host_address).
+            host_address: None,
             ..Default::default()
         })
         .await;
-        // kube-sim has put the host address on `lo` by now; Redis listens there for the pods.
+        // Redis listens on the host address for the pods (and on loopback for the rest).
         let bind = format!("127.0.0.1 {host_address}");
         let redis = RedisServer::start_with(&["--bind", &bind, "--protected-mode", "no"]);
 
@@ -562,6 +567,30 @@ async fn read_sse(http: &reqwest::Client, url: &str) -> Result<Sse, String> {
         "the stream closed before `event: end` ({} events)",
         sse.events.len()
     ))
+}
+
+/// Puts `addr` on the host's `lo` (idempotent, safe in parallel test processes). kube-sim's own
+/// `--host-address` tolerates only iproute2's "File exists", not "Address already assigned",
+/// so a second kube-sim on the machine fails to start with it.
+pub fn ensure_host_address(addr: &str) {
+    let has = || {
+        Command::new("ip")
+            .args(["-4", "addr", "show", "dev", "lo"])
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(&format!("inet {addr}/")))
+    };
+    if has() {
+        return;
+    }
+    let out = Command::new("ip")
+        .args(["addr", "add", &format!("{addr}/32"), "dev", "lo"])
+        .output()
+        .expect("run ip (iproute2)");
+    assert!(
+        out.status.success() || has(),
+        "ip addr add {addr}/32 dev lo (the scenarios need root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs a shell script on the host the way the example's agent does, returning its stdout.
