@@ -342,6 +342,8 @@ fn print(r: &Report) {
         per_conn(r.rss_end_kib),
         r.connect_secs,
     );
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    eprintln!("  load average while running: {}", load.trim());
     eprintln!(
         "  published {} entries; expected {} deliveries, got {}; relay RSS {} KiB base, {} KiB connected, {} KiB after publishing; CPU while publishing {:.1} s: relay {:.2} s, clients and Redis client {:.2} s",
         r.published,
