@@ -221,3 +221,161 @@ async fn timeout_fails_the_run_with_reason_timeout_and_kills_the_agent() {
         "about 20 s of output, then nothing: {lines} lines"
     );
 }
+
+/// A run whose agent prints `tick N` five times a second for a minute.
+fn ticker(name: &str) -> String {
+    format!(
+        r#"apiVersion: agentrun.dev/v1alpha1
+kind: AgentRun
+metadata:
+  name: {name}
+spec:
+  image: busybox:1.36
+  command: ["sh", "-c"]
+  args:
+    - |
+      i=0
+      while [ "$i" -lt 300 ]; do echo "tick $i"; i=$((i + 1)); sleep 0.2; done
+  timeoutSeconds: 120
+"#
+    )
+}
+
+impl Stack {
+    /// Entries in the run's output stream of one variation.
+    async fn output_len(&self, run_id: &str, variation: &str) -> u64 {
+        let mut c = self.redis_conn().await;
+        redis::cmd("XLEN")
+            .arg(format!("run:{{{run_id}}}:output:{variation}"))
+            .query_async(&mut c)
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Waits until the output stream has more than `n` entries.
+    async fn output_grows_past(&self, run_id: &str, n: u64, secs: u64) -> u64 {
+        self.eventually(secs, &format!("output beyond {n} entries"), || async {
+            let len = self.output_len(run_id, "default").await;
+            (len > n).then_some(len)
+        })
+        .await
+    }
+
+    /// Waits until the output stream stops growing (unchanged for 1.5 s); returns its length.
+    async fn output_settles(&self, run_id: &str, secs: u64) -> u64 {
+        let last = std::cell::Cell::new((u64::MAX, std::time::Instant::now()));
+        let last = &last;
+        self.eventually(secs, "the output stops growing", || async move {
+            let now = std::time::Instant::now();
+            let len = self.output_len(run_id, "default").await;
+            let (prev, since) = last.get();
+            if len != prev {
+                last.set((len, now));
+                return None;
+            }
+            (now.duration_since(since) >= std::time::Duration::from_millis(1500)).then_some(len)
+        })
+        .await
+    }
+
+    async fn wait_status_paused(&self, name: &str, paused: bool) -> Value {
+        let api = self.agentruns().await;
+        self.eventually(20, &format!("{name} status.paused = {paused}"), || {
+            let api = api.clone();
+            async move {
+                let v = serde_json::to_value(api.get_opt(name).await.ok()??).ok()?;
+                (v["status"]["paused"] == paused).then_some(v)
+            }
+        })
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn paused_in_the_spec_pauses_and_resumes_and_relay_stop_stops() {
+    let s = Stack::start().await;
+    s.apply_yaml("ticker.yaml", &ticker("ticker"));
+    let run_id = s.run_id("ticker").await;
+    s.wait_phase("ticker", &["Running"], 30).await;
+    s.output_grows_past(&run_id, 3, 20).await;
+
+    // paused: true stops the output; the status says so.
+    s.kubectl_ok(&[
+        "patch",
+        "ar",
+        "ticker",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"paused":true}}"#,
+    ]);
+    s.wait_status_paused("ticker", true).await;
+    let held = s.output_settles(&run_id, 15).await;
+    // Paused for real, not just slow: five ticks a second would have added ~5 entries.
+    let check = std::time::Instant::now() + std::time::Duration::from_secs(1);
+    while std::time::Instant::now() < check {
+        assert_eq!(s.output_len(&run_id, "default").await, held, "paused");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let v = s.agentrun("ticker").await.expect("ticker");
+    assert_eq!(
+        v["status"]["phase"], "Running",
+        "a paused run is still running: {v:#}"
+    );
+
+    // paused: false resumes it.
+    s.kubectl_ok(&[
+        "patch",
+        "ar",
+        "ticker",
+        "--type",
+        "merge",
+        "-p",
+        r#"{"spec":{"paused":false}}"#,
+    ]);
+    s.wait_status_paused("ticker", false).await;
+    s.output_grows_past(&run_id, held + 2, 15).await;
+
+    // Control through the relay: stop.
+    let (code, body) = s.control(&run_id, json!({"action": "stop"})).await;
+    assert_eq!(code, 202, "{body}");
+    let done = s
+        .wait_phase("ticker", &["Succeeded", "Failed", "Stopped"], 30)
+        .await;
+    let sse = s.sse(&run_id, 20).await;
+    // The entrypoint saw the stop request: it reports `stopped` (reason Stopped) itself.
+    let statuses = sse.statuses();
+    assert!(
+        statuses
+            .iter()
+            .any(|e| e["state"] == "stopped" && e["reason"] == "Stopped"),
+        "the entrypoint reports the stop: {statuses:#?}"
+    );
+    if s.cluster.is_sim() {
+        // kube-sim does not implement terminationMessagePath (the entrypoint's
+        // "agentrun: stopped" never reaches containerStatuses[].state.terminated.message), so
+        // the operator sees a plain exit 143 (SIGTERM). On a real cluster the run is Stopped.
+        let var = &done["status"]["variations"][0];
+        assert!(
+            done["status"]["phase"] == "Stopped"
+                || (done["status"]["phase"] == "Failed" && var["exitCode"] == 143),
+            "{done:#}"
+        );
+    } else {
+        assert_eq!(done["status"]["phase"], "Stopped", "{done:#}");
+    }
+    let out = String::from_utf8_lossy(&sse.output()["default"]).into_owned();
+    let ticks: Vec<&str> = out.lines().collect();
+    assert!(
+        ticks.len() < 250,
+        "stopped long before the end: {}",
+        ticks.len()
+    );
+    // Nothing lost or repeated across pause and resume.
+    for (i, line) in ticks.iter().enumerate() {
+        assert_eq!(*line, format!("tick {i}"));
+    }
+    // A control message to an unknown run is refused.
+    let (code, _) = s.control("nosuchrun", json!({"action": "stop"})).await;
+    assert_eq!(code, 404);
+}
