@@ -202,7 +202,10 @@ async fn timeout_fails_the_run_with_reason_timeout_and_kills_the_agent() {
     // once the process is gone) or the pod itself goes.
     s.eventually(30, "the agent process is gone", || async {
         let pods = s.pods().await;
-        let Some(p) = pods.iter().find(|p| p["metadata"]["name"] == "timeout") else {
+        let Some(p) = pods
+            .iter()
+            .find(|p| p["metadata"]["name"] == "timeout-default")
+        else {
             return Some(());
         };
         let agent = p["status"]["containerStatuses"]
@@ -378,4 +381,262 @@ async fn paused_in_the_spec_pauses_and_resumes_and_relay_stop_stops() {
     // A control message to an unknown run is refused.
     let (code, _) = s.control("nosuchrun", json!({"action": "stop"})).await;
     assert_eq!(code, 404);
+}
+
+/// A run whose agent prints `tick 0` .. `tick {n-1}`, `every` seconds apart.
+fn counter(name: &str, n: u32, every: &str) -> String {
+    format!(
+        r#"apiVersion: agentrun.dev/v1alpha1
+kind: AgentRun
+metadata:
+  name: {name}
+spec:
+  image: busybox:1.36
+  command: ["sh", "-c"]
+  args:
+    - |
+      i=0
+      while [ "$i" -lt {n} ]; do echo "tick $i"; i=$((i + 1)); sleep {every}; done
+  timeoutSeconds: 120
+"#
+    )
+}
+
+/// The output is exactly `tick 0` .. `tick {n-1}`: nothing lost, nothing repeated.
+fn assert_ticks(out: &[u8], n: u32) {
+    let text = String::from_utf8_lossy(out);
+    let expected: String = (0..n).map(|i| format!("tick {i}\n")).collect();
+    assert_eq!(text, expected, "every tick exactly once, in order");
+}
+
+impl Stack {
+    async fn secret_data(&self, name: &str) -> Option<std::collections::BTreeMap<String, String>> {
+        let api: kube::Api<k8s_openapi::api::core::v1::Secret> =
+            kube::Api::namespaced(self.cluster.client().await, self.ns());
+        let s = api.get_opt(name).await.ok()??;
+        Some(
+            s.data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned()))
+                .collect(),
+        )
+    }
+
+    async fn acl_user_exists(&self, user: &str) -> bool {
+        let mut c = self.redis_conn().await;
+        let v: redis::Value = redis::cmd("ACL")
+            .arg("GETUSER")
+            .arg(user)
+            .query_async(&mut c)
+            .await
+            .expect("ACL GETUSER");
+        !matches!(v, redis::Value::Nil)
+    }
+
+    /// Container `container` of pod `pod`: (pid from kube-sim's containerID, restartCount).
+    async fn container(&self, pod: &str, container: &str) -> Option<(i32, i64)> {
+        let pods = self.pods().await;
+        let p = pods.iter().find(|p| p["metadata"]["name"] == pod)?;
+        let all = p["status"]["initContainerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .chain(
+                p["status"]["containerStatuses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten(),
+            );
+        for c in all {
+            if c["name"] == container {
+                c["state"]["running"].as_object()?;
+                let pid = c["containerID"]
+                    .as_str()?
+                    .strip_prefix("kube-sim://")?
+                    .parse()
+                    .ok()?;
+                return Some((pid, c["restartCount"].as_i64().unwrap_or(0)));
+            }
+        }
+        None
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_a_finished_run_collects_pods_and_secret_and_expires_redis_data() {
+    delete_scenario(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "operator bug: deleting a running run deletes its Redis ACL user at once, before the \
+            sidecar's final flush, so the pod hangs until the 45 s grace period ends; run with \
+            --run-ignored all"]
+async fn deleting_a_running_run_collects_pods_and_secret_and_expires_redis_data() {
+    delete_scenario(true).await;
+}
+
+async fn delete_scenario(mid_run: bool) {
+    let s = Stack::start().await;
+    if mid_run {
+        s.apply_yaml("ticker.yaml", &ticker("doomed"));
+    } else {
+        s.apply_yaml("counter.yaml", &counter("doomed", 5, "0.1"));
+    }
+    let run_id = s.run_id("doomed").await;
+    if mid_run {
+        s.wait_phase("doomed", &["Running"], 30).await;
+        s.output_grows_past(&run_id, 2, 20).await;
+    } else {
+        s.wait_phase("doomed", &["Succeeded"], 30).await;
+    }
+    let secret = s
+        .eventually(10, "the run's Secret", || {
+            s.secret_data("doomed-agentrun-redis")
+        })
+        .await;
+    let user = secret.get("AGENTRUN_REDIS_USERNAME").cloned();
+    assert_eq!(
+        user.as_deref(),
+        Some(format!("agentrun-run-{run_id}").as_str()),
+        "per-run Redis user in the Secret: {:?}",
+        secret.keys()
+    );
+    let user = user.expect("user");
+    assert!(
+        s.acl_user_exists(&user).await,
+        "ACL user {user} exists while the run runs"
+    );
+    assert!(!s.pods().await.is_empty());
+
+    s.kubectl_ok(&["delete", "ar", "doomed", "--wait=false"]);
+    s.eventually(30, "the run, its pods and its Secret are gone", || async {
+        let gone = s.agentrun("doomed").await.is_none()
+            && s.pods().await.is_empty()
+            && s.secret_data("doomed-agentrun-redis").await.is_none();
+        gone.then_some(())
+    })
+    .await;
+    // Every key of the run gets a TTL (and they are not deleted right away: retention).
+    s.eventually(20, "a TTL on every key of the run", || async {
+        let keys = s.run_keys(&run_id).await;
+        if keys.is_empty() {
+            return None;
+        }
+        let mut c = s.redis_conn().await;
+        for k in &keys {
+            let ttl: i64 = redis::cmd("TTL").arg(k).query_async(&mut c).await.ok()?;
+            if ttl <= 0 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert!(
+        s.run_keys(&run_id)
+            .await
+            .iter()
+            .any(|k| k.ends_with(":output:default")),
+        "the output stays readable until the TTL"
+    );
+    s.eventually(20, "the run's ACL user is deleted", || async {
+        (!s.acl_user_exists(&user).await).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_restarted_mid_run_makes_no_duplicate_pods_and_finishes() {
+    let mut s = Stack::start().await;
+    s.apply_yaml("counter.yaml", &counter("steady", 40, "0.1"));
+    let run_id = s.run_id("steady").await;
+    s.wait_phase("steady", &["Running"], 30).await;
+    s.output_grows_past(&run_id, 3, 20).await;
+    let before: Vec<Value> = s.pods().await;
+    assert_eq!(before.len(), 1);
+    let uid = before[0]["metadata"]["uid"].clone();
+    s.start_operator().await; // kills the running one first
+    let done = s
+        .wait_phase("steady", &["Succeeded", "Failed", "Stopped"], 40)
+        .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    let after = s.pods().await;
+    assert_eq!(after.len(), 1, "no duplicate pod");
+    assert_eq!(after[0]["metadata"]["uid"], uid, "the same pod");
+    let sse = s.sse(&run_id, 20).await;
+    assert_ticks(&sse.output()["default"], 40);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecar_killed_mid_run_is_restarted_and_no_output_is_lost() {
+    let s = Stack::start().await;
+    s.apply_yaml("counter.yaml", &counter("sturdy", 50, "0.1"));
+    let run_id = s.run_id("sturdy").await;
+    s.wait_phase("sturdy", &["Running"], 30).await;
+    s.output_grows_past(&run_id, 5, 20).await;
+    let (pid, restarts) = s
+        .eventually(10, "the sidecar runs", || {
+            s.container("sturdy-default", "agentrun-sidecar")
+        })
+        .await;
+    assert_eq!(restarts, 0);
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .expect("kill");
+    assert!(killed.success(), "kill -KILL {pid}");
+    s.eventually(30, "the kubelet restarts the sidecar", || async {
+        let (_, r) = s.container("sturdy-default", "agentrun-sidecar").await?;
+        (r >= 1).then_some(())
+    })
+    .await;
+    let done = s
+        .wait_phase("sturdy", &["Succeeded", "Failed", "Stopped"], 40)
+        .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    let sse = s.sse(&run_id, 20).await;
+    assert_ticks(&sse.output()["default"], 50);
+    let seqs: Vec<u64> = sse.seqs("output").into_iter().map(|(_, q)| q).collect();
+    assert_eq!(
+        seqs,
+        (1..=seqs.len() as u64).collect::<Vec<_>>(),
+        "seq contiguous"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "operator bug: per-run Redis ACL users are not re-created after a Redis restart (ACL SETUSER is not persisted in the AOF), so the sidecar cannot deliver; run with --run-ignored all"]
+async fn redis_restarted_mid_run_loses_nothing() {
+    let mut s = Stack::start().await;
+    s.apply_yaml("counter.yaml", &counter("patient", 50, "0.1"));
+    let run_id = s.run_id("patient").await;
+    s.wait_phase("patient", &["Running"], 30).await;
+    let n = s.output_grows_past(&run_id, 5, 20).await;
+    // A one-second outage while the agent keeps writing (about ten ticks).
+    s.redis.kill();
+    let down = std::time::Instant::now();
+    while down.elapsed() < std::time::Duration::from_secs(1) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    s.redis.restart();
+    assert!(
+        s.output_len(&run_id, "default").await >= n,
+        "AOF kept the stream"
+    );
+    // The sidecar authenticates as the run's ACL user: it must survive the restart (or be
+    // re-created) for the sidecar to deliver the rest.
+    let user = format!("agentrun-run-{run_id}");
+    s.eventually(
+        20,
+        "the run's ACL user exists after the Redis restart",
+        || async { s.acl_user_exists(&user).await.then_some(()) },
+    )
+    .await;
+    let done = s
+        .wait_phase("patient", &["Succeeded", "Failed", "Stopped"], 40)
+        .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    let sse = s.sse(&run_id, 20).await;
+    assert_ticks(&sse.output()["default"], 50);
 }
