@@ -6,6 +6,7 @@ mod common;
 #[path = "common/stack.rs"]
 mod stack;
 
+use serde::Deserialize as _;
 use serde_json::{Value, json};
 use stack::{Stack, run_sh, workspace};
 
@@ -639,4 +640,98 @@ async fn redis_restarted_mid_run_loses_nothing() {
     assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
     let sse = s.sse(&run_id, 20).await;
     assert_ticks(&sse.output()["default"], 50);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_chart_output_is_accepted_and_its_rbac_names_real_resources() {
+    let c = common::Cluster::start().await;
+    let helm = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
+    let chart = workspace().join("helm").join("agentrun");
+    let out = std::process::Command::new(&helm)
+        .args(["template", "agentrun"])
+        .arg(&chart)
+        .args(["--namespace", &c.namespace, "--include-crds"])
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("run {helm} (install it with scripts/deps/kubectl.sh, or set HELM): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout).expect("utf-8");
+    let file = c.write("chart.yaml", &rendered);
+    let applied = c.kubectl_ok(&[
+        "apply",
+        "-n",
+        &c.namespace,
+        "-f",
+        file.to_str().expect("utf-8"),
+    ]);
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .filter_map(|d| Value::deserialize(d).ok())
+        .filter(|v| v.is_object())
+        .collect();
+    assert!(docs.len() >= 10, "the chart renders its objects");
+    for d in &docs {
+        let kind = d["kind"].as_str().expect("kind").to_lowercase();
+        let name = d["metadata"]["name"].as_str().expect("name");
+        assert!(
+            applied.contains(&format!("{kind}/{name}"))
+                || applied.contains(&format!("/{name} created")),
+            "{kind}/{name} applied:\n{applied}"
+        );
+    }
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for k in ["Deployment", "Service", "ClusterRole", "ServiceAccount"] {
+        assert!(kinds.contains(&k), "the chart has a {k}: {kinds:?}");
+    }
+    // RBAC rules name resources the API server serves (group + plural; subresources by base).
+    let served = c.kubectl_ok(&["api-resources", "-o", "name"]);
+    let served: std::collections::BTreeSet<&str> = served.lines().map(str::trim).collect();
+    let mut checked = 0;
+    for d in docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRole" || d["kind"] == "Role")
+    {
+        for rule in d["rules"].as_array().into_iter().flatten() {
+            let groups: Vec<&str> = rule["apiGroups"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+                .collect();
+            for r in rule["resources"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(Value::as_str)
+            {
+                let base = r.split('/').next().unwrap_or(r);
+                if base == "*" {
+                    continue;
+                }
+                checked += 1;
+                let found = groups.iter().any(|g| {
+                    let full = if g.is_empty() {
+                        base.to_string()
+                    } else {
+                        format!("{base}.{g}")
+                    };
+                    served.contains(full.as_str())
+                });
+                assert!(
+                    found,
+                    "{} {}: rule names {r} in {groups:?}, which the API server does not serve",
+                    d["kind"], d["metadata"]["name"]
+                );
+            }
+        }
+    }
+    assert!(
+        checked >= 5,
+        "the operator's RBAC rules were checked ({checked})"
+    );
+    assert!(served.contains("agentruns.agentrun.dev"), "{served:?}");
 }
