@@ -1,12 +1,13 @@
 //! The JSON API: runs, a run's state, control messages, health and metrics.
 
 use crate::AppState;
+use crate::auth::Access;
 use crate::hub::{phase_from_state, variations_from_state};
 use agentrun_protocol::names::RUNS_INDEX_KEY;
 use agentrun_protocol::publish::Batch;
 use agentrun_protocol::{ControlMessage, EntryType, NewEntry, RunId, StreamName, Variation};
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
@@ -123,6 +124,7 @@ pub struct ListQuery {
 /// `GET /api/runs?limit=N`: runs known to Redis, newest first, with their state.
 pub async fn list_runs(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Query(q): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
@@ -155,6 +157,8 @@ pub async fn list_runs(
         .zip(states.iter())
         // A run whose state hash expired has no data left to show.
         .filter(|(_, s)| !s.is_empty())
+        // Only the runs this caller may see.
+        .filter(|(_, s)| access.can_see(s))
         .map(|((id, score), s)| summary(id, Some(*score as u64), s))
         .collect();
     Ok(Json(serde_json::json!({ "runs": runs })))
@@ -163,6 +167,7 @@ pub async fn list_runs(
 /// `GET /api/runs/{run}`: the run's state hash, summarised.
 pub async fn get_run(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Path(run): Path<String>,
 ) -> Result<Json<RunSummary>, ApiError> {
     let run = parse_run(&run)?;
@@ -172,7 +177,8 @@ pub async fn get_run(
         .query_async(&mut conn)
         .await
         .map_err(|e| ApiError::redis(&state, e))?;
-    if hash.is_empty() {
+    // A run the caller may not see answers like one that does not exist.
+    if hash.is_empty() || !access.can_see(&hash) {
         return Err(ApiError::not_found(&run));
     }
     Ok(Json(summary(run.as_str(), None, &hash)))
@@ -181,21 +187,25 @@ pub async fn get_run(
 /// `POST /api/runs/{run}/control`: publishes a control message to the run's agents.
 pub async fn control(
     State(state): State<AppState>,
+    Extension(access): Extension<Access>,
     Path(run): Path<String>,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    if let Err(r) = state.inner.limiter.control(access.client_key()) {
+        return Ok(r);
+    }
     let run = parse_run(&run)?;
     let msg = ControlMessage::parse(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if let Some(v) = &msg.variation {
         Variation::new(v.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
     let mut conn = state.inner.conn.clone();
-    let exists: bool = redis::cmd("EXISTS")
+    let hash: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(run.state_key())
         .query_async(&mut conn)
         .await
         .map_err(|e| ApiError::redis(&state, e))?;
-    if !exists {
+    if hash.is_empty() || !access.can_see(&hash) {
         return Err(ApiError::not_found(&run));
     }
     let outcome = {

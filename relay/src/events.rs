@@ -14,7 +14,7 @@ use crate::hub::{FeedItem, Watch, phase_from_state, variations_from_state};
 use agentrun_protocol::replay::{last_seq, read_page};
 use agentrun_protocol::{RunState, StreamName, Variation};
 use axum::body::Body;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
@@ -111,6 +111,7 @@ struct Session {
     keepalive: Interval,
     shutdown: bool,
     _gauge: ConnectionGauge,
+    _slot: crate::limits::SseSlot,
 }
 
 struct ConnectionGauge(prometheus::IntGauge);
@@ -398,6 +399,7 @@ fn last_event_id(headers: &HeaderMap) -> Option<String> {
 /// `GET /api/runs/{run}/events`.
 pub async fn events(
     State(app): State<AppState>,
+    Extension(access): Extension<crate::auth::Access>,
     Path(run): Path<String>,
     Query(q): Query<EventsQuery>,
     headers: HeaderMap,
@@ -438,9 +440,13 @@ pub async fn events(
         .query_async(&mut conn)
         .await
         .map_err(|e| ApiError::redis(&app, e))?;
-    if state.is_empty() {
+    if state.is_empty() || !access.can_see(&state) {
         return Err(ApiError::not_found(&run));
     }
+    let slot = match app.inner.limiter.sse_slot(access.client_key()) {
+        Ok(s) => s,
+        Err(r) => return Ok(r),
+    };
     let phase = phase_from_state(&state);
 
     let gauge = app.inner.metrics.connections.clone();
@@ -465,6 +471,7 @@ pub async fn events(
         keepalive: tokio::time::interval_at(Instant::now() + keepalive_period, keepalive_period),
         shutdown: false,
         _gauge: ConnectionGauge(gauge),
+        _slot: slot,
         app: app.clone(),
     };
     let mut vars: BTreeSet<Variation> = session.watch.feed.variations().into_iter().collect();

@@ -5,9 +5,11 @@
 //! connects and serves. `docs/relay.md` describes the endpoints, the cursor and the events.
 
 pub mod api;
+pub mod auth;
 pub mod cursor;
 pub mod events;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod ui;
 
@@ -58,6 +60,36 @@ pub struct Config {
     /// Maximum length of the control stream (`XADD MAXLEN ~`).
     #[arg(long, env = "AGENTRUN_CONTROL_MAXLEN", default_value_t = 10_000)]
     pub control_maxlen: u64,
+    /// Authentication: none (local demo: anyone who reaches the relay sees and controls every
+    /// run) or token (bearer tokens from --tokens-file).
+    #[arg(long, env = "AGENTRUN_AUTH", value_enum, default_value = "none")]
+    pub auth: auth::AuthMode,
+    /// With --auth token: one bearer token per line, optionally followed by the namespaces it
+    /// may see (none listed: all); `#` starts a comment.
+    #[arg(long, env = "AGENTRUN_TOKENS_FILE")]
+    pub tokens_file: Option<PathBuf>,
+    /// Origins (scheme://host[:port], comma-separated) allowed to POST besides the relay's own.
+    #[arg(long, env = "AGENTRUN_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+    /// Server-wide cap on requests being handled at once (an open SSE stream counts only
+    /// while it starts).
+    #[arg(long, env = "AGENTRUN_MAX_IN_FLIGHT", default_value_t = 1024)]
+    pub max_in_flight: usize,
+    /// Largest request body accepted, in bytes.
+    #[arg(long, env = "AGENTRUN_MAX_BODY_BYTES", default_value_t = 64 * 1024)]
+    pub max_body_bytes: usize,
+    /// Open SSE connections per client (token, or IP address without auth); 0: no limit.
+    #[arg(long, env = "AGENTRUN_MAX_SSE_PER_CLIENT", default_value_t = 0)]
+    pub max_sse_per_client: usize,
+    /// Open SSE connections on this relay.
+    #[arg(long, env = "AGENTRUN_MAX_SSE_TOTAL", default_value_t = 20_000)]
+    pub max_sse_total: usize,
+    /// Control requests per client per second (token bucket).
+    #[arg(long, env = "AGENTRUN_CONTROL_PER_SECOND", default_value_t = 5.0)]
+    pub control_per_second: f64,
+    /// Control requests a client may send in a burst.
+    #[arg(long, env = "AGENTRUN_CONTROL_BURST", default_value_t = 20.0)]
+    pub control_burst: f64,
 }
 
 impl Config {
@@ -97,6 +129,9 @@ pub(crate) struct Inner {
     pub shutting_down: AtomicBool,
     pub sent_live: prometheus::IntCounter,
     pub sent_replay: prometheus::IntCounter,
+    pub auth: auth::Authenticator,
+    pub allowed_origins: Vec<String>,
+    pub limiter: limits::Limiter,
 }
 
 /// Shared state of the relay's handlers; cheap to clone.
@@ -108,6 +143,15 @@ pub struct AppState {
 impl AppState {
     /// Connects to Redis (commands and the shared Pub/Sub connection).
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
+        let auth = match config.auth {
+            auth::AuthMode::None => auth::Authenticator::none(),
+            auth::AuthMode::Token => {
+                let path = config.tokens_file.as_deref().ok_or_else(|| {
+                    anyhow::anyhow!("--auth token needs --tokens-file FILE (AGENTRUN_TOKENS_FILE)")
+                })?;
+                auth::Authenticator::from_tokens_file(path)?
+            }
+        };
         let settings = config.redis_settings()?;
         let conn = settings.connect().await?;
         let metrics = metrics::Metrics::new();
@@ -143,6 +187,16 @@ impl AppState {
                 control_lock: tokio::sync::Mutex::new(()),
                 control_pseq: AtomicU64::new(0),
                 shutting_down: AtomicBool::new(false),
+                auth,
+                allowed_origins: config.allowed_origins.clone(),
+                limiter: limits::Limiter::new(limits::LimitSettings {
+                    max_in_flight: config.max_in_flight,
+                    max_body_bytes: config.max_body_bytes,
+                    max_sse_per_client: config.max_sse_per_client,
+                    max_sse_total: config.max_sse_total,
+                    control_per_second: config.control_per_second,
+                    control_burst: config.control_burst,
+                }),
             }),
         })
     }
@@ -164,16 +218,37 @@ impl AppState {
 }
 
 /// The relay's HTTP application: API routes merged with the web UI.
+///
+/// The `/api` routes pass through [`auth::layer`]; `/metrics`, `/healthz`, `/readyz` and the
+/// UI's static files do not (they hold no run data). Every route passes through
+/// [`limits::layer`] (in-flight cap, body size).
 pub fn app(state: AppState) -> Router {
-    Router::new()
+    let api = Router::new()
         .route("/api/runs", get(api::list_runs))
         .route("/api/runs/{run}", get(api::get_run))
         .route("/api/runs/{run}/events", get(events::events))
         .route("/api/runs/{run}/control", post(api::control))
+        .route(
+            "/api/session",
+            post(auth::create_session).delete(auth::delete_session),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::layer,
+        ));
+    Router::new()
+        .merge(api)
         .route("/metrics", get(api::metrics))
         .route("/healthz", get(api::healthz))
         .route("/readyz", get(api::readyz))
         .merge(crate::ui::router())
+        .layer(axum::extract::DefaultBodyLimit::max(
+            state.inner.limiter.settings.max_body_bytes,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            limits::layer,
+        ))
         .with_state(state)
 }
 
@@ -199,7 +274,7 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(c) => c,
                 Err(e) => {
@@ -212,8 +287,16 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        let conn =
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(app.clone()));
+        // Handlers see the peer address (the per-client limits without auth).
+        let svc = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                req.extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                req
+            },
+        );
+        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             if let Err(e) = conn.await {

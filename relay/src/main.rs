@@ -19,7 +19,14 @@ async fn main() -> anyhow::Result<()> {
                 config.listen
             )
         })?;
-    tracing::info!(listen = %listener.local_addr()?, redis = %config.redis_settings()?.target(), "agentrun-relay serving");
+    let addr = listener.local_addr()?;
+    if config.auth == agentrun_relay::auth::AuthMode::None && !addr.ip().is_loopback() {
+        tracing::warn!(
+            listen = %addr,
+            "AUTHENTICATION IS OFF (--auth none) on a non-loopback address: anyone who reaches this port can read every run and send control messages; use --auth token --tokens-file FILE, or --listen 127.0.0.1:8080 for a local demo"
+        );
+    }
+    tracing::info!(listen = %addr, auth = ?config.auth, redis = %config.redis_settings()?.target(), "agentrun-relay serving");
     agentrun_relay::serve(listener, state, shutdown_signal()).await?;
     tracing::info!("agentrun-relay stopped");
     Ok(())
