@@ -164,7 +164,7 @@ async function listPage(app) {
 
   const refresh = async () => {
     try {
-      const res = await fetch(api('/runs'), { headers: { accept: 'application/json' } });
+      const res = await apiFetch(api('/runs'), { headers: { accept: 'application/json' } });
       if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
       const body = await res.json();
       const list = Array.isArray(body) ? body : body.runs || body.items || [];
@@ -469,13 +469,56 @@ class LogPane {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Authentication: when the relay answers 401, ask for a token and exchange it for an HttpOnly
+// cookie (POST /api/session), which EventSource connections then carry. The token is never put
+// in a URL, kept in storage, or logged.
+
+async function apiFetch(url, opts = {}) {
+  // A custom header a cross-site form cannot send; the relay requires it with cookie auth.
+  const headers = { ...(opts.headers || {}), 'x-agentrun-request': '1' };
+  const res = await fetch(url, { ...opts, headers, credentials: 'same-origin' });
+  if (res.status === 401) showTokenPrompt();
+  return res;
+}
+
+function showTokenPrompt(message) {
+  if (document.getElementById('token-prompt')) return;
+  const input = el('input', { type: 'password', autocomplete: 'off', 'aria-label': 'Access token' });
+  input.required = true;
+  const error = el('p', { class: 'token-error', text: message || '' });
+  error.setAttribute('role', 'alert');
+  const form = el('form', { class: 'token-prompt' },
+    el('h2', { text: 'This relay needs an access token' }),
+    el('p', { class: 'muted small', text: 'Ask the relay operator for a token (from its --tokens-file).' }),
+    input, el('button', { type: 'submit', text: 'Sign in' }), error);
+  form.id = 'token-prompt';
+  form.addEventListener('submit', async (ev) => {
+    ev.preventDefault();
+    const res = await fetch('/api/session', {
+      method: 'POST',
+      headers: { 'content-type': 'application/json', 'x-agentrun-request': '1' },
+      credentials: 'same-origin',
+      body: JSON.stringify({ token: input.value }),
+    });
+    if (res.ok) {
+      location.reload();
+    } else {
+      error.textContent = res.status === 401 ? 'That token was not accepted.' : `Sign-in failed: ${res.status}`;
+      input.value = '';
+    }
+  });
+  document.body.append(form);
+  input.focus();
+}
+
+// ---------------------------------------------------------------------------------------------
 // Run page
 
 async function control(run, action, variation, data) {
   const body = { action };
   if (variation) body.variation = variation;
   if (data !== undefined) body.data = data;
-  const res = await fetch(api(`/runs/${encodeURIComponent(run)}/control`), {
+  const res = await apiFetch(api(`/runs/${encodeURIComponent(run)}/control`), {
     method: 'POST',
     headers: { 'content-type': 'application/json' },
     body: JSON.stringify(body),
@@ -669,7 +712,7 @@ class RunPage {
 
   async loadState() {
     try {
-      const res = await fetch(api(`/runs/${encodeURIComponent(this.run)}`), { headers: { accept: 'application/json' } });
+      const res = await apiFetch(api(`/runs/${encodeURIComponent(this.run)}`), { headers: { accept: 'application/json' } });
       if (res.status === 404) {
         this.missing = true;
         this.showNotice('This run is not known to the relay (yet). Waiting for it to appear…');
