@@ -52,6 +52,7 @@ impl Network {
             let cidr = format!("{a}/32");
             if let Err(e) = ip(&["addr", "add", &cidr, "dev", "lo"]).await
                 && !e.contains("File exists")
+                && !e.contains("already assigned")
             {
                 return Err(e);
             }

@@ -470,9 +470,6 @@ async fn deleting_a_finished_run_collects_pods_and_secret_and_expires_redis_data
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "operator bug: deleting a running run deletes its Redis ACL user at once, before the \
-            sidecar's final flush, so the pod hangs until the 45 s grace period ends; run with \
-            --run-ignored all"]
 async fn deleting_a_running_run_collects_pods_and_secret_and_expires_redis_data() {
     delete_scenario(true).await;
 }
@@ -611,7 +608,6 @@ async fn sidecar_killed_mid_run_is_restarted_and_no_output_is_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-#[ignore = "operator bug: per-run Redis ACL users are not re-created after a Redis restart (ACL SETUSER is not persisted in the AOF), so the sidecar cannot deliver; run with --run-ignored all"]
 async fn redis_restarted_mid_run_loses_nothing() {
     let mut s = Stack::start().await;
     s.apply_yaml("counter.yaml", &counter("patient", 50, "0.1"));

@@ -33,6 +33,8 @@ pub const FIELD_MANAGER: &str = "agentrun-operator";
 pub const RESYNC: Duration = Duration::from_secs(300);
 /// Back-off after a failed reconciliation.
 pub const ERROR_REQUEUE: Duration = Duration::from_secs(15);
+/// How often an unfinished run with its own Redis user is looked at, at the least.
+pub const USER_RESYNC: Duration = Duration::from_secs(15);
 
 /// Where the reconciler gets the time from (fixed in tests).
 #[derive(Clone, Debug)]
@@ -343,6 +345,15 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
             }
         }
     }
+    // The run's own Redis user, (re)created on every reconcile of an unfinished run: Redis
+    // keeps ACL users in memory only, so a restarted Redis forgets them.
+    let finished_before = prev.phase.is_some_and(RunPhase::is_finished);
+    if !finished_before
+        && let Some((_, password)) = pod::run_credentials(&run, &ctx.settings)?
+        && let Err(e) = ctx.store.ensure_run_user(&run_id, &password).await
+    {
+        warn!(run = %key, error = %e, "could not create the run's Redis user; its sidecars cannot publish until the next reconcile creates it");
+    }
 
     let finished = next.phase.is_some_and(RunPhase::is_finished);
     let was_finished = prev.phase.is_some_and(RunPhase::is_finished);
@@ -477,6 +488,10 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
     {
         requeue = requeue.min(Duration::from_secs(10));
     }
+    if ctx.settings.run_credential_key.is_some() {
+        // Soon enough to re-create the run's Redis user after a Redis restart.
+        requeue = requeue.min(USER_RESYNC);
+    }
     Ok(Action::requeue(requeue))
 }
 
@@ -571,10 +586,6 @@ async fn create_missing_pods(
         return Ok(());
     }
     if slots > 0 {
-        if let Some((_, password)) = pod::run_credentials(run, &ctx.settings)? {
-            let run_id = pod::run_id(run)?;
-            ctx.store.ensure_run_user(&run_id, &password).await?;
-        }
         let secret = pod::build_secret(run, &ctx.settings)?;
         let secrets: Api<Secret> =
             Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
@@ -670,10 +681,24 @@ async fn cleanup(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
     if let Err(e) = ctx.store.expire(&run_id, &variations, retention).await {
         warn!(run = %key, error = %e, "could not set the retention TTL on the run's Redis keys; they stay until trimmed by hand");
     }
-    if ctx.settings.run_credential_key.is_some()
-        && let Err(e) = ctx.store.delete_run_user(&run_id).await
-    {
-        warn!(run = %key, error = %e, "could not delete the run's Redis user; delete it with ACL DELUSER by hand");
+    if ctx.settings.run_credential_key.is_some() {
+        if unfinished {
+            // Its pods are still stopping: their sidecars need the user for their final
+            // flush, which fits in the pods' grace period.
+            let store = ctx.store.clone();
+            let delay = Duration::from_secs(
+                ctx.settings.termination_grace_period_seconds.max(0) as u64 + 5,
+            );
+            let (run_id, key) = (run_id.clone(), key.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Err(e) = store.delete_run_user(&run_id).await {
+                    warn!(run = %key, error = %e, "could not delete the run's Redis user; delete it with ACL DELUSER by hand");
+                }
+            });
+        } else if let Err(e) = ctx.store.delete_run_user(&run_id).await {
+            warn!(run = %key, error = %e, "could not delete the run's Redis user; delete it with ACL DELUSER by hand");
+        }
     }
     publish_event(
         &ctx,

@@ -74,6 +74,14 @@ struct RunArgs {
     /// derived from --run-credential-key, or from the Redis password when that is not given.
     #[arg(long, env = "AGENTRUN_PER_RUN_REDIS_USERS", default_value_t = true, action = clap::ArgAction::Set)]
     per_run_redis_users: bool,
+    /// Grace period of agent pods, in seconds: the agent's stop plus the sidecar's final flush
+    /// must fit in it.
+    #[arg(
+        long,
+        env = "AGENTRUN_POD_TERMINATION_GRACE_SECONDS",
+        default_value_t = 45
+    )]
+    pod_termination_grace_seconds: i64,
     /// Secret key for deriving per-run Redis passwords.
     #[arg(long, env = "AGENTRUN_RUN_CREDENTIAL_KEY", hide_env_values = true)]
     run_credential_key: Option<String>,
@@ -239,6 +247,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         redis_username: args.redis_username.clone(),
         redis_password: args.redis_password.clone(),
         run_credential_key: run_credential_key(&args),
+        termination_grace_period_seconds: args.pod_termination_grace_seconds.max(1),
         relay_url: args.relay_url.clone(),
         default_stream_max_len: args.stream_max_len,
         default_retention_seconds: args.retention_seconds,

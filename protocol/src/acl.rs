@@ -130,6 +130,7 @@ pub fn operator_user_rules() -> Vec<String> {
                 "+acl|setuser",
                 "+acl|deluser",
                 "+acl|getuser",
+                "+info",
                 "+hgetall",
                 "+zadd",
                 "+zrem",

@@ -262,6 +262,10 @@ impl Stack {
                 "e2e-run-credential-key".into(),
                 "--retention-seconds".into(),
                 "3600".into(),
+                // Short, so that a deleted run's Redis user (kept for its pods' final flush
+                // until their grace period is over) goes within the scenario's patience.
+                "--pod-termination-grace-seconds".into(),
+                "8".into(),
             ],
             self.dir.path().join(format!("operator-{n}.log")),
         );
