@@ -328,8 +328,16 @@ pub async fn create_session(
         return unauthorized(&format!("the token was not accepted: {HOW}"));
     }
     let mut r = (StatusCode::OK, Json(serde_json::json!({ "auth": "token" }))).into_response();
+    // Behind a TLS-terminating proxy (or an https page), the cookie is never sent in clear.
+    let https = headers
+        .get("x-forwarded-proto")
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"https"))
+        || headers
+            .get(header::ORIGIN)
+            .is_some_and(|v| v.as_bytes().starts_with(b"https://"));
+    let secure = if https { "; Secure" } else { "" };
     if let Ok(v) = HeaderValue::from_str(&format!(
-        "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/"
+        "{COOKIE}={token}; HttpOnly; SameSite=Strict; Path=/{secure}"
     )) {
         r.headers_mut().insert(header::SET_COOKIE, v);
     }

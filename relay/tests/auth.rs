@@ -180,6 +180,18 @@ async fn token_mode_requires_a_token_from_header_query_or_cookie() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
+    // Behind a TLS proxy the cookie is Secure.
+    let r = client
+        .post(format!("{}/api/session", relay.base))
+        .header("x-forwarded-proto", "https")
+        .bearer_auth(ALL)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let secure = r.headers()["set-cookie"].to_str().unwrap();
+    assert!(secure.ends_with("; Secure"), "{secure}");
+    assert!(!cookie.contains("Secure"), "{cookie}");
     // DELETE /api/session clears it.
     let r = client
         .delete(format!("{}/api/session", relay.base))
