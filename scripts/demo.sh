@@ -23,8 +23,8 @@ if ! redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1; then
     for _ in $(seq 50); do redis-cli -p "$REDIS_PORT" ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 
-echo "==> building agentrun-sidecar and agentrun-relay"
-cargo build -q -p agentrun-sidecar -p agentrun-relay
+echo "==> building agentrun-sidecar, agentrun-relay and kubectl-agentrun"
+cargo build -q -p agentrun-sidecar -p agentrun-relay -p kubectl-agentrun
 bin="$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')/debug"
 
 echo "==> starting agentrun-relay on http://127.0.0.1:${RELAY_PORT}"
