@@ -80,6 +80,23 @@ async fn redis_restart_mid_run_loses_and_duplicates_nothing() {
     );
 }
 
+/// Runs `sh -c SCRIPT` under the entrypoint with no sidecar listening, so everything goes to
+/// the spool; `options` are extra entrypoint flags.
+fn entrypoint_without_sidecar(
+    socket: &std::path::Path,
+    options: &[&str],
+    script: &str,
+) -> std::process::Output {
+    Command::new(ENTRYPOINT)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--no-tee", "--drain-timeout-seconds", "1"])
+        .args(options)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap()
+}
+
 fn serve(redis: &RedisServer, run: &RunId, socket: &std::path::Path) -> Child {
     Command::new(SIDECAR)
         .args([
@@ -164,20 +181,11 @@ async fn output_spooled_while_no_sidecar_is_there_is_published_later() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agentrun.sock");
     // No sidecar at all while the agent runs: the entrypoint spools and exits.
-    let out = Command::new(ENTRYPOINT)
-        .arg("--socket")
-        .arg(&socket)
-        .args([
-            "--no-tee",
-            "--drain-timeout-seconds",
-            "1",
-            "--",
-            "sh",
-            "-c",
-            "printf 'one\\ntwo\\n'; printf three >&2; exit 4",
-        ])
-        .output()
-        .unwrap();
+    let out = entrypoint_without_sidecar(
+        &socket,
+        &[],
+        "printf 'one\\ntwo\\n'; printf three >&2; exit 4",
+    );
     assert_eq!(out.status.code(), Some(4));
     assert!(String::from_utf8_lossy(&out.stderr).contains("the sidecar will publish them"));
     // A sidecar that starts later publishes the spool and removes it.
@@ -222,22 +230,11 @@ async fn a_full_spool_becomes_an_explicit_gap_never_a_silent_loss() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agentrun.sock");
     // 3 MiB of output, a 1 MiB spool, and no sidecar: about 2 MiB must be reported dropped.
-    let out = Command::new(ENTRYPOINT)
-        .arg("--socket")
-        .arg(&socket)
-        .args([
-            "--no-tee",
-            "--drain-timeout-seconds",
-            "1",
-            "--spool-max-mib",
-            "1",
-            "--",
-            "sh",
-            "-c",
-            "head -c 3145728 /dev/zero | tr '\\0' x; echo; echo end",
-        ])
-        .output()
-        .unwrap();
+    let out = entrypoint_without_sidecar(
+        &socket,
+        &["--spool-max-mib", "1"],
+        "head -c 3145728 /dev/zero | tr '\\0' x; echo; echo end",
+    );
     assert_eq!(out.status.code(), Some(0));
     let mut sidecar = serve(&redis, &run, &socket);
     let conn = redis.conn().await;
