@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use agentrun_operator::config::Settings;
+use agentrun_operator::config::{Settings, SidecarTls};
 use agentrun_operator::controller::{self, Clock, Context};
 use agentrun_operator::crd::{self, AgentRun};
 use agentrun_operator::leader::LeaseLock;
@@ -70,6 +70,26 @@ struct RunArgs {
     /// Redis password (instead of one in the URL).
     #[arg(long, env = "AGENTRUN_REDIS_PASSWORD", hide_env_values = true)]
     redis_password: Option<String>,
+    /// PEM CA bundle for rediss:// (otherwise the system roots).
+    #[arg(long, env = "AGENTRUN_REDIS_CA_FILE")]
+    redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for a Redis that requires mutual TLS.
+    #[arg(long, env = "AGENTRUN_REDIS_CLIENT_CERT")]
+    redis_client_cert: Option<PathBuf>,
+    /// PEM key of --redis-client-cert.
+    #[arg(long, env = "AGENTRUN_REDIS_CLIENT_KEY")]
+    redis_client_key: Option<PathBuf>,
+    /// PEM CA bundle for the sidecars' rediss:// connection (default: --redis-ca-file). Its
+    /// contents go into each run's Secret; restart the operator after rotating it.
+    #[arg(long, env = "AGENTRUN_SIDECAR_REDIS_CA_FILE")]
+    sidecar_redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate for the sidecars (copied into each run's Secret; never defaults
+    /// to the operator's own).
+    #[arg(long, env = "AGENTRUN_SIDECAR_REDIS_CLIENT_CERT")]
+    sidecar_redis_client_cert: Option<PathBuf>,
+    /// PEM key of --sidecar-redis-client-cert.
+    #[arg(long, env = "AGENTRUN_SIDECAR_REDIS_CLIENT_KEY")]
+    sidecar_redis_client_key: Option<PathBuf>,
     /// Give each run its own Redis ACL user (needs ACL SETUSER rights); its password is
     /// derived from --run-credential-key, or from the Redis password when that is not given.
     #[arg(long, env = "AGENTRUN_PER_RUN_REDIS_USERS", default_value_t = true, action = clap::ArgAction::Set)]
@@ -197,9 +217,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     ready.store(true, Ordering::SeqCst);
 
-    let redis = agentrun_protocol::RedisSettings::from_url(&args.redis_url)
+    let mut redis = agentrun_protocol::RedisSettings::from_url(&args.redis_url)
         .context("--redis-url / AGENTRUN_REDIS_URL is not a valid Redis URL")?
         .with_credentials(args.redis_username.clone(), args.redis_password.clone());
+    redis.ca_file = args.redis_ca_file.clone();
+    redis.client_cert = args.redis_client_cert.clone();
+    redis.client_key = args.redis_client_key.clone();
+    let sidecar_tls = SidecarTls::load(
+        args.sidecar_redis_ca_file
+            .as_deref()
+            .or(args.redis_ca_file.as_deref()),
+        args.sidecar_redis_client_cert.as_deref(),
+        args.sidecar_redis_client_key.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
     let store: Arc<dyn RunStore> = match RedisStore::connect(
         &redis,
         args.stream_max_len.max(1) as u64,
@@ -251,6 +282,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         relay_url: args.relay_url.clone(),
         default_stream_max_len: args.stream_max_len,
         default_retention_seconds: args.retention_seconds,
+        sidecar_tls,
         ..Settings::default()
     };
     let reporter = Reporter {

@@ -3,9 +3,9 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvFromSource, EnvVar, HTTPGetAction, Pod,
-    PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret, SecretEnvSource, SecurityContext,
-    Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret, SecretKeySelector,
+    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -44,6 +44,16 @@ pub const SIDECAR_BINARY: &str = "/usr/local/bin/agentrun-sidecar";
 pub const SIDECAR_METRICS_PORT: i32 = 9464;
 /// Non-root user of the agentrun containers (distroless `nonroot`).
 pub const AGENTRUN_UID: i64 = 65532;
+/// Volume (from the run's Secret) with the sidecar's Redis TLS files, when there are any.
+pub const REDIS_TLS_VOLUME: &str = "agentrun-redis-tls";
+/// Where the sidecar finds them.
+pub const REDIS_TLS_PATH: &str = "/etc/agentrun/redis-tls";
+/// Keys of the run's Secret holding the TLS files, and their file names in the volume.
+pub const REDIS_TLS_FILES: [(&str, &str); 3] = [
+    ("redis-ca.crt", "ca.crt"),
+    ("redis-client.crt", "tls.crt"),
+    ("redis-client.key", "tls.key"),
+];
 
 /// Run id used in Redis: unique per AgentRun incarnation (the uid changes when a run is deleted
 /// and re-created), readable, and free of `{`, `}` and `:` so it can sit in a hash tag.
@@ -169,6 +179,14 @@ pub fn build_secret(run: &AgentRun, settings: &Settings) -> Result<Secret> {
             data.insert("AGENTRUN_REDIS_PASSWORD".into(), password.clone());
         }
     }
+    let tls = &settings.sidecar_tls;
+    if let Some(ca) = &tls.ca_pem {
+        data.insert(REDIS_TLS_FILES[0].0.into(), ca.clone());
+    }
+    if let Some((cert, key)) = &tls.client_pem {
+        data.insert(REDIS_TLS_FILES[1].0.into(), cert.clone());
+        data.insert(REDIS_TLS_FILES[2].0.into(), key.clone());
+    }
     Ok(Secret {
         metadata: owner_meta(run, secret_name(run), BTreeMap::new())?,
         string_data: Some(data),
@@ -183,6 +201,65 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
         value: Some(value.into()),
         ..Default::default()
     }
+}
+
+/// An environment variable from a key of the run's Secret.
+fn secret_env(run: &AgentRun, name: &str, optional: bool) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret_name(run),
+                key: name.into(),
+                optional: Some(optional),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// The sidecar's Redis settings: named keys of the run's Secret (never the whole Secret as
+/// `envFrom`, which would also put the TLS files into the environment), and the TLS files as a
+/// read-only volume with the variables that point at them.
+fn sidecar_redis(run: &AgentRun, settings: &Settings) -> (Vec<EnvVar>, Option<Volume>) {
+    let mut env = vec![
+        secret_env(run, "AGENTRUN_REDIS_URL", false),
+        secret_env(run, "AGENTRUN_REDIS_USERNAME", true),
+        secret_env(run, "AGENTRUN_REDIS_PASSWORD", true),
+    ];
+    let tls = &settings.sidecar_tls;
+    if tls.is_empty() {
+        return (env, None);
+    }
+    let mut items = Vec::new();
+    let mut file = |(key, path): (&str, &str), var: &str| {
+        items.push(KeyToPath {
+            key: key.into(),
+            path: path.into(),
+            mode: None,
+        });
+        env.push(self::env(var, format!("{REDIS_TLS_PATH}/{path}")));
+    };
+    if tls.ca_pem.is_some() {
+        file(REDIS_TLS_FILES[0], "AGENTRUN_REDIS_CA_FILE");
+    }
+    if tls.client_pem.is_some() {
+        file(REDIS_TLS_FILES[1], "AGENTRUN_REDIS_CLIENT_CERT");
+        file(REDIS_TLS_FILES[2], "AGENTRUN_REDIS_CLIENT_KEY");
+    }
+    let volume = Volume {
+        name: REDIS_TLS_VOLUME.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret_name(run)),
+            items: Some(items),
+            // Readable by the sidecar's group (fsGroup) only.
+            default_mode: Some(0o440),
+            optional: Some(false),
+        }),
+        ..Default::default()
+    };
+    (env, Some(volume))
 }
 
 fn hardened() -> SecurityContext {
@@ -272,30 +349,35 @@ pub fn build_pod(
         resources: Some(settings.sidecar_resources.clone()),
         ..Default::default()
     };
+    let (redis_env, tls_volume) = sidecar_redis(run, settings);
+    let mut sidecar_mounts = vec![mount()];
+    if tls_volume.is_some() {
+        sidecar_mounts.push(VolumeMount {
+            name: REDIS_TLS_VOLUME.into(),
+            mount_path: REDIS_TLS_PATH.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
+    let mut sidecar_env = vec![
+        env("AGENTRUN_SOCKET", SOCKET_PATH),
+        env("AGENTRUN_RUN_ID", run_id.clone()),
+        env("AGENTRUN_VARIATION", variation.name.clone()),
+        env(
+            "AGENTRUN_METRICS_ADDR",
+            format!("0.0.0.0:{SIDECAR_METRICS_PORT}"),
+        ),
+        env("AGENTRUN_STREAM_MAXLEN", stream_max_len.to_string()),
+        env("AGENTRUN_RETENTION_SECONDS", retention.to_string()),
+    ];
+    sidecar_env.extend(redis_env);
     let sidecar = Container {
         name: SIDECAR_CONTAINER.into(),
         image: Some(settings.sidecar_image.clone()),
         image_pull_policy: settings.sidecar_image_pull_policy.clone(),
         restart_policy: Some("Always".into()),
         command: Some(vec![SIDECAR_BINARY.into(), "serve".into()]),
-        env: Some(vec![
-            env("AGENTRUN_SOCKET", SOCKET_PATH),
-            env("AGENTRUN_RUN_ID", run_id.clone()),
-            env("AGENTRUN_VARIATION", variation.name.clone()),
-            env(
-                "AGENTRUN_METRICS_ADDR",
-                format!("0.0.0.0:{SIDECAR_METRICS_PORT}"),
-            ),
-            env("AGENTRUN_STREAM_MAXLEN", stream_max_len.to_string()),
-            env("AGENTRUN_RETENTION_SECONDS", retention.to_string()),
-        ]),
-        env_from: Some(vec![EnvFromSource {
-            secret_ref: Some(SecretEnvSource {
-                name: secret_name(run),
-                optional: Some(false),
-            }),
-            ..Default::default()
-        }]),
+        env: Some(sidecar_env),
         ports: Some(vec![k8s_openapi::api::core::v1::ContainerPort {
             name: Some("metrics".into()),
             container_port: SIDECAR_METRICS_PORT,
@@ -303,7 +385,7 @@ pub fn build_pod(
         }]),
         startup_probe: Some(http_probe("/healthz", 1, 30)),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
-        volume_mounts: Some(vec![mount()]),
+        volume_mounts: Some(sidecar_mounts),
         security_context: Some(hardened()),
         resources: Some(settings.sidecar_resources.clone()),
         ..Default::default()
@@ -343,11 +425,15 @@ pub fn build_pod(
             restart_policy: Some("Never".into()),
             init_containers: Some(vec![tools, sidecar]),
             containers: vec![agent],
-            volumes: Some(vec![Volume {
-                name: VOLUME.into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Default::default()
-            }]),
+            volumes: Some(
+                std::iter::once(Volume {
+                    name: VOLUME.into(),
+                    empty_dir: Some(EmptyDirVolumeSource::default()),
+                    ..Default::default()
+                })
+                .chain(tls_volume)
+                .collect(),
+            ),
             service_account_name: spec.service_account_name.clone(),
             automount_service_account_token: Some(spec.service_account_name.is_some()),
             node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
@@ -428,6 +514,35 @@ mod tests {
         let pods = build_pods(&run, &settings()).expect("builds");
         assert_eq!(pods.len(), 2);
         assert_snapshot("pod-variation-careful", &pods[1]);
+    }
+
+    #[test]
+    fn sidecar_tls_files_go_into_the_secret_and_a_read_only_volume() {
+        let run = AgentRun::test();
+        let mut settings = settings();
+        settings.sidecar_tls = crate::config::SidecarTls {
+            ca_pem: Some("-----BEGIN CERTIFICATE-----\nCA\n-----END CERTIFICATE-----\n".into()),
+            client_pem: Some((
+                "-----BEGIN CERTIFICATE-----\nCLIENT\n-----END CERTIFICATE-----\n".into(),
+                "-----BEGIN PRIVATE KEY-----\nKEY\n-----END PRIVATE KEY-----\n".into(),
+            )),
+        };
+        let pod = build_pods(&run, &settings).expect("builds").remove(0);
+        assert_snapshot("pod-hello-redis-tls", &pod);
+        assert_snapshot(
+            "secret-hello-redis-tls",
+            &build_secret(&run, &settings).expect("builds"),
+        );
+        let spec = pod.spec.expect("spec");
+        // Only the sidecar sees the files; the agent container has no such mount.
+        let agent_mounts = spec.containers[0].volume_mounts.clone().unwrap_or_default();
+        assert!(agent_mounts.iter().all(|m| m.name != REDIS_TLS_VOLUME));
+        // Without TLS files there is no volume.
+        let plain = build_pods(&run, &super::tests::settings())
+            .expect("builds")
+            .remove(0);
+        let volumes = plain.spec.expect("spec").volumes.unwrap_or_default();
+        assert_eq!(volumes.len(), 1, "{volumes:?}");
     }
 
     #[test]
