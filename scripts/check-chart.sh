@@ -4,7 +4,9 @@
 #   2. helm template of each, validated (with the CRD) against the Kubernetes 1.33/1.35 schemas
 #      by kubernetes-validate --strict (unknown fields are errors);
 #   3. manifests/examples/*.yaml validated against the AgentRun CRD's OpenAPI schema;
-#   4. manifests/install.yaml equal to a fresh render (`--update` rewrites it).
+#   4. manifests/install.yaml equal to a fresh render (`--update` rewrites it);
+#   5. what non-default values ask for is in the rendered objects (relay auth and CORS, Redis
+#      TLS, external Redis, ingress), and bad values fail with a message naming the value.
 # Needs helm v4 and kubernetes-validate: scripts/deps/helm.sh installs both.
 set -euo pipefail
 
@@ -22,10 +24,13 @@ render_install() {
 #   kubectl create namespace agentrun
 #   kubectl -n agentrun create secret generic agentrun-redis-auth \
 #     --from-literal=password="$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
+# and the relay's bearer tokens (one per line, optionally followed by the namespaces it sees):
+#   kubectl -n agentrun create secret generic agentrun-relay-tokens \
+#     --from-literal=tokens="$(head -c 24 /dev/urandom | base64 | tr -d '/+=')"
 #   kubectl apply --server-side -f manifests/install.yaml
 HEADER
     helm template agentrun "$chart" --namespace agentrun --include-crds \
-      --set redis.createSecret=false
+      --set redis.createSecret=false --set relay.auth.existingSecret=agentrun-relay-tokens
   }
 }
 
@@ -44,6 +49,11 @@ value_sets=(
   "default::"
   "external-redis::--set redis.bundled=false --set redis.external.url=rediss://redis.example.com:6380 --set redis.external.password=p"
   "existing-secret::--set redis.bundled=false --set redis.external.existingSecret=my-redis"
+  "auth-token-secret::--set relay.auth.existingSecret=viewer-tokens"
+  "auth-kubernetes::--set relay.auth.mode=kubernetes"
+  "auth-none-cors::--set relay.auth.mode=none --set relay.cors.origins={https://a.example.com,https://b.example.com:8443}"
+  "redis-tls-bundled::--set redis.tls.enabled=true --set redis.tls.caSecret=redis-ca --set redis.tls.caKey=bundle.pem --set redis.tls.serverCertSecret=redis-server --set redis.tls.clientCertSecret=redis-client"
+  "redis-tls-external::--set redis.bundled=false --set redis.external.url=rediss://redis.example.com:6380 --set redis.external.existingSecret=my-redis --set redis.tls.enabled=true --set redis.tls.caSecret=redis-ca"
   "everything::--set relay.ingress.enabled=true --set relay.ingress.tlsSecretName=tls --set operator.replicas=2 --set relay.replicas=3 --set operator.podDisruptionBudget.enabled=true --set relay.podDisruptionBudget.enabled=true --set redis.persistence.enabled=false --set operator.watchNamespace=agents --set metrics.serviceMonitor.enabled=true"
 )
 for entry in "${value_sets[@]}"; do
@@ -67,6 +77,7 @@ for m in monitors:
     assert m["spec"]["selector"]["matchLabels"], m
 yaml.safe_dump_all(core, open(sys.argv[2], "w"))
 PY
+  python3 "$root/scripts/check-chart-values.py" "$name" "$work/$name.yaml" || { echo "the rendered objects ($name) do not do what the values ask" >&2; fail=1; }
   for version in 1.33.0 1.35.0; do
     if ! out="$(kubernetes-validate --strict --quiet -k "$version" "$work/$name-core.yaml" 2>&1)"; then
       echo "$out" >&2
@@ -74,6 +85,29 @@ PY
       fail=1
     fi
   done
+done
+
+echo "== bad values are refused with a message naming them"
+bad_values=(
+  "redis.tls.serverCertSecret::--set redis.tls.enabled=true --set redis.tls.caSecret=ca"
+  "redis.tls.caSecret::--set redis.tls.enabled=true --set redis.tls.serverCertSecret=srv"
+  "is not a rediss://::--set redis.bundled=false --set redis.external.url=redis://r:6379 --set redis.tls.enabled=true"
+  "/relay/auth/mode::--set relay.auth.mode=open"
+  "/relay/cors/origins/0::--set relay.cors.origins={https://a.example.com/path}"
+  "/redis/tls/caSecret::--set redis.tls.caSecret=Not_A_Name"
+)
+for entry in "${bad_values[@]}"; do
+  want="${entry%%::*}"
+  args="${entry#*::}"
+  # shellcheck disable=SC2086
+  if out="$(helm template agentrun "$chart" --namespace agentrun $args 2>&1)"; then
+    echo "helm template accepted bad values ($args)" >&2
+    fail=1
+  elif [[ "$out" != *"$want"* ]]; then
+    echo "$out" >&2
+    echo "helm template refused ($args) without naming $want" >&2
+    fail=1
+  fi
 done
 
 echo "== CRD and examples"

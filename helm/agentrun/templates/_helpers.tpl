@@ -63,14 +63,18 @@ true
 {{- define "agentrun.redisEnv" -}}
 - name: AGENTRUN_REDIS_URL
 {{- if .Values.redis.bundled }}
-  value: {{ printf "redis://%s.%s.svc:6379" (include "agentrun.redisName" .) .Release.Namespace | quote }}
+  value: {{ printf "%s://%s.%s.svc:6379" (ternary "rediss" "redis" .Values.redis.tls.enabled) (include "agentrun.redisName" .) .Release.Namespace | quote }}
 {{- else if and .Values.redis.external.existingSecret .Values.redis.external.existingSecretUrlKey (not .Values.redis.external.url) }}
   valueFrom:
     secretKeyRef:
       name: {{ .Values.redis.external.existingSecret }}
       key: {{ .Values.redis.external.existingSecretUrlKey }}
 {{- else }}
-  value: {{ required "redis.external.url (or redis.external.existingSecret with a url key) is required when redis.bundled is false" .Values.redis.external.url | quote }}
+{{- $url := required "redis.external.url (or redis.external.existingSecret with a url key) is required when redis.bundled is false" .Values.redis.external.url }}
+{{- if and .Values.redis.tls.enabled (not (hasPrefix "rediss" $url)) }}
+{{- fail (printf "redis.tls.enabled is true but redis.external.url %q is not a rediss:// (or rediss+sentinel://, rediss+cluster://) URL" $url) }}
+{{- end }}
+  value: {{ $url | quote }}
 {{- end }}
 - name: AGENTRUN_REDIS_PASSWORD
   valueFrom:
@@ -82,6 +86,77 @@ true
 - name: AGENTRUN_REDIS_USERNAME
   value: {{ . | quote }}
 {{- end }}
+{{- if .Values.redis.tls.enabled }}
+{{- if .Values.redis.tls.caSecret }}
+- name: AGENTRUN_REDIS_CA_FILE
+  value: /etc/agentrun/redis-tls/ca/ca.crt
+{{- end }}
+{{- if .Values.redis.tls.clientCertSecret }}
+- name: AGENTRUN_REDIS_CLIENT_CERT
+  value: /etc/agentrun/redis-tls/client/tls.crt
+- name: AGENTRUN_REDIS_CLIENT_KEY
+  value: /etc/agentrun/redis-tls/client/tls.key
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Checks the TLS values once (included by every template that uses Redis). */}}
+{{- define "agentrun.redisTlsCheck" -}}
+{{- if and .Values.redis.tls.enabled .Values.redis.bundled }}
+{{- if not .Values.redis.tls.serverCertSecret }}
+{{- fail "redis.tls.serverCertSecret (a kubernetes.io/tls Secret for the bundled Redis) is required when redis.tls.enabled and redis.bundled are true" }}
+{{- end }}
+{{- if not .Values.redis.tls.caSecret }}
+{{- fail "redis.tls.caSecret (the CA that signed redis.tls.serverCertSecret) is required when redis.tls.enabled and redis.bundled are true" }}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Read-only mounts of the Redis TLS Secrets (empty without TLS). */}}
+{{- define "agentrun.redisTlsMounts" -}}
+{{- if .Values.redis.tls.enabled }}
+{{- if .Values.redis.tls.caSecret }}
+- name: redis-tls-ca
+  mountPath: /etc/agentrun/redis-tls/ca
+  readOnly: true
+{{- end }}
+{{- if .Values.redis.tls.clientCertSecret }}
+- name: redis-tls-client
+  mountPath: /etc/agentrun/redis-tls/client
+  readOnly: true
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The volumes of agentrun.redisTlsMounts: only the keys needed, readable by fsGroup only. */}}
+{{- define "agentrun.redisTlsVolumes" -}}
+{{- if .Values.redis.tls.enabled }}
+{{- if .Values.redis.tls.caSecret }}
+- name: redis-tls-ca
+  secret:
+    secretName: {{ .Values.redis.tls.caSecret }}
+    defaultMode: 0440
+    items:
+      - key: {{ .Values.redis.tls.caKey }}
+        path: ca.crt
+{{- end }}
+{{- if .Values.redis.tls.clientCertSecret }}
+- name: redis-tls-client
+  secret:
+    secretName: {{ .Values.redis.tls.clientCertSecret }}
+    defaultMode: 0440
+    items:
+      - key: tls.crt
+        path: tls.crt
+      - key: tls.key
+        path: tls.key
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* Secret with the relay's bearer tokens (relay.auth.mode token). */}}
+{{- define "agentrun.relayTokensSecret" -}}
+{{- .Values.relay.auth.existingSecret | default (printf "%s-relay-tokens" (include "agentrun.fullname" .)) -}}
 {{- end -}}
 
 {{- define "agentrun.relayUrl" -}}

@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""Checks that a rendering of helm/agentrun does what its values ask (scripts/check-chart.sh).
+
+    check-chart-values.py NAME RENDERED.yaml
+
+NAME is one of check-chart.sh's value sets; the checks common to every set run first, then the
+set's own. Exits 1 with one line per failed check.
+"""
+import sys
+
+import yaml
+
+name, path = sys.argv[1], sys.argv[2]
+docs = [d for d in yaml.safe_load_all(open(path)) if d]
+failures = []
+
+
+def check(cond, what):
+    if not cond:
+        failures.append(f"{name}: {what}")
+
+
+def find(kind, suffix):
+    return [d for d in docs if d["kind"] == kind and d["metadata"]["name"].endswith(suffix)]
+
+
+def one(kind, suffix):
+    found = find(kind, suffix)
+    if len(found) != 1:
+        failures.append(f"{name}: expected one {kind} *{suffix}, found {len(found)}")
+        return {}
+    return found[0]
+
+
+def pod(suffix):
+    kind = "StatefulSet" if suffix == "-redis" else "Deployment"
+    return one(kind, suffix).get("spec", {}).get("template", {}).get("spec", {})
+
+
+def container(suffix):
+    spec = pod(suffix)
+    return spec.get("containers", [{}])[0] if spec else {}
+
+
+def env(suffix):
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container(suffix).get("env", [])}
+
+
+def mounts(suffix):
+    return {m["name"]: m for m in container(suffix).get("volumeMounts", [])}
+
+
+def volumes(suffix):
+    return {v["name"]: v for v in pod(suffix).get("volumes", [])}
+
+
+def secret_of(suffix, volume):
+    return volumes(suffix).get(volume, {}).get("secret", {})
+
+
+relay_env, operator_env = env("-relay"), env("-operator")
+mode = relay_env.get("AGENTRUN_AUTH")
+
+# --- every value set -------------------------------------------------------------------------
+check(mode in ("none", "token", "kubernetes"), f"relay AGENTRUN_AUTH is {mode!r}")
+for comp in ("-relay", "-operator", "-redis"):
+    if not find("Deployment" if comp != "-redis" else "StatefulSet", comp):
+        continue
+    vols = volumes(comp)
+    for m in mounts(comp).values():
+        if "secret" in vols.get(m["name"], {}):
+            check(m.get("readOnly") is True, f"{comp} mounts Secret volume {m['name']} read-only")
+            check("subPath" not in m, f"{comp} mounts {m['name']} without subPath (updates reach it)")
+            mode_bits = vols[m["name"]]["secret"].get("defaultMode")
+            check(mode_bits == 0o440, f"{comp} Secret volume {m['name']} has defaultMode 0440, not {mode_bits}")
+    for m in mounts(comp):
+        check(m in vols or (comp == "-redis" and m == "data"), f"{comp} mounts {m}, which is a volume")
+relay_roles = find("ClusterRole", "-relay-auth")
+relay_bindings = find("ClusterRoleBinding", "-relay-auth")
+relay_sa = one("ServiceAccount", "-relay")
+if mode == "kubernetes":
+    check(len(relay_roles) == 1 and len(relay_bindings) == 1, "kubernetes mode has the relay's ClusterRole and binding")
+    if relay_roles:
+        rules = sorted(
+            (tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"])) for r in relay_roles[0]["rules"]
+        )
+        check(
+            rules
+            == [
+                (("authentication.k8s.io",), ("tokenreviews",), ("create",)),
+                (("authorization.k8s.io",), ("subjectaccessreviews",), ("create",)),
+            ],
+            f"the relay's ClusterRole allows creating TokenReviews and SubjectAccessReviews only: {rules}",
+        )
+    if relay_bindings:
+        b = relay_bindings[0]
+        check(b["roleRef"]["name"] == relay_roles[0]["metadata"]["name"] if relay_roles else False, "binding names the role")
+        check(
+            b["subjects"] == [{"kind": "ServiceAccount", "name": relay_sa["metadata"]["name"], "namespace": relay_sa["metadata"]["namespace"]}],
+            f"binding's subject is the relay's ServiceAccount: {b['subjects']}",
+        )
+    check(relay_sa.get("automountServiceAccountToken") is True, "kubernetes mode mounts the relay's token (ServiceAccount)")
+    check(pod("-relay").get("automountServiceAccountToken") is True, "kubernetes mode mounts the relay's token (pod)")
+else:
+    check(not relay_roles and not relay_bindings, f"no relay RBAC outside kubernetes mode (mode {mode})")
+    check(relay_sa.get("automountServiceAccountToken") is False, "the relay's ServiceAccount token is not mounted")
+    check(pod("-relay").get("automountServiceAccountToken") is False, "the relay pod mounts no token")
+if mode == "token":
+    check(relay_env.get("AGENTRUN_TOKENS_FILE") == "/etc/agentrun/relay-auth/tokens", "token mode sets AGENTRUN_TOKENS_FILE")
+    m = mounts("-relay").get("relay-tokens", {})
+    check(m.get("mountPath") == "/etc/agentrun/relay-auth", f"the tokens Secret is mounted at /etc/agentrun/relay-auth: {m}")
+    check(secret_of("-relay", "relay-tokens").get("items") == [{"key": "tokens", "path": "tokens"}], "only the key tokens is mounted")
+else:
+    check("AGENTRUN_TOKENS_FILE" not in relay_env and "relay-tokens" not in volumes("-relay"), "no tokens file outside token mode")
+generated = find("Secret", "-relay-tokens")
+if mode == "token" and secret_of("-relay", "relay-tokens").get("secretName", "").endswith("-relay-tokens"):
+    check(len(generated) == 1, "a generated tokens Secret")
+    for s in generated:
+        lines = [l for l in s["stringData"]["tokens"].splitlines() if l and not l.startswith("#")]
+        check(len(lines) == 1 and len(lines[0]) >= 32, "one generated token of 32+ characters")
+        check(s["metadata"].get("annotations", {}).get("helm.sh/resource-policy") == "keep", "the tokens Secret is kept")
+else:
+    check(not generated, "no generated tokens Secret when one is given or the mode needs none")
+for var in ("AGENTRUN_REDIS_URL", "AGENTRUN_REDIS_PASSWORD"):
+    check(relay_env.get(var) == operator_env.get(var), f"operator and relay agree on {var}")
+
+# --- each value set --------------------------------------------------------------------------
+if name == "default":
+    check(mode == "token", "the default relay auth is token")
+    check(relay_env["AGENTRUN_REDIS_URL"].startswith("redis://"), "plain Redis by default")
+    check("AGENTRUN_CORS_ORIGINS" not in relay_env, "no CORS origins by default")
+elif name == "auth-token-secret":
+    check(secret_of("-relay", "relay-tokens").get("secretName") == "viewer-tokens", "the given tokens Secret is mounted")
+elif name == "auth-kubernetes":
+    check(mode == "kubernetes", "mode kubernetes")
+elif name == "auth-none-cors":
+    check(mode == "none", "mode none")
+    check(relay_env.get("AGENTRUN_CORS_ORIGINS") == "https://a.example.com,https://b.example.com:8443", f"CORS origins: {relay_env.get('AGENTRUN_CORS_ORIGINS')}")
+    check(not volumes("-relay") and "volumeMounts" not in container("-relay"), "no volumes without tokens or TLS")
+elif name.startswith("redis-tls"):
+    bundled = name == "redis-tls-bundled"
+    ca_key = "bundle.pem" if bundled else "ca.crt"
+    for comp, e in (("-relay", relay_env), ("-operator", operator_env)):
+        check(e.get("AGENTRUN_REDIS_CA_FILE") == "/etc/agentrun/redis-tls/ca/ca.crt", f"{comp} AGENTRUN_REDIS_CA_FILE")
+        check(secret_of(comp, "redis-tls-ca") == {"secretName": "redis-ca", "defaultMode": 0o440, "items": [{"key": ca_key, "path": "ca.crt"}]}, f"{comp} CA volume: {secret_of(comp, 'redis-tls-ca')}")
+        check(mounts(comp).get("redis-tls-ca", {}).get("mountPath") == "/etc/agentrun/redis-tls/ca", f"{comp} CA mount")
+        has_client = "AGENTRUN_REDIS_CLIENT_CERT" in e and "AGENTRUN_REDIS_CLIENT_KEY" in e
+        check(has_client == bundled, f"{comp} client certificate env only with clientCertSecret")
+        check(("redis-tls-client" in volumes(comp)) == bundled, f"{comp} client certificate volume only with clientCertSecret")
+    sidecar_cert = operator_env.get("AGENTRUN_SIDECAR_REDIS_CLIENT_CERT")
+    check((sidecar_cert == "/etc/agentrun/redis-tls/client/tls.crt") == bundled, "the sidecars get the client certificate")
+    if bundled:
+        check(relay_env["AGENTRUN_REDIS_URL"].startswith("rediss://"), "the bundled Redis is reached with rediss://")
+        args = container("-redis").get("args", [])
+        for flag, value in (("--port", "0"), ("--tls-port", "6379"), ("--tls-auth-clients", "yes"),
+                            ("--tls-cert-file", "/etc/agentrun/redis-tls/server/tls.crt"),
+                            ("--tls-ca-cert-file", "/etc/agentrun/redis-tls/ca/ca.crt")):
+            check(flag in args and args[args.index(flag) + 1] == value, f"redis-server {flag} {value}: {args}")
+        check(secret_of("-redis", "redis-tls-server").get("secretName") == "redis-server", "the server certificate is mounted")
+        probe = container("-redis").get("readinessProbe", {}).get("exec", {}).get("command", [])
+        check("--tls" in probe and "--cert" in probe, f"the readiness probe speaks TLS: {probe}")
+    else:
+        check(relay_env["AGENTRUN_REDIS_URL"] == "rediss://redis.example.com:6380", "the external rediss:// URL")
+elif name in ("external-redis", "existing-secret"):
+    check(not find("StatefulSet", "-redis"), "no bundled Redis")
+if name == "external-redis":
+    check(relay_env["AGENTRUN_REDIS_URL"] == "rediss://redis.example.com:6380", "the external URL")
+elif name == "everything":
+    ing = one("Ingress", "-relay")
+    check(ing.get("spec", {}).get("tls", [{}])[0].get("secretName") == "tls", "the Ingress serves TLS")
+    check(operator_env.get("AGENTRUN_RELAY_URL") == "https://agentrun.example.com", "status.url uses the Ingress host")
+
+for f in failures:
+    print(f, file=sys.stderr)
+sys.exit(1 if failures else 0)
