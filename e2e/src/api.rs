@@ -12,10 +12,11 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::auth::AuthConfig;
+use crate::auth::{AuthConfig, Identity};
 use crate::discovery;
 use crate::kubelet::Kubelet;
 use crate::patch::{self, PatchKind};
+use crate::rbac::{self, Attrs, DenialLog};
 use crate::resources::ResourceType;
 use crate::selectors::{FieldSelector, LabelSelector};
 use crate::store::{DeleteOpts, Event, EventType, Store, TypeKey, WriteOpts};
@@ -29,6 +30,8 @@ pub struct App {
     pub kubelet: Option<Arc<Kubelet>>,
     pub addr: String,
     pub bookmark_interval: Duration,
+    /// Requests refused with 403.
+    pub denials: Arc<DenialLog>,
 }
 
 fn json_response(code: u16, body: &Value) -> Response {
@@ -96,13 +99,46 @@ pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
     let q = parse_query(uri.query());
     let path = uri.path().to_string();
     tracing::debug!("{method} {uri}");
-    match route(&app, &method, &path, &q, &headers, body).await {
+    let requester = match authenticate(&app.auth, &headers) {
+        Ok(id) => id,
+        Err(e) => {
+            tracing::info!("{method} {uri} -> {e}");
+            return error_response(&e);
+        }
+    };
+    if let Some(id) = &requester {
+        let attrs = Attrs::of_request(method.as_str(), &path, &|k| q.get(k).cloned());
+        if !rbac::allowed(&app.store, &app.auth, id, &attrs) {
+            let e = rbac::forbidden(&id.username, &attrs);
+            tracing::info!("{method} {uri} -> {e}");
+            app.denials.record(format!("{method} {uri}: {}", e.message));
+            return error_response(&e);
+        }
+    }
+    match route(&app, &method, &path, &q, &headers, body, requester.as_ref()).await {
         Ok(r) => r,
         Err(e) => {
             tracing::debug!("{method} {uri} -> {e}");
             error_response(&e)
         }
     }
+}
+
+/// The requester: None without an `Authorization` header (the admin kubeconfig kube-sim
+/// writes has no credentials and may do anything); 401 for a token the auth config does not
+/// know, or for credentials other than a bearer token.
+fn authenticate(auth: &AuthConfig, headers: &HeaderMap) -> Result<Option<Identity>, ApiError> {
+    let Some(h) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let unauthorized = || ApiError::new(401, "Unauthorized", "Unauthorized");
+    let value = h.to_str().map_err(|_| unauthorized())?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(unauthorized)?
+        .trim();
+    auth.authenticate(token).map(Some).ok_or_else(unauthorized)
 }
 
 async fn route(
@@ -112,6 +148,7 @@ async fn route(
     q: &Query,
     headers: &HeaderMap,
     body: Bytes,
+    requester: Option<&Identity>,
 ) -> Result<Response, ApiError> {
     let segs: Vec<&str> = path
         .trim_matches('/')
@@ -172,6 +209,11 @@ async fn route(
         ["apis", g, v, rest @ ..] => (*g, *v, rest),
         _ => return Err(not_found()),
     };
+    // The deprecated `/watch/` paths of old clients.
+    let (rest, watch_path) = match rest {
+        ["watch", r @ ..] => (r, true),
+        r => (r, false),
+    };
     let find = |plural: &str| {
         types
             .iter()
@@ -210,10 +252,14 @@ async fn route(
             )));
         }
         let obj = parse_object(&body, headers)?;
+        let (auth, store) = (&app.auth, &app.store);
         let mut out = match target.t.plural.as_str() {
-            "tokenreviews" => app.auth.token_review(obj),
-            "localsubjectaccessreviews" => app.auth.access_review(obj, Some(&target.ns)),
-            _ => app.auth.access_review(obj, None),
+            "tokenreviews" => auth.token_review(obj),
+            "localsubjectaccessreviews" => {
+                auth.access_review(store, obj, Some(&target.ns), requester, false)
+            }
+            "selfsubjectaccessreviews" => auth.access_review(store, obj, None, requester, true),
+            _ => auth.access_review(store, obj, None, requester, false),
         };
         out["apiVersion"] = Value::String(target.t.api_version());
         out["kind"] = Value::String(target.t.kind.clone());
@@ -225,7 +271,7 @@ async fn route(
         .is_some_and(|a| a.contains("as=Table"));
     match (method.clone(), &target.name, target.sub.as_deref()) {
         (Method::GET, None, _) => {
-            if q.get("watch").is_some_and(|w| w == "true" || w == "1") {
+            if watch_path || q.get("watch").is_some_and(|w| w == "true" || w == "1") {
                 watch(app, &target, q, wants_table)
             } else {
                 list(app, &target, q, wants_table)

@@ -11,11 +11,13 @@ pub mod gc;
 pub mod kubelet;
 pub mod netns;
 pub mod patch;
+pub mod rbac;
 pub mod resources;
 pub mod schema;
 pub mod selectors;
 pub mod store;
 pub mod table;
+pub mod tls;
 pub mod util;
 
 use std::net::SocketAddr;
@@ -52,6 +54,9 @@ pub struct Options {
     pub watch_history: usize,
     pub bookmark_interval: Duration,
     pub restart_backoff: Duration,
+    /// Serve https with a generated certificate (kubeconfigs carry its CA); kubectl sends
+    /// bearer tokens only to TLS servers.
+    pub tls: bool,
 }
 
 impl Default for Options {
@@ -70,6 +75,7 @@ impl Default for Options {
             watch_history: 10_000,
             bookmark_interval: Duration::from_secs(5),
             restart_backoff: Duration::from_secs(1),
+            tls: false,
         }
     }
 }
@@ -81,21 +87,48 @@ pub struct KubeSim {
     pub store: Arc<Store>,
     pub kubelet: Option<Arc<Kubelet>>,
     pub kubeconfig: Option<PathBuf>,
+    /// With `tls`: the PEM of the CA that signed kube-sim's certificate.
+    pub ca_pem: Option<String>,
     pub state_dir: PathBuf,
+    /// Requests refused with 403 Forbidden (`METHOD URI: message`), in order.
+    pub denials: Arc<rbac::DenialLog>,
     /// The state directory was made by kube-sim (no `--state-dir`) and goes on shutdown.
     owned_state_dir: bool,
     tasks: Vec<JoinHandle<()>>,
 }
 
-/// A kubeconfig that points kubectl and kube-rs at `url` (plain http).
+/// A kubeconfig that points kubectl and kube-rs at `url` (plain http), with no credentials:
+/// kube-sim's admin, who may do anything.
 pub fn kubeconfig_yaml(url: &str) -> String {
+    kubeconfig_doc(url, None, None)
+}
+
+/// A kubeconfig for `url`; `ca_pem` trusts kube-sim's certificate (with `tls`), `user` is
+/// `(name, bearer token)` of an auth-config user (None: the admin, no credentials).
+pub fn kubeconfig_doc(url: &str, ca_pem: Option<&str>, user: Option<(&str, &str)>) -> String {
+    use base64::Engine as _;
+    let ca = ca_pem
+        .map(|pem| {
+            format!(
+                "    certificate-authority-data: {}\n",
+                base64::engine::general_purpose::STANDARD.encode(pem)
+            )
+        })
+        .unwrap_or_default();
+    let (name, creds) = match user {
+        Some((name, token)) => (name, format!("\n    token: {token:?}")),
+        None => ("kube-sim", " {}".to_string()),
+    };
     format!(
-        "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-sim\n  cluster:\n    server: {url}\ncontexts:\n- name: kube-sim\n  context:\n    cluster: kube-sim\n    user: kube-sim\n    namespace: default\ncurrent-context: kube-sim\nusers:\n- name: kube-sim\n  user: {{}}\n"
+        "apiVersion: v1\nkind: Config\nclusters:\n- name: kube-sim\n  cluster:\n    server: {url}\n{ca}contexts:\n- name: {name:?}\n  context:\n    cluster: kube-sim\n    user: {name:?}\n    namespace: default\ncurrent-context: {name:?}\nusers:\n- name: {name:?}\n  user:{creds}\n"
     )
 }
 
 /// Starts the API server (and the kubelet and garbage collector) on `opts.listen`.
 pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
+    opts.auth
+        .check()
+        .map_err(|e| anyhow::anyhow!("auth config: {e}"))?;
     let (state_dir, owned_state_dir) = match &opts.state_dir {
         Some(d) => (d.clone(), false),
         None => (
@@ -116,7 +149,29 @@ pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
         .await
         .with_context(|| format!("binding {}", opts.listen))?;
     let addr = listener.local_addr().context("local address")?;
-    let url = format!("http://{addr}");
+    let certs = if opts.tls {
+        Some(tls::Certs::generate().context("TLS certificate")?)
+    } else {
+        None
+    };
+    let url = match &certs {
+        Some(_) => format!("https://{addr}"),
+        None => format!("http://{addr}"),
+    };
+    let ca_pem = certs.as_ref().map(|c| c.ca_pem.clone());
+    // Over TLS kubectl prompts for a password when a kubeconfig user has no credentials, so
+    // the admin gets a token there (in `system:masters`, which bypasses authorization).
+    let mut auth = opts.auth.clone();
+    let admin_token = certs.as_ref().map(|_| {
+        let token = format!("kube-sim-admin-{:016x}", rand::random::<u64>());
+        auth.users.push(auth::User {
+            token: token.clone(),
+            username: "kube-sim-admin".into(),
+            uid: String::new(),
+            groups: vec!["system:masters".into()],
+        });
+        token
+    });
     let mut tasks = Vec::new();
     let kubelet = if opts.kubelet {
         let mut cfg = KubeletConfig::new(state_dir.clone());
@@ -139,22 +194,30 @@ pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
         None
     };
     tasks.push(tokio::spawn(gc::run(store.clone())));
+    let denials = Arc::new(rbac::DenialLog::default());
     let app = Arc::new(api::App {
         store: store.clone(),
-        auth: opts.auth.clone(),
+        auth,
         kubelet: kubelet.clone(),
         addr: addr.to_string(),
         bookmark_interval: opts.bookmark_interval,
+        denials: denials.clone(),
     });
     let router = axum::Router::new().fallback(api::handle).with_state(app);
     tasks.push(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, router).await {
-            tracing::error!("kube-sim server: {e}");
+        match certs {
+            Some(c) => c.serve(listener, router).await,
+            None => {
+                if let Err(e) = axum::serve(listener, router).await {
+                    tracing::error!("kube-sim server: {e}");
+                }
+            }
         }
     }));
     let kubeconfig = match &opts.kubeconfig_out {
         Some(p) => {
-            std::fs::write(p, kubeconfig_yaml(&url))
+            let admin = admin_token.as_deref().map(|t| ("kube-sim", t));
+            std::fs::write(p, kubeconfig_doc(&url, ca_pem.as_deref(), admin))
                 .with_context(|| format!("writing kubeconfig {}", p.display()))?;
             Some(p.clone())
         }
@@ -167,12 +230,19 @@ pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
         store,
         kubelet,
         kubeconfig,
+        ca_pem,
         state_dir,
+        denials,
         tasks,
     })
 }
 
 impl KubeSim {
+    /// A kubeconfig for this server that authenticates as an auth-config user with its token.
+    pub fn kubeconfig_with_token(&self, user: &str, token: &str) -> String {
+        kubeconfig_doc(&self.url, self.ca_pem.as_deref(), Some((user, token)))
+    }
+
     /// Stops all pods and the server.
     pub async fn shutdown(mut self) {
         if let Some(k) = &self.kubelet {

@@ -511,3 +511,165 @@ async fn the_kube_sim_binary_serves_kubectl() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// A Role and RoleBinding for user `bob` (token `bob-token` in kube-sim's auth config) in `ns`.
+fn pod_reader_role(ns: &str) -> String {
+    format!(
+        "apiVersion: rbac.authorization.k8s.io/v1\nkind: Role\nmetadata:\n  name: pod-reader\n  namespace: {ns}\nrules:\n- apiGroups: [\"\"]\n  resources: [pods, pods/log]\n  verbs: [get, list, watch]\n---\napiVersion: rbac.authorization.k8s.io/v1\nkind: RoleBinding\nmetadata:\n  name: bob-reads-pods\n  namespace: {ns}\nroleRef:\n  apiGroup: rbac.authorization.k8s.io\n  kind: Role\n  name: pod-reader\nsubjects:\n- kind: User\n  name: bob\n  apiGroup: rbac.authorization.k8s.io\n"
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rbac_lets_a_user_read_pods_in_one_namespace_and_forbids_the_rest() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Api, DeleteParams, PostParams};
+
+    let auth: agentrun_e2e::AuthConfig =
+        serde_yaml::from_str("users:\n- {token: bob-token, username: bob, groups: [developers]}\n")
+            .expect("auth config");
+    let c = Cluster::start_with(agentrun_e2e::Options {
+        auth,
+        kubelet: false,
+        // kubectl sends a kubeconfig's token only to an https server.
+        tls: true,
+        ..Default::default()
+    })
+    .await;
+    let Some(sim) = &c.sim else {
+        eprintln!(
+            "bob's token comes from kube-sim's auth config; nothing to test on a real cluster"
+        );
+        return;
+    };
+    let ns = c.namespace.clone();
+    let other = format!("{ns}-other");
+    let setup = c.write(
+        "setup.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {other}\n---\n{}---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: {ns}\nspec:\n  containers:\n  - {{name: c, image: busybox, command: [sleep, '1']}}\n---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: p\n  namespace: {other}\nspec:\n  containers:\n  - {{name: c, image: busybox, command: [sleep, '1']}}\n",
+            pod_reader_role(&ns)
+        ),
+    );
+    // The admin kubeconfig (no credentials) may do anything.
+    c.kubectl_ok(&["apply", "-f", setup.to_str().expect("utf-8")]);
+
+    // kube-rs with bob's token.
+    let bob_kc = c.write(
+        "bob.kubeconfig",
+        &sim.kubeconfig_with_token("bob", "bob-token"),
+    );
+    let kc = kube::config::Kubeconfig::read_from(&bob_kc).expect("kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .expect("config");
+    let bob = kube::Client::try_from(cfg).expect("client");
+    let mine: Api<Pod> = Api::namespaced(bob.clone(), &ns);
+    assert_eq!(
+        mine.list(&Default::default())
+            .await
+            .expect("list")
+            .items
+            .len(),
+        1
+    );
+    mine.get("p").await.expect("get");
+    let status = |r: Result<Pod, kube::Error>| match r {
+        Err(kube::Error::Api(s)) => (s.code, s.reason.clone(), s.message.clone()),
+        other => panic!("expected an API error, got {other:?}"),
+    };
+    let (code, reason, msg) = status(
+        mine.delete("p", &DeleteParams::default())
+            .await
+            .map(|_| Pod::default()),
+    );
+    assert_eq!((code, reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        msg,
+        format!(
+            "pods \"p\" is forbidden: User \"bob\" cannot delete resource \"pods\" in API group \"\" in the namespace \"{ns}\""
+        )
+    );
+    let theirs: Api<Pod> = Api::namespaced(bob.clone(), &other);
+    let (code, _, msg) = status(theirs.get("p").await);
+    assert_eq!(code, 403);
+    assert_eq!(
+        msg,
+        format!(
+            "pods \"p\" is forbidden: User \"bob\" cannot get resource \"pods\" in API group \"\" in the namespace \"{other}\""
+        )
+    );
+    let (code, _, msg) = status(theirs.create(&PostParams::default(), &Pod::default()).await);
+    assert_eq!(code, 403);
+    assert!(
+        msg.starts_with("pods is forbidden: User \"bob\" cannot create resource \"pods\""),
+        "{msg}"
+    );
+    let all: Api<Pod> = Api::all(bob.clone());
+    let err = all
+        .list(&Default::default())
+        .await
+        .expect_err("cluster-wide list");
+    assert!(
+        err.to_string()
+            .contains("cannot list resource \"pods\" in API group \"\" at the cluster scope"),
+        "{err}"
+    );
+    assert!(sim.denials.all().len() >= 4, "{:?}", sim.denials.all());
+
+    // kubectl with the same token prints the same message.
+    let kubectl = |kc: &std::path::Path, args: &[&str]| {
+        std::process::Command::new(kubectl_bin())
+            .arg("--kubeconfig")
+            .arg(kc)
+            .arg("--cache-dir")
+            .arg(c.dir.path().join("bob-cache"))
+            .args(args)
+            .output()
+            .expect("run kubectl")
+    };
+    let out = kubectl(&bob_kc, &["get", "pods", "-n", &ns, "-o", "name"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "pod/p");
+    let out = kubectl(&bob_kc, &["get", "pods", "-n", &other]);
+    assert!(!out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stderr).trim(),
+        format!(
+            "Error from server (Forbidden): pods is forbidden: User \"bob\" cannot list resource \"pods\" in API group \"\" in the namespace \"{other}\""
+        )
+    );
+    // SubjectAccessReviews consult the same RBAC objects (`kubectl auth can-i` sends
+    // protobuf, which kube-sim does not decode, so the review is posted as JSON).
+    let admin = c.client().await;
+    for (namespace, allowed) in [(ns.as_str(), true), (other.as_str(), false)] {
+        let body = serde_json::json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": "bob", "groups": ["developers", "system:authenticated"],
+                     "resourceAttributes": {"verb": "list", "resource": "pods", "namespace": namespace}}});
+        let req = http::Request::post("/apis/authorization.k8s.io/v1/subjectaccessreviews")
+            .header("content-type", "application/json")
+            .body(serde_json::to_vec(&body).expect("json"))
+            .expect("request");
+        let review: Value = admin.request(req).await.expect("review");
+        assert_eq!(
+            review["status"]["allowed"], allowed,
+            "{namespace}: {review}"
+        );
+    }
+
+    // An unknown token is 401, as kubectl reports it.
+    let bad_kc = c.write(
+        "bad.kubeconfig",
+        &sim.kubeconfig_with_token("mallory", "not-a-token"),
+    );
+    let out = kubectl(&bad_kc, &["get", "pods", "-n", &ns]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("You must be logged in to the server (Unauthorized)"),
+        "{err}"
+    );
+}

@@ -29,7 +29,8 @@ struct Args {
     /// Images missing from the image map fail with ErrImagePull/ImagePullBackOff.
     #[arg(long)]
     strict_images: bool,
-    /// YAML users and permissions for TokenReview and SubjectAccessReview.
+    /// YAML users (bearer tokens) and extra permissions; requests with a token are
+    /// authorized by RBAC and these rules, requests without one are the admin's.
     #[arg(long)]
     auth_config: Option<PathBuf>,
     /// Do not run pods (API server only).
@@ -50,6 +51,10 @@ struct Args {
     /// Seconds between watch bookmarks.
     #[arg(long, default_value_t = 5)]
     bookmark_seconds: u64,
+    /// Serve https with a generated certificate (the kubeconfig carries its CA); kubectl
+    /// sends a kubeconfig's token only to https servers.
+    #[arg(long)]
+    tls: bool,
 }
 
 #[tokio::main]
@@ -78,6 +83,7 @@ async fn main() -> anyhow::Result<()> {
         strict_images: args.strict_images,
         auth,
         kubelet: !args.no_kubelet,
+        tls: args.tls,
         mount_namespaces: if args.no_mount_namespaces {
             Some(false)
         } else {
