@@ -131,6 +131,26 @@ impl Drop for Proc {
     }
 }
 
+/// How to start a [`Stack`]; the default is what [`Stack::start`] does.
+#[derive(Debug, Clone, Default)]
+pub struct StackOptions {
+    /// kube-sim's auth config: users (bearer tokens) whose requests RBAC authorizes.
+    pub auth: agentrun_e2e::AuthConfig,
+    /// How the operator runs; it is started by `start_with` unless `no_operator`.
+    pub operator: OperatorOptions,
+    /// Leave the operator to the test (`start_operator_with`), e.g. after installing RBAC.
+    pub no_operator: bool,
+}
+
+/// How [`Stack::start_operator`] runs the operator.
+#[derive(Debug, Clone, Default)]
+pub struct OperatorOptions {
+    /// The kubeconfig the operator uses (None: the cluster's admin kubeconfig).
+    pub kubeconfig: Option<PathBuf>,
+    /// Leader election on, with its Lease in this namespace (None: `--no-leader-election`).
+    pub lease_namespace: Option<String>,
+}
+
 pub struct Stack {
     // Dropped in this order: the operator and relay before Redis and the cluster.
     pub operator: Option<Proc>,
@@ -143,11 +163,18 @@ pub struct Stack {
     pub dir: tempfile::TempDir,
     pub cluster: Cluster,
     pub http: reqwest::Client,
+    /// How `start_operator` runs the operator (kept across restarts).
+    pub operator_options: OperatorOptions,
 }
 
 impl Stack {
     /// Starts everything and installs the CRDs with `kubectl apply -f crds/`.
     pub async fn start() -> Stack {
+        Self::start_with(StackOptions::default()).await
+    }
+
+    /// [`Stack::start`] with options: kube-sim users, how the operator runs, or no operator.
+    pub async fn start_with(opts: StackOptions) -> Stack {
         let bins = binaries();
         let dir = tempfile::tempdir().expect("temp dir");
         let real = std::env::var("E2E_KUBECONFIG").is_ok_and(|k| !k.is_empty());
@@ -177,6 +204,7 @@ impl Stack {
         let cluster = Cluster::start_with(agentrun_e2e::Options {
             images: agentrun_e2e::ImageMap::load(&images).expect("image map"),
             pod_network: true,
+            auth: opts.auth.clone(),
             // Not `host_address`: kube-sim's `ip addr add` fails when the address is already
             // there ("Address already assigned" from this iproute2; see ensure_host_address).
             host_address: None,
@@ -216,8 +244,11 @@ impl Stack {
             dir,
             cluster,
             http: reqwest::Client::new(),
+            operator_options: opts.operator.clone(),
         };
-        stack.start_operator().await;
+        if !opts.no_operator {
+            stack.start_operator().await;
+        }
         let ready = format!("{}/readyz", stack.relay_url);
         let http = stack.http.clone();
         stack
@@ -234,39 +265,56 @@ impl Stack {
 
     /// Starts (or restarts) the operator and waits for its /readyz.
     pub async fn start_operator(&mut self) {
+        let opts = self.operator_options.clone();
+        self.start_operator_with(opts).await;
+    }
+
+    /// Starts (or restarts) the operator as `opts` says (kept for later restarts) and waits for
+    /// its /readyz.
+    pub async fn start_operator_with(&mut self, opts: OperatorOptions) {
+        self.operator_options = opts.clone();
+        let kubeconfig = opts
+            .kubeconfig
+            .clone()
+            .unwrap_or_else(|| self.cluster.kubeconfig.clone());
+        let election = match &opts.lease_namespace {
+            Some(ns) => vec!["--lease-namespace".to_string(), ns.clone()],
+            None => vec!["--no-leader-election".to_string()],
+        };
         if let Some(mut old) = self.operator.take() {
             old.kill();
         }
         let n = std::fs::read_dir(self.dir.path())
             .map(|d| d.count())
             .unwrap_or(0);
+        let mut args: Vec<String> = vec![
+            "run".into(),
+            "--kubeconfig".into(),
+            kubeconfig.display().to_string(),
+            "--metrics-addr".into(),
+            self.metrics_addr.clone(),
+            "--sidecar-image".into(),
+            self.sidecar_image.clone(),
+            "--redis-url".into(),
+            self.redis.url(),
+            "--sidecar-redis-url".into(),
+            format!("redis://{}:{}", self.host_address, self.redis.port()),
+            "--relay-url".into(),
+            self.relay_url.clone(),
+            "--run-credential-key".into(),
+            "e2e-run-credential-key".into(),
+            "--retention-seconds".into(),
+            "3600".into(),
+            // Short, so that a deleted run's Redis user (kept for its pods' final flush
+            // until their grace period is over) goes within the scenario's patience.
+            "--pod-termination-grace-seconds".into(),
+            "8".into(),
+        ];
+        args.extend(election);
         let op = Proc::spawn(
             "operator",
             &binaries().join("agentrun-operator"),
-            &[
-                "run".into(),
-                "--kubeconfig".into(),
-                self.cluster.kubeconfig.display().to_string(),
-                "--no-leader-election".into(),
-                "--metrics-addr".into(),
-                self.metrics_addr.clone(),
-                "--sidecar-image".into(),
-                self.sidecar_image.clone(),
-                "--redis-url".into(),
-                self.redis.url(),
-                "--sidecar-redis-url".into(),
-                format!("redis://{}:{}", self.host_address, self.redis.port()),
-                "--relay-url".into(),
-                self.relay_url.clone(),
-                "--run-credential-key".into(),
-                "e2e-run-credential-key".into(),
-                "--retention-seconds".into(),
-                "3600".into(),
-                // Short, so that a deleted run's Redis user (kept for its pods' final flush
-                // until their grace period is over) goes within the scenario's patience.
-                "--pod-termination-grace-seconds".into(),
-                "8".into(),
-            ],
+            &args,
             self.dir.path().join(format!("operator-{n}.log")),
         );
         self.operator = Some(op);
