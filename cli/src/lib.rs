@@ -9,7 +9,13 @@
 //! The relay's URL comes from `--relay-url` or `AGENTRUN_RELAY_URL`; without either, the
 //! plugin asks `kubectl` for the AgentRun named RUN and uses its `status.url` and
 //! `status.runId`. Exit codes of `logs -f`: 0 the run succeeded, 1 it failed, 3 it was
-//! stopped, 2 the plugin could not do its job (bad arguments, relay unreachable too long).
+//! stopped, 2 the plugin could not do its job (bad arguments, relay unreachable too long,
+//! no token or a refused one).
+//!
+//! A relay with authentication gets a bearer token from `--token`, `--token-file` or
+//! `AGENTRUN_TOKEN` (in that order). With none of them, when a relay in `--auth kubernetes`
+//! mode answers 401, the plugin uses the `token` of the current kubeconfig context's user,
+//! if it has one. Tokens are never printed.
 
 pub mod sse;
 
@@ -44,6 +50,13 @@ pub struct Cli {
     /// Namespace of the AgentRun, when the relay URL is looked up with kubectl.
     #[arg(short = 'n', long, global = true)]
     pub namespace: Option<String>,
+    /// Bearer token for the relay: one of its --tokens-file, or with `--auth kubernetes` a
+    /// Kubernetes token (e.g. `kubectl create token NAME`). Also AGENTRUN_TOKEN.
+    #[arg(long, global = true)]
+    pub token: Option<String>,
+    /// File holding the bearer token (surrounding whitespace ignored).
+    #[arg(long, global = true, conflicts_with = "token")]
+    pub token_file: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -165,6 +178,147 @@ pub fn resolve(
     })
 }
 
+/// The environment variable read when neither `--token` nor `--token-file` is given.
+pub const TOKEN_ENV: &str = "AGENTRUN_TOKEN";
+
+/// The bearer token and where it came from (for messages; the token itself is never printed).
+#[derive(Clone)]
+pub struct Token {
+    pub value: String,
+    pub source: String,
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Token(from {})", self.source)
+    }
+}
+
+/// The token from `--token`, `--token-file` or `AGENTRUN_TOKEN`, in that order.
+pub fn token(flag: Option<&str>, file: Option<&std::path::Path>) -> anyhow::Result<Option<Token>> {
+    if let Some(t) = flag {
+        let t = t.trim();
+        if t.is_empty() {
+            bail!("--token is empty");
+        }
+        return Ok(Some(Token {
+            value: t.to_owned(),
+            source: "--token".into(),
+        }));
+    }
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read --token-file {}", path.display()))?;
+        let t = text.trim();
+        if t.is_empty() {
+            bail!("--token-file {} is empty", path.display());
+        }
+        return Ok(Some(Token {
+            value: t.to_owned(),
+            source: format!("--token-file {}", path.display()),
+        }));
+    }
+    Ok(std::env::var(TOKEN_ENV)
+        .ok()
+        .map(|t| t.trim().to_owned())
+        .filter(|t| !t.is_empty())
+        .map(|value| Token {
+            value,
+            source: TOKEN_ENV.into(),
+        }))
+}
+
+/// The `token` of the current kubeconfig context's user, if it has one (`kubectl config view`).
+fn kubeconfig_token() -> Option<String> {
+    let out = std::process::Command::new("kubectl")
+        .args(["config", "view", "--minify", "--raw", "-o", "json"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+    v["users"][0]["user"]["token"]
+        .as_str()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(str::to_owned)
+}
+
+/// The relay's HTTP API with the caller's token.
+pub struct RelayClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<Token>,
+    tried_kubeconfig: bool,
+}
+
+/// What a request got.
+pub enum Sent {
+    /// An answer other than 401.
+    Answer(reqwest::Response),
+    /// No answer (connection refused, reset, timed out).
+    Unreachable(reqwest::Error),
+}
+
+impl RelayClient {
+    pub fn new(base: &str, token: Option<Token>) -> anyhow::Result<Self> {
+        Ok(Self {
+            http: http()?,
+            base: base.to_owned(),
+            token,
+            tried_kubeconfig: false,
+        })
+    }
+
+    /// Sends the request built by `build` with the token. A `401` is an error that says how
+    /// to pass a token (or that the one given was refused); without a token, a relay in
+    /// Kubernetes mode is asked again with the kubeconfig's token, when there is one.
+    pub async fn send(
+        &mut self,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> anyhow::Result<Sent> {
+        loop {
+            let mut req = build(&self.http);
+            if let Some(t) = &self.token {
+                req = req.bearer_auth(&t.value);
+            }
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => return Ok(Sent::Unreachable(e)),
+            };
+            if resp.status() != reqwest::StatusCode::UNAUTHORIZED {
+                return Ok(Sent::Answer(resp));
+            }
+            let body = resp.text().await.unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+            let why = v["error"].as_str().unwrap_or(body.trim()).to_owned();
+            if self.token.is_none() && !self.tried_kubeconfig && v["auth"] == "kubernetes" {
+                self.tried_kubeconfig = true;
+                if let Some(value) = kubeconfig_token() {
+                    self.token = Some(Token {
+                        value,
+                        source: "the current kubeconfig context".into(),
+                    });
+                    continue;
+                }
+            }
+            return Err(match &self.token {
+                None => anyhow!(
+                    "the relay at {} requires a token (401: {why}); pass --token TOKEN or --token-file FILE, or set {TOKEN_ENV} (a token of the relay's --tokens-file; with --auth kubernetes, a Kubernetes token, e.g. `kubectl create token NAME`)",
+                    self.base
+                ),
+                Some(t) => anyhow!(
+                    "the relay at {} did not accept the token from {} (401: {why}); check --token, --token-file or {TOKEN_ENV}",
+                    self.base,
+                    t.source
+                ),
+            });
+        }
+    }
+}
+
 /// Runs the command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     let (run_arg, _) = match &cli.command {
@@ -173,11 +327,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Open(a) => (a.run.as_str(), ()),
     };
     let target = resolve(cli.relay_url.as_deref(), cli.namespace.as_deref(), run_arg)?;
+    let tok = token(cli.token.as_deref(), cli.token_file.as_deref())?;
+    let mut relay = RelayClient::new(&target.base, tok)?;
     match &cli.command {
-        Command::Logs(args) => logs(&target, args).await,
-        Command::Pause(a) => control(&target, "pause", a).await,
-        Command::Resume(a) => control(&target, "resume", a).await,
-        Command::Stop(a) => control(&target, "stop", a).await,
+        Command::Logs(args) => logs(&mut relay, &target, args).await,
+        Command::Pause(a) => control(&mut relay, &target, "pause", a).await,
+        Command::Resume(a) => control(&mut relay, &target, "resume", a).await,
+        Command::Stop(a) => control(&mut relay, &target, "stop", a).await,
         Command::Open(a) => {
             let url = format!("{}/runs/{}", target.base, target.run);
             println!("{url}");
@@ -215,15 +371,18 @@ async fn error_message(resp: reqwest::Response) -> String {
     format!("{status}: {}", msg.trim())
 }
 
-async fn control(target: &Target, action: &str, args: &ControlArgs) -> anyhow::Result<i32> {
+async fn control(
+    relay: &mut RelayClient,
+    target: &Target,
+    action: &str,
+    args: &ControlArgs,
+) -> anyhow::Result<i32> {
     let body = serde_json::json!({ "action": action, "variation": args.variation });
     let url = format!("{}/api/runs/{}/control", target.base, target.run);
-    let resp = http()?
-        .post(&url)
-        .json(&body)
-        .send()
-        .await
-        .map_err(|e| anyhow!("cannot reach the relay at {}: {e}", target.base))?;
+    let resp = match relay.send(|http| http.post(&url).json(&body)).await? {
+        Sent::Answer(resp) => resp,
+        Sent::Unreachable(e) => bail!("cannot reach the relay at {}: {e}", target.base),
+    };
     if !resp.status().is_success() {
         bail!("the relay refused {action}: {}", error_message(resp).await);
     }
@@ -364,8 +523,7 @@ async fn read_stream(
     Ok(Outcome::Disconnected { got_events })
 }
 
-async fn logs(target: &Target, args: &LogsArgs) -> anyhow::Result<i32> {
-    let client = http()?;
+async fn logs(relay: &mut RelayClient, target: &Target, args: &LogsArgs) -> anyhow::Result<i32> {
     let printer = Printer {
         format: args.output,
     };
@@ -390,19 +548,17 @@ async fn logs(target: &Target, args: &LogsArgs) -> anyhow::Result<i32> {
                 None => q.append_pair("from", &args.from),
             };
         }
-        let outcome = match client
-            .get(url)
-            .header("accept", "text/event-stream")
-            .send()
-            .await
-        {
-            Ok(resp) if resp.status().is_success() => {
+        let sent = relay
+            .send(|http| http.get(url.clone()).header("accept", "text/event-stream"))
+            .await?;
+        let outcome = match sent {
+            Sent::Answer(resp) if resp.status().is_success() => {
                 read_stream(resp, &printer, &mut last_id).await?
             }
-            Ok(resp) if resp.status().is_client_error() => {
+            Sent::Answer(resp) if resp.status().is_client_error() => {
                 bail!("{}", error_message(resp).await);
             }
-            Ok(_) | Err(_) => Outcome::Disconnected { got_events: false },
+            Sent::Answer(_) | Sent::Unreachable(_) => Outcome::Disconnected { got_events: false },
         };
         match outcome {
             Outcome::End(phase, finished) => {

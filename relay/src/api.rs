@@ -152,14 +152,19 @@ pub async fn list_runs(
             .await
             .map_err(|e| ApiError::redis(&state, e))?
     };
-    let runs: Vec<RunSummary> = valid
+    // A run whose state hash expired has no data left to show.
+    let present: Vec<usize> = (0..valid.len().min(states.len()))
+        .filter(|&i| !states[i].is_empty())
+        .collect();
+    // Only the runs this caller may see.
+    let visible = access
+        .visible(&present.iter().map(|&i| &states[i]).collect::<Vec<_>>())
+        .await?;
+    let runs: Vec<RunSummary> = present
         .iter()
-        .zip(states.iter())
-        // A run whose state hash expired has no data left to show.
-        .filter(|(_, s)| !s.is_empty())
-        // Only the runs this caller may see.
-        .filter(|(_, s)| access.can_see(s))
-        .map(|((id, score), s)| summary(id, Some(*score as u64), s))
+        .zip(visible)
+        .filter(|(_, v)| *v)
+        .map(|(&i, _)| summary(&valid[i].0, Some(valid[i].1 as u64), &states[i]))
         .collect();
     Ok(Json(serde_json::json!({ "runs": runs })))
 }
@@ -178,7 +183,7 @@ pub async fn get_run(
         .await
         .map_err(|e| ApiError::redis(&state, e))?;
     // A run the caller may not see answers like one that does not exist.
-    if hash.is_empty() || !access.can_see(&hash) {
+    if hash.is_empty() || !access.can_see(&hash).await? {
         return Err(ApiError::not_found(&run));
     }
     Ok(Json(summary(run.as_str(), None, &hash)))
@@ -205,9 +210,7 @@ pub async fn control(
         .query_async(&mut conn)
         .await
         .map_err(|e| ApiError::redis(&state, e))?;
-    if hash.is_empty() || !access.can_see(&hash) {
-        return Err(ApiError::not_found(&run));
-    }
+    access.check_control(&run, &hash).await?;
     let outcome = {
         let _order = state.inner.control_lock.lock().await;
         let pseq = state.inner.control_pseq.fetch_add(1, Ordering::SeqCst) + 1;

@@ -2,23 +2,31 @@
 //!
 //! `--auth none` lets everyone see and control every run (local demo). `--auth token` reads
 //! bearer tokens from `--tokens-file`: one token per line, optionally followed by the
-//! namespaces it may see (none listed: all namespaces, and local runs). A token is accepted
-//! from the `Authorization: Bearer` header, the `access_token` query parameter, or the
-//! `agentrun_token` cookie set by `POST /api/session`. Tokens are never logged.
+//! namespaces it may see (none listed: all namespaces, and local runs); the file is read again
+//! when it changes (polled every `--tokens-reload-seconds`, and on SIGHUP). `--auth kubernetes`
+//! checks the token with a TokenReview and each run with SubjectAccessReviews on its AgentRun
+//! ([`crate::kube_auth`]). A token is accepted from the `Authorization: Bearer` header, the
+//! `access_token` query parameter, or the `agentrun_token` cookie set by `POST /api/session`.
+//! Tokens are never logged.
 
 use crate::AppState;
 use crate::api::ApiError;
+use crate::kube_auth::{Caller, KubeAuth, Verb};
 use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use std::collections::HashMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
 
 pub const COOKIE: &str = "agentrun_token";
 /// The header the UI sends on control requests; a cross-site form cannot set it.
 pub const REQUEST_HEADER: &str = "x-agentrun-request";
+/// Access reviews made at once while filtering a list of runs.
+const LIST_REVIEWS_AT_ONCE: usize = 16;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum AuthMode {
@@ -26,6 +34,19 @@ pub enum AuthMode {
     None,
     /// Bearer tokens from --tokens-file.
     Token,
+    /// Kubernetes bearer tokens (TokenReview); runs by RBAC on their AgentRun
+    /// (SubjectAccessReview: get to view, update to control).
+    Kubernetes,
+}
+
+impl AuthMode {
+    fn as_str(self) -> &'static str {
+        match self {
+            AuthMode::None => "none",
+            AuthMode::Token => "token",
+            AuthMode::Kubernetes => "kubernetes",
+        }
+    }
 }
 
 /// One configured token.
@@ -33,31 +54,56 @@ pub enum AuthMode {
 struct TokenEntry {
     token: Vec<u8>,
     /// `None`: every namespace and local runs.
-    namespaces: Option<Vec<String>>,
-    /// Position in the file, used as the client's name (never the token itself).
-    index: usize,
+    namespaces: Option<Arc<[String]>>,
+    /// The client's name for limits: `token:` and the start of the token's SHA-256 (never
+    /// the token itself), stable when the file is re-read.
+    client: String,
 }
 
-/// What the relay knows about callers: the mode and the tokens.
+type TokenList = Arc<RwLock<Arc<Vec<TokenEntry>>>>;
+
+/// What the relay knows about callers: the mode, the tokens, the Kubernetes client.
 #[derive(Debug, Clone)]
 pub struct Authenticator {
     mode: AuthMode,
-    tokens: Vec<TokenEntry>,
+    tokens: TokenList,
+    kube: Option<Arc<KubeAuth>>,
+}
+
+/// What a caller may see and do.
+#[derive(Debug, Clone)]
+enum Scope {
+    All,
+    Namespaces(Arc<[String]>),
+    Kube {
+        auth: Arc<KubeAuth>,
+        caller: Arc<Caller>,
+    },
 }
 
 /// What a caller may see; inserted into each API request by [`layer`].
 #[derive(Debug, Clone)]
 pub struct Access {
-    /// `None`: everything.
-    namespaces: Option<Vec<String>>,
-    /// Who the caller is for limits: `token#N`, else its IP address.
+    scope: Scope,
+    /// Who the caller is for limits: `token:HASH`, `user:NAME`, else its IP address.
     pub client: Option<String>,
+}
+
+/// The namespace and name of a run's AgentRun, from its state hash.
+fn agentrun_of(state: &HashMap<String, String>) -> Option<(&str, &str)> {
+    let ns = state.get("namespace").filter(|s| !s.is_empty())?;
+    let name = state.get("name").filter(|s| !s.is_empty())?;
+    Some((ns, name))
+}
+
+fn unavailable(e: crate::kube_auth::Unavailable) -> ApiError {
+    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.0)
 }
 
 impl Access {
     pub fn all() -> Self {
         Self {
-            namespaces: None,
+            scope: Scope::All,
             client: None,
         }
     }
@@ -67,15 +113,125 @@ impl Access {
         self.client.as_deref().unwrap_or("unknown")
     }
 
-    /// Whether the caller may see (and control) a run with this state hash.
-    pub fn can_see(&self, state: &HashMap<String, String>) -> bool {
-        match &self.namespaces {
-            None => true,
-            Some(list) => state
+    /// Whether the caller may see a run with this state hash. In Kubernetes mode: `get` on
+    /// its AgentRun; runs without one (local runs) are never visible.
+    pub async fn can_see(&self, state: &HashMap<String, String>) -> Result<bool, ApiError> {
+        match &self.scope {
+            Scope::All => Ok(true),
+            Scope::Namespaces(list) => Ok(state
                 .get("namespace")
-                .is_some_and(|ns| list.iter().any(|n| n == ns)),
+                .is_some_and(|ns| list.iter().any(|n| n == ns))),
+            Scope::Kube { auth, caller } => {
+                let Some((ns, name)) = agentrun_of(state) else {
+                    return Ok(false);
+                };
+                if auth.cached_allowed(caller, Verb::Get, ns, "") == Some(true) {
+                    return Ok(true);
+                }
+                auth.allowed(caller, Verb::Get, ns, name)
+                    .await
+                    .map_err(unavailable)
+            }
         }
     }
+
+    /// `Ok` when the caller may control the run; a run it may not see answers `404` like a
+    /// missing one; in Kubernetes mode, a run it may see but not `update` answers `403`.
+    pub async fn check_control(
+        &self,
+        run: &agentrun_protocol::RunId,
+        state: &HashMap<String, String>,
+    ) -> Result<(), ApiError> {
+        if state.is_empty() || !self.can_see(state).await? {
+            return Err(ApiError::not_found(run));
+        }
+        if let Scope::Kube { auth, caller } = &self.scope
+            && let Some((ns, name)) = agentrun_of(state)
+            && !auth
+                .allowed(caller, Verb::Update, ns, name)
+                .await
+                .map_err(unavailable)?
+        {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "user {} may not update agentruns/{name} in namespace {ns} (group {}): controlling a run needs 'update' on its AgentRun",
+                    caller.username,
+                    crate::kube_auth::GROUP
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Which of these runs the caller may see (same order). In Kubernetes mode one review
+    /// per namespace asks for `get` on every AgentRun there; only where that is denied is each
+    /// run asked for on its own.
+    pub async fn visible(
+        &self,
+        states: &[&HashMap<String, String>],
+    ) -> Result<Vec<bool>, ApiError> {
+        let Scope::Kube { auth, caller } = &self.scope else {
+            let mut out = Vec::with_capacity(states.len());
+            for s in states {
+                out.push(self.can_see(s).await?);
+            }
+            return Ok(out);
+        };
+        let targets: Vec<Option<(String, String)>> = states
+            .iter()
+            .map(|s| agentrun_of(s).map(|(ns, name)| (ns.to_owned(), name.to_owned())))
+            .collect();
+        let mut namespaces: Vec<(String, String)> = targets
+            .iter()
+            .flatten()
+            .map(|(ns, _)| (ns.clone(), String::new()))
+            .collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        let answers = review_all(auth, caller, &namespaces).await?;
+        let whole: std::collections::HashSet<&str> = namespaces
+            .iter()
+            .zip(answers)
+            .filter(|(_, ok)| *ok)
+            .map(|((ns, _), _)| ns.as_str())
+            .collect();
+        let single: Vec<(String, String)> = targets
+            .iter()
+            .flatten()
+            .filter(|(ns, _)| !whole.contains(ns.as_str()))
+            .cloned()
+            .collect();
+        let answers = review_all(auth, caller, &single).await?;
+        let single: HashMap<&(String, String), bool> = single.iter().zip(answers).collect();
+        Ok(targets
+            .iter()
+            .map(|t| match t {
+                None => false,
+                Some((ns, _)) if whole.contains(ns.as_str()) => true,
+                Some(t) => single.get(t).copied().unwrap_or(false),
+            })
+            .collect())
+    }
+}
+
+/// `get` reviews of (namespace, name) pairs, [`LIST_REVIEWS_AT_ONCE`] at a time.
+async fn review_all(
+    auth: &KubeAuth,
+    caller: &Caller,
+    targets: &[(String, String)],
+) -> Result<Vec<bool>, ApiError> {
+    let mut out = Vec::with_capacity(targets.len());
+    for chunk in targets.chunks(LIST_REVIEWS_AT_ONCE) {
+        let mut reviews = Vec::with_capacity(chunk.len());
+        for (ns, name) in chunk {
+            reviews.push(auth.allowed(caller, Verb::Get, ns, name));
+        }
+        for r in futures::future::join_all(reviews).await {
+            out.push(r.map_err(unavailable)?);
+        }
+    }
+    Ok(out)
 }
 
 /// Compares in time that depends only on the lengths.
@@ -86,11 +242,59 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// Parses a tokens file (see the module documentation).
+fn parse_tokens(text: &str) -> anyhow::Result<Vec<TokenEntry>> {
+    let mut tokens = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let mut words = line.split_whitespace();
+        let Some(token) = words.next() else { continue };
+        if !token
+            .bytes()
+            .all(|b| b.is_ascii_graphic() && !matches!(b, b';' | b',' | b'"' | b'\\'))
+        {
+            anyhow::bail!(
+                "line {}: a token may hold printable ASCII except ; , \" and \\ (it is sent in a cookie)",
+                n + 1
+            );
+        }
+        let namespaces: Vec<String> = words.map(str::to_owned).collect();
+        let digest = crate::kube_auth::digest(token);
+        tokens.push(TokenEntry {
+            token: token.as_bytes().to_vec(),
+            namespaces: (!namespaces.is_empty()).then(|| namespaces.into()),
+            client: format!(
+                "token:{}",
+                digest[..6]
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect::<String>()
+            ),
+        });
+    }
+    if tokens.is_empty() {
+        anyhow::bail!("no tokens: write one bearer token per line");
+    }
+    Ok(tokens)
+}
+
+fn read_tokens_file(path: &Path) -> anyhow::Result<(Vec<TokenEntry>, [u8; 32])> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        anyhow::anyhow!(
+            "cannot read the tokens file {}: {e}; pass --tokens-file (AGENTRUN_TOKENS_FILE) with one token per line",
+            path.display()
+        )
+    })?;
+    let tokens = parse_tokens(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    Ok((tokens, crate::kube_auth::digest(&text)))
+}
+
 impl Authenticator {
     pub fn none() -> Self {
         Self {
             mode: AuthMode::None,
-            tokens: Vec::new(),
+            tokens: Arc::default(),
+            kube: None,
         }
     }
 
@@ -100,58 +304,145 @@ impl Authenticator {
 
     /// Reads a tokens file (see the module documentation).
     pub fn from_tokens_file(path: &Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read the tokens file {}: {e}; pass --tokens-file (AGENTRUN_TOKENS_FILE) with one token per line",
-                path.display()
-            )
-        })?;
-        Self::from_tokens(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
+        Ok(Self::with_tokens(read_tokens_file(path)?.0))
     }
 
     pub fn from_tokens(text: &str) -> anyhow::Result<Self> {
-        let mut tokens = Vec::new();
-        for (n, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
-            let mut words = line.split_whitespace();
-            let Some(token) = words.next() else { continue };
-            if !token
-                .bytes()
-                .all(|b| b.is_ascii_graphic() && !matches!(b, b';' | b',' | b'"' | b'\\'))
-            {
-                anyhow::bail!(
-                    "line {}: a token may hold printable ASCII except ; , \" and \\ (it is sent in a cookie)",
-                    n + 1
-                );
-            }
-            let namespaces: Vec<String> = words.map(str::to_owned).collect();
-            tokens.push(TokenEntry {
-                token: token.as_bytes().to_vec(),
-                namespaces: (!namespaces.is_empty()).then_some(namespaces),
-                index: tokens.len() + 1,
-            });
-        }
-        if tokens.is_empty() {
-            anyhow::bail!("no tokens: write one bearer token per line");
-        }
-        Ok(Self {
-            mode: AuthMode::Token,
-            tokens,
-        })
+        Ok(Self::with_tokens(parse_tokens(text)?))
     }
 
-    fn check(&self, token: &str) -> Option<Access> {
+    fn with_tokens(tokens: Vec<TokenEntry>) -> Self {
+        Self {
+            mode: AuthMode::Token,
+            tokens: Arc::new(RwLock::new(Arc::new(tokens))),
+            kube: None,
+        }
+    }
+
+    /// Kubernetes mode (TokenReview and SubjectAccessReview through `kube`).
+    pub fn kubernetes(kube: KubeAuth) -> Self {
+        Self {
+            mode: AuthMode::Kubernetes,
+            tokens: Arc::default(),
+            kube: Some(Arc::new(kube)),
+        }
+    }
+
+    /// The Kubernetes client and cache (Kubernetes mode only).
+    pub fn kube(&self) -> Option<&KubeAuth> {
+        self.kube.as_deref()
+    }
+
+    /// Re-reads `path` every `every` (zero: only on SIGHUP) and on SIGHUP, and uses its tokens
+    /// from then on; a file that cannot be read or holds no valid tokens keeps the tokens in
+    /// use, with an error in the log. Stops when the authenticator is dropped.
+    pub fn spawn_reload(&self, path: PathBuf, every: Duration, metrics: crate::metrics::Metrics) {
+        let weak: Weak<RwLock<Arc<Vec<TokenEntry>>>> = Arc::downgrade(&self.tokens);
+        let mut seen = read_tokens_file(&path).map(|(_, d)| d).ok();
+        // Registered before the relay serves, so a SIGHUP never meets the default action.
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP; the tokens file is still checked for changes"))
+            .ok();
+        tokio::spawn(async move {
+            loop {
+                let tick = async {
+                    if every.is_zero() {
+                        std::future::pending::<()>().await
+                    } else {
+                        tokio::time::sleep(every).await
+                    }
+                };
+                #[cfg(unix)]
+                let hangup = async {
+                    match hup.as_mut() {
+                        Some(s) => {
+                            s.recv().await;
+                        }
+                        None => std::future::pending::<()>().await,
+                    }
+                };
+                #[cfg(not(unix))]
+                let hangup = std::future::pending::<()>();
+                let signalled = tokio::select! {
+                    _ = tick => false,
+                    _ = hangup => true,
+                };
+                let Some(list) = weak.upgrade() else { return };
+                match read_tokens_file(&path) {
+                    Ok((tokens, digest)) => {
+                        if seen == Some(digest) {
+                            continue;
+                        }
+                        seen = Some(digest);
+                        let n = tokens.len();
+                        *list.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
+                        metrics.tokens_reloads.with_label_values(&["ok"]).inc();
+                        tracing::info!(file = %path.display(), tokens = n, signalled, "tokens file read again: the new tokens are in use");
+                    }
+                    Err(e) => {
+                        // Log each broken version once (a SIGHUP asks again).
+                        let digest = std::fs::read(&path)
+                            .ok()
+                            .map(|b| crate::kube_auth::digest(&String::from_utf8_lossy(&b)));
+                        if digest.is_some() && digest == seen && !signalled {
+                            continue;
+                        }
+                        seen = digest;
+                        metrics.tokens_reloads.with_label_values(&["error"]).inc();
+                        tracing::error!(error = %e, "the tokens file changed but cannot be used; the tokens read before stay in use until it is fixed");
+                    }
+                }
+            }
+        });
+    }
+
+    fn check_token(&self, token: &str) -> Option<Access> {
+        let tokens = self
+            .tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let mut found = None;
         // Compare with every entry so the time does not say which one matched.
-        for t in &self.tokens {
+        for t in tokens.iter() {
             if ct_eq(&t.token, token.as_bytes()) && found.is_none() {
                 found = Some(Access {
-                    namespaces: t.namespaces.clone(),
-                    client: Some(format!("token#{}", t.index)),
+                    scope: match &t.namespaces {
+                        None => Scope::All,
+                        Some(list) => Scope::Namespaces(list.clone()),
+                    },
+                    client: Some(t.client.clone()),
                 });
             }
         }
         found
+    }
+
+    /// What the token allows: `Ok(None)` when it is not accepted, `503` when the API server
+    /// cannot be asked.
+    pub async fn check(&self, token: &str) -> Result<Option<Access>, ApiError> {
+        match (self.mode, &self.kube) {
+            (AuthMode::Kubernetes, Some(kube)) => {
+                let caller = kube.authenticate(token).await.map_err(unavailable)?;
+                Ok(caller.map(|caller| Access {
+                    client: Some(format!("user:{}", caller.username)),
+                    scope: Scope::Kube {
+                        auth: kube.clone(),
+                        caller,
+                    },
+                }))
+            }
+            (AuthMode::None, _) => Ok(Some(Access::all())),
+            _ => Ok(self.check_token(token)),
+        }
+    }
+
+    fn how(&self) -> &'static str {
+        match self.mode {
+            AuthMode::Kubernetes => HOW_KUBE,
+            _ => HOW,
+        }
     }
 }
 
@@ -217,10 +508,13 @@ fn credential(req: &Request) -> Option<(String, Source)> {
     cookie(req.headers()).map(|t| (t.to_owned(), Source::Cookie))
 }
 
-pub fn unauthorized(message: &str) -> Response {
+/// `401` with `WWW-Authenticate: Bearer` and a body saying how to authenticate; `auth` names
+/// the mode, so that a client knows which token to send (the plugin sends the kubeconfig's
+/// token to a relay in `kubernetes` mode).
+pub fn unauthorized(mode: AuthMode, message: &str) -> Response {
     let mut r = (
         StatusCode::UNAUTHORIZED,
-        Json(serde_json::json!({ "error": message })),
+        Json(serde_json::json!({ "error": message, "auth": mode.as_str() })),
     )
         .into_response();
     r.headers_mut().insert(
@@ -231,9 +525,10 @@ pub fn unauthorized(message: &str) -> Response {
 }
 
 const HOW: &str = "send a token of the relay's --tokens-file as 'Authorization: Bearer TOKEN', or POST it to /api/session (a cookie for the browser), or add ?access_token=TOKEN to an events URL";
+const HOW_KUBE: &str = "send a Kubernetes bearer token (a ServiceAccount token from `kubectl create token NAME`, or your kubeconfig's token) as 'Authorization: Bearer TOKEN', or POST it to /api/session (a cookie for the browser), or add ?access_token=TOKEN to an events URL";
 
 /// Whether an `Origin` header (when present) names this relay or an allowed origin.
-fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+pub(crate) fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     let Some(origin) = headers.get(header::ORIGIN) else {
         return true;
     };
@@ -263,19 +558,29 @@ pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) 
     let unsafe_method = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
     if unsafe_method && !origin_allowed(req.headers(), &state.inner.allowed_origins) {
         return forbidden(
-            "cross-site request refused: the Origin header is not this relay's origin; add it to --allowed-origins if it is trusted".into(),
+            "cross-site request refused: the Origin header is not this relay's origin; add it to --allowed-origins (or --cors-origins) if it is trusted".into(),
         );
     }
     let is_session = req.uri().path() == "/api/session";
     let access = match auth.mode {
         AuthMode::None => Access::all(),
-        AuthMode::Token if is_session => Access::all(),
-        AuthMode::Token => {
+        _ if is_session => Access::all(),
+        AuthMode::Token | AuthMode::Kubernetes => {
             let Some((token, source)) = credential(&req) else {
-                return unauthorized(&format!("authentication required: {HOW}"));
+                return unauthorized(
+                    auth.mode,
+                    &format!("authentication required: {}", auth.how()),
+                );
             };
-            let Some(access) = auth.check(&token) else {
-                return unauthorized(&format!("the token was not accepted: {HOW}"));
+            let access = match auth.check(&token).await {
+                Ok(Some(access)) => access,
+                Ok(None) => {
+                    return unauthorized(
+                        auth.mode,
+                        &format!("the token was not accepted: {}", auth.how()),
+                    );
+                }
+                Err(e) => return e.into_response(),
             };
             if unsafe_method
                 && source != Source::Header
@@ -324,10 +629,21 @@ pub async fn create_session(
         )
         .into_response();
     };
-    if auth.check(&token).is_none() {
-        return unauthorized(&format!("the token was not accepted: {HOW}"));
+    match auth.check(&token).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return unauthorized(
+                auth.mode,
+                &format!("the token was not accepted: {}", auth.how()),
+            );
+        }
+        Err(e) => return e.into_response(),
     }
-    let mut r = (StatusCode::OK, Json(serde_json::json!({ "auth": "token" }))).into_response();
+    let mut r = (
+        StatusCode::OK,
+        Json(serde_json::json!({ "auth": auth.mode.as_str() })),
+    )
+        .into_response();
     // Behind a TLS-terminating proxy (or an https page), the cookie is never sent in clear.
     let https = headers
         .get("x-forwarded-proto")

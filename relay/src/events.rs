@@ -440,7 +440,7 @@ pub async fn events(
         .query_async(&mut conn)
         .await
         .map_err(|e| ApiError::redis(&app, e))?;
-    if state.is_empty() || !access.can_see(&state) {
+    if state.is_empty() || !access.can_see(&state).await? {
         return Err(ApiError::not_found(&run));
     }
     let slot = match app.inner.limiter.sse_slot(access.client_key()) {

@@ -6,9 +6,11 @@
 
 pub mod api;
 pub mod auth;
+pub mod cors;
 pub mod cursor;
 pub mod events;
 pub mod hub;
+pub mod kube_auth;
 pub mod limits;
 pub mod metrics;
 pub mod ui;
@@ -41,6 +43,20 @@ pub struct Config {
     /// PEM CA bundle for rediss:// (otherwise the system roots).
     #[arg(long, env = "AGENTRUN_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
+    /// PEM client certificate, for Redis servers that require mutual TLS.
+    #[arg(
+        long,
+        env = "AGENTRUN_REDIS_CLIENT_CERT",
+        requires = "redis_client_key"
+    )]
+    pub redis_client_cert: Option<PathBuf>,
+    /// PEM key of --redis-client-cert.
+    #[arg(
+        long,
+        env = "AGENTRUN_REDIS_CLIENT_KEY",
+        requires = "redis_client_cert"
+    )]
+    pub redis_client_key: Option<PathBuf>,
     /// Address to serve HTTP on.
     #[arg(long, env = "AGENTRUN_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
@@ -61,16 +77,38 @@ pub struct Config {
     #[arg(long, env = "AGENTRUN_CONTROL_MAXLEN", default_value_t = 10_000)]
     pub control_maxlen: u64,
     /// Authentication: none (local demo: anyone who reaches the relay sees and controls every
-    /// run) or token (bearer tokens from --tokens-file).
+    /// run), token (bearer tokens from --tokens-file) or kubernetes (Kubernetes tokens checked
+    /// with TokenReview; runs by RBAC on their AgentRun: get to view, update to control).
     #[arg(long, env = "AGENTRUN_AUTH", value_enum, default_value = "none")]
     pub auth: auth::AuthMode,
     /// With --auth token: one bearer token per line, optionally followed by the namespaces it
-    /// may see (none listed: all); `#` starts a comment.
+    /// may see (none listed: all); `#` starts a comment. Read again when it changes.
     #[arg(long, env = "AGENTRUN_TOKENS_FILE")]
     pub tokens_file: Option<PathBuf>,
-    /// Origins (scheme://host[:port], comma-separated) allowed to POST besides the relay's own.
+    /// With --auth token: seconds between checks of --tokens-file for changes (0: only on
+    /// SIGHUP, which always reads it again).
+    #[arg(long, env = "AGENTRUN_TOKENS_RELOAD_SECONDS", default_value_t = 5)]
+    pub tokens_reload_seconds: u64,
+    /// With --auth kubernetes: kubeconfig file; without it KUBECONFIG, ~/.kube/config or the
+    /// in-cluster config (the relay's ServiceAccount).
+    #[arg(long, env = "AGENTRUN_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With --auth kubernetes: seconds a TokenReview or SubjectAccessReview answer is reused
+    /// (denials and unknown tokens: at most 5 s); 0: ask the API server every time.
+    #[arg(long, env = "AGENTRUN_AUTH_CACHE_SECONDS", default_value_t = 10)]
+    pub auth_cache_seconds: u64,
+    /// With --auth kubernetes: most review answers kept in the cache.
+    #[arg(long, env = "AGENTRUN_AUTH_CACHE_SIZE", default_value_t = 10_000)]
+    pub auth_cache_size: usize,
+    /// Origins (scheme://host[:port], comma-separated) allowed to POST besides the relay's own
+    /// (the origins of --cors-origins are allowed too).
     #[arg(long, env = "AGENTRUN_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
+    /// Origins (scheme://host[:port], comma-separated) whose pages may call the API from the
+    /// browser (CORS, without credentials: they send the token in the Authorization header).
+    /// Empty: no CORS headers at all.
+    #[arg(long, env = "AGENTRUN_CORS_ORIGINS", value_delimiter = ',')]
+    pub cors_origins: Vec<String>,
     /// Server-wide cap on requests being handled at once (an open SSE stream counts only
     /// while it starts).
     #[arg(long, env = "AGENTRUN_MAX_IN_FLIGHT", default_value_t = 1024)]
@@ -102,6 +140,8 @@ impl Config {
         let mut s = RedisSettings::from_url(&self.redis_url)?
             .with_credentials(self.redis_username.clone(), self.redis_password.clone());
         s.ca_file = self.redis_ca_file.clone();
+        s.client_cert = self.redis_client_cert.clone();
+        s.client_key = self.redis_client_key.clone();
         Ok(s)
     }
 }
@@ -131,6 +171,7 @@ pub(crate) struct Inner {
     pub sent_replay: prometheus::IntCounter,
     pub auth: auth::Authenticator,
     pub allowed_origins: Vec<String>,
+    pub cors_origins: Vec<String>,
     pub limiter: limits::Limiter,
 }
 
@@ -143,18 +184,43 @@ pub struct AppState {
 impl AppState {
     /// Connects to Redis (commands and the shared Pub/Sub connection).
     pub async fn connect(config: &Config) -> anyhow::Result<Self> {
+        let metrics = metrics::Metrics::new();
         let auth = match config.auth {
             auth::AuthMode::None => auth::Authenticator::none(),
             auth::AuthMode::Token => {
                 let path = config.tokens_file.as_deref().ok_or_else(|| {
                     anyhow::anyhow!("--auth token needs --tokens-file FILE (AGENTRUN_TOKENS_FILE)")
                 })?;
-                auth::Authenticator::from_tokens_file(path)?
+                let auth = auth::Authenticator::from_tokens_file(path)?;
+                auth.spawn_reload(
+                    path.to_owned(),
+                    Duration::from_secs(config.tokens_reload_seconds),
+                    metrics.clone(),
+                );
+                auth
             }
+            auth::AuthMode::Kubernetes => auth::Authenticator::kubernetes(
+                kube_auth::KubeAuth::new(
+                    &kube_auth::KubeAuthSettings {
+                        kubeconfig: config.kubeconfig.clone(),
+                        cache_ttl: Duration::from_secs(config.auth_cache_seconds),
+                        cache_size: config.auth_cache_size,
+                    },
+                    metrics.clone(),
+                )
+                .await?,
+            ),
         };
+        let cors_origins: Vec<String> = config
+            .cors_origins
+            .iter()
+            .map(|o| cors::normalize(o))
+            .filter(|o| !o.is_empty())
+            .collect();
+        let mut allowed_origins = config.allowed_origins.clone();
+        allowed_origins.extend(cors_origins.iter().cloned());
         let settings = config.redis_settings()?;
         let conn = settings.connect().await?;
-        let metrics = metrics::Metrics::new();
         let hub = hub::Hub::start(
             settings.clone(),
             conn.clone(),
@@ -188,7 +254,8 @@ impl AppState {
                 control_pseq: AtomicU64::new(0),
                 shutting_down: AtomicBool::new(false),
                 auth,
-                allowed_origins: config.allowed_origins.clone(),
+                allowed_origins,
+                cors_origins,
                 limiter: limits::Limiter::new(limits::LimitSettings {
                     max_in_flight: config.max_in_flight,
                     max_body_bytes: config.max_body_bytes,
@@ -219,7 +286,7 @@ impl AppState {
 
 /// The relay's HTTP application: API routes merged with the web UI.
 ///
-/// The `/api` routes pass through [`auth::layer`]; `/metrics`, `/healthz`, `/readyz` and the
+/// The `/api` routes pass through [`cors::layer`] and [`auth::layer`]; `/metrics`, `/healthz`, `/readyz` and the
 /// UI's static files do not (they hold no run data). Every route passes through
 /// [`limits::layer`] (in-flight cap, body size).
 pub fn app(state: AppState) -> Router {
@@ -235,6 +302,11 @@ pub fn app(state: AppState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::layer,
+        ))
+        // Outside authentication: preflight requests carry no credentials.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cors::layer,
         ));
     Router::new()
         .merge(api)

@@ -19,6 +19,12 @@ pub struct Metrics {
     pub control_messages: IntCounter,
     /// Trimmed-history notices sent to clients.
     pub trimmed_notices: IntCounter,
+    /// Reviews sent to the Kubernetes API server, by kind (`token`, `access`).
+    pub auth_reviews: IntCounterVec,
+    /// Authentication and authorization answers taken from the cache.
+    pub auth_cache_hits: IntCounter,
+    /// Times the tokens file was read again after a change, by result (`ok`, `error`).
+    pub tokens_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -58,6 +64,27 @@ impl Metrics {
             "Trimmed-history notices sent to clients",
         ))
         .expect("valid metric");
+        let auth_reviews = IntCounterVec::new(
+            opts(
+                "auth_reviews_total",
+                "TokenReviews (kind=token) and SubjectAccessReviews (kind=access) sent to the Kubernetes API server",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let auth_cache_hits = IntCounter::with_opts(opts(
+            "auth_cache_hits_total",
+            "Token and access review answers taken from the cache",
+        ))
+        .expect("valid metric");
+        let tokens_reloads = IntCounterVec::new(
+            opts(
+                "tokens_reloads_total",
+                "Times a changed tokens file was read again, by result (ok, error)",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(watched_runs.clone()),
@@ -66,6 +93,9 @@ impl Metrics {
             Box::new(redis_reconnects.clone()),
             Box::new(control_messages.clone()),
             Box::new(trimmed_notices.clone()),
+            Box::new(auth_reviews.clone()),
+            Box::new(auth_cache_hits.clone()),
+            Box::new(tokens_reloads.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -78,6 +108,9 @@ impl Metrics {
             redis_reconnects,
             control_messages,
             trimmed_notices,
+            auth_reviews,
+            auth_cache_hits,
+            tokens_reloads,
         }
     }
 

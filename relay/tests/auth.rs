@@ -4,7 +4,7 @@
 mod support;
 
 use agentrun_protocol::publish::register_run;
-use agentrun_protocol::testing::RedisServer;
+use agentrun_protocol::testing::{RedisServer, wait_for};
 use agentrun_relay::Config;
 use agentrun_relay::auth::AuthMode;
 use std::path::PathBuf;
@@ -522,70 +522,18 @@ async fn each_limit_answers_429_with_retry_after() {
     relay.shutdown().await;
 }
 
-/// Reads a child's log (tracing writes to stdout) on a thread (so the pipe never fills), ANSI colours removed.
-fn lines(stderr: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
-    use std::io::BufRead;
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stderr).lines() {
-            let Ok(line) = line else { break };
-            let mut clean = String::new();
-            let mut esc = false;
-            for c in line.chars() {
-                match (esc, c) {
-                    (false, '\x1b') => esc = true,
-                    (false, c) => clean.push(c),
-                    (true, 'm') => esc = false,
-                    (true, _) => {}
-                }
-            }
-            if tx.send(clean).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
-/// Collects lines until one contains `needle`; panics after the deadline.
-fn wait_line(rx: &std::sync::mpsc::Receiver<String>, log: &mut String, needle: &str) -> String {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        let line = rx
-            .recv_timeout(left)
-            .unwrap_or_else(|e| panic!("no line with {needle:?} ({e}):\n{log}"));
-        log.push_str(&line);
-        log.push('\n');
-        if line.contains(needle) {
-            return line;
-        }
-    }
-}
-
 /// Runs the relay binary, talks to it with tokens, and reads everything it logged.
 #[tokio::test]
 async fn tokens_never_appear_in_the_logs() {
-    use std::process::{Command, Stdio};
     let redis = RedisServer::start();
     seed(&redis).await;
     let file = tokens_file(&format!("{ALL}\n{TEAM_A} team-a\n"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_agentrun-relay"))
-        .args(["--redis-url", &redis.url(), "--listen", "127.0.0.1:0"])
-        .args(["--auth", "token", "--tokens-file"])
-        .arg(&file)
-        .env("RUST_LOG", "trace")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let rx = lines(child.stdout.take().unwrap());
-    let mut log = String::new();
-    let line = wait_line(&rx, &mut log, "agentrun-relay serving");
-    let at = line.find("listen=").unwrap() + "listen=".len();
-    let addr = line[at..].split_whitespace().next().unwrap().to_owned();
-    let base = format!("http://{addr}");
+    let relay = RelayProcess::start(
+        &["--redis-url", &redis.url(), "--listen", "127.0.0.1:0"],
+        &["--auth", "token", "--tokens-file", file.to_str().unwrap()],
+        "trace",
+    );
+    let base = relay.base.clone();
     let client = reqwest::Client::new();
     for token in [ALL, TEAM_A, "wrong-token-77"] {
         let _ = client
@@ -612,22 +560,7 @@ async fn tokens_never_appear_in_the_logs() {
             .send()
             .await;
     }
-    // Every request above has been answered, so its log lines are written (stdout is
-    // line-buffered); stop the relay and read to the end of its output.
-    let _ = child.kill();
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(std::time::Instant::now());
-        match rx.recv_timeout(left) {
-            Ok(line) => {
-                log.push_str(&line);
-                log.push('\n');
-            }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-            Err(e) => panic!("the relay's output did not end: {e}"),
-        }
-    }
-    let _ = child.wait();
+    let log = relay.stop();
     assert!(log.contains("control message published"), "{log}");
     for secret in [ALL, TEAM_A, "wrong-token-77", "secret-input-3141"] {
         assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
@@ -637,22 +570,365 @@ async fn tokens_never_appear_in_the_logs() {
 
 #[tokio::test]
 async fn no_auth_on_a_public_address_warns_loudly() {
-    use std::process::{Command, Stdio};
     let redis = RedisServer::start();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_agentrun-relay"))
-        .args(["--redis-url", &redis.url(), "--listen", "0.0.0.0:0"])
-        .env("NO_COLOR", "1")
-        .env("RUST_LOG", "info")
-        .env_remove("AGENTRUN_AUTH")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let rx = lines(child.stdout.take().unwrap());
-    let mut log = String::new();
-    wait_line(&rx, &mut log, "agentrun-relay serving");
-    let _ = child.kill();
-    let _ = child.wait();
+    let relay = RelayProcess::start(
+        &["--redis-url", &redis.url(), "--listen", "0.0.0.0:0"],
+        &[],
+        "info",
+    );
+    let log = relay.stop();
     assert!(log.contains("WARN"), "{log}");
     assert!(log.contains("AUTHENTICATION IS OFF"), "{log}");
+}
+
+fn cors_headers(r: &reqwest::Response) -> Vec<(String, String)> {
+    r.headers()
+        .iter()
+        .filter(|(k, _)| k.as_str().starts_with("access-control-"))
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap().to_owned()))
+        .collect()
+}
+
+#[tokio::test]
+async fn cors_origins_get_cors_headers_and_other_origins_do_not() {
+    let redis = RedisServer::start();
+    seed(&redis).await;
+    let mut config = token_config(&redis.url());
+    config.cors_origins = vec!["https://ui.example".into(), "http://localhost:3000/".into()];
+    let relay = Relay::start_with(config, "127.0.0.1:0").await;
+    let client = reqwest::Client::new();
+    let runs = format!("{}/api/runs", relay.base);
+    let control = format!("{}/api/runs/run-a/control", relay.base);
+
+    // A listed origin: its own origin back, no credentials, and the headers a client reads.
+    for origin in ["https://ui.example", "http://localhost:3000"] {
+        let r = client
+            .get(&runs)
+            .bearer_auth(ALL)
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let h = r.headers();
+        assert_eq!(h["access-control-allow-origin"], origin);
+        assert!(h.get("access-control-allow-credentials").is_none());
+        assert!(
+            h["access-control-expose-headers"]
+                .to_str()
+                .unwrap()
+                .contains("Retry-After")
+        );
+        assert_eq!(h["vary"], "Origin");
+    }
+    // Errors carry them too, so the page can read why (401 here).
+    let r = client
+        .get(&runs)
+        .header("origin", "https://ui.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://ui.example"
+    );
+    // The SSE stream too (EventSource with ?access_token=).
+    let r = client
+        .get(relay.events_url("run-a", &format!("follow=false&access_token={ALL}")))
+        .header("origin", "https://ui.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://ui.example"
+    );
+
+    // Preflight: answered before authentication, with the methods and headers allowed.
+    let r = client
+        .request(reqwest::Method::OPTIONS, &control)
+        .header("origin", "https://ui.example")
+        .header("access-control-request-method", "POST")
+        .header(
+            "access-control-request-headers",
+            "authorization,content-type,x-agentrun-request",
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 204);
+    let h = r.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://ui.example");
+    let methods = h["access-control-allow-methods"].to_str().unwrap();
+    assert!(
+        methods.contains("POST") && methods.contains("GET"),
+        "{methods}"
+    );
+    let allowed = h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    for want in [
+        "authorization",
+        "content-type",
+        "x-agentrun-request",
+        "last-event-id",
+    ] {
+        assert!(allowed.contains(want), "{allowed}");
+    }
+    assert!(h.get("access-control-max-age").is_some());
+    assert!(h.get("access-control-allow-credentials").is_none());
+    // The actual cross-origin POST of a listed origin passes the Origin check.
+    let r = client
+        .post(&control)
+        .bearer_auth(ALL)
+        .header("origin", "https://ui.example")
+        .body(r#"{"action":"resume"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "https://ui.example"
+    );
+
+    // Other origins: no CORS header on anything, preflight refused, POST refused.
+    for origin in ["https://evil.example", "https://ui.example.evil", "null"] {
+        let r = client
+            .get(&runs)
+            .bearer_auth(ALL)
+            .header("origin", origin)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        assert_eq!(cors_headers(&r), vec![], "{origin}");
+        let r = client
+            .request(reqwest::Method::OPTIONS, &control)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{origin}");
+        assert_eq!(cors_headers(&r), vec![], "{origin}");
+        assert!(r.text().await.unwrap().contains("--cors-origins"));
+        let r = client
+            .post(&control)
+            .bearer_auth(ALL)
+            .header("origin", origin)
+            .body(r#"{"action":"resume"}"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 403, "{origin}");
+        assert_eq!(cors_headers(&r), vec![], "{origin}");
+    }
+    // Routes outside /api (health, metrics, the UI) never get CORS headers.
+    let r = client
+        .get(format!("{}/metrics", relay.base))
+        .header("origin", "https://ui.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(cors_headers(&r), vec![]);
+    relay.shutdown().await;
+}
+
+/// A tokens file mounted the way the kubelet mounts a Secret: `DIR/tokens` ->
+/// `DIR/..data/tokens`, `..data` a symlink to a versioned directory swapped atomically.
+struct SecretMount {
+    dir: tempfile::TempDir,
+    version: u32,
+}
+
+impl SecretMount {
+    fn new(text: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink("..data/tokens", dir.path().join("tokens")).unwrap();
+        let mut m = SecretMount { dir, version: 0 };
+        m.update(text);
+        m
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("tokens")
+    }
+
+    fn update(&mut self, text: &str) {
+        self.version += 1;
+        let version = format!("..v{}", self.version);
+        let vdir = self.dir.path().join(&version);
+        std::fs::create_dir(&vdir).unwrap();
+        std::fs::write(vdir.join("tokens"), text).unwrap();
+        let tmp = self.dir.path().join("..data_tmp");
+        std::os::unix::fs::symlink(&version, &tmp).unwrap();
+        std::fs::rename(&tmp, self.dir.path().join("..data")).unwrap();
+    }
+}
+
+async fn status_with(client: &reqwest::Client, relay: &Relay, token: &str) -> u16 {
+    client
+        .get(format!("{}/api/runs", relay.base))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn wait_status(client: &reqwest::Client, relay: &Relay, token: &str, want: u16) {
+    wait_for(&format!("{token} to answer {want}"), WAIT, || async move {
+        (status_with(client, relay, token).await == want).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_changed_tokens_file_is_used_without_a_restart() {
+    const OLD: &str = "tok-old-19ab";
+    const KEEP: &str = "tok-keep-2c7d";
+    const NEW: &str = "tok-new-3e5f";
+    let redis = RedisServer::start();
+    seed(&redis).await;
+    let mut mount = SecretMount::new(&format!("{OLD}\n{KEEP} team-a\n"));
+    let mut config = Config::for_redis(redis.url());
+    config.auth = AuthMode::Token;
+    config.tokens_file = Some(mount.path());
+    config.tokens_reload_seconds = 1;
+    let relay = Relay::start_with(config, "127.0.0.1:0").await;
+    let client = reqwest::Client::new();
+    assert_eq!(status_with(&client, &relay, OLD).await, 200);
+    assert_eq!(status_with(&client, &relay, NEW).await, 401);
+    // A browser session made with the old token.
+    let r = client
+        .post(format!("{}/api/session", relay.base))
+        .json(&serde_json::json!({ "token": OLD }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let cookie = format!("agentrun_token={OLD}");
+
+    // The Secret changes: OLD removed, NEW added, KEEP now sees every namespace.
+    mount.update(&format!("{KEEP}\n{NEW} team-b\n"));
+    wait_status(&client, &relay, NEW, 200).await;
+    assert_eq!(status_with(&client, &relay, OLD).await, 401);
+    let r = client
+        .get(format!("{}/api/runs", relay.base))
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "a session of a removed token ends");
+    let r = client
+        .get(relay.events_url("run-b", &format!("follow=false&access_token={OLD}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(list(&client, &relay, NEW).await, ["run-b"]);
+    assert_eq!(
+        list(&client, &relay, KEEP).await,
+        ["run-a", "run-b", "run-local"]
+    );
+
+    // A broken version keeps the tokens in use, and says so.
+    let errors = |relay: &Relay| {
+        relay
+            .state
+            .metrics()
+            .tokens_reloads
+            .with_label_values(&["error"])
+            .get()
+    };
+    mount.update("bad;token\n");
+    wait_for("the broken file to be noticed", WAIT, || async {
+        (errors(&relay) >= 1).then_some(())
+    })
+    .await;
+    assert_eq!(status_with(&client, &relay, NEW).await, 200);
+    assert_eq!(status_with(&client, &relay, KEEP).await, 200);
+    // So does a file that goes away.
+    std::fs::remove_file(
+        mount
+            .dir
+            .path()
+            .join(format!("..v{}", mount.version))
+            .join("tokens"),
+    )
+    .unwrap();
+    wait_for("the missing file to be noticed", WAIT, || async {
+        (errors(&relay) >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(status_with(&client, &relay, NEW).await, 200);
+    // Fixed again: the fixed version is used.
+    mount.update(&format!("{OLD}\n"));
+    wait_status(&client, &relay, NEW, 401).await;
+    assert_eq!(status_with(&client, &relay, OLD).await, 200);
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn sighup_reads_the_tokens_file_again() {
+    const FIRST: &str = "tok-first-7a1b";
+    const SECOND: &str = "tok-second-8c2d";
+    let redis = RedisServer::start();
+    seed(&redis).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("tokens");
+    std::fs::write(&file, format!("{FIRST}\n")).unwrap();
+    // Polling off: only the signal makes the relay read the file again.
+    let mut relay = RelayProcess::start(
+        &["--redis-url", &redis.url(), "--listen", "127.0.0.1:0"],
+        &[
+            "--auth",
+            "token",
+            "--tokens-file",
+            file.to_str().unwrap(),
+            "--tokens-reload-seconds",
+            "0",
+        ],
+        "info",
+    );
+    let client = reqwest::Client::new();
+    let runs = format!("{}/api/runs", relay.base);
+    let status = |token: &'static str| {
+        let client = client.clone();
+        let url = runs.clone();
+        async move {
+            client
+                .get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(status(FIRST).await, 200);
+    std::fs::write(&file, format!("{SECOND}\n")).unwrap();
+    assert_eq!(
+        status(SECOND).await,
+        401,
+        "not read again without the signal"
+    );
+    let kill = std::process::Command::new("kill")
+        .args(["-HUP", &relay.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    relay.wait_line("tokens file read again");
+    assert_eq!(status(SECOND).await, 200);
+    assert_eq!(status(FIRST).await, 401);
+    let log = relay.stop();
+    for secret in [FIRST, SECOND] {
+        assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
+    }
 }

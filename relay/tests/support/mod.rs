@@ -318,3 +318,111 @@ pub async fn finish(
     .unwrap();
     producer.status(conn, run, ev).await;
 }
+
+/// Reads a child's log (tracing writes to stdout) on a thread (so the pipe never fills), ANSI
+/// colours removed.
+fn lines(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+    use std::io::BufRead;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            let mut clean = String::new();
+            let mut esc = false;
+            for c in line.chars() {
+                match (esc, c) {
+                    (false, '\x1b') => esc = true,
+                    (false, c) => clean.push(c),
+                    (true, 'm') => esc = false,
+                    (true, _) => {}
+                }
+            }
+            if tx.send(clean).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// The relay binary in a child process, with its log collected.
+pub struct RelayProcess {
+    pub child: std::process::Child,
+    pub base: String,
+    rx: std::sync::mpsc::Receiver<String>,
+    pub log: String,
+}
+
+impl RelayProcess {
+    /// Starts `agentrun-relay ARGS EXTRA` at `RUST_LOG=log_level` (AGENTRUN_AUTH unset) and
+    /// waits until it serves.
+    pub fn start(args: &[&str], extra: &[&str], log_level: &str) -> Self {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentrun-relay"))
+            .args(args)
+            .args(extra)
+            .env("RUST_LOG", log_level)
+            .env("NO_COLOR", "1")
+            .env_remove("AGENTRUN_AUTH")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let rx = lines(child.stdout.take().unwrap());
+        let mut relay = RelayProcess {
+            child,
+            base: String::new(),
+            rx,
+            log: String::new(),
+        };
+        let line = relay.wait_line("agentrun-relay serving");
+        let at = line.find("listen=").unwrap() + "listen=".len();
+        let addr = line[at..].split_whitespace().next().unwrap().to_owned();
+        relay.base = format!("http://{addr}");
+        relay
+    }
+
+    /// Collects lines until one contains `needle`; panics after the deadline.
+    pub fn wait_line(&mut self, needle: &str) -> String {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line = self
+                .rx
+                .recv_timeout(left)
+                .unwrap_or_else(|e| panic!("no line with {needle:?} ({e}):\n{}", self.log));
+            self.log.push_str(&line);
+            self.log.push('\n');
+            if line.contains(needle) {
+                return line;
+            }
+        }
+    }
+
+    /// Kills the relay and returns everything it logged. Requests answered before are
+    /// logged already (stdout is line-buffered).
+    pub fn stop(mut self) -> String {
+        let _ = self.child.kill();
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push_str(&line);
+                    self.log.push('\n');
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(e) => panic!("the relay's output did not end: {e}"),
+            }
+        }
+        let _ = self.child.wait();
+        std::mem::take(&mut self.log)
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
