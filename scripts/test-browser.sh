@@ -10,10 +10,8 @@ cd "$(dirname "$0")/.."
 
 cargo build -p agentrun-relay -p agentrun-sidecar
 
+scripts/deps/ui-node-modules.sh
 cd relay/ui/tests
-if [ ! -f node_modules/.package-lock.json ] || [ package-lock.json -nt node_modules/.package-lock.json ]; then
-    PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund --loglevel=error
-fi
 # One file at a time: each starts its own Redis, relay and browser, and the machine is small.
 # Every wait in the tests has its own deadline; the outer timeout is only a last resort so that a
 # wedged browser can never hold CI until its own limit.

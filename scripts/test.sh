@@ -7,6 +7,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# Everything the tests use, the browser tests' node modules included: the e2e scenarios open a
+# run's page in chromium with them during the cargo tests.
 scripts/deps.sh
 
 echo "==> cargo tests"

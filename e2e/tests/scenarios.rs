@@ -2,6 +2,8 @@
 //! the real operator, sidecar, entrypoint and relay binaries, a real Redis, and kube-sim (or the
 //! cluster of `E2E_KUBECONFIG`, see e2e/README.md).
 
+#[path = "common/browser.rs"]
+mod browser;
 mod common;
 #[path = "common/stack.rs"]
 mod stack;
@@ -228,6 +230,12 @@ async fn timeout_fails_the_run_with_reason_timeout_and_kills_the_agent() {
 
 /// A run whose agent prints `tick N` five times a second for a minute.
 fn ticker(name: &str) -> String {
+    marked_ticker(name, "")
+}
+
+/// [`ticker`] whose script starts with the line `marker` (a shell comment), so that the agent's
+/// process can be found by its command line ([`agent_pid`]).
+fn marked_ticker(name: &str, marker: &str) -> String {
     format!(
         r#"apiVersion: agentrun.dev/v1alpha1
 kind: AgentRun
@@ -238,11 +246,44 @@ spec:
   command: ["sh", "-c"]
   args:
     - |
+      {marker}
       i=0
       while [ "$i" -lt 300 ]; do echo "tick $i"; i=$((i + 1)); sleep 0.2; done
   timeoutSeconds: 120
 "#
     )
+}
+
+/// The host process of an agent running `sh -c SCRIPT` where SCRIPT starts with `marker`
+/// (kube-sim runs containers as host processes; the entrypoint and kubelet wrappers that carry
+/// the script as an argument further along are not it).
+fn agent_pid(marker: &str) -> Option<u32> {
+    for entry in std::fs::read_dir("/proc").ok()?.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        if args.len() >= 3
+            && args[0].ends_with(b"sh")
+            && args[1] == b"-c"
+            && args[2].starts_with(marker.as_bytes())
+        {
+            return Some(pid);
+        }
+    }
+    None
+}
+
+/// The `State:` letter of a process (`T` when stopped by SIGSTOP), if it still exists.
+fn process_state(pid: u32) -> Option<char> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("State:"))
+        .and_then(|v| v.trim().chars().next())
 }
 
 impl Stack {
@@ -282,6 +323,117 @@ impl Stack {
         .await
     }
 
+    /// The latest status event of a variation in the run's state hash (`var:NAME`).
+    async fn variation_state(&self, run_id: &str, variation: &str) -> Option<Value> {
+        let mut c = self.redis_conn().await;
+        let v: Option<String> = redis::cmd("HGET")
+            .arg(format!("run:{{{run_id}}}:state"))
+            .arg(format!("var:{variation}"))
+            .query_async(&mut c)
+            .await
+            .ok()?;
+        serde_json::from_str(&v?).ok()
+    }
+
+    /// Waits until the state hash says the variation is in `state`.
+    async fn wait_variation_state(&self, run_id: &str, state: &str) -> Value {
+        self.eventually(20, &format!("var:default in state {state}"), || async {
+            let v = self.variation_state(run_id, "default").await?;
+            (v["state"] == state).then_some(v)
+        })
+        .await
+    }
+
+    /// On kube-sim, waits until the agent process (found by `marker`) is stopped (`T`) or
+    /// running again; returns its pid. Elsewhere the process is not on this machine: `None`.
+    async fn wait_agent_stopped(&self, marker: &str, stopped: bool) -> Option<u32> {
+        if !self.cluster.is_sim() {
+            return None;
+        }
+        let what = if stopped {
+            "the agent process stopped (State T)"
+        } else {
+            "the agent process running again"
+        };
+        Some(
+            self.eventually(15, what, || async {
+                let pid = agent_pid(marker)?;
+                let st = process_state(pid)?;
+                ((st == 'T') == stopped).then_some(pid)
+            })
+            .await,
+        )
+    }
+
+    /// Asserts that the output does not grow for a second (polled, not slept): paused for real.
+    async fn assert_output_held(&self, run_id: &str, held: u64) {
+        let check = std::time::Instant::now() + std::time::Duration::from_secs(1);
+        while std::time::Instant::now() < check {
+            assert_eq!(self.output_len(run_id, "default").await, held, "paused");
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Stops the run through the relay; checks that the entrypoint reported the stop, the
+    /// run ended (Stopped; on kube-sim maybe Failed with 143, see e2e/README.md) long before
+    /// its end, and every tick arrived exactly once, in order.
+    async fn stop_through_the_relay(&self, name: &str, run_id: &str) {
+        let (code, body) = self.control(run_id, json!({"action": "stop"})).await;
+        assert_eq!(code, 202, "{body}");
+        let done = self
+            .wait_phase(name, &["Succeeded", "Failed", "Stopped"], 30)
+            .await;
+        let sse = self.sse(run_id, 20).await;
+        let statuses = sse.statuses();
+        assert!(
+            statuses
+                .iter()
+                .any(|e| e["state"] == "stopped" && e["reason"] == "Stopped"),
+            "the entrypoint reports the stop: {statuses:#?}"
+        );
+        if self.cluster.is_sim() {
+            // kube-sim does not implement terminationMessagePath (the entrypoint's
+            // "agentrun: stopped" never reaches containerStatuses[].state.terminated.message),
+            // so the operator may see a plain exit 143 (SIGTERM). On a real cluster: Stopped.
+            let var = &done["status"]["variations"][0];
+            assert!(
+                done["status"]["phase"] == "Stopped"
+                    || (done["status"]["phase"] == "Failed" && var["exitCode"] == 143),
+                "{done:#}"
+            );
+        } else {
+            assert_eq!(done["status"]["phase"], "Stopped", "{done:#}");
+        }
+        let out = String::from_utf8_lossy(&sse.output()["default"]).into_owned();
+        let ticks: Vec<&str> = out.lines().collect();
+        assert!(
+            ticks.len() < 250,
+            "stopped long before the end: {}",
+            ticks.len()
+        );
+        // Nothing lost or repeated across pause and resume.
+        for (i, line) in ticks.iter().enumerate() {
+            assert_eq!(*line, format!("tick {i}"));
+        }
+    }
+
+    /// Starts a [`marked_ticker`] run and waits for its first ticks; returns its run id and the
+    /// marker that finds its agent process.
+    async fn start_ticker(&self, name: &str) -> (String, String) {
+        let marker = format!("# e2e agent in {}", self.ns());
+        self.apply_yaml("ticker.yaml", &marked_ticker(name, &marker));
+        let run_id = self.run_id(name).await;
+        self.wait_phase(name, &["Running"], 30).await;
+        self.output_grows_past(&run_id, 3, 20).await;
+        (run_id, marker)
+    }
+
+    /// `kubectl patch` of `spec.paused`.
+    fn set_paused(&self, name: &str, paused: bool) {
+        let patch = json!({"spec": {"paused": paused}}).to_string();
+        self.kubectl_ok(&["patch", "ar", name, "--type", "merge", "-p", &patch]);
+    }
+
     async fn wait_status_paused(&self, name: &str, paused: bool) -> Value {
         let api = self.agentruns().await;
         self.eventually(20, &format!("{name} status.paused = {paused}"), || {
@@ -298,29 +450,14 @@ impl Stack {
 #[tokio::test(flavor = "multi_thread")]
 async fn paused_in_the_spec_pauses_and_resumes_and_relay_stop_stops() {
     let s = Stack::start().await;
-    s.apply_yaml("ticker.yaml", &ticker("ticker"));
-    let run_id = s.run_id("ticker").await;
-    s.wait_phase("ticker", &["Running"], 30).await;
-    s.output_grows_past(&run_id, 3, 20).await;
+    let (run_id, marker) = s.start_ticker("ticker").await;
 
-    // paused: true stops the output; the status says so.
-    s.kubectl_ok(&[
-        "patch",
-        "ar",
-        "ticker",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"paused":true}}"#,
-    ]);
+    // paused: true stops the agent and its output; the status says so.
+    s.set_paused("ticker", true);
     s.wait_status_paused("ticker", true).await;
+    s.wait_agent_stopped(&marker, true).await;
     let held = s.output_settles(&run_id, 15).await;
-    // Paused for real, not just slow: five ticks a second would have added ~5 entries.
-    let check = std::time::Instant::now() + std::time::Duration::from_secs(1);
-    while std::time::Instant::now() < check {
-        assert_eq!(s.output_len(&run_id, "default").await, held, "paused");
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    s.assert_output_held(&run_id, held).await;
     let v = s.agentrun("ticker").await.expect("ticker");
     assert_eq!(
         v["status"]["phase"], "Running",
@@ -328,60 +465,137 @@ async fn paused_in_the_spec_pauses_and_resumes_and_relay_stop_stops() {
     );
 
     // paused: false resumes it.
-    s.kubectl_ok(&[
-        "patch",
-        "ar",
-        "ticker",
-        "--type",
-        "merge",
-        "-p",
-        r#"{"spec":{"paused":false}}"#,
-    ]);
+    s.set_paused("ticker", false);
     s.wait_status_paused("ticker", false).await;
+    s.wait_agent_stopped(&marker, false).await;
     s.output_grows_past(&run_id, held + 2, 15).await;
 
-    // Control through the relay: stop.
-    let (code, body) = s.control(&run_id, json!({"action": "stop"})).await;
-    assert_eq!(code, 202, "{body}");
-    let done = s
-        .wait_phase("ticker", &["Succeeded", "Failed", "Stopped"], 30)
-        .await;
-    let sse = s.sse(&run_id, 20).await;
-    // The entrypoint saw the stop request: it reports `stopped` (reason Stopped) itself.
-    let statuses = sse.statuses();
-    assert!(
-        statuses
-            .iter()
-            .any(|e| e["state"] == "stopped" && e["reason"] == "Stopped"),
-        "the entrypoint reports the stop: {statuses:#?}"
-    );
-    if s.cluster.is_sim() {
-        // kube-sim does not implement terminationMessagePath (the entrypoint's
-        // "agentrun: stopped" never reaches containerStatuses[].state.terminated.message), so
-        // the operator sees a plain exit 143 (SIGTERM). On a real cluster the run is Stopped.
-        let var = &done["status"]["variations"][0];
-        assert!(
-            done["status"]["phase"] == "Stopped"
-                || (done["status"]["phase"] == "Failed" && var["exitCode"] == 143),
-            "{done:#}"
-        );
-    } else {
-        assert_eq!(done["status"]["phase"], "Stopped", "{done:#}");
-    }
-    let out = String::from_utf8_lossy(&sse.output()["default"]).into_owned();
-    let ticks: Vec<&str> = out.lines().collect();
-    assert!(
-        ticks.len() < 250,
-        "stopped long before the end: {}",
-        ticks.len()
-    );
-    // Nothing lost or repeated across pause and resume.
-    for (i, line) in ticks.iter().enumerate() {
-        assert_eq!(*line, format!("tick {i}"));
-    }
+    s.stop_through_the_relay("ticker", &run_id).await;
     // A control message to an unknown run is refused.
     let (code, _) = s.control("nosuchrun", json!({"action": "stop"})).await;
     assert_eq!(code, 404);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn control_from_the_relay_pauses_resumes_and_stops_the_agent() {
+    let s = Stack::start().await;
+    let (run_id, marker) = s.start_ticker("remote").await;
+    if s.cluster.is_sim() {
+        let pid = agent_pid(&marker).expect("the agent's sh process on this host");
+        assert_ne!(
+            process_state(pid),
+            Some('T'),
+            "not stopped before the pause"
+        );
+    }
+
+    // pause through the relay: the entrypoint SIGSTOPs the agent and says so.
+    let (code, body) = s.control(&run_id, json!({"action": "pause"})).await;
+    assert_eq!(code, 202, "{body}");
+    let pid = s.wait_agent_stopped(&marker, true).await;
+    let paused = s.wait_variation_state(&run_id, "paused").await;
+    assert_eq!(paused["reason"], "Paused", "{paused}");
+    let held = s.output_settles(&run_id, 15).await;
+    s.assert_output_held(&run_id, held).await;
+    if let Some(pid) = pid {
+        assert_eq!(process_state(pid), Some('T'), "still stopped");
+    }
+    let v = s.agentrun("remote").await.expect("remote");
+    assert_eq!(v["status"]["phase"], "Running", "{v:#}");
+
+    // resume through the relay: the same process goes on where it stopped.
+    let (code, body) = s.control(&run_id, json!({"action": "resume"})).await;
+    assert_eq!(code, 202, "{body}");
+    let resumed = s.wait_agent_stopped(&marker, false).await;
+    assert_eq!(resumed, pid, "the same agent process, continued");
+    let running = s.wait_variation_state(&run_id, "running").await;
+    assert_eq!(running["reason"], "Resumed", "{running}");
+    s.output_grows_past(&run_id, held + 2, 15).await;
+
+    s.stop_through_the_relay("remote", &run_id).await;
+    if let Some(pid) = pid {
+        s.eventually(20, "the agent process is gone", || async {
+            process_state(pid).is_none_or(|st| st == 'Z').then_some(())
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_browser_shows_the_live_output_of_a_run_on_the_cluster() {
+    let s = Stack::start().await;
+    // The agent waits for a word on its stdin (sent through the relay once the page shows its
+    // first line), so what it writes next is written after the page loaded.
+    s.apply_yaml(
+        "waiter.yaml",
+        r#"apiVersion: agentrun.dev/v1alpha1
+kind: AgentRun
+metadata:
+  name: waiter
+spec:
+  image: busybox:1.36
+  command: ["sh", "-c"]
+  args:
+    - |
+      echo "waiting for the browser"
+      read -r word
+      echo "the browser saw: $word"
+      for i in 1 2 3; do echo "after $i"; sleep 0.2; done
+  timeoutSeconds: 120
+"#,
+    );
+    let run_id = s.run_id("waiter").await;
+    // The page a user opens: the URL column of `kubectl get ar -o wide` (status.url).
+    let v = s
+        .eventually(30, "status.url", || async {
+            let v = s.agentrun("waiter").await?;
+            v["status"]["url"].as_str().map(str::to_string)
+        })
+        .await;
+    assert_eq!(v, format!("{}/runs/{run_id}", s.relay_url));
+    let wide = s.kubectl_ok(&["get", "ar", "waiter", "-o", "wide"]);
+    assert!(wide.contains(&v), "kubectl shows the page: {wide}");
+    s.wait_phase("waiter", &["Running"], 30).await;
+
+    let word = format!("w{}", std::process::id());
+    let after = format!("the browser saw: {word}");
+    let mut page = browser::RunPage::open(
+        &v,
+        "default",
+        "waiting for the browser",
+        &after,
+        s.dir.path(),
+    );
+    let loaded = page.next("loaded", 60).await;
+    assert!(
+        !loaded["text"].as_str().unwrap_or_default().contains(&word),
+        "{loaded}"
+    );
+    let phase = s.agentrun("waiter").await.expect("waiter")["status"]["phase"].clone();
+    assert_eq!(
+        phase, "Running",
+        "the agent still runs while the page is open"
+    );
+
+    let (code, body) = s
+        .control(&run_id, json!({"action": "stdin", "data": word}))
+        .await;
+    assert_eq!(code, 202, "{body}");
+    page.next("live", 40).await;
+    let ended = page.next("ended", 40).await;
+    assert_eq!(ended["badge"], "succeeded", "{ended}");
+    assert_eq!(
+        ended["text"],
+        format!("waiting for the browser\n{after}\nafter 1\nafter 2\nafter 3\n"),
+        "the page shows every line once, in order"
+    );
+    assert_eq!(ended["errors"], json!([]), "no page errors");
+    assert_eq!(ended["csp"], json!([]), "no CSP violations");
+    page.close().await;
+    let done = s
+        .wait_phase("waiter", &["Succeeded", "Failed", "Stopped"], 30)
+        .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
 }
 
 /// A run whose agent prints `tick 0` .. `tick {n-1}`, `every` seconds apart.
@@ -642,26 +856,31 @@ async fn redis_restarted_mid_run_loses_nothing() {
     assert_ticks(&sse.output()["default"], 50);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn helm_chart_output_is_accepted_and_its_rbac_names_real_resources() {
-    let c = common::Cluster::start().await;
+/// `helm template` of the chart as release `release` with `--set` values `sets`, applied to the
+/// cluster with kubectl: every rendered object must be accepted. Returns the rendered objects.
+fn apply_chart(c: &common::Cluster, release: &str, crds: bool, sets: &[&str]) -> Vec<Value> {
     let helm = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
     let chart = workspace().join("helm").join("agentrun");
-    let out = std::process::Command::new(&helm)
-        .args(["template", "agentrun"])
+    let mut cmd = std::process::Command::new(&helm);
+    cmd.args(["template", release])
         .arg(&chart)
-        .args(["--namespace", &c.namespace, "--include-crds"])
-        .output()
-        .unwrap_or_else(|e| {
-            panic!("run {helm} (install it with scripts/deps/kubectl.sh, or set HELM): {e}")
-        });
+        .args(["--namespace", &c.namespace]);
+    if crds {
+        cmd.arg("--include-crds");
+    }
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let out = cmd.output().unwrap_or_else(|e| {
+        panic!("run {helm} (install it with scripts/deps/helm.sh, or set HELM): {e}")
+    });
     assert!(
         out.status.success(),
-        "helm template: {}",
+        "helm template {sets:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let rendered = String::from_utf8(out.stdout).expect("utf-8");
-    let file = c.write("chart.yaml", &rendered);
+    let file = c.write(&format!("chart-{release}.yaml"), &rendered);
     let applied = c.kubectl_ok(&[
         "apply",
         "-n",
@@ -673,23 +892,24 @@ async fn helm_chart_output_is_accepted_and_its_rbac_names_real_resources() {
         .filter_map(|d| Value::deserialize(d).ok())
         .filter(|v| v.is_object())
         .collect();
-    assert!(docs.len() >= 10, "the chart renders its objects");
     for d in &docs {
         let kind = d["kind"].as_str().expect("kind").to_lowercase();
         let name = d["metadata"]["name"].as_str().expect("name");
         assert!(
             applied.contains(&format!("{kind}/{name}"))
                 || applied.contains(&format!("/{name} created")),
-            "{kind}/{name} applied:\n{applied}"
+            "{kind}/{name} applied ({sets:?}):\n{applied}"
         );
     }
-    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
-    for k in ["Deployment", "Service", "ClusterRole", "ServiceAccount"] {
-        assert!(kinds.contains(&k), "the chart has a {k}: {kinds:?}");
-    }
-    // RBAC rules name resources the API server serves (group + plural; subresources by base).
+    docs
+}
+
+/// Every Role/ClusterRole rule of `docs` names a resource the API server serves (group +
+/// plural; subresources by their base). Returns how many were checked.
+fn check_rbac_names_served_resources(c: &common::Cluster, docs: &[Value]) -> usize {
     let served = c.kubectl_ok(&["api-resources", "-o", "name"]);
     let served: std::collections::BTreeSet<&str> = served.lines().map(str::trim).collect();
+    assert!(served.contains("agentruns.agentrun.dev"), "{served:?}");
     let mut checked = 0;
     for d in docs
         .iter()
@@ -729,9 +949,161 @@ async fn helm_chart_output_is_accepted_and_its_rbac_names_real_resources() {
             }
         }
     }
+    checked
+}
+
+/// The stored object (as the API server keeps it) of `kind/name` in the test namespace.
+fn stored(c: &common::Cluster, kind: &str, name: &str) -> Value {
+    let json = c.kubectl_ok(&["get", kind, name, "-n", &c.namespace, "-o", "json"]);
+    serde_json::from_str(&json).expect("kubectl -o json")
+}
+
+/// The env of the first container of a stored Deployment, as `name -> value or valueFrom`.
+fn deployment_env(d: &Value) -> std::collections::BTreeMap<String, Value> {
+    d["spec"]["template"]["spec"]["containers"][0]["env"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|e| {
+            let v = e.get("value").unwrap_or(&e["valueFrom"]).clone();
+            (e["name"].as_str().unwrap_or_default().to_string(), v)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_chart_output_is_accepted_and_its_rbac_names_real_resources() {
+    let c = common::Cluster::start().await;
+    let docs = apply_chart(&c, "agentrun", true, &[]);
+    assert!(docs.len() >= 10, "the chart renders its objects");
+    let kinds: Vec<&str> = docs.iter().filter_map(|d| d["kind"].as_str()).collect();
+    for k in ["Deployment", "Service", "ClusterRole", "ServiceAccount"] {
+        assert!(kinds.contains(&k), "the chart has a {k}: {kinds:?}");
+    }
+    let checked = check_rbac_names_served_resources(&c, &docs);
     assert!(
         checked >= 5,
         "the operator's RBAC rules were checked ({checked})"
     );
-    assert!(served.contains("agentruns.agentrun.dev"), "{served:?}");
+    // The default relay is not open: bearer tokens from a generated Secret.
+    let relay = stored(&c, "deployment", "agentrun-relay");
+    assert_eq!(
+        deployment_env(&relay)["AGENTRUN_AUTH"],
+        "token",
+        "{relay:#}"
+    );
+    let tokens = stored(&c, "secret", "agentrun-relay-tokens");
+    assert!(tokens["data"]["tokens"].is_string(), "{tokens:#}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn helm_chart_with_relay_auth_cors_and_redis_tls_values_is_accepted() {
+    let c = common::Cluster::start().await;
+    // Token auth with the user's Secret, CORS, and the bundled Redis over mutual TLS.
+    let secure = apply_chart(
+        &c,
+        "secure",
+        true,
+        &[
+            "relay.auth.existingSecret=viewer-tokens",
+            "relay.cors.origins={https://ui.example.com,https://b.example.com:8443}",
+            "redis.tls.enabled=true",
+            "redis.tls.caSecret=redis-ca",
+            "redis.tls.serverCertSecret=redis-server",
+            "redis.tls.clientCertSecret=redis-client",
+        ],
+    );
+    let relay = stored(&c, "deployment", "secure-agentrun-relay");
+    let env = deployment_env(&relay);
+    assert_eq!(env["AGENTRUN_AUTH"], "token");
+    assert_eq!(
+        env["AGENTRUN_TOKENS_FILE"],
+        "/etc/agentrun/relay-auth/tokens"
+    );
+    assert_eq!(
+        env["AGENTRUN_CORS_ORIGINS"],
+        "https://ui.example.com,https://b.example.com:8443"
+    );
+    assert_eq!(
+        env["AGENTRUN_REDIS_URL"],
+        format!("rediss://secure-agentrun-redis.{}.svc:6379", c.namespace)
+    );
+    assert_eq!(
+        env["AGENTRUN_REDIS_CA_FILE"],
+        "/etc/agentrun/redis-tls/ca/ca.crt"
+    );
+    let volumes = &relay["spec"]["template"]["spec"]["volumes"];
+    let secrets: Vec<&str> = volumes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|v| v["secret"]["secretName"].as_str())
+        .collect();
+    assert_eq!(
+        secrets,
+        ["viewer-tokens", "redis-ca", "redis-client"],
+        "{volumes:#}"
+    );
+    let operator = deployment_env(&stored(&c, "deployment", "secure-agentrun-operator"));
+    assert_eq!(
+        operator["AGENTRUN_SIDECAR_REDIS_CLIENT_CERT"],
+        "/etc/agentrun/redis-tls/client/tls.crt"
+    );
+    let redis = stored(&c, "statefulset", "secure-agentrun-redis");
+    let args = redis["spec"]["template"]["spec"]["containers"][0]["args"].clone();
+    assert!(
+        args.as_array()
+            .is_some_and(|a| a.contains(&json!("--tls-port")) && a.contains(&json!("yes"))),
+        "{args}"
+    );
+    assert!(
+        !secure
+            .iter()
+            .any(|d| d["kind"] == "Secret"
+                && d["metadata"]["name"] == "secure-agentrun-relay-tokens"),
+        "no generated tokens Secret when one is given"
+    );
+
+    // Kubernetes auth with an external Redis over TLS: the relay may review tokens, nothing more.
+    let kube = apply_chart(
+        &c,
+        "kube",
+        false,
+        &[
+            "relay.auth.mode=kubernetes",
+            "redis.bundled=false",
+            "redis.external.url=rediss://redis.example.com:6380",
+            "redis.external.existingSecret=my-redis",
+            "redis.tls.enabled=true",
+            "redis.tls.caSecret=redis-ca",
+        ],
+    );
+    check_rbac_names_served_resources(&c, &kube);
+    let role = c.kubectl_ok(&[
+        "get",
+        "clusterrole",
+        "kube-agentrun-relay-auth",
+        "-o",
+        "json",
+    ]);
+    let role: Value = serde_json::from_str(&role).expect("json");
+    assert_eq!(
+        role["rules"],
+        json!([
+            {"apiGroups": ["authentication.k8s.io"], "resources": ["tokenreviews"], "verbs": ["create"]},
+            {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"], "verbs": ["create"]}
+        ])
+    );
+    let relay = stored(&c, "deployment", "kube-agentrun-relay");
+    assert_eq!(deployment_env(&relay)["AGENTRUN_AUTH"], "kubernetes");
+    assert_eq!(
+        relay["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        true
+    );
+    assert!(
+        !secure.iter().any(|d| d["metadata"]["name"]
+            .as_str()
+            .is_some_and(|n| n.ends_with("-relay-auth"))),
+        "no relay RBAC in token mode"
+    );
 }
