@@ -228,18 +228,34 @@ pub fn token(flag: Option<&str>, file: Option<&std::path::Path>) -> anyhow::Resu
         }))
 }
 
-/// The `token` of the current kubeconfig context's user, if it has one (`kubectl config view`).
-fn kubeconfig_token() -> Option<String> {
-    let out = std::process::Command::new("kubectl")
-        .args(["config", "view", "--minify", "--raw", "-o", "json"])
-        .stderr(std::process::Stdio::null())
-        .output()
-        .ok()?;
-    if !out.status.success() {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
-    v["users"][0]["user"]["token"]
+/// The `token` of the current kubeconfig context's user, if it has one. The kubeconfig is
+/// `KUBECONFIG` (its files merged as kubectl does: the first value found wins) or
+/// `~/.kube/config`.
+pub fn kubeconfig_token() -> Option<String> {
+    let paths: Vec<std::path::PathBuf> = match std::env::var_os("KUBECONFIG") {
+        Some(v) if !v.is_empty() => std::env::split_paths(&v).collect(),
+        _ => vec![std::path::PathBuf::from(std::env::var_os("HOME")?).join(".kube/config")],
+    };
+    let docs: Vec<serde_yaml::Value> = paths
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(p).ok())
+        .filter_map(|t| serde_yaml::from_str(&t).ok())
+        .collect();
+    let current = docs
+        .iter()
+        .find_map(|d| d["current-context"].as_str().filter(|s| !s.is_empty()))?;
+    let named = |list: &str, name: &str| {
+        docs.iter().find_map(|d| {
+            d[list]
+                .as_sequence()?
+                .iter()
+                .find(|e| e["name"].as_str() == Some(name))
+                .cloned()
+        })
+    };
+    let context = named("contexts", current)?;
+    let user = named("users", context["context"]["user"].as_str()?)?;
+    user["user"]["token"]
         .as_str()
         .map(str::trim)
         .filter(|t| !t.is_empty())

@@ -7,6 +7,7 @@ use agentrun_protocol::{
     ControlAction, ControlMessage, EntryType, NewEntry, PublishOptions, Publisher, RedisConn,
     RunId, RunState, StatusEvent, StreamName, Variation,
 };
+use agentrun_relay::auth::AuthMode;
 use agentrun_relay::{AppState, Config};
 use bytes::Bytes;
 use std::process::{Output, Stdio};
@@ -22,9 +23,11 @@ struct Relay {
 
 impl Relay {
     async fn start(redis_url: &str, addr: &str) -> (Self, String) {
-        let state = AppState::connect(&Config::for_redis(redis_url))
-            .await
-            .unwrap();
+        Self::start_with(Config::for_redis(redis_url), addr).await
+    }
+
+    async fn start_with(config: Config, addr: &str) -> (Self, String) {
+        let state = AppState::connect(&config).await.unwrap();
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .expect("bind the relay");
@@ -60,6 +63,8 @@ impl Relay {
 fn plugin(base: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_kubectl-agentrun"));
     c.env("AGENTRUN_RELAY_URL", base)
+        .env_remove("AGENTRUN_TOKEN")
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
@@ -343,4 +348,262 @@ async fn pause_resume_stop_publish_control_messages_and_open_prints_the_page() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("AGENTRUN_RELAY_URL"));
     relay.stop().await;
+}
+
+async fn wait_connected(base: &str) {
+    let metrics_url = format!("{base}/metrics");
+    wait_for("the plugin to connect", WAIT, || {
+        let url = metrics_url.clone();
+        async move {
+            let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            text.contains("agentrun_relay_connections 1").then_some(())
+        }
+    })
+    .await;
+}
+
+async fn control_actions(w: &mut Writer) -> Vec<ControlAction> {
+    let page = read_page(&mut w.conn, &StreamName::Control.key(&w.run), 0, 100)
+        .await
+        .unwrap();
+    page.entries
+        .iter()
+        .map(|e| ControlMessage::parse(&e.content).unwrap().action)
+        .collect()
+}
+
+const TOKEN: &str = "plugin-token-6a2f91";
+
+#[tokio::test]
+async fn a_relay_with_tokens_gets_the_token_from_flag_file_or_env_and_says_how_without_one() {
+    let redis = RedisServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens");
+    std::fs::write(&tokens, format!("{TOKEN}\n")).unwrap();
+    let token_file = dir.path().join("my-token");
+    std::fs::write(&token_file, format!("  {TOKEN}\n")).unwrap();
+    let mut config = Config::for_redis(redis.url());
+    config.auth = AuthMode::Token;
+    config.tokens_file = Some(tokens);
+    let (relay, base) = Relay::start_with(config.clone(), "127.0.0.1:0").await;
+    let addr = base.trim_start_matches("http://").to_owned();
+    let mut w = Writer::new(&redis, "cli-auth").await;
+
+    // No token: exit 2 and a message that says how to pass one.
+    for args in [
+        vec!["logs", "cli-auth", "-f"],
+        vec!["logs", "cli-auth"],
+        vec!["stop", "cli-auth"],
+    ] {
+        let out = finished(plugin(&base).args(&args).spawn().unwrap()).await;
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        for want in ["--token", "--token-file", "AGENTRUN_TOKEN", "401"] {
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+    // A wrong token: exit 2, says it was refused and where it came from, never prints it.
+    let out = finished(
+        plugin(&base)
+            .args(["pause", "cli-auth", "--token", "wrong-token-4242"])
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("did not accept the token from --token"),
+        "{err}"
+    );
+    assert!(!err.contains("wrong-token-4242"), "{err}");
+
+    // Control with each source of the token.
+    let out = finished(
+        plugin(&base)
+            .args(["pause", "cli-auth", "--token", TOKEN])
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = finished(
+        plugin(&base)
+            .args(["resume", "cli-auth", "--token-file"])
+            .arg(&token_file)
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = finished(
+        plugin(&base)
+            .env("AGENTRUN_TOKEN", TOKEN)
+            .args(["stop", "cli-auth"])
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        control_actions(&mut w).await,
+        [
+            ControlAction::Pause,
+            ControlAction::Resume,
+            ControlAction::Stop
+        ]
+    );
+
+    // logs -f with the token, across a relay restart (the reconnect sends it too).
+    let mut expected = Vec::new();
+    let first: Vec<Vec<u8>> = (1..=100).map(chunk).collect();
+    w.output(&first).await;
+    expected.extend(first.concat());
+    let child = plugin(&base)
+        .args(["logs", "cli-auth", "-f", "--token", TOKEN])
+        .spawn()
+        .unwrap();
+    wait_connected(&base).await;
+    relay.stop().await;
+    let during: Vec<Vec<u8>> = (101..=200).map(chunk).collect();
+    w.output(&during).await;
+    expected.extend(during.concat());
+    let (relay, _) = Relay::start_with(config, &addr).await;
+    let after: Vec<Vec<u8>> = (201..=300).map(chunk).collect();
+    w.output(&after).await;
+    expected.extend(after.concat());
+    w.finish(RunState::Stopped).await;
+    let out = finished(child).await;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stdout == expected,
+        "stdout must be the output bytes exactly, once each"
+    );
+    relay.stop().await;
+}
+
+#[tokio::test]
+async fn with_a_kubernetes_relay_the_kubeconfig_token_is_used() {
+    let redis = RedisServer::start();
+    let sim = agentrun_e2e::start(agentrun_e2e::Options {
+        kubelet: false,
+        auth: serde_yaml::from_str(
+            r#"
+users:
+  - {token: kube-alice-77, username: alice}
+  - {token: kube-bob-88, username: bob}
+rules:
+  - {subjects: [alice], verbs: [get], apiGroups: [agentrun.dev], resources: [agentruns], namespaces: [team-a]}
+  - {subjects: [bob], verbs: [get, update], apiGroups: [agentrun.dev], resources: [agentruns], namespaces: [team-a]}
+"#,
+        )
+        .unwrap(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let relay_kubeconfig = dir.path().join("relay");
+    std::fs::write(&relay_kubeconfig, agentrun_e2e::kubeconfig_yaml(&sim.url)).unwrap();
+    let mut config = Config::for_redis(redis.url());
+    config.auth = AuthMode::Kubernetes;
+    config.kubeconfig = Some(relay_kubeconfig);
+    let (relay, base) = Relay::start_with(config, "127.0.0.1:0").await;
+    let mut conn = redis.conn().await;
+    register_run(
+        &mut conn,
+        &RunId::new("cli-kube").unwrap(),
+        1,
+        &[
+            ("variations", "a".into()),
+            ("namespace", "team-a".into()),
+            ("name", "job".into()),
+        ],
+    )
+    .await
+    .unwrap();
+    // A user's kubeconfig: the current context's user has a token.
+    let user_kubeconfig = |token: &str| {
+        let path = dir.path().join(format!("user-{token}"));
+        std::fs::write(
+            &path,
+            format!(
+                "apiVersion: v1\nkind: Config\ncurrent-context: mine\nclusters:\n- name: c\n  cluster: {{server: {}}}\ncontexts:\n- name: other\n  context: {{cluster: c, user: nobody}}\n- name: mine\n  context: {{cluster: c, user: me}}\nusers:\n- name: nobody\n  user: {{token: not-this-one}}\n- name: me\n  user: {{token: {token}}}\n",
+                sim.url
+            ),
+        )
+        .unwrap();
+        path
+    };
+
+    let out = finished(
+        plugin(&base)
+            .env("KUBECONFIG", user_kubeconfig("kube-bob-88"))
+            .args(["stop", "cli-kube"])
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // alice may view but not update: the relay's 403 reaches the user.
+    let out = finished(
+        plugin(&base)
+            .env("KUBECONFIG", user_kubeconfig("kube-alice-77"))
+            .args(["pause", "cli-kube"])
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("user alice may not update agentruns/job in namespace team-a"),
+        "{err}"
+    );
+    assert!(!err.contains("kube-alice-77"), "{err}");
+    let out = finished(
+        plugin(&base)
+            .env("KUBECONFIG", user_kubeconfig("kube-alice-77"))
+            .args(["logs", "cli-kube"])
+            .spawn()
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // No token anywhere: the message says how.
+    let out = finished(plugin(&base).args(["stop", "cli-kube"]).spawn().unwrap()).await;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("AGENTRUN_TOKEN"));
+    relay.stop().await;
+    sim.shutdown().await;
 }

@@ -220,7 +220,18 @@ impl AppState {
         let mut allowed_origins = config.allowed_origins.clone();
         allowed_origins.extend(cors_origins.iter().cloned());
         let settings = config.redis_settings()?;
-        let conn = settings.connect().await?;
+        let mut conn = settings.connect().await?;
+        // A TLS server that refuses the client certificate does so after the handshake: ask
+        // once, so that a wrong setting fails here, with a message, rather than per request.
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .map_err(|e| {
+                anyhow::anyhow!(
+                    "Redis at {} did not answer PING ({e}); check --redis-url, the credentials and, for rediss://, --redis-ca-file and --redis-client-cert/--redis-client-key",
+                    settings.target()
+                )
+            })?;
         let hub = hub::Hub::start(
             settings.clone(),
             conn.clone(),
