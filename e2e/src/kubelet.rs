@@ -416,6 +416,8 @@ struct Ctr {
     probes: [ProbeState; 3],
     /// SIGKILL deadline after a probe failure sent SIGTERM.
     kill_at: Option<Instant>,
+    /// The host file bind-mounted at the container's `terminationMessagePath`.
+    term_file: Option<PathBuf>,
 }
 
 /// Counters of one probe (startup, readiness, liveness) of one container.
@@ -452,11 +454,36 @@ impl Ctr {
             ready: false,
             probes: Default::default(),
             kill_at: None,
+            term_file: None,
         }
     }
 
     fn running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// Records the exit: `state.terminated` with the exit code and the termination message.
+    fn terminated(&mut self, code: i32, log: &Path) {
+        let started = self
+            .state
+            .pointer("/running/startedAt")
+            .cloned()
+            .unwrap_or(Value::Null);
+        self.exit_code = Some(code);
+        let mut t = json!({
+            "exitCode": code,
+            "reason": if code == 0 { "Completed" } else { "Error" },
+            "startedAt": started,
+            "finishedAt": now_rfc3339(),
+            "containerID": format!("kube-sim://{}", self.pid.unwrap_or(0)),
+        });
+        let policy = self.spec["terminationMessagePolicy"]
+            .as_str()
+            .unwrap_or("File");
+        if let Some(m) = termination_message(self.term_file.as_deref(), policy, code, log) {
+            t["message"] = json!(m);
+        }
+        self.state = json!({ "terminated": t });
     }
 
     fn status(&self) -> Value {
@@ -937,19 +964,7 @@ impl PodRunner {
             c.started = false;
             c.ready = false;
             c.kill_at = None;
-            c.exit_code = Some(code);
-            let started = c
-                .state
-                .pointer("/running/startedAt")
-                .cloned()
-                .unwrap_or(Value::Null);
-            c.state = json!({"terminated": {
-                "exitCode": code,
-                "reason": if code == 0 { "Completed" } else { "Error" },
-                "startedAt": started,
-                "finishedAt": now_rfc3339(),
-                "containerID": format!("kube-sim://{}", c.pid.unwrap_or(0)),
-            }});
+            c.terminated(code, &self.kubelet.log_path(&self.uid, &c.name));
             if c.init && !c.sidecar && code == 0 {
                 c.done = true;
             }
@@ -998,11 +1013,36 @@ impl PodRunner {
             // `kubectl logs` shows the current instance; `--previous` the one before.
             let _ = std::fs::rename(&log, log.with_extension("previous.log"));
         }
+        // A fresh termination message file per container instance, as the real kubelet makes.
+        let term = if self.kubelet.cfg.mount_namespaces {
+            let dir = self.dir.join("termination");
+            let src = dir.join(&c.name);
+            let made = std::fs::create_dir_all(dir.join(format!("{}.stage", c.name)))
+                .and_then(|_| std::fs::write(&src, b""));
+            match made {
+                Ok(()) => Some(TermMount {
+                    dst: spec["terminationMessagePath"]
+                        .as_str()
+                        .filter(|p| !p.is_empty())
+                        .unwrap_or("/dev/termination-log")
+                        .to_string(),
+                    stage: dir.join(format!("{}.stage", c.name)),
+                    src,
+                }),
+                Err(e) => {
+                    tracing::warn!("termination message file {}: {e}", src.display());
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        c.term_file = term.as_ref().map(|t| t.src.clone());
         match spawn(
             &argv,
             &env,
             &spec,
-            &mounts,
+            (&mounts, term.as_ref()),
             &log,
             self.kubelet.cfg.mount_namespaces,
             self.net.as_ref(),
@@ -1255,6 +1295,7 @@ impl PodRunner {
 
     /// Sends SIGTERM to the sidecars (or the others), then SIGKILL at `end`, and waits.
     async fn terminate(&mut self, sidecars: bool, end: Instant) {
+        let (kubelet, uid) = (self.kubelet.clone(), self.uid.clone());
         let list: Vec<&mut Ctr> = self
             .inits
             .iter_mut()
@@ -1280,20 +1321,8 @@ impl PodRunner {
                 }
             };
             let code = status.map(exit_code).unwrap_or(137);
-            let started = c
-                .state
-                .pointer("/running/startedAt")
-                .cloned()
-                .unwrap_or(Value::Null);
-            c.exit_code = Some(code);
             c.done = true;
-            c.state = json!({"terminated": {
-                "exitCode": code,
-                "reason": if code == 0 { "Completed" } else { "Error" },
-                "startedAt": started,
-                "finishedAt": now_rfc3339(),
-                "containerID": format!("kube-sim://{}", c.pid.unwrap_or(0)),
-            }});
+            c.terminated(code, &kubelet.log_path(&uid, &c.name));
         }
         for c in self.inits.iter_mut().chain(self.mains.iter_mut()) {
             if c.child.is_none() && !c.done && c.sidecar == sidecars {
@@ -1484,6 +1513,14 @@ pub fn expand_vars(s: &str, env: &[(String, String)]) -> String {
     out
 }
 
+/// The termination message file: host file, container path, and a host directory to stage
+/// the overlay in (see [`termination_mount_script`]).
+struct TermMount {
+    src: PathBuf,
+    dst: String,
+    stage: PathBuf,
+}
+
 /// A bind mount: host source, container path, read-only.
 struct Mount {
     src: PathBuf,
@@ -1528,6 +1565,119 @@ fn mounts_of(spec: &Value, pod: &Value, dir: &Path) -> Vec<Mount> {
     out
 }
 
+/// The most of a termination message file the kubelet reads (its end), like the real one's.
+pub const MAX_TERMINATION_MESSAGE: usize = 4096;
+/// `FallbackToLogsOnError`: at most this many last lines of the log...
+pub const FALLBACK_LOG_LINES: usize = 80;
+/// ...and at most this many bytes of them.
+pub const FALLBACK_LOG_BYTES: usize = 2048;
+
+/// The last `max` bytes of a file (from a UTF-8 character boundary).
+fn tail_bytes(path: &Path, max: usize) -> Option<String> {
+    let data = std::fs::read(path).ok()?;
+    let mut start = data.len().saturating_sub(max);
+    while start < data.len() && (data[start] & 0xC0) == 0x80 {
+        start += 1;
+    }
+    Some(String::from_utf8_lossy(&data[start..]).into_owned())
+}
+
+/// A container's `state.terminated.message`, as the real kubelet makes it: the end of the
+/// termination message file (at most 4096 bytes); with `FallbackToLogsOnError`, when that is
+/// empty and the container failed, the end of its log (80 lines, at most 2048 bytes).
+pub fn termination_message(
+    file: Option<&Path>,
+    policy: &str,
+    exit_code: i32,
+    log: &Path,
+) -> Option<String> {
+    if let Some(m) = file
+        .and_then(|f| tail_bytes(f, MAX_TERMINATION_MESSAGE))
+        .filter(|m| !m.is_empty())
+    {
+        return Some(m);
+    }
+    if policy != "FallbackToLogsOnError" || exit_code == 0 {
+        return None;
+    }
+    let text = tail_bytes(log, FALLBACK_LOG_BYTES * 64)?;
+    let lines: Vec<&str> = text.split_inclusive('\n').collect();
+    let last = lines[lines.len().saturating_sub(FALLBACK_LOG_LINES)..].concat();
+    let mut start = last.len().saturating_sub(FALLBACK_LOG_BYTES);
+    while !last.is_char_boundary(start) {
+        start += 1;
+    }
+    Some(last[start..].to_string()).filter(|m| !m.is_empty())
+}
+
+/// Mount points below `dir` on the host (the top-most ones), from `/proc/self/mountinfo`.
+fn submounts(dir: &str) -> Vec<String> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let prefix = format!("{}/", dir.trim_end_matches('/'));
+    let mut points: Vec<String> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| p.replace("\\040", " "))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
+    points.sort();
+    points.dedup();
+    let all = points.clone();
+    points.retain(|p| {
+        !all.iter()
+            .any(|q| q != p && p.starts_with(&format!("{q}/")))
+    });
+    points
+}
+
+/// Shell steps that bind-mount the host file `src` at `dst` in the container's mount
+/// namespace. When `dst` does not exist its directory gets an overlay in the namespace (upper
+/// layer on a tmpfs at `stage`, the host's mounts below it moved over), so creating the mount
+/// target leaves nothing on the host, not even in `/dev`.
+fn termination_mount_script(src: &Path, dst: &str, stage: &Path) -> String {
+    let q = |s: &str| shell_quote(s);
+    let (srcq, dstq) = (q(&src.to_string_lossy()), q(dst));
+    let dst_path = Path::new(dst);
+    let parent = dst_path.parent().map(|p| p.to_string_lossy().into_owned());
+    match parent {
+        _ if dst_path.is_file() => format!("mount --bind {srcq} {dstq} && "),
+        Some(dir) if Path::new(&dir).is_dir() && dir != "/" => {
+            let st = |sub: &str| q(&stage.join(sub).to_string_lossy());
+            let options = format!(
+                "lowerdir={dir},upperdir={},workdir={}",
+                stage.join("upper").to_string_lossy(),
+                stage.join("work").to_string_lossy()
+            );
+            let mut script = format!(
+                "mount -t tmpfs kube-sim {s} && mkdir -p {u} {w} {m} && mount -t overlay overlay -o {o} {m} && ",
+                s = q(&stage.to_string_lossy()),
+                u = st("upper"),
+                w = st("work"),
+                m = st("merged"),
+                o = q(&options),
+            );
+            for sub in submounts(&dir) {
+                let rel = sub[dir.trim_end_matches('/').len() + 1..].to_string();
+                script.push_str(&format!(
+                    "mount --rbind {} {} && ",
+                    q(&sub),
+                    q(&stage.join("merged").join(rel).to_string_lossy())
+                ));
+            }
+            script.push_str(&format!(
+                "mount --move {} {} && touch {dstq} && mount --bind {srcq} {dstq} && ",
+                st("merged"),
+                q(&dir)
+            ));
+            script
+        }
+        // No such directory on the host: it is made there (left behind, like volume targets).
+        _ => format!(
+            "mkdir -p \"$(dirname {dstq})\" && touch {dstq} && mount --bind {srcq} {dstq} && "
+        ),
+    }
+}
+
 fn shell_quote(s: &str) -> String {
     format!("'{}'", s.replace('\'', "'\\''"))
 }
@@ -1536,7 +1686,7 @@ fn spawn(
     argv: &[String],
     env: &[(String, String)],
     spec: &Value,
-    mounts: &[Mount],
+    (mounts, term): (&[Mount], Option<&TermMount>),
     log: &Path,
     mount_ns: bool,
     net: Option<&NetNs>,
@@ -1557,12 +1707,33 @@ fn spawn(
     }
     if mount_ns {
         let mut script = String::new();
+        // The termination message file goes first, unless it is inside a volume.
+        let in_volume = term.is_some_and(|t| {
+            mounts.iter().any(|m| {
+                Path::new(&t.dst).starts_with(&m.dst) && Path::new(&t.dst) != Path::new(&m.dst)
+            })
+        });
+        let term_script = |t: &TermMount| {
+            if in_volume {
+                let d = shell_quote(&t.dst);
+                let src = shell_quote(&t.src.to_string_lossy());
+                format!("touch {d} && mount --bind {src} {d} && ")
+            } else {
+                termination_mount_script(&t.src, &t.dst, &t.stage)
+            }
+        };
+        if let Some(t) = term.filter(|_| !in_volume) {
+            script.push_str(&term_script(t));
+        }
         for m in mounts {
             let (src, dst) = (shell_quote(&m.src.to_string_lossy()), shell_quote(&m.dst));
             script.push_str(&format!("mkdir -p {dst} && mount --bind {src} {dst} && "));
             if m.read_only {
                 script.push_str(&format!("mount -o remount,bind,ro {dst} && "));
             }
+        }
+        if let Some(t) = term.filter(|_| in_volume) {
+            script.push_str(&term_script(t));
         }
         if let Some(w) = workdir {
             script.push_str(&format!("mkdir -p {q} && cd {q} && ", q = shell_quote(w)));

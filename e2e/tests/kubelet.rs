@@ -344,7 +344,7 @@ async fn deadlines_scheduling_failures_and_graceful_deletion() {
         &pod(
             "stubborn",
             json!({"terminationGracePeriodSeconds": 2,
-        "containers": [sh("main", "trap '' TERM; while true; do sleep 0.1; done")]}),
+        "containers": [sh("main", "trap '' TERM; echo trapped; while true; do sleep 0.1; done")]}),
         ),
     )
     .await
@@ -352,6 +352,15 @@ async fn deadlines_scheduling_failures_and_graceful_deletion() {
     for name in ["polite", "stubborn"] {
         wait_for(&api, name, 60, "Running", |p| phase(p) == "Running").await;
     }
+    // Running is reported once the process started; SIGTERM is ignored once the trap is set.
+    eventually(30, "stubborn ignores SIGTERM", || {
+        let api = api.clone();
+        async move {
+            let log = api.logs("stubborn", &LogParams::default()).await.ok()?;
+            log.contains("trapped").then_some(())
+        }
+    })
+    .await;
     let gone = |name: &'static str| {
         let api = api.clone();
         async move {
@@ -632,4 +641,75 @@ async fn probes_gate_start_readiness_and_liveness() {
     )
     .await
     .expect("delete");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn termination_messages_come_from_the_file_or_the_log() {
+    let c = Cluster::start().await;
+    if c.is_sim() && !agentrun_e2e::kubelet::namespaces_available() {
+        eprintln!("termination message files are bind-mounted in mount namespaces (root only)");
+        return;
+    }
+    let api: Api<Pod> = Api::namespaced(c.client().await, &c.namespace);
+    let lines = "i=1; while [ $i -le 100 ]; do echo line $i; i=$((i+1)); done";
+    let fallback = |name: &str, script: &str| {
+        let mut ctr = sh(name, script);
+        ctr["terminationMessagePolicy"] = json!("FallbackToLogsOnError");
+        ctr
+    };
+    let mut in_volume = sh("in-volume", "printf 'custom path' > /work/term");
+    in_volume["terminationMessagePath"] = json!("/work/term");
+    in_volume["volumeMounts"] = json!([{"name": "work", "mountPath": "/work"}]);
+    let spec = json!({"restartPolicy": "Never", "volumes": [{"name": "work", "emptyDir": {}}], "containers": [
+        sh("file", "printf 'all done: %s' ok > /dev/termination-log"),
+        sh("empty-file-fails", "echo not a message; exit 1"),
+        fallback("logs", &format!("{lines}; exit 3")),
+        fallback("file-wins", "echo log; printf 'from the file' > /dev/termination-log; exit 2"),
+        fallback("succeeds", "echo log only"),
+        sh("long", "i=0; while [ $i -lt 500 ]; do printf '%09d\\n' $i; i=$((i+1)); done > /dev/termination-log"),
+        in_volume,
+    ]});
+    api.create(&PostParams::default(), &pod("msgs", spec))
+        .await
+        .expect("create");
+    let p = wait_for(&api, "msgs", 60, "finished", |p| phase(p) == "Failed").await;
+    let message = |name: &str| -> Option<String> {
+        let cs = p["status"]["containerStatuses"]
+            .as_array()
+            .expect("statuses")
+            .iter()
+            .find(|c| c["name"] == name)
+            .expect("status");
+        cs["state"]["terminated"]["message"]
+            .as_str()
+            .map(String::from)
+    };
+    assert_eq!(message("file").as_deref(), Some("all done: ok"));
+    assert_eq!(
+        message("empty-file-fails"),
+        None,
+        "File policy: no file, no message"
+    );
+    let expected: String = (21..=100).map(|i| format!("line {i}\n")).collect();
+    assert_eq!(
+        message("logs"),
+        Some(expected),
+        "the last 80 lines of the log"
+    );
+    assert_eq!(message("file-wins").as_deref(), Some("from the file"));
+    assert_eq!(
+        message("succeeds"),
+        None,
+        "logs only for a failed container"
+    );
+    let long = message("long").expect("long message");
+    assert_eq!(long.len(), 4096, "at most 4096 bytes");
+    assert!(long.ends_with("000000499\n"), "the end of the file: {long}");
+    assert_eq!(message("in-volume").as_deref(), Some("custom path"));
+    if c.is_sim() {
+        assert!(
+            !std::path::Path::new("/dev/termination-log").exists(),
+            "the mount target was made in the container's own /dev, not the host's"
+        );
+    }
 }
