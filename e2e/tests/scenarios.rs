@@ -1107,3 +1107,180 @@ async fn helm_chart_with_relay_auth_cors_and_redis_tls_values_is_accepted() {
         "no relay RBAC in token mode"
     );
 }
+
+/// PEM files of a test CA, a server certificate for `ips`, and a client certificate.
+struct TestPki {
+    ca: std::path::PathBuf,
+    server: (std::path::PathBuf, std::path::PathBuf),
+    client: (std::path::PathBuf, std::path::PathBuf),
+}
+
+fn test_pki(dir: &std::path::Path, ips: &[&str]) -> TestPki {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    let write = |name: &str, pem: String| {
+        let p = dir.join(name);
+        std::fs::write(&p, pem).expect("write pem");
+        p
+    };
+    let ca_key = KeyPair::generate().expect("key");
+    let mut ca = CertificateParams::new(Vec::<String>::new()).expect("params");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    // rcgen's default subject is the same for every certificate; a leaf must not look like it
+    // issued itself.
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "agentrun e2e CA");
+    let ca_pem = ca.self_signed(&ca_key).expect("CA").pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let pair = |names: Vec<String>, file: &str| {
+        let key = KeyPair::generate().expect("key");
+        let mut params = CertificateParams::new(names).expect("params");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("agentrun e2e {file}"));
+        let cert = params.signed_by(&key, &issuer).expect("sign");
+        (
+            write(&format!("{file}.crt"), cert.pem()),
+            write(&format!("{file}.key"), key.serialize_pem()),
+        )
+    };
+    TestPki {
+        server: pair(ips.iter().map(|s| s.to_string()).collect(), "server"),
+        client: pair(vec!["agentrun-e2e-client".into()], "client"),
+        ca: write("ca.crt", ca_pem),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sidecars_publish_to_a_tls_only_redis_with_the_operators_certificates() {
+    let mut s = Stack::start().await;
+    let dir = s.dir.path().to_path_buf();
+    let pki = test_pki(&dir, &["127.0.0.1", &s.host_address]);
+    let path = |p: &std::path::Path| p.display().to_string();
+    // Redis with TLS only (no plain port) that requires client certificates.
+    let port = agentrun_protocol::testing::free_port();
+    let redis_dir = dir.join("tls-redis");
+    std::fs::create_dir_all(&redis_dir).expect("redis dir");
+    let _redis = stack::Proc::spawn(
+        "redis-tls",
+        std::path::Path::new("redis-server"),
+        &[
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--tls-cert-file",
+            &path(&pki.server.0),
+            "--tls-key-file",
+            &path(&pki.server.1),
+            "--tls-ca-cert-file",
+            &path(&pki.ca),
+            "--tls-auth-clients",
+            "yes",
+            "--bind",
+            &format!("127.0.0.1 {}", s.host_address),
+            "--protected-mode",
+            "no",
+            "--save",
+            "",
+            "--dir",
+            &path(&redis_dir),
+        ]
+        .map(String::from),
+        dir.join("redis-tls.log"),
+    );
+    let mut settings =
+        agentrun_protocol::RedisSettings::from_url(&format!("rediss://127.0.0.1:{port}"))
+            .expect("url");
+    settings.ca_file = Some(pki.ca.clone());
+    settings.client_cert = Some(pki.client.0.clone());
+    settings.client_key = Some(pki.client.1.clone());
+    let mut conn = s
+        .eventually(20, "the TLS Redis answers", || async {
+            let client = settings.client().await.ok()?;
+            let mut c = client.get_multiplexed_async_connection().await.ok()?;
+            let pong: String = redis::cmd("PING").query_async(&mut c).await.ok()?;
+            (pong == "PONG").then_some(c)
+        })
+        .await;
+
+    // The operator reaches it with its CA and client certificate, and hands both (not its
+    // file paths) to the sidecars, which reach it at the pods' host address.
+    if let Some(mut old) = s.operator.take() {
+        old.kill();
+    }
+    let metrics = format!("127.0.0.1:{}", agentrun_protocol::testing::free_port());
+    let _operator = stack::Proc::spawn(
+        "operator-tls",
+        &stack::binaries().join("agentrun-operator"),
+        &[
+            "run",
+            "--kubeconfig",
+            &path(&s.cluster.kubeconfig),
+            "--no-leader-election",
+            "--metrics-addr",
+            &metrics,
+            "--sidecar-image",
+            &s.sidecar_image,
+            "--redis-url",
+            &format!("rediss://127.0.0.1:{port}"),
+            "--redis-ca-file",
+            &path(&pki.ca),
+            "--redis-client-cert",
+            &path(&pki.client.0),
+            "--redis-client-key",
+            &path(&pki.client.1),
+            "--sidecar-redis-url",
+            &format!("rediss://{}:{port}", s.host_address),
+            "--sidecar-redis-client-cert",
+            &path(&pki.client.0),
+            "--sidecar-redis-client-key",
+            &path(&pki.client.1),
+            "--run-credential-key",
+            "e2e-tls-key",
+        ]
+        .map(String::from),
+        dir.join("operator-tls.log"),
+    );
+    let ready = format!("http://{metrics}/readyz");
+    s.eventually(30, "the TLS operator is ready", || async {
+        let r = s.http.get(&ready).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+
+    s.apply_yaml("counter.yaml", &counter("secure", 5, "0.1"));
+    let run_id = s.run_id("secure").await;
+    let done = s
+        .wait_phase("secure", &["Succeeded", "Failed", "Stopped"], 45)
+        .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    // The run's Secret carries the PEM contents; the sidecar got them as files.
+    let secret = s
+        .secret_data("secure-agentrun-redis")
+        .await
+        .expect("the run's Secret");
+    let ca = std::fs::read_to_string(&pki.ca).expect("ca");
+    assert_eq!(secret.get("redis-ca.crt"), Some(&ca), "{:?}", secret.keys());
+    assert!(
+        secret.contains_key("redis-client.key"),
+        "{:?}",
+        secret.keys()
+    );
+    // Every tick reached the TLS-only Redis, published by the sidecar as the run's own user.
+    let entries: Vec<(String, std::collections::HashMap<String, redis::Value>)> =
+        redis::cmd("XRANGE")
+            .arg(format!("run:{{{run_id}}}:output:default"))
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .expect("XRANGE");
+    let out: Vec<u8> = entries
+        .iter()
+        .flat_map(|(_, f)| match f.get("content") {
+            Some(redis::Value::BulkString(b)) => b.clone(),
+            other => panic!("content field: {other:?}"),
+        })
+        .collect();
+    assert_ticks(&out, 5);
+}
