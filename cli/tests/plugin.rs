@@ -157,6 +157,18 @@ fn chunk(i: u32) -> Vec<u8> {
     c
 }
 
+/// Runs the plugin to its end.
+async fn run(c: &mut Command) -> Output {
+    finished(c.spawn().unwrap()).await
+}
+
+/// Asserts the exit code (showing stderr when it differs); returns stderr.
+fn exit(out: &Output, code: i32) -> String {
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(code), "stderr: {err}");
+    err
+}
+
 async fn finished(child: tokio::process::Child) -> Output {
     tokio::time::timeout(WAIT, child.wait_with_output())
         .await
@@ -164,11 +176,18 @@ async fn finished(child: tokio::process::Child) -> Output {
         .unwrap()
 }
 
-#[tokio::test]
-async fn logs_follow_survives_a_relay_restart_and_exits_with_the_run_result() {
-    let redis = RedisServer::start();
-    let mut w = Writer::new(&redis, "cli-follow").await;
-    let (relay, base) = Relay::start(&redis.url(), "127.0.0.1:0").await;
+/// `logs RUN -f EXTRA` while the relay (started with `config`) restarts in the middle of the
+/// run: the output is exact, once each, and the exit code says how the run ended.
+async fn follow_across_a_relay_restart(
+    redis: &RedisServer,
+    run: &str,
+    config: Config,
+    extra: &[&str],
+    end: RunState,
+    code: i32,
+) {
+    let mut w = Writer::new(redis, run).await;
+    let (relay, base) = Relay::start_with(config.clone(), "127.0.0.1:0").await;
     let addr = base.trim_start_matches("http://").to_owned();
 
     let mut expected = Vec::new();
@@ -177,35 +196,28 @@ async fn logs_follow_survives_a_relay_restart_and_exits_with_the_run_result() {
     expected.extend(first.concat());
 
     let child = plugin(&base)
-        .args(["logs", "cli-follow", "-f"])
+        .args(["logs", run, "-f"])
+        .args(extra)
         .spawn()
         .unwrap();
     // Wait until the plugin is connected and has read the history.
-    let metrics_url = format!("{base}/metrics");
-    wait_for("the plugin to connect", WAIT, || {
-        let url = metrics_url.clone();
-        async move {
-            let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
-            text.contains("agentrun_relay_connections 1").then_some(())
-        }
-    })
-    .await;
+    wait_connected(&base).await;
 
     // The relay restarts while the run keeps writing.
     relay.stop().await;
     let during: Vec<Vec<u8>> = (501..=1000).map(chunk).collect();
     w.output(&during).await;
     expected.extend(during.concat());
-    let (relay, _) = Relay::start(&redis.url(), &addr).await;
+    let (relay, _) = Relay::start_with(config, &addr).await;
     let after: Vec<Vec<u8>> = (1001..=1500).map(chunk).collect();
     w.output(&after).await;
     expected.extend(after.concat());
-    w.finish(RunState::Succeeded).await;
+    w.finish(end).await;
 
     let out = finished(child).await;
     assert_eq!(
         out.status.code(),
-        Some(0),
+        Some(code),
         "stderr: {}",
         String::from_utf8_lossy(&out.stderr)
     );
@@ -214,6 +226,13 @@ async fn logs_follow_survives_a_relay_restart_and_exits_with_the_run_result() {
         "stdout must be the output bytes exactly, once each"
     );
     relay.stop().await;
+}
+
+#[tokio::test]
+async fn logs_follow_survives_a_relay_restart_and_exits_with_the_run_result() {
+    let redis = RedisServer::start();
+    let config = Config::for_redis(redis.url());
+    follow_across_a_relay_restart(&redis, "cli-follow", config, &[], RunState::Succeeded, 0).await;
 }
 
 #[tokio::test]
@@ -245,19 +264,14 @@ async fn exit_codes_tell_failed_and_stopped_runs_and_snapshots_exit_zero() {
         &[b"a log line\n".to_vec()],
     )
     .await;
-    let out = finished(plugin(&base).args(["logs", "cli-snap"]).spawn().unwrap()).await;
+    let out = run(plugin(&base).args(["logs", "cli-snap"])).await;
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(out.stdout, b"one\ntwo\n");
     assert!(String::from_utf8_lossy(&out.stderr).contains("a log line"));
 
     // -o json prints envelopes with their cursor; --from resumes after it.
-    let out = finished(
-        plugin(&base)
-            .args(["logs", "cli-snap", "-o", "json", "--channels", "output"])
-            .spawn()
-            .unwrap(),
-    )
-    .await;
+    let out =
+        run(plugin(&base).args(["logs", "cli-snap", "-o", "json", "--channels", "output"])).await;
     let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
         .unwrap()
         .lines()
@@ -265,17 +279,13 @@ async fn exit_codes_tell_failed_and_stopped_runs_and_snapshots_exit_zero() {
         .collect();
     let first = lines.iter().find(|l| l["seq"] == 1).expect("first entry");
     let cursor = first["id"].as_str().unwrap();
-    let out = finished(
-        plugin(&base)
-            .args(["logs", "cli-snap", "--channels", "output", "--from", cursor])
-            .spawn()
-            .unwrap(),
-    )
-    .await;
+    let out =
+        run(plugin(&base).args(["logs", "cli-snap", "--channels", "output", "--from", cursor]))
+            .await;
     assert_eq!(out.stdout, b"two\n");
 
     // Unknown runs are an error that names the way out.
-    let out = finished(plugin(&base).args(["logs", "nope", "-f"]).spawn().unwrap()).await;
+    let out = run(plugin(&base).args(["logs", "nope", "-f"])).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not found"));
     relay.stop().await;
@@ -291,15 +301,7 @@ async fn pause_resume_stop_publish_control_messages_and_open_prints_the_page() {
         ("resume", vec![]),
         ("stop", vec![]),
     ] {
-        let out = finished(
-            plugin(&base)
-                .arg(cmd)
-                .arg("cli-ctl")
-                .args(extra)
-                .spawn()
-                .unwrap(),
-        )
-        .await;
+        let out = run(plugin(&base).arg(cmd).arg("cli-ctl").args(extra)).await;
         assert_eq!(
             out.status.code(),
             Some(0),
@@ -325,25 +327,21 @@ async fn pause_resume_stop_publish_control_messages_and_open_prints_the_page() {
     );
     assert_eq!(msgs[0].variation.as_deref(), Some("a"));
 
-    let out = finished(plugin(&base).args(["pause", "nope"]).spawn().unwrap()).await;
+    let out = run(plugin(&base).args(["pause", "nope"])).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("404"));
 
-    let out = finished(plugin(&base).args(["open", "cli-ctl"]).spawn().unwrap()).await;
+    let out = run(plugin(&base).args(["open", "cli-ctl"])).await;
     assert_eq!(
         String::from_utf8(out.stdout).unwrap().trim(),
         format!("{base}/runs/cli-ctl")
     );
 
     // Without a relay URL and without an AgentRun to read it from: a clear error.
-    let out = finished(
-        plugin(&base)
-            .env_remove("AGENTRUN_RELAY_URL")
-            .env("KUBECONFIG", "/nonexistent/kubeconfig")
-            .args(["logs", "cli-ctl"])
-            .spawn()
-            .unwrap(),
-    )
+    let out = run(plugin(&base)
+        .env_remove("AGENTRUN_RELAY_URL")
+        .env("KUBECONFIG", "/nonexistent/kubeconfig")
+        .args(["logs", "cli-ctl"]))
     .await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("AGENTRUN_RELAY_URL"));
@@ -386,7 +384,6 @@ async fn a_relay_with_tokens_gets_the_token_from_flag_file_or_env_and_says_how_w
     config.auth = AuthMode::Token;
     config.tokens_file = Some(tokens);
     let (relay, base) = Relay::start_with(config.clone(), "127.0.0.1:0").await;
-    let addr = base.trim_start_matches("http://").to_owned();
     let mut w = Writer::new(&redis, "cli-auth").await;
 
     // No token: exit 2 and a message that says how to pass one.
@@ -395,7 +392,7 @@ async fn a_relay_with_tokens_gets_the_token_from_flag_file_or_env_and_says_how_w
         vec!["logs", "cli-auth"],
         vec!["stop", "cli-auth"],
     ] {
-        let out = finished(plugin(&base).args(&args).spawn().unwrap()).await;
+        let out = run(plugin(&base).args(&args)).await;
         assert_eq!(out.status.code(), Some(2), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         for want in ["--token", "--token-file", "AGENTRUN_TOKEN", "401"] {
@@ -403,15 +400,8 @@ async fn a_relay_with_tokens_gets_the_token_from_flag_file_or_env_and_says_how_w
         }
     }
     // A wrong token: exit 2, says it was refused and where it came from, never prints it.
-    let out = finished(
-        plugin(&base)
-            .args(["pause", "cli-auth", "--token", "wrong-token-4242"])
-            .spawn()
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let out = run(plugin(&base).args(["pause", "cli-auth", "--token", "wrong-token-4242"])).await;
+    let err = exit(&out, 2);
     assert!(
         err.contains("did not accept the token from --token"),
         "{err}"
@@ -419,47 +409,18 @@ async fn a_relay_with_tokens_gets_the_token_from_flag_file_or_env_and_says_how_w
     assert!(!err.contains("wrong-token-4242"), "{err}");
 
     // Control with each source of the token.
-    let out = finished(
-        plugin(&base)
-            .args(["pause", "cli-auth", "--token", TOKEN])
-            .spawn()
-            .unwrap(),
-    )
+    let out = run(plugin(&base).args(["pause", "cli-auth", "--token", TOKEN])).await;
+    exit(&out, 0);
+    let out = run(plugin(&base)
+        .args(["resume", "cli-auth", "--token-file"])
+        .arg(&token_file))
     .await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = finished(
-        plugin(&base)
-            .args(["resume", "cli-auth", "--token-file"])
-            .arg(&token_file)
-            .spawn()
-            .unwrap(),
-    )
+    exit(&out, 0);
+    let out = run(plugin(&base)
+        .env("AGENTRUN_TOKEN", TOKEN)
+        .args(["stop", "cli-auth"]))
     .await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = finished(
-        plugin(&base)
-            .env("AGENTRUN_TOKEN", TOKEN)
-            .args(["stop", "cli-auth"])
-            .spawn()
-            .unwrap(),
-    )
-    .await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exit(&out, 0);
     assert_eq!(
         control_actions(&mut w).await,
         [
@@ -469,37 +430,18 @@ async fn a_relay_with_tokens_gets_the_token_from_flag_file_or_env_and_says_how_w
         ]
     );
 
+    relay.stop().await;
+
     // logs -f with the token, across a relay restart (the reconnect sends it too).
-    let mut expected = Vec::new();
-    let first: Vec<Vec<u8>> = (1..=100).map(chunk).collect();
-    w.output(&first).await;
-    expected.extend(first.concat());
-    let child = plugin(&base)
-        .args(["logs", "cli-auth", "-f", "--token", TOKEN])
-        .spawn()
-        .unwrap();
-    wait_connected(&base).await;
-    relay.stop().await;
-    let during: Vec<Vec<u8>> = (101..=200).map(chunk).collect();
-    w.output(&during).await;
-    expected.extend(during.concat());
-    let (relay, _) = Relay::start_with(config, &addr).await;
-    let after: Vec<Vec<u8>> = (201..=300).map(chunk).collect();
-    w.output(&after).await;
-    expected.extend(after.concat());
-    w.finish(RunState::Stopped).await;
-    let out = finished(child).await;
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(
-        out.stdout == expected,
-        "stdout must be the output bytes exactly, once each"
-    );
-    relay.stop().await;
+    follow_across_a_relay_restart(
+        &redis,
+        "cli-auth-follow",
+        config,
+        &["--token", TOKEN],
+        RunState::Stopped,
+        3,
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -556,54 +498,30 @@ rules:
         path
     };
 
-    let out = finished(
-        plugin(&base)
-            .env("KUBECONFIG", user_kubeconfig("kube-bob-88"))
-            .args(["stop", "cli-kube"])
-            .spawn()
-            .unwrap(),
-    )
+    let out = run(plugin(&base)
+        .env("KUBECONFIG", user_kubeconfig("kube-bob-88"))
+        .args(["stop", "cli-kube"]))
     .await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exit(&out, 0);
     // alice may view but not update: the relay's 403 reaches the user.
-    let out = finished(
-        plugin(&base)
-            .env("KUBECONFIG", user_kubeconfig("kube-alice-77"))
-            .args(["pause", "cli-kube"])
-            .spawn()
-            .unwrap(),
-    )
+    let out = run(plugin(&base)
+        .env("KUBECONFIG", user_kubeconfig("kube-alice-77"))
+        .args(["pause", "cli-kube"]))
     .await;
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = exit(&out, 2);
     assert!(
         err.contains("user alice may not update agentruns/job in namespace team-a"),
         "{err}"
     );
     assert!(!err.contains("kube-alice-77"), "{err}");
-    let out = finished(
-        plugin(&base)
-            .env("KUBECONFIG", user_kubeconfig("kube-alice-77"))
-            .args(["logs", "cli-kube"])
-            .spawn()
-            .unwrap(),
-    )
+    let out = run(plugin(&base)
+        .env("KUBECONFIG", user_kubeconfig("kube-alice-77"))
+        .args(["logs", "cli-kube"]))
     .await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    exit(&out, 0);
     // No token anywhere: the message says how.
-    let out = finished(plugin(&base).args(["stop", "cli-kube"]).spawn().unwrap()).await;
-    assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("AGENTRUN_TOKEN"));
+    let out = run(plugin(&base).args(["stop", "cli-kube"])).await;
+    assert!(exit(&out, 2).contains("AGENTRUN_TOKEN"));
     relay.stop().await;
     sim.shutdown().await;
 }

@@ -147,19 +147,9 @@ async fn token_mode_requires_a_token_from_header_query_or_cookie() {
     assert!(r.text().await.unwrap().contains("event: end"));
 
     // Cookie from POST /api/session.
-    let r = client
-        .post(format!("{}/api/session", relay.base))
-        .json(&serde_json::json!({ "token": "wrong" }))
-        .send()
-        .await
-        .unwrap();
+    let r = relay.session(&client, "wrong").await;
     assert_eq!(r.status(), 401);
-    let r = client
-        .post(format!("{}/api/session", relay.base))
-        .json(&serde_json::json!({ "token": ALL }))
-        .send()
-        .await
-        .unwrap();
+    let r = relay.session(&client, ALL).await;
     assert_eq!(r.status(), 200);
     let cookie = r.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(cookie.contains("HttpOnly"), "{cookie}");
@@ -805,12 +795,7 @@ async fn a_changed_tokens_file_is_used_without_a_restart() {
     assert_eq!(status_with(&client, &relay, OLD).await, 200);
     assert_eq!(status_with(&client, &relay, NEW).await, 401);
     // A browser session made with the old token.
-    let r = client
-        .post(format!("{}/api/session", relay.base))
-        .json(&serde_json::json!({ "token": OLD }))
-        .send()
-        .await
-        .unwrap();
+    let r = relay.session(&client, OLD).await;
     assert_eq!(r.status(), 200);
     let cookie = format!("agentrun_token={OLD}");
 

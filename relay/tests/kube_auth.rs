@@ -343,19 +343,9 @@ async fn kubernetes_tokens_and_rbac_on_the_agentrun_decide_what_a_caller_sees_an
     }
 
     // The browser session: POST /api/session checks the token, the cookie then works.
-    let r = client
-        .post(format!("{}/api/session", relay.base))
-        .json(&serde_json::json!({ "token": "not-a-token" }))
-        .send()
-        .await
-        .unwrap();
+    let r = relay.session(&client, "not-a-token").await;
     assert_eq!(r.status(), 401);
-    let r = client
-        .post(format!("{}/api/session", relay.base))
-        .json(&serde_json::json!({ "token": ALICE }))
-        .send()
-        .await
-        .unwrap();
+    let r = relay.session(&client, ALICE).await;
     assert_eq!(r.status(), 200);
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["auth"], "kubernetes");

@@ -61,6 +61,16 @@ impl Relay {
         }
     }
 
+    /// `POST /api/session` with `{"token": TOKEN}`.
+    pub async fn session(&self, client: &reqwest::Client, token: &str) -> reqwest::Response {
+        client
+            .post(format!("{}/api/session", self.base))
+            .json(&serde_json::json!({ "token": token }))
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub fn events_url(&self, run: &str, query: &str) -> String {
         format!("{}/api/runs/{run}/events?{query}", self.base)
     }
