@@ -1,6 +1,7 @@
-//! TokenReview and SubjectAccessReview answered from a small config file
-//! (`--auth-config FILE`), so components that delegate authentication and authorization to
-//! the API server can be tested.
+//! Users and extra permissions from a small config file (`--auth-config FILE`): requests with
+//! a bearer token are authenticated as its user and authorized by RBAC (`crate::rbac`) and the
+//! `rules` here; TokenReview and SubjectAccessReview are answered from the same, so components
+//! that delegate authentication and authorization to the API server can be tested.
 //!
 //! ```yaml
 //! users:
@@ -134,19 +135,14 @@ impl AuthConfig {
         let Attrs::Resource {
             verb,
             group,
-            resource,
-            subresource,
             namespace,
             name,
+            ..
         } = a
         else {
             return false;
         };
-        let resource = if subresource.is_empty() {
-            resource.clone()
-        } else {
-            format!("{resource}/{subresource}")
-        };
+        let resource = a.full_resource();
         self.rules.iter().any(|r| {
             r.subjects.iter().any(|sub| {
                 sub == &id.username

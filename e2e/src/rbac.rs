@@ -134,6 +134,20 @@ impl Attrs {
         }
     }
 
+    /// `resource` or `resource/subresource`, as rules and messages name it (empty for a
+    /// non-resource request).
+    pub fn full_resource(&self) -> String {
+        match self {
+            Attrs::Resource {
+                resource,
+                subresource,
+                ..
+            } if !subresource.is_empty() => format!("{resource}/{subresource}"),
+            Attrs::Resource { resource, .. } => resource.clone(),
+            Attrs::NonResource { .. } => String::new(),
+        }
+    }
+
     pub fn verb(&self) -> &str {
         match self {
             Attrs::Resource { verb, .. } | Attrs::NonResource { verb, .. } => verb,
@@ -164,15 +178,11 @@ pub fn forbidden(user: &str, a: &Attrs) -> ApiError {
             verb,
             group,
             resource,
-            subresource,
             namespace,
             name,
+            ..
         } => {
-            let full = if subresource.is_empty() {
-                resource.clone()
-            } else {
-                format!("{resource}/{subresource}")
-            };
+            let full = a.full_resource();
             let scope = if namespace.is_empty() {
                 "at the cluster scope".to_string()
             } else {
@@ -259,16 +269,11 @@ pub fn rule_allows(rule: &Value, a: &Attrs) -> bool {
         }),
         Attrs::Resource {
             group,
-            resource,
             subresource,
             name,
             ..
         } => {
-            let full = if subresource.is_empty() {
-                resource.clone()
-            } else {
-                format!("{resource}/{subresource}")
-            };
+            let full = a.full_resource();
             let names = strs(&rule["resourceNames"]);
             has(&strs(&rule["apiGroups"]), group)
                 && strs(&rule["resources"]).iter().any(|r| {
@@ -364,48 +369,68 @@ mod tests {
         }
     }
 
+    type Case = (
+        &'static str,
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        Attrs,
+    );
+
     #[test]
     fn requests_map_to_verbs_like_the_api_server() {
-        assert_eq!(
-            attrs("GET", "/api/v1/namespaces/a/pods", &[]),
-            res("list", "", "pods", "", "a", "")
-        );
-        assert_eq!(
-            attrs("GET", "/api/v1/pods", &[("watch", "true")]),
-            res("watch", "", "pods", "", "", "")
-        );
-        assert_eq!(
-            attrs("GET", "/api/v1/watch/namespaces/a/pods", &[]),
-            res("watch", "", "pods", "", "a", "")
-        );
-        assert_eq!(
-            attrs("GET", "/api/v1/namespaces/a/pods/p/log", &[]),
-            res("get", "", "pods", "log", "a", "p")
-        );
-        assert_eq!(
-            attrs(
+        let cases: [Case; 8] = [
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods",
+                &[],
+                res("list", "", "pods", "", "a", ""),
+            ),
+            (
+                "GET",
+                "/api/v1/pods",
+                &[("watch", "true")],
+                res("watch", "", "pods", "", "", ""),
+            ),
+            (
+                "GET",
+                "/api/v1/watch/namespaces/a/pods",
+                &[],
+                res("watch", "", "pods", "", "a", ""),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a/pods/p/log",
+                &[],
+                res("get", "", "pods", "log", "a", "p"),
+            ),
+            (
                 "PUT",
                 "/apis/agentrun.dev/v1alpha1/namespaces/d/agentruns/x/status",
-                &[]
+                &[],
+                res("update", "agentrun.dev", "agentruns", "status", "d", "x"),
             ),
-            res("update", "agentrun.dev", "agentruns", "status", "d", "x")
-        );
-        assert_eq!(
-            attrs("DELETE", "/api/v1/namespaces/a/secrets", &[]),
-            res("deletecollection", "", "secrets", "", "a", "")
-        );
-        assert_eq!(
-            attrs("GET", "/api/v1/namespaces/a", &[]),
-            res("get", "", "namespaces", "", "a", "a")
-        );
-        assert_eq!(
-            attrs(
+            (
+                "DELETE",
+                "/api/v1/namespaces/a/secrets",
+                &[],
+                res("deletecollection", "", "secrets", "", "a", ""),
+            ),
+            (
+                "GET",
+                "/api/v1/namespaces/a",
+                &[],
+                res("get", "", "namespaces", "", "a", "a"),
+            ),
+            (
                 "GET",
                 "/apis/coordination.k8s.io/v1/namespaces/a/leases",
-                &[("fieldSelector", "metadata.name=l")]
+                &[("fieldSelector", "metadata.name=l")],
+                res("list", "coordination.k8s.io", "leases", "", "a", "l"),
             ),
-            res("list", "coordination.k8s.io", "leases", "", "a", "l")
-        );
+        ];
+        for (method, path, query, want) in cases {
+            assert_eq!(attrs(method, path, query), want, "{method} {path}");
+        }
         assert_eq!(
             attrs("GET", "/apis/apps/v1", &[]),
             Attrs::NonResource {
