@@ -85,6 +85,13 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        // Every label shows from the start (0), so that a rate over them is defined.
+        for kind in ["token", "access"] {
+            auth_reviews.with_label_values(&[kind]);
+        }
+        for result in ["ok", "error"] {
+            tokens_reloads.with_label_values(&[result]);
+        }
         for c in [
             Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(watched_runs.clone()),
