@@ -87,6 +87,18 @@ pub struct Access {
     scope: Scope,
     /// Who the caller is for limits: `token:HASH`, `user:NAME`, else its IP address.
     pub client: Option<String>,
+    /// The token the request came with, to check an open stream again later.
+    credential: Option<Credential>,
+}
+
+/// A token held while a request (or its stream) lasts; its `Debug` does not show it.
+#[derive(Clone)]
+struct Credential(Arc<str>);
+
+impl std::fmt::Debug for Credential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Credential(<redacted>)")
+    }
 }
 
 /// The namespace and name of a run's AgentRun, from its state hash.
@@ -105,6 +117,25 @@ impl Access {
         Self {
             scope: Scope::All,
             client: None,
+            credential: None,
+        }
+    }
+
+    /// Whether the request's token still lets it see the run: it is still in the tokens file,
+    /// the API server still accepts it and still allows `get`. `None` when that cannot be told
+    /// now (the API server is away); always `Some(true)` without authentication.
+    pub async fn still_allowed(
+        &self,
+        auth: &Authenticator,
+        state: &HashMap<String, String>,
+    ) -> Option<bool> {
+        let Some(Credential(token)) = &self.credential else {
+            return Some(true);
+        };
+        match auth.check(token).await {
+            Ok(Some(now)) => now.can_see(state).await.ok(),
+            Ok(None) => Some(false),
+            Err(_) => None,
         }
     }
 
@@ -413,6 +444,7 @@ impl Authenticator {
                         Some(list) => Scope::Namespaces(list.clone()),
                     },
                     client: Some(t.client.clone()),
+                    credential: Some(Credential(token.into())),
                 });
             }
         }
@@ -427,6 +459,7 @@ impl Authenticator {
                 let caller = kube.authenticate(token).await.map_err(unavailable)?;
                 Ok(caller.map(|caller| Access {
                     client: Some(format!("user:{}", caller.username)),
+                    credential: Some(Credential(token.into())),
                     scope: Scope::Kube {
                         auth: kube.clone(),
                         caller,

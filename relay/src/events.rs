@@ -109,6 +109,12 @@ struct Session {
     done: bool,
     retry_at: Option<Instant>,
     keepalive: Interval,
+    /// The caller's access and the run's state hash, checked again every `auth_recheck`:
+    /// a stream whose token was removed, or whose permission was revoked, ends.
+    access: crate::auth::Access,
+    access_state: HashMap<String, String>,
+    recheck: Interval,
+    recheck_due: bool,
     shutdown: bool,
     _gauge: ConnectionGauge,
     _slot: crate::limits::SseSlot,
@@ -337,6 +343,20 @@ impl Session {
                 self.done = true;
                 return self.take();
             }
+            if self.recheck_due {
+                self.recheck_due = false;
+                let still = self
+                    .access
+                    .still_allowed(&self.app.inner.auth, &self.access_state)
+                    .await;
+                // An API server that cannot be asked does not end streams.
+                if still == Some(false) {
+                    tracing::info!(run = %self.run, client = self.access.client_key(), "the caller may no longer see this run (token removed or permission revoked); ending its stream");
+                    self.out.extend_from_slice(b": access withdrawn\n\n");
+                    self.done = true;
+                    return self.take();
+                }
+            }
             if self.retry_at.is_none() {
                 if self.refresh_variations {
                     self.refresh_variations_step().await;
@@ -382,6 +402,7 @@ impl Session {
                 _ = self.keepalive.tick() => {
                     self.out.extend_from_slice(b": keep-alive\n\n");
                 }
+                _ = self.recheck.tick() => self.recheck_due = true,
             }
         }
     }
@@ -452,6 +473,7 @@ pub async fn events(
     let gauge = app.inner.metrics.connections.clone();
     gauge.inc();
     let keepalive_period = app.inner.limits.keepalive;
+    let recheck_period = app.inner.limits.auth_recheck;
     let mut session = Session {
         run: run.clone(),
         kinds,
@@ -469,6 +491,10 @@ pub async fn events(
         done: false,
         retry_at: None,
         keepalive: tokio::time::interval_at(Instant::now() + keepalive_period, keepalive_period),
+        recheck: tokio::time::interval_at(Instant::now() + recheck_period, recheck_period),
+        recheck_due: false,
+        access_state: state.clone(),
+        access,
         shutdown: false,
         _gauge: ConnectionGauge(gauge),
         _slot: slot,

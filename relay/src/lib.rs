@@ -89,6 +89,10 @@ pub struct Config {
     /// SIGHUP, which always reads it again).
     #[arg(long, env = "AGENTRUN_TOKENS_RELOAD_SECONDS", default_value_t = 5)]
     pub tokens_reload_seconds: u64,
+    /// With --auth token or kubernetes: seconds between checks that an open SSE stream's token
+    /// still sees its run (removed from the tokens file, permission revoked: the stream ends).
+    #[arg(long, env = "AGENTRUN_AUTH_RECHECK_SECONDS", default_value_t = 5)]
+    pub auth_recheck_seconds: u64,
     /// With --auth kubernetes: kubeconfig file; without it KUBECONFIG, ~/.kube/config or the
     /// in-cluster config (the relay's ServiceAccount).
     #[arg(long, env = "AGENTRUN_KUBECONFIG")]
@@ -150,6 +154,8 @@ impl Config {
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub keepalive: Duration,
+    /// How often an open stream's access is checked again.
+    pub auth_recheck: Duration,
     pub replay_page: usize,
     pub retry_ms: u64,
 }
@@ -256,6 +262,7 @@ impl AppState {
                 metrics,
                 limits: Limits {
                     keepalive: Duration::from_secs(config.keepalive_seconds.max(1)),
+                    auth_recheck: Duration::from_secs(config.auth_recheck_seconds.max(1)),
                     replay_page: config.replay_page.max(1),
                     retry_ms: config.retry_ms,
                 },

@@ -790,6 +790,7 @@ async fn a_changed_tokens_file_is_used_without_a_restart() {
     config.auth = AuthMode::Token;
     config.tokens_file = Some(mount.path());
     config.tokens_reload_seconds = 1;
+    config.auth_recheck_seconds = 1;
     let relay = Relay::start_with(config, "127.0.0.1:0").await;
     let client = reqwest::Client::new();
     assert_eq!(status_with(&client, &relay, OLD).await, 200);
@@ -798,10 +799,37 @@ async fn a_changed_tokens_file_is_used_without_a_restart() {
     let r = relay.session(&client, OLD).await;
     assert_eq!(r.status(), 200);
     let cookie = format!("agentrun_token={OLD}");
+    // Open streams of OLD and of KEEP.
+    let mut old_stream = SseClient::connect(
+        &relay.events_url("run-a", &format!("access_token={OLD}")),
+        None,
+    )
+    .await;
+    let mut keep_stream = SseClient::connect(
+        &relay.events_url("run-a", &format!("access_token={KEEP}")),
+        None,
+    )
+    .await;
+    assert_eq!(old_stream.expect("open").await.event, "open");
+    assert_eq!(keep_stream.expect("open").await.event, "open");
 
     // The Secret changes: OLD removed, NEW added, KEEP now sees every namespace.
     mount.update(&format!("{KEEP}\n{NEW} team-b\n"));
     wait_status(&client, &relay, NEW, 200).await;
+    // OLD's open stream ends (without `end`: its EventSource reconnects and gets 401).
+    match tokio::time::timeout(WAIT, old_stream.next()).await {
+        Ok(None) => {}
+        Ok(Some(ev)) => panic!("the removed token's stream goes on: {ev:?}"),
+        Err(_) => panic!("the removed token's stream was not ended"),
+    }
+    // KEEP's stream goes on.
+    let mut producer = Producer::new("test");
+    let mut conn = redis.conn().await;
+    producer
+        .output(&mut conn, &run_id("run-a"), "a", &["still here\n".into()])
+        .await;
+    let ev = keep_stream.expect_entry("an entry for KEEP").await;
+    assert_eq!(ev.json()["content"], "still here\n");
     assert_eq!(status_with(&client, &relay, OLD).await, 401);
     let r = client
         .get(format!("{}/api/runs", relay.base))
