@@ -1713,14 +1713,17 @@ fn spawn(
                 Path::new(&t.dst).starts_with(&m.dst) && Path::new(&t.dst) != Path::new(&m.dst)
             })
         });
+        // A host where this cannot be mounted (e.g. no overlayfs) runs the container without
+        // the file: its termination message is then empty (or taken from the log).
         let term_script = |t: &TermMount| {
-            if in_volume {
+            let steps = if in_volume {
                 let d = shell_quote(&t.dst);
                 let src = shell_quote(&t.src.to_string_lossy());
                 format!("touch {d} && mount --bind {src} {d} && ")
             } else {
                 termination_mount_script(&t.src, &t.dst, &t.stage)
-            }
+            };
+            format!("{{ {{ {steps}true; }} 2>/dev/null || true; }} && ")
         };
         if let Some(t) = term.filter(|_| !in_volume) {
             script.push_str(&term_script(t));
