@@ -152,6 +152,24 @@ async fn operator_under_the_charts_rbac_runs_hello_with_nothing_forbidden() {
     })
     .await;
 
+    // A timeout (the operator deletes the agent's pod) and the TTL after it (the operator
+    // deletes the AgentRun) work under the chart's RBAC too.
+    s.apply_yaml(
+        "short.yaml",
+        "apiVersion: agentrun.dev/v1alpha1\nkind: AgentRun\nmetadata:\n  name: short\nspec:\n  image: busybox:1.36\n  command: [sh, -c]\n  args: ['while true; do echo working; sleep 0.2; done']\n  timeoutSeconds: 2\n  ttlSecondsAfterFinished: 1\n",
+    );
+    let timed_out = s
+        .wait_phase("short", &["Succeeded", "Failed", "Stopped"], 30)
+        .await;
+    assert_eq!(
+        timed_out["status"]["variations"][0]["reason"], "Timeout",
+        "{timed_out:#}"
+    );
+    s.eventually(30, "the TTL deletes the timed-out run", || async {
+        s.agentrun("short").await.is_none().then_some(())
+    })
+    .await;
+
     // Nothing the operator asked for was refused.
     let sim = s.cluster.sim.as_ref().expect("kube-sim");
     assert_eq!(sim.denials.all(), Vec::<String>::new(), "requests refused");
