@@ -22,12 +22,19 @@ const RBAC: &str = "rbac.authorization.k8s.io";
 #[derive(Debug, Default)]
 pub struct DenialLog(std::sync::Mutex<Vec<String>>);
 
+/// How many refusals [`DenialLog`] keeps (the latest).
+const DENIALS_KEPT: usize = 10_000;
+
 impl DenialLog {
     pub fn record(&self, line: String) {
-        match self.0.lock() {
-            Ok(mut g) => g.push(line),
-            Err(p) => p.into_inner().push(line),
+        let mut g = match self.0.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if g.len() >= DENIALS_KEPT {
+            g.remove(0);
         }
+        g.push(line);
     }
 
     /// Every refusal so far: `METHOD URI: message`.
@@ -162,7 +169,7 @@ fn exact_name(fs: &str) -> Option<String> {
         return None;
     };
     let (k, v) = one.split_once("==").or_else(|| one.split_once('='))?;
-    (k.trim() == "metadata.name" && !k.ends_with('!') && !v.is_empty()).then(|| v.trim().into())
+    (k.trim() == "metadata.name" && !v.is_empty()).then(|| v.trim().into())
 }
 
 /// The 403 a real API server answers, e.g. `pods is forbidden: User "bob" cannot list
