@@ -268,10 +268,14 @@ pub fn derive(obs: &Observation<'_>) -> AgentRunStatus {
                     return before.clone();
                 }
                 if pod.is_none() && before.pod_name.is_some() {
-                    vs.phase = RunPhase::Failed;
                     vs.pod_name = before.pod_name.clone();
-                    vs.reason = Some(reasons::POD_DELETED.into());
-                    vs.message = Some("the pod was deleted before the agent finished".into());
+                    // Past the deadline the operator deletes the pods itself; a reconcile that
+                    // works from a status written before that must still say Timeout.
+                    if !timed_out {
+                        vs.phase = RunPhase::Failed;
+                        vs.reason = Some(reasons::POD_DELETED.into());
+                        vs.message = Some("the pod was deleted before the agent finished".into());
+                    }
                 }
             }
             if timed_out && !vs.phase.is_finished() {
@@ -789,6 +793,22 @@ mod tests {
             after.variations[0].reason.as_deref(),
             Some(reasons::POD_DELETED)
         );
+    }
+
+    #[test]
+    fn a_pod_gone_after_the_deadline_is_a_timeout_not_a_deletion() {
+        let mut run = AgentRun::test();
+        run.spec.timeout_seconds = Some(60);
+        let pods = vec![pod_of(&run, DEFAULT_VARIATION, running())];
+        let mut running = observe(&run, &pods, &AgentRunStatus::default());
+        running.start_time = Some(ago(61));
+        // The operator deleted the pod at the deadline; this reconcile still sees the status
+        // from before, in which the variation was running.
+        let after = observe(&run, &[], &running);
+        assert_eq!(after.phase, Some(RunPhase::Failed));
+        let v = &after.variations[0];
+        assert_eq!(v.reason.as_deref(), Some(reasons::TIMEOUT));
+        assert_eq!(v.pod_name, running.variations[0].pod_name);
     }
 
     #[test]
