@@ -61,24 +61,9 @@ struct RunArgs {
     /// Pull policy of the sidecar image.
     #[arg(long, env = "AGENTRUN_SIDECAR_IMAGE_PULL_POLICY")]
     sidecar_image_pull_policy: Option<String>,
-    /// Redis URL of the operator (redis://, rediss://, redis+sentinel://, redis+cluster://).
-    #[arg(long, env = "AGENTRUN_REDIS_URL")]
-    redis_url: String,
-    /// Redis ACL user (instead of one in the URL).
-    #[arg(long, env = "AGENTRUN_REDIS_USERNAME")]
-    redis_username: Option<String>,
-    /// Redis password (instead of one in the URL).
-    #[arg(long, env = "AGENTRUN_REDIS_PASSWORD", hide_env_values = true)]
-    redis_password: Option<String>,
-    /// PEM CA bundle for rediss:// (otherwise the system roots).
-    #[arg(long, env = "AGENTRUN_REDIS_CA_FILE")]
-    redis_ca_file: Option<PathBuf>,
-    /// PEM client certificate, for a Redis that requires mutual TLS.
-    #[arg(long, env = "AGENTRUN_REDIS_CLIENT_CERT")]
-    redis_client_cert: Option<PathBuf>,
-    /// PEM key of --redis-client-cert.
-    #[arg(long, env = "AGENTRUN_REDIS_CLIENT_KEY")]
-    redis_client_key: Option<PathBuf>,
+    /// The operator's own Redis connection.
+    #[command(flatten)]
+    redis: agentrun_protocol::RedisArgs,
     /// PEM CA bundle for the sidecars' rediss:// connection (default: --redis-ca-file). Its
     /// contents go into each run's Secret; restart the operator after rotating it.
     #[arg(long, env = "AGENTRUN_SIDECAR_REDIS_CA_FILE")]
@@ -217,16 +202,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     ready.store(true, Ordering::SeqCst);
 
-    let mut redis = agentrun_protocol::RedisSettings::from_url(&args.redis_url)
-        .context("--redis-url / AGENTRUN_REDIS_URL is not a valid Redis URL")?
-        .with_credentials(args.redis_username.clone(), args.redis_password.clone());
-    redis.ca_file = args.redis_ca_file.clone();
-    redis.client_cert = args.redis_client_cert.clone();
-    redis.client_key = args.redis_client_key.clone();
+    let redis = args
+        .redis
+        .settings()
+        .context("--redis-url / AGENTRUN_REDIS_URL is not a valid Redis URL")?;
     let sidecar_tls = SidecarTls::load(
         args.sidecar_redis_ca_file
             .as_deref()
-            .or(args.redis_ca_file.as_deref()),
+            .or(args.redis.ca_file.as_deref()),
         args.sidecar_redis_client_cert.as_deref(),
         args.sidecar_redis_client_key.as_deref(),
     )
@@ -274,9 +257,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         redis_url: args
             .sidecar_redis_url
             .clone()
-            .unwrap_or_else(|| args.redis_url.clone()),
-        redis_username: args.redis_username.clone(),
-        redis_password: args.redis_password.clone(),
+            .unwrap_or_else(|| args.redis.url.clone()),
+        redis_username: args.redis.username.clone(),
+        redis_password: args.redis.password.clone(),
         run_credential_key: run_credential_key(&args),
         termination_grace_period_seconds: args.pod_termination_grace_seconds.max(1),
         relay_url: args.relay_url.clone(),
@@ -355,7 +338,7 @@ fn run_credential_key(args: &RunArgs) -> Option<String> {
     let key = args
         .run_credential_key
         .clone()
-        .or_else(|| args.redis_password.clone())
+        .or_else(|| args.redis.password.clone())
         .filter(|k| !k.is_empty());
     if key.is_none() {
         tracing::warn!(

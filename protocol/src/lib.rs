@@ -8,6 +8,8 @@
 //! a cursor in pages). `docs/protocol.md` describes the same contract for people.
 
 pub mod acl;
+#[cfg(feature = "clap")]
+pub mod args;
 pub mod control;
 pub mod entry;
 pub mod envelope;
@@ -19,6 +21,8 @@ pub mod status;
 #[cfg(feature = "test-support")]
 pub mod testing;
 
+#[cfg(feature = "clap")]
+pub use args::RedisArgs;
 pub use control::{ControlAction, ControlMessage};
 pub use entry::{Entry, EntryType, LiveMessage, NewEntry};
 pub use envelope::Envelope;

@@ -31,32 +31,8 @@ use std::time::Duration;
     about = "Streams agentrun runs from Redis to browsers over Server-Sent Events"
 )]
 pub struct Config {
-    /// Redis URL: redis://, rediss://, redis+sentinel://HOSTS/MASTER.
-    #[arg(long, env = "AGENTRUN_REDIS_URL")]
-    pub redis_url: String,
-    /// Redis user name (overrides the URL's).
-    #[arg(long, env = "AGENTRUN_REDIS_USERNAME")]
-    pub redis_username: Option<String>,
-    /// Redis password (overrides the URL's).
-    #[arg(long, env = "AGENTRUN_REDIS_PASSWORD", hide_env_values = true)]
-    pub redis_password: Option<String>,
-    /// PEM CA bundle for rediss:// (otherwise the system roots).
-    #[arg(long, env = "AGENTRUN_REDIS_CA_FILE")]
-    pub redis_ca_file: Option<PathBuf>,
-    /// PEM client certificate, for Redis servers that require mutual TLS.
-    #[arg(
-        long,
-        env = "AGENTRUN_REDIS_CLIENT_CERT",
-        requires = "redis_client_key"
-    )]
-    pub redis_client_cert: Option<PathBuf>,
-    /// PEM key of --redis-client-cert.
-    #[arg(
-        long,
-        env = "AGENTRUN_REDIS_CLIENT_KEY",
-        requires = "redis_client_cert"
-    )]
-    pub redis_client_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub redis: agentrun_protocol::RedisArgs,
     /// Address to serve HTTP on.
     #[arg(long, env = "AGENTRUN_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
@@ -141,12 +117,7 @@ impl Config {
     }
 
     pub fn redis_settings(&self) -> Result<RedisSettings, agentrun_protocol::SettingsError> {
-        let mut s = RedisSettings::from_url(&self.redis_url)?
-            .with_credentials(self.redis_username.clone(), self.redis_password.clone());
-        s.ca_file = self.redis_ca_file.clone();
-        s.client_cert = self.redis_client_cert.clone();
-        s.client_key = self.redis_client_key.clone();
-        Ok(s)
+        self.redis.settings()
     }
 }
 

@@ -10,10 +10,10 @@ use support::*;
 
 fn tls_config(redis: &RedisServer, ca: &std::path::Path, tls: &TlsFiles) -> Config {
     let mut c = Config::for_redis(redis.url());
-    assert!(c.redis_url.starts_with("rediss://"));
-    c.redis_ca_file = Some(ca.to_owned());
-    c.redis_client_cert = Some(tls.client_cert.clone());
-    c.redis_client_key = Some(tls.client_key.clone());
+    assert!(c.redis.url.starts_with("rediss://"));
+    c.redis.ca_file = Some(ca.to_owned());
+    c.redis.client_cert = Some(tls.client_cert.clone());
+    c.redis.client_key = Some(tls.client_key.clone());
     c
 }
 
@@ -101,7 +101,7 @@ async fn a_wrong_ca_or_a_missing_client_certificate_fails_with_a_clear_error() {
 
     // No client certificate, to a server that requires one.
     let mut c = Config::for_redis(redis.url());
-    c.redis_ca_file = Some(tls.ca.clone());
+    c.redis.ca_file = Some(tls.ca.clone());
     let err = AppState::connect(&c)
         .await
         .err()
@@ -111,7 +111,7 @@ async fn a_wrong_ca_or_a_missing_client_certificate_fails_with_a_clear_error() {
 
     // A CA file that does not exist names the file.
     let mut c = tls_config(&redis, &tls.ca, &tls);
-    c.redis_ca_file = Some("/nonexistent/ca.pem".into());
+    c.redis.ca_file = Some("/nonexistent/ca.pem".into());
     let err = AppState::connect(&c)
         .await
         .err()

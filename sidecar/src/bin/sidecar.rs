@@ -1,6 +1,6 @@
 //! `agentrun-sidecar serve|run|install-entrypoint`
 
-use agentrun_protocol::{RedisSettings, RunId, Variation};
+use agentrun_protocol::{RunId, Variation};
 use agentrun_sidecar::local::{LocalRun, run};
 use agentrun_sidecar::server::{Sidecar, SidecarConfig};
 use anyhow::{Context, bail};
@@ -58,20 +58,8 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct Common {
-    /// Redis URL: redis://host:port, rediss:// for TLS, redis+sentinel://..., redis+cluster://...
-    #[arg(long, env = "AGENTRUN_REDIS_URL")]
-    redis_url: String,
-    #[arg(long, env = "AGENTRUN_REDIS_USERNAME")]
-    redis_username: Option<String>,
-    #[arg(long, env = "AGENTRUN_REDIS_PASSWORD", hide_env_values = true)]
-    redis_password: Option<String>,
-    /// PEM CA bundle for rediss:// (default: the system roots).
-    #[arg(long, env = "AGENTRUN_REDIS_CA_FILE")]
-    redis_ca_file: Option<PathBuf>,
-    #[arg(long, env = "AGENTRUN_REDIS_CLIENT_CERT")]
-    redis_client_cert: Option<PathBuf>,
-    #[arg(long, env = "AGENTRUN_REDIS_CLIENT_KEY")]
-    redis_client_key: Option<PathBuf>,
+    #[command(flatten)]
+    redis: agentrun_protocol::RedisArgs,
     /// The run's id in Redis.
     #[arg(long, env = "AGENTRUN_RUN_ID")]
     run_id: String,
@@ -97,11 +85,7 @@ struct Common {
 
 impl Common {
     fn config(self, socket: PathBuf) -> anyhow::Result<SidecarConfig> {
-        let mut redis = RedisSettings::from_url(&self.redis_url)?
-            .with_credentials(self.redis_username, self.redis_password);
-        redis.ca_file = self.redis_ca_file;
-        redis.client_cert = self.redis_client_cert;
-        redis.client_key = self.redis_client_key;
+        let redis = self.redis.settings()?;
         let run = RunId::new(self.run_id).context("--run-id")?;
         let variation = Variation::new(self.variation).context("--variation")?;
         let mut config = SidecarConfig::new(socket, redis, run, variation);
