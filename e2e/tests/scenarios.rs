@@ -847,27 +847,14 @@ async fn redis_restarted_mid_run_loses_nothing() {
 /// `helm template` of the chart as release `release` with `--set` values `sets`, applied to the
 /// cluster with kubectl: every rendered object must be accepted. Returns the rendered objects.
 fn apply_chart(c: &common::Cluster, release: &str, crds: bool, sets: &[&str]) -> Vec<Value> {
-    let helm = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
-    let chart = workspace().join("helm").join("agentrun");
-    let mut cmd = std::process::Command::new(&helm);
-    cmd.args(["template", release])
-        .arg(&chart)
-        .args(["--namespace", &c.namespace]);
+    let mut args: Vec<&str> = Vec::new();
     if crds {
-        cmd.arg("--include-crds");
+        args.push("--include-crds");
     }
     for set in sets {
-        cmd.args(["--set", set]);
+        args.extend(["--set", set]);
     }
-    let out = cmd.output().unwrap_or_else(|e| {
-        panic!("run {helm} (install it with scripts/deps/helm.sh, or set HELM): {e}")
-    });
-    assert!(
-        out.status.success(),
-        "helm template {sets:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rendered = String::from_utf8(out.stdout).expect("utf-8");
+    let rendered = stack::helm_template(release, &c.namespace, &args);
     let file = c.write(&format!("chart-{release}.yaml"), &rendered);
     let applied = c.kubectl_ok(&[
         "apply",

@@ -151,6 +151,52 @@ pub struct OperatorOptions {
     pub lease_namespace: Option<String>,
 }
 
+/// How [`Stack::restart_relay_with`] runs the relay (the default: what [`Stack::start`] does).
+#[derive(Debug, Clone, Default)]
+pub struct RelayOptions {
+    /// Arguments added to the relay's (`--redis-url`, `--listen`, `--keepalive-seconds`),
+    /// e.g. `--auth kubernetes --kubeconfig FILE`.
+    pub args: Vec<String>,
+}
+
+/// Starts the relay on `url`'s address with `opts`' extra arguments.
+fn spawn_relay(redis: &RedisServer, url: &str, opts: &RelayOptions, log: PathBuf) -> Proc {
+    let listen = url.strip_prefix("http://").expect("an http:// relay URL");
+    let mut args: Vec<String> = vec![
+        "--redis-url".into(),
+        redis.url(),
+        "--listen".into(),
+        listen.into(),
+        "--keepalive-seconds".into(),
+        "1".into(),
+    ];
+    args.extend(opts.args.iter().cloned());
+    Proc::spawn("relay", &binaries().join("agentrun-relay"), &args, log)
+}
+
+/// `helm template RELEASE helm/agentrun --namespace NAMESPACE ARGS...` with the real helm (or
+/// `$HELM`): the rendered YAML. `args` are further helm arguments (`--set k=v`,
+/// `--include-crds`).
+pub fn helm_template(release: &str, namespace: &str, args: &[&str]) -> String {
+    let helm = std::env::var("HELM").unwrap_or_else(|_| "helm".into());
+    let chart = workspace().join("helm").join("agentrun");
+    let out = Command::new(&helm)
+        .args(["template", release])
+        .arg(&chart)
+        .args(["--namespace", namespace])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| {
+            panic!("run {helm} (install it with scripts/deps/helm.sh, or set HELM): {e}")
+        });
+    assert!(
+        out.status.success(),
+        "helm template {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
 pub struct Stack {
     // Dropped in this order: the operator and relay before Redis and the cluster.
     pub operator: Option<Proc>,
@@ -218,19 +264,11 @@ impl Stack {
         let crds = workspace().join("crds");
         cluster.kubectl_ok(&["apply", "-f", crds.to_str().expect("utf-8")]);
 
-        let relay_port = free_port();
-        let relay_url = format!("http://127.0.0.1:{relay_port}");
-        let relay = Proc::spawn(
-            "relay",
-            &bins.join("agentrun-relay"),
-            &[
-                "--redis-url".into(),
-                redis.url(),
-                "--listen".into(),
-                format!("127.0.0.1:{relay_port}"),
-                "--keepalive-seconds".into(),
-                "1".into(),
-            ],
+        let relay_url = format!("http://127.0.0.1:{}", free_port());
+        let relay = spawn_relay(
+            &redis,
+            &relay_url,
+            &RelayOptions::default(),
             dir.path().join("relay.log"),
         );
         let mut stack = Stack {
@@ -249,18 +287,42 @@ impl Stack {
         if !opts.no_operator {
             stack.start_operator().await;
         }
-        let ready = format!("{}/readyz", stack.relay_url);
-        let http = stack.http.clone();
+        stack.wait_relay_ready().await;
         stack
-            .eventually(20, "the relay is ready", || {
-                let (http, ready) = (http.clone(), ready.clone());
-                async move {
-                    let r = http.get(&ready).send().await.ok()?;
-                    r.status().is_success().then_some(())
-                }
-            })
-            .await;
-        stack
+    }
+
+    /// Restarts the relay on the same address (the operator's `--relay-url`) as `opts` says,
+    /// e.g. with `--auth kubernetes`, and waits for its /readyz.
+    pub async fn restart_relay_with(&mut self, opts: RelayOptions) {
+        self.relay.kill();
+        let n = std::fs::read_dir(self.dir.path())
+            .map(|d| d.count())
+            .unwrap_or(0);
+        self.relay = spawn_relay(
+            &self.redis,
+            &self.relay_url,
+            &opts,
+            self.dir.path().join(format!("relay-{n}.log")),
+        );
+        self.wait_relay_ready().await;
+    }
+
+    async fn wait_relay_ready(&self) {
+        let url = format!("{}/readyz", self.relay_url);
+        self.wait_ready(20, "the relay is ready", url).await;
+    }
+
+    /// Waits until GET `url` succeeds.
+    async fn wait_ready(&self, secs: u64, what: &str, url: String) {
+        let http = self.http.clone();
+        self.eventually(secs, what, || {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http.get(&url).send().await.ok()?;
+                r.status().is_success().then_some(())
+            }
+        })
+        .await;
     }
 
     /// Starts (or restarts) the operator and waits for its /readyz.
@@ -319,15 +381,7 @@ impl Stack {
         );
         self.operator = Some(op);
         let url = format!("http://{}/readyz", self.metrics_addr);
-        let http = self.http.clone();
-        self.eventually(30, "the operator is ready", || {
-            let (http, url) = (http.clone(), url.clone());
-            async move {
-                let r = http.get(&url).send().await.ok()?;
-                r.status().is_success().then_some(())
-            }
-        })
-        .await;
+        self.wait_ready(30, "the operator is ready", url).await;
     }
 
     /// Like [`eventually`], but a timeout also prints the operator's and relay's last log lines.
@@ -578,7 +632,8 @@ impl Sse {
     }
 }
 
-async fn read_sse(http: &reqwest::Client, url: &str) -> Result<Sse, String> {
+/// Reads an SSE response of `url` until `event: end` (with `http`'s default headers, e.g. a token).
+pub async fn read_sse(http: &reqwest::Client, url: &str) -> Result<Sse, String> {
     use futures::StreamExt as _;
     let res = http.get(url).send().await.map_err(|e| e.to_string())?;
     if !res.status().is_success() {
