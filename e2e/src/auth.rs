@@ -187,13 +187,7 @@ impl AuthConfig {
         let id = if self_review {
             requester.cloned()
         } else {
-            let groups: Vec<String> = spec["groups"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .map(String::from)
-                .collect();
+            let groups = crate::util::string_list(&spec["groups"]);
             Some(Identity {
                 username: spec["user"].as_str().unwrap_or_default().to_string(),
                 uid: spec["uid"].as_str().unwrap_or_default().to_string(),

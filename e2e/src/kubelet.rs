@@ -1094,14 +1094,7 @@ impl PodRunner {
 
     fn prepare(&self, spec: &Value) -> Prepared {
         let image = spec["image"].as_str().unwrap_or_default();
-        let strs = |v: &Value| -> Vec<String> {
-            v.as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .map(String::from)
-                .collect()
-        };
+        let strs = crate::util::string_list;
         let command = strs(&spec["command"]);
         let args = strs(&spec["args"]);
         if let Err(msg) = write_volume_files(&self.kubelet.store, &self.pod, &self.dir) {

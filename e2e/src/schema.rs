@@ -297,13 +297,7 @@ fn walk_array(
         ));
     }
     let list_type = schema["x-kubernetes-list-type"].as_str();
-    let map_keys: Vec<String> = schema["x-kubernetes-list-map-keys"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .map(String::from)
-        .collect();
+    let map_keys = crate::util::string_list(&schema["x-kubernetes-list-map-keys"]);
     if let Some(item_schema) = schema.get("items") {
         for (i, it) in items.iter_mut().enumerate() {
             // Old items are correlated by key in map lists only, as on a real server.
@@ -318,13 +312,7 @@ fn walk_array(
     }
     let unique = schema["uniqueItems"] == Value::Bool(true);
     if list_type == Some("map") || list_type == Some("set") || unique {
-        let keys: Vec<String> = schema["x-kubernetes-list-map-keys"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .map(String::from)
-            .collect();
+        let keys = crate::util::string_list(&schema["x-kubernetes-list-map-keys"]);
         let mut seen: Vec<Value> = Vec::new();
         for (i, it) in items.iter().enumerate() {
             let key = if list_type == Some("map") {

@@ -183,13 +183,7 @@ fn dns_subdomain_ok(s: &str) -> bool {
 
 fn finalizers(obj: &Value) -> Vec<String> {
     obj.pointer("/metadata/finalizers")
-        .and_then(Value::as_array)
-        .map(|a| {
-            a.iter()
-                .filter_map(Value::as_str)
-                .map(String::from)
-                .collect()
-        })
+        .map(crate::util::string_list)
         .unwrap_or_default()
 }
 

@@ -253,6 +253,16 @@ impl std::fmt::Display for FieldError {
 }
 
 /// A value as the API server quotes it in error messages.
+/// The strings of a JSON array (anything else, and non-string items, count as none).
+pub fn string_list(v: &Value) -> Vec<String> {
+    v.as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .map(String::from)
+        .collect()
+}
+
 pub fn short_value(v: &Value) -> String {
     match v {
         Value::String(s) => format!("{s:?}"),
