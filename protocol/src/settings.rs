@@ -11,9 +11,12 @@
 //! the URL can be shared and the password kept in a Secret.
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{Client, Cmd, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value};
+use redis::{
+    Client, Cmd, ConnectionAddr, ConnectionInfo, IntoConnectionInfo, Pipeline, RedisFuture, Value,
+};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Which kind of Redis deployment the URL names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -374,19 +377,36 @@ impl RedisSettings {
                 let conn = client.get_async_connection().await.map_err(connect_err)?;
                 Ok(RedisConn::Cluster(conn))
             }
-            _ => {
+            RedisMode::Standalone => {
                 let client = self.client().await?;
-                let config = ConnectionManagerConfig::new()
-                    .set_response_timeout(Some(self.response_timeout))
-                    .set_connection_timeout(Some(self.connect_timeout))
-                    .set_number_of_retries(2)
-                    .set_max_delay(Duration::from_secs(2));
-                let conn = ConnectionManager::new_with_config(client, config)
-                    .await
-                    .map_err(connect_err)?;
+                let conn = self.manager(client).await.map_err(connect_err)?;
                 Ok(RedisConn::Single(conn))
             }
+            RedisMode::Sentinel { .. } => {
+                let client = self.client().await?;
+                let addr = client.get_connection_info().addr().clone();
+                let conn = self.manager(client).await.map_err(connect_err)?;
+                Ok(RedisConn::Sentinel(SentinelConn {
+                    settings: Arc::new(self.clone()),
+                    state: Arc::new(Mutex::new(SentinelState {
+                        conn,
+                        addr,
+                        generation: 0,
+                        last_resolve: None,
+                    })),
+                    resolving: Arc::new(tokio::sync::Mutex::new(())),
+                }))
+            }
         }
+    }
+
+    async fn manager(&self, client: Client) -> Result<ConnectionManager, redis::RedisError> {
+        let config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(self.response_timeout))
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        ConnectionManager::new_with_config(client, config).await
     }
 
     /// Opens a dedicated Pub/Sub connection.
@@ -433,13 +453,120 @@ fn install_crypto_provider() {
 #[derive(Clone)]
 pub enum RedisConn {
     Single(ConnectionManager),
+    /// Follows the master across failovers (see [`SentinelConn`]).
+    Sentinel(SentinelConn),
     Cluster(redis::cluster_async::ClusterConnection),
+}
+
+/// A connection to the master that a set of Sentinels names. A reconnecting connection alone
+/// would stay with the address resolved at start, and after a failover that node is a
+/// read-only replica (or gone). So when a command comes back with `READONLY` or a connection
+/// error, the master is asked of the Sentinels again (at most once a second) and, if it
+/// moved, the connection is rebuilt there. The failed command is returned to the caller to
+/// retry, like any command sent while Redis is away. Clones share the current connection.
+#[derive(Clone)]
+pub struct SentinelConn {
+    settings: Arc<RedisSettings>,
+    state: Arc<Mutex<SentinelState>>,
+    resolving: Arc<tokio::sync::Mutex<()>>,
+}
+
+struct SentinelState {
+    conn: ConnectionManager,
+    addr: ConnectionAddr,
+    /// Bumped on every rebuild, so clones that saw the same failure resolve only once.
+    generation: u64,
+    last_resolve: Option<Instant>,
+}
+
+/// The least time between two look-ups of the master, so that a burst of failing commands
+/// (the master is down and the Sentinels have not failed over yet) does not flood them.
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(1);
+
+impl SentinelConn {
+    fn current(&self) -> (u64, ConnectionManager) {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        (state.generation, state.conn.clone())
+    }
+
+    /// Asks the Sentinels for the master again and moves there if it changed.
+    async fn re_resolve(&self, seen_generation: u64) {
+        let _one_at_a_time = self.resolving.lock().await;
+        {
+            let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+            if state.generation != seen_generation
+                || state
+                    .last_resolve
+                    .is_some_and(|t| t.elapsed() < RESOLVE_INTERVAL)
+            {
+                return;
+            }
+            state.last_resolve = Some(Instant::now());
+        }
+        let target = self.settings.target();
+        let client = match self.settings.client().await {
+            Ok(client) => client,
+            Err(e) => {
+                tracing::warn!(%target, error = %e, "cannot ask the Sentinels for the master");
+                return;
+            }
+        };
+        let addr = client.get_connection_info().addr().clone();
+        if addr == self.state.lock().unwrap_or_else(|p| p.into_inner()).addr {
+            // Same master: the connection reconnects there by itself.
+            return;
+        }
+        match self.settings.manager(client).await {
+            Ok(conn) => {
+                tracing::info!(%target, master = %addr, "the Sentinels name a new master; moved there");
+                let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+                state.conn = conn;
+                state.addr = addr;
+                state.generation += 1;
+            }
+            Err(e) => {
+                tracing::warn!(%target, master = %addr, error = %e, "cannot connect to the new master");
+            }
+        }
+    }
+}
+
+/// Whether an error means the connection no longer reaches the master.
+fn lost_the_master(e: &redis::RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_connection_refusal()
+        || e.is_timeout()
+        || e.code() == Some("READONLY")
+        || e.to_string().contains("READONLY")
+}
+
+fn replica_reply(values: &[Value]) -> bool {
+    values.iter().any(|v| match v {
+        Value::ServerError(e) => {
+            e.code() == "READONLY" || e.details().is_some_and(|d| d.contains("READONLY"))
+        }
+        Value::Array(inner) => replica_reply(inner),
+        _ => false,
+    })
 }
 
 impl ConnectionLike for RedisConn {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         match self {
             Self::Single(c) => c.req_packed_command(cmd),
+            Self::Sentinel(s) => Box::pin(async move {
+                let (generation, mut conn) = s.current();
+                let result = conn.req_packed_command(cmd).await;
+                let lost = match &result {
+                    Err(e) => lost_the_master(e),
+                    Ok(v) => replica_reply(std::slice::from_ref(v)),
+                };
+                if lost {
+                    s.re_resolve(generation).await;
+                }
+                result
+            }),
             Self::Cluster(c) => c.req_packed_command(cmd),
         }
     }
@@ -452,6 +579,18 @@ impl ConnectionLike for RedisConn {
     ) -> RedisFuture<'a, Vec<Value>> {
         match self {
             Self::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Self::Sentinel(s) => Box::pin(async move {
+                let (generation, mut conn) = s.current();
+                let result = conn.req_packed_commands(pipeline, offset, count).await;
+                let lost = match &result {
+                    Err(e) => lost_the_master(e),
+                    Ok(v) => replica_reply(v),
+                };
+                if lost {
+                    s.re_resolve(generation).await;
+                }
+                result
+            }),
             Self::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
@@ -459,6 +598,7 @@ impl ConnectionLike for RedisConn {
     fn get_db(&self) -> i64 {
         match self {
             Self::Single(c) => c.get_db(),
+            Self::Sentinel(s) => s.settings.db,
             Self::Cluster(c) => c.get_db(),
         }
     }
