@@ -374,36 +374,16 @@ async fn each_limit_answers_429_with_retry_after() {
     let client = reqwest::Client::new();
 
     // SSE per client.
-    let first = client
-        .get(relay.events_url("run-a", ""))
-        .bearer_auth(ALL)
-        .send()
-        .await
-        .unwrap();
+    let first = open_sse(&client, &relay, ALL).await;
     assert_eq!(first.status(), 200);
-    let r = client
-        .get(relay.events_url("run-a", ""))
-        .bearer_auth(ALL)
-        .send()
-        .await
-        .unwrap();
+    let r = open_sse(&client, &relay, ALL).await;
     assert_429(&r, "sse per client");
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["limit"], "max-sse-per-client");
     // SSE in total: a second client fits, then the relay is full.
-    let second = client
-        .get(relay.events_url("run-a", ""))
-        .bearer_auth(TEAM_A)
-        .send()
-        .await
-        .unwrap();
+    let second = open_sse(&client, &relay, TEAM_A).await;
     assert_eq!(second.status(), 200);
-    let r = client
-        .get(relay.events_url("run-a", ""))
-        .bearer_auth(ALL)
-        .send()
-        .await
-        .unwrap();
+    let r = open_sse(&client, &relay, ALL).await;
     assert_429(&r, "sse in total");
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["limit"], "max-sse-total");
@@ -412,12 +392,7 @@ async fn each_limit_answers_429_with_retry_after() {
     drop(first);
     let deadline = tokio::time::Instant::now() + WAIT;
     let third = loop {
-        let r = client
-            .get(relay.events_url("run-a", ""))
-            .bearer_auth(ALL)
-            .send()
-            .await
-            .unwrap();
+        let r = open_sse(&client, &relay, ALL).await;
         if r.status() == 200 {
             break r;
         }
@@ -929,4 +904,14 @@ async fn sighup_reads_the_tokens_file_again() {
     for secret in [FIRST, SECOND] {
         assert!(!log.contains(secret), "{secret} is in the log:\n{log}");
     }
+}
+
+/// Opens run-a's event stream with `token` (the response is returned as it is).
+async fn open_sse(client: &reqwest::Client, relay: &Relay, token: &str) -> reqwest::Response {
+    client
+        .get(relay.events_url("run-a", ""))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
 }
