@@ -236,22 +236,7 @@ fn ticker(name: &str) -> String {
 /// [`ticker`] whose script starts with the line `marker` (a shell comment), so that the agent's
 /// process can be found by its command line ([`agent_pid`]).
 fn marked_ticker(name: &str, marker: &str) -> String {
-    format!(
-        r#"apiVersion: agentrun.dev/v1alpha1
-kind: AgentRun
-metadata:
-  name: {name}
-spec:
-  image: busybox:1.36
-  command: ["sh", "-c"]
-  args:
-    - |
-      {marker}
-      i=0
-      while [ "$i" -lt 300 ]; do echo "tick $i"; i=$((i + 1)); sleep 0.2; done
-  timeoutSeconds: 120
-"#
-    )
+    marked_counter(name, marker, 300, "0.2")
 }
 
 /// The host process of an agent running `sh -c SCRIPT` where SCRIPT starts with `marker`
@@ -588,6 +573,11 @@ spec:
 
 /// A run whose agent prints `tick 0` .. `tick {n-1}`, `every` seconds apart.
 fn counter(name: &str, n: u32, every: &str) -> String {
+    marked_counter(name, "", n, every)
+}
+
+/// [`counter`] whose script starts with the line `marker` (empty, or a shell comment).
+fn marked_counter(name: &str, marker: &str, n: u32, every: &str) -> String {
     format!(
         r#"apiVersion: agentrun.dev/v1alpha1
 kind: AgentRun
@@ -598,6 +588,7 @@ spec:
   command: ["sh", "-c"]
   args:
     - |
+      {marker}
       i=0
       while [ "$i" -lt {n} ]; do echo "tick $i"; i=$((i + 1)); sleep {every}; done
   timeoutSeconds: 120
