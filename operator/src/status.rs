@@ -43,9 +43,21 @@ pub mod reasons {
     pub const INVALID_SPEC: &str = "InvalidSpec";
 }
 
-/// The agent container writes this as its termination message (`/dev/termination-log`) when it
-/// ended the agent because of a user's stop request; the variation is then `Stopped`.
+/// The agent container writes this line in its termination message (`/dev/termination-log`)
+/// when it ended the agent because of a user's stop request; the variation is then `Stopped`.
 pub const STOPPED_TERMINATION_MESSAGE: &str = "agentrun: stopped";
+/// A termination message line starting with this says that output did not reach the sidecar
+/// before the agent container exited, why, and where it waits.
+pub const UNDELIVERED_TERMINATION_PREFIX: &str = "agentrun: output not delivered: ";
+
+/// What the agent container's termination message tells: stopped on request, and why output
+/// was not delivered (one line each, written by the entrypoint).
+pub fn read_termination_message(message: Option<&str>) -> (bool, Option<&str>) {
+    let lines = || message.unwrap_or_default().lines().map(str::trim);
+    let stopped = lines().any(|l| l == STOPPED_TERMINATION_MESSAGE);
+    let undelivered = lines().find_map(|l| l.strip_prefix(UNDELIVERED_TERMINATION_PREFIX));
+    (stopped, undelivered)
+}
 
 /// Everything the status derivation looks at.
 pub struct Observation<'a> {
@@ -96,10 +108,7 @@ pub fn variation_status(name: &str, pod: Option<&Pod>) -> VariationStatus {
         vs.exit_code = Some(term.exit_code);
         vs.start_time = term.started_at.clone();
         vs.finish_time = term.finished_at.clone();
-        let stopped = term
-            .message
-            .as_deref()
-            .is_some_and(|m| m.trim() == STOPPED_TERMINATION_MESSAGE);
+        let (stopped, undelivered) = read_termination_message(term.message.as_deref());
         if stopped {
             vs.phase = RunPhase::Stopped;
             vs.reason = Some(reasons::STOPPED.into());
@@ -118,6 +127,14 @@ pub fn variation_status(name: &str, pod: Option<&Pod>) -> VariationStatus {
                 _ => format!("the agent exited with code {}", term.exit_code),
             });
             vs.reason = Some(reason);
+        }
+        if let Some(why) = undelivered {
+            let said = vs
+                .message
+                .take()
+                .map(|m| format!("{m}; "))
+                .unwrap_or_default();
+            vs.message = Some(format!("{said}its output did not all reach Redis: {why}"));
         }
         return vs;
     }
@@ -603,6 +620,34 @@ mod tests {
                 "Stopped",
                 Some(143),
                 "stopped on request",
+            ),
+            (
+                "stopped, output undelivered",
+                exited(
+                    "Failed",
+                    143,
+                    Some("Error"),
+                    Some(
+                        "agentrun: stopped\nagentrun: output not delivered: no sidecar ever answered",
+                    ),
+                ),
+                RunPhase::Stopped,
+                "Stopped",
+                Some(143),
+                "stopped on request; its output did not all reach Redis: no sidecar ever answered",
+            ),
+            (
+                "succeeded, output undelivered",
+                exited(
+                    "Succeeded",
+                    0,
+                    Some("Completed"),
+                    Some("agentrun: output not delivered: the sidecar did not take 3 frame(s)"),
+                ),
+                RunPhase::Succeeded,
+                "Completed",
+                Some(0),
+                "its output did not all reach Redis: the sidecar did not take 3 frame(s)",
             ),
             (
                 "evicted",

@@ -4,16 +4,37 @@
 //! and its in-memory window is full), and sends them, in order, when the sidecar is back. The
 //! file holds an exclusive `flock` for as long as its writer lives; a spool whose lock can be
 //! taken belongs to an entrypoint that has exited, and the sidecar publishes it and removes it.
+//!
+//! The entrypoint and the sidecar run as different users on a real kubelet (the agent as its
+//! image's user, the sidecar as its own), so a spool is always made readable by every user of
+//! the pod (mode 0644 whatever the agent's umask), and the sidecar only ever reads it: `flock`
+//! works on a read-only descriptor, and removing the file needs write permission on the
+//! volume's directory (an `emptyDir` is world-writable), not on the file.
 
 use crate::frame::{Frame, FrameError, MAX_FRAME};
 use bytes::{Bytes, BytesMut};
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 const PREFIX: &str = "agentrun-spool-";
 const SUFFIX: &str = ".bin";
+/// Mode of every spool file: the sidecar, another user, must be able to read it.
+const SPOOL_MODE: u32 = 0o644;
+
+/// Creates (or truncates) a file with [`SPOOL_MODE`], whatever the process's umask.
+fn create_readable(path: &Path, read: bool) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .create(true)
+        .read(read)
+        .write(true)
+        .truncate(true)
+        .open(path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(SPOOL_MODE))?;
+    Ok(file)
+}
 
 /// A spool file being written (and drained) by its owner.
 pub struct SpoolFile {
@@ -22,6 +43,8 @@ pub struct SpoolFile {
     reader: BufReader<File>,
     written: u64,
     read: u64,
+    /// Frames appended and not yet read back.
+    frames: usize,
 }
 
 impl SpoolFile {
@@ -29,12 +52,7 @@ impl SpoolFile {
     pub fn create(dir: &Path, producer: &str) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
         let path = dir.join(format!("{PREFIX}{producer}{SUFFIX}"));
-        let file = OpenOptions::new()
-            .create(true)
-            .read(true)
-            .write(true)
-            .truncate(true)
-            .open(&path)?;
+        let file = create_readable(&path, true)?;
         let writer = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|(_, errno)| std::io::Error::from(errno))?;
         let reader = BufReader::with_capacity(256 * 1024, File::open(&path)?);
@@ -44,6 +62,7 @@ impl SpoolFile {
             reader,
             written: 0,
             read: 0,
+            frames: 0,
         })
     }
 
@@ -56,11 +75,17 @@ impl SpoolFile {
         self.written - self.read
     }
 
+    /// Frames appended and not yet read back.
+    pub fn unread_frames(&self) -> usize {
+        self.frames
+    }
+
     pub fn append(&mut self, frame: &Frame) -> std::io::Result<()> {
         let bytes = frame.to_bytes();
         self.writer.seek(SeekFrom::Start(self.written))?;
         self.writer.write_all(&bytes)?;
         self.written += bytes.len() as u64;
+        self.frames += 1;
         Ok(())
     }
 
@@ -72,6 +97,7 @@ impl SpoolFile {
         match read_frame_sync(&mut self.reader)? {
             Some((frame, len)) => {
                 self.read += len as u64;
+                self.frames = self.frames.saturating_sub(1);
                 if self.read >= self.written {
                     self.reset()?;
                 }
@@ -87,6 +113,7 @@ impl SpoolFile {
         self.reader.seek(SeekFrom::Start(0))?;
         self.written = 0;
         self.read = 0;
+        self.frames = 0;
         Ok(())
     }
 
@@ -94,7 +121,7 @@ impl SpoolFile {
     /// yet; used when the entrypoint exits before the sidecar took everything.
     pub fn persist_with_front(mut self, front: &[Frame]) -> std::io::Result<PathBuf> {
         let tmp = self.path.with_extension("tmp");
-        let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+        let mut out = std::io::BufWriter::new(create_readable(&tmp, false)?);
         for f in front {
             out.write_all(&f.to_bytes())?;
         }
@@ -121,7 +148,7 @@ pub fn write_spool(dir: &Path, producer: &str, frames: &[Frame]) -> std::io::Res
     std::fs::create_dir_all(dir)?;
     let path = dir.join(format!("{PREFIX}{producer}{SUFFIX}"));
     let tmp = path.with_extension("tmp");
-    let mut out = std::io::BufWriter::new(File::create(&tmp)?);
+    let mut out = std::io::BufWriter::new(create_readable(&tmp, false)?);
     for f in frames {
         out.write_all(&f.to_bytes())?;
     }
@@ -177,27 +204,69 @@ impl OrphanSpool {
     }
 }
 
-/// Spool files in `dir` whose writers are gone.
-pub fn orphan_spools(dir: &Path) -> Vec<OrphanSpool> {
+/// A spool file found in a directory.
+pub enum FoundSpool {
+    /// Its writer is gone; the caller holds its lock.
+    Orphan(OrphanSpool),
+    /// Its writer (a running entrypoint) holds the lock.
+    Live(PathBuf),
+}
+
+/// Every spool file in `dir`, in name order; unreadable ones are skipped with a warning (they
+/// cannot be published by this process either way).
+pub fn scan(dir: &Path) -> Vec<FoundSpool> {
     let Ok(entries) = std::fs::read_dir(dir) else {
         return Vec::new();
     };
-    let mut found: Vec<OrphanSpool> = entries
+    let mut paths: Vec<PathBuf> = entries
         .flatten()
         .filter(|e| {
             let name = e.file_name();
             let name = name.to_string_lossy();
             name.starts_with(PREFIX) && name.ends_with(SUFFIX)
         })
-        .filter_map(|e| {
-            let path = e.path();
-            let file = OpenOptions::new().read(true).write(true).open(&path).ok()?;
-            let lock = Flock::lock(file, FlockArg::LockExclusiveNonblock).ok()?;
-            Some(OrphanSpool { path, lock })
-        })
+        .map(|e| e.path())
         .collect();
-    found.sort_by(|a, b| a.path.cmp(&b.path));
-    found
+    paths.sort();
+    paths
+        .into_iter()
+        .filter_map(|path| {
+            // Read-only: the file belongs to the entrypoint's user, often not ours.
+            let file = match File::open(&path) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::warn!(path = %path.display(), error = %e, "cannot open a spool file");
+                    return None;
+                }
+            };
+            Some(match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => FoundSpool::Orphan(OrphanSpool { path, lock }),
+                Err(_) => FoundSpool::Live(path),
+            })
+        })
+        .collect()
+}
+
+/// Spool files in `dir` whose writers are gone.
+pub fn orphan_spools(dir: &Path) -> Vec<OrphanSpool> {
+    scan(dir)
+        .into_iter()
+        .filter_map(|f| match f {
+            FoundSpool::Orphan(o) => Some(o),
+            FoundSpool::Live(_) => None,
+        })
+        .collect()
+}
+
+/// Spool files in `dir` that a running entrypoint is writing.
+pub fn live_spools(dir: &Path) -> Vec<PathBuf> {
+    scan(dir)
+        .into_iter()
+        .filter_map(|f| match f {
+            FoundSpool::Live(p) => Some(p),
+            FoundSpool::Orphan(_) => None,
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -229,6 +298,7 @@ mod tests {
         assert_eq!(s.unread(), 0);
         // A live spool is locked, so it is not an orphan.
         assert!(orphan_spools(dir.path()).is_empty());
+        assert_eq!(live_spools(dir.path()), vec![s.path().to_path_buf()]);
         drop(s);
         assert!(
             std::fs::read_dir(dir.path()).unwrap().next().is_none(),
@@ -248,5 +318,22 @@ mod tests {
         assert_eq!(frames, vec![data(1, "a"), data(2, "b"), data(3, "c")]);
         orphans.pop().unwrap().remove().unwrap();
         assert!(orphan_spools(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn spools_are_readable_by_other_users_whatever_the_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
+        let mut s = SpoolFile::create(dir.path(), "p").unwrap();
+        s.append(&data(1, "a")).unwrap();
+        let live_mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
+        let path = s.persist_with_front(&[]).unwrap();
+        let persisted_mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        let written = write_spool(dir.path(), "q", &[data(1, "b")]).unwrap();
+        let written_mode = std::fs::metadata(&written).unwrap().permissions().mode();
+        nix::sys::stat::umask(old);
+        assert_eq!(live_mode & 0o777, 0o644);
+        assert_eq!(persisted_mode & 0o777, 0o644);
+        assert_eq!(written_mode & 0o777, 0o644);
     }
 }

@@ -187,7 +187,10 @@ async fn output_spooled_while_no_sidecar_is_there_is_published_later() {
         "printf 'one\\ntwo\\n'; printf three >&2; exit 4",
     );
     assert_eq!(out.status.code(), Some(4));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("the sidecar will publish them"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("which a sidecar of this pod publishes when it starts")
+    );
     // A sidecar that starts later publishes the spool and removes it.
     let mut sidecar = serve(&redis, &run, &socket);
     let mut conn = redis.conn().await;

@@ -43,8 +43,11 @@ pub struct EntrypointConfig {
     pub termination_log: PathBuf,
 }
 
-/// Termination message that tells the operator the agent was stopped on request.
+/// Termination message line that tells the operator the agent was stopped on request.
 pub const STOPPED_TERMINATION_MESSAGE: &str = "agentrun: stopped";
+/// Start of the termination message line that tells the operator that output did not reach
+/// the sidecar before the entrypoint exited (followed by why and where it is).
+pub const UNDELIVERED_TERMINATION_PREFIX: &str = "agentrun: output not delivered: ";
 
 impl EntrypointConfig {
     pub fn new(socket: PathBuf, command: Vec<OsString>) -> Self {
@@ -117,7 +120,8 @@ pub async fn run(config: EntrypointConfig) -> i32 {
                 .message(msg);
             event.exit_code = Some(EXIT_CANNOT_START);
             outbox.event(event).await;
-            report(outbox.finish(config.drain_timeout).await);
+            let undelivered = report(outbox.finish(config.drain_timeout).await);
+            write_termination_message(&config.termination_log, false, undelivered.as_deref());
             return EXIT_CANNOT_START;
         }
     };
@@ -210,24 +214,42 @@ pub async fn run(config: EntrypointConfig) -> i32 {
             (1, ev)
         }
     };
-    if event.state == RunState::Stopped && event.reason.as_deref() == Some("Stopped") {
-        write_termination_message(&config.termination_log);
+    let stopped = event.state == RunState::Stopped && event.reason.as_deref() == Some("Stopped");
+    if stopped {
+        // Written before the last event so that it is there even if the drain below is cut
+        // short by the pod's grace period.
+        write_termination_message(&config.termination_log, true, None);
     }
     outbox.event(event).await;
-    report(outbox.finish(config.drain_timeout).await);
+    let undelivered = report(outbox.finish(config.drain_timeout).await);
+    if undelivered.is_some() {
+        write_termination_message(&config.termination_log, stopped, undelivered.as_deref());
+    }
     code
 }
 
-/// Writes the stopped message to the termination log the kubelet created (never creates it:
-/// outside Kubernetes there is none).
-fn write_termination_message(path: &std::path::Path) {
+/// The container's termination message: one line per fact the operator reads.
+pub fn termination_message(stopped: bool, undelivered: Option<&str>) -> String {
+    let mut lines = Vec::new();
+    if stopped {
+        lines.push(STOPPED_TERMINATION_MESSAGE.to_string());
+    }
+    if let Some(why) = undelivered {
+        lines.push(format!("{UNDELIVERED_TERMINATION_PREFIX}{why}"));
+    }
+    lines.join("\n")
+}
+
+/// Writes the termination message to the file the kubelet created (never creates it: outside
+/// Kubernetes there is none).
+fn write_termination_message(path: &std::path::Path, stopped: bool, undelivered: Option<&str>) {
     use std::io::Write;
     if let Ok(mut f) = std::fs::OpenOptions::new()
         .write(true)
         .truncate(true)
         .open(path)
     {
-        let _ = f.write_all(STOPPED_TERMINATION_MESSAGE.as_bytes());
+        let _ = f.write_all(termination_message(stopped, undelivered).as_bytes());
     }
 }
 
@@ -258,17 +280,33 @@ async fn recv_signal(s: &mut Option<tokio::signal::unix::Signal>) -> Option<()> 
     }
 }
 
-fn report(r: FinishReport) {
-    match r {
-        FinishReport::Delivered => {}
-        FinishReport::Spooled { path, frames } => eprintln!(
-            "agentrun-entrypoint: the sidecar did not take {frames} frame(s) in time; they are in {} and the sidecar will publish them",
+/// Tells the log what happened to output the sidecar did not take; returns that, for the
+/// termination message, when something was not delivered.
+fn report(r: FinishReport) -> Option<String> {
+    let text = match r {
+        FinishReport::Delivered => return None,
+        FinishReport::Spooled {
+            path,
+            frames,
+            no_sidecar: Some(error),
+        } => format!(
+            "no sidecar ever answered on the socket ({error}); {frames} frame(s) of output are in the spool {}, which a sidecar of this pod publishes when it starts",
             path.display()
         ),
-        FinishReport::Lost { frames, error } => eprintln!(
-            "agentrun-entrypoint: {frames} frame(s) could not be delivered nor spooled: {error}"
+        FinishReport::Spooled {
+            path,
+            frames,
+            no_sidecar: None,
+        } => format!(
+            "the sidecar did not take {frames} frame(s) before the drain timeout; they are in the spool {}, which the sidecar publishes once it can (it adopts spools whose entrypoint has exited)",
+            path.display()
         ),
-    }
+        FinishReport::Lost { frames, error } => {
+            format!("{frames} frame(s) could be neither delivered nor spooled: {error}")
+        }
+    };
+    eprintln!("agentrun-entrypoint: {text}");
+    Some(text)
 }
 
 /// The exit code to exit with and the final status event.
@@ -420,6 +458,19 @@ mod tests {
         assert!(rss > 1024 * 1024, "rss {rss}");
         assert!(cpu < 3_600_000);
         assert!(process_usage(u32::MAX).is_none());
+    }
+
+    #[test]
+    fn the_termination_message_has_one_line_per_fact() {
+        assert_eq!(termination_message(true, None), "agentrun: stopped");
+        assert_eq!(
+            termination_message(false, Some("why")),
+            "agentrun: output not delivered: why"
+        );
+        assert_eq!(
+            termination_message(true, Some("why")),
+            "agentrun: stopped\nagentrun: output not delivered: why"
+        );
     }
 
     #[test]

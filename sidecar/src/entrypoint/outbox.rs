@@ -11,6 +11,11 @@
 //!
 //! Frames sent and not yet acknowledged stay in memory (bounded by the window) and are sent
 //! again after a reconnect; Redis drops the duplicates by producer sequence.
+//!
+//! When no sidecar answers, the agent container's log (`kubectl logs POD -c agent`) says so:
+//! at once when the socket refuses this process (with who this process is and who owns the
+//! socket), after [`NO_SIDECAR_WARNING`] when no socket is there, and again when the sidecar is
+//! back. Output is never dropped for that; it waits in the spool.
 
 use crate::frame::{Frame, Pipe};
 use crate::spool::{SpoolFile, write_spool};
@@ -43,7 +48,12 @@ pub enum FinishReport {
     /// The sidecar acknowledged everything.
     Delivered,
     /// The deadline passed; what was left is in this spool file for the sidecar to publish.
-    Spooled { path: PathBuf, frames: usize },
+    Spooled {
+        path: PathBuf,
+        frames: usize,
+        /// Why no sidecar ever took anything (the last connection error), when none did.
+        no_sidecar: Option<String>,
+    },
     /// The deadline passed and the frames could not even be written to disk.
     Lost { frames: usize, error: String },
 }
@@ -136,6 +146,20 @@ impl Outbox {
     }
 }
 
+/// How long no sidecar may answer before the agent container's log says so.
+pub const NO_SIDECAR_WARNING: Duration = Duration::from_secs(10);
+
+/// The state of the link to the sidecar, for what the entrypoint tells its log.
+#[derive(Default)]
+struct SidecarLink {
+    ever_connected: bool,
+    /// Since when no sidecar has been connected (`None` while one is).
+    down_since: Option<Instant>,
+    last_error: Option<String>,
+    /// Whether the log was told about the current outage.
+    reported: bool,
+}
+
 struct Connection {
     epoch: u64,
     writer: mpsc::UnboundedSender<Bytes>,
@@ -170,6 +194,7 @@ struct Actor {
     incoming_tx: mpsc::Sender<Incoming>,
     incoming_rx: mpsc::Receiver<Incoming>,
     finishing: Option<(Instant, oneshot::Sender<FinishReport>)>,
+    link: SidecarLink,
 }
 
 impl Actor {
@@ -193,6 +218,10 @@ impl Actor {
             incoming_tx,
             incoming_rx,
             finishing: None,
+            link: SidecarLink {
+                down_since: Some(Instant::now()),
+                ..Default::default()
+            },
         }
     }
 
@@ -372,7 +401,7 @@ impl Actor {
         if let Some(conn) = &self.conn
             && conn.writer.send(frame.to_bytes()).is_err()
         {
-            self.conn = None;
+            self.disconnected();
         }
         self.inflight_bytes += frame.weight();
         self.inflight.push_back(frame);
@@ -396,8 +425,9 @@ impl Actor {
     }
 
     async fn connect(&mut self) {
-        let Ok(stream) = UnixStream::connect(&self.config.socket).await else {
-            return;
+        let stream = match UnixStream::connect(&self.config.socket).await {
+            Ok(stream) => stream,
+            Err(e) => return self.connect_failed(&e),
         };
         let (mut read, mut write) = stream.into_split();
         self.epoch += 1;
@@ -438,14 +468,62 @@ impl Actor {
         if writer.send(batch.freeze()).is_ok() {
             self.redis_up = true;
             self.conn = Some(Connection { epoch, writer });
+            self.connected();
         }
+    }
+
+    /// Tells the log about a sidecar that cannot be reached (once per outage).
+    fn connect_failed(&mut self, error: &std::io::Error) {
+        let now = Instant::now();
+        let since = *self.link.down_since.get_or_insert(now);
+        self.link.last_error = Some(error.to_string());
+        if self.link.reported {
+            return;
+        }
+        let socket = self.config.socket.display();
+        let spool = self.config.spool_dir.display();
+        let absent = matches!(
+            error.kind(),
+            std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+        );
+        if !absent {
+            eprintln!(
+                "agentrun-entrypoint: cannot connect to the sidecar on {socket}: {error}. {}. The agent's output waits in the spool in {spool} and reaches Redis only once this process can connect.",
+                identity_and_socket(&self.config.socket)
+            );
+            self.link.reported = true;
+        } else if now.duration_since(since) >= NO_SIDECAR_WARNING {
+            eprintln!(
+                "agentrun-entrypoint: no sidecar has answered on {socket} for {}s ({error}); the agent's output waits in the spool in {spool} until one does. Is the agentrun-sidecar container running? kubectl logs POD -c agentrun-sidecar",
+                now.duration_since(since).as_secs()
+            );
+            self.link.reported = true;
+        }
+    }
+
+    fn connected(&mut self) {
+        if self.link.reported {
+            eprintln!(
+                "agentrun-entrypoint: connected to the sidecar on {}; delivering the output that waited",
+                self.config.socket.display()
+            );
+        }
+        self.link = SidecarLink {
+            ever_connected: true,
+            ..Default::default()
+        };
+    }
+
+    fn disconnected(&mut self) {
+        self.conn = None;
+        self.link.down_since.get_or_insert_with(Instant::now);
     }
 
     async fn incoming(&mut self, msg: Incoming) {
         match msg {
             Incoming::Closed(epoch) => {
                 if self.conn.as_ref().is_some_and(|c| c.epoch == epoch) {
-                    self.conn = None;
+                    self.disconnected();
                 }
             }
             Incoming::Frame(epoch, frame) => {
@@ -491,18 +569,54 @@ impl Actor {
     /// The deadline passed: leave everything unacknowledged in a spool file.
     fn give_up(&mut self) -> FinishReport {
         let front: Vec<Frame> = self.inflight.drain(..).collect();
-        let frames = front.len();
+        let frames = front.len() + self.spool.as_ref().map_or(0, SpoolFile::unread_frames);
         let result = match self.spool.take() {
             Some(spool) => spool.persist_with_front(&front),
             None => write_spool(&self.config.spool_dir, &self.config.producer, &front),
         };
         match result {
-            Ok(path) => FinishReport::Spooled { path, frames },
+            Ok(path) => FinishReport::Spooled {
+                path,
+                frames,
+                no_sidecar: (!self.link.ever_connected).then(|| {
+                    self.link
+                        .last_error
+                        .clone()
+                        .unwrap_or_else(|| "no connection was made".into())
+                }),
+            },
             Err(e) => FinishReport::Lost {
                 frames,
                 error: e.to_string(),
             },
         }
+    }
+}
+
+/// Who this process is and who owns the socket, for a refused connection.
+fn identity_and_socket(socket: &std::path::Path) -> String {
+    use std::os::unix::fs::MetadataExt;
+    let groups = nix::unistd::getgroups()
+        .map(|g| {
+            g.iter()
+                .map(|g| g.as_raw().to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        })
+        .unwrap_or_default();
+    let me = format!(
+        "This process runs as uid {}, gid {}, groups [{groups}]",
+        nix::unistd::getuid(),
+        nix::unistd::getgid()
+    );
+    match std::fs::metadata(socket) {
+        Ok(m) => format!(
+            "{me}; the socket belongs to uid {}, gid {} with mode {:o}",
+            m.uid(),
+            m.gid(),
+            m.mode() & 0o7777
+        ),
+        Err(e) => format!("{me}; the socket cannot be looked at: {e}"),
     }
 }
 

@@ -2,6 +2,7 @@
 //! them to the run's Redis streams and channels; forwards control messages back.
 
 mod control;
+mod entrypoint_watch;
 mod publisher;
 
 use crate::frame::{Frame, Pipe};
@@ -97,6 +98,24 @@ pub enum SidecarError {
     },
 }
 
+/// Binds the entrypoint's socket, open to every user of the pod.
+///
+/// On a real kubelet the agent container runs as whatever user its image or securityContext
+/// says (root with no capabilities, any uid, OpenShift's random uid with gid 0), never as the
+/// sidecar's user, and `connect()` needs write permission on the socket file. The socket lives
+/// on the pod's own volume, which only the pod's containers see, so mode 0666 opens it to the
+/// agent container and to nothing outside the pod.
+fn bind_socket(path: &std::path::Path) -> Result<UnixListener, SidecarError> {
+    use std::os::unix::fs::PermissionsExt;
+    let error = |source| SidecarError::Socket {
+        path: path.to_path_buf(),
+        source,
+    };
+    let listener = UnixListener::bind(path).map_err(error)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(error)?;
+    Ok(listener)
+}
+
 /// What a finished sidecar did.
 #[derive(Debug, Clone, Default)]
 pub struct ServeReport {
@@ -119,6 +138,8 @@ pub(crate) struct Shared {
     redis_up: watch::Sender<bool>,
     /// Set when an entrypoint said it has sent everything.
     entrypoint_done: watch::Sender<bool>,
+    /// Spools published but not removable (the volume refused): not published again.
+    published_spools: Mutex<std::collections::HashSet<PathBuf>>,
 }
 
 impl Shared {
@@ -185,11 +206,7 @@ impl Sidecar {
         if let Some(dir) = config.socket.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let listener =
-            UnixListener::bind(&config.socket).map_err(|source| SidecarError::Socket {
-                path: config.socket.clone(),
-                source,
-            })?;
+        let listener = bind_socket(&config.socket)?;
 
         let publish_options = PublishOptions {
             max_len: Some(config.stream_max_len),
@@ -214,6 +231,7 @@ impl Sidecar {
             pending_control: Mutex::new(VecDeque::new()),
             redis_up: watch::channel(conn.is_some()).0,
             entrypoint_done: watch::channel(false).0,
+            published_spools: Mutex::new(Default::default()),
         });
         shared.set_redis_up(conn.is_some());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -284,6 +302,12 @@ async fn run(
         sidecar_producer.clone(),
         pseq.clone(),
     ));
+    let watchdog = tokio::spawn(entrypoint_watch::run(
+        shared.clone(),
+        items_tx.clone(),
+        sidecar_producer.clone(),
+        pseq.clone(),
+    ));
 
     let mut epoch = 0;
     loop {
@@ -300,6 +324,7 @@ async fn run(
     drop(listener);
     let _ = std::fs::remove_file(&shared.config.socket);
     figures.abort();
+    watchdog.abort();
 
     // Drain: let a connected entrypoint finish (bounded), adopt spools it may have left, and
     // wait for the publisher to deliver everything queued before the barrier.
@@ -436,6 +461,14 @@ async fn metrics_ticker(
 
 async fn adopt_orphans(shared: &Arc<Shared>, items: &mpsc::Sender<Item>, budget: &Arc<Semaphore>) {
     for mut orphan in orphan_spools(&shared.config.spool_dir) {
+        let already = shared
+            .published_spools
+            .lock()
+            .map(|p| p.contains(&orphan.path))
+            .unwrap_or(false);
+        if already {
+            continue;
+        }
         let frames = match orphan.frames() {
             Ok(f) => f,
             Err(e) => {
@@ -460,7 +493,13 @@ async fn adopt_orphans(shared: &Arc<Shared>, items: &mpsc::Sender<Item>, budget:
         let (tx, rx) = oneshot::channel();
         let _ = items.send(Item::Barrier(tx)).await;
         if rx.await.is_ok() {
-            let _ = orphan.remove();
+            let path = orphan.path.clone();
+            if let Err(e) = orphan.remove() {
+                tracing::warn!(path = %path.display(), error = %e, "published a spool but cannot remove it; this sidecar skips it from now on (a later one publishes it again and Redis drops the repeats)");
+                if let Ok(mut p) = shared.published_spools.lock() {
+                    p.insert(path);
+                }
+            }
         }
     }
 }
