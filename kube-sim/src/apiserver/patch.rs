@@ -5,7 +5,7 @@
 
 use serde_json::{Map, Value};
 
-use crate::util::ApiError;
+use crate::apiserver::errors::ApiError;
 
 /// The patch formats kube-sim accepts, by Content-Type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

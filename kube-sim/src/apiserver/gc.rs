@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::store::{DeleteOpts, EventType, Store, TypeKey};
+use crate::apiserver::store::{DeleteOpts, EventType, Store, TypeKey};
 
 fn s(v: &Value, ptr: &str) -> String {
     v.pointer(ptr)

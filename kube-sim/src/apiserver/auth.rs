@@ -1,5 +1,5 @@
 //! Users and extra permissions from a small config file (`--auth-config FILE`): requests with
-//! a bearer token are authenticated as its user and authorized by RBAC (`crate::rbac`) and the
+//! a bearer token are authenticated as its user and authorized by RBAC (`crate::apiserver::rbac`) and the
 //! `rules` here; TokenReview and SubjectAccessReview are answered from the same, so components
 //! that delegate authentication and authorization to the API server can be tested.
 //!
@@ -21,8 +21,8 @@
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::rbac::Attrs;
-use crate::store::Store;
+use crate::apiserver::rbac::Attrs;
+use crate::apiserver::store::Store;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct AuthConfig {
@@ -187,7 +187,7 @@ impl AuthConfig {
         let id = if self_review {
             requester.cloned()
         } else {
-            let groups = crate::util::string_list(&spec["groups"]);
+            let groups = crate::apiserver::errors::string_list(&spec["groups"]);
             Some(Identity {
                 username: spec["user"].as_str().unwrap_or_default().to_string(),
                 uid: spec["uid"].as_str().unwrap_or_default().to_string(),
@@ -213,7 +213,7 @@ impl AuthConfig {
         };
         let allowed = match (&id, &attrs) {
             (None, _) => true,
-            (Some(id), Some(a)) => crate::rbac::allowed(store, self, id, a),
+            (Some(id), Some(a)) => crate::apiserver::rbac::allowed(store, self, id, a),
             (Some(_), None) => false,
         };
         review["status"] = if allowed {

@@ -5,8 +5,8 @@
 use regex::Regex;
 use serde_json::{Map, Value};
 
-use crate::cel;
-use crate::util::{FieldError, short_value};
+use crate::apiserver::cel;
+use crate::apiserver::errors::{FieldError, short_value};
 
 /// Result of checking an object against its schema.
 #[derive(Debug, Default)]
@@ -297,7 +297,7 @@ fn walk_array(
         ));
     }
     let list_type = schema["x-kubernetes-list-type"].as_str();
-    let map_keys = crate::util::string_list(&schema["x-kubernetes-list-map-keys"]);
+    let map_keys = crate::apiserver::errors::string_list(&schema["x-kubernetes-list-map-keys"]);
     if let Some(item_schema) = schema.get("items") {
         for (i, it) in items.iter_mut().enumerate() {
             // Old items are correlated by key in map lists only, as on a real server.
@@ -312,7 +312,7 @@ fn walk_array(
     }
     let unique = schema["uniqueItems"] == Value::Bool(true);
     if list_type == Some("map") || list_type == Some("set") || unique {
-        let keys = crate::util::string_list(&schema["x-kubernetes-list-map-keys"]);
+        let keys = crate::apiserver::errors::string_list(&schema["x-kubernetes-list-map-keys"]);
         let mut seen: Vec<Value> = Vec::new();
         for (i, it) in items.iter().enumerate() {
             let key = if list_type == Some("map") {

@@ -6,6 +6,8 @@
 //! with the pod's volumes bind-mounted at their `mountPath`, and, when enabled, in the pod's own
 //! network namespace. Images map to executables through an image map.
 
+pub mod network;
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,9 +22,9 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 use tokio::sync::watch;
 
-use crate::netns::{NetNs, Network};
-use crate::store::{EventType, NODE_NAME, Store, TypeKey};
-use crate::util::now_rfc3339;
+use crate::apiserver::store::{EventType, NODE_NAME, Store, TypeKey};
+use crate::apiserver::errors::now_rfc3339;
+use network::{NetNs, Network};
 
 /// How an image maps to something runnable on the host.
 #[derive(Debug, Clone, Deserialize)]
@@ -354,7 +356,7 @@ fn pod_event(
         "lastTimestamp": now,
         "count": 1,
     });
-    if let Err(e) = store.create(&t, &ns, ev, &crate::store::WriteOpts::default()) {
+    if let Err(e) = store.create(&t, &ns, ev, &crate::apiserver::store::WriteOpts::default()) {
         tracing::debug!("event {reason} for pod {ns}: {e}");
     }
 }
@@ -1094,7 +1096,7 @@ impl PodRunner {
 
     fn prepare(&self, spec: &Value) -> Prepared {
         let image = spec["image"].as_str().unwrap_or_default();
-        let strs = crate::util::string_list;
+        let strs = crate::apiserver::errors::string_list;
         let command = strs(&spec["command"]);
         let args = strs(&spec["args"]);
         if let Err(msg) = write_volume_files(&self.kubelet.store, &self.pod, &self.dir) {

@@ -10,9 +10,9 @@ use rand::Rng;
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
-use crate::resources::{ResourceType, builtin_types, types_from_crd};
-use crate::schema;
-use crate::util::{ApiError, FieldError, now_rfc3339};
+use crate::apiserver::resources::{ResourceType, builtin_types, types_from_crd};
+use crate::apiserver::schema;
+use crate::apiserver::errors::{ApiError, FieldError, now_rfc3339};
 
 /// `(group, plural)`: the storage key of a resource, shared by all its versions.
 pub type TypeKey = (String, String);
@@ -183,7 +183,7 @@ fn dns_subdomain_ok(s: &str) -> bool {
 
 fn finalizers(obj: &Value) -> Vec<String> {
     obj.pointer("/metadata/finalizers")
-        .map(crate::util::string_list)
+        .map(crate::apiserver::errors::string_list)
         .unwrap_or_default()
 }
 

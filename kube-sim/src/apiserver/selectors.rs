@@ -2,7 +2,7 @@
 
 use serde_json::Value;
 
-use crate::util::{ApiError, get_path, scalar_string};
+use crate::apiserver::errors::{ApiError, get_path, scalar_string};
 
 #[derive(Debug, Clone, PartialEq)]
 enum LabelReq {

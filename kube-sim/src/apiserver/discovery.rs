@@ -4,7 +4,7 @@ use std::collections::BTreeMap;
 
 use serde_json::{Value, json};
 
-use crate::resources::ResourceType;
+use crate::apiserver::resources::ResourceType;
 
 pub fn version() -> Value {
     json!({

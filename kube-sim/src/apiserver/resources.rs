@@ -389,7 +389,7 @@ pub fn builtin_types() -> Vec<ResourceType> {
 pub fn types_from_crd(crd: &Value) -> Vec<ResourceType> {
     let spec = &crd["spec"];
     let names = &spec["names"];
-    let str_list = crate::util::string_list;
+    let str_list = crate::apiserver::errors::string_list;
     let kind = names["kind"].as_str().unwrap_or_default().to_string();
     let plural = names["plural"].as_str().unwrap_or_default().to_string();
     let singular = names["singular"]

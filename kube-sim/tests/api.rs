@@ -310,7 +310,7 @@ async fn label_and_field_selectors() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn watch_resumes_from_a_resource_version_and_old_ones_are_gone() {
-    let c = Cluster::start_with(agentrun_e2e::Options {
+    let c = Cluster::start_with(kube_sim::Options {
         bookmark_interval: Duration::from_millis(300),
         ..Default::default()
     })

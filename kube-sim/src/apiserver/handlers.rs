@@ -12,16 +12,16 @@ use serde_json::{Value, json};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::auth::{AuthConfig, Identity};
-use crate::discovery;
+use crate::apiserver::auth::{AuthConfig, Identity};
+use crate::apiserver::discovery;
 use crate::kubelet::Kubelet;
-use crate::patch::{self, PatchKind};
-use crate::rbac::{self, Attrs, DenialLog};
-use crate::resources::ResourceType;
-use crate::selectors::{FieldSelector, LabelSelector};
-use crate::store::{DeleteOpts, Event, EventType, Store, TypeKey, WriteOpts};
-use crate::table;
-use crate::util::ApiError;
+use crate::apiserver::patch::{self, PatchKind};
+use crate::apiserver::rbac::{self, Attrs, DenialLog};
+use crate::apiserver::resources::ResourceType;
+use crate::apiserver::selectors::{FieldSelector, LabelSelector};
+use crate::apiserver::store::{DeleteOpts, Event, EventType, Store, TypeKey, WriteOpts};
+use crate::apiserver::table;
+use crate::apiserver::errors::ApiError;
 
 /// Shared state of the HTTP server.
 pub struct App {

@@ -3,22 +3,10 @@
 //!
 //! Start it in-process with [`start`], or as the `kube-sim` binary.
 
-pub mod api;
-pub mod auth;
-pub mod cel;
-pub mod discovery;
-pub mod gc;
+pub mod apiserver;
 pub mod kubelet;
-pub mod netns;
-pub mod patch;
-pub mod rbac;
-pub mod resources;
-pub mod schema;
-pub mod selectors;
-pub mod store;
-pub mod table;
-pub mod tls;
-pub mod util;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,9 +16,10 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 
-pub use auth::AuthConfig;
+use apiserver::{auth, gc, handlers, rbac, tls};
+pub use apiserver::auth::AuthConfig;
+pub use apiserver::store::Store;
 pub use kubelet::{ImageMap, Kubelet, KubeletConfig};
-pub use store::Store;
 
 /// How to run kube-sim.
 #[derive(Debug, Clone)]
@@ -182,7 +171,7 @@ pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
             cfg.mount_namespaces = m;
         }
         if opts.pod_network {
-            let net = netns::Network::new(opts.host_address.clone())
+            let net = kubelet::network::Network::new(opts.host_address.clone())
                 .await
                 .map_err(|e| anyhow::anyhow!("pod network: {e}"))?;
             cfg.network = Some(Arc::new(net));
@@ -195,7 +184,7 @@ pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
     };
     tasks.push(tokio::spawn(gc::run(store.clone())));
     let denials = Arc::new(rbac::DenialLog::default());
-    let app = Arc::new(api::App {
+    let app = Arc::new(handlers::App {
         store: store.clone(),
         auth,
         kubelet: kubelet.clone(),
@@ -203,7 +192,7 @@ pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
         bookmark_interval: opts.bookmark_interval,
         denials: denials.clone(),
     });
-    let router = axum::Router::new().fallback(api::handle).with_state(app);
+    let router = axum::Router::new().fallback(handlers::handle).with_state(app);
     tasks.push(tokio::spawn(async move {
         match certs {
             Some(c) => c.serve(listener, router).await,

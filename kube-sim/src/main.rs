@@ -1,10 +1,10 @@
-//! `kube-sim`: a Kubernetes API server and kubelet for tests. See e2e/README.md.
+//! `kube-sim`: a Kubernetes API server and kubelet for tests. See kube-sim/README.md.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use agentrun_e2e::{AuthConfig, ImageMap, Options};
+use kube_sim::{AuthConfig, ImageMap, Options};
 use anyhow::Context;
 use clap::Parser;
 
@@ -95,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
         bookmark_interval: Duration::from_secs(args.bookmark_seconds.max(1)),
         ..Options::default()
     };
-    let sim = agentrun_e2e::start(opts)
+    let sim = kube_sim::start(opts)
         .await
         .context("starting kube-sim")?;
     println!("{}", sim.url);

@@ -12,9 +12,9 @@
 
 use serde_json::Value;
 
-use crate::auth::Identity;
-use crate::store::Store;
-use crate::util::ApiError;
+use crate::apiserver::auth::Identity;
+use crate::apiserver::store::Store;
+use crate::apiserver::errors::ApiError;
 
 const RBAC: &str = "rbac.authorization.k8s.io";
 
@@ -246,7 +246,7 @@ fn default_grant(a: &Attrs) -> bool {
 
 /// Whether `id` may do `a`: `system:masters` always may; otherwise a default grant, a stored
 /// RBAC rule or an auth-config rule must allow it.
-pub fn allowed(store: &Store, cfg: &crate::AuthConfig, id: &Identity, a: &Attrs) -> bool {
+pub fn allowed(store: &Store, cfg: &crate::apiserver::auth::AuthConfig, id: &Identity, a: &Attrs) -> bool {
     id.groups.iter().any(|g| g == "system:masters")
         || default_grant(a)
         || cfg.rules_allow(id, a)

@@ -392,8 +392,8 @@ async fn image_map_and_strict_images() {
     let dir = tempfile::tempdir().expect("tmp");
     let images = dir.path().join("images.yaml");
     std::fs::write(&images, "images:\n  example.com/agentrun/echo: /bin/echo\n  example.com/agentrun/shell: {prefix: [sh, -c]}\n").expect("write");
-    let c = Cluster::start_with(agentrun_e2e::Options {
-        images: agentrun_e2e::ImageMap::load(&images).expect("image map"),
+    let c = Cluster::start_with(kube_sim::Options {
+        images: kube_sim::ImageMap::load(&images).expect("image map"),
         strict_images: true,
         ..Default::default()
     })
@@ -436,11 +436,11 @@ async fn image_map_and_strict_images() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn token_and_subject_access_reviews_follow_the_auth_config() {
-    let auth: agentrun_e2e::AuthConfig = serde_yaml::from_str(
+    let auth: kube_sim::AuthConfig = serde_yaml::from_str(
         "users:\n- {token: alice-token, username: alice, uid: '1', groups: [viewers]}\nrules:\n- {subjects: ['group:viewers'], verbs: [get, list, watch], apiGroups: [agentrun.dev], resources: [agentruns], namespaces: [team-a]}\n",
     )
     .expect("auth config");
-    let c = Cluster::start_with(agentrun_e2e::Options {
+    let c = Cluster::start_with(kube_sim::Options {
         auth,
         ..Default::default()
     })
@@ -496,7 +496,7 @@ async fn token_and_subject_access_reviews_follow_the_auth_config() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pods_get_their_own_network_namespace() {
-    let c = Cluster::start_with(agentrun_e2e::Options {
+    let c = Cluster::start_with(kube_sim::Options {
         pod_network: true,
         ..Default::default()
     })
@@ -646,7 +646,7 @@ async fn probes_gate_start_readiness_and_liveness() {
 #[tokio::test(flavor = "multi_thread")]
 async fn termination_messages_come_from_the_file_or_the_log() {
     let c = Cluster::start().await;
-    if c.is_sim() && !agentrun_e2e::kubelet::namespaces_available() {
+    if c.is_sim() && !kube_sim::kubelet::namespaces_available() {
         eprintln!("termination message files are bind-mounted in mount namespaces (root only)");
         return;
     }
