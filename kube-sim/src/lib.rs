@@ -1,12 +1,22 @@
-//! agentrun end-to-end test support, and `kube-sim`: a small Kubernetes API server with a
-//! kubelet that runs pods as host processes, for machines where no real cluster can run.
+//! kube-sim: a small Kubernetes API server with a kubelet that runs pods as host processes,
+//! for machines where no real cluster can run (test tooling only; see kube-sim/README.md).
 //!
-//! Start it in-process with [`start`], or as the `kube-sim` binary.
+//! Start it in-process with [`start`] and [`Options`], or as the `kube-sim` binary.
+//!
+//! | module | what it owns |
+//! |---|---|
+//! | [`apiserver`] | the API server: REST and watch, store, admission, patches and server-side apply, CRD schemas, RBAC, garbage collection, TLS |
+//! | [`kubelet`] | the one node: scheduling, pods as host processes (images, env, volumes, probes), pod networks |
+//! | [`time`] | timestamps as API objects write them, kubectl's ages |
+//! | [`json`] | reading API objects as JSON |
+//! | `testing` | (feature `testing`) a cluster per test, kubectl and kube-rs helpers |
 
 pub mod apiserver;
+pub mod json;
 pub mod kubelet;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod time;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,9 +26,9 @@ use std::time::Duration;
 use anyhow::Context;
 use tokio::task::JoinHandle;
 
-use apiserver::{auth, gc, handlers, rbac, tls};
 pub use apiserver::auth::AuthConfig;
 pub use apiserver::store::Store;
+use apiserver::{App, PodLogs, auth, gc, rbac, tls};
 pub use kubelet::{ImageMap, Kubelet, KubeletConfig};
 
 /// How to run kube-sim.
@@ -184,15 +194,15 @@ pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
     };
     tasks.push(tokio::spawn(gc::run(store.clone())));
     let denials = Arc::new(rbac::DenialLog::default());
-    let app = Arc::new(handlers::App {
+    let app = Arc::new(App {
         store: store.clone(),
         auth,
-        kubelet: kubelet.clone(),
+        pod_logs: kubelet.clone().map(|k| k as Arc<dyn PodLogs>),
         addr: addr.to_string(),
         bookmark_interval: opts.bookmark_interval,
         denials: denials.clone(),
     });
-    let router = axum::Router::new().fallback(handlers::handle).with_state(app);
+    let router = apiserver::router(app);
     tasks.push(tokio::spawn(async move {
         match certs {
             Some(c) => c.serve(listener, router).await,

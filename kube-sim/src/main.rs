@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use kube_sim::{AuthConfig, ImageMap, Options};
 use anyhow::Context;
 use clap::Parser;
+use kube_sim::{AuthConfig, ImageMap, Options};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -95,9 +95,7 @@ async fn main() -> anyhow::Result<()> {
         bookmark_interval: Duration::from_secs(args.bookmark_seconds.max(1)),
         ..Options::default()
     };
-    let sim = kube_sim::start(opts)
-        .await
-        .context("starting kube-sim")?;
+    let sim = kube_sim::start(opts).await.context("starting kube-sim")?;
     println!("{}", sim.url);
     tracing::info!(
         "kube-sim listening on {} (state in {})",

@@ -1,7 +1,7 @@
-//! Users and extra permissions from a small config file (`--auth-config FILE`): requests with
-//! a bearer token are authenticated as its user and authorized by RBAC (`crate::apiserver::rbac`) and the
-//! `rules` here; TokenReview and SubjectAccessReview are answered from the same, so components
-//! that delegate authentication and authorization to the API server can be tested.
+//! Authentication: users (bearer tokens) and extra permissions from a small config file
+//! (`--auth-config FILE`). A request with a bearer token is authenticated as its user (and then
+//! authorized by `rbac.rs`, with the `rules` here); TokenReviews are answered from the same
+//! users, so components that delegate authentication to the API server can be tested.
 //!
 //! ```yaml
 //! users:
@@ -18,11 +18,11 @@
 //!     resourceNames: []                    # empty: every name
 //! ```
 
+use axum::http::{HeaderMap, header};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::apiserver::rbac::Attrs;
-use crate::apiserver::store::Store;
+use crate::apiserver::errors::ApiError;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct AuthConfig {
@@ -56,10 +56,6 @@ pub struct Rule {
     pub namespaces: Vec<String>,
     #[serde(default)]
     pub resource_names: Vec<String>,
-}
-
-fn any(list: &[String], want: &str) -> bool {
-    list.iter().any(|x| x == "*" || x == want)
 }
 
 /// Who a request is from, as authentication found it.
@@ -130,33 +126,6 @@ impl AuthConfig {
             .map(User::identity)
     }
 
-    /// Whether one of the auth config's `rules` allows the request.
-    pub fn rules_allow(&self, id: &Identity, a: &Attrs) -> bool {
-        let Attrs::Resource {
-            verb,
-            group,
-            namespace,
-            name,
-            ..
-        } = a
-        else {
-            return false;
-        };
-        let resource = a.full_resource();
-        self.rules.iter().any(|r| {
-            r.subjects.iter().any(|sub| {
-                sub == &id.username
-                    || sub
-                        .strip_prefix("group:")
-                        .is_some_and(|g| id.groups.iter().any(|x| x == g))
-            }) && any(&r.verbs, verb)
-                && any(&r.api_groups, group)
-                && any(&r.resources, &resource)
-                && (r.namespaces.is_empty() || any(&r.namespaces, namespace))
-                && (r.resource_names.is_empty() || any(&r.resource_names, name))
-        })
-    }
-
     /// Fills in `status` of a TokenReview.
     pub fn token_review(&self, mut review: Value) -> Value {
         let token = review
@@ -171,58 +140,26 @@ impl AuthConfig {
         };
         review
     }
+}
 
-    /// Fills in `status` of a (Local/Self)SubjectAccessReview from the auth config's rules and
-    /// the stored RBAC objects. A SelfSubjectAccessReview is about `requester` (None: the
-    /// unauthenticated admin, who may do anything).
-    pub fn access_review(
-        &self,
-        store: &Store,
-        mut review: Value,
-        local_ns: Option<&str>,
-        requester: Option<&Identity>,
-        self_review: bool,
-    ) -> Value {
-        let spec = review.get("spec").cloned().unwrap_or(json!({}));
-        let id = if self_review {
-            requester.cloned()
-        } else {
-            let groups = crate::apiserver::errors::string_list(&spec["groups"]);
-            Some(Identity {
-                username: spec["user"].as_str().unwrap_or_default().to_string(),
-                uid: spec["uid"].as_str().unwrap_or_default().to_string(),
-                groups,
-            })
-        };
-        let attrs = if let Some(ra) = spec.get("resourceAttributes") {
-            let s = |k: &str| ra[k].as_str().unwrap_or_default().to_string();
-            Some(Attrs::Resource {
-                verb: s("verb"),
-                group: s("group"),
-                resource: s("resource"),
-                subresource: s("subresource"),
-                namespace: local_ns.map(String::from).unwrap_or_else(|| s("namespace")),
-                name: s("name"),
-            })
-        } else {
-            spec.get("nonResourceAttributes")
-                .map(|n| Attrs::NonResource {
-                    verb: n["verb"].as_str().unwrap_or_default().to_string(),
-                    path: n["path"].as_str().unwrap_or_default().to_string(),
-                })
-        };
-        let allowed = match (&id, &attrs) {
-            (None, _) => true,
-            (Some(id), Some(a)) => crate::apiserver::rbac::allowed(store, self, id, a),
-            (Some(_), None) => false,
-        };
-        review["status"] = if allowed {
-            json!({"allowed": true, "reason": "kube-sim: allowed by RBAC or the auth config"})
-        } else {
-            json!({"allowed": false, "reason": "kube-sim: no RBAC or auth config rule allows this"})
-        };
-        review
-    }
+/// The requester: None without an `Authorization` header (the admin kubeconfig kube-sim
+/// writes has no credentials and may do anything); 401 for a token the auth config does not
+/// know, or for credentials other than a bearer token.
+pub fn authenticate_request(
+    auth: &AuthConfig,
+    headers: &HeaderMap,
+) -> Result<Option<Identity>, ApiError> {
+    let Some(h) = headers.get(header::AUTHORIZATION) else {
+        return Ok(None);
+    };
+    let unauthorized = || ApiError::new(401, "Unauthorized", "Unauthorized");
+    let value = h.to_str().map_err(|_| unauthorized())?;
+    let token = value
+        .strip_prefix("Bearer ")
+        .or_else(|| value.strip_prefix("bearer "))
+        .ok_or_else(unauthorized)?
+        .trim();
+    auth.authenticate(token).map(Some).ok_or_else(unauthorized)
 }
 
 #[cfg(test)]
@@ -230,24 +167,15 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reviews() {
-        let cfg: AuthConfig = serde_yaml::from_str(
-            "users: [{token: t1, username: alice, groups: [viewers]}]\nrules: [{subjects: ['group:viewers'], verbs: [get], apiGroups: [agentrun.dev], resources: [agentruns], namespaces: [default]}]",
-        )
-        .unwrap_or_default();
+    fn token_reviews_answer_from_the_users() {
+        let cfg: AuthConfig =
+            serde_yaml::from_str("users: [{token: t1, username: alice, groups: [viewers]}]")
+                .unwrap_or_default();
         let r = cfg.token_review(json!({"spec": {"token": "t1"}}));
         assert_eq!(r["status"]["user"]["username"], "alice");
         assert_eq!(
             cfg.token_review(json!({"spec": {"token": "x"}}))["status"]["authenticated"],
             false
         );
-        let store = Store::new(10);
-        let sar = |verb: &str, ns: &str| {
-            cfg.access_review(&store, json!({"spec": {"user": "alice", "groups": ["viewers"], "resourceAttributes":
-                {"verb": verb, "group": "agentrun.dev", "resource": "agentruns", "namespace": ns}}}), None, None, false)["status"]["allowed"].clone()
-        };
-        assert_eq!(sar("get", "default"), true);
-        assert_eq!(sar("delete", "default"), false);
-        assert_eq!(sar("get", "other"), false);
     }
 }

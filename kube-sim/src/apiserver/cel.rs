@@ -1,3 +1,6 @@
+//! Over 600 lines on purpose: the lexer, parser and evaluator of this CEL subset (and their
+//! tests) change together.
+//!
 //! A small subset of CEL, enough for the `x-kubernetes-validations` rules CRDs usually carry:
 //! literals, `self`/`oldSelf`, field access and indexing, `has()`, `size()`, `!`, `-`,
 //! arithmetic, comparisons, `&&`, `||`, `? :`, `in`, list literals, the macros `all`, `exists`,

@@ -8,13 +8,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use crate::apiserver::store::{DeleteOpts, EventType, Store, TypeKey};
-
-fn s(v: &Value, ptr: &str) -> String {
-    v.pointer(ptr)
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-        .to_string()
-}
+use crate::json::str_at;
 
 /// Runs the collector until the store goes away.
 pub async fn run(store: Arc<Store>) {
@@ -42,14 +36,17 @@ pub async fn run(store: Arc<Store>) {
 /// One pass over every object.
 pub fn collect(store: &Store) {
     let all = store.all_objects();
-    let uids: HashSet<String> = all.iter().map(|(_, o)| s(o, "/metadata/uid")).collect();
+    let uids: HashSet<String> = all
+        .iter()
+        .map(|(_, o)| str_at(o, "/metadata/uid"))
+        .collect();
     let deleting_foreground: HashSet<String> = all
         .iter()
         .filter(|(_, o)| {
             o.pointer("/metadata/deletionTimestamp").is_some()
                 && has_finalizer(o, "foregroundDeletion")
         })
-        .map(|(_, o)| s(o, "/metadata/uid"))
+        .map(|(_, o)| str_at(o, "/metadata/uid"))
         .collect();
     let types = store.types();
     let type_of = |k: &TypeKey| {
@@ -66,7 +63,7 @@ pub fn collect(store: &Store) {
         let Some(refs) = refs.filter(|r| !r.is_empty()) else {
             continue;
         };
-        let owner_uids: Vec<String> = refs.iter().map(|r| s(r, "/uid")).collect();
+        let owner_uids: Vec<String> = refs.iter().map(|r| str_at(r, "/uid")).collect();
         let orphaned = owner_uids.iter().all(|u| !uids.contains(u));
         let foreground = owner_uids.iter().any(|u| deleting_foreground.contains(u));
         if (orphaned || foreground)
@@ -84,8 +81,8 @@ pub fn collect(store: &Store) {
                 ),
                 ..DeleteOpts::default()
             };
-            let ns = s(obj, "/metadata/namespace");
-            let name = s(obj, "/metadata/name");
+            let ns = str_at(obj, "/metadata/namespace");
+            let name = str_at(obj, "/metadata/name");
             if let Err(e) = store.delete(&t, &ns, &name, &opts) {
                 tracing::debug!("gc: deleting {}/{ns}/{name}: {e}", key.1);
             }
@@ -99,14 +96,17 @@ pub fn collect(store: &Store) {
         {
             continue;
         }
-        let uid = s(obj, "/metadata/uid");
+        let uid = str_at(obj, "/metadata/uid");
         let has_dependents = all.iter().any(|(_, o)| {
             o.pointer("/metadata/ownerReferences")
                 .and_then(Value::as_array)
                 .is_some_and(|r| r.iter().any(|r| r["uid"] == uid.as_str()))
         });
         if !has_dependents {
-            let (ns, name) = (s(obj, "/metadata/namespace"), s(obj, "/metadata/name"));
+            let (ns, name) = (
+                str_at(obj, "/metadata/namespace"),
+                str_at(obj, "/metadata/name"),
+            );
             store.modify(key, &ns, &name, |o| {
                 if let Some(f) = o
                     .pointer_mut("/metadata/finalizers")
@@ -124,11 +124,11 @@ pub fn collect(store: &Store) {
         {
             continue;
         }
-        let ns = s(obj, "/metadata/name");
+        let ns = str_at(obj, "/metadata/name");
         let content: Vec<&(TypeKey, Value)> = all
             .iter()
             .filter(|(k, o)| {
-                !(k.0.is_empty() && k.1 == "namespaces") && s(o, "/metadata/namespace") == ns
+                !(k.0.is_empty() && k.1 == "namespaces") && str_at(o, "/metadata/namespace") == ns
             })
             .collect();
         if content.is_empty() {
@@ -140,7 +140,7 @@ pub fn collect(store: &Store) {
                 continue;
             }
             if let Some(t) = type_of(k) {
-                let name = s(o, "/metadata/name");
+                let name = str_at(o, "/metadata/name");
                 if let Err(e) = store.delete(&t, &ns, &name, &DeleteOpts::default()) {
                     tracing::debug!("namespace {ns}: deleting {}/{name}: {e}", k.1);
                 }

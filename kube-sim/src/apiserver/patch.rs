@@ -1,11 +1,13 @@
-//! Patch formats: JSON patch (RFC 6902), JSON merge patch (RFC 7386) and a strategic merge
-//! patch that merges lists of objects by their usual merge key (`name`, `mountPath`,
-//! `containerPort`, `port`, `uid`, `type`). Server-side apply is served with the strategic
-//! merge (no field ownership conflicts).
+//! PATCH: the formats (JSON patch, RFC 6902; JSON merge patch, RFC 7386; a strategic merge
+//! patch that merges lists of objects by their usual merge key: `name`, `mountPath`,
+//! `containerPort`, `port`, `uid`, `type`) and the read-patch-write of a stored object.
+//! Server-side apply has its own entry point (`apply.rs`), which uses the strategic merge.
 
 use serde_json::{Map, Value};
 
 use crate::apiserver::errors::ApiError;
+use crate::apiserver::resources::ResourceType;
+use crate::apiserver::store::{Store, TypeKey, WriteOpts};
 
 /// The patch formats kube-sim accepts, by Content-Type.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,7 +43,50 @@ pub fn parse_body(kind: PatchKind, body: &[u8]) -> Result<Value, ApiError> {
         .map_err(|e| ApiError::bad_request(format!("error decoding patch: {e}")))
 }
 
-/// Applies a patch to `target`.
+/// A JSON, merge or strategic merge PATCH of a stored object (404 when there is none).
+pub fn patch_object(
+    store: &Store,
+    t: &ResourceType,
+    ns: &str,
+    name: &str,
+    kind: PatchKind,
+    patch: &Value,
+    opts: &WriteOpts,
+) -> Result<Value, ApiError> {
+    let pinned_rv = patch.pointer("/metadata/resourceVersion").is_some();
+    patch_stored(store, t, ns, name, opts, pinned_rv, |existing| {
+        apply(kind, existing, patch)
+    })?
+    .ok_or_else(|| ApiError::not_found(&t.group, &t.plural, name))
+}
+
+/// Reads the stored object, makes the new one with `patched` and writes it; on a conflict with
+/// a concurrent write it starts again, unless the patch pinned `metadata.resourceVersion`
+/// (`pinned_rv`). None when there is no such object.
+pub fn patch_stored(
+    store: &Store,
+    t: &ResourceType,
+    ns: &str,
+    name: &str,
+    opts: &WriteOpts,
+    pinned_rv: bool,
+    patched: impl Fn(&Value) -> Result<Value, ApiError>,
+) -> Result<Option<Value>, ApiError> {
+    let k: TypeKey = (t.group.clone(), t.plural.clone());
+    for _ in 0..20 {
+        let Some(existing) = store.get(&k, ns, name) else {
+            return Ok(None);
+        };
+        let new = patched(&existing)?;
+        match store.update(t, ns, name, new, opts) {
+            Err(e) if e.code == 409 && e.reason == "Conflict" && !pinned_rv => continue,
+            other => return other.map(Some),
+        }
+    }
+    Err(ApiError::conflict(&t.group, &t.plural, name))
+}
+
+/// Applies a patch to `target` (an apply body: strategically merged, see `apply.rs`).
 pub fn apply(kind: PatchKind, target: &Value, patch: &Value) -> Result<Value, ApiError> {
     match kind {
         PatchKind::Json => {

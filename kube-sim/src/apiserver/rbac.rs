@@ -1,20 +1,16 @@
-//! Authorization of requests: what a request asks for (verb, API group, resource,
-//! subresource, namespace, name; or a non-resource path), and whether an identity may do it
-//! under the stored RBAC objects (Role, ClusterRole, RoleBinding, ClusterRoleBinding), the
-//! auth config's `rules`, and the few grants every real cluster gives authenticated users
-//! (`system:discovery`, `system:basic-user`, `system:public-info-viewer`).
-//!
-//! Requests are mapped to verbs like the real API server's `RequestInfoFactory`: GET of one
-//! object is `get`, of a collection `list`, with `?watch=true` (or under `/watch/`) `watch`;
-//! POST `create`, PUT `update`, PATCH `patch`, DELETE of one object `delete`, of a collection
-//! `deletecollection`. A list or watch with `fieldSelector=metadata.name=X` names `X`, so
-//! `resourceNames` rules apply to it, as on a real server.
+//! Authorization: whether an identity may do what a request asks for (`attributes.rs`) under
+//! the stored RBAC objects (Role, ClusterRole, RoleBinding, ClusterRoleBinding), the auth
+//! config's `rules`, and the few grants every real cluster gives authenticated users
+//! (`system:discovery`, `system:basic-user`, `system:public-info-viewer`); the 403 a refusal
+//! answers, the log of refusals, and the (Local/Self)SubjectAccessReviews, which evaluate the
+//! same for the user of the review.
 
-use serde_json::Value;
+use serde_json::{Value, json};
 
-use crate::apiserver::auth::Identity;
-use crate::apiserver::store::Store;
+use crate::apiserver::attributes::Attrs;
+use crate::apiserver::auth::{AuthConfig, Identity};
 use crate::apiserver::errors::ApiError;
+use crate::apiserver::store::Store;
 
 const RBAC: &str = "rbac.authorization.k8s.io";
 
@@ -44,132 +40,6 @@ impl DenialLog {
             Err(p) => p.into_inner().clone(),
         }
     }
-}
-
-/// What a request asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Attrs {
-    Resource {
-        verb: String,
-        group: String,
-        resource: String,
-        subresource: String,
-        namespace: String,
-        name: String,
-    },
-    NonResource {
-        verb: String,
-        path: String,
-    },
-}
-
-impl Attrs {
-    /// A resource request, for reviews and tests.
-    pub fn resource(verb: &str, group: &str, resource: &str, namespace: &str) -> Attrs {
-        let (resource, subresource) = resource.split_once('/').unwrap_or((resource, ""));
-        Attrs::Resource {
-            verb: verb.into(),
-            group: group.into(),
-            resource: resource.into(),
-            subresource: subresource.into(),
-            namespace: namespace.into(),
-            name: String::new(),
-        }
-    }
-
-    /// The request's attributes, as the real API server derives them from method, path and
-    /// query.
-    pub fn of_request(method: &str, path: &str, query: &dyn Fn(&str) -> Option<String>) -> Attrs {
-        let segs: Vec<&str> = path
-            .trim_matches('/')
-            .split('/')
-            .filter(|s| !s.is_empty())
-            .collect();
-        let (group, rest) = match segs.as_slice() {
-            ["api", _v, rest @ ..] if !rest.is_empty() => ("", rest),
-            ["apis", g, _v, rest @ ..] if !rest.is_empty() => (*g, rest),
-            _ => {
-                return Attrs::NonResource {
-                    verb: method.to_ascii_lowercase(),
-                    path: format!("/{}", segs.join("/")),
-                };
-            }
-        };
-        let mut verb = match method {
-            "POST" => "create",
-            "PUT" => "update",
-            "PATCH" => "patch",
-            "DELETE" => "delete",
-            _ => "get",
-        }
-        .to_string();
-        let mut parts: &[&str] = rest;
-        if parts.first() == Some(&"watch") {
-            verb = "watch".into();
-            parts = &parts[1..];
-        }
-        let mut namespace = String::new();
-        if parts.first() == Some(&"namespaces") && parts.len() > 1 {
-            namespace = parts[1].to_string();
-            if parts.len() > 2 && !matches!(parts[2], "status" | "finalize") {
-                parts = &parts[2..];
-            }
-        }
-        let at = |i: usize| parts.get(i).map(|s| s.to_string()).unwrap_or_default();
-        let (resource, mut name, subresource) = (at(0), at(1), at(2));
-        if name.is_empty() && verb == "get" {
-            let watching = query("watch").is_some_and(|w| w == "true" || w == "1");
-            verb = if watching { "watch" } else { "list" }.into();
-        }
-        if name.is_empty() && verb == "delete" {
-            verb = "deletecollection".into();
-        }
-        if name.is_empty()
-            && (verb == "list" || verb == "watch")
-            && let Some(fs) = query("fieldSelector")
-            && let Some(n) = exact_name(&fs)
-        {
-            name = n;
-        }
-        Attrs::Resource {
-            verb,
-            group: group.into(),
-            resource,
-            subresource,
-            namespace,
-            name,
-        }
-    }
-
-    /// `resource` or `resource/subresource`, as rules and messages name it (empty for a
-    /// non-resource request).
-    pub fn full_resource(&self) -> String {
-        match self {
-            Attrs::Resource {
-                resource,
-                subresource,
-                ..
-            } if !subresource.is_empty() => format!("{resource}/{subresource}"),
-            Attrs::Resource { resource, .. } => resource.clone(),
-            Attrs::NonResource { .. } => String::new(),
-        }
-    }
-
-    pub fn verb(&self) -> &str {
-        match self {
-            Attrs::Resource { verb, .. } | Attrs::NonResource { verb, .. } => verb,
-        }
-    }
-}
-
-/// `metadata.name=X` (or `==`) alone in a field selector.
-fn exact_name(fs: &str) -> Option<String> {
-    let parts: Vec<&str> = fs.split(',').filter(|p| !p.trim().is_empty()).collect();
-    let [one] = parts.as_slice() else {
-        return None;
-    };
-    let (k, v) = one.split_once("==").or_else(|| one.split_once('='))?;
-    (k.trim() == "metadata.name" && !v.is_empty()).then(|| v.trim().into())
 }
 
 /// The 403 a real API server answers, e.g. `pods is forbidden: User "bob" cannot list
@@ -209,7 +79,7 @@ pub fn forbidden(user: &str, a: &Attrs) -> ApiError {
                 format!("{qualified} \"{name}\" is forbidden: {why}")
             };
             ApiError::new(403, "Forbidden", message)
-                .with_details(serde_json::json!({"name": name, "group": group, "kind": resource}))
+                .with_details(json!({"name": name, "group": group, "kind": resource}))
         }
     }
 }
@@ -246,11 +116,94 @@ fn default_grant(a: &Attrs) -> bool {
 
 /// Whether `id` may do `a`: `system:masters` always may; otherwise a default grant, a stored
 /// RBAC rule or an auth-config rule must allow it.
-pub fn allowed(store: &Store, cfg: &crate::apiserver::auth::AuthConfig, id: &Identity, a: &Attrs) -> bool {
+pub fn allowed(store: &Store, cfg: &AuthConfig, id: &Identity, a: &Attrs) -> bool {
     id.groups.iter().any(|g| g == "system:masters")
         || default_grant(a)
-        || cfg.rules_allow(id, a)
+        || config_rules_allow(cfg, id, a)
         || rbac_allows(store, id, a)
+}
+
+fn any(list: &[String], want: &str) -> bool {
+    list.iter().any(|x| x == "*" || x == want)
+}
+
+/// Whether one of the auth config's `rules` allows the request.
+fn config_rules_allow(cfg: &AuthConfig, id: &Identity, a: &Attrs) -> bool {
+    let Attrs::Resource {
+        verb,
+        group,
+        namespace,
+        name,
+        ..
+    } = a
+    else {
+        return false;
+    };
+    let resource = a.full_resource();
+    cfg.rules.iter().any(|r| {
+        r.subjects.iter().any(|sub| {
+            sub == &id.username
+                || sub
+                    .strip_prefix("group:")
+                    .is_some_and(|g| id.groups.iter().any(|x| x == g))
+        }) && any(&r.verbs, verb)
+            && any(&r.api_groups, group)
+            && any(&r.resources, &resource)
+            && (r.namespaces.is_empty() || any(&r.namespaces, namespace))
+            && (r.resource_names.is_empty() || any(&r.resource_names, name))
+    })
+}
+
+/// Fills in `status` of a (Local/Self)SubjectAccessReview from the auth config's rules and
+/// the stored RBAC objects. A SelfSubjectAccessReview is about `requester` (None: the
+/// unauthenticated admin, who may do anything).
+pub fn access_review(
+    store: &Store,
+    cfg: &AuthConfig,
+    mut review: Value,
+    local_ns: Option<&str>,
+    requester: Option<&Identity>,
+    self_review: bool,
+) -> Value {
+    let spec = review.get("spec").cloned().unwrap_or(json!({}));
+    let id = if self_review {
+        requester.cloned()
+    } else {
+        let groups = crate::json::string_list(&spec["groups"]);
+        Some(Identity {
+            username: spec["user"].as_str().unwrap_or_default().to_string(),
+            uid: spec["uid"].as_str().unwrap_or_default().to_string(),
+            groups,
+        })
+    };
+    let attrs = if let Some(ra) = spec.get("resourceAttributes") {
+        let s = |k: &str| ra[k].as_str().unwrap_or_default().to_string();
+        Some(Attrs::Resource {
+            verb: s("verb"),
+            group: s("group"),
+            resource: s("resource"),
+            subresource: s("subresource"),
+            namespace: local_ns.map(String::from).unwrap_or_else(|| s("namespace")),
+            name: s("name"),
+        })
+    } else {
+        spec.get("nonResourceAttributes")
+            .map(|n| Attrs::NonResource {
+                verb: n["verb"].as_str().unwrap_or_default().to_string(),
+                path: n["path"].as_str().unwrap_or_default().to_string(),
+            })
+    };
+    let verdict = match (&id, &attrs) {
+        (None, _) => true,
+        (Some(id), Some(a)) => allowed(store, cfg, id, a),
+        (Some(_), None) => false,
+    };
+    review["status"] = if verdict {
+        json!({"allowed": true, "reason": "kube-sim: allowed by RBAC or the auth config"})
+    } else {
+        json!({"allowed": false, "reason": "kube-sim: no RBAC or auth config rule allows this"})
+    };
+    review
 }
 
 fn strs(v: &Value) -> Vec<&str> {
@@ -354,102 +307,11 @@ fn rbac_allows(store: &Store, id: &Identity, a: &Attrs) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn attrs(method: &str, path: &str, query: &[(&str, &str)]) -> Attrs {
-        let q: Vec<(String, String)> = query
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect();
-        Attrs::of_request(method, path, &|k| {
-            q.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone())
-        })
-    }
-
-    fn res(verb: &str, group: &str, r: &str, sub: &str, ns: &str, name: &str) -> Attrs {
-        Attrs::Resource {
-            verb: verb.into(),
-            group: group.into(),
-            resource: r.into(),
-            subresource: sub.into(),
-            namespace: ns.into(),
-            name: name.into(),
-        }
-    }
-
-    type Case = (
-        &'static str,
-        &'static str,
-        &'static [(&'static str, &'static str)],
-        Attrs,
-    );
-
-    #[test]
-    fn requests_map_to_verbs_like_the_api_server() {
-        let cases: [Case; 8] = [
-            (
-                "GET",
-                "/api/v1/namespaces/a/pods",
-                &[],
-                res("list", "", "pods", "", "a", ""),
-            ),
-            (
-                "GET",
-                "/api/v1/pods",
-                &[("watch", "true")],
-                res("watch", "", "pods", "", "", ""),
-            ),
-            (
-                "GET",
-                "/api/v1/watch/namespaces/a/pods",
-                &[],
-                res("watch", "", "pods", "", "a", ""),
-            ),
-            (
-                "GET",
-                "/api/v1/namespaces/a/pods/p/log",
-                &[],
-                res("get", "", "pods", "log", "a", "p"),
-            ),
-            (
-                "PUT",
-                "/apis/agentrun.dev/v1alpha1/namespaces/d/agentruns/x/status",
-                &[],
-                res("update", "agentrun.dev", "agentruns", "status", "d", "x"),
-            ),
-            (
-                "DELETE",
-                "/api/v1/namespaces/a/secrets",
-                &[],
-                res("deletecollection", "", "secrets", "", "a", ""),
-            ),
-            (
-                "GET",
-                "/api/v1/namespaces/a",
-                &[],
-                res("get", "", "namespaces", "", "a", "a"),
-            ),
-            (
-                "GET",
-                "/apis/coordination.k8s.io/v1/namespaces/a/leases",
-                &[("fieldSelector", "metadata.name=l")],
-                res("list", "coordination.k8s.io", "leases", "", "a", "l"),
-            ),
-        ];
-        for (method, path, query, want) in cases {
-            assert_eq!(attrs(method, path, query), want, "{method} {path}");
-        }
-        assert_eq!(
-            attrs("GET", "/apis/apps/v1", &[]),
-            Attrs::NonResource {
-                verb: "get".into(),
-                path: "/apis/apps/v1".into()
-            }
-        );
-    }
+    use crate::apiserver::attributes::tests::res;
 
     #[test]
     fn rules_match_like_rbac() {
-        let rule = serde_json::json!({"apiGroups": ["agentrun.dev"], "resources": ["agentruns", "*/status"], "verbs": ["get", "patch"]});
+        let rule = json!({"apiGroups": ["agentrun.dev"], "resources": ["agentruns", "*/status"], "verbs": ["get", "patch"]});
         assert!(rule_allows(
             &rule,
             &res("patch", "agentrun.dev", "agentruns", "status", "d", "x")
@@ -462,7 +324,7 @@ mod tests {
             &rule,
             &res("get", "agentrun.dev", "agentruns", "finalizers", "d", "x")
         ));
-        let named = serde_json::json!({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["c"], "verbs": ["*"]});
+        let named = json!({"apiGroups": [""], "resources": ["configmaps"], "resourceNames": ["c"], "verbs": ["*"]});
         assert!(rule_allows(
             &named,
             &res("get", "", "configmaps", "", "d", "c")
@@ -471,8 +333,7 @@ mod tests {
             &named,
             &res("list", "", "configmaps", "", "d", "")
         ));
-        let urls =
-            serde_json::json!({"nonResourceURLs": ["/metrics", "/debug/*"], "verbs": ["get"]});
+        let urls = json!({"nonResourceURLs": ["/metrics", "/debug/*"], "verbs": ["get"]});
         let nr = |p: &str| Attrs::NonResource {
             verb: "get".into(),
             path: p.into(),
@@ -505,5 +366,21 @@ mod tests {
             e.message,
             "nodes is forbidden: User \"bob\" cannot list resource \"nodes\" in API group \"\" at the cluster scope"
         );
+    }
+
+    #[test]
+    fn subject_access_reviews_follow_the_config_rules() {
+        let cfg: AuthConfig = serde_yaml::from_str(
+            "users: [{token: t1, username: alice, groups: [viewers]}]\nrules: [{subjects: ['group:viewers'], verbs: [get], apiGroups: [agentrun.dev], resources: [agentruns], namespaces: [default]}]",
+        )
+        .unwrap_or_default();
+        let store = Store::new(10);
+        let sar = |verb: &str, ns: &str| {
+            access_review(&store, &cfg, json!({"spec": {"user": "alice", "groups": ["viewers"], "resourceAttributes":
+                {"verb": verb, "group": "agentrun.dev", "resource": "agentruns", "namespace": ns}}}), None, None, false)["status"]["allowed"].clone()
+        };
+        assert_eq!(sar("get", "default"), true);
+        assert_eq!(sar("delete", "default"), false);
+        assert_eq!(sar("get", "other"), false);
     }
 }

@@ -2,6 +2,8 @@
 
 use serde_json::{Value, json};
 
+use crate::time::now_rfc3339;
+
 /// An `additionalPrinterColumns` entry of a CRD version.
 #[derive(Debug, Clone)]
 pub struct PrinterColumn {
@@ -389,7 +391,7 @@ pub fn builtin_types() -> Vec<ResourceType> {
 pub fn types_from_crd(crd: &Value) -> Vec<ResourceType> {
     let spec = &crd["spec"];
     let names = &spec["names"];
-    let str_list = crate::apiserver::errors::string_list;
+    let str_list = crate::json::string_list;
     let kind = names["kind"].as_str().unwrap_or_default().to_string();
     let plural = names["plural"].as_str().unwrap_or_default().to_string();
     let singular = names["singular"]
@@ -432,4 +434,28 @@ pub fn types_from_crd(crd: &Value) -> Vec<ResourceType> {
         });
     }
     out
+}
+
+/// The status of an accepted CRD: its names accepted, its storage versions, Established.
+pub fn crd_status(crd: &Value) -> Value {
+    let now = now_rfc3339();
+    let names = crd.pointer("/spec/names").cloned().unwrap_or(json!({}));
+    let stored: Vec<Value> = crd
+        .pointer("/spec/versions")
+        .and_then(Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|v| v["storage"] == Value::Bool(true))
+        .map(|v| v["name"].clone())
+        .collect();
+    json!({
+        "acceptedNames": names,
+        "storedVersions": stored,
+        "conditions": [
+            {"type": "NamesAccepted", "status": "True", "reason": "NoConflicts",
+             "message": "no conflicts found", "lastTransitionTime": now},
+            {"type": "Established", "status": "True", "reason": "InitialNamesAccepted",
+             "message": "the initial names have been accepted", "lastTransitionTime": now},
+        ]
+    })
 }

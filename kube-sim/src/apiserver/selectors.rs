@@ -2,7 +2,8 @@
 
 use serde_json::Value;
 
-use crate::apiserver::errors::{ApiError, get_path, scalar_string};
+use crate::apiserver::errors::ApiError;
+use crate::json::{get_path, scalar_string};
 
 #[derive(Debug, Clone, PartialEq)]
 enum LabelReq {

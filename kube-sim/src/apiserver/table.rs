@@ -4,7 +4,8 @@
 use serde_json::{Value, json};
 
 use crate::apiserver::resources::{PrinterColumn, ResourceType};
-use crate::apiserver::errors::{human_age, parse_rfc3339, scalar_string};
+use crate::json::scalar_string;
+use crate::time::{human_age, parse_rfc3339};
 
 /// Evaluates the simple JSONPath subset CRDs use in printer columns:
 /// `.a.b`, `.a[0]`, `.a[*].b`, `.a['b.c']` and `.a.b\.c`.
