@@ -10,10 +10,14 @@ use kube::Client;
 
 use crate::{KubeSim, Options};
 
+/// The cluster of one test, with a fresh namespace. Dropping it drops the in-process kube-sim,
+/// or deletes the namespace on a real cluster.
 pub struct Cluster {
+    /// None on the real cluster of `E2E_KUBECONFIG`.
     pub sim: Option<KubeSim>,
     pub kubeconfig: PathBuf,
     pub namespace: String,
+    /// The test's temporary directory (kubeconfig, kube-sim's state, kubectl's cache, files).
     pub dir: tempfile::TempDir,
 }
 
@@ -28,6 +32,8 @@ impl Cluster {
         Self::start_with(Options::default()).await
     }
 
+    /// kube-sim with `opts` (its kubeconfig and state directory are the test's), or the
+    /// cluster of `E2E_KUBECONFIG`.
     pub async fn start_with(opts: Options) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
         let (sim, kubeconfig) = match std::env::var("E2E_KUBECONFIG") {
@@ -51,7 +57,7 @@ impl Cluster {
             dir,
         };
         // `kubectl apply`, not `kubectl create namespace`: kubectl's generators send protobuf,
-        // which kube-sim does not decode (see README).
+        // which kube-sim does not decode (see kube-sim/README.md).
         let ns_file = c.write(
             "namespace.yaml",
             &format!(
