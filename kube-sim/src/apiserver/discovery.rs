@@ -1,4 +1,5 @@
-//! Discovery documents: `/api`, `/apis`, group and group/version resource lists, `/version`.
+//! Discovery documents: `/api`, `/apis`, group and group/version resource lists, `/version`,
+//! and the skeleton `/openapi/v3` kubectl needs for server-side field validation.
 
 use std::collections::BTreeMap;
 

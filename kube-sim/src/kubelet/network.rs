@@ -7,10 +7,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 use tokio::process::Command;
 
-/// Pod network settings.
 /// Namespace numbers handed out in this process (several kube-sims may share one process).
 static NEXT: AtomicU32 = AtomicU32::new(0);
 
+/// Pod network settings.
 #[derive(Debug)]
 pub struct Network {
     /// An address (like 10.99.0.1) added to the host's `lo`; test services bind it and pods
