@@ -447,7 +447,7 @@ async fn a_relay_with_tokens_gets_the_token_from_flag_file_or_env_and_says_how_w
 #[tokio::test]
 async fn with_a_kubernetes_relay_the_kubeconfig_token_is_used() {
     let redis = RedisServer::start();
-    let sim = agentrun_e2e::start(agentrun_e2e::Options {
+    let sim = kube_sim::start(kube_sim::Options {
         kubelet: false,
         auth: serde_yaml::from_str(
             r#"
@@ -466,7 +466,7 @@ rules:
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let relay_kubeconfig = dir.path().join("relay");
-    std::fs::write(&relay_kubeconfig, agentrun_e2e::kubeconfig_yaml(&sim.url)).unwrap();
+    std::fs::write(&relay_kubeconfig, kube_sim::kubeconfig_yaml(&sim.url)).unwrap();
     let mut config = Config::for_redis(redis.url());
     config.auth = AuthMode::Kubernetes;
     config.kubeconfig = Some(relay_kubeconfig);

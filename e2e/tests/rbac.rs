@@ -79,7 +79,7 @@ async fn stack_under_chart_rbac_with_users(
     for (token, name) in users {
         config.push_str(&format!("- {{token: {token}, username: \"{name}\"}}\n"));
     }
-    let auth: agentrun_e2e::AuthConfig = serde_yaml::from_str(&config).expect("auth config");
+    let auth: kube_sim::AuthConfig = serde_yaml::from_str(&config).expect("auth config");
     let mut s = Stack::start_with(StackOptions {
         auth,
         no_operator: true,

