@@ -5,7 +5,7 @@
 //! JSON envelope sent to clients ([`envelope`]), the control and status messages ([`control`],
 //! [`status`]), how to reach Redis ([`settings`]), and the two primitives that touch streams:
 //! [`publish`] (append and notify, deduplicated, in batches) and [`replay`] (read a stream from
-//! a cursor in pages). `docs/protocol.md` describes the same contract for people.
+//! a cursor in pages), and the run's [`epoch`] that makes a cursor mean the same history. `docs/protocol.md` describes the same contract for people.
 
 pub mod acl;
 #[cfg(feature = "clap")]
@@ -13,6 +13,7 @@ pub mod args;
 pub mod control;
 pub mod entry;
 pub mod envelope;
+pub mod epoch;
 pub mod names;
 pub mod publish;
 pub mod replay;
@@ -26,6 +27,7 @@ pub use args::RedisArgs;
 pub use control::{ControlAction, ControlMessage};
 pub use entry::{Entry, EntryType, LiveMessage, NewEntry};
 pub use envelope::Envelope;
+pub use epoch::Epoch;
 pub use names::{NameError, RunId, StreamName, Variation};
 pub use publish::{PublishOptions, Publisher};
 pub use settings::{RedisConn, RedisMode, RedisSettings, SettingsError};

@@ -1,5 +1,5 @@
 //! The publish primitive: append entries to a run's stream and announce each one on the
-//! channel of the same name, exactly once, in order.
+//! channel of the same name, exactly once, in order, within the run's epoch.
 //!
 //! One Lua script does the work for a batch of entries of one stream from one producer, so the
 //! append and the announcement are atomic and ordered alike. Re-sends are harmless: the script
@@ -7,16 +7,29 @@
 //! (in the hash `run:{RUN}:producers`) and skips anything at or below it. Stream sequence
 //! numbers (`seq`, also the entry id `0-SEQ`) are assigned by the script, contiguous from 1,
 //! whoever the producer. Batches for several streams go to Redis in one pipeline.
+//!
+//! Epochs ([`crate::epoch`]): the script reads the run's epoch from the state hash and puts it
+//! in every announcement; it creates one when the run has none. A producer that passes the
+//! stream top it was last acknowledged ([`Expected`]) lets the script notice a rewound
+//! history (Redis lost acknowledged entries): the top is below what was acknowledged, in the
+//! same epoch. The script then starts a new epoch before appending, so the reused sequence
+//! numbers are never mistaken for the lost ones. Only one rewind starts a new epoch: a
+//! producer whose last acknowledgement is from an older epoch has nothing to report.
 
 use crate::entry::NewEntry;
+use crate::epoch::Epoch;
 use crate::names::{RUNS_INDEX_KEY, RunId, StreamName};
 use redis::aio::ConnectionLike;
 use redis::{Cmd, RedisError, Value};
 
-/// KEYS[1] stream key (and channel); KEYS[2] producers hash.
+/// KEYS[1] stream key (and channel); KEYS[2] producers hash; KEYS[3] (optional) the run's
+/// state hash: without it the script neither reads nor writes the epoch.
 /// ARGV[1] producer id, ARGV[2] MAXLEN (0 = uncapped), ARGV[3] publish command or "",
+/// ARGV[4] a fresh epoch proposed by the caller, ARGV[5] the stream top the producer was
+/// last acknowledged (0: no check), ARGV[6] the epoch of that acknowledgement ("" = none),
 /// then five values per entry: pseq, ts, type, content, meta ("" = none).
-/// Returns {last stream seq, number of entries appended, highest pseq applied}.
+/// Returns {last stream seq, entries appended, highest pseq applied, epoch ("" = none),
+/// 1 when this call started a new epoch because the history was rewound, else 0}.
 const PUBLISH_SCRIPT: &str = r#"
 local field = KEYS[1] .. '|' .. ARGV[1]
 local applied = tonumber(redis.call('HGET', KEYS[2], field) or '0')
@@ -25,10 +38,34 @@ local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #newest > 0 then
   top = tonumber(string.sub(newest[1][1], 3))
 end
+local fresh = false
+for i = 7, #ARGV, 5 do
+  if tonumber(ARGV[i]) > applied then fresh = true; break end
+end
+local epoch = ''
+local rewound = 0
+if #KEYS >= 3 then
+  local expected = tonumber(ARGV[5])
+  epoch = redis.call('HGET', KEYS[3], 'epoch')
+  if not epoch then
+    epoch = ''
+    if fresh then
+      epoch = ARGV[4]
+      redis.call('HSET', KEYS[3], 'epoch', epoch)
+      if expected > 0 then rewound = 1 end
+    end
+  elseif fresh and expected > 0 and top < expected and epoch == ARGV[6] then
+    epoch = ARGV[4]
+    redis.call('HSET', KEYS[3], 'epoch', epoch)
+    rewound = 1
+  end
+end
+local tail = ''
+if epoch ~= '' then tail = ' ' .. epoch end
 local maxlen = tonumber(ARGV[2])
 local pub = ARGV[3]
 local added = 0
-for i = 4, #ARGV, 5 do
+for i = 7, #ARGV, 5 do
   local pseq = tonumber(ARGV[i])
   if pseq > applied then
     top = top + 1
@@ -47,7 +84,7 @@ for i = 4, #ARGV, 5 do
     end
     redis.call('XADD', unpack(args))
     if pub ~= '' then
-      redis.call(pub, KEYS[1], top .. ' ' .. ts .. ' ' .. kind .. ' ' .. #meta .. '\n' .. meta .. content)
+      redis.call(pub, KEYS[1], top .. ' ' .. ts .. ' ' .. kind .. ' ' .. #meta .. tail .. '\n' .. meta .. content)
     end
     applied = pseq
     added = added + 1
@@ -56,7 +93,7 @@ end
 if added > 0 then
   redis.call('HSET', KEYS[2], field, applied)
 end
-return {top, added, applied}
+return {top, added, applied, epoch, rewound}
 "#;
 
 /// How entries are published.
@@ -86,6 +123,30 @@ pub struct PublishOutcome {
     pub appended: u64,
     /// The highest producer sequence the stream has applied for this producer.
     pub applied_pseq: u64,
+    /// The run's epoch the entries were published in (`None`: the run has none, or the
+    /// publisher does not read it, see [`Publisher::without_run_state`]).
+    pub epoch: Option<Epoch>,
+    /// This batch found the stream below the top the producer was last acknowledged, and
+    /// started a new epoch: Redis lost acknowledged entries.
+    pub rewound: bool,
+}
+
+impl PublishOutcome {
+    /// What to pass as [`Expected`] for the stream's next batch.
+    pub fn expected(&self) -> Expected {
+        Expected {
+            top: self.last_seq,
+            epoch: self.epoch,
+        }
+    }
+}
+
+/// What a producer knows of a stream from its last acknowledged batch: the stream's top then,
+/// and the epoch it was in. The default (top 0) checks nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Expected {
+    pub top: u64,
+    pub epoch: Option<Epoch>,
 }
 
 /// One stream's entries from one producer.
@@ -101,6 +162,7 @@ pub struct Batch<'a> {
 pub struct Publisher {
     options: PublishOptions,
     sha: String,
+    run_state: bool,
 }
 
 impl Publisher {
@@ -108,22 +170,41 @@ impl Publisher {
         Self {
             options,
             sha: redis::Script::new(PUBLISH_SCRIPT).get_hash().to_owned(),
+            run_state: true,
         }
+    }
+
+    /// A publisher that does not touch the run's state hash, for a Redis user that may not
+    /// write it (the relay, which publishes only control messages): its entries carry no
+    /// epoch and it never starts one.
+    pub fn without_run_state(mut self) -> Self {
+        self.run_state = false;
+        self
     }
 
     pub fn options(&self) -> &PublishOptions {
         &self.options
     }
 
-    fn command(&self, run: &RunId, batch: &Batch<'_>) -> Cmd {
+    fn command(&self, run: &RunId, batch: &Batch<'_>, expected: Expected) -> Cmd {
         let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&self.sha)
-            .arg(2)
-            .arg(batch.stream.key(run))
-            .arg(run.producers_key())
-            .arg(batch.producer)
+        cmd.arg(&self.sha);
+        if self.run_state {
+            cmd.arg(3)
+                .arg(batch.stream.key(run))
+                .arg(run.producers_key())
+                .arg(run.state_key());
+        } else {
+            cmd.arg(2)
+                .arg(batch.stream.key(run))
+                .arg(run.producers_key());
+        }
+        cmd.arg(batch.producer)
             .arg(self.options.max_len.unwrap_or(0))
-            .arg(self.options.publish_command);
+            .arg(self.options.publish_command)
+            .arg(Epoch::random().to_string())
+            .arg(expected.top)
+            .arg(expected.epoch.map(|e| e.to_string()).unwrap_or_default());
         for e in batch.entries {
             cmd.arg(e.pseq)
                 .arg(e.ts)
@@ -153,12 +234,27 @@ impl Publisher {
         run: &RunId,
         batches: &[Batch<'_>],
     ) -> Result<Vec<PublishOutcome>, RedisError> {
+        self.publish_many_checked(conn, run, batches, &[]).await
+    }
+
+    /// Like [`Self::publish_many`], with what the producer knows of each batch's stream
+    /// (`expected[i]` for `batches[i]`; missing ones check nothing): a stream found below
+    /// its expected top, in the expected epoch, gets the run a new epoch before the batch is
+    /// appended (see the module documentation).
+    pub async fn publish_many_checked<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        run: &RunId,
+        batches: &[Batch<'_>],
+        expected: &[Expected],
+    ) -> Result<Vec<PublishOutcome>, RedisError> {
         let mut loaded = false;
         loop {
             let mut pipe = redis::pipe();
             pipe.ignore_errors();
-            for b in batches {
-                pipe.add_command(self.command(run, b));
+            for (i, b) in batches.iter().enumerate() {
+                let exp = expected.get(i).copied().unwrap_or_default();
+                pipe.add_command(self.command(run, b, exp));
             }
             let replies: Vec<Value> = pipe.query_async(conn).await?;
             let mut outcomes = Vec::with_capacity(replies.len());
@@ -190,16 +286,19 @@ impl Publisher {
 }
 
 fn parse_outcome(v: &Value) -> Result<PublishOutcome, RedisError> {
-    let (last_seq, appended, applied_pseq): (u64, u64, u64) =
+    let (last_seq, appended, applied_pseq, epoch, rewound): (u64, u64, u64, String, u64) =
         redis::FromRedisValue::from_redis_value_ref(v)?;
     Ok(PublishOutcome {
         last_seq,
         appended,
         applied_pseq,
+        epoch: Epoch::parse(&epoch),
+        rewound: rewound == 1,
     })
 }
 
-/// Adds a run to the run index (if it is not there yet) and writes fields to its state hash.
+/// Adds a run to the run index (if it is not there yet), gives it an epoch (if it has none)
+/// and writes fields to its state hash.
 pub async fn register_run<C: ConnectionLike>(
     conn: &mut C,
     run: &RunId,
@@ -217,6 +316,12 @@ pub async fn register_run<C: ConnectionLike>(
         .arg(run.state_key())
         .arg("created")
         .arg(created_ms)
+        .ignore();
+    // The run's first epoch, unless a publish made it already.
+    pipe.cmd("HSETNX")
+        .arg(run.state_key())
+        .arg("epoch")
+        .arg(Epoch::random().to_string())
         .ignore();
     if !fields.is_empty() {
         let mut hset = redis::cmd("HSET");

@@ -251,3 +251,159 @@ async fn the_phase_is_settled_from_every_declared_variation() {
         Some(RunState::Succeeded)
     );
 }
+
+/// Publishes `entries` to `stream` as `producer`, telling the script what it last saw.
+async fn publish_expecting(
+    conn: &mut agentrun_protocol::RedisConn,
+    run: &RunId,
+    stream: &StreamName,
+    producer: &str,
+    entries: &[NewEntry],
+    expected: agentrun_protocol::publish::Expected,
+) -> agentrun_protocol::publish::PublishOutcome {
+    Publisher::new(PublishOptions::default())
+        .publish_many_checked(
+            conn,
+            run,
+            &[Batch {
+                stream,
+                producer,
+                entries,
+            }],
+            &[expected],
+        )
+        .await
+        .unwrap()
+        .remove(0)
+}
+
+#[tokio::test]
+async fn a_rewound_stream_gets_the_run_a_new_epoch_once_and_readers_see_which() {
+    use agentrun_protocol::replay::read_run_page;
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let run = RunId::new("t-epoch").unwrap();
+    let output = StreamName::Output(Variation::default_name());
+    let logs = StreamName::Logs(Variation::default_name());
+    let mut pubsub = redis.settings().pubsub().await.unwrap();
+    pubsub.subscribe(output.key(&run)).await.unwrap();
+    let mut live = pubsub.into_on_message();
+
+    // The first publish gives the run an epoch; announcements carry it.
+    let first: Vec<NewEntry> = (1..=5).map(|i| entry(i, b"old")).collect();
+    let out = publish_expecting(&mut conn, &run, &output, "p", &first, Default::default()).await;
+    let e1 = out.epoch.expect("the run has an epoch");
+    assert!(!out.rewound);
+    let logs_out = publish_expecting(
+        &mut conn,
+        &run,
+        &logs,
+        "p",
+        &[entry(1, b"log")],
+        Default::default(),
+    )
+    .await;
+    assert_eq!(logs_out.epoch, Some(e1));
+    let msg = tokio::time::timeout(Duration::from_secs(5), live.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let (got, epoch) = LiveMessage::decode_with_epoch(msg.get_payload_bytes()).unwrap();
+    assert_eq!((got.seq, epoch), (1, Some(e1)));
+
+    // Redis loses the last two entries of both streams, and what the producers hash
+    // recorded for them (as an AOF that was not synced would).
+    let mut lose = redis::pipe();
+    lose.cmd("XDEL").arg(output.key(&run)).arg("0-4").arg("0-5");
+    lose.cmd("XSETID").arg(output.key(&run)).arg("0-3");
+    lose.cmd("DEL").arg(logs.key(&run));
+    let _: () = lose.query_async(&mut conn).await.unwrap();
+    let _: () = redis::cmd("HSET")
+        .arg(run.producers_key())
+        .arg(format!("{}|p", output.key(&run)))
+        .arg(3)
+        .arg(format!("{}|p", logs.key(&run)))
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // A reader at seq 5 is past the end of the stream now.
+    let page = read_run_page(&mut conn, &run, &output, 5, 10)
+        .await
+        .unwrap();
+    assert_eq!((page.epoch, page.ends_before_cursor), (Some(e1), Some(3)));
+
+    // The producer re-sends 4 and 5 (new content) expecting the top it was acknowledged.
+    let again = [entry(4, b"new"), entry(5, b"new")];
+    let out2 = publish_expecting(&mut conn, &run, &output, "p", &again, out.expected()).await;
+    let e2 = out2.epoch.unwrap();
+    assert!(out2.rewound, "the script noticed the lost entries");
+    assert_ne!(e2, e1, "a new epoch");
+    assert_eq!(out2.last_seq, 5);
+    // The other rewound stream does not start yet another epoch: its last acknowledgement
+    // is from the old one.
+    let logs2 = publish_expecting(
+        &mut conn,
+        &run,
+        &logs,
+        "p",
+        &[entry(1, b"log again")],
+        logs_out.expected(),
+    )
+    .await;
+    assert_eq!((logs2.epoch, logs2.rewound), (Some(e2), false));
+    // A retry of an applied batch (its answer was lost) starts nothing either.
+    let retry = publish_expecting(&mut conn, &run, &output, "p", &again, out.expected()).await;
+    assert_eq!(
+        (retry.epoch, retry.rewound, retry.appended),
+        (Some(e2), false, 0)
+    );
+    // Readers see the new epoch with the new entries; live messages carry it.
+    let page = read_run_page(&mut conn, &run, &output, 3, 10)
+        .await
+        .unwrap();
+    assert_eq!(page.epoch, Some(e2));
+    assert_eq!(page.page.entries.len(), 2);
+    assert_eq!(&page.page.entries[0].content[..], b"new");
+    let mut epochs = Vec::new();
+    while epochs.len() < 6 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), live.next())
+            .await
+            .unwrap()
+            .unwrap();
+        epochs.push(
+            LiveMessage::decode_with_epoch(msg.get_payload_bytes())
+                .unwrap()
+                .1,
+        );
+    }
+    assert_eq!(epochs[4..], [Some(e2), Some(e2)]);
+
+    // A run whose state hash vanished (Redis restarted empty) gets a fresh epoch from its next
+    // publish, and a producer that knew more says so.
+    let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let out3 = publish_expecting(
+        &mut conn,
+        &run,
+        &output,
+        "p",
+        &[entry(6, b"x")],
+        out2.expected(),
+    )
+    .await;
+    assert!(out3.rewound);
+    assert!(out3.epoch.is_some_and(|e| e != e2));
+    // Cursors at the top of the range neither overflow nor read anything.
+    let page = read_run_page(&mut conn, &run, &output, u64::MAX, 10)
+        .await
+        .unwrap();
+    assert!(page.page.entries.is_empty());
+    assert_eq!(page.ends_before_cursor, Some(1));
+    assert!(
+        read_page(&mut conn, &output.key(&run), u64::MAX, 10)
+            .await
+            .unwrap()
+            .entries
+            .is_empty()
+    );
+}

@@ -261,9 +261,25 @@ async fn the_relay_user_reads_everything_but_writes_only_control() {
         .unwrap();
     ps.subscribe(output.key(&run)).await.unwrap();
 
-    // Control: allowed, through the publish script.
+    // Control: allowed, through the publish script, without the run's state hash (the
+    // relay's control entries carry no epoch; it may not write the state hash).
     let msg = ControlMessage::new(ControlAction::Pause);
+    assert_noperm(
+        "relay publishing control with the state hash",
+        Publisher::new(PublishOptions::default())
+            .publish(
+                &mut relay,
+                &run,
+                Batch {
+                    stream: &StreamName::Control,
+                    producer: "relay",
+                    entries: &[entry(1, EntryType::Control, &msg.to_json())],
+                },
+            )
+            .await,
+    );
     Publisher::new(PublishOptions::default())
+        .without_run_state()
         .publish(
             &mut relay,
             &run,

@@ -1,8 +1,16 @@
 //! Batches items and publishes them to Redis, retrying with exponential back-off and jitter
 //! until Redis takes them; acknowledges frames to the entrypoint once they are in Redis.
+//!
+//! For each stream it remembers the top Redis acknowledged last and the run's epoch then, and
+//! passes them with the next batch: when Redis has lost acknowledged entries (it restarted
+//! without persistence, or failed over to a replica that was behind), the publish script sees
+//! the stream below that top and starts a new epoch before appending, so readers are told
+//! that the history was reset instead of silently skipping the reused sequence numbers.
 
 use super::Shared;
-use agentrun_protocol::publish::{Batch, add_variation, expire_keys, set_state, settle_phase};
+use agentrun_protocol::publish::{
+    Batch, Expected, add_variation, expire_keys, set_state, settle_phase,
+};
 use agentrun_protocol::{
     NewEntry, Publisher, RedisConn, RedisSettings, StatusEvent, StreamName, Variation, now_ms,
 };
@@ -63,6 +71,8 @@ impl Backoff {
 pub(crate) struct PublishLoop {
     settings: RedisSettings,
     publisher: Publisher,
+    /// Per stream: its top and the run's epoch when Redis last acknowledged a batch.
+    acknowledged: HashMap<StreamName, Expected>,
 }
 
 impl PublishLoop {
@@ -82,6 +92,7 @@ impl PublishLoop {
                         Self {
                             settings,
                             publisher,
+                            acknowledged: HashMap::new(),
                         },
                         Some(conn),
                     ));
@@ -93,6 +104,7 @@ impl PublishLoop {
                             Self {
                                 settings,
                                 publisher,
+                                acknowledged: HashMap::new(),
                             },
                             None,
                         ));
@@ -105,7 +117,7 @@ impl PublishLoop {
     }
 
     pub(crate) async fn run(
-        self,
+        mut self,
         shared: Arc<Shared>,
         mut conn: Option<RedisConn>,
         mut rx: mpsc::Receiver<Item>,
@@ -142,7 +154,7 @@ impl PublishLoop {
 
     /// Publishes `items`, retrying until Redis takes them.
     async fn deliver(
-        &self,
+        &mut self,
         shared: &Arc<Shared>,
         conn: &mut Option<RedisConn>,
         backoff: &mut Backoff,
@@ -212,10 +224,30 @@ impl PublishLoop {
                     entries,
                 })
                 .collect();
+            let expected: Vec<Expected> = groups
+                .iter()
+                .map(|(stream, _, _)| self.acknowledged.get(stream).copied().unwrap_or_default())
+                .collect();
             let timer = shared.metrics.publish_seconds.start_timer();
-            match self.publisher.publish_many(c, run, &batches).await {
+            match self
+                .publisher
+                .publish_many_checked(c, run, &batches, &expected)
+                .await
+            {
                 Ok(outcomes) => {
                     timer.observe_duration();
+                    for ((stream, _, _), outcome) in groups.iter().zip(&outcomes) {
+                        if outcome.rewound {
+                            tracing::warn!(
+                                stream = %stream.key(run),
+                                acknowledged = expected_top(&self.acknowledged, stream),
+                                found = outcome.last_seq - outcome.appended,
+                                epoch = %outcome.epoch.map(|e| e.to_string()).unwrap_or_default(),
+                                "Redis lost entries it had acknowledged (restart without persistence or failover); the run starts a new epoch and readers are told"
+                            );
+                        }
+                        self.acknowledged.insert(stream.clone(), outcome.expected());
+                    }
                     let appended: u64 = outcomes.iter().map(|o| o.appended).sum();
                     shared.metrics.entries_published.inc_by(appended);
                     shared.set_redis_up(true);
@@ -319,4 +351,8 @@ impl PublishLoop {
             tracing::warn!(error = %e, "cannot update the run's state hash");
         }
     }
+}
+
+fn expected_top(acknowledged: &HashMap<StreamName, Expected>, stream: &StreamName) -> u64 {
+    acknowledged.get(stream).map_or(0, |e| e.top)
 }
