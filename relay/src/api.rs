@@ -8,7 +8,7 @@ use agentrun_protocol::publish::Batch;
 use agentrun_protocol::{ControlMessage, EntryType, NewEntry, RunId, StreamName, Variation};
 use axum::Json;
 use axum::extract::{Extension, Path, Query, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
@@ -189,17 +189,51 @@ pub async fn get_run(
     Ok(Json(summary(run.as_str(), None, &hash)))
 }
 
+/// The longest `Idempotency-Key` accepted.
+const MAX_IDEMPOTENCY_KEY: usize = 128;
+
+/// The request's `Idempotency-Key`, if it has one.
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(value) = headers.get("idempotency-key") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| {
+            !k.is_empty()
+                && k.len() <= MAX_IDEMPOTENCY_KEY
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+        })
+        .map(|k| Some(k.to_owned()))
+        .ok_or_else(|| {
+            ApiError::bad_request(format!(
+                "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY} characters of A-Z a-z 0-9 - _ . : (a random id, one per action, sent again unchanged when the request is retried)"
+            ))
+        })
+}
+
 /// `POST /api/runs/{run}/control`: publishes a control message to the run's agents.
+///
+/// With an `Idempotency-Key` header the message is published once per run, client and key,
+/// however often the request is sent: the key (with a digest of the client) is the entry's
+/// producer and the entry its producer sequence 1, so the publish script skips a retry as a
+/// re-send. The answer to a retry has `"duplicate": true` and no `seq`. Without the header,
+/// each request is a new message.
 pub async fn control(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
     Path(run): Path<String>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
     if let Err(r) = state.inner.limiter.control(access.client_key()) {
         return Ok(r);
     }
     let run = parse_run(&run)?;
+    let key = idempotency_key(&headers)?;
     let msg = ControlMessage::parse(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
     if let Some(v) = &msg.variation {
         Variation::new(v.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
@@ -211,40 +245,64 @@ pub async fn control(
         .await
         .map_err(|e| ApiError::redis(&state, e))?;
     access.check_control(&run, &hash).await?;
-    let outcome = {
-        let _order = state.inner.control_lock.lock().await;
-        let pseq = state.inner.control_pseq.fetch_add(1, Ordering::SeqCst) + 1;
-        let entry = NewEntry {
-            pseq,
-            ts: agentrun_protocol::now_ms(),
-            kind: EntryType::Control,
-            content: Bytes::from(msg.to_json()),
-            meta: None,
-        };
-        state
-            .inner
-            .publisher
-            .publish(
-                &mut conn,
-                &run,
-                Batch {
-                    stream: &StreamName::Control,
-                    producer: &state.inner.producer_id,
-                    entries: std::slice::from_ref(&entry),
-                },
-            )
-            .await
-            .map_err(|e| ApiError::redis(&state, e))?
+    let entry = |pseq| NewEntry {
+        pseq,
+        ts: agentrun_protocol::now_ms(),
+        kind: EntryType::Control,
+        content: Bytes::from(msg.to_json()),
+        meta: None,
     };
-    state.inner.metrics.control_messages.inc();
-    tracing::info!(%run, action = %msg.action, variation = msg.variation.as_deref().unwrap_or("*"), "control message published");
+    let publish = |producer: String, entry: NewEntry| {
+        let mut conn = conn.clone();
+        let state = state.clone();
+        let run = run.clone();
+        async move {
+            state
+                .inner
+                .publisher
+                .publish(
+                    &mut conn,
+                    &run,
+                    Batch {
+                        stream: &StreamName::Control,
+                        producer: &producer,
+                        entries: std::slice::from_ref(&entry),
+                    },
+                )
+                .await
+                .map_err(|e| ApiError::redis(&state, e))
+        }
+    };
+    let outcome = match &key {
+        Some(key) => {
+            let client = crate::kube_auth::digest(access.client_key());
+            let producer = format!(
+                "key:{:02x}{:02x}{:02x}{:02x}:{key}",
+                client[0], client[1], client[2], client[3]
+            );
+            publish(producer, entry(1)).await?
+        }
+        None => {
+            let _order = state.inner.control_lock.lock().await;
+            let pseq = state.inner.control_pseq.fetch_add(1, Ordering::SeqCst) + 1;
+            publish(state.inner.producer_id.clone(), entry(pseq)).await?
+        }
+    };
+    let duplicate = outcome.appended == 0;
+    if duplicate {
+        tracing::info!(%run, action = %msg.action, "control request retried with the same Idempotency-Key; already published");
+    } else {
+        state.inner.metrics.control_messages.inc();
+        tracing::info!(%run, action = %msg.action, variation = msg.variation.as_deref().unwrap_or("*"), "control message published");
+    }
     Ok((
         StatusCode::ACCEPTED,
         Json(serde_json::json!({
             "run": run.as_str(),
             "action": msg.action.as_str(),
             "variation": msg.variation,
-            "seq": outcome.last_seq,
+            "seq": (!duplicate).then_some(outcome.last_seq),
+            "duplicate": duplicate,
         })),
     )
         .into_response())

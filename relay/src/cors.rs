@@ -17,7 +17,8 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 const ALLOW_METHODS: &str = "GET, POST, DELETE, OPTIONS";
-const ALLOW_HEADERS: &str = "Authorization, Content-Type, Last-Event-ID, X-Agentrun-Request";
+const ALLOW_HEADERS: &str =
+    "Authorization, Content-Type, Idempotency-Key, Last-Event-ID, X-Agentrun-Request";
 const EXPOSE_HEADERS: &str = "Retry-After, WWW-Authenticate";
 /// How long browsers may keep a preflight answer, in seconds.
 const MAX_AGE: &str = "600";

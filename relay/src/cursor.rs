@@ -1,156 +1,379 @@
-//! The SSE cursor: one opaque token from which a connection resumes every stream it carries.
+//! The SSE cursor: one opaque token from which a connection resumes every stream it carries,
+//! valid only for the run and the epoch it was taken in.
 //!
-//! A cursor is the last `seq` delivered per stream, written as `s=12,m=3,o.a=40,l.a=7`
-//! (`s` status, `m` metrics, `o.VAR` output of a variation, `l.VAR` its logs) and encoded as
-//! unpadded base64url, prefixed by the format version (`1.`). Clients must treat it as
-//! opaque. A stream that a cursor does not name is read from its first entry.
+//! Version 2 (what the relay sends): `2.` + unpadded base64url of
+//! `TAG,EPOCH,S,M;VAR=O.L;VAR=O.L...`, where `TAG` is 8 hex digits naming the run (the start
+//! of the SHA-256 of its id), `EPOCH` the run's epoch when the position was taken (empty: the
+//! run had none), `S` and `M` the last `seq` delivered of the status and metrics streams, and
+//! each `VAR=O.L` those of a variation's output and logs. An empty number is a stream the
+//! connection did not carry. Example: `3fa2b1c0,9f8e7d6c5b4a3210,12,3;a=40.7;b=.2`.
+//!
+//! Version 1 (`1.` + base64url of `s=12,m=3,o.a=40,l.a=7`), sent before epochs, is still
+//! accepted: it names no run and no epoch, so the relay can only check it against the
+//! streams' ends (a position past a stream's end is reset), not against lost history.
+//!
+//! Invariants: decoding never yields a `seq` above [`MAX_SEQ`] (such a cursor is refused), nor
+//! more streams than a feed can carry; encoding and decoding round-trip. Clients must treat
+//! the token as opaque.
 
-use agentrun_protocol::{StreamName, Variation};
+use agentrun_protocol::replay::MAX_SEQ;
+use agentrun_protocol::{Epoch, RunId, StreamName, Variation};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use std::collections::BTreeMap;
+use std::fmt::Write as _;
 
-const VERSION: &str = "1.";
+const VERSION: &str = "2.";
+const VERSION_1: &str = "1.";
+
+/// Most streams a cursor may name: status, metrics, and output and logs of every variation a
+/// feed carries.
+const MAX_STREAMS: usize = 2 + 2 * crate::hub::MAX_FEED_VARIATIONS;
 
 /// Last delivered `seq` per stream.
 pub type Cursors = BTreeMap<StreamName, u64>;
 
+/// The run and epoch a position belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    pub run_tag: u32,
+    pub epoch: Option<Epoch>,
+}
+
+impl Origin {
+    pub fn new(run: &RunId, epoch: Option<Epoch>) -> Self {
+        Self {
+            run_tag: run_tag(run),
+            epoch,
+        }
+    }
+}
+
+/// A decoded cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub seqs: Cursors,
+    /// `None` for a version-1 cursor, which cannot be checked against a run or an epoch.
+    pub origin: Option<Origin>,
+}
+
 /// Why a cursor could not be read.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "cursor {0:?} is not valid: pass back an `id` the relay sent (Last-Event-ID), or use from=earliest or from=now"
+    "cursor {token:?} is not valid ({why}): pass back an `id` the relay sent (Last-Event-ID), or use from=earliest or from=now"
 )]
-pub struct BadCursor(pub String);
-
-fn short(stream: &StreamName) -> Option<String> {
-    Some(match stream {
-        StreamName::Status => "s".to_owned(),
-        StreamName::Metrics => "m".to_owned(),
-        StreamName::Output(v) => format!("o.{v}"),
-        StreamName::Logs(v) => format!("l.{v}"),
-        StreamName::Control => return None,
-    })
+pub struct BadCursor {
+    token: String,
+    why: String,
 }
 
-fn from_short(s: &str) -> Option<StreamName> {
-    Some(match s {
-        "s" => StreamName::Status,
-        "m" => StreamName::Metrics,
-        _ => match s.split_once('.')? {
-            ("o", v) => StreamName::Output(Variation::new(v).ok()?),
-            ("l", v) => StreamName::Logs(Variation::new(v).ok()?),
-            _ => return None,
-        },
-    })
+/// The first 32 bits of the SHA-256 of the run id.
+pub fn run_tag(run: &RunId) -> u32 {
+    let d = crate::kube_auth::digest(run.as_str());
+    u32::from_be_bytes([d[0], d[1], d[2], d[3]])
+}
+
+fn write_seq(w: &mut String, seq: Option<u64>) {
+    if let Some(s) = seq {
+        let _ = write!(w, "{s}");
+    }
+}
+
+/// Writes the cursor's text (before base64) into `w`.
+fn write_text(w: &mut String, origin: &Origin, cursors: &Cursors) {
+    let _ = write!(w, "{:08x},", origin.run_tag);
+    if let Some(e) = origin.epoch {
+        let _ = write!(w, "{e}");
+    }
+    w.push(',');
+    write_seq(w, cursors.get(&StreamName::Status).copied());
+    w.push(',');
+    write_seq(w, cursors.get(&StreamName::Metrics).copied());
+    // Outputs and logs are each sorted by variation: merge them.
+    let mut outs = cursors
+        .iter()
+        .filter_map(|(k, s)| match k {
+            StreamName::Output(v) => Some((v, *s)),
+            _ => None,
+        })
+        .peekable();
+    let mut logs = cursors
+        .iter()
+        .filter_map(|(k, s)| match k {
+            StreamName::Logs(v) => Some((v, *s)),
+            _ => None,
+        })
+        .peekable();
+    loop {
+        let var: &Variation = match (outs.peek(), logs.peek()) {
+            (None, None) => break,
+            (Some((a, _)), None) => a,
+            (None, Some((b, _))) => b,
+            (Some((a, _)), Some((b, _))) => (*a).min(*b),
+        };
+        let o = outs.next_if(|(v, _)| *v == var).map(|(_, s)| s);
+        let l = logs.next_if(|(v, _)| *v == var).map(|(_, s)| s);
+        let _ = write!(w, ";{var}=");
+        write_seq(w, o);
+        w.push('.');
+        write_seq(w, l);
+    }
 }
 
 /// Encodes cursors into the opaque token sent as the SSE `id`.
-pub fn encode(cursors: &Cursors) -> String {
-    let mut text = String::with_capacity(cursors.len() * 12);
-    for (stream, seq) in cursors {
-        let Some(name) = short(stream) else { continue };
-        if !text.is_empty() {
-            text.push(',');
-        }
-        text.push_str(&name);
-        text.push('=');
-        text.push_str(&seq.to_string());
-    }
+pub fn encode(origin: &Origin, cursors: &Cursors) -> String {
+    let mut text = String::new();
+    write_text(&mut text, origin, cursors);
     format!("{VERSION}{}", URL_SAFE_NO_PAD.encode(text))
 }
 
-/// Appends the token to `out` without allocating for the common, short cursors.
-pub fn encode_into(cursors: &Cursors, out: &mut bytes::BytesMut) {
-    use std::io::Write;
-    let mut text = [0u8; 384];
-    let mut w = std::io::Cursor::new(&mut text[..]);
-    let mut ok = true;
-    for (i, (stream, seq)) in cursors.iter().enumerate() {
-        let sep = if i == 0 { "" } else { "," };
-        let r = match stream {
-            StreamName::Status => write!(w, "{sep}s={seq}"),
-            StreamName::Metrics => write!(w, "{sep}m={seq}"),
-            StreamName::Output(v) => write!(w, "{sep}o.{v}={seq}"),
-            StreamName::Logs(v) => write!(w, "{sep}l.{v}={seq}"),
-            StreamName::Control => Ok(()),
-        };
-        if r.is_err() {
-            ok = false;
-            break;
-        }
-    }
-    if !ok {
-        out.extend_from_slice(encode(cursors).as_bytes());
-        return;
-    }
-    let len = w.position() as usize;
-    let mut b64 = [0u8; 512];
-    match URL_SAFE_NO_PAD.encode_slice(&text[..len], &mut b64) {
-        Ok(n) => {
-            out.extend_from_slice(VERSION.as_bytes());
-            out.extend_from_slice(&b64[..n]);
-        }
-        Err(_) => out.extend_from_slice(encode(cursors).as_bytes()),
-    }
+/// Appends the token to `out`, using `scratch` for the text (no allocation once it has grown).
+pub fn encode_into(
+    origin: &Origin,
+    cursors: &Cursors,
+    out: &mut bytes::BytesMut,
+    scratch: &mut String,
+) {
+    scratch.clear();
+    write_text(scratch, origin, cursors);
+    out.extend_from_slice(VERSION.as_bytes());
+    let start = out.len();
+    let len = base64::encoded_len(scratch.len(), false).unwrap_or(0);
+    out.resize(start + len, 0);
+    let written = URL_SAFE_NO_PAD
+        .encode_slice(scratch.as_bytes(), &mut out[start..])
+        .unwrap_or(0);
+    out.truncate(start + written);
 }
 
-/// Decodes a token made by [`encode`].
-pub fn decode(token: &str) -> Result<Cursors, BadCursor> {
-    let bad = || BadCursor(token.chars().take(200).collect());
-    let body = token.trim().strip_prefix(VERSION).ok_or_else(bad)?;
-    let bytes = URL_SAFE_NO_PAD.decode(body).map_err(|_| bad())?;
-    let text = String::from_utf8(bytes).map_err(|_| bad())?;
-    let mut out = Cursors::new();
-    for part in text.split(',').filter(|p| !p.is_empty()) {
-        let (name, seq) = part.split_once('=').ok_or_else(bad)?;
-        let stream = from_short(name).ok_or_else(bad)?;
-        let seq = seq.parse().map_err(|_| bad())?;
+fn parse_seq(
+    text: &str,
+    stream: &str,
+    bad: &dyn Fn(String) -> BadCursor,
+) -> Result<u64, BadCursor> {
+    let seq: u64 = text
+        .parse()
+        .map_err(|_| bad(format!("{stream}: {text:?} is not a number")))?;
+    if seq > MAX_SEQ {
+        return Err(bad(format!(
+            "it names position {seq} of {stream}, beyond the end of any stream (at most {MAX_SEQ})"
+        )));
+    }
+    Ok(seq)
+}
+
+fn parse_opt_seq(
+    text: &str,
+    stream: StreamName,
+    out: &mut Cursors,
+    bad: &dyn Fn(String) -> BadCursor,
+) -> Result<(), BadCursor> {
+    if !text.is_empty() {
+        let seq = parse_seq(text, &format!("{stream:?}"), bad)?;
         out.insert(stream, seq);
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Decodes a token made by [`encode`] (or by a relay of version 1).
+pub fn decode(token: &str) -> Result<Position, BadCursor> {
+    let token = token.trim();
+    let shown: String = token.chars().take(200).collect();
+    let bad = |why: String| BadCursor {
+        token: shown.clone(),
+        why,
+    };
+    let (v1, body) = if let Some(b) = token.strip_prefix(VERSION) {
+        (false, b)
+    } else if let Some(b) = token.strip_prefix(VERSION_1) {
+        (true, b)
+    } else {
+        return Err(bad("unknown version".into()));
+    };
+    let bytes = URL_SAFE_NO_PAD
+        .decode(body)
+        .map_err(|_| bad("not base64url".into()))?;
+    let text = String::from_utf8(bytes).map_err(|_| bad("not text".into()))?;
+    let position = if v1 {
+        decode_v1(&text, &bad)?
+    } else {
+        decode_v2(&text, &bad)?
+    };
+    if position.seqs.len() > MAX_STREAMS {
+        return Err(bad(format!(
+            "it names {} streams, more than a run has (at most {MAX_STREAMS})",
+            position.seqs.len()
+        )));
+    }
+    Ok(position)
+}
+
+fn decode_v1(text: &str, bad: &dyn Fn(String) -> BadCursor) -> Result<Position, BadCursor> {
+    let mut seqs = Cursors::new();
+    for part in text.split(',').filter(|p| !p.is_empty()) {
+        let (name, seq) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{part:?} is not NAME=SEQ")))?;
+        let stream = match name {
+            "s" => StreamName::Status,
+            "m" => StreamName::Metrics,
+            _ => match name.split_once('.') {
+                Some(("o", v)) => StreamName::Output(
+                    Variation::new(v).map_err(|_| bad(format!("bad variation {v:?}")))?,
+                ),
+                Some(("l", v)) => StreamName::Logs(
+                    Variation::new(v).map_err(|_| bad(format!("bad variation {v:?}")))?,
+                ),
+                _ => return Err(bad(format!("unknown stream {name:?}"))),
+            },
+        };
+        let seq = parse_seq(seq, name, bad)?;
+        seqs.insert(stream, seq);
+    }
+    Ok(Position { seqs, origin: None })
+}
+
+fn decode_v2(text: &str, bad: &dyn Fn(String) -> BadCursor) -> Result<Position, BadCursor> {
+    let mut parts = text.split(';');
+    let head = parts.next().unwrap_or_default();
+    let fields: Vec<&str> = head.split(',').collect();
+    let [tag, epoch, status, metrics] = fields.as_slice() else {
+        return Err(bad("its head is not TAG,EPOCH,S,M".into()));
+    };
+    let run_tag = (tag.len() == 8)
+        .then(|| u32::from_str_radix(tag, 16).ok())
+        .flatten()
+        .ok_or_else(|| bad(format!("bad run tag {tag:?}")))?;
+    let epoch = if epoch.is_empty() {
+        None
+    } else {
+        Some(Epoch::parse(epoch).ok_or_else(|| bad(format!("bad epoch {epoch:?}")))?)
+    };
+    let mut seqs = Cursors::new();
+    parse_opt_seq(status, StreamName::Status, &mut seqs, bad)?;
+    parse_opt_seq(metrics, StreamName::Metrics, &mut seqs, bad)?;
+    for part in parts {
+        let (name, pair) = part
+            .split_once('=')
+            .ok_or_else(|| bad(format!("{part:?} is not VAR=O.L")))?;
+        let v = Variation::new(name).map_err(|_| bad(format!("bad variation {name:?}")))?;
+        let (o, l) = pair
+            .split_once('.')
+            .ok_or_else(|| bad(format!("{part:?} is not VAR=O.L")))?;
+        parse_opt_seq(o, StreamName::Output(v.clone()), &mut seqs, bad)?;
+        parse_opt_seq(l, StreamName::Logs(v), &mut seqs, bad)?;
+    }
+    Ok(Position {
+        seqs,
+        origin: Some(Origin { run_tag, epoch }),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn round_trips_and_refuses_garbage() {
+    fn sample() -> Cursors {
         let mut c = Cursors::new();
         c.insert(StreamName::Status, 12);
         c.insert(StreamName::Metrics, 0);
         c.insert(StreamName::Output(Variation::new("a-1").unwrap()), 40);
+        c.insert(StreamName::Logs(Variation::new("a-1").unwrap()), 3);
         c.insert(StreamName::Logs(Variation::new("b").unwrap()), 7);
-        let token = encode(&c);
+        c.insert(StreamName::Output(Variation::new("c").unwrap()), 1);
+        c
+    }
+
+    #[test]
+    fn round_trips_and_refuses_garbage() {
+        let run = RunId::new("ns.hello.1a2b").unwrap();
+        let origin = Origin::new(&run, Some(Epoch::from_u64(0x9f8e)));
+        let c = sample();
+        let token = encode(&origin, &c);
         assert!(
             token
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         );
-        assert_eq!(decode(&token).unwrap(), c);
+        let text = String::from_utf8(URL_SAFE_NO_PAD.decode(&token[2..]).unwrap()).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "{:08x},0000000000009f8e,12,0;a-1=40.3;b=.7;c=1.",
+                run_tag(&run)
+            )
+        );
+        let back = decode(&token).unwrap();
+        assert_eq!(back.seqs, c);
+        assert_eq!(back.origin, Some(origin));
         let mut buf = bytes::BytesMut::new();
-        encode_into(&c, &mut buf);
+        let mut scratch = String::new();
+        encode_into(&origin, &c, &mut buf, &mut scratch);
         assert_eq!(&buf[..], token.as_bytes());
+        // No epoch, nothing carried.
+        let bare = Origin::new(&run, None);
+        assert_eq!(
+            decode(&encode(&bare, &Cursors::new())).unwrap(),
+            Position {
+                seqs: Cursors::new(),
+                origin: Some(bare)
+            }
+        );
+        // The largest cursor a feed can have fits well within a request header.
         let mut many = Cursors::new();
-        for i in 0..40 {
-            many.insert(
-                StreamName::Output(Variation::new(format!("variation-{i}")).unwrap()),
-                u64::MAX,
-            );
+        for i in 0..crate::hub::MAX_FEED_VARIATIONS {
+            let v = Variation::new(format!("{:0>63}", i)).unwrap();
+            many.insert(StreamName::Output(v.clone()), MAX_SEQ);
+            many.insert(StreamName::Logs(v), MAX_SEQ);
         }
-        let mut buf = bytes::BytesMut::new();
-        encode_into(&many, &mut buf);
-        assert_eq!(decode(std::str::from_utf8(&buf).unwrap()).unwrap(), many);
-        assert_eq!(decode(&encode(&Cursors::new())).unwrap(), Cursors::new());
+        let token = encode(&origin, &many);
+        assert!(token.len() < 12 * 1024, "{}", token.len());
+        assert_eq!(decode(&token).unwrap().seqs, many);
         for bad in [
             "",
-            "2.abc",
-            "1.!!!",
+            "3.abc",
+            "2.!!!",
             "1.eD0x",
             &format!("1.{}", URL_SAFE_NO_PAD.encode("o.A=1")),
+            &format!("2.{}", URL_SAFE_NO_PAD.encode("zz,,1,")),
+            &format!("2.{}", URL_SAFE_NO_PAD.encode("0000000a,,1")),
+            &format!("2.{}", URL_SAFE_NO_PAD.encode("0000000a,,1,;a=1")),
         ] {
             let e = decode(bad).unwrap_err().to_string();
             assert!(e.contains("from=earliest"), "{e}");
         }
+    }
+
+    #[test]
+    fn version_1_cursors_are_read_without_an_origin() {
+        let token = format!("1.{}", URL_SAFE_NO_PAD.encode("s=12,m=0,o.a=40,l.b=7"));
+        let p = decode(&token).unwrap();
+        assert_eq!(p.origin, None);
+        assert_eq!(p.seqs.len(), 4);
+        assert_eq!(
+            p.seqs[&StreamName::Output(Variation::new("a").unwrap())],
+            40
+        );
+    }
+
+    #[test]
+    fn positions_no_stream_can_reach_are_refused() {
+        for token in [
+            format!("1.{}", URL_SAFE_NO_PAD.encode("o.a=18446744073709551615")),
+            format!(
+                "2.{}",
+                URL_SAFE_NO_PAD.encode(format!("00000001,,{},", MAX_SEQ + 1))
+            ),
+        ] {
+            let e = decode(&token).unwrap_err().to_string();
+            assert!(e.contains("beyond the end of any stream"), "{e}");
+        }
+        assert!(
+            decode(&format!(
+                "1.{}",
+                URL_SAFE_NO_PAD.encode(format!("s={MAX_SEQ}"))
+            ))
+            .is_ok()
+        );
     }
 }

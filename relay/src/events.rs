@@ -1,29 +1,46 @@
 //! `GET /api/runs/{run}/events`: Server-Sent Events with replay and resume.
 //!
 //! A connection carries a set of streams (the requested channels of the requested
-//! variations) and a cursor: the last `seq` it delivered per stream. It joins the run's live
-//! feed *first*, then replays each stream from its cursor in pages, then forwards live
-//! entries, dropping any `seq` it already delivered. A live entry that is not the next one of
-//! its stream (the client lagged, Redis restarted, a variation appeared) makes the connection
-//! replay that stream from its cursor again, so it never skips and never repeats.
+//! variations) and a cursor: the last `seq` it delivered per stream, within the run's epoch.
+//! It joins the run's live feed *first*, then replays each stream from its cursor in pages,
+//! then forwards live entries, dropping any `seq` it already delivered. A live entry that is
+//! not the next one of its stream (the client lagged, Redis restarted, a variation appeared)
+//! makes the connection replay that stream from its cursor again, so it never skips and never
+//! repeats.
+//!
+//! A cursor is only valid within the epoch it was taken in (`agentrun_protocol::epoch`).
+//! Every replay page is read together with the run's epoch; when it differs from the
+//! connection's, when a stream ends before the cursor, when the hub sees a stream's `seq` go
+//! back, or when a resume cursor is from another run or epoch, the connection sends
+//! `event: reset` (old and new epoch, why) and starts every stream over from its first entry.
+//! A connection that has delivered nothing yet just adopts the run's epoch.
+//!
+//! Access is checked before anything touches the run's feed: a caller who may not see the
+//! run, or asks for a variation the run does not have, changes nothing.
+//!
+//! Memory per connection is bounded in bytes: replay pages are sized from the stream's
+//! entries to about `--replay-page-bytes` and reserved from the relay-wide
+//! `--replay-memory-bytes` budget, and are written out a flush (32 KiB) at a time, so a
+//! connection holds at most one page and one flush plus one event.
 
 use crate::AppState;
 use crate::api::{ApiError, parse_run};
-use crate::cursor::{self, Cursors};
-use crate::hub::{FeedItem, Watch, phase_from_state, variations_from_state};
-use agentrun_protocol::replay::{last_seq, read_page};
-use agentrun_protocol::{RunState, StreamName, Variation};
+use crate::budget::Reservation;
+use crate::cursor::{self, Cursors, Origin};
+use crate::hub::{FeedItem, Watch, epoch_from_state, phase_from_state, variations_from_state};
+use crate::ring::TryRecvError;
+use agentrun_protocol::replay::{last_seq, read_run_page};
+use agentrun_protocol::{Entry, Epoch, RunState, StreamName, Variation};
 use axum::body::Body;
 use axum::extract::{Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::{Bytes, BytesMut};
 use serde::Deserialize;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::time::{Instant, Interval};
 
 /// Flush to the socket once this much is buffered (or when nothing more is ready).
@@ -32,6 +49,14 @@ const FLUSH_BYTES: usize = 32 * 1024;
 const REPLAY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause before retrying a replay read that failed (Redis away).
 const REPLAY_RETRY: Duration = Duration::from_millis(250);
+/// How long a connection waits for room in the replay budget before it does other work
+/// (keep-alives, live entries) and asks again.
+const BUDGET_WAIT: Duration = Duration::from_secs(1);
+/// What a connection assumes of a stream's entries until it has read some: the largest
+/// chunk the sidecar writes (64 KiB), plus the fields.
+const FIRST_ENTRY_ESTIMATE: usize = 64 * 1024 + 256;
+/// The smallest size assumed for an entry when sizing a page.
+const MIN_ENTRY_ESTIMATE: usize = 256;
 
 #[derive(Debug, Default, Deserialize)]
 pub struct EventsQuery {
@@ -82,7 +107,54 @@ fn parse_kinds(channels: Option<&str>) -> Result<Kinds, ApiError> {
 enum Start {
     Earliest,
     Now,
-    Cursor(Cursors),
+    Cursor(cursor::Position),
+}
+
+/// Why a connection's positions are not valid in the run's history (`event: reset`).
+#[derive(Debug, Clone, Copy)]
+enum ResetReason {
+    EpochChanged,
+    HistoryRewound,
+    PastTheEnd,
+    AnotherRun,
+}
+
+impl ResetReason {
+    fn code(self) -> &'static str {
+        match self {
+            Self::EpochChanged => "epoch-changed",
+            Self::HistoryRewound => "history-rewound",
+            Self::PastTheEnd => "past-the-end",
+            Self::AnotherRun => "another-run",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Self::EpochChanged => {
+                "the run's history changed: Redis lost entries it had acknowledged (a restart without persistence, or a failover) and the run started a new epoch; positions from before do not count the same entries. Discard what you have shown: the run's history follows again from its first entry"
+            }
+            Self::HistoryRewound => {
+                "a stream's sequence numbers went back: its history was written again after Redis lost entries. Discard what you have shown: the run's history follows again from its first entry"
+            }
+            Self::PastTheEnd => {
+                "the cursor points past the end of the run's history (that history was lost, or the cursor is not from it). Discard what you have shown: the run's history follows again from its first entry"
+            }
+            Self::AnotherRun => {
+                "the cursor was taken on another run; this run's history follows from its first entry"
+            }
+        }
+    }
+}
+
+/// A replay page being written out.
+struct PageInProgress {
+    stream: StreamName,
+    entries: VecDeque<Entry>,
+    /// The page was full: the stream may have more.
+    more: bool,
+    /// Its share of the relay's replay budget, returned when the page is written out.
+    _held: Reservation,
 }
 
 enum Ending {
@@ -95,6 +167,8 @@ enum Ending {
 struct Session {
     app: AppState,
     run: agentrun_protocol::RunId,
+    /// The run (tag) and the epoch the cursors count in.
+    origin: Origin,
     kinds: Kinds,
     variation: Option<Variation>,
     cursors: Cursors,
@@ -102,8 +176,13 @@ struct Session {
     resume: Cursors,
     /// Streams to replay from their cursor to their end before forwarding live entries.
     catchup: BTreeSet<StreamName>,
+    page: Option<PageInProgress>,
+    /// The largest entry seen in replay (with its fields), to size the next page.
+    entry_estimate: usize,
     watch: Watch,
     out: BytesMut,
+    /// Scratch space for encoding cursors.
+    scratch: String,
     ending: Option<Ending>,
     refresh_variations: bool,
     done: bool,
@@ -174,8 +253,48 @@ impl Session {
 
     fn write_id(&mut self) {
         self.out.extend_from_slice(b"id: ");
-        cursor::encode_into(&self.cursors, &mut self.out);
+        cursor::encode_into(
+            &self.origin,
+            &self.cursors,
+            &mut self.out,
+            &mut self.scratch,
+        );
         self.out.extend_from_slice(b"\n");
+    }
+
+    /// Whether this connection has positions that count entries (delivered, or given in a
+    /// resume cursor): only then does a changed history need saying.
+    fn has_positions(&self) -> bool {
+        self.cursors
+            .values()
+            .chain(self.resume.values())
+            .any(|s| *s > 0)
+    }
+
+    /// Starts every stream over from its first entry, in the epoch `epoch`, and says so.
+    fn reset(&mut self, reason: ResetReason, epoch: Option<Epoch>) {
+        let old = self.origin.epoch;
+        self.origin.epoch = epoch;
+        for seq in self.cursors.values_mut() {
+            *seq = 0;
+        }
+        self.resume.clear();
+        self.page = None;
+        self.catch_up_all();
+        self.write_reset(reason, old);
+    }
+
+    fn write_reset(&mut self, reason: ResetReason, old: Option<Epoch>) {
+        self.app.inner.metrics.resets.inc();
+        tracing::info!(run = %self.run, reason = reason.code(), "a client's position is not valid in the run's history; it starts over");
+        let data = serde_json::json!({
+            "run": self.run.as_str(),
+            "reason": reason.code(),
+            "oldEpoch": old.map(|e| e.to_string()),
+            "newEpoch": self.origin.epoch.map(|e| e.to_string()),
+            "message": reason.message(),
+        });
+        self.write_event("reset", &data);
     }
 
     fn write_event(&mut self, event: &str, data: &serde_json::Value) {
@@ -196,8 +315,15 @@ impl Session {
             FeedItem::Entry {
                 stream,
                 entry,
+                epoch,
                 event,
             } => {
+                if epoch.is_some() && *epoch != self.origin.epoch {
+                    // Published in another epoch than this connection counts in: the replay
+                    // read (entries and epoch together) decides what happened.
+                    self.catch_up_all();
+                    return;
+                }
                 let seq = entry.seq;
                 let Some(&at) = self.cursors.get(stream) else {
                     // A stream this connection wants but did not know (a new variation).
@@ -227,6 +353,11 @@ impl Session {
                 }
             }
             FeedItem::Resync => self.catch_up_all(),
+            FeedItem::Rewound(stream) => {
+                if self.cursors.contains_key(stream) && self.has_positions() {
+                    self.reset(ResetReason::HistoryRewound, self.origin.epoch);
+                }
+            }
             FeedItem::Shutdown => self.shutdown = true,
             FeedItem::Ended(state) => {
                 if !matches!(self.ending, Some(Ending::Final(_))) {
@@ -248,30 +379,61 @@ impl Session {
         self.catch_up_all();
     }
 
-    /// Reads one page of the first stream that needs catching up.
+    /// Writes out the page in progress, or reads the next page of the first stream that needs
+    /// catching up.
     async fn catch_up_step(&mut self) {
+        if self.page.is_some() {
+            self.write_page();
+            return;
+        }
         let Some(stream) = self.catchup.first().cloned() else {
             return;
         };
         let at = self.cursors.get(&stream).copied().unwrap_or(0);
-        let key = stream.key(&self.run);
-        let page_size = self.app.inner.limits.replay_page;
+        let limits = &self.app.inner.limits;
+        let estimate = self.entry_estimate.max(MIN_ENTRY_ESTIMATE);
+        let count = (limits.replay_page_bytes / estimate).clamp(1, limits.replay_page);
+        let budget = self.app.inner.replay_budget.clone();
+        let Ok(mut held) =
+            tokio::time::timeout(BUDGET_WAIT, budget.reserve(count * estimate)).await
+        else {
+            // Other connections hold the budget: do other work, then ask again.
+            self.retry_at = Some(Instant::now() + REPLAY_RETRY);
+            return;
+        };
         let mut conn = self.app.inner.conn.clone();
-        let page =
-            match tokio::time::timeout(REPLAY_TIMEOUT, read_page(&mut conn, &key, at, page_size))
-                .await
+        let read = read_run_page(&mut conn, &self.run, &stream, at, count);
+        let found = match tokio::time::timeout(REPLAY_TIMEOUT, read).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                tracing::debug!(run = %self.run, error = %e, "replay read failed; retrying");
+                self.retry_at = Some(Instant::now() + REPLAY_RETRY);
+                return;
+            }
+            Err(_) => {
+                self.retry_at = Some(Instant::now() + REPLAY_RETRY);
+                return;
+            }
+        };
+        if found.epoch != self.origin.epoch {
+            if self.origin.epoch.is_some() && found.epoch.is_none() && found.page.entries.is_empty()
             {
-                Ok(Ok(page)) => page,
-                Ok(Err(e)) => {
-                    tracing::debug!(run = %self.run, error = %e, "replay read failed; retrying");
-                    self.retry_at = Some(Instant::now() + REPLAY_RETRY);
-                    return;
-                }
-                Err(_) => {
-                    self.retry_at = Some(Instant::now() + REPLAY_RETRY);
-                    return;
-                }
-            };
+                // The run's history is gone from Redis and nothing was written since: there
+                // is nothing to send, and the next entry will come with a new epoch.
+                self.catchup.remove(&stream);
+            } else if self.has_positions() {
+                self.reset(ResetReason::EpochChanged, found.epoch);
+            } else {
+                // Nothing delivered yet: count in the run's epoch from the start.
+                self.origin.epoch = found.epoch;
+            }
+            return;
+        }
+        if found.ends_before_cursor.is_some() {
+            self.reset(ResetReason::PastTheEnd, found.epoch);
+            return;
+        }
+        let page = found.page;
         if let Some(t) = page.trimmed {
             self.app.inner.metrics.trimmed_notices.inc();
             let data = serde_json::json!({
@@ -284,17 +446,64 @@ impl Session {
             });
             self.write_event("trimmed", &data);
         }
-        let full = page.entries.len() >= page_size;
-        for entry in &page.entries {
-            self.cursors.insert(stream.clone(), entry.seq);
+        let sizes = page
+            .entries
+            .iter()
+            .map(|e| e.content.len() + e.meta.as_ref().map_or(0, String::len) + 128);
+        let (largest, total) = sizes.fold((0, 0), |(l, t), s| (l.max(s), t + s));
+        if largest > 0 {
+            self.entry_estimate = largest;
+        }
+        held.resize(total);
+        let more = page.entries.len() >= count;
+        if page.entries.is_empty() {
+            if !more {
+                self.catchup.remove(&stream);
+            }
+            return;
+        }
+        self.page = Some(PageInProgress {
+            stream,
+            entries: page.entries.into(),
+            more,
+            _held: held,
+        });
+        self.app
+            .inner
+            .metrics
+            .replay_bytes
+            .set(budget.in_use() as i64);
+        self.write_page();
+    }
+
+    /// Encodes entries of the page in progress until a flush is ready.
+    fn write_page(&mut self) {
+        let Some(mut page) = self.page.take() else {
+            return;
+        };
+        while self.out.len() < FLUSH_BYTES {
+            let Some(entry) = page.entries.pop_front() else {
+                break;
+            };
+            self.cursors.insert(page.stream.clone(), entry.seq);
             self.write_id();
-            let tail = crate::hub::encode_event(&self.run, &stream, entry);
+            let tail = crate::hub::encode_event(&self.run, &page.stream, &entry);
             self.out.extend_from_slice(&tail);
             self.app.inner.sent_replay.inc();
         }
-        if !full {
-            self.catchup.remove(&stream);
+        if !page.entries.is_empty() {
+            self.page = Some(page);
+            return;
         }
+        if !page.more {
+            self.catchup.remove(&page.stream);
+        }
+        drop(page);
+        self.app
+            .inner
+            .metrics
+            .replay_bytes
+            .set(self.app.inner.replay_budget.in_use() as i64);
     }
 
     async fn refresh_variations_step(&mut self) {
@@ -382,10 +591,6 @@ impl Session {
                         continue;
                     }
                     Err(TryRecvError::Empty) => return self.take(),
-                    Err(TryRecvError::Closed) => {
-                        self.done = true;
-                        return self.take();
-                    }
                 }
             }
             let retry_at = self.retry_at;
@@ -396,8 +601,7 @@ impl Session {
                 }
                 r = self.watch.rx.recv() => match r {
                     Ok(item) => self.handle(&item),
-                    Err(RecvError::Lagged(_)) => self.lagged(),
-                    Err(RecvError::Closed) => self.done = true,
+                    Err(_) => self.lagged(),
                 },
                 _ = self.keepalive.tick() => {
                     self.out.extend_from_slice(b": keep-alive\n\n");
@@ -450,11 +654,7 @@ pub async fn events(
         ));
     }
 
-    // Join the live feed first, so nothing published from here on is missed.
-    let watch = app.inner.hub.watch(&run).await;
-    if let Some(v) = &variation {
-        app.inner.hub.ensure_variation(&watch.feed, v).await;
-    }
+    // Who may see the run, and what it has, is settled before anything touches its feed.
     let mut conn = app.inner.conn.clone();
     let state: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(run.state_key())
@@ -464,11 +664,55 @@ pub async fn events(
     if state.is_empty() || !access.can_see(&state).await? {
         return Err(ApiError::not_found(&run));
     }
+    let declared = variations_from_state(&state);
+    if let Some(v) = &variation
+        && !declared.contains(v)
+        && !app.inner.hub.known_variations(&run).contains(v)
+    {
+        let known: Vec<&str> = declared.iter().map(|v| v.as_str()).collect();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "run {run} has no variation {v:?} (its variations: {}); ask for one of them, or leave out `variation` to follow all",
+                if known.is_empty() {
+                    "none yet".to_owned()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        ));
+    }
     let slot = match app.inner.limiter.sse_slot(access.client_key()) {
         Ok(s) => s,
         Err(r) => return Ok(r),
     };
     let phase = phase_from_state(&state);
+    let epoch = epoch_from_state(&state);
+
+    // Join the live feed first, so nothing published from here on is missed.
+    let watch = app.inner.hub.watch(&run).await;
+    app.inner.hub.learn_variations(&watch.feed, &state).await;
+
+    // A cursor from another run or another epoch counts other entries: start over, and say so.
+    let origin = Origin::new(&run, epoch);
+    let from_now = matches!(start, Start::Now);
+    let (resume, pending_reset) = match start {
+        Start::Cursor(position) => {
+            let reason = match position.origin {
+                Some(o) if o.run_tag != origin.run_tag => Some((ResetReason::AnotherRun, o.epoch)),
+                Some(o) if o.epoch != epoch => Some((ResetReason::EpochChanged, o.epoch)),
+                // Version 1: no run, no epoch to check; positions past a stream's end still
+                // reset when replayed.
+                _ => None,
+            };
+            let counts = position.seqs.values().any(|s| *s > 0);
+            match reason {
+                Some(r) if counts => (Cursors::new(), Some(r)),
+                _ => (position.seqs, None),
+            }
+        }
+        _ => (Cursors::new(), None),
+    };
 
     let gauge = app.inner.metrics.connections.clone();
     gauge.inc();
@@ -476,16 +720,17 @@ pub async fn events(
     let recheck_period = app.inner.limits.auth_recheck;
     let mut session = Session {
         run: run.clone(),
+        origin,
         kinds,
         variation: variation.clone(),
         cursors: Cursors::new(),
-        resume: match &start {
-            Start::Cursor(c) => c.clone(),
-            _ => Cursors::new(),
-        },
+        resume,
         catchup: BTreeSet::new(),
+        page: None,
+        entry_estimate: FIRST_ENTRY_ESTIMATE,
         watch,
         out: BytesMut::new(),
+        scratch: String::new(),
         ending: None,
         refresh_variations: false,
         done: false,
@@ -501,7 +746,7 @@ pub async fn events(
         app: app.clone(),
     };
     let mut vars: BTreeSet<Variation> = session.watch.feed.variations().into_iter().collect();
-    vars.extend(variations_from_state(&state));
+    vars.extend(declared);
     if let Some(v) = &variation {
         vars.insert(v.clone());
     }
@@ -509,7 +754,7 @@ pub async fn events(
     for s in session.streams_for(&vars) {
         session.track(s);
     }
-    if let Start::Now = start {
+    if from_now {
         for (stream, at) in session.cursors.iter_mut() {
             *at = last_seq(&mut conn, &stream.key(&run))
                 .await
@@ -531,6 +776,9 @@ pub async fn events(
         "phase": phase.map(|p| p.as_str()),
     });
     session.write_event("open", &open);
+    if let Some((reason, old)) = pending_reset {
+        session.write_reset(reason, old);
+    }
 
     let stream = futures::stream::unfold(session, |mut s| async move {
         s.next_chunk()

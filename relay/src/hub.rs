@@ -2,28 +2,47 @@
 //!
 //! Each run that has at least one SSE client has a [`Feed`]: the hub subscribes that run's
 //! channels (status, metrics, and output and logs of each variation it knows) once, by
-//! reference count, and broadcasts every announced entry to the feed's clients through a
-//! bounded ring ([`tokio::sync::broadcast`]). The ring is shared by all clients of the run, so
-//! relay memory does not grow with slow clients: a client that falls more than the ring's
-//! capacity behind is told it lagged and catches up from the Redis stream instead.
+//! reference count, and puts every announced entry in the feed's [`Ring`], which all clients
+//! of the run read. The ring is bounded in entries and in bytes, so relay memory does not grow
+//! with slow clients: a client that falls behind the ring is told it lagged and catches up
+//! from the Redis stream instead.
+//!
+//! Announcements are taken off the Pub/Sub connection at once, by a task that does nothing
+//! else, into an intake queue bounded in bytes; a second task decodes them and fills the
+//! rings. When the relay falls behind (starved of CPU) and the intake is full, announcements
+//! are dropped ("shed") instead of queued, and once the intake has room again the runs they
+//! belonged to get [`FeedItem::Resync`]: their clients read what they missed from the streams,
+//! from their cursors. Nothing is lost and nothing grows.
 //!
 //! When the Pub/Sub connection drops (Redis restart), the hub re-opens it, re-subscribes every
-//! channel and sends [`FeedItem::Resync`] to every feed, whose clients then replay each of
-//! their streams from their cursor: whatever was published during the outage is read from the
-//! streams, so nothing is lost.
+//! channel and sends [`FeedItem::Resync`] to every feed likewise.
+//!
+//! Epochs: every announcement carries the run's epoch. Within one epoch a stream's `seq` only
+//! grows; when the hub sees it go back (a writer that does not check the stream's top
+//! rewrote history after Redis lost entries), it sends [`FeedItem::Rewound`], and clients
+//! that carry that stream start over from its first entry, saying so (`event: reset`).
+//!
+//! A feed carries at most [`MAX_FEED_VARIATIONS`] variations: those in the run's state hash
+//! and those its own status stream announces. Viewers never add any.
 
 use crate::metrics::Metrics;
+use crate::ring::{Ring, RingReader};
 use agentrun_protocol::entry::LiveMessage;
 use agentrun_protocol::{
-    Envelope, RedisConn, RedisSettings, RunId, RunState, StatusEvent, StreamName, Variation,
+    Envelope, Epoch, RedisConn, RedisSettings, RunId, RunState, StatusEvent, StreamName, Variation,
 };
 use bytes::Bytes;
 use futures::StreamExt;
 use redis::aio::PubSubSink;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
-use tokio::sync::{Mutex, OnceCell, broadcast};
+use tokio::sync::{Mutex, Notify, OnceCell, watch};
+
+/// Most variations one run's feed carries: the AgentRun CRD's limit (`spec.variations`,
+/// 64). Keeps a run's subscriptions and its clients' cursors bounded.
+pub const MAX_FEED_VARIATIONS: usize = 64;
 
 /// What a feed tells its clients.
 #[derive(Debug)]
@@ -34,24 +53,46 @@ pub enum FeedItem {
     Entry {
         stream: StreamName,
         entry: agentrun_protocol::Entry,
+        /// The run's epoch the entry was published in (`None`: not said).
+        epoch: Option<Epoch>,
         event: std::sync::OnceLock<Bytes>,
     },
     /// A variation the feed had not known about (announced on the status stream).
     Variation(Variation),
-    /// The Pub/Sub connection was re-opened: entries may have been missed; replay.
+    /// Entries may have been missed (the Pub/Sub connection was re-opened, or the relay shed
+    /// announcements it could not keep up with): replay from the cursors.
     Resync,
+    /// The stream's `seq` went back within one epoch: its history was rewritten.
+    Rewound(StreamName),
     /// The run reached a final phase.
     Ended(RunState),
     /// The relay is stopping: end the stream with a resumable cursor.
     Shutdown,
 }
 
+impl FeedItem {
+    /// What the item costs in the ring: an entry's bytes twice (its content, and the SSE text
+    /// encoded from it, base64 for binary) plus bookkeeping.
+    fn weight(&self) -> usize {
+        match self {
+            FeedItem::Entry { entry, .. } => {
+                2 * (entry.content.len() + entry.meta.as_ref().map_or(0, String::len)) + 256
+            }
+            _ => 64,
+        }
+    }
+}
+
 /// Tuning of the fan-out.
 #[derive(Debug, Clone)]
 pub struct HubOptions {
-    /// Live entries kept per run for clients that lag (the bounded queue).
+    /// Live entries kept per run for clients that lag.
     pub feed_capacity: usize,
-    /// How often a watched run's `phase` is re-read (it may be written without a status entry).
+    /// Bytes kept per run for clients that lag (see [`FeedItem::weight`]).
+    pub feed_bytes: usize,
+    /// Bytes of announcements waiting to be handed to the feeds; beyond, they are shed.
+    pub pubsub_buffer_bytes: usize,
+    /// How often a watched run's state hash is re-read (phase, variations).
     pub phase_poll: Duration,
 }
 
@@ -59,6 +100,8 @@ impl Default for HubOptions {
     fn default() -> Self {
         Self {
             feed_capacity: 1024,
+            feed_bytes: 8 * 1024 * 1024,
+            pubsub_buffer_bytes: 32 * 1024 * 1024,
             phase_poll: Duration::from_secs(2),
         }
     }
@@ -67,17 +110,26 @@ impl Default for HubOptions {
 /// One run's live fan-out.
 pub struct Feed {
     pub run: RunId,
-    tx: broadcast::Sender<Arc<FeedItem>>,
+    ring: Arc<Ring<FeedItem>>,
     variations: StdMutex<BTreeSet<Variation>>,
     ready: OnceCell<()>,
     clients: StdMutex<usize>,
     ended: StdMutex<bool>,
+    /// The newest (epoch, seq) announced per stream, to notice `seq` going back.
+    live_tops: StdMutex<HashMap<StreamName, (Option<Epoch>, u64)>>,
+    /// The variation cap was hit (logged once).
+    capped: AtomicBool,
 }
 
 impl Feed {
     /// Variations known so far.
     pub fn variations(&self) -> Vec<Variation> {
         lock(&self.variations).iter().cloned().collect()
+    }
+
+    fn send(&self, item: FeedItem) {
+        let weight = item.weight();
+        self.ring.push(item, weight);
     }
 }
 
@@ -90,6 +142,22 @@ struct Subscriptions {
     refs: HashMap<String, usize>,
 }
 
+/// Announcements taken off the Pub/Sub connection, waiting for the dispatcher.
+struct Intake {
+    queue: StdMutex<IntakeQueue>,
+    ready: Notify,
+    limit: usize,
+    paused: watch::Sender<bool>,
+}
+
+#[derive(Default)]
+struct IntakeQueue {
+    items: VecDeque<(redis::Msg, usize)>,
+    bytes: usize,
+    /// Runs whose announcements were shed since the last resync.
+    shed: HashSet<RunId>,
+}
+
 struct HubInner {
     settings: RedisSettings,
     conn: RedisConn,
@@ -97,6 +165,7 @@ struct HubInner {
     metrics: Metrics,
     feeds: StdMutex<HashMap<RunId, Arc<Feed>>>,
     subs: Mutex<Subscriptions>,
+    intake: Arc<Intake>,
 }
 
 /// The process-wide fan-out; cheap to clone.
@@ -109,7 +178,7 @@ pub struct Hub {
 /// the last client.
 pub struct Watch {
     pub feed: Arc<Feed>,
-    pub rx: broadcast::Receiver<Arc<FeedItem>>,
+    pub rx: RingReader<FeedItem>,
     hub: Hub,
 }
 
@@ -168,9 +237,14 @@ pub fn phase_from_state(state: &HashMap<String, String>) -> Option<RunState> {
         .and_then(|p| serde_json::from_value(serde_json::Value::String(p.clone())).ok())
 }
 
+/// The run's epoch in a state hash (`None`: it has none).
+pub fn epoch_from_state(state: &HashMap<String, String>) -> Option<Epoch> {
+    state.get("epoch").and_then(|e| Epoch::parse(e))
+}
+
 impl Hub {
-    /// Starts the hub and its Pub/Sub connection task. Fails only if the first connection
-    /// cannot be opened.
+    /// Starts the hub and its Pub/Sub tasks. Fails only if the first connection cannot be
+    /// opened.
     pub async fn start(
         settings: RedisSettings,
         conn: RedisConn,
@@ -179,6 +253,8 @@ impl Hub {
     ) -> Result<Self, agentrun_protocol::SettingsError> {
         let pubsub = settings.pubsub().await?;
         let (sink, stream) = pubsub.split();
+        let (paused, paused_rx) = watch::channel(false);
+        let limit = options.pubsub_buffer_bytes.max(64 * 1024);
         let hub = Hub {
             inner: Arc::new(HubInner {
                 settings,
@@ -190,10 +266,17 @@ impl Hub {
                     sink: Some(sink),
                     refs: HashMap::new(),
                 }),
+                intake: Arc::new(Intake {
+                    queue: StdMutex::new(IntakeQueue::default()),
+                    ready: Notify::new(),
+                    limit,
+                    paused,
+                }),
             }),
         };
         let weak = Arc::downgrade(&hub.inner);
-        tokio::spawn(run_pubsub(weak, stream));
+        tokio::spawn(run_pubsub(weak.clone(), stream));
+        tokio::spawn(run_dispatch(weak, hub.inner.intake.clone(), paused_rx));
         Ok(hub)
     }
 
@@ -201,7 +284,15 @@ impl Hub {
         self.inner.conn.clone()
     }
 
-    /// Joins (or creates) the feed of a run. The returned receiver sees every entry announced
+    /// Variations the run's feed carries now, if the run has one on this relay.
+    pub fn known_variations(&self, run: &RunId) -> Vec<Variation> {
+        lock(&self.inner.feeds)
+            .get(run)
+            .map(|f| f.variations())
+            .unwrap_or_default()
+    }
+
+    /// Joins (or creates) the feed of a run. The returned reader sees every entry announced
     /// after the run's channels were subscribed.
     pub async fn watch(&self, run: &RunId) -> Watch {
         let (feed, created) = {
@@ -212,14 +303,18 @@ impl Hub {
                     (f.clone(), false)
                 }
                 None => {
-                    let (tx, _) = broadcast::channel(self.inner.options.feed_capacity.max(16));
                     let f = Arc::new(Feed {
                         run: run.clone(),
-                        tx,
+                        ring: Ring::new(
+                            self.inner.options.feed_capacity.max(16),
+                            self.inner.options.feed_bytes.max(64 * 1024),
+                        ),
                         variations: StdMutex::new(BTreeSet::new()),
                         ready: OnceCell::new(),
                         clients: StdMutex::new(1),
                         ended: StdMutex::new(false),
+                        live_tops: StdMutex::new(HashMap::new()),
+                        capped: AtomicBool::new(false),
                     });
                     feeds.insert(run.clone(), f.clone());
                     self.inner.metrics.watched_runs.inc();
@@ -227,7 +322,7 @@ impl Hub {
                 }
             }
         };
-        let rx = feed.tx.subscribe();
+        let rx = feed.ring.reader();
         let watch = Watch {
             feed: feed.clone(),
             rx,
@@ -235,7 +330,7 @@ impl Hub {
         };
         feed.ready.get_or_init(|| self.init_feed(&feed)).await;
         if created {
-            tokio::spawn(poll_phase(Arc::downgrade(&self.inner), feed.clone()));
+            tokio::spawn(poll_state(Arc::downgrade(&self.inner), feed.clone()));
         }
         watch
     }
@@ -254,7 +349,7 @@ impl Hub {
         if vars.is_empty() {
             vars.insert(Variation::default_name());
         }
-        let vars: Vec<Variation> = vars.into_iter().collect();
+        let vars: Vec<Variation> = vars.into_iter().take(MAX_FEED_VARIATIONS).collect();
         let mut channels = Vec::new();
         for v in &vars {
             channels.push(StreamName::Output(v.clone()).key(&feed.run));
@@ -264,27 +359,52 @@ impl Hub {
         lock(&feed.variations).extend(vars);
     }
 
+    /// Adds the variations declared in the run's state hash to the feed (up to
+    /// [`MAX_FEED_VARIATIONS`]), subscribed before this returns.
+    pub async fn learn_variations(&self, feed: &Arc<Feed>, state: &HashMap<String, String>) {
+        for v in variations_from_state(state) {
+            if !self.add_variation(feed, &v).await {
+                break;
+            }
+        }
+    }
+
     /// Makes sure the feed carries a variation's channels (subscribed before this returns).
-    pub async fn ensure_variation(&self, feed: &Arc<Feed>, v: &Variation) {
-        if lock(&feed.variations).contains(v) {
-            return;
+    /// `false` when the feed is full ([`MAX_FEED_VARIATIONS`]) and the variation is not in it.
+    async fn add_variation(&self, feed: &Arc<Feed>, v: &Variation) -> bool {
+        {
+            let vars = lock(&feed.variations);
+            if vars.contains(v) {
+                return true;
+            }
+            if vars.len() >= MAX_FEED_VARIATIONS {
+                if !feed.capped.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(run = %feed.run, variation = %v, limit = MAX_FEED_VARIATIONS, "the run names more variations than a feed carries; ignoring the rest");
+                }
+                return false;
+            }
         }
         self.subscribe(vec![
             StreamName::Output(v.clone()).key(&feed.run),
             StreamName::Logs(v.clone()).key(&feed.run),
         ])
         .await;
-        let new = lock(&feed.variations).insert(v.clone());
+        let new = {
+            let mut vars = lock(&feed.variations);
+            vars.len() < MAX_FEED_VARIATIONS && vars.insert(v.clone())
+        };
         if new {
-            let _ = feed.tx.send(Arc::new(FeedItem::Variation(v.clone())));
+            feed.send(FeedItem::Variation(v.clone()));
         } else {
-            // Someone else added it meanwhile and holds the subscription reference.
+            // Someone else added it meanwhile and holds the subscription reference (or the
+            // feed filled up meanwhile).
             self.unsubscribe(vec![
                 StreamName::Output(v.clone()).key(&feed.run),
                 StreamName::Logs(v.clone()).key(&feed.run),
             ])
             .await;
         }
+        lock(&feed.variations).contains(v)
     }
 
     fn release(&self, feed: &Arc<Feed>) {
@@ -330,7 +450,6 @@ impl Hub {
         if let Some(sink) = subs.sink.as_mut()
             && let Err(e) = sink.subscribe(&new).await
         {
-            // The connection task notices the drop, re-subscribes everything and resyncs.
             // If the connection dropped, the connection task re-subscribes everything in
             // `refs` and tells every feed to resync.
             tracing::warn!(error = %e, "could not subscribe run channels; will re-subscribe after reconnecting");
@@ -363,7 +482,7 @@ impl Hub {
     pub fn shutdown(&self) {
         let feeds: Vec<Arc<Feed>> = lock(&self.inner.feeds).values().cloned().collect();
         for feed in feeds {
-            let _ = feed.tx.send(Arc::new(FeedItem::Shutdown));
+            feed.send(FeedItem::Shutdown);
         }
     }
 
@@ -371,23 +490,82 @@ impl Hub {
     pub async fn subscribed_channels(&self) -> usize {
         self.inner.subs.lock().await.refs.len()
     }
+
+    /// Stops (`true`) or restarts handing announcements to the feeds, as a relay starved of
+    /// CPU would: announcements keep being taken off the Pub/Sub connection into the bounded
+    /// intake, which sheds once full. For tests of the shedding; nothing else calls it.
+    pub fn pause_live_dispatch(&self, paused: bool) {
+        self.inner.intake.paused.send_replace(paused);
+    }
+}
+
+impl Intake {
+    /// Queues an announcement, or sheds it when the queue is full.
+    fn offer(&self, msg: redis::Msg, metrics: &Metrics) {
+        let weight = msg.get_payload_bytes().len() + msg.get_channel_name().len() + 64;
+        let mut q = lock(&self.queue);
+        if q.bytes + weight > self.limit && !q.items.is_empty() {
+            if let Some((run, _)) = StreamName::parse(msg.get_channel_name()) {
+                q.shed.insert(run);
+            }
+            metrics.live_shed.inc();
+            return;
+        }
+        q.bytes += weight;
+        q.items.push_back((msg, weight));
+        metrics.pubsub_buffer_bytes.set(q.bytes as i64);
+        drop(q);
+        self.ready.notify_one();
+    }
+
+    /// The next announcement, and the runs to resync once the queue has room again.
+    fn take(&self, metrics: &Metrics) -> (Option<redis::Msg>, Vec<RunId>) {
+        let mut q = lock(&self.queue);
+        let next = q.items.pop_front().map(|(msg, weight)| {
+            q.bytes -= weight;
+            msg
+        });
+        metrics.pubsub_buffer_bytes.set(q.bytes as i64);
+        let shed = if !q.shed.is_empty() && q.bytes <= self.limit / 2 {
+            q.shed.drain().collect()
+        } else {
+            Vec::new()
+        };
+        (next, shed)
+    }
 }
 
 impl HubInner {
+    fn feed(&self, run: &RunId) -> Option<Arc<Feed>> {
+        lock(&self.feeds).get(run).cloned()
+    }
+
     fn dispatch(self: &Arc<Self>, channel: &str, payload: &[u8]) {
         let Some((run, stream)) = StreamName::parse(channel) else {
             return;
         };
-        let Some(feed) = lock(&self.feeds).get(&run).cloned() else {
+        let Some(feed) = self.feed(&run) else {
             return;
         };
-        let entry = match LiveMessage::decode(payload) {
+        let (entry, epoch) = match LiveMessage::decode_with_epoch(payload) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(%run, channel, error = %e, "ignoring a malformed live message");
                 return;
             }
         };
+        let went_back = {
+            let mut tops = lock(&feed.live_tops);
+            let back = tops
+                .get(&stream)
+                .is_some_and(|(e, seq)| *e == epoch && entry.seq <= *seq);
+            tops.insert(stream.clone(), (epoch, entry.seq));
+            back
+        };
+        if went_back {
+            tracing::warn!(%run, channel, seq = entry.seq, "a stream's sequence numbers went back within one epoch; its clients start over from its first entry");
+            feed.send(FeedItem::Rewound(stream.clone()));
+        }
         if stream == StreamName::Status {
             match serde_json::from_slice::<StatusEvent>(&entry.content) {
                 Ok(status) => {
@@ -401,7 +579,7 @@ impl HubInner {
                             inner: self.clone(),
                         };
                         let feed = feed.clone();
-                        tokio::spawn(async move { hub.ensure_variation(&feed, &v).await });
+                        tokio::spawn(async move { hub.add_variation(&feed, &v).await });
                     }
                     if status.state.is_final() || status.variation.is_none() {
                         let inner = self.clone();
@@ -412,48 +590,51 @@ impl HubInner {
                 Err(e) => tracing::debug!(%run, error = %e, "status entry is not a StatusEvent"),
             }
         }
-        let _ = feed.tx.send(Arc::new(FeedItem::Entry {
+        feed.send(FeedItem::Entry {
             stream,
             entry,
+            epoch,
             event: std::sync::OnceLock::new(),
-        }));
+        });
     }
 }
 
-/// Reads the run's `phase` and tells the clients once it is final.
-async fn check_phase(inner: &HubInner, feed: &Arc<Feed>) -> bool {
+/// Reads the run's state hash: learns declared variations, and tells the clients once the
+/// phase is final. Returns whether it is.
+async fn check_phase(inner: &Arc<HubInner>, feed: &Arc<Feed>) -> bool {
     if *lock(&feed.ended) {
         return true;
     }
     let mut conn = inner.conn.clone();
-    let phase: Option<String> = match redis::cmd("HGET")
+    let state: Result<HashMap<String, String>, _> = redis::cmd("HGETALL")
         .arg(feed.run.state_key())
-        .arg("phase")
         .query_async(&mut conn)
-        .await
-    {
-        Ok(p) => p,
-        Err(_) => return false,
+        .await;
+    let hub = Hub {
+        inner: inner.clone(),
     };
-    let Some(state) =
-        phase.and_then(|p| serde_json::from_value::<RunState>(serde_json::Value::String(p)).ok())
-    else {
-        return false;
-    };
-    if state.is_final() {
-        let first = {
-            let mut ended = lock(&feed.ended);
-            !std::mem::replace(&mut *ended, true)
-        };
-        if first {
-            let _ = feed.tx.send(Arc::new(FeedItem::Ended(state)));
+    match state {
+        Ok(state) => {
+            hub.learn_variations(feed, &state).await;
+            match phase_from_state(&state) {
+                Some(phase) if phase.is_final() => {
+                    let first = {
+                        let mut ended = lock(&feed.ended);
+                        !std::mem::replace(&mut *ended, true)
+                    };
+                    if first {
+                        feed.send(FeedItem::Ended(phase));
+                    }
+                    true
+                }
+                _ => false,
+            }
         }
-        return true;
+        Err(_) => false,
     }
-    false
 }
 
-async fn poll_phase(hub: std::sync::Weak<HubInner>, feed: Arc<Feed>) {
+async fn poll_state(hub: std::sync::Weak<HubInner>, feed: Arc<Feed>) {
     let Some(period) = hub.upgrade().map(|h| h.options.phase_poll) else {
         return;
     };
@@ -471,11 +652,48 @@ async fn poll_phase(hub: std::sync::Weak<HubInner>, feed: Arc<Feed>) {
     }
 }
 
+/// Hands queued announcements to the feeds, one at a time, in order; resyncs the runs whose
+/// announcements were shed once the intake has room again. Ends when the hub is gone.
+async fn run_dispatch(
+    hub: std::sync::Weak<HubInner>,
+    intake: Arc<Intake>,
+    mut paused: watch::Receiver<bool>,
+) {
+    loop {
+        while *paused.borrow_and_update() {
+            if paused.changed().await.is_err() {
+                return;
+            }
+        }
+        let Some(inner) = hub.upgrade() else { return };
+        let (next, shed) = intake.take(&inner.metrics);
+        for run in shed {
+            if let Some(feed) = inner.feed(&run) {
+                feed.send(FeedItem::Resync);
+            }
+        }
+        match next {
+            Some(msg) => inner.dispatch(msg.get_channel_name(), msg.get_payload_bytes()),
+            None => {
+                drop(inner);
+                // Woken by the next announcement; the timeout only notices a hub that is gone.
+                tokio::select! {
+                    _ = intake.ready.notified() => {}
+                    _ = paused.changed() => {}
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Takes announcements off the Pub/Sub connection as they come (nothing else, so the redis
+/// client's own unbounded queue stays short), and re-opens the connection when it drops.
 async fn run_pubsub(hub: std::sync::Weak<HubInner>, mut stream: redis::aio::PubSubStream) {
     loop {
         while let Some(msg) = stream.next().await {
             let Some(inner) = hub.upgrade() else { return };
-            inner.dispatch(msg.get_channel_name(), msg.get_payload_bytes());
+            inner.intake.offer(msg, &inner.metrics);
         }
         // The connection is gone: re-open it, re-subscribe and make every client catch up.
         let Some(inner) = hub.upgrade() else { return };
@@ -509,7 +727,7 @@ async fn run_pubsub(hub: std::sync::Weak<HubInner>, mut stream: redis::aio::PubS
         tracing::info!(redis = %inner.settings.target(), "Redis Pub/Sub connection re-opened");
         let feeds: Vec<Arc<Feed>> = lock(&inner.feeds).values().cloned().collect();
         for feed in feeds {
-            let _ = feed.tx.send(Arc::new(FeedItem::Resync));
+            feed.send(FeedItem::Resync);
         }
     }
 }

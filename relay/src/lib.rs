@@ -6,6 +6,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod budget;
 pub mod cors;
 pub mod cursor;
 pub mod events;
@@ -13,6 +14,7 @@ pub mod hub;
 pub mod kube_auth;
 pub mod limits;
 pub mod metrics;
+pub mod ring;
 pub mod ui;
 
 use agentrun_protocol::{PublishOptions, Publisher, RedisConn, RedisSettings};
@@ -43,9 +45,25 @@ pub struct Config {
     /// behind catches up from the Redis stream.
     #[arg(long, env = "AGENTRUN_FEED_CAPACITY", default_value_t = 1024)]
     pub feed_capacity: usize,
-    /// Entries read from a stream per replay page.
+    /// Bytes of live entries kept per watched run (each entry counts twice its size: its
+    /// bytes and the SSE text made from them); a client further behind catches up from the
+    /// Redis stream.
+    #[arg(long, env = "AGENTRUN_FEED_BYTES", default_value_t = 8 * 1024 * 1024)]
+    pub feed_bytes: usize,
+    /// Bytes of live announcements taken off the Pub/Sub connection and not yet handed to the
+    /// feeds; beyond, the relay sheds them and their runs' clients read them from the streams.
+    #[arg(long, env = "AGENTRUN_PUBSUB_BUFFER_BYTES", default_value_t = 32 * 1024 * 1024)]
+    pub pubsub_buffer_bytes: usize,
+    /// Most entries read from a stream per replay page.
     #[arg(long, env = "AGENTRUN_REPLAY_PAGE", default_value_t = 500)]
     pub replay_page: usize,
+    /// About how many bytes one replay page may hold (pages are sized from the largest entry
+    /// seen so far in the replay, 64 KiB before the first).
+    #[arg(long, env = "AGENTRUN_REPLAY_PAGE_BYTES", default_value_t = 256 * 1024)]
+    pub replay_page_bytes: usize,
+    /// Bytes of replay pages all connections together may hold; connections wait for room.
+    #[arg(long, env = "AGENTRUN_REPLAY_MEMORY_BYTES", default_value_t = 64 * 1024 * 1024)]
+    pub replay_memory_bytes: usize,
     /// Reconnection delay suggested to SSE clients (`retry:`), in milliseconds.
     #[arg(long, env = "AGENTRUN_SSE_RETRY_MS", default_value_t = 2000)]
     pub retry_ms: u64,
@@ -128,6 +146,8 @@ pub struct Limits {
     /// How often an open stream's access is checked again.
     pub auth_recheck: Duration,
     pub replay_page: usize,
+    /// About how many bytes one replay page may hold.
+    pub replay_page_bytes: usize,
     pub retry_ms: u64,
 }
 
@@ -137,6 +157,8 @@ pub(crate) struct Inner {
     pub hub: hub::Hub,
     pub metrics: metrics::Metrics,
     pub limits: Limits,
+    /// Replay pages held by all connections together.
+    pub replay_budget: Arc<budget::ByteBudget>,
     pub publisher: Publisher,
     pub producer_id: String,
     /// Control messages are published one at a time so producer sequences arrive in order.
@@ -214,15 +236,20 @@ impl AppState {
             conn.clone(),
             hub::HubOptions {
                 feed_capacity: config.feed_capacity,
+                feed_bytes: config.feed_bytes,
+                pubsub_buffer_bytes: config.pubsub_buffer_bytes,
                 ..Default::default()
             },
             metrics.clone(),
         )
         .await?;
+        // The relay's Redis user may not write state hashes: its control entries carry no
+        // epoch (only sidecars read them).
         let publisher = Publisher::new(PublishOptions {
             max_len: Some(config.control_maxlen),
             publish_command: settings.publish_command(),
-        });
+        })
+        .without_run_state();
         Ok(Self {
             inner: Arc::new(Inner {
                 sent_live: metrics.events_sent.with_label_values(&["live"]),
@@ -235,8 +262,10 @@ impl AppState {
                     keepalive: Duration::from_secs(config.keepalive_seconds.max(1)),
                     auth_recheck: Duration::from_secs(config.auth_recheck_seconds.max(1)),
                     replay_page: config.replay_page.max(1),
+                    replay_page_bytes: config.replay_page_bytes.max(1),
                     retry_ms: config.retry_ms,
                 },
+                replay_budget: budget::ByteBudget::new(config.replay_memory_bytes),
                 publisher,
                 producer_id: format!("relay-{:016x}", rand::random::<u64>()),
                 control_lock: tokio::sync::Mutex::new(()),

@@ -25,6 +25,15 @@ pub struct Metrics {
     pub auth_cache_hits: IntCounter,
     /// Times the tokens file was read again after a change, by result (`ok`, `error`).
     pub tokens_reloads: IntCounterVec,
+    /// Announcements dropped because the relay fell behind; their runs' clients read them
+    /// from the streams instead.
+    pub live_shed: IntCounter,
+    /// Bytes of announcements taken off the Pub/Sub connection, not yet handed to the feeds.
+    pub pubsub_buffer_bytes: IntGauge,
+    /// Bytes of replay pages held by all connections.
+    pub replay_bytes: IntGauge,
+    /// `reset` events sent: a client's position was not valid in the run's current history.
+    pub resets: IntCounter,
 }
 
 impl Metrics {
@@ -85,6 +94,26 @@ impl Metrics {
             &["result"],
         )
         .expect("valid metric");
+        let live_shed = IntCounter::with_opts(opts(
+            "live_shed_total",
+            "Live announcements dropped because the relay fell behind; clients read them from the streams",
+        ))
+        .expect("valid metric");
+        let pubsub_buffer_bytes = IntGauge::with_opts(opts(
+            "pubsub_buffer_bytes",
+            "Bytes of live announcements waiting to be handed to the feeds",
+        ))
+        .expect("valid metric");
+        let replay_bytes = IntGauge::with_opts(opts(
+            "replay_bytes",
+            "Bytes of replay pages held by all SSE connections",
+        ))
+        .expect("valid metric");
+        let resets = IntCounter::with_opts(opts(
+            "resets_total",
+            "reset events sent: a client's position was not valid in the run's current history",
+        ))
+        .expect("valid metric");
         // Every label shows from the start (0), so that a rate over them is defined.
         for kind in ["token", "access"] {
             auth_reviews.with_label_values(&[kind]);
@@ -103,6 +132,10 @@ impl Metrics {
             Box::new(auth_reviews.clone()),
             Box::new(auth_cache_hits.clone()),
             Box::new(tokens_reloads.clone()),
+            Box::new(live_shed.clone()),
+            Box::new(pubsub_buffer_bytes.clone()),
+            Box::new(replay_bytes.clone()),
+            Box::new(resets.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -118,6 +151,10 @@ impl Metrics {
             auth_reviews,
             auth_cache_hits,
             tokens_reloads,
+            live_shed,
+            pubsub_buffer_bytes,
+            replay_bytes,
+            resets,
         }
     }
 

@@ -138,6 +138,40 @@ async fn control_is_published_to_the_channel_and_the_audit_stream() {
 }
 
 #[tokio::test]
+async fn a_control_request_retried_with_the_same_idempotency_key_is_applied_once() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let run = run_id("r-idem");
+    register(&mut conn, &run, &["a"]).await;
+    let relay = Relay::start(&redis.url()).await;
+    let client = reqwest::Client::new();
+    let url = format!("{}/api/runs/r-idem/control", relay.base);
+    let send = |key: &'static str| {
+        client
+            .post(&url)
+            .header("idempotency-key", key)
+            .body(r#"{"action":"stdin","variation":"a","data":"yes"}"#)
+            .send()
+    };
+    // The first answer was lost on its way back; the client sends the same request again.
+    let first = send("6f1c2a9e-stdin-1").await.unwrap();
+    assert_eq!(first.status(), 202);
+    let retry = send("6f1c2a9e-stdin-1").await.unwrap();
+    assert_eq!(retry.status(), 202, "a retry is accepted, not refused");
+    let key = StreamName::Control.key(&run);
+    let page = read_page(&mut conn, &key, 0, 10).await.unwrap();
+    assert_eq!(
+        page.entries.len(),
+        1,
+        "the line reaches the agent's stdin once"
+    );
+    // Another action (another key) is applied.
+    assert_eq!(send("6f1c2a9e-stdin-2").await.unwrap().status(), 202);
+    let page = read_page(&mut conn, &key, 0, 10).await.unwrap();
+    assert_eq!(page.entries.len(), 2);
+}
+
+#[tokio::test]
 async fn health_readiness_and_metrics() {
     let mut redis = RedisServer::start();
     let relay = Relay::start(&redis.url()).await;

@@ -915,3 +915,88 @@ async fn open_sse(client: &reqwest::Client, relay: &Relay, token: &str) -> reqwe
         .await
         .unwrap()
 }
+
+/// Channels of `run` that the relay has subscribed on Redis (`PUBSUB CHANNELS`), sorted.
+async fn subscribed(redis: &RedisServer, run: &str) -> Vec<String> {
+    let mut conn = redis.conn().await;
+    let mut channels: Vec<String> = redis::cmd("PUBSUB")
+        .arg("CHANNELS")
+        .arg(format!("run:{{{run}}}:*"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    channels.sort();
+    channels
+}
+
+#[tokio::test]
+async fn a_token_for_another_namespace_cannot_add_variations_or_subscriptions_to_a_run() {
+    let redis = RedisServer::start();
+    seed(&redis).await;
+    let relay = Relay::start_with(token_config(&redis.url()), "127.0.0.1:0").await;
+    let client = reqwest::Client::new();
+
+    // A viewer allowed to see run-b follows its output.
+    let mut viewer = SseClient::connect_as(
+        &relay.events_url("run-b", "channels=output"),
+        None,
+        Some(ALL),
+    )
+    .await;
+    viewer.expect("open").await;
+    let before = subscribed(&redis, "run-b").await;
+    assert!(!before.is_empty(), "the viewer's feed is subscribed");
+
+    // A token for team-a only asks for made-up variations of team-b's run: each is refused
+    // like a missing run, and none of them reaches Redis or the viewer.
+    for i in 0..60 {
+        let r = client
+            .get(relay.events_url("run-b", &format!("variation=fake-{i}")))
+            .bearer_auth(TEAM_A)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404, "request {i}");
+    }
+    // A caller who may see the run, asking for a variation it does not have, is told so.
+    let r = client
+        .get(relay.events_url("run-b", "variation=nope"))
+        .bearer_auth(ALL)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body = r.text().await.unwrap();
+    assert!(
+        body.contains("nope") && body.contains("variation"),
+        "the answer names the variation: {body}"
+    );
+    assert_eq!(
+        subscribed(&redis, "run-b").await,
+        before,
+        "refused requests left Redis subscriptions behind"
+    );
+    let mut conn = redis.conn().await;
+    let (_, fake_subscribers): (String, u64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("run:{run-b}:output:fake-0")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(fake_subscribers, 0);
+
+    // The viewer's stream is untouched: its next event is the run's next entry, and its
+    // cursor names only the run's real streams.
+    let mut p = Producer::new("p");
+    p.output(&mut conn, &run_id("run-b"), "a", &["hello\n".to_owned()])
+        .await;
+    let ev = viewer.expect_entry("the viewer's next entry").await;
+    assert_eq!(ev.event, "output");
+    assert_eq!(ev.json()["seq"], 1);
+    let cursor = cursor_text(ev.id.as_deref().unwrap());
+    assert!(
+        !cursor.contains("fake") && !cursor.contains("nope"),
+        "the viewer's cursor grew with variations it never asked for: {cursor}"
+    );
+    relay.shutdown().await;
+}

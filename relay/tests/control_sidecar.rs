@@ -4,36 +4,9 @@
 mod support;
 
 use agentrun_protocol::testing::{RedisServer, wait_for};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::*;
-
-/// `target/debug/agentrun-sidecar`, built if needed (it is another package's binary).
-fn sidecar_binary() -> PathBuf {
-    let relay_bin = PathBuf::from(env!("CARGO_BIN_EXE_agentrun-relay"));
-    let dir = relay_bin.parent().expect("binary directory");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args([
-            "build",
-            "-p",
-            "agentrun-sidecar",
-            "--bin",
-            "agentrun-sidecar",
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .status()
-        .expect("run cargo build -p agentrun-sidecar");
-    assert!(status.success(), "cargo build -p agentrun-sidecar failed");
-    let path = dir.join("agentrun-sidecar");
-    assert!(
-        path.exists(),
-        "{} is missing after the build",
-        path.display()
-    );
-    path
-}
 
 const AGENT: &str = r#"
 exec 3<&0

@@ -360,14 +360,6 @@ async fn kubernetes_tokens_and_rbac_on_the_agentrun_decide_what_a_caller_sees_an
     cluster.sim.shutdown().await;
 }
 
-fn metric(text: &str, name: &str) -> u64 {
-    text.lines()
-        .find(|l| l.starts_with(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test]
 async fn review_answers_are_cached_for_the_configured_time() {
     let redis = RedisServer::start();

@@ -71,6 +71,11 @@ async fn replays_history_then_streams_live_then_ends() {
         StatusEvent::new(Some("b"), RunState::Running),
     )
     .await;
+    // Its sidecar declares it in the run's state hash too (asking for a variation by name
+    // needs that once no client follows the run).
+    agentrun_protocol::publish::add_variation(&mut conn, &run, &var("b"))
+        .await
+        .unwrap();
     let mut got_b = Vec::new();
     let mut got_status = false;
     while got_b.len() < 2 || !got_status {

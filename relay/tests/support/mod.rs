@@ -107,10 +107,18 @@ pub struct SseClient {
 
 impl SseClient {
     pub async fn connect(url: &str, last_event_id: Option<&str>) -> Self {
+        Self::connect_as(url, last_event_id, None).await
+    }
+
+    /// Connects with a bearer token (or none).
+    pub async fn connect_as(url: &str, last_event_id: Option<&str>, token: Option<&str>) -> Self {
         let client = reqwest::Client::new();
         let mut req = client.get(url).header("accept", "text/event-stream");
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
+        }
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
         }
         let resp = req.send().await.expect("connect to the relay");
         let status = resp.status();
@@ -373,6 +381,8 @@ impl RelayProcess {
             .args(extra)
             .env("RUST_LOG", log_level)
             .env("NO_COLOR", "1")
+            // Few malloc arenas, as in the container image, so RSS reflects live memory.
+            .env("MALLOC_ARENA_MAX", "2")
             .env_remove("AGENTRUN_AUTH")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -409,6 +419,17 @@ impl RelayProcess {
         }
     }
 
+    /// A field of `/proc/PID/status` in KiB: `VmRSS` (resident now) or `VmHWM` (the peak).
+    pub fn memory_kib(&self, field: &str) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id()))
+            .expect("read /proc/PID/status of the relay");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or_else(|| panic!("{field} in /proc/PID/status"))
+    }
+
     /// Kills the relay and returns everything it logged. Requests answered before are
     /// logged already (stdout is line-buffered).
     pub fn stop(mut self) -> String {
@@ -435,4 +456,58 @@ impl Drop for RelayProcess {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `target/debug/agentrun-sidecar`, built if needed (it is another package's binary).
+pub fn sidecar_binary() -> std::path::PathBuf {
+    use std::path::PathBuf;
+    let relay_bin = PathBuf::from(env!("CARGO_BIN_EXE_agentrun-relay"));
+    let dir = relay_bin.parent().expect("binary directory");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .args([
+            "build",
+            "-p",
+            "agentrun-sidecar",
+            "--bin",
+            "agentrun-sidecar",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("run cargo build -p agentrun-sidecar");
+    assert!(status.success(), "cargo build -p agentrun-sidecar failed");
+    let path = dir.join("agentrun-sidecar");
+    assert!(
+        path.exists(),
+        "{} is missing after the build",
+        path.display()
+    );
+    path
+}
+
+/// The text inside an SSE id (a cursor): what follows `VERSION.`, base64url-decoded.
+pub fn cursor_text(id: &str) -> String {
+    use base64::Engine;
+    let (_, body) = id.split_once('.').expect("a cursor is VERSION.BASE64");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(body)
+        .expect("cursor body is base64url");
+    String::from_utf8(bytes).expect("cursor text is UTF-8")
+}
+
+/// A version-1 cursor (`1.` + base64url of `o.VAR=SEQ,...`), as relays before epochs made.
+pub fn v1_cursor(text: &str) -> String {
+    use base64::Engine;
+    format!(
+        "1.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(text)
+    )
+}
+
+/// Metric value from `/metrics` text (0 when absent).
+pub fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }

@@ -1,0 +1,181 @@
+//! A bounded broadcast ring: one writer, any number of readers, bounded both in items and in
+//! bytes.
+//!
+//! Each run's live feed is one ring shared by all of its clients. Pushing never waits for a
+//! reader: when the ring is over either bound, the oldest items are dropped, and a reader that
+//! had not taken them is told it lagged ([`TryRecvError::Lagged`]) and continues from the
+//! oldest item still held (the relay's clients then catch up from the Redis stream). So the
+//! ring's memory is at most `max_bytes` (by the weights the writer gives, plus one item), however
+//! many clients read slowly, and no client can slow the writer down.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+
+/// Why [`RingReader::try_recv`] returned nothing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TryRecvError {
+    /// Nothing new yet.
+    Empty,
+    /// Items this reader had not taken were dropped (how many); the next call continues
+    /// with the oldest item still held.
+    Lagged(u64),
+}
+
+struct State<T> {
+    items: VecDeque<(Arc<T>, usize)>,
+    /// Index of `items[0]` in the sequence of everything ever pushed.
+    first: u64,
+    bytes: usize,
+}
+
+/// The shared ring; push with [`Ring::push`], read through [`Ring::reader`].
+pub struct Ring<T> {
+    state: Mutex<State<T>>,
+    notify: Notify,
+    max_items: usize,
+    max_bytes: usize,
+}
+
+impl<T> Ring<T> {
+    /// A ring that holds at most `max_items` items and `max_bytes` of weight (it always keeps
+    /// the newest item, even a heavier one).
+    pub fn new(max_items: usize, max_bytes: usize) -> Arc<Self> {
+        Arc::new(Self {
+            state: Mutex::new(State {
+                items: VecDeque::new(),
+                first: 0,
+                bytes: 0,
+            }),
+            notify: Notify::new(),
+            max_items: max_items.max(1),
+            max_bytes: max_bytes.max(1),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State<T>> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Appends an item of the given weight (bytes), dropping the oldest items beyond the
+    /// bounds, and wakes the readers.
+    pub fn push(&self, item: T, weight: usize) {
+        {
+            let mut s = self.lock();
+            s.items.push_back((Arc::new(item), weight));
+            s.bytes += weight;
+            while s.items.len() > 1 && (s.items.len() > self.max_items || s.bytes > self.max_bytes)
+            {
+                if let Some((_, w)) = s.items.pop_front() {
+                    s.bytes -= w;
+                    s.first += 1;
+                }
+            }
+        }
+        self.notify.notify_waiters();
+    }
+
+    /// The weight held now.
+    pub fn bytes(&self) -> usize {
+        self.lock().bytes
+    }
+
+    /// A reader that sees every item pushed from now on.
+    pub fn reader(self: &Arc<Self>) -> RingReader<T> {
+        let next = {
+            let s = self.lock();
+            s.first + s.items.len() as u64
+        };
+        RingReader {
+            ring: self.clone(),
+            next,
+        }
+    }
+}
+
+/// One reader's position in a [`Ring`].
+pub struct RingReader<T> {
+    ring: Arc<Ring<T>>,
+    next: u64,
+}
+
+impl<T> RingReader<T> {
+    /// The next item, if there is one.
+    pub fn try_recv(&mut self) -> Result<Arc<T>, TryRecvError> {
+        let s = self.ring.lock();
+        if self.next < s.first {
+            let missed = s.first - self.next;
+            self.next = s.first;
+            return Err(TryRecvError::Lagged(missed));
+        }
+        let at = (self.next - s.first) as usize;
+        match s.items.get(at) {
+            Some((item, _)) => {
+                self.next += 1;
+                Ok(item.clone())
+            }
+            None => Err(TryRecvError::Empty),
+        }
+    }
+
+    /// Waits for the next item (or for the news that this reader lagged).
+    pub async fn recv(&mut self) -> Result<Arc<T>, TryRecvError> {
+        let ring = self.ring.clone();
+        loop {
+            let notified = ring.notify.notified();
+            tokio::pin!(notified);
+            // Registered before looking, so a push between the look and the wait wakes us.
+            notified.as_mut().enable();
+            match self.try_recv() {
+                Err(TryRecvError::Empty) => notified.await,
+                other => return other,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ring_is_bounded_in_bytes_and_laggards_are_told() {
+        let ring = Ring::new(100, 1000);
+        let mut slow = ring.reader();
+        let mut fast = ring.reader();
+        for i in 0..10u32 {
+            ring.push(i, 300);
+            assert_eq!(*fast.try_recv().unwrap(), i);
+        }
+        assert!(ring.bytes() <= 1000, "{}", ring.bytes());
+        assert_eq!(slow.try_recv(), Err(TryRecvError::Lagged(7)));
+        assert_eq!(*slow.try_recv().unwrap(), 7);
+        assert_eq!(fast.try_recv(), Err(TryRecvError::Empty));
+        // One item heavier than the whole budget is still delivered.
+        ring.push(99, 5000);
+        assert_eq!(*fast.try_recv().unwrap(), 99);
+        assert_eq!(ring.bytes(), 5000);
+        // The item bound holds too.
+        let small = Ring::new(3, usize::MAX);
+        let mut r = small.reader();
+        for i in 0..5u32 {
+            small.push(i, 1);
+        }
+        assert_eq!(r.try_recv(), Err(TryRecvError::Lagged(2)));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_reader_wakes_on_push() {
+        let ring = Ring::new(10, 10);
+        let mut r = ring.reader();
+        let writer = {
+            let ring = ring.clone();
+            tokio::spawn(async move {
+                tokio::task::yield_now().await;
+                ring.push(5u8, 1);
+            })
+        };
+        assert_eq!(*r.recv().await.unwrap(), 5);
+        writer.await.unwrap();
+    }
+}
