@@ -12,6 +12,12 @@
 //! stopped, 2 the plugin could not do its job (bad arguments, relay unreachable too long,
 //! no token or a refused one).
 //!
+//! Control commands send an `Idempotency-Key` (random, one per command) and, when the relay
+//! cannot be reached or answers 5xx, send the same request again with the same key for up to
+//! `CONTROL_RETRY` (the relay applies a key once, so an action whose answer was lost is never
+//! applied twice). `logs` says on stderr when the relay resets the history (`event: reset`:
+//! Redis lost entries and the run's history was written again) and goes on with it.
+//!
 //! A relay with authentication gets a bearer token from `--token`, `--token-file` or
 //! `AGENTRUN_TOKEN` (in that order). With none of them, when a relay in `--auth kubernetes`
 //! mode answers 401, the plugin uses the `token` of the current kubeconfig context's user,
@@ -387,6 +393,9 @@ async fn error_message(resp: reqwest::Response) -> String {
     format!("{status}: {}", msg.trim())
 }
 
+/// How long a control command keeps retrying while the relay is unreachable or answers 5xx.
+pub const CONTROL_RETRY: Duration = Duration::from_secs(30);
+
 async fn control(
     relay: &mut RelayClient,
     target: &Target,
@@ -395,9 +404,26 @@ async fn control(
 ) -> anyhow::Result<i32> {
     let body = serde_json::json!({ "action": action, "variation": args.variation });
     let url = format!("{}/api/runs/{}/control", target.base, target.run);
-    let resp = match relay.send(|http| http.post(&url).json(&body)).await? {
-        Sent::Answer(resp) => resp,
-        Sent::Unreachable(e) => bail!("cannot reach the relay at {}: {e}", target.base),
+    // One key for this action, the same on every retry: the relay applies it once.
+    let key = format!("{:032x}", rand::random::<u128>());
+    let deadline = Instant::now() + CONTROL_RETRY;
+    let mut delay = Duration::from_millis(200);
+    let resp = loop {
+        let sent = relay
+            .send(|http| http.post(&url).header("idempotency-key", &key).json(&body))
+            .await?;
+        let why = match sent {
+            Sent::Answer(resp) if !resp.status().is_server_error() => break resp,
+            Sent::Answer(resp) => error_message(resp).await,
+            Sent::Unreachable(e) => format!("cannot reach the relay at {}: {e}", target.base),
+        };
+        if Instant::now() + delay > deadline {
+            bail!(
+                "{action} was not confirmed ({why}); it may or may not have been applied, retry the command"
+            );
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
     };
     if !resp.status().is_success() {
         bail!("the relay refused {action}: {}", error_message(resp).await);
@@ -481,6 +507,12 @@ impl Printer {
             v["event"] = serde_json::Value::from(ev.event.clone());
             v["id"] = serde_json::Value::from(ev.id.clone());
             writeln!(std::io::stdout().lock(), "{v}")?;
+        } else if ev.event == "reset" {
+            eprintln!(
+                "agentrun: the run's history was reset ({}): {}; what follows is the run's history from its first entry again",
+                v["reason"].as_str().unwrap_or("?"),
+                v["message"].as_str().unwrap_or("Redis lost entries")
+            );
         } else if ev.event == "trimmed" {
             eprintln!(
                 "agentrun: {} entries of {}{} were trimmed from history before they could be shown (from seq {} on only)",
@@ -512,7 +544,7 @@ async fn read_stream(
             got_events = true;
             match ev.event.as_str() {
                 "output" | "logs" | "status" | "metrics" | "gap" => printer.entry(&ev)?,
-                "trimmed" => printer.notice(&ev)?,
+                "trimmed" | "reset" => printer.notice(&ev)?,
                 "end" => {
                     if let Some(id) = &ev.id {
                         *last_id = Some(id.clone());

@@ -11,6 +11,8 @@ use agentrun_relay::auth::AuthMode;
 use agentrun_relay::{AppState, Config};
 use bytes::Bytes;
 use std::process::{Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 use tokio::process::Command;
 
@@ -524,4 +526,114 @@ rules:
     assert!(exit(&out, 2).contains("AGENTRUN_TOKEN"));
     relay.stop().await;
     sim.shutdown().await;
+}
+
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn logs_follow_says_when_the_history_is_reset_and_goes_on() {
+    let redis = RedisServer::start();
+    let mut w = Writer::new(&redis, "cli-reset").await;
+    let (relay, base) = Relay::start(&redis.url(), "127.0.0.1:0").await;
+    let child = plugin(&base)
+        .args(["logs", "cli-reset", "-f"])
+        .spawn()
+        .unwrap();
+    wait_connected(&base).await;
+    w.output(&[b"old 1\n".to_vec(), b"old 2\n".to_vec()]).await;
+    let metrics_url = format!("{base}/metrics");
+    wait_for("the plugin to get the first entries live", WAIT, || {
+        let url = metrics_url.clone();
+        async move {
+            let text = reqwest::get(&url).await.ok()?.text().await.ok()?;
+            (metric(&text, "agentrun_relay_events_sent_total{source=\"live\"}") >= 2).then_some(())
+        }
+    })
+    .await;
+
+    // Redis loses the stream (and the producer's record of it), and it is written again.
+    let key = StreamName::Output(Variation::new("a").unwrap()).key(&w.run);
+    let _: () = redis::pipe()
+        .cmd("DEL")
+        .arg(&key)
+        .cmd("HDEL")
+        .arg(w.run.producers_key())
+        .arg(format!("{key}|w"))
+        .query_async(&mut w.conn)
+        .await
+        .unwrap();
+    w.pseq = 0;
+    w.output(&[b"new 1\n".to_vec(), b"new 2\n".to_vec()]).await;
+    w.finish(RunState::Succeeded).await;
+
+    let out = finished(child).await;
+    let err = exit(&out, 0);
+    assert!(err.contains("history was reset"), "{err}");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "old 1\nold 2\nnew 1\nnew 2\n",
+        "the new history follows the notice, once"
+    );
+    relay.stop().await;
+}
+
+/// A proxy to `upstream` that passes the first request on but never returns its answer
+/// (the connection closes as the answer arrives); later connections pass both ways.
+async fn proxy_losing_the_first_answer(upstream: String) -> (String, Arc<AtomicUsize>) {
+    use tokio::io::AsyncReadExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let first = count.fetch_add(1, Ordering::SeqCst) == 0;
+            tokio::spawn(async move {
+                if first {
+                    let (mut cr, cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut cr, &mut sw).await;
+                    });
+                    let mut byte = [0u8; 1];
+                    let _ = sr.read(&mut byte).await;
+                    up.abort();
+                    drop(cw);
+                } else {
+                    let (mut client, mut server) = (client, server);
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    (base, connections)
+}
+
+#[tokio::test]
+async fn a_control_whose_answer_is_lost_is_sent_again_with_the_same_key_and_applied_once() {
+    let redis = RedisServer::start();
+    let mut w = Writer::new(&redis, "cli-lost").await;
+    let (relay, base) = Relay::start(&redis.url(), "127.0.0.1:0").await;
+    let (proxy, connections) =
+        proxy_losing_the_first_answer(base.trim_start_matches("http://").to_owned()).await;
+    let out = run(plugin(&proxy).args(["stop", "cli-lost"])).await;
+    exit(&out, 0);
+    assert!(
+        connections.load(Ordering::SeqCst) >= 2,
+        "the plugin sent the request again"
+    );
+    assert_eq!(
+        control_actions(&mut w).await,
+        vec![ControlAction::Stop],
+        "the stop reached the run once"
+    );
+    relay.stop().await;
 }
