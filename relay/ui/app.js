@@ -15,8 +15,9 @@ const LOG_LINE_CAP = 8 * 1024; // characters shown of one log line
 const TIMELINE_CAP = 500; // status entries kept
 const CHANNELS = 'output,logs,status,metrics';
 // Event names the relay may send. "gap" is an entry of a stream; the others are notices about
-// the stream itself (history trimmed past the cursor, the relay going away...).
-const EVENT_NAMES = ['open', 'output', 'logs', 'status', 'metrics', 'gap', 'end', 'trimmed', 'shutdown', 'notice'];
+// the stream itself (history trimmed past the cursor, history reset, the relay going away...).
+const EVENT_NAMES = ['open', 'output', 'logs', 'status', 'metrics', 'gap', 'end', 'trimmed', 'reset', 'shutdown', 'notice'];
+const CONTROL_RETRY_MS = 15000; // how long a control action is sent again while unconfirmed
 const FINAL = new Set(['succeeded', 'failed', 'stopped']);
 const LEVELS = ['trace', 'debug', 'info', 'warn', 'error'];
 
@@ -514,24 +515,52 @@ function showTokenPrompt(message) {
 // ---------------------------------------------------------------------------------------------
 // Run page
 
+/** A random key for one control action (crypto.getRandomValues works on plain http too). */
+function idempotencyKey() {
+  const bytes = new Uint8Array(16);
+  crypto.getRandomValues(bytes);
+  return Array.from(bytes, (b) => b.toString(16).padStart(2, '0')).join('');
+}
+
+/**
+ * Sends one control action. It carries an Idempotency-Key, and is sent again with the same key
+ * while the relay cannot be reached or answers 5xx: the relay applies a key once, so an action
+ * whose answer was lost is not applied twice.
+ */
 async function control(run, action, variation, data) {
   const body = { action };
   if (variation) body.variation = variation;
   if (data !== undefined) body.data = data;
-  const res = await apiFetch(api(`/runs/${encodeURIComponent(run)}/control`), {
-    method: 'POST',
-    headers: { 'content-type': 'application/json' },
-    body: JSON.stringify(body),
-  });
-  if (!res.ok) {
-    let msg = `${res.status} ${res.statusText}`;
+  const key = idempotencyKey();
+  const deadline = Date.now() + CONTROL_RETRY_MS;
+  let delay = 250;
+  for (;;) {
+    let res = null;
+    let why = '';
     try {
-      const t = await res.text();
-      if (t) msg = t.slice(0, 300);
-    } catch {
-      // keep the status line
+      res = await apiFetch(api(`/runs/${encodeURIComponent(run)}/control`), {
+        method: 'POST',
+        headers: { 'content-type': 'application/json', 'idempotency-key': key },
+        body: JSON.stringify(body),
+      });
+    } catch (e) {
+      why = e.message || 'network error';
     }
-    throw new Error(msg);
+    if (res && res.status < 500) {
+      if (res.ok) return;
+      let msg = `${res.status} ${res.statusText}`;
+      try {
+        const t = await res.text();
+        if (t) msg = t.slice(0, 300);
+      } catch {
+        // keep the status line
+      }
+      throw new Error(msg);
+    }
+    if (res) why = `${res.status} ${res.statusText}`;
+    if (Date.now() + delay > deadline) throw new Error(`not confirmed (${why}); it may or may not have been applied`);
+    await new Promise((r) => setTimeout(r, delay));
+    delay = Math.min(delay * 2, 2000);
   }
 }
 
@@ -660,7 +689,7 @@ class RunPage {
     this.missing = false;
     this.es = null;
     this.retryMs = 1000;
-    this.stats = { received: 0, duplicates: 0, connects: 0 };
+    this.stats = { received: 0, duplicates: 0, connects: 0, resets: 0 };
     window.__agentrun = this.stats; // for the browser tests and for debugging
 
     this.runBadge = el('span', { class: 'badge-slot' }, badge('pending'));
@@ -672,6 +701,8 @@ class RunPage {
     this.timelineCount = el('span', { class: 'muted', text: '' });
     this.grid = el('div', { class: 'grid min-trace' });
     this.notice = el('div', { class: 'notice', hidden: true });
+    this.resetNotice = el('div', { class: 'reset-notice', hidden: true });
+    this.resetNotice.setAttribute('role', 'status');
     const levelSelect = el('select', { 'aria-label': 'Minimum log level', onchange: (e) => {
       for (const l of LEVELS) this.grid.classList.remove(`min-${l}`);
       this.grid.classList.add(`min-${e.target.value}`);
@@ -692,7 +723,7 @@ class RunPage {
           el('label', { class: 'muted', text: 'Logs: ' }, levelSelect),
           el('span', { class: 'muted all-label', text: 'All variations:' }),
           controls(run, null, setError))),
-      this.runInfo, this.runDetail, this.error, this.notice,
+      this.runInfo, this.runDetail, this.error, this.notice, this.resetNotice,
       el('details', { class: 'timeline-box', open: true }, el('summary', {}, 'Status timeline ', this.timelineCount), this.timeline),
       this.runMetrics,
       this.grid));
@@ -818,6 +849,10 @@ class RunPage {
       setConn('connecting', 'relay restarting · reconnecting…');
       return;
     }
+    if (name === 'reset') {
+      this.resetHistory(env);
+      return;
+    }
     if (name === 'trimmed' && env && typeof env === 'object') {
       // {channel, variation, wanted, firstAvailable, missed}: history was trimmed past the cursor.
       const first = Number(env.firstAvailable);
@@ -865,6 +900,26 @@ class RunPage {
     else if (env.channel === 'logs') col.logs.write(col.decode(env, 'logs'));
     else if (env.channel === 'status') this.onStatus(env);
     else if (env.channel === 'metrics') this.onMetrics(env);
+  }
+
+  /**
+   * `reset` ({run, reason, oldEpoch, newEpoch, message}): what the page shows does not belong to
+   * the run's current history (Redis lost entries and the history was written again). Clear
+   * every pane and show the history again from its first entry, which the relay sends next.
+   */
+  resetHistory(env) {
+    this.stats.resets++;
+    this.lastSeq.clear();
+    for (const c of this.columns.values()) c.root.remove();
+    this.columns.clear();
+    this.grid.dataset.count = '0';
+    this.timeline.replaceChildren();
+    this.timelineCount.textContent = '';
+    this.runMetrics.replaceChildren();
+    const why = env && typeof env.message === 'string' ? env.message : "the run's history changed";
+    this.resetNotice.hidden = false;
+    this.resetNotice.textContent = `⚠ History reset at ${fmtTime(Date.now())}: ${clip(why, 600)}. Everything below is the run's history again, from its first entry.`;
+    this.loadState();
   }
 
   streamNotice(name, env, data) {

@@ -122,3 +122,33 @@ test('a refused control request is shown on the page', async () => {
   await waitFor('the error', () => page.locator('.page > .error').isVisible());
   assert.match(await page.locator('.page > .error').textContent(), /^pause failed: .*(not found|no run|404)/i);
 });
+
+test('a control action whose answer is lost is sent again with its key and applied once', async () => {
+  const run = uniqueRun('lost');
+  const pub = s.publisher(run);
+  await pub.register(['main']);
+  const { page } = s;
+  const keys = [];
+  let lost = false;
+  await page.route(`**/api/runs/${run}/control`, async (route) => {
+    keys.push(route.request().headers()['idempotency-key']);
+    if (!lost) {
+      // The relay gets the request and applies it; its answer never reaches the page.
+      lost = true;
+      await route.fetch();
+      await route.abort('connectionreset');
+      return;
+    }
+    await route.continue();
+  });
+  await page.goto(`${s.relay.url}/runs/${run}`);
+  await waitFor('the page to connect', async () => (await page.locator('#conn').getAttribute('data-state')) === 'live');
+  await page.locator('.run-actions button[data-action="pause"]').click();
+  await waitFor('the page to send it again', () => keys.length >= 2, 15000);
+  await waitFor('the action to be confirmed', async () => !(await page.locator('.run-actions button[data-action="pause"]').isDisabled()), 15000);
+  assert.equal(await page.locator('.page > .error').isVisible(), false, 'no error is shown');
+  assert.ok(/^[0-9a-f]{32}$/.test(keys[0]), `a random key: ${keys[0]}`);
+  assert.equal(keys[1], keys[0], 'the retry carries the same key');
+  assert.equal(await s.client.command('XLEN', `run:{${run}}:control`), 1, 'the pause reached the run once');
+  await page.unroute(`**/api/runs/${run}/control`);
+});

@@ -4,6 +4,7 @@
 // and headless Debian chromium driven by playwright-core.
 
 import { spawn } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, existsSync, mkdirSync } from 'node:fs';
 import net from 'node:net';
 import { tmpdir } from 'node:os';
@@ -238,7 +239,10 @@ export class RunPublisher {
       args.push(p + k + 1, Date.now(), e.type, e.content, e.meta ? JSON.stringify(e.meta) : '');
     });
     this.pseq.set(stream, p + entries.length);
-    return this.redis.command('EVAL', PUBLISH_SCRIPT, 2, this.key(stream), this.key('producers'), this.producer, 0, 'PUBLISH', ...args);
+    // KEYS: stream, producers hash, state hash; ARGV: producer, MAXLEN, publish command, a
+    // fresh epoch to propose, the expected top (0: no check) and its epoch, then the entries.
+    const epoch = randomBytes(8).toString('hex');
+    return this.redis.command('EVAL', PUBLISH_SCRIPT, 3, this.key(stream), this.key('producers'), this.key('state'), this.producer, 0, 'PUBLISH', epoch, 0, '', ...args);
   }
 
   output(variation, text) {
