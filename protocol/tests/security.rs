@@ -264,31 +264,20 @@ async fn the_relay_user_reads_everything_but_writes_only_control() {
     // Control: allowed, through the publish script, without the run's state hash (the
     // relay's control entries carry no epoch; it may not write the state hash).
     let msg = ControlMessage::new(ControlAction::Pause);
+    let entries = [entry(1, EntryType::Control, &msg.to_json())];
+    let control = Batch {
+        stream: &StreamName::Control,
+        producer: "relay",
+        entries: &entries,
+    };
+    let with_state = Publisher::new(PublishOptions::default());
     assert_noperm(
         "relay publishing control with the state hash",
-        Publisher::new(PublishOptions::default())
-            .publish(
-                &mut relay,
-                &run,
-                Batch {
-                    stream: &StreamName::Control,
-                    producer: "relay",
-                    entries: &[entry(1, EntryType::Control, &msg.to_json())],
-                },
-            )
-            .await,
+        with_state.publish(&mut relay, &run, control).await,
     );
-    Publisher::new(PublishOptions::default())
+    with_state
         .without_run_state()
-        .publish(
-            &mut relay,
-            &run,
-            Batch {
-                stream: &StreamName::Control,
-                producer: "relay",
-                entries: &[entry(1, EntryType::Control, &msg.to_json())],
-            },
-        )
+        .publish(&mut relay, &run, control)
         .await
         .unwrap();
     // Output, logs, status: refused, through the script or directly.

@@ -40,80 +40,66 @@ impl Metrics {
     pub fn new() -> Self {
         let registry = Registry::new();
         let opts = |name: &str, help: &str| Opts::new(name, help).namespace("agentrun_relay");
-        let connections =
-            IntGauge::with_opts(opts("connections", "Open SSE connections")).expect("valid metric");
-        let watched_runs = IntGauge::with_opts(opts(
+        let counter =
+            |name: &str, help: &str| IntCounter::with_opts(opts(name, help)).expect("valid metric");
+        let gauge =
+            |name: &str, help: &str| IntGauge::with_opts(opts(name, help)).expect("valid metric");
+        let labelled = |name: &str, help: &str, label: &str| {
+            IntCounterVec::new(opts(name, help), &[label]).expect("valid metric")
+        };
+        let connections = gauge("connections", "Open SSE connections");
+        let watched_runs = gauge(
             "watched_runs",
             "Runs with at least one SSE client on this relay",
-        ))
-        .expect("valid metric");
-        let events_sent = IntCounterVec::new(
-            opts(
-                "events_sent_total",
-                "Events written to SSE clients, by source (live or replay)",
-            ),
-            &["source"],
-        )
-        .expect("valid metric");
-        let slow_client_fallbacks = IntCounter::with_opts(opts(
+        );
+        let events_sent = labelled(
+            "events_sent_total",
+            "Events written to SSE clients, by source (live or replay)",
+            "source",
+        );
+        let slow_client_fallbacks = counter(
             "slow_client_fallbacks_total",
             "Clients that overran their bounded live queue and were switched to replay from the stream",
-        ))
-        .expect("valid metric");
-        let redis_reconnects = IntCounter::with_opts(opts(
+        );
+        let redis_reconnects = counter(
             "redis_reconnects_total",
             "Times the shared Pub/Sub connection was re-opened",
-        ))
-        .expect("valid metric");
-        let control_messages =
-            IntCounter::with_opts(opts("control_messages_total", "Control messages published"))
-                .expect("valid metric");
-        let trimmed_notices = IntCounter::with_opts(opts(
+        );
+        let control_messages = counter("control_messages_total", "Control messages published");
+        let trimmed_notices = counter(
             "trimmed_notices_total",
             "Trimmed-history notices sent to clients",
-        ))
-        .expect("valid metric");
-        let auth_reviews = IntCounterVec::new(
-            opts(
-                "auth_reviews_total",
-                "TokenReviews (kind=token) and SubjectAccessReviews (kind=access) sent to the Kubernetes API server",
-            ),
-            &["kind"],
-        )
-        .expect("valid metric");
-        let auth_cache_hits = IntCounter::with_opts(opts(
+        );
+        let auth_reviews = labelled(
+            "auth_reviews_total",
+            "TokenReviews (kind=token) and SubjectAccessReviews (kind=access) sent to the Kubernetes API server",
+            "kind",
+        );
+        let auth_cache_hits = counter(
             "auth_cache_hits_total",
             "Token and access review answers taken from the cache",
-        ))
-        .expect("valid metric");
-        let tokens_reloads = IntCounterVec::new(
-            opts(
-                "tokens_reloads_total",
-                "Times a changed tokens file was read again, by result (ok, error)",
-            ),
-            &["result"],
-        )
-        .expect("valid metric");
-        let live_shed = IntCounter::with_opts(opts(
+        );
+        let tokens_reloads = labelled(
+            "tokens_reloads_total",
+            "Times a changed tokens file was read again, by result (ok, error)",
+            "result",
+        );
+        let live_shed = counter(
             "live_shed_total",
             "Live announcements dropped because the relay fell behind; clients read them from the streams",
-        ))
-        .expect("valid metric");
-        let pubsub_buffer_bytes = IntGauge::with_opts(opts(
+        );
+        let pubsub_buffer_bytes = gauge(
             "pubsub_buffer_bytes",
             "Bytes of live announcements waiting to be handed to the feeds",
-        ))
-        .expect("valid metric");
-        let replay_bytes = IntGauge::with_opts(opts(
+        );
+        let replay_bytes = gauge(
             "replay_bytes",
             "Bytes of replay pages held by all SSE connections",
-        ))
-        .expect("valid metric");
-        let resets = IntCounter::with_opts(opts(
+        );
+        let resets = counter(
             "resets_total",
             "reset events sent: a client's position was not valid in the run's current history",
-        ))
-        .expect("valid metric");
+        );
         // Every label shows from the start (0), so that a rate over them is defined.
         for kind in ["token", "access"] {
             auth_reviews.with_label_values(&[kind]);

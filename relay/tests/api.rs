@@ -125,12 +125,7 @@ async fn control_is_published_to_the_channel_and_the_audit_stream() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
-    let metrics = reqwest::get(format!("{}/metrics", relay.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = metrics_text(&relay.base).await;
     assert!(
         metrics.contains("agentrun_relay_control_messages_total 3"),
         "{metrics}"

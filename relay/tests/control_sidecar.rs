@@ -4,7 +4,6 @@
 mod support;
 
 use agentrun_protocol::testing::{RedisServer, wait_for};
-use std::process::{Command, Stdio};
 use std::time::Duration;
 use support::*;
 
@@ -53,45 +52,17 @@ fn status_state(ev: &SseEvent) -> Option<String> {
 
 #[tokio::test]
 async fn pause_resume_stdin_and_stop_reach_a_running_agent() {
-    let sidecar = sidecar_binary();
     let redis = RedisServer::start();
     let relay = Relay::start(&redis.url()).await;
     let run = "r-sidecar";
-    let mut child = Command::new(&sidecar)
-        .args([
-            "run",
-            "--redis-url",
-            &redis.url(),
-            "--run-id",
-            run,
-            "--variation",
-            "a",
-        ])
-        .args([
-            "--quiet",
-            "--stop-grace-seconds",
-            "2",
-            "--metrics-interval-seconds",
-            "0",
-        ])
-        .args(["--", "bash", "-c", AGENT])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start agentrun-sidecar run");
-
-    let state_url = format!("{}/api/runs/{run}", relay.base);
-    wait_for("the sidecar to register the run", WAIT, || {
-        let url = state_url.clone();
-        async move {
-            reqwest::get(&url)
-                .await
-                .ok()
-                .filter(|r| r.status() == 200)
-                .map(|_| ())
-        }
-    })
+    let mut child = sidecar_run(
+        &relay,
+        &redis.url(),
+        run,
+        "a",
+        &["--stop-grace-seconds", "2"],
+        AGENT,
+    )
     .await;
     let mut sse = SseClient::connect(
         &relay.events_url(run, "channels=output,status&variation=a"),

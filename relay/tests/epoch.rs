@@ -5,9 +5,8 @@
 
 mod support;
 
-use agentrun_protocol::testing::{RedisServer, wait_for};
+use agentrun_protocol::testing::RedisServer;
 use agentrun_protocol::{EntryType, StreamName};
-use std::process::{Command, Stdio};
 use support::*;
 
 fn lines(range: std::ops::RangeInclusive<u64>, tag: &str) -> Vec<String> {
@@ -37,7 +36,6 @@ fn seqs(events: &[SseEvent], event: &str) -> Vec<u64> {
 
 #[tokio::test]
 async fn a_redis_restart_without_persistence_mid_run_ends_in_a_reset_then_every_later_line_once() {
-    let sidecar = sidecar_binary();
     // No AOF and no snapshots: a restart comes back empty, as a crashed cache-only Redis does.
     let mut redis = RedisServer::start_with(&["--appendonly", "no"]);
     let relay = Relay::start(&redis.url()).await;
@@ -50,33 +48,7 @@ for i in $(seq 24 60); do echo "line $i"; sleep 0.01; done"#,
         gate = gate.display()
     );
     let run = "r-epoch-restart";
-    let mut child = Command::new(&sidecar)
-        .args(["run", "--redis-url", &redis.url(), "--run-id", run])
-        .args([
-            "--variation",
-            "a",
-            "--quiet",
-            "--metrics-interval-seconds",
-            "0",
-        ])
-        .args(["--", "bash", "-c", &agent])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start agentrun-sidecar run");
-    let state_url = format!("{}/api/runs/{run}", relay.base);
-    wait_for("the sidecar to register the run", WAIT, || {
-        let url = state_url.clone();
-        async move {
-            reqwest::get(&url)
-                .await
-                .ok()
-                .filter(|r| r.status() == 200)
-                .map(|_| ())
-        }
-    })
-    .await;
+    let mut child = sidecar_run(&relay, &redis.url(), run, "a", &[], &agent).await;
     let mut sse = SseClient::connect(&relay.events_url(run, "channels=output"), None).await;
 
     // The follower has lines 1 to 23, acknowledged by Redis.

@@ -8,8 +8,7 @@
 mod support;
 
 use agentrun_protocol::testing::{RedisServer, wait_for};
-use agentrun_protocol::{EntryType, StreamName};
-use futures::StreamExt;
+use agentrun_protocol::{EntryType, RedisConn, RunId, StreamName};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use support::*;
@@ -23,41 +22,89 @@ fn start_relay(redis_url: &str) -> RelayProcess {
     )
 }
 
-#[tokio::test]
-async fn stalled_clients_do_not_grow_relay_memory() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-slow");
-    register(&mut conn, &run, &["a"]).await;
-    let relay = start_relay(&redis.url());
-    let url = format!("{}/api/runs/r-slow/events?channels=output", relay.base);
-
-    // Twenty clients that read the response head and then nothing.
+/// `n` clients of `url` that read the response head and then nothing.
+async fn stalled_clients(url: &str, n: usize) -> Vec<reqwest::Response> {
     let mut stalled = Vec::new();
-    for _ in 0..20 {
-        let resp = reqwest::get(&url).await.unwrap();
+    for _ in 0..n {
+        let resp = reqwest::get(url).await.unwrap();
         assert!(resp.status().is_success());
         stalled.push(resp);
     }
-    // One client that keeps up.
-    let fast_url = url.clone();
-    const N: u64 = 50_000;
+    stalled
+}
+
+/// A client of `url` that reads `n` entries in order; the counter says how far it got.
+fn keeping_up(url: String, n: u64) -> (tokio::task::JoinHandle<()>, Arc<AtomicU64>) {
     let progress = Arc::new(AtomicU64::new(0));
     let seen = progress.clone();
-    let fast = tokio::spawn(async move {
-        let mut sse = SseClient::connect(&fast_url, None).await;
-        let mut next = 1;
-        while next <= N {
-            let ev = sse.expect_entry("live output for the fast client").await;
-            assert_eq!(
-                ev.json()["seq"],
-                next,
-                "the fast client sees every entry in order"
-            );
-            seen.store(next, Ordering::SeqCst);
-            next += 1;
-        }
+    let task = tokio::spawn(async move {
+        let mut sse = SseClient::connect(&url, None).await;
+        expect_in_order(&mut sse, n, "a client that keeps up", |seq, _| {
+            seen.store(seq, Ordering::SeqCst)
+        })
+        .await;
     });
+    (task, progress)
+}
+
+/// Reads `output` entries 1..=n, each once and in order, calling `each` with every `seq` and
+/// entry.
+async fn expect_in_order(
+    sse: &mut SseClient,
+    n: u64,
+    who: &str,
+    mut each: impl FnMut(u64, &serde_json::Value),
+) {
+    for seq in 1..=n {
+        let ev = sse.expect_entry(who).await;
+        assert_eq!(ev.event, "output", "{who}");
+        let entry = ev.json();
+        assert_eq!(entry["seq"], seq, "{who} sees every entry in order");
+        each(seq, &entry);
+    }
+}
+
+/// A Redis, a run `name` with variation `a`, the relay binary, and the URL of the run's output.
+async fn one_run(name: &str) -> (RedisServer, RedisConn, RunId, RelayProcess, String) {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let run = run_id(name);
+    register(&mut conn, &run, &["a"]).await;
+    let relay = start_relay(&redis.url());
+    let url = format!("{}/api/runs/{name}/events?channels=output", relay.base);
+    (redis, conn, run, relay, url)
+}
+
+/// Waits until a client has read entry `seq` (its progress counter).
+async fn read_up_to(progress: &Arc<AtomicU64>, seq: u64) {
+    wait_for("the client that keeps up", WAIT, || {
+        let done = progress.load(Ordering::SeqCst);
+        async move { (done >= seq).then_some(()) }
+    })
+    .await;
+}
+
+/// Publishes output chunks to variation `a`.
+async fn publish_output(p: &mut Producer, conn: &mut RedisConn, run: &RunId, chunks: &[Vec<u8>]) {
+    p.publish(
+        conn,
+        run,
+        &StreamName::Output(var("a")),
+        EntryType::Output,
+        chunks,
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn stalled_clients_do_not_grow_relay_memory() {
+    let (_redis, mut conn, run, relay, url) = one_run("r-slow").await;
+
+    // Twenty clients that read the response head and then nothing, one that keeps up.
+    let mut stalled = stalled_clients(&url, 20).await;
+    const N: u64 = 50_000;
+    let (fast, progress) = keeping_up(url.clone(), N);
     let before = relay.memory_kib("VmRSS");
 
     // 50,000 entries of 1 KiB.
@@ -68,12 +115,7 @@ async fn stalled_clients_do_not_grow_relay_memory() {
         // Publish at the pace the fast client reads (at most 2,000 entries ahead): this test is
         // about slow clients, not about a producer that outruns the relay's CPU.
         let lead = if batch == N / 1000 { 0 } else { 2_000 };
-        let progress_now = progress.clone();
-        wait_for("the fast client to keep up", WAIT, || {
-            let p = progress_now.load(Ordering::SeqCst);
-            async move { (p + lead >= batch * 500).then_some(()) }
-        })
-        .await;
+        read_up_to(&progress, (batch * 500).saturating_sub(lead)).await;
         if batch == N / 1000 {
             // Measure once the relay has delivered the first half (not while it is busy).
             mid = relay.memory_kib("VmRSS");
@@ -86,15 +128,7 @@ async fn stalled_clients_do_not_grow_relay_memory() {
                 c
             })
             .collect();
-        p.publish(
-            &mut conn,
-            &run,
-            &StreamName::Output(var("a")),
-            EntryType::Output,
-            &contents,
-        )
-        .await
-        .unwrap();
+        publish_output(&mut p, &mut conn, &run, &contents).await;
     }
     tokio::time::timeout(std::time::Duration::from_secs(120), fast)
         .await
@@ -117,44 +151,11 @@ async fn stalled_clients_do_not_grow_relay_memory() {
     );
 
     // A stalled client that resumes reading gets every entry once, in order (from replay).
-    let resumed = stalled.pop().unwrap();
-    let mut body = resumed.bytes_stream();
-    let mut buf = Vec::new();
-    let mut next = 1u64;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
-    while next <= N {
-        let chunk = tokio::time::timeout_at(deadline, body.next())
-            .await
-            .expect("the resumed client catches up in time")
-            .expect("stream open")
-            .unwrap();
-        buf.extend_from_slice(&chunk);
-        while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = buf.drain(..pos + 2).collect();
-            let text = String::from_utf8(block).unwrap();
-            if !text.contains("event: output") {
-                continue;
-            }
-            let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
-            let j: serde_json::Value = serde_json::from_str(data).unwrap();
-            assert_eq!(j["seq"], next);
-            next += 1;
-        }
-    }
-    let metrics = reqwest::get(format!("{}/metrics", relay.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let fallbacks: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("agentrun_relay_slow_client_fallbacks_total "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
+    let mut resumed = SseClient::from_response(stalled.pop().unwrap());
+    expect_in_order(&mut resumed, N, "the resumed client", |_, _| {}).await;
     assert!(
-        fallbacks >= 1,
-        "the resumed client fell back to replay: {metrics}"
+        relay_metric(&relay.base, "agentrun_relay_slow_client_fallbacks_total").await >= 1,
+        "the resumed client fell back to replay"
     );
 }
 
@@ -168,79 +169,24 @@ fn binary_chunk(i: u64) -> Vec<u8> {
     c
 }
 
-/// Reads one SSE `output` entry of a raw response body; `None` at the end of the stream.
-async fn next_output(
-    body: &mut (impl futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
-    buf: &mut Vec<u8>,
-) -> Option<serde_json::Value> {
-    loop {
-        while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
-            let block: Vec<u8> = buf.drain(..pos + 2).collect();
-            let text = String::from_utf8(block).unwrap();
-            if !text.contains("event: output") {
-                continue;
-            }
-            let data = text.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
-            return Some(serde_json::from_str(data).unwrap());
-        }
-        buf.extend_from_slice(&body.next().await?.ok()?);
-    }
-}
-
 #[tokio::test]
 async fn binary_output_with_stalled_and_replaying_clients_keeps_relay_memory_bounded() {
     use base64::Engine;
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-binary");
-    register(&mut conn, &run, &["a"]).await;
-    let relay = start_relay(&redis.url());
-    let url = format!("{}/api/runs/r-binary/events?channels=output", relay.base);
+    let (_redis, mut conn, run, relay, url) = one_run("r-binary").await;
 
-    // Live clients that read the response head and then nothing.
-    let mut stalled = Vec::new();
-    for _ in 0..6 {
-        let resp = reqwest::get(&url).await.unwrap();
-        assert!(resp.status().is_success());
-        stalled.push(resp);
-    }
-    // One live client that keeps up.
+    // Live clients that read the response head and then nothing, one that keeps up.
+    let mut stalled = stalled_clients(&url, 6).await;
     const N: u64 = 1000;
-    let progress = Arc::new(AtomicU64::new(0));
-    let seen = progress.clone();
-    let fast_url = url.clone();
-    let fast = tokio::spawn(async move {
-        let resp = reqwest::get(&fast_url).await.unwrap();
-        let mut body = resp.bytes_stream();
-        let mut buf = Vec::new();
-        for want in 1..=N {
-            let j = next_output(&mut body, &mut buf).await.expect("stream open");
-            assert_eq!(j["seq"], want, "the live client sees every entry in order");
-            seen.store(want, Ordering::SeqCst);
-        }
-    });
+    let (fast, progress) = keeping_up(url.clone(), N);
     let base = relay.memory_kib("VmRSS");
 
     // 1,000 chunks of 64 KiB of binary output (64 MiB), at most 64 entries ahead of the
     // live client.
     let mut p = Producer::new("p");
     for batch in 0..N / 8 {
-        let progress_now = progress.clone();
-        wait_for("the live client to keep up", WAIT, || {
-            let done = progress_now.load(Ordering::SeqCst);
-            async move { (done + 64 >= batch * 8).then_some(()) }
-        })
-        .await;
+        read_up_to(&progress, (batch * 8).saturating_sub(64)).await;
         let contents: Vec<Vec<u8>> = (1..=8).map(|k| binary_chunk(batch * 8 + k)).collect();
-        p.publish(
-            &mut conn,
-            &run,
-            &StreamName::Output(var("a")),
-            EntryType::Output,
-            &contents,
-        )
-        .await
-        .unwrap();
+        publish_output(&mut p, &mut conn, &run, &contents).await;
     }
     tokio::time::timeout(std::time::Duration::from_secs(180), fast)
         .await
@@ -248,36 +194,27 @@ async fn binary_output_with_stalled_and_replaying_clients_keeps_relay_memory_bou
         .unwrap();
 
     // Clients that replay the whole history: four that stall, one that reads all of it.
-    for _ in 0..4 {
-        let resp = reqwest::get(&url).await.unwrap();
-        assert!(resp.status().is_success());
-        stalled.push(resp);
-    }
-    let resp = reqwest::get(&url).await.unwrap();
-    let mut body = resp.bytes_stream();
-    let mut buf = Vec::new();
-    for want in 1..=N {
-        let j = next_output(&mut body, &mut buf)
-            .await
-            .expect("the replaying client's stream stays open");
-        assert_eq!(
-            j["seq"], want,
-            "the replaying client sees every entry in order"
-        );
-        assert_eq!(j["encoding"], "base64");
+    stalled.extend(stalled_clients(&url, 4).await);
+    let mut replaying = SseClient::connect(&url, None).await;
+    expect_in_order(&mut replaying, N, "the replaying client", |seq, entry| {
+        assert_eq!(entry["encoding"], "base64");
         let bytes = base64::engine::general_purpose::STANDARD
-            .decode(j["content"].as_str().unwrap())
+            .decode(entry["content"].as_str().unwrap())
             .unwrap();
-        assert!(bytes == binary_chunk(want), "entry {want} is byte-exact");
-    }
+        assert!(bytes == binary_chunk(seq), "entry {seq} is byte-exact");
+    })
+    .await;
     // Every stalled replaying client has been sent something (it holds what it could not
     // send yet).
-    let metrics_url = format!("{}/metrics", relay.base);
+    let base_url = relay.base.clone();
     wait_for("the stalled replaying clients to start", WAIT, || {
-        let metrics_url = metrics_url.clone();
+        let base_url = base_url.clone();
         async move {
-            let text = reqwest::get(&metrics_url).await.ok()?.text().await.ok()?;
-            let replayed = metric(&text, "agentrun_relay_events_sent_total{source=\"replay\"}");
+            let replayed = relay_metric(
+                &base_url,
+                "agentrun_relay_events_sent_total{source=\"replay\"}",
+            )
+            .await;
             (replayed > N + 4).then_some(())
         }
     })

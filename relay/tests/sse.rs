@@ -346,12 +346,7 @@ async fn redis_restart_mid_stream_loses_nothing() {
         );
     }
     assert_eq!(seen, (1..=300u64).collect::<Vec<_>>());
-    let text = reqwest::get(format!("{}/metrics", relay.base))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&relay.base).await;
     assert!(
         text.contains("agentrun_relay_redis_reconnects_total 1"),
         "{text}"

@@ -126,11 +126,18 @@ impl SseClient {
             let body = resp.text().await.unwrap_or_default();
             panic!("GET {url} answered {status}: {body}");
         }
+        let mut sse = Self::from_response(resp);
+        sse.last_id = last_event_id.map(str::to_owned);
+        sse
+    }
+
+    /// Reads the events of a response already received.
+    pub fn from_response(resp: reqwest::Response) -> Self {
         let headers = resp.headers().clone();
         SseClient {
             body: Box::pin(resp.bytes_stream()),
             buf: Vec::new(),
-            last_id: last_event_id.map(str::to_owned),
+            last_id: None,
             headers,
         }
     }
@@ -504,10 +511,68 @@ pub fn v1_cursor(text: &str) -> String {
     )
 }
 
+/// The text of the relay's `/metrics` at `base`.
+pub async fn metrics_text(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .expect("GET /metrics")
+        .text()
+        .await
+        .expect("the body of /metrics")
+}
+
+/// The value of metric `name` on the relay at `base` (0 when absent).
+pub async fn relay_metric(base: &str, name: &str) -> u64 {
+    metric(&metrics_text(base).await, name)
+}
+
 /// Metric value from `/metrics` text (0 when absent).
 pub fn metric(text: &str, name: &str) -> u64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
         .and_then(|v| v.trim().parse::<f64>().ok())
         .map_or(0, |v| v as u64)
+}
+
+/// Starts `agentrun-sidecar run` for `run` and `variation`, running `bash -c SCRIPT`, with
+/// `extra` flags (its output ignored, its log on stderr), and waits until the relay knows the
+/// run.
+pub async fn sidecar_run(
+    relay: &Relay,
+    redis_url: &str,
+    run: &str,
+    variation: &str,
+    extra: &[&str],
+    script: &str,
+) -> std::process::Child {
+    use std::process::Stdio;
+    let child = std::process::Command::new(sidecar_binary())
+        .args(["run", "--redis-url", redis_url, "--run-id", run])
+        .args([
+            "--variation",
+            variation,
+            "--quiet",
+            "--metrics-interval-seconds",
+            "0",
+        ])
+        .args(extra)
+        .args(["--", "bash", "-c", script])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start agentrun-sidecar run");
+    let state_url = format!("{}/api/runs/{run}", relay.base);
+    agentrun_protocol::testing::wait_for("the sidecar to register the run", WAIT, || {
+        let url = state_url.clone();
+        async move {
+            reqwest::get(&url)
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+                .map(|_| ())
+        }
+    })
+    .await;
+    child
 }
