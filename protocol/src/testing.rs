@@ -63,7 +63,7 @@ impl RedisServer {
     fn spawn(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            let mut cmd = Command::new(redis_server_binary());
+            let mut cmd = dying_with_test(redis_server_binary());
             if !self.tls {
                 cmd.arg("--port").arg(self.port.to_string());
             }
@@ -202,6 +202,45 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A command whose process is killed when the thread that starts it ends, whatever ends it: a
+/// test that panics, times out or is killed by the test runner leaves no server behind. It
+/// runs `program` through `setpriv --pdeathsig KILL` (util-linux), which execs it in place, so
+/// the child's pid is the program's.
+pub fn dying_with_test(program: impl AsRef<std::ffi::OsStr>) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.args(["--pdeathsig", "KILL", "--"]).arg(program);
+    cmd
+}
+
+/// A child process that is killed and reaped when dropped.
+pub struct ChildGuard(pub Child);
+
+impl ChildGuard {
+    pub fn spawn(cmd: &mut Command) -> ChildGuard {
+        ChildGuard(cmd.spawn().expect("start a test process"))
+    }
+}
+
+impl std::ops::Deref for ChildGuard {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ChildGuard {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -5,7 +5,7 @@ mod common;
 use agentrun_protocol::RunId;
 use agentrun_protocol::testing::{RedisServer, wait_for};
 use common::*;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 /// Writes `count` numbered lines, one every `interval`, each with the time it was written.
@@ -82,45 +82,6 @@ async fn redis_restart_mid_run_loses_and_duplicates_nothing() {
 
 /// Runs `sh -c SCRIPT` under the entrypoint with no sidecar listening, so everything goes to
 /// the spool; `options` are extra entrypoint flags.
-fn entrypoint_without_sidecar(
-    socket: &std::path::Path,
-    options: &[&str],
-    script: &str,
-) -> std::process::Output {
-    Command::new(ENTRYPOINT)
-        .arg("--socket")
-        .arg(socket)
-        .args(["--no-tee", "--drain-timeout-seconds", "1"])
-        .args(options)
-        .args(["--", "sh", "-c", script])
-        .output()
-        .unwrap()
-}
-
-fn serve(redis: &RedisServer, run: &RunId, socket: &std::path::Path) -> Child {
-    Command::new(SIDECAR)
-        .args([
-            "serve",
-            "--metrics-interval-seconds",
-            "0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--redis-url",
-        ])
-        .arg(redis.url())
-        .args([
-            "--run-id",
-            run.as_str(),
-            "--variation",
-            "default",
-            "--socket",
-        ])
-        .arg(socket)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn sidecar_killed_mid_run_loses_nothing_and_never_blocks_the_agent() {
     let redis = RedisServer::start();

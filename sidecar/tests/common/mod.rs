@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use agentrun_protocol::replay::read_page;
-use agentrun_protocol::testing::RedisServer;
+use agentrun_protocol::testing::{ChildGuard, RedisServer};
 use agentrun_protocol::{Entry, EntryType, RedisConn, RunId, StatusEvent, StreamName, Variation};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -102,3 +102,44 @@ pub fn python_agent(dir: &Path, name: &str, source: &str) -> String {
 }
 
 pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The entrypoint with no sidecar at `socket`: it spools, waits 1 s and exits.
+pub fn entrypoint_without_sidecar(
+    socket: &std::path::Path,
+    options: &[&str],
+    script: &str,
+) -> std::process::Output {
+    std::process::Command::new(ENTRYPOINT)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--no-tee", "--drain-timeout-seconds", "1"])
+        .args(options)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap()
+}
+
+/// `agentrun-sidecar serve` on `socket`.
+pub fn serve(redis: &RedisServer, run: &RunId, socket: &std::path::Path) -> ChildGuard {
+    ChildGuard::spawn(
+        agentrun_protocol::testing::dying_with_test(SIDECAR)
+            .args([
+                "serve",
+                "--metrics-interval-seconds",
+                "0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--redis-url",
+            ])
+            .arg(redis.url())
+            .args([
+                "--run-id",
+                run.as_str(),
+                "--variation",
+                "default",
+                "--socket",
+            ])
+            .arg(socket)
+            .env("RUST_LOG", "warn"),
+    )
+}
