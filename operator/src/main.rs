@@ -243,12 +243,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     if !args.no_leader_election {
         info!(identity = %identity, lease = %args.lease_name, "waiting to become the leader");
-        tokio::select! {
-            _ = lease.acquire() => {},
+        let renewed = tokio::select! {
+            at = lease.acquire() => at,
             _ = shutdown_signal() => return Ok(()),
-        }
+        };
         let keeper = lease.clone();
-        tokio::spawn(async move { keeper.keep(leading_tx).await });
+        tokio::spawn(async move { keeper.keep(leading_tx, renewed).await });
     }
 
     let settings = Settings {
