@@ -183,20 +183,28 @@ pub fn default_sidecar_resources() -> ResourceRequirements {
     }
 }
 
-/// Non-root, read-only root filesystem, no privilege escalation, no capabilities: what the
-/// agentrun containers need, and what Pod Security `restricted` asks for.
-pub fn default_sidecar_security_context() -> SecurityContext {
+/// No privilege escalation and no capabilities: what every container of an agent pod gets by
+/// default (the agent's user stays its image's).
+pub fn no_privileges() -> SecurityContext {
     SecurityContext {
         allow_privilege_escalation: Some(false),
         capabilities: Some(Capabilities {
             drop: Some(vec!["ALL".into()]),
             ..Default::default()
         }),
+        ..Default::default()
+    }
+}
+
+/// Non-root, read-only root filesystem, no privilege escalation, no capabilities: what the
+/// agentrun containers need, and what Pod Security `restricted` asks for.
+pub fn default_sidecar_security_context() -> SecurityContext {
+    SecurityContext {
         read_only_root_filesystem: Some(true),
         run_as_non_root: Some(true),
         run_as_user: Some(DEFAULT_UID),
         run_as_group: Some(DEFAULT_UID),
-        ..Default::default()
+        ..no_privileges()
     }
 }
 
@@ -215,12 +223,25 @@ pub fn parse_fs_group(text: &str) -> Result<Option<i64>, String> {
     }
 }
 
+/// A flag that carries a Kubernetes object as JSON: its name (with its variable) and the
+/// object's kind.
+pub type JsonFlag = (&'static str, &'static str);
+/// `--sidecar-resources`.
+pub const RESOURCES_FLAG: JsonFlag = (
+    "--sidecar-resources (AGENTRUN_SIDECAR_RESOURCES)",
+    "ResourceRequirements",
+);
+/// `--sidecar-security-context`.
+pub const SECURITY_CONTEXT_FLAG: JsonFlag = (
+    "--sidecar-security-context (AGENTRUN_SIDECAR_SECURITY_CONTEXT)",
+    "SecurityContext",
+);
+
 /// Parses a flag that carries a Kubernetes object as JSON (`{}` or an empty value: the
 /// type's empty value). A field the type does not have is an error naming it, because a
 /// misspelt `runAsNonRoot` dropped in silence would weaken the pods.
 pub fn parse_json_flag<T: DeserializeOwned + Serialize>(
-    flag: &str,
-    kind: &str,
+    (flag, kind): JsonFlag,
     text: &str,
 ) -> Result<T, String> {
     let text = text.trim();
@@ -296,18 +317,10 @@ impl Settings {
             .filter(|s| !s.is_empty())
             .collect();
         if let Some(json) = flags.sidecar_resources {
-            self.sidecar_resources = parse_json_flag(
-                "--sidecar-resources (AGENTRUN_SIDECAR_RESOURCES)",
-                "ResourceRequirements",
-                json,
-            )?;
+            self.sidecar_resources = parse_json_flag(RESOURCES_FLAG, json)?;
         }
         if let Some(json) = flags.sidecar_security_context {
-            self.sidecar_security_context = parse_json_flag(
-                "--sidecar-security-context (AGENTRUN_SIDECAR_SECURITY_CONTEXT)",
-                "SecurityContext",
-                json,
-            )?;
+            self.sidecar_security_context = parse_json_flag(SECURITY_CONTEXT_FLAG, json)?;
         }
         self.pod_fs_group = parse_fs_group(flags.pod_fs_group)?;
         Ok(self)

@@ -191,19 +191,8 @@ async fn report_malformed(guard: &DeserializeGuard<AgentRun>, error: &str, ctx: 
             return;
         }
     };
-    let patch = json!({
-        "apiVersion": AgentRun::api_version(&()),
-        "kind": AgentRun::kind(&()),
-        "status": malformed_status(stored.as_ref(), condition),
-    });
-    if let Err(e) = raw
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
+    let status = malformed_status(stored.as_ref(), condition);
+    if let Err(e) = patch_status(&raw, &name, &status).await {
         warn!(error = %e, "could not write the status of a malformed AgentRun");
     }
 }
@@ -544,7 +533,13 @@ fn until(now: Timestamp, then: Timestamp) -> Duration {
     }
 }
 
-async fn patch_status(api: &Api<AgentRun>, name: &str, status: &AgentRunStatus) -> Result<()> {
+/// Writes a run's whole status with server-side apply (field manager [`FIELD_MANAGER`]): a real
+/// API server removes the status fields the operator stops sending, so `status` must be all of
+/// it. Works for runs that do not parse too (`K` is then a dynamic object).
+async fn patch_status<K>(api: &Api<K>, name: &str, status: &AgentRunStatus) -> kube::Result<()>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let patch = json!({
         "apiVersion": AgentRun::api_version(&()),
         "kind": AgentRun::kind(&()),

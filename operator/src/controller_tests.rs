@@ -91,6 +91,21 @@ fn condition<'a>(
         .unwrap_or_else(|| panic!("condition {type_} in {status:#?}"))
 }
 
+/// The note of an event as sent.
+fn note_of(event: &Value) -> &str {
+    event["note"].as_str().unwrap_or_default()
+}
+
+/// The condition types of a status as sent, in order.
+fn condition_types(status: &Value) -> Vec<&str> {
+    status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .filter_map(|c| c["type"].as_str())
+        .collect()
+}
+
 /// The decoded `data` of a Secret body that the operator sent.
 fn secret_data(body: &Value) -> std::collections::BTreeMap<String, String> {
     let secret: k8s_openapi::api::core::v1::Secret =
@@ -329,12 +344,7 @@ async fn a_status_apply_sends_every_field_the_operator_owns() {
                 "variationsDone"
             ]
         );
-        let types: Vec<&str> = seen.body["status"]["conditions"]
-            .as_array()
-            .expect("conditions")
-            .iter()
-            .filter_map(|c| c["type"].as_str())
-            .collect();
+        let types = condition_types(&seen.body["status"]);
         assert_eq!(types, ["Ready", "Complete", "SpecValid"]);
         let variation = &seen.body["status"]["variations"][0];
         assert_eq!(
@@ -439,26 +449,26 @@ async fn an_existing_pod_from_a_race_is_not_an_error() {
 const SECRET_URI: &str = "/api/v1/namespaces/default/secrets/hello-agentrun-redis?";
 const PODS_URI: &str = "/api/v1/namespaces/default/pods?";
 
+/// Plays a reconcile up to a refused pod: the pod list, the Secret apply, and the pod's
+/// creation answered 403 with `message`.
+async fn refuse_the_pod(api: &mut ApiServerVerifier, run: &AgentRun, message: &str) {
+    api.expect_pod_list(run, vec![]).await;
+    api.expect(Method::PATCH, SECRET_URI, 200, json!({})).await;
+    api.refuse(Method::POST, PODS_URI, 403, message).await;
+}
+
 #[tokio::test]
 async fn a_pod_security_refusal_fails_the_run_with_the_api_servers_message() {
     let run = AgentRun::test().finalized();
     let r = run.clone();
     let out = scenario(ok(run), false, |mut api| async move {
-        api.expect_pod_list(&r, vec![]).await;
-        api.expect(Method::PATCH, SECRET_URI, 200, json!({})).await;
-        api.expect(
-            Method::POST,
-            PODS_URI,
-            403,
-            status_body(403, "Forbidden", POD_SECURITY_REFUSAL),
-        )
-        .await;
+        refuse_the_pod(&mut api, &r, POD_SECURITY_REFUSAL).await;
         let refused = api.expect_event("PodSecurity").await;
         assert_eq!(
             (refused["type"].as_str(), refused["action"].as_str()),
             (Some("Warning"), Some("CreatePod"))
         );
-        let note = refused["note"].as_str().unwrap_or_default();
+        let note = note_of(&refused);
         assert!(
             note.starts_with(
                 "variation default: pods \"hello-default\" is forbidden: violates PodSecurity"
@@ -466,12 +476,7 @@ async fn a_pod_security_refusal_fails_the_run_with_the_api_servers_message() {
             "{note}"
         );
         let failed = api.expect_event("Failed").await;
-        assert!(
-            failed["note"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("violates PodSecurity")
-        );
+        assert!(note_of(&failed).contains("violates PodSecurity"));
         let status = api.expect_status_patch(&r).await;
         assert_eq!(status.phase, Some(RunPhase::Failed));
         let v = &status.variations[0];
@@ -528,15 +533,7 @@ async fn a_quota_refusal_keeps_the_run_pending_and_is_retried_and_reported_once(
     let r = run.clone();
     let (written_tx, written_rx) = tokio::sync::oneshot::channel();
     let out = scenario(ok(run.clone()), false, |mut api| async move {
-        api.expect_pod_list(&r, vec![]).await;
-        api.expect(Method::PATCH, SECRET_URI, 200, json!({})).await;
-        api.expect(
-            Method::POST,
-            PODS_URI,
-            403,
-            status_body(403, "Forbidden", EXCEEDED_QUOTA),
-        )
-        .await;
+        refuse_the_pod(&mut api, &r, EXCEEDED_QUOTA).await;
         let event = api.expect_event("QuotaExceeded").await;
         assert_eq!(event["type"], "Warning");
         let status = api.expect_status_patch(&r).await;
@@ -573,15 +570,7 @@ async fn a_quota_refusal_keeps_the_run_pending_and_is_retried_and_reported_once(
     let again = run.clone().with_status(written.clone());
     let r = again.clone();
     scenario(ok(again), false, |mut api| async move {
-        api.expect_pod_list(&r, vec![]).await;
-        api.expect(Method::PATCH, SECRET_URI, 200, json!({})).await;
-        api.expect(
-            Method::POST,
-            PODS_URI,
-            403,
-            status_body(403, "Forbidden", EXCEEDED_QUOTA),
-        )
-        .await;
+        refuse_the_pod(&mut api, &r, EXCEEDED_QUOTA).await;
         api
     })
     .await
@@ -591,22 +580,9 @@ async fn a_quota_refusal_keeps_the_run_pending_and_is_retried_and_reported_once(
     let again = run.clone().with_status(written);
     let r = again.clone();
     scenario(ok(again), false, |mut api| async move {
-        api.expect_pod_list(&r, vec![]).await;
-        api.expect(Method::PATCH, SECRET_URI, 200, json!({})).await;
-        api.expect(
-            Method::POST,
-            PODS_URI,
-            403,
-            status_body(403, "Forbidden", MUST_SPECIFY_LIMITS),
-        )
-        .await;
+        refuse_the_pod(&mut api, &r, MUST_SPECIFY_LIMITS).await;
         let event = api.expect_event("QuotaExceeded").await;
-        assert!(
-            event["note"]
-                .as_str()
-                .unwrap_or_default()
-                .contains(MUST_SPECIFY_LIMITS)
-        );
+        assert!(note_of(&event).contains(MUST_SPECIFY_LIMITS));
         let status = api.expect_status_patch(&r).await;
         assert!(
             condition(&status, "PodsCreated")
@@ -627,13 +603,7 @@ async fn a_refused_secret_is_reported_and_no_pod_is_created() {
     let denied = r#"secrets "hello-agentrun-redis" is forbidden: User "system:serviceaccount:agentrun:agentrun-operator" cannot patch resource "secrets" in API group "" in the namespace "default""#;
     let out = scenario(ok(run), false, |mut api| async move {
         api.expect_pod_list(&r, vec![]).await;
-        api.expect(
-            Method::PATCH,
-            SECRET_URI,
-            403,
-            status_body(403, "Forbidden", denied),
-        )
-        .await;
+        api.refuse(Method::PATCH, SECRET_URI, 403, denied).await;
         let event = api.expect_event("SecretFailed").await;
         assert_eq!(event["action"], "ApplySecret");
         let status = api.expect_status_patch(&r).await;
@@ -714,7 +684,7 @@ async fn a_timeout_stops_the_agents_and_fails_the_run() {
         .await;
         let timeout = api.expect_event("Timeout").await;
         assert_eq!(timeout["type"], "Warning");
-        assert!(timeout["note"].as_str().unwrap_or_default().contains("timeoutSeconds (60s)"));
+        assert!(note_of(&timeout).contains("timeoutSeconds (60s)"));
         api.expect_event("Failed").await;
         let status = api.expect_status_patch(&r).await;
         assert_eq!(status.phase, Some(RunPhase::Failed));
@@ -820,12 +790,7 @@ async fn cleanup_stops_agents_expires_redis_data_and_removes_the_finalizer() {
     let answer = serde_json::to_value(&run).expect("json");
     let out = scenario(ok(run), false, |mut api| async move {
         let event = api.expect_event("Deleting").await;
-        assert!(
-            event["note"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("604800s")
-        );
+        assert!(note_of(&event).contains("604800s"));
         let seen = api
             .expect(
                 Method::PATCH,
@@ -1004,12 +969,7 @@ async fn a_malformed_object_is_reported_and_skipped_keeping_its_status() {
     });
     let out = scenario(guard, false, |mut api| async move {
         let event = api.expect_event("InvalidSpec").await;
-        assert!(
-            event["note"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("expected a sequence")
-        );
+        assert!(note_of(&event).contains("expected a sequence"));
         let path = "/apis/agentrun.dev/v1alpha1/namespaces/default/agentruns/broken/status";
         api.expect(Method::GET, path, 200, object.clone()).await;
         let seen = api
@@ -1028,12 +988,7 @@ async fn a_malformed_object_is_reported_and_skipped_keeping_its_status() {
                 "{kept} is sent again: {status:#}"
             );
         }
-        let types: Vec<&str> = status["conditions"]
-            .as_array()
-            .expect("conditions")
-            .iter()
-            .filter_map(|c| c["type"].as_str())
-            .collect();
+        let types = condition_types(status);
         assert_eq!(types, ["Ready", "SpecValid"]);
         let valid = &status["conditions"][1];
         assert_eq!(

@@ -320,6 +320,20 @@ impl ApiServerVerifier {
         seen
     }
 
+    /// Checks the next request like [`ApiServerVerifier::expect`] and refuses it with a
+    /// `kind: Status` body of `code` (and its usual reason) and `message`.
+    pub async fn refuse(&mut self, method: Method, uri: &str, code: u16, message: &str) -> Seen {
+        let reason = match code {
+            403 => "Forbidden",
+            404 => "NotFound",
+            409 => "AlreadyExists",
+            422 => "Invalid",
+            _ => "InternalError",
+        };
+        self.expect(method, uri, code, status_body(code, reason, message))
+            .await
+    }
+
     /// Takes the next request and never answers it, like a hung API server (returns when the
     /// client goes away).
     pub async fn hold_next(&mut self) {
@@ -418,6 +432,27 @@ impl ApiServerVerifier {
             panic!("unexpected request {} {}", request.method(), request.uri());
         }
     }
+}
+
+/// Runs `client_side` with a client whose API server `script` plays, then checks that the client
+/// sent nothing beyond the script (the client is dropped when `client_side` ends); returns what
+/// `client_side` returned.
+pub async fn against_script<S, SF, C, CF, T>(script: S, client_side: C) -> T
+where
+    S: FnOnce(ApiServerVerifier) -> SF,
+    SF: Future<Output = ApiServerVerifier> + Send + 'static,
+    C: FnOnce(Client) -> CF,
+    CF: Future<Output = T>,
+{
+    let (client, api) = mock_client();
+    let server = tokio::spawn(script(api));
+    let out = client_side(client).await;
+    server
+        .await
+        .expect("the scenario's expectations held")
+        .expect_nothing_more()
+        .await;
+    out
 }
 
 /// A client talking to a fresh [`ApiServerVerifier`].

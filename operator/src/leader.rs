@@ -438,7 +438,7 @@ mod tests {
         );
     }
 
-    use crate::fixtures::mock_client;
+    use crate::fixtures::{against_script, mock_client};
     use http::Method;
     use serde_json::json;
 
@@ -459,33 +459,32 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_lease_is_created_and_held() {
-        let (client, mut api) = mock_client();
-        let server = tokio::spawn(async move {
-            api.expect(Method::GET, PATH, 404, not_found()).await;
-            let created = api
-                .expect(
-                    Method::POST,
-                    "/apis/coordination.k8s.io/v1/namespaces/default/leases?",
-                    201,
-                    json!({}),
-                )
-                .await;
-            assert_eq!(created.body["metadata"]["name"], "agentrun-operator");
-            assert_eq!(created.body["spec"]["holderIdentity"], "pod-a");
-            assert_eq!(created.body["spec"]["leaseDurationSeconds"], 15);
-            api
-        });
-        assert!(
-            lock(client, "pod-a")
-                .try_acquire_or_renew()
-                .await
-                .expect("no error")
-        );
-        server
-            .await
-            .expect("scenario held")
-            .expect_nothing_more()
-            .await;
+        against_script(
+            |mut api| async move {
+                api.expect(Method::GET, PATH, 404, not_found()).await;
+                let created = api
+                    .expect(
+                        Method::POST,
+                        "/apis/coordination.k8s.io/v1/namespaces/default/leases?",
+                        201,
+                        json!({}),
+                    )
+                    .await;
+                assert_eq!(created.body["metadata"]["name"], "agentrun-operator");
+                assert_eq!(created.body["spec"]["holderIdentity"], "pod-a");
+                assert_eq!(created.body["spec"]["leaseDurationSeconds"], 15);
+                api
+            },
+            |client| async move {
+                assert!(
+                    lock(client, "pod-a")
+                        .try_acquire_or_renew()
+                        .await
+                        .expect("no error")
+                );
+            },
+        )
+        .await;
     }
 
     fn live_lease(holder: &str) -> serde_json::Value {
@@ -497,86 +496,65 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_live_lease_of_another_replica_is_left_alone() {
-        let (client, mut api) = mock_client();
-        let server = tokio::spawn(async move {
-            api.expect(Method::GET, PATH, 200, live_lease("pod-b"))
-                .await;
-            api
-        });
-        assert!(
-            !lock(client, "pod-a")
-                .try_acquire_or_renew()
-                .await
-                .expect("no error")
-        );
-        server
-            .await
-            .expect("scenario held")
-            .expect_nothing_more()
-            .await;
-    }
-
-    #[tokio::test]
     async fn the_holder_renews_with_optimistic_concurrency_and_loses_on_conflict() {
-        let (client, mut api) = mock_client();
-        let server = tokio::spawn(async move {
-            api.expect(Method::GET, PATH, 200, live_lease("pod-a"))
+        against_script(
+            |mut api| async move {
+                api.expect(Method::GET, PATH, 200, live_lease("pod-a"))
+                    .await;
+                let renewed = api
+                    .expect(Method::PUT, PATH, 200, live_lease("pod-a"))
+                    .await;
+                assert_eq!(
+                    renewed.body["metadata"]["resourceVersion"], "7",
+                    "replace carries the resourceVersion"
+                );
+                assert_eq!(renewed.body["spec"]["leaseTransitions"], 2);
+                api.expect(Method::GET, PATH, 200, live_lease("pod-a"))
+                    .await;
+                api.expect(Method::PUT, PATH, 409, json!({
+                    "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"
+                }))
                 .await;
-            let renewed = api
-                .expect(Method::PUT, PATH, 200, live_lease("pod-a"))
-                .await;
-            assert_eq!(
-                renewed.body["metadata"]["resourceVersion"], "7",
-                "replace carries the resourceVersion"
-            );
-            assert_eq!(renewed.body["spec"]["leaseTransitions"], 2);
-            api.expect(Method::GET, PATH, 200, live_lease("pod-a"))
-                .await;
-            api.expect(Method::PUT, PATH, 409, json!({
-                "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"
-            }))
-            .await;
-            api
-        });
-        let lock = lock(client, "pod-a");
-        assert!(lock.try_acquire_or_renew().await.expect("renewed"));
-        assert!(
-            !lock
-                .try_acquire_or_renew()
-                .await
-                .expect("a conflict is not an error")
-        );
-        drop(lock);
-        server
-            .await
-            .expect("scenario held")
-            .expect_nothing_more()
-            .await;
+                api
+            },
+            |client| async move {
+                let lock = lock(client, "pod-a");
+                assert!(lock.try_acquire_or_renew().await.expect("renewed"));
+                assert!(
+                    !lock
+                        .try_acquire_or_renew()
+                        .await
+                        .expect("a conflict is not an error")
+                );
+            },
+        )
+        .await;
     }
 
     #[tokio::test]
-    async fn a_lease_renewed_an_hour_ago_by_the_wall_clock_is_not_taken_on_sight() {
-        let (client, mut api) = mock_client();
-        let server = tokio::spawn(async move {
-            let mut skewed = live_lease("pod-b");
-            skewed["spec"]["renewTime"] =
-                json!((Timestamp::now() - SignedDuration::from_hours(1)).to_string());
-            api.expect(Method::GET, PATH, 200, skewed).await;
-            api
-        });
-        assert!(
-            !lock(client, "pod-a")
-                .try_acquire_or_renew()
-                .await
-                .expect("no error"),
-            "the holder may be renewing on a clock an hour behind: wait a lease duration first"
-        );
-        server
-            .await
-            .expect("scenario held")
-            .expect_nothing_more()
-            .await;
+    async fn a_live_lease_of_another_replica_is_left_alone_even_when_its_renew_time_looks_old() {
+        against_script(
+            |mut api| async move {
+                api.expect(Method::GET, PATH, 200, live_lease("pod-b"))
+                    .await;
+                // The holder renews on a clock an hour behind this replica's.
+                let mut skewed = live_lease("pod-b");
+                skewed["spec"]["renewTime"] =
+                    json!((Timestamp::now() - SignedDuration::from_hours(1)).to_string());
+                api.expect(Method::GET, PATH, 200, skewed).await;
+                api
+            },
+            |client| async move {
+                let lock = lock(client, "pod-a");
+                for round in ["fresh", "an hour old by this clock"] {
+                    assert!(
+                        !lock.try_acquire_or_renew().await.expect("no error"),
+                        "{round}: wait a lease duration from when the record last changed"
+                    );
+                }
+            },
+        )
+        .await;
     }
 
     /// Timing for tests that wait for real: the numbers keep their proportions.

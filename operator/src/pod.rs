@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
     LocalObjectReference, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret,
     SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
@@ -316,17 +316,9 @@ fn pod_security_context(run: &AgentRun, settings: &Settings) -> Result<PodSecuri
 /// The agent container's security context: no privilege escalation and no capabilities unless
 /// the run's `spec.securityContext` says otherwise; the user is the image's or the run's.
 fn agent_security_context(run: &AgentRun) -> Result<SecurityContext> {
-    let defaults = SecurityContext {
-        allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
     overlay(
         "spec.securityContext",
-        defaults,
+        crate::config::no_privileges(),
         run.spec.security_context.as_ref(),
     )
 }
@@ -532,6 +524,7 @@ mod tests {
     use super::*;
     use crate::crd::AgentRun;
     use crate::fixtures::settings;
+    use k8s_openapi::api::core::v1::Capabilities;
 
     /// Compares with a committed snapshot; `UPDATE_SNAPSHOTS=1` rewrites it.
     fn assert_snapshot(name: &str, value: &impl serde::Serialize) {

@@ -306,7 +306,7 @@ pub async fn check(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::{mock_client, status_body};
+    use crate::fixtures::{ApiServerVerifier, against_script};
     use http::Method;
     use serde_json::{Value, json};
 
@@ -372,7 +372,7 @@ mod tests {
     /// Answers `GET /version` and every SelfSubjectAccessReview (allowed unless `deny` says
     /// otherwise), and returns the reviews seen and the next request's URI.
     async fn answer_reviews(
-        api: &mut crate::fixtures::ApiServerVerifier,
+        api: &mut ApiServerVerifier,
         minor: &str,
         deny: impl Fn(&Value) -> bool,
     ) -> Vec<Value> {
@@ -396,10 +396,29 @@ mod tests {
         reviews
     }
 
+    /// Runs the start-up checks for `scope` against an API server that `script` plays.
+    async fn check_against<S, SF>(
+        script: S,
+        scope: Scope,
+        lease_namespace: Option<&'static str>,
+    ) -> Result<(), String>
+    where
+        S: FnOnce(ApiServerVerifier) -> SF,
+        SF: Future<Output = ApiServerVerifier> + Send + 'static,
+    {
+        against_script(script, |client| async move {
+            check(&client, &scope, lease_namespace).await
+        })
+        .await
+    }
+
+    fn agents() -> Scope {
+        Scope::Namespace("agents".into())
+    }
+
     #[tokio::test]
     async fn a_missing_permission_is_named_in_the_exit_message() {
-        let (client, mut api) = mock_client();
-        let server = tokio::spawn(async move {
+        let script = |mut api: ApiServerVerifier| async move {
             let reviews = answer_reviews(&mut api, "33", |attrs| {
                 attrs["resource"] == "agentruns"
                     && attrs["subresource"] == "status"
@@ -415,15 +434,13 @@ mod tests {
                 "the watched namespace is asked about: {reviews:#?}"
             );
             api
-        });
-        let scope = Scope::Namespace("agents".into());
-        let err = check(&client, &scope, Some("agentrun"))
+        };
+        let err = check_against(script, agents(), Some("agentrun"))
             .await
             .expect_err("a permission is missing");
+        let missing: Vec<&str> = err.lines().filter(|l| l.starts_with("  - ")).collect();
         assert_eq!(
-            err.lines()
-                .filter(|l| l.starts_with("  - "))
-                .collect::<Vec<_>>(),
+            missing,
             ["  - patch agentruns.agentrun.dev/status in namespace agents (write the status)"]
         );
         assert!(
@@ -431,102 +448,64 @@ mod tests {
                 && err.contains("restart the operator"),
             "{err}"
         );
-        drop(client);
-        server
-            .await
-            .expect("scenario held")
-            .expect_nothing_more()
-            .await;
     }
 
     #[tokio::test]
     async fn watching_one_namespace_lists_agentruns_only_there() {
-        let (client, mut api) = mock_client();
-        let server = tokio::spawn(async move {
+        let script = |mut api: ApiServerVerifier| async move {
             answer_reviews(&mut api, "29", |_| false).await;
-            api.expect(
-                Method::GET,
-                "/apis/agentrun.dev/v1alpha1/namespaces/agents/agentruns?&limit=1",
-                200,
-                json!({"apiVersion": "agentrun.dev/v1alpha1", "kind": "AgentRunList", "metadata": {}, "items": []}),
-            )
-            .await;
+            let list = json!({"apiVersion": "agentrun.dev/v1alpha1", "kind": "AgentRunList", "metadata": {}, "items": []});
+            let uri = "/apis/agentrun.dev/v1alpha1/namespaces/agents/agentruns?&limit=1";
+            api.expect(Method::GET, uri, 200, list).await;
             api
-        });
-        let scope = Scope::Namespace("agents".into());
-        check(&client, &scope, Some("agentrun"))
+        };
+        check_against(script, agents(), Some("agentrun"))
             .await
             .expect("everything is allowed");
-        drop(client);
-        server
-            .await
-            .expect("scenario held")
-            .expect_nothing_more()
-            .await;
     }
 
     #[tokio::test]
     async fn an_old_cluster_is_refused_before_anything_else() {
-        let (client, mut api) = mock_client();
-        let server = tokio::spawn(async move {
+        let script = |mut api: ApiServerVerifier| async move {
             api.expect(Method::GET, "/version", 200, version_json("28"))
                 .await;
             api
-        });
-        let err = check(&client, &Scope::Cluster, None)
+        };
+        let err = check_against(script, Scope::Cluster, None)
             .await
             .expect_err("1.28");
         assert!(err.contains("v1.28.0"), "{err}");
-        drop(client);
-        server
-            .await
-            .expect("scenario held")
-            .expect_nothing_more()
-            .await;
     }
 
     #[tokio::test]
     async fn without_access_reviews_the_check_is_skipped_and_a_missing_crd_is_named() {
-        let (client, mut api) = mock_client();
-        let server = tokio::spawn(async move {
+        let script = |mut api: ApiServerVerifier| async move {
             api.expect(Method::GET, "/version", 200, version_json("30"))
                 .await;
-            api.expect(
+            let reviews = "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews?";
+            api.refuse(
                 Method::POST,
-                "/apis/authorization.k8s.io/v1/selfsubjectaccessreviews?",
+                reviews,
                 403,
-                status_body(
-                    403,
-                    "Forbidden",
-                    "selfsubjectaccessreviews.authorization.k8s.io is forbidden",
-                ),
+                "selfsubjectaccessreviews.authorization.k8s.io is forbidden",
             )
             .await;
-            api.expect(
+            let list = "/apis/agentrun.dev/v1alpha1/agentruns?&limit=1";
+            api.refuse(
                 Method::GET,
-                "/apis/agentrun.dev/v1alpha1/agentruns?&limit=1",
+                list,
                 404,
-                status_body(
-                    404,
-                    "NotFound",
-                    "the server could not find the requested resource",
-                ),
+                "the server could not find the requested resource",
             )
             .await;
             api
-        });
-        let err = check(&client, &Scope::Cluster, None)
+        };
+        let err = check_against(script, Scope::Cluster, None)
             .await
             .expect_err("no CRD");
         assert!(
             err.contains("kubectl apply -f crds/agentrun.dev_agentruns.yaml"),
             "{err}"
         );
-        drop(client);
-        server
-            .await
-            .expect("scenario held")
-            .expect_nothing_more()
-            .await;
     }
 }

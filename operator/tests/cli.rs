@@ -20,6 +20,19 @@ fn operator(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
+/// The operator's container in manifests/install.yaml (the chart rendered).
+fn operator_container() -> Value {
+    let install = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/install.yaml"),
+    )
+    .expect("install.yaml");
+    let deployment: Value = serde_yaml::Deserializer::from_str(&install)
+        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+        .find(|d: &Value| d["kind"] == "Deployment" && d["metadata"]["name"] == "agentrun-operator")
+        .expect("the operator Deployment");
+    deployment["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
 #[test]
 fn crd_subcommand_prints_the_committed_crd() {
     let printed = operator(&["crd"]);
@@ -36,15 +49,7 @@ fn crd_subcommand_prints_the_committed_crd() {
 #[test]
 fn the_default_sidecar_image_is_the_one_the_chart_installs() {
     let help = operator(&["run", "--help"]);
-    let install = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/install.yaml"),
-    )
-    .expect("install.yaml");
-    let deployment: Value = serde_yaml::Deserializer::from_str(&install)
-        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
-        .find(|d: &Value| d["kind"] == "Deployment" && d["metadata"]["name"] == "agentrun-operator")
-        .expect("the operator Deployment");
-    let image = deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    let image = operator_container()["env"]
         .as_array()
         .expect("env")
         .iter()
@@ -62,15 +67,7 @@ fn the_default_sidecar_image_is_the_one_the_chart_installs() {
 #[test]
 fn the_operator_deployment_only_sets_variables_the_cli_reads() {
     let help = operator(&["run", "--help"]);
-    let install = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/install.yaml"),
-    )
-    .expect("install.yaml");
-    let deployment: Value = serde_yaml::Deserializer::from_str(&install)
-        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
-        .find(|d: &Value| d["kind"] == "Deployment" && d["metadata"]["name"] == "agentrun-operator")
-        .expect("the operator Deployment");
-    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let container = &operator_container();
     assert_eq!(container["args"], serde_json::json!(["run"]));
     let names: Vec<&str> = container["env"]
         .as_array()
