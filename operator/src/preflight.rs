@@ -139,7 +139,7 @@ pub fn required_permissions(scope: &Scope, lease_namespace: Option<&str>) -> Vec
             run,
             "agentruns",
             Some("finalizers"),
-            "own pods and Secrets (blockOwnerDeletion)",
+            "own pods and Secrets with blockOwnerDeletion",
         ),
         at("list", "", "pods", None, "find the agent pods"),
         at("watch", "", "pods", None, "follow the agent pods"),
