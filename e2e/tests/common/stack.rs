@@ -334,6 +334,13 @@ impl Stack {
     /// Starts (or restarts) the operator as `opts` says (kept for later restarts) and waits for
     /// its /readyz.
     pub async fn start_operator_with(&mut self, opts: OperatorOptions) {
+        self.spawn_operator_with(opts);
+        let url = format!("http://{}/readyz", self.metrics_addr);
+        self.wait_ready(30, "the operator is ready", url).await;
+    }
+
+    /// Starts the operator without waiting for it to be ready (it may refuse to start).
+    pub fn spawn_operator_with(&mut self, opts: OperatorOptions) {
         self.operator_options = opts.clone();
         let kubeconfig = opts
             .kubeconfig
@@ -380,8 +387,6 @@ impl Stack {
             self.dir.path().join(format!("operator-{n}.log")),
         );
         self.operator = Some(op);
-        let url = format!("http://{}/readyz", self.metrics_addr);
-        self.wait_ready(30, "the operator is ready", url).await;
     }
 
     /// Like [`eventually`], but a timeout also prints the operator's and relay's last log lines.
