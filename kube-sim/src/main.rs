@@ -23,7 +23,7 @@ struct Args {
     /// Directory for pods' volumes and logs (default: a new temporary directory).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// YAML image map: `images: {NAME: /host/binary | {prefix: [..]}}`.
+    /// YAML image map: `images: {NAME: /host/binary | {binary|prefix, files, user}}`.
     #[arg(long)]
     images: Option<PathBuf>,
     /// Images missing from the image map fail with ErrImagePull/ImagePullBackOff.

@@ -236,11 +236,14 @@ impl Stack {
             (SIM_HOST_ADDRESS.to_string(), SIM_SIDECAR_IMAGE.to_string())
         };
         let images = dir.path().join("images.yaml");
+        // The sidecar image is distroless `nonroot` (docker/Dockerfile): user 65532:65532, with
+        // agentrun-entrypoint beside agentrun-sidecar. Agent images (busybox) run as root.
         std::fs::write(
             &images,
             format!(
-                "images:\n  ghcr.io/agentrun/agentrun-sidecar: {}\n",
-                bins.join("agentrun-sidecar").display()
+                "images:\n  ghcr.io/agentrun/agentrun-sidecar:\n    binary: {}\n    files: [{}]\n    user: \"65532:65532\"\n  busybox: {{user: \"0\"}}\n",
+                bins.join("agentrun-sidecar").display(),
+                bins.join("agentrun-entrypoint").display()
             ),
         )
         .expect("write image map");

@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+pub mod pods;
+
 pub use kube_sim::testing::{Cluster, eventually, kubectl_bin};
 
 pub fn fixture(name: &str) -> PathBuf {
