@@ -69,8 +69,9 @@ async fn writes_follow_the_master_after_a_sentinel_failover() {
         "the sentinel to report the replica as the new master",
         Duration::from_secs(20),
         || async {
-            let (_, port): (String, u16) =
-                sentinel.command(&["GET-MASTER-ADDR-BY-NAME", "mymaster"]).await?;
+            let (_, port): (String, u16) = sentinel
+                .command(&["GET-MASTER-ADDR-BY-NAME", "mymaster"])
+                .await?;
             (port == replica.port()).then_some(())
         },
     )
