@@ -230,14 +230,7 @@ fn validating_plugins(req: &Request<'_>, obj: &Value, old: Option<&Value>) -> Re
 /// Whether a pod update changes what PodSecurity looks at (containers or their images).
 fn significant_pod_update(old: &Value, new: &Value) -> bool {
     let images = |o: &Value| -> Vec<Value> {
-        ["initContainers", "containers"]
-            .iter()
-            .flat_map(|l| {
-                o.pointer(&format!("/spec/{l}"))
-                    .and_then(Value::as_array)
-                    .cloned()
-                    .unwrap_or_default()
-            })
+        quota::pod_containers(o)
             .map(|c| c["image"].clone())
             .collect()
     };
@@ -377,19 +370,11 @@ fn validate_pod(obj: &Value, name: &str) -> Result<(), ApiError> {
 fn qos_class(pod: &Value) -> &'static str {
     let mut any = false;
     let mut guaranteed = true;
-    for list in ["initContainers", "containers"] {
-        for c in pod
-            .pointer(&format!("/spec/{list}"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let (req, lim) = quota::container_resources(c);
-            for k in ["cpu", "memory"] {
-                any |= req.contains_key(k) || lim.contains_key(k);
-                guaranteed &=
-                    lim.contains_key(k) && req.get(k).is_none_or(|r| Some(r) == lim.get(k));
-            }
+    for c in quota::pod_containers(pod) {
+        let (req, lim) = quota::container_resources(c);
+        for k in ["cpu", "memory"] {
+            any |= req.contains_key(k) || lim.contains_key(k);
+            guaranteed &= lim.contains_key(k) && req.get(k).is_none_or(|r| Some(r) == lim.get(k));
         }
     }
     match (any, guaranteed) {

@@ -210,7 +210,7 @@ fn conflict_error(conflicts: &[(&Entry, Vec<Path>)]) -> ApiError {
         .iter()
         .flat_map(|(e, paths)| {
             paths.iter().map(move |p| {
-                json!({"type": "FieldManagerConflict",
+                json!({"reason": "FieldManagerConflict",
                        "message": format!("conflict with {}", e.describe()),
                        "field": path_string(p)})
             })

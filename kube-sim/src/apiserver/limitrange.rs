@@ -11,7 +11,9 @@ use std::collections::BTreeMap;
 use serde_json::{Map, Value, json};
 
 use crate::apiserver::quantity::Quantity;
-use crate::apiserver::quota::{Resources, container_resources, pod_limits, pod_requests};
+use crate::apiserver::quota::{
+    Resources, container_resources, pod_containers, pod_limits, pod_requests,
+};
 
 const ANNOTATION: &str = "kubernetes.io/limit-ranger";
 
@@ -165,16 +167,9 @@ pub fn validate(ranges: &[Value], obj: &Value, claim: bool) -> Option<String> {
             );
             match (kind, claim) {
                 ("Container", false) => {
-                    for list_name in ["containers", "initContainers"] {
-                        for c in obj
-                            .pointer(&format!("/spec/{list_name}"))
-                            .and_then(Value::as_array)
-                            .into_iter()
-                            .flatten()
-                        {
-                            let (req, lim) = container_resources(c);
-                            check(kind, &min, &max, &ratio, &req, &lim, &mut errs);
-                        }
+                    for c in pod_containers(obj) {
+                        let (req, lim) = container_resources(c);
+                        check(kind, &min, &max, &ratio, &req, &lim, &mut errs);
                     }
                 }
                 ("Pod", false) => {

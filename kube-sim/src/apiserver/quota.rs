@@ -56,6 +56,16 @@ fn parse_list(v: Option<&Value>) -> Resources {
         .collect()
 }
 
+/// A pod's containers, then its init containers.
+pub fn pod_containers(pod: &Value) -> impl Iterator<Item = &Value> {
+    ["containers", "initContainers"].into_iter().flat_map(|l| {
+        pod.pointer(&format!("/spec/{l}"))
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+    })
+}
+
 /// A container's `(requests, limits)`.
 pub fn container_resources(c: &Value) -> (Resources, Resources) {
     (
@@ -299,17 +309,11 @@ fn scopes(q: &Value) -> Vec<(String, String, Vec<String>)> {
 }
 
 fn best_effort(pod: &Value) -> bool {
-    ["containers", "initContainers"].iter().all(|l| {
-        pod.pointer(&format!("/spec/{l}"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-            .all(|c| {
-                let (r, l) = container_resources(c);
-                ["cpu", "memory"]
-                    .iter()
-                    .all(|k| !r.contains_key(*k) && !l.contains_key(*k))
-            })
+    pod_containers(pod).all(|c| {
+        let (r, l) = container_resources(c);
+        ["cpu", "memory"]
+            .iter()
+            .all(|k| !r.contains_key(*k) && !l.contains_key(*k))
     })
 }
 
@@ -458,27 +462,20 @@ fn missing_resources(pod: &Value, tracked: &[String]) -> Option<String> {
         .filter(|r| COMPUTE_VALIDATED.contains(r))
         .collect();
     let mut missing: BTreeMap<&str, BTreeSet<String>> = BTreeMap::new();
-    for list in ["containers", "initContainers"] {
-        for c in pod
-            .pointer(&format!("/spec/{list}"))
-            .and_then(Value::as_array)
-            .into_iter()
-            .flatten()
-        {
-            let (r, l) = container_resources(c);
-            for res in &required {
-                let has = match *res {
-                    "cpu" | "requests.cpu" => r.contains_key("cpu"),
-                    "memory" | "requests.memory" => r.contains_key("memory"),
-                    "limits.cpu" => l.contains_key("cpu"),
-                    _ => l.contains_key("memory"),
-                };
-                if !has {
-                    missing
-                        .entry(res)
-                        .or_default()
-                        .insert(c["name"].as_str().unwrap_or_default().to_string());
-                }
+    for c in pod_containers(pod) {
+        let (r, l) = container_resources(c);
+        for res in &required {
+            let has = match *res {
+                "cpu" | "requests.cpu" => r.contains_key("cpu"),
+                "memory" | "requests.memory" => r.contains_key("memory"),
+                "limits.cpu" => l.contains_key("cpu"),
+                _ => l.contains_key("memory"),
+            };
+            if !has {
+                missing
+                    .entry(res)
+                    .or_default()
+                    .insert(c["name"].as_str().unwrap_or_default().to_string());
             }
         }
     }
