@@ -585,23 +585,11 @@ fn app_armor(p: &Pod<'_>) -> Violation {
         .map(|(k, v)| format!("{k}={v:?}"))
         .collect();
     annotations.sort();
-    if p.version < 30 {
-        let n = annotations.len();
-        return (n > 0).then(|| {
-            (
-                plural(
-                    n,
-                    "forbidden AppArmor profile",
-                    "forbidden AppArmor profiles",
-                ),
-                annotations.join(", "),
-            )
-        });
-    }
+    // Any type but RuntimeDefault and Localhost (Unconfined) is forbidden.
     let unconfined = |v: Option<&Value>| {
         v.and_then(|a| a.get("type"))
             .and_then(Value::as_str)
-            .filter(|t| *t == "Unconfined")
+            .filter(|t| *t != "RuntimeDefault" && *t != "Localhost")
             .map(String::from)
     };
     let mut bad_values = BTreeSet::new();
@@ -1320,6 +1308,23 @@ mod tests {
                 "non-default capabilities (container \"a\" must not include \"NET_ADMIN\" in securityContext.capabilities.add), \
                  host namespaces (hostNetwork, hostPID), hostPath volumes (volume \"root\"), \
                  hostPort (container \"a\" uses hostPort 8080), privileged (container \"a\" must not set securityContext.privileged=true)"
+            )
+        );
+    }
+
+    #[test]
+    fn app_armor_profiles_read_like_the_real_checks() {
+        let baseline = LevelVersion {
+            level: Level::Baseline,
+            version: None,
+        };
+        let spec = json!({"securityContext": {"appArmorProfile": {"type": "RuntimeDefault"}},
+            "containers": [{"name": "foo", "image": "x",
+                "securityContext": {"appArmorProfile": {"type": "Unconfined"}}}]});
+        assert_eq!(
+            evaluate(baseline, &json!({}), &spec, 33).as_deref(),
+            Some(
+                "forbidden AppArmor profile (container \"foo\" must not set AppArmor profile type to \"Unconfined\")"
             )
         );
     }
