@@ -88,8 +88,6 @@ pub trait RunStore: Send + Sync {
     ) -> BoxFuture<'a, Result<()>>;
 }
 
-/// Run users this operator has made, by run id, with their passwords.
-
 /// The real store.
 pub struct RedisStore {
     conn: RedisConn,
