@@ -149,6 +149,8 @@ pub struct OperatorOptions {
     pub kubeconfig: Option<PathBuf>,
     /// Leader election on, with its Lease in this namespace (None: `--no-leader-election`).
     pub lease_namespace: Option<String>,
+    /// `--watch-namespace` (None: every namespace).
+    pub watch_namespace: Option<String>,
 }
 
 /// How [`Stack::restart_relay_with`] runs the relay (the default: what [`Stack::start`] does).
@@ -383,6 +385,9 @@ impl Stack {
             "8".into(),
         ];
         args.extend(election);
+        if let Some(ns) = &opts.watch_namespace {
+            args.extend(["--watch-namespace".to_string(), ns.clone()]);
+        }
         let op = Proc::spawn(
             "operator",
             &binaries().join("agentrun-operator"),
