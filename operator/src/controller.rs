@@ -263,6 +263,62 @@ fn run_state(phase: RunPhase) -> RunState {
     }
 }
 
+/// Takes the run-wide final event out of `events`: it is published only when
+/// [`producers_ended`] says so.
+fn split_run_end(events: Vec<StatusEvent>) -> (Vec<StatusEvent>, Option<StatusEvent>) {
+    let (end, rest): (Vec<_>, Vec<_>) = events
+        .into_iter()
+        .partition(|e| e.variation.is_none() && e.state.is_final());
+    (rest, end.into_iter().next())
+}
+
+/// The run-wide event of a finished run, as [`status_events`] makes it.
+fn final_run_event(next: &AgentRunStatus) -> StatusEvent {
+    let finished = AgentRunStatus {
+        phase: next.phase,
+        conditions: next.conditions.clone(),
+        ..Default::default()
+    };
+    let before = AgentRunStatus {
+        variations: finished.variations.clone(),
+        ..Default::default()
+    };
+    status_events(&before, &finished)
+        .into_iter()
+        .find(|e| e.variation.is_none())
+        .unwrap_or_else(|| StatusEvent::new(None, run_state(next.phase.unwrap_or_default())))
+}
+
+/// Whether nothing more can reach the run's streams: every variation's pod has ended, its
+/// sidecar included (a native sidecar publishes what it holds and what the entrypoint left in
+/// its spool before it exits), or is gone. The agent container ending is not enough: output
+/// spooled while the sidecar or Redis was away is published after it.
+pub fn producers_ended(pods: &[Pod], next: &AgentRunStatus) -> bool {
+    next.variations.iter().all(|v| {
+        let Some(name) = v.pod_name.as_deref() else {
+            return true;
+        };
+        let Some(pod) = pods
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+        else {
+            return true;
+        };
+        let status = pod.status.as_ref();
+        if matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded") | Some("Failed")
+        ) {
+            return true;
+        }
+        status
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .and_then(|c| c.iter().find(|c| c.name == pod::SIDECAR_CONTAINER))
+            .and_then(|c| c.state.as_ref())
+            .is_some_and(|s| s.terminated.is_some())
+    })
+}
+
 /// Lifecycle facts to publish: every variation whose phase or reason changed, and the run when
 /// its phase changed.
 pub fn status_events(prev: &AgentRunStatus, next: &AgentRunStatus) -> Vec<StatusEvent> {
@@ -443,11 +499,27 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
         }
     }
 
-    for ev in status_events(&prev, &next) {
+    // The run's end goes to its viewers only once nothing more can reach its streams.
+    let (events, run_end) = split_run_end(status_events(&prev, &next));
+    for ev in events {
         if let Err(e) = ctx.store.publish_status(&run_id, &ev).await {
             warn!(run = %key, error = %e, "could not publish a status event to Redis");
             break;
         }
+    }
+    let mut close_retry = None;
+    if finished && prev.streams_closed != Some(true) {
+        if producers_ended(&pods, &next) {
+            let end = run_end.unwrap_or_else(|| final_run_event(&next));
+            match ctx.store.publish_status(&run_id, &end).await {
+                Ok(()) => next.streams_closed = Some(true),
+                Err(e) => {
+                    warn!(run = %key, error = %e, "could not publish the run's end to Redis; retrying");
+                    close_retry = Some(ERROR_REQUEUE);
+                }
+            }
+        }
+        // Otherwise the pods' own changes (they are owned by the run) wake this up again.
     }
 
     if finished && !was_finished {
@@ -498,10 +570,11 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
             }
             return Ok(Action::await_change());
         }
-        return Ok(Action::requeue(until(now, expires)));
+        let wait = until(now, expires);
+        return Ok(Action::requeue(close_retry.map_or(wait, |c| c.min(wait))));
     }
     if finished {
-        return Ok(Action::await_change());
+        return Ok(close_retry.map_or_else(Action::await_change, Action::requeue));
     }
     let mut requeue = match status::deadline(next.start_time.as_ref(), run.spec.timeout_seconds) {
         Some(deadline) => until(now, deadline).min(RESYNC),

@@ -737,11 +737,116 @@ async fn a_timeout_stops_the_agents_and_fails_the_run() {
     )));
 }
 
+/// The agent exited 0 and its pod still runs: the native sidecar publishes what it holds.
+fn agent_done_sidecar_running() -> k8s_openapi::api::core::v1::PodStatus {
+    let mut status = exited("Running", 0, Some("Completed"), None);
+    status.init_container_statuses = Some(vec![k8s_openapi::api::core::v1::ContainerStatus {
+        name: pod::SIDECAR_CONTAINER.into(),
+        state: Some(k8s_openapi::api::core::v1::ContainerState {
+            running: Some(Default::default()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }]);
+    status
+}
+
+#[tokio::test]
+async fn the_runs_end_reaches_viewers_only_after_every_sidecar_has_ended() {
+    // Viewers stop reading at the run's final status event, so it must not be published
+    // while a sidecar may still publish output it spooled or held.
+    let base = AgentRun::test().finalized();
+    let run = base.clone().with_status(started(&base));
+    let pods = vec![pod_of(&run, "default", agent_done_sidecar_running())];
+    let r = run.clone();
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+    let out = scenario(ok(run.clone()), false, |mut api| async move {
+        api.expect_pod_list(&r, pods).await;
+        api.expect_event("Succeeded").await;
+        let _ = written_tx.send(api.expect_status_patch(&r).await);
+        api
+    })
+    .await;
+    assert_eq!(out.result.expect("ok"), Action::await_change());
+    let written = written_rx.await.expect("the status was written");
+    assert_eq!(written.phase, Some(RunPhase::Succeeded));
+    assert_eq!(written.streams_closed, None, "a sidecar still runs");
+    assert_eq!(
+        statuses(&out.store),
+        [(
+            Some("default".into()),
+            RunState::Succeeded,
+            Some(reasons::COMPLETED.into())
+        )],
+        "the variation's end is published, the run's is not"
+    );
+
+    // The sidecar has exited and the pod is Succeeded: now the run's end goes out, once.
+    let ended = run.with_status(written);
+    let pods = vec![pod_of(
+        &ended,
+        "default",
+        exited("Succeeded", 0, Some("Completed"), None),
+    )];
+    let (r, p) = (ended.clone(), pods.clone());
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    let out = scenario(ok(ended.clone()), false, |mut api| async move {
+        api.expect_pod_list(&r, p).await;
+        let _ = closed_tx.send(api.expect_status_patch(&r).await);
+        api
+    })
+    .await;
+    assert_eq!(out.result.expect("ok"), Action::await_change());
+    assert_eq!(
+        statuses(&out.store),
+        [(None, RunState::Succeeded, Some(reasons::SUCCEEDED.into()))]
+    );
+    let closed = closed_rx.await.expect("the status was written");
+    assert_eq!(closed.streams_closed, Some(true));
+
+    let again = ended.with_status(closed);
+    let r = again.clone();
+    let out = scenario(ok(again), false, |mut api| async move {
+        api.expect_pod_list(&r, pods).await;
+        api
+    })
+    .await;
+    assert_eq!(out.result.expect("ok"), Action::await_change());
+    assert!(statuses(&out.store).is_empty(), "published once");
+}
+
+#[tokio::test]
+async fn a_run_end_that_redis_refused_is_published_on_a_retry() {
+    let base = AgentRun::test().finalized();
+    let run = base.clone().with_status(started(&base));
+    let pods = vec![pod_of(
+        &run,
+        "default",
+        exited("Succeeded", 0, Some("Completed"), None),
+    )];
+    let r = run.clone();
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+    let out = scenario(ok(run), true, |mut api| async move {
+        api.expect_pod_list(&r, pods).await;
+        api.expect_event("Succeeded").await;
+        let _ = written_tx.send(api.expect_status_patch(&r).await);
+        api
+    })
+    .await;
+    assert_eq!(out.result.expect("ok"), Action::requeue(ERROR_REQUEUE));
+    let written = written_rx.await.expect("the status was written");
+    assert_eq!(
+        (written.phase, written.streams_closed),
+        (Some(RunPhase::Succeeded), None)
+    );
+}
+
 fn finished(run: &AgentRun, completed_secs_ago: i64) -> AgentRunStatus {
     AgentRunStatus {
         phase: Some(RunPhase::Succeeded),
         completion_time: Some(ago(completed_secs_ago)),
         observed_generation: Some(1),
+        streams_closed: Some(true),
         ..started(run)
     }
 }

@@ -348,6 +348,11 @@ pub struct AgentRunStatus {
     /// Whether the operator last told the agents to pause (true) or to resume (false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<bool>,
+
+    /// True once the run's end was published to its viewers: the run had finished and every
+    /// agent pod had ended, sidecar included, so nothing more can reach the run's streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams_closed: Option<bool>,
 }
 
 /// Observed state of one variation.
