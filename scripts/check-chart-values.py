@@ -185,6 +185,10 @@ if name == "default":
     check(mode == "token", "the default relay auth is token")
     check(relay_env["AGENTRUN_REDIS_URL"].startswith("redis://"), "plain Redis by default")
     check("AGENTRUN_CORS_ORIGINS" not in relay_env, "no CORS origins by default")
+    redis_args = container("-redis").get("args", [])
+    for flag, value in (("--maxmemory", "768mb"), ("--maxmemory-policy", "noeviction")):
+        at = redis_args.index(flag) if flag in redis_args else -1
+        check(at >= 0 and redis_args[at + 1] == value, f"the bundled Redis runs with {flag} {value}: {redis_args}")
 elif name == "auth-token-secret":
     check(secret_of("-relay", "relay-tokens").get("secretName") == "viewer-tokens", "the given tokens Secret is mounted")
 elif name == "auth-kubernetes":

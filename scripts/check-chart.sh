@@ -102,6 +102,8 @@ bad_values=(
   "/redis/tls/caSecret::--set redis.tls.caSecret=Not_A_Name"
   "/sidecar/securityContext::--set sidecar.securityContext.runAsNonroot=true"
   "/agentPods/fsGroup::--set agentPods.fsGroup=-1"
+  "/redis/maxmemory::--set redis.maxmemory=lots"
+  "/redis/maxmemoryPolicy::--set redis.maxmemoryPolicy=evict-everything"
   "/sidecar/imagePullSecrets/0::--set sidecar.imagePullSecrets[0].nam=regcred"
 )
 for entry in "${bad_values[@]}"; do

@@ -289,3 +289,105 @@ async fn a_spool_to_adopt_with_redis_down_neither_blocks_the_entrypoint_nor_the_
         "what Redis did not take stays in a spool for the next sidecar"
     );
 }
+
+/// How many commands Redis refused for lack of memory (`errorstat_OOM`).
+async fn refused_for_memory(conn: &mut agentrun_protocol::RedisConn) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("errorstats")
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("errorstat_OOM:count="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn a_full_redis_refuses_writes_and_the_output_arrives_once_it_has_room() {
+    // The bundled Redis runs with maxmemory and `noeviction`: when it is full it refuses
+    // writes instead of being OOM-killed or evicting history. The agent must not block, and
+    // nothing may be lost silently: once Redis has room again the stream is the agent's bytes.
+    let redis =
+        RedisServer::start_with(&["--maxmemory", "3mb", "--maxmemory-policy", "noeviction"]);
+    let run = run_id("redis-full");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agentrun.sock");
+    let mut sidecar = serve(&redis, &run, &socket);
+    wait_for("the sidecar's socket", DEADLINE, || {
+        let up = socket.exists();
+        async move { up.then_some(()) }
+    })
+    .await;
+    let markers = tempfile::tempdir().unwrap();
+    let (written_marker, go) = (markers.path().join("written"), markers.path().join("go"));
+    let count = 400_000;
+    let mut written = numbered_lines(count);
+    written.extend_from_slice(b"end\n");
+    let script = format!(
+        "{}; touch {w}; while [ ! -e {go} ]; do sleep 0.02; done; echo end",
+        numbered_lines_script(count),
+        w = written_marker.display(),
+        go = go.display()
+    );
+    let mut agent = ChildGuard::spawn(
+        dying_with_test(ENTRYPOINT)
+            .arg("--socket")
+            .arg(&socket)
+            .args(["--no-tee", "--", "sh", "-c", &script])
+            .stderr(std::process::Stdio::null()),
+    );
+    // 5.6 MB of output into a Redis that holds 3 MB: it refuses, the agent goes on.
+    let conn = redis.conn().await;
+    wait_for(
+        "Redis to refuse writes for lack of memory",
+        DEADLINE,
+        || {
+            let mut c = conn.clone();
+            async move { (refused_for_memory(&mut c).await > 0).then_some(()) }
+        },
+    )
+    .await;
+    wait_for("the agent to write everything", DEADLINE, || {
+        let done = written_marker.exists();
+        async move { done.then_some(()) }
+    })
+    .await;
+    assert!(
+        sidecar.try_wait().unwrap().is_none(),
+        "the sidecar is still up"
+    );
+
+    // Room again (retention expired old runs, or an operator raised maxmemory).
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "0"])
+        .query_async(&mut conn.clone())
+        .await
+        .unwrap();
+    std::fs::write(&go, "").unwrap();
+    let status = wait_for("the agent to finish", DEADLINE, || {
+        let exited = agent.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert_eq!(status.code(), Some(0));
+    let entries = wait_for("the last line in the stream", DEADLINE * 2, || {
+        let mut c = conn.clone();
+        let r = run.clone();
+        async move {
+            let entries = read_all(&mut c, &output_key(&r)).await;
+            entries
+                .iter()
+                .any(|e| e.content.ends_with(b"end\n"))
+                .then_some(entries)
+        }
+    })
+    .await;
+    let (_, dropped) = check_against(&entries, &written);
+    assert_eq!(
+        dropped, 0,
+        "the spool had room for everything Redis refused"
+    );
+    sidecar.kill().unwrap();
+    sidecar.wait().unwrap();
+}
