@@ -6,6 +6,7 @@
 NAME is one of check-chart.sh's value sets; the checks common to every set run first, then the
 set's own. Exits 1 with one line per failed check.
 """
+import json
 import sys
 
 import yaml
@@ -124,11 +125,70 @@ else:
 for var in ("AGENTRUN_REDIS_URL", "AGENTRUN_REDIS_PASSWORD"):
     check(relay_env.get(var) == operator_env.get(var), f"operator and relay agree on {var}")
 
+# Agent pods: what the operator is told to put into them.
+sidecar_sc = json.loads(operator_env.get("AGENTRUN_SIDECAR_SECURITY_CONTEXT", "null") or "null")
+sidecar_resources = json.loads(operator_env.get("AGENTRUN_SIDECAR_RESOURCES", "null") or "null")
+check(isinstance(sidecar_sc, dict), f"the operator gets AGENTRUN_SIDECAR_SECURITY_CONTEXT as a JSON object: {sidecar_sc!r}")
+check(isinstance(sidecar_resources, dict), f"the operator gets AGENTRUN_SIDECAR_RESOURCES as a JSON object: {sidecar_resources!r}")
+sidecar_sc = sidecar_sc if isinstance(sidecar_sc, dict) else {}
+for key, want in (("runAsNonRoot", True), ("readOnlyRootFilesystem", True), ("allowPrivilegeEscalation", False),
+                  ("capabilities", {"drop": ["ALL"]})):
+    check(sidecar_sc.get(key) == want, f"the sidecar containers keep {key}: {want} (Pod Security restricted): {sidecar_sc}")
+fs_group = operator_env.get("AGENTRUN_POD_FS_GROUP")
+check(fs_group == "none" or (fs_group or "").isdigit(), f"AGENTRUN_POD_FS_GROUP is a number or none: {fs_group!r}")
+# The start-up check asks about the operator's own permissions: it may create SelfSubjectAccessReviews.
+review_roles = find("ClusterRole", "-operator-self-review")
+review_bindings = find("ClusterRoleBinding", "-operator-self-review")
+check(
+    len(review_roles) == 1
+    and [(r["apiGroups"], r["resources"], r["verbs"]) for r in review_roles[0]["rules"]]
+    == [(["authorization.k8s.io"], ["selfsubjectaccessreviews"], ["create"])],
+    "the operator may create SelfSubjectAccessReviews and nothing more through its self-review ClusterRole",
+)
+check(
+    len(review_bindings) == 1
+    and review_bindings[0]["subjects"][0]["name"] == one("ServiceAccount", "-operator").get("metadata", {}).get("name"),
+    "the self-review ClusterRole is bound to the operator's ServiceAccount",
+)
+own_pod_sc = [pod(c).get("securityContext", {}) for c in ("-operator", "-relay", "-redis") if find("Deployment" if c != "-redis" else "StatefulSet", c)]
+watch_ns = operator_env.get("AGENTRUN_WATCH_NAMESPACE")
+main_bindings = [b for b in docs if b["kind"] in ("ClusterRoleBinding", "RoleBinding") and b["roleRef"]["name"].endswith("-operator")]
+if watch_ns:
+    check(
+        [(b["kind"], b["metadata"].get("namespace")) for b in main_bindings] == [("RoleBinding", watch_ns)],
+        f"with operator.watchNamespace the operator's ClusterRole is bound in {watch_ns} only: {[(b['kind'], b['metadata'].get('namespace')) for b in main_bindings]}",
+    )
+else:
+    check([b["kind"] for b in main_bindings] == ["ClusterRoleBinding"], "without watchNamespace the operator's ClusterRole is bound cluster-wide")
+
 # --- each value set --------------------------------------------------------------------------
+if name == "openshift":
+    check(fs_group == "none", f"OpenShift assigns the agent pods' fsGroup: {fs_group}")
+    check("runAsUser" not in sidecar_sc and "runAsGroup" not in sidecar_sc, f"OpenShift assigns the sidecars' user: {sidecar_sc}")
+    for sc in own_pod_sc:
+        check(not {"runAsUser", "runAsGroup", "fsGroup"} & set(sc), f"OpenShift assigns the chart pods' ids: {sc}")
+        check(sc.get("runAsNonRoot") is True, f"the chart pods still run as non-root: {sc}")
+else:
+    for sc in own_pod_sc:
+        check(sc.get("runAsUser") == 65532 and sc.get("fsGroup") == 65532, f"the chart pods run as 65532: {sc}")
+if name == "private-quota":
+    check(operator_env.get("AGENTRUN_SIDECAR_IMAGE_PULL_SECRETS") == "regcred,mirror", f"sidecar pull Secrets: {operator_env.get('AGENTRUN_SIDECAR_IMAGE_PULL_SECRETS')}")
+    check(sidecar_resources == {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}}, f"sidecar resources with a CPU limit: {sidecar_resources}")
+    check(fs_group == "2000", f"agentPods.fsGroup: {fs_group}")
+    check(sidecar_sc.get("runAsUser") == 1000 and sidecar_sc.get("runAsGroup") == 65532, f"a changed sidecar user keeps the other defaults: {sidecar_sc}")
+else:
+    check("AGENTRUN_SIDECAR_IMAGE_PULL_SECRETS" not in operator_env, "no sidecar pull Secrets unless asked for")
 if name == "default":
+    check(fs_group == "65532", f"agent pods get fsGroup 65532 by default: {fs_group}")
+    check(sidecar_sc.get("runAsUser") == 65532 and sidecar_sc.get("runAsGroup") == 65532, f"the sidecars run as 65532 by default: {sidecar_sc}")
+    check(sidecar_resources == {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"memory": "128Mi"}}, f"default sidecar resources: {sidecar_resources}")
     check(mode == "token", "the default relay auth is token")
     check(relay_env["AGENTRUN_REDIS_URL"].startswith("redis://"), "plain Redis by default")
     check("AGENTRUN_CORS_ORIGINS" not in relay_env, "no CORS origins by default")
+    redis_args = container("-redis").get("args", [])
+    for flag, value in (("--maxmemory", "768mb"), ("--maxmemory-policy", "noeviction")):
+        at = redis_args.index(flag) if flag in redis_args else -1
+        check(at >= 0 and redis_args[at + 1] == value, f"the bundled Redis runs with {flag} {value}: {redis_args}")
 elif name == "auth-token-secret":
     check(secret_of("-relay", "relay-tokens").get("secretName") == "viewer-tokens", "the given tokens Secret is mounted")
 elif name == "auth-kubernetes":
@@ -166,6 +226,7 @@ elif name in ("external-redis", "existing-secret"):
 if name == "external-redis":
     check(relay_env["AGENTRUN_REDIS_URL"] == "rediss://redis.example.com:6380", "the external URL")
 elif name == "everything":
+    check(watch_ns == "agents", f"operator.watchNamespace reaches the operator: {watch_ns}")
     ing = one("Ingress", "-relay")
     check(ing.get("spec", {}).get("tls", [{}])[0].get("secretName") == "tls", "the Ingress serves TLS")
     check(operator_env.get("AGENTRUN_RELAY_URL") == "https://agentrun.example.com", "status.url uses the Ingress host")

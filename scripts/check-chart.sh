@@ -6,7 +6,10 @@
 #   3. manifests/examples/*.yaml validated against the AgentRun CRD's OpenAPI schema;
 #   4. manifests/install.yaml equal to a fresh render (`--update` rewrites it);
 #   5. what non-default values ask for is in the rendered objects (relay auth and CORS, Redis
-#      TLS, external Redis, ingress), and bad values fail with a message naming the value.
+#      TLS, external Redis, ingress, agent pod settings, OpenShift, watchNamespace), and bad
+#      values fail with a message naming the value;
+#   6. the image names and tags agree across docker/Dockerfile, Cargo.toml, the chart,
+#      manifests/install.yaml, docs/operator.md and scripts/e2e-kind.sh.
 # Needs helm v4 and kubernetes-validate: scripts/deps/helm.sh installs both.
 set -euo pipefail
 
@@ -54,6 +57,8 @@ value_sets=(
   "auth-none-cors::--set relay.auth.mode=none --set relay.cors.origins={https://a.example.com,https://b.example.com:8443}"
   "redis-tls-bundled::--set redis.tls.enabled=true --set redis.tls.caSecret=redis-ca --set redis.tls.caKey=bundle.pem --set redis.tls.serverCertSecret=redis-server --set redis.tls.clientCertSecret=redis-client"
   "redis-tls-external::--set redis.bundled=false --set redis.external.url=rediss://redis.example.com:6380 --set redis.external.existingSecret=my-redis --set redis.tls.enabled=true --set redis.tls.caSecret=redis-ca"
+  "openshift::--set openshift=true"
+  "private-quota::--set sidecar.imagePullSecrets[0].name=regcred --set sidecar.imagePullSecrets[1].name=mirror --set sidecar.resources.limits.cpu=200m --set sidecar.resources.limits.memory=128Mi --set agentPods.fsGroup=2000 --set sidecar.securityContext.runAsUser=1000"
   "everything::--set relay.ingress.enabled=true --set relay.ingress.tlsSecretName=tls --set operator.replicas=2 --set relay.replicas=3 --set operator.podDisruptionBudget.enabled=true --set relay.podDisruptionBudget.enabled=true --set redis.persistence.enabled=false --set operator.watchNamespace=agents --set metrics.serviceMonitor.enabled=true"
 )
 for entry in "${value_sets[@]}"; do
@@ -95,6 +100,11 @@ bad_values=(
   "/relay/auth/mode::--set relay.auth.mode=open"
   "/relay/cors/origins/0::--set relay.cors.origins={https://a.example.com/path}"
   "/redis/tls/caSecret::--set redis.tls.caSecret=Not_A_Name"
+  "/sidecar/securityContext::--set sidecar.securityContext.runAsNonroot=true"
+  "/agentPods/fsGroup::--set agentPods.fsGroup=-1"
+  "/redis/maxmemory::--set redis.maxmemory=lots"
+  "/redis/maxmemoryPolicy::--set redis.maxmemoryPolicy=evict-everything"
+  "/sidecar/imagePullSecrets/0::--set sidecar.imagePullSecrets[0].nam=regcred"
 )
 for entry in "${bad_values[@]}"; do
   want="${entry%%::*}"
@@ -153,6 +163,51 @@ for path in sys.argv[2:]:
             bad = 1
 print(f"{len(sys.argv) - 2} example files checked against the AgentRun schema")
 sys.exit(bad)
+PY
+
+echo "== image names and tags agree"
+python3 - "$root" <<'PY' || fail=1
+import re, sys, tomllib, yaml
+root = sys.argv[1]
+version = tomllib.load(open(f"{root}/Cargo.toml", "rb"))["workspace"]["package"]["version"]
+chart = yaml.safe_load(open(f"{root}/helm/agentrun/Chart.yaml"))
+values = yaml.safe_load(open(f"{root}/helm/agentrun/values.yaml"))
+dockerfile = open(f"{root}/docker/Dockerfile").read()
+docs = open(f"{root}/docs/operator.md").read()
+kind = open(f"{root}/scripts/e2e-kind.sh").read()
+install = [d for d in yaml.safe_load_all(open(f"{root}/manifests/install.yaml")) if d]
+want = {c: f"ghcr.io/agentrun/agentrun-{c}:{version}" for c in ("operator", "sidecar", "relay")}
+bad = []
+if str(chart["appVersion"]) != version:
+    bad.append(f"helm/agentrun/Chart.yaml appVersion {chart['appVersion']} is not Cargo.toml's workspace version {version}")
+for c, image in want.items():
+    name = f"{values['image']['registry']}/{values[c]['image']['repository']}"
+    tag = values[c]["image"].get("tag") or values["image"].get("tag") or chart["appVersion"]
+    if f"{name}:{tag}" != image:
+        bad.append(f"values.yaml names the {c} image {name}:{tag}, not {image}")
+    if not re.search(rf"--target {c} +-t {re.escape(image)} \.", dockerfile):
+        bad.append(f"docker/Dockerfile does not document `--target {c} -t {image} .`")
+    if not re.search(rf"^FROM .* AS {c}$", dockerfile, re.M):
+        bad.append(f"docker/Dockerfile has no stage {c}")
+    if image not in docs:
+        bad.append(f"docs/operator.md does not name {image}")
+images = set()
+for d in install:
+    if d["kind"] in ("Deployment", "StatefulSet"):
+        for ctr in d["spec"]["template"]["spec"]["containers"]:
+            images.add(ctr["image"])
+            for e in ctr.get("env", []):
+                if e["name"] == "AGENTRUN_SIDECAR_IMAGE":
+                    images.add(e["value"])
+ours = {i for i in images if i.startswith("ghcr.io/agentrun/")}
+if ours != set(want.values()):
+    bad.append(f"manifests/install.yaml uses {sorted(ours)}, not {sorted(want.values())}")
+if "ghcr.io/agentrun/agentrun-" not in kind or "docker/Dockerfile" not in kind:
+    bad.append("scripts/e2e-kind.sh does not build the images from docker/Dockerfile with the chart's names")
+for b in bad:
+    print(b, file=sys.stderr)
+print(f"images: {', '.join(want.values())}")
+sys.exit(1 if bad else 0)
 PY
 
 echo "== manifests/install.yaml"

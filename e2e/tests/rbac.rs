@@ -14,7 +14,7 @@ mod stack;
 
 use serde::Deserialize as _;
 use serde_json::Value;
-use stack::{OperatorOptions, RelayOptions, Stack, StackOptions};
+use stack::{OperatorOptions, RelayOptions, Stack, StackOptions, workspace};
 
 /// The release namespace the chart is rendered for (the operator's Lease lives here).
 const RELEASE_NS: &str = "agentrun-system";
@@ -62,6 +62,10 @@ fn service_account_user(docs: &[Value], component: &str) -> String {
     )
 }
 
+/// Stands for the scenario's namespace in `--set operator.watchNamespace=...` (it is known
+/// only once the stack runs).
+const WATCHED: &str = "agentrun-watched-namespace";
+
 /// kube-sim (with the operator's token in its auth config), Redis and the relay; the chart's
 /// RBAC applied by the admin; the operator started with its ServiceAccount's kubeconfig.
 async fn stack_under_chart_rbac(docs: &[Value], lease: bool) -> Stack {
@@ -73,6 +77,17 @@ async fn stack_under_chart_rbac_with_users(
     docs: &[Value],
     lease: bool,
     users: &[(&str, &str)],
+) -> Stack {
+    stack_under_chart_rbac_with(docs, lease, users, true).await
+}
+
+/// [`stack_under_chart_rbac_with_users`]; with `ready` false the operator is only started, not
+/// waited for (it may refuse to start).
+async fn stack_under_chart_rbac_with(
+    docs: &[Value],
+    lease: bool,
+    users: &[(&str, &str)],
+    ready: bool,
 ) -> Stack {
     let user = operator_user(docs);
     let mut config = format!("users:\n- {{token: {OPERATOR_TOKEN}, username: \"{user}\"}}\n");
@@ -92,6 +107,9 @@ async fn stack_under_chart_rbac_with_users(
         yaml.push_str(&serde_yaml::to_string(d).expect("yaml"));
         yaml.push_str("---\n");
     }
+    // A chart rendered with `operator.watchNamespace=WATCHED` watches the scenario's namespace.
+    let watch_namespace = yaml.contains(WATCHED).then(|| s.ns().to_string());
+    let yaml = yaml.replace(WATCHED, s.ns());
     let file = s.dir.path().join("chart-rbac.yaml");
     std::fs::write(&file, yaml).expect("write RBAC");
     let applied = s
@@ -102,11 +120,16 @@ async fn stack_under_chart_rbac_with_users(
         "{applied}"
     );
     let kubeconfig = write_kubeconfig(&s, "operator", &user, OPERATOR_TOKEN);
-    s.start_operator_with(OperatorOptions {
+    let options = OperatorOptions {
         kubeconfig: Some(kubeconfig),
         lease_namespace: lease.then(|| RELEASE_NS.to_string()),
-    })
-    .await;
+        watch_namespace,
+    };
+    if ready {
+        s.start_operator_with(options).await;
+    } else {
+        s.spawn_operator_with(options);
+    }
     s
 }
 
@@ -200,12 +223,63 @@ async fn operator_under_the_charts_rbac_runs_hello_with_nothing_forbidden() {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn operator_missing_one_chart_rule_is_forbidden_and_the_run_does_not_finish() {
+async fn the_operator_watching_one_namespace_under_the_charts_rbac_runs_only_there() {
+    if on_a_real_cluster() {
+        return;
+    }
+    let docs = chart_rbac(&["--set", &format!("operator.watchNamespace={WATCHED}")]);
+    assert!(
+        docs.iter()
+            .any(|d| d["kind"] == "RoleBinding" && is_operators(d)),
+        "watchNamespace binds the operator's role in one namespace: {docs:#?}"
+    );
+    let s = stack_under_chart_rbac(&docs, true).await;
+    // A run in another namespace, which this operator must leave alone.
+    let other = format!("{}-other", s.ns());
+    let file = s.dir.path().join("other-namespace.yaml");
+    std::fs::write(
+        &file,
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {other}\n"),
+    )
+    .expect("write namespace");
+    s.cluster
+        .kubectl_ok(&["apply", "-f", file.to_str().expect("utf-8")]);
+    let hello = workspace().join("manifests/examples/hello.yaml");
+    s.cluster
+        .kubectl_ok(&["apply", "-n", &other, "-f", hello.to_str().expect("utf-8")]);
+    s.apply_example("manifests/examples/hello.yaml");
+    let done = s
+        .wait_phase("hello", &["Succeeded", "Failed", "Stopped"], 60)
+        .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    let elsewhere: Value = serde_json::from_str(
+        &s.cluster
+            .kubectl_ok(&["get", "agentrun", "hello", "-n", &other, "-o", "json"]),
+    )
+    .expect("json");
+    assert!(
+        elsewhere["status"].is_null() && elsewhere["metadata"]["finalizers"].is_null(),
+        "a run outside the watched namespace is not touched: {elsewhere:#}"
+    );
+    let sim = s.cluster.sim.as_ref().expect("kube-sim");
+    let refused = sim.denials.all();
+    assert!(
+        refused.is_empty(),
+        "nothing the operator asked was refused: {refused:#?}"
+    );
+    let log = operator_log(&s);
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "the operator was refused something:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn operator_missing_one_chart_rule_refuses_to_start_and_names_it() {
     if on_a_real_cluster() {
         return;
     }
     let mut docs = chart_rbac(&[]);
-    let user = operator_user(&docs);
     // Take `patch` on agentruns/status out of the operator's ClusterRole.
     let role = docs
         .iter_mut()
@@ -226,49 +300,32 @@ async fn operator_missing_one_chart_rule_is_forbidden_and_the_run_does_not_finis
         removed, 1,
         "the chart grants patch on agentruns/status once: {role:#}"
     );
-    let s = stack_under_chart_rbac(&docs, false).await;
-    s.apply_example("manifests/examples/hello.yaml");
-    let sim = s.cluster.sim.as_ref().expect("kube-sim");
-    let refused = format!(
-        "agentruns.agentrun.dev \"hello\" is forbidden: User \"{user}\" cannot patch resource \"agentruns/status\" in API group \"agentrun.dev\" in the namespace \"{}\"",
-        s.ns()
-    );
-    let count = || {
-        sim.denials
-            .all()
-            .iter()
-            .filter(|d| d.ends_with(&refused))
-            .count()
+    let mut s = stack_under_chart_rbac_with(&docs, false, &[], false).await;
+    let op = s.operator.as_mut().expect("operator");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = op.child.try_wait().expect("the operator's status") {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the operator still runs after 60s without a permission it needs:\n{}",
+            operator_log(&s)
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     };
-    s.eventually(30, "kube-sim refuses the operator's status patch", || {
-        let n = count();
-        async move { (n > 0).then_some(()) }
-    })
-    .await;
-    // The agent itself runs (pods may be created), and ends...
-    s.eventually(30, "the run's pod finishes", || async {
-        let pods = s.pods().await;
-        (!pods.is_empty() && pods.iter().all(|p| p["status"]["phase"] == "Succeeded")).then_some(())
-    })
-    .await;
-    // ...but recording that is refused again, so the run never gets a phase.
-    let before = count();
-    s.eventually(
-        30,
-        "the operator tries the status again and is refused",
-        || {
-            let n = count();
-            async move { (n > before).then_some(()) }
-        },
-    )
-    .await;
-    let ar = s.agentrun("hello").await.expect("the AgentRun");
-    assert!(
-        ar["status"]["phase"].is_null(),
-        "no status was written: {ar:#}"
-    );
+    assert!(!status.success(), "the operator exits non-zero");
     let log = operator_log(&s);
-    assert!(log.contains("forbidden"), "the operator logs it:\n{log}");
+    assert!(
+        log.contains("patch agentruns.agentrun.dev/status"),
+        "the operator names the missing permission:\n{log}"
+    );
+    for granted in ["create pods", "watch agentruns"] {
+        assert!(
+            !log.contains(granted),
+            "only what is missing is named, not {granted:?}:\n{log}"
+        );
+    }
 }
 
 const RELAY_TOKEN: &str = "agentrun-relay-sa-token";

@@ -1,9 +1,26 @@
 //! The operator's own settings (from flags and environment), shared by the pod builder and the
-//! reconciler.
+//! reconciler, and the parsers of the flags that carry Kubernetes objects as JSON (every error
+//! names the flag; an unknown field is an error, not silently dropped).
 
-use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::api::core::v1::{Capabilities, ResourceRequirements, SecurityContext};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 use std::collections::BTreeMap;
+
+/// Registry and name of the sidecar image, as `docker/Dockerfile` documents and the Helm chart
+/// installs it.
+pub const SIDECAR_IMAGE_NAME: &str = "ghcr.io/agentrun/agentrun-sidecar";
+/// The sidecar image of this operator's release: [`SIDECAR_IMAGE_NAME`] tagged with the
+/// workspace version (the chart's `appVersion`).
+pub const DEFAULT_SIDECAR_IMAGE: &str = concat!(
+    "ghcr.io/agentrun/agentrun-sidecar:",
+    env!("CARGO_PKG_VERSION")
+);
+/// The non-root user and group of the agentrun images (distroless `nonroot`), and the default
+/// `fsGroup` of agent pods.
+pub const DEFAULT_UID: i64 = 65532;
 
 /// What the operator puts into every agent pod and run.
 #[derive(Clone, Debug, PartialEq)]
@@ -12,8 +29,18 @@ pub struct Settings {
     pub sidecar_image: String,
     /// Pull policy of the sidecar image (`IfNotPresent` unless told).
     pub sidecar_image_pull_policy: Option<String>,
-    /// Resources of the sidecar container.
+    /// Pull Secrets (names, in each run's namespace) for the sidecar image; every agent pod gets
+    /// them besides the run's own `imagePullSecrets`.
+    pub sidecar_image_pull_secrets: Vec<String>,
+    /// Resources of the `agentrun-tools` and `agentrun-sidecar` containers.
     pub sidecar_resources: ResourceRequirements,
+    /// Security context of the `agentrun-tools` and `agentrun-sidecar` containers, used as it
+    /// is (not merged with anything).
+    pub sidecar_security_context: SecurityContext,
+    /// `fsGroup` of agent pods (the shared `/agentrun` volume is group-owned by it); `None`
+    /// leaves it to the cluster (OpenShift's restricted-v2 SCC assigns one from the namespace's
+    /// range). A run's `spec.podSecurityContext.fsGroup` wins.
+    pub pod_fs_group: Option<i64>,
     /// Redis URL handed to the sidecars (through a per-run Secret).
     pub redis_url: String,
     /// Redis ACL user handed to the sidecars, if any.
@@ -124,9 +151,12 @@ fn read_pem(flag: &str, path: &std::path::Path, label: &str) -> Result<String, S
 impl Default for Settings {
     fn default() -> Self {
         Self {
-            sidecar_image: "ghcr.io/agentrun/agentrun-sidecar:latest".into(),
+            sidecar_image: DEFAULT_SIDECAR_IMAGE.into(),
             sidecar_image_pull_policy: None,
+            sidecar_image_pull_secrets: Vec::new(),
             sidecar_resources: default_sidecar_resources(),
+            sidecar_security_context: default_sidecar_security_context(),
+            pod_fs_group: Some(DEFAULT_UID),
             redis_url: "redis://redis:6379".into(),
             redis_username: None,
             redis_password: None,
@@ -153,7 +183,149 @@ pub fn default_sidecar_resources() -> ResourceRequirements {
     }
 }
 
+/// No privilege escalation and no capabilities: what every container of an agent pod gets by
+/// default (the agent's user stays its image's).
+pub fn no_privileges() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// Non-root, read-only root filesystem, no privilege escalation, no capabilities: what the
+/// agentrun containers need, and what Pod Security `restricted` asks for.
+pub fn default_sidecar_security_context() -> SecurityContext {
+    SecurityContext {
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        run_as_user: Some(DEFAULT_UID),
+        run_as_group: Some(DEFAULT_UID),
+        ..no_privileges()
+    }
+}
+
+/// Parses a `--pod-fs-group` value: a group id, or `none` (also an empty value) for no
+/// `fsGroup`.
+pub fn parse_fs_group(text: &str) -> Result<Option<i64>, String> {
+    let text = text.trim();
+    if text.is_empty() || text.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    match text.parse::<i64>() {
+        Ok(gid) if gid >= 0 => Ok(Some(gid)),
+        _ => Err(format!(
+            "--pod-fs-group (AGENTRUN_POD_FS_GROUP) is {text:?}: give a group id (0 or more) or `none` to leave fsGroup to the cluster"
+        )),
+    }
+}
+
+/// A flag that carries a Kubernetes object as JSON: its name (with its variable) and the
+/// object's kind.
+pub type JsonFlag = (&'static str, &'static str);
+/// `--sidecar-resources`.
+pub const RESOURCES_FLAG: JsonFlag = (
+    "--sidecar-resources (AGENTRUN_SIDECAR_RESOURCES)",
+    "ResourceRequirements",
+);
+/// `--sidecar-security-context`.
+pub const SECURITY_CONTEXT_FLAG: JsonFlag = (
+    "--sidecar-security-context (AGENTRUN_SIDECAR_SECURITY_CONTEXT)",
+    "SecurityContext",
+);
+
+/// Parses a flag that carries a Kubernetes object as JSON (`{}` or an empty value: the
+/// type's empty value). A field the type does not have is an error naming it, because a
+/// misspelt `runAsNonRoot` dropped in silence would weaken the pods.
+pub fn parse_json_flag<T: DeserializeOwned + Serialize>(
+    (flag, kind): JsonFlag,
+    text: &str,
+) -> Result<T, String> {
+    let text = text.trim();
+    let input: Value = if text.is_empty() {
+        Value::Object(Default::default())
+    } else {
+        serde_json::from_str(text)
+            .map_err(|e| format!("{flag} is not JSON ({e}); give a {kind} object, e.g. {{}}"))?
+    };
+    let parsed: T = serde_json::from_value(input.clone())
+        .map_err(|e| format!("{flag} is not a valid {kind}: {e}"))?;
+    let back = serde_json::to_value(&parsed)
+        .map_err(|e| format!("{flag}: cannot serialize the {kind}: {e}"))?;
+    let mut unknown = Vec::new();
+    unknown_fields(&input, &back, String::new(), &mut unknown);
+    if !unknown.is_empty() {
+        return Err(format!(
+            "{flag} has fields that a {kind} does not have: {}; check their spelling (camelCase, as in Kubernetes YAML)",
+            unknown.join(", ")
+        ));
+    }
+    Ok(parsed)
+}
+
+/// Paths of the non-null fields of `input` that are missing from `parsed` (the same object
+/// after a round trip through its Rust type).
+fn unknown_fields(input: &Value, parsed: &Value, path: String, out: &mut Vec<String>) {
+    match (input, parsed) {
+        (Value::Object(given), Value::Object(kept)) => {
+            for (key, value) in given {
+                let here = if path.is_empty() {
+                    key.clone()
+                } else {
+                    format!("{path}.{key}")
+                };
+                match kept.get(key) {
+                    Some(k) => unknown_fields(value, k, here, out),
+                    None if value.is_null() => {}
+                    None => out.push(here),
+                }
+            }
+        }
+        (Value::Array(given), Value::Array(kept)) => {
+            for (i, (g, k)) in given.iter().zip(kept).enumerate() {
+                unknown_fields(g, k, format!("{path}[{i}]"), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The flags of `agentrun-operator run` that shape agent pods, as given.
+#[derive(Clone, Debug, Default)]
+pub struct PodFlags<'a> {
+    /// `--sidecar-image-pull-secrets`: names, already split at commas.
+    pub sidecar_image_pull_secrets: &'a [String],
+    /// `--sidecar-resources`: a JSON ResourceRequirements.
+    pub sidecar_resources: Option<&'a str>,
+    /// `--sidecar-security-context`: a JSON SecurityContext.
+    pub sidecar_security_context: Option<&'a str>,
+    /// `--pod-fs-group`: a group id or `none`.
+    pub pod_fs_group: &'a str,
+}
+
 impl Settings {
+    /// These settings with the pod flags applied (unset JSON flags keep the defaults); every
+    /// error names its flag.
+    pub fn with_pod_flags(mut self, flags: &PodFlags<'_>) -> Result<Self, String> {
+        self.sidecar_image_pull_secrets = flags
+            .sidecar_image_pull_secrets
+            .iter()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if let Some(json) = flags.sidecar_resources {
+            self.sidecar_resources = parse_json_flag(RESOURCES_FLAG, json)?;
+        }
+        if let Some(json) = flags.sidecar_security_context {
+            self.sidecar_security_context = parse_json_flag(SECURITY_CONTEXT_FLAG, json)?;
+        }
+        self.pod_fs_group = parse_fs_group(flags.pod_fs_group)?;
+        Ok(self)
+    }
+
     /// The run's page on the relay, if the relay URL is known.
     pub fn run_url(&self, run_id: &str) -> Option<String> {
         self.relay_url
@@ -227,5 +399,98 @@ mod tests {
         let big = file(dir, "big.crt", &CERT.repeat(20_000));
         let err = SidecarTls::load(Some(&big), None, None).expect_err("too big");
         assert!(err.contains("larger than"), "{err}");
+    }
+
+    fn flags<'a>(
+        resources: Option<&'a str>,
+        security: Option<&'a str>,
+        fs_group: &'a str,
+    ) -> PodFlags<'a> {
+        PodFlags {
+            sidecar_resources: resources,
+            sidecar_security_context: security,
+            pod_fs_group: fs_group,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn pod_flags_replace_the_defaults_they_are_given() {
+        let pull = ["regcred".to_string(), " ".to_string(), "other ".to_string()];
+        let settings = Settings::default()
+            .with_pod_flags(&PodFlags {
+                sidecar_image_pull_secrets: &pull,
+                sidecar_resources: Some(
+                    r#"{"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": 1, "memory": "128Mi"}}"#,
+                ),
+                sidecar_security_context: Some(
+                    r#"{"runAsNonRoot": true, "allowPrivilegeEscalation": false, "capabilities": {"drop": ["ALL"]}, "runAsUser": null}"#,
+                ),
+                pod_fs_group: "none",
+            })
+            .expect("valid flags");
+        assert_eq!(settings.sidecar_image_pull_secrets, ["regcred", "other"]);
+        let limits = settings.sidecar_resources.limits.expect("limits");
+        assert_eq!(limits["cpu"], Quantity("1".into()));
+        let sc = settings.sidecar_security_context;
+        assert_eq!((sc.run_as_non_root, sc.run_as_user), (Some(true), None));
+        assert_eq!(settings.pod_fs_group, None);
+        let unchanged = Settings::default()
+            .with_pod_flags(&flags(None, None, "65532"))
+            .expect("defaults");
+        assert_eq!(unchanged, Settings::default());
+        assert_eq!(
+            Settings::default()
+                .with_pod_flags(&flags(None, None, "1000680000"))
+                .expect("a number")
+                .pod_fs_group,
+            Some(1_000_680_000)
+        );
+    }
+
+    #[test]
+    fn bad_pod_flags_are_refused_naming_the_flag_and_the_field() {
+        let err = Settings::default()
+            .with_pod_flags(&flags(None, Some(r#"{"runAsNonroot": true}"#), "65532"))
+            .expect_err("a misspelt field");
+        assert!(
+            err.contains("--sidecar-security-context") && err.contains("runAsNonroot"),
+            "{err}"
+        );
+        let err = Settings::default()
+            .with_pod_flags(&flags(
+                Some(r#"{"limits": {"cpu": "1"}, "limit": {}}"#),
+                None,
+                "65532",
+            ))
+            .expect_err("an unknown field");
+        assert!(
+            err.contains("--sidecar-resources") && err.contains("limit"),
+            "{err}"
+        );
+        let err = Settings::default()
+            .with_pod_flags(&flags(Some("cpu=1"), None, "65532"))
+            .expect_err("not JSON");
+        assert!(err.contains("is not JSON"), "{err}");
+        let err = Settings::default()
+            .with_pod_flags(&flags(None, Some(r#"{"runAsUser": "root"}"#), "65532"))
+            .expect_err("a wrong type");
+        assert!(err.contains("not a valid SecurityContext"), "{err}");
+        let err = Settings::default()
+            .with_pod_flags(&flags(None, None, "-1"))
+            .expect_err("a negative group");
+        assert!(
+            err.contains("--pod-fs-group") && err.contains("none"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn the_default_sidecar_image_is_this_release() {
+        assert_eq!(
+            DEFAULT_SIDECAR_IMAGE,
+            format!("{SIDECAR_IMAGE_NAME}:{}", env!("CARGO_PKG_VERSION"))
+        );
+        assert_eq!(Settings::default().sidecar_image, DEFAULT_SIDECAR_IMAGE);
     }
 }

@@ -8,7 +8,9 @@ use agentrun_protocol::{ControlAction, RunState, StatusEvent};
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{
+    ApiResource, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+};
 use kube::core::DeserializeGuard;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder};
@@ -22,6 +24,7 @@ use crate::crd::{AgentRun, AgentRunStatus, MAX_RUN_NAME_LEN, RunPhase, Variation
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::pod::{self, object_name};
+use crate::refusal::{self, Refusal};
 use crate::status::{self, Observation, conditions, reasons, set_condition};
 use crate::store::{RunInfo, RunStore};
 
@@ -168,33 +171,45 @@ async fn report_malformed(guard: &DeserializeGuard<AgentRun>, error: &str, ctx: 
         message.clone(),
     )
     .await;
-    let now = ctx.clock.now();
-    let patch = json!({
-        "apiVersion": AgentRun::api_version(&()),
-        "kind": AgentRun::kind(&()),
-        "status": {
-            "phase": RunPhase::Failed,
-            "conditions": [Condition {
-                type_: conditions::SPEC_VALID.into(),
-                status: "False".into(),
-                reason: reasons::INVALID_SPEC.into(),
-                message,
-                observed_generation: meta.generation,
-                last_transition_time: Time(now),
-            }],
-        },
-    });
-    let api: Api<DeserializeGuard<AgentRun>> = Api::namespaced(ctx.client.clone(), &ns);
-    if let Err(e) = api
-        .patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-    {
+    let condition = Condition {
+        type_: conditions::SPEC_VALID.into(),
+        status: "False".into(),
+        reason: reasons::INVALID_SPEC.into(),
+        message,
+        observed_generation: meta.generation,
+        last_transition_time: Time(ctx.clock.now()),
+    };
+    // The object does not parse, so its stored status is read untyped: the apply below must
+    // carry every status field the operator owns, or a real API server removes them.
+    let resource = ApiResource::erase::<AgentRun>(&());
+    let raw: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &resource);
+    let stored = match raw.get_status(&name).await {
+        Ok(obj) => obj.data.get("status").cloned(),
+        Err(kube::Error::Api(s)) if s.code == 404 => return,
+        Err(e) => {
+            warn!(error = %e, "could not read the status of a malformed AgentRun; leaving it as it is");
+            return;
+        }
+    };
+    let status = malformed_status(stored.as_ref(), condition);
+    if let Err(e) = patch_status(&raw, &name, &status).await {
         warn!(error = %e, "could not write the status of a malformed AgentRun");
     }
+}
+
+/// The status written for an object that does not parse: its stored status with phase `Failed`
+/// and `condition` (SpecValid False), every other field kept. A stored status that does not
+/// parse either is replaced by just those two.
+pub fn malformed_status(
+    stored: Option<&serde_json::Value>,
+    condition: Condition,
+) -> AgentRunStatus {
+    let mut status: AgentRunStatus = stored
+        .and_then(|s| serde_json::from_value(s.clone()).ok())
+        .unwrap_or_default();
+    status.phase = Some(RunPhase::Failed);
+    set_condition(&mut status.conditions, condition);
+    status
 }
 
 /// Checks that the schema cannot do (or that an API server without CEL did not do).
@@ -246,6 +261,62 @@ fn run_state(phase: RunPhase) -> RunState {
         RunPhase::Failed => RunState::Failed,
         RunPhase::Stopped => RunState::Stopped,
     }
+}
+
+/// Takes the run-wide final event out of `events`: it is published only when
+/// [`producers_ended`] says so.
+fn split_run_end(events: Vec<StatusEvent>) -> (Vec<StatusEvent>, Option<StatusEvent>) {
+    let (end, rest): (Vec<_>, Vec<_>) = events
+        .into_iter()
+        .partition(|e| e.variation.is_none() && e.state.is_final());
+    (rest, end.into_iter().next())
+}
+
+/// The run-wide event of a finished run, as [`status_events`] makes it.
+fn final_run_event(next: &AgentRunStatus) -> StatusEvent {
+    let finished = AgentRunStatus {
+        phase: next.phase,
+        conditions: next.conditions.clone(),
+        ..Default::default()
+    };
+    let before = AgentRunStatus {
+        variations: finished.variations.clone(),
+        ..Default::default()
+    };
+    status_events(&before, &finished)
+        .into_iter()
+        .find(|e| e.variation.is_none())
+        .unwrap_or_else(|| StatusEvent::new(None, run_state(next.phase.unwrap_or_default())))
+}
+
+/// Whether nothing more can reach the run's streams: every variation's pod has ended, its
+/// sidecar included (a native sidecar publishes what it holds and what the entrypoint left in
+/// its spool before it exits), or is gone. The agent container ending is not enough: output
+/// spooled while the sidecar or Redis was away is published after it.
+pub fn producers_ended(pods: &[Pod], next: &AgentRunStatus) -> bool {
+    next.variations.iter().all(|v| {
+        let Some(name) = v.pod_name.as_deref() else {
+            return true;
+        };
+        let Some(pod) = pods
+            .iter()
+            .find(|p| p.metadata.name.as_deref() == Some(name))
+        else {
+            return true;
+        };
+        let status = pod.status.as_ref();
+        if matches!(
+            status.and_then(|s| s.phase.as_deref()),
+            Some("Succeeded") | Some("Failed")
+        ) {
+            return true;
+        }
+        status
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .and_then(|c| c.iter().find(|c| c.name == pod::SIDECAR_CONTAINER))
+            .and_then(|c| c.state.as_ref())
+            .is_some_and(|s| s.terminated.is_some())
+    })
 }
 
 /// Lifecycle facts to publish: every variation whose phase or reason changed, and the run when
@@ -355,13 +426,13 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
         warn!(run = %key, error = %e, "could not create the run's Redis user; its sidecars cannot publish until the next reconcile creates it");
     }
 
-    let finished = next.phase.is_some_and(RunPhase::is_finished);
     let was_finished = prev.phase.is_some_and(RunPhase::is_finished);
     let timed_out_now = !was_finished
         && next
             .variations
             .iter()
             .any(|v| v.reason.as_deref() == Some(reasons::TIMEOUT));
+    let mut retry_creation = None;
 
     if timed_out_now {
         for p in pods.iter().filter(|p| is_active(p)) {
@@ -384,10 +455,21 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
             ),
         )
         .await;
-    } else if !finished {
-        create_missing_pods(&run, &ctx, &pods_api, &pods, &mut next, &reference, now).await?;
+    } else if !next.phase.is_some_and(RunPhase::is_finished) {
+        let creation = Creation {
+            run: &run,
+            ctx: &ctx,
+            pods_api: &pods_api,
+            reference: &reference,
+            prev: &prev,
+            now,
+        };
+        retry_creation = creation.create_missing(&pods, &mut next).await?;
+        status::summarize(&mut next, now);
         status::set_conditions(&mut next, false, run.metadata.generation, now);
     }
+    // A refused pod may have failed the run just now.
+    let finished = next.phase.is_some_and(RunPhase::is_finished);
 
     // Declarative pause and resume.
     let want_paused = run.spec.paused;
@@ -417,11 +499,27 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
         }
     }
 
-    for ev in status_events(&prev, &next) {
+    // The run's end goes to its viewers only once nothing more can reach its streams.
+    let (events, run_end) = split_run_end(status_events(&prev, &next));
+    for ev in events {
         if let Err(e) = ctx.store.publish_status(&run_id, &ev).await {
             warn!(run = %key, error = %e, "could not publish a status event to Redis");
             break;
         }
+    }
+    let mut close_retry = None;
+    if finished && prev.streams_closed != Some(true) {
+        if producers_ended(&pods, &next) {
+            let end = run_end.unwrap_or_else(|| final_run_event(&next));
+            match ctx.store.publish_status(&run_id, &end).await {
+                Ok(()) => next.streams_closed = Some(true),
+                Err(e) => {
+                    warn!(run = %key, error = %e, "could not publish the run's end to Redis; retrying");
+                    close_retry = Some(ERROR_REQUEUE);
+                }
+            }
+        }
+        // Otherwise the pods' own changes (they are owned by the run) wake this up again.
     }
 
     if finished && !was_finished {
@@ -472,10 +570,11 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
             }
             return Ok(Action::await_change());
         }
-        return Ok(Action::requeue(until(now, expires)));
+        let wait = until(now, expires);
+        return Ok(Action::requeue(close_retry.map_or(wait, |c| c.min(wait))));
     }
     if finished {
-        return Ok(Action::await_change());
+        return Ok(close_retry.map_or_else(Action::await_change, Action::requeue));
     }
     let mut requeue = match status::deadline(next.start_time.as_ref(), run.spec.timeout_seconds) {
         Some(deadline) => until(now, deadline).min(RESYNC),
@@ -492,6 +591,9 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
         // Soon enough to re-create the run's Redis user after a Redis restart.
         requeue = requeue.min(USER_RESYNC);
     }
+    if let Some(retry) = retry_creation {
+        requeue = requeue.min(retry);
+    }
     Ok(Action::requeue(requeue))
 }
 
@@ -504,7 +606,13 @@ fn until(now: Timestamp, then: Timestamp) -> Duration {
     }
 }
 
-async fn patch_status(api: &Api<AgentRun>, name: &str, status: &AgentRunStatus) -> Result<()> {
+/// Writes a run's whole status with server-side apply (field manager [`FIELD_MANAGER`]): a real
+/// API server removes the status fields the operator stops sending, so `status` must be all of
+/// it. Works for runs that do not parse too (`K` is then a dynamic object).
+async fn patch_status<K>(api: &Api<K>, name: &str, status: &AgentRunStatus) -> kube::Result<()>
+where
+    K: Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     let patch = json!({
         "apiVersion": AgentRun::api_version(&()),
         "kind": AgentRun::kind(&()),
@@ -563,88 +671,164 @@ async fn reject(
     Ok(Action::await_change())
 }
 
-async fn create_missing_pods(
-    run: &AgentRun,
-    ctx: &Context,
-    pods_api: &Api<Pod>,
-    pods: &[Pod],
-    next: &mut AgentRunStatus,
-    reference: &ObjectReference,
+/// What creating a run's missing pods needs.
+struct Creation<'a> {
+    run: &'a AgentRun,
+    ctx: &'a Context,
+    pods_api: &'a Api<Pod>,
+    reference: &'a ObjectReference,
+    /// The status as last written, to report each refusal once rather than on every retry.
+    prev: &'a AgentRunStatus,
     now: Timestamp,
-) -> Result<()> {
-    let active = pods.iter().filter(|p| is_active(p)).count();
-    let mut slots = run.spec.effective_parallelism().saturating_sub(active);
-    let variations = run.spec.resolved_variations();
-    let missing: Vec<usize> = next
-        .variations
-        .iter()
-        .enumerate()
-        .filter(|(_, v)| v.phase == RunPhase::Pending && v.pod_name.is_none())
-        .map(|(i, _)| i)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    if slots > 0 {
-        let secret = pod::build_secret(run, &ctx.settings)?;
-        let secrets: Api<Secret> =
-            Api::namespaced(ctx.client.clone(), &run.namespace().unwrap_or_default());
-        secrets
-            .patch(
-                &pod::secret_name(run),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&secret),
-            )
-            .await?;
-    }
-    for i in missing {
-        let vs: &mut VariationStatus = &mut next.variations[i];
-        if slots == 0 {
-            vs.reason = Some(reasons::WAITING_FOR_PARALLELISM.into());
-            vs.message = Some(format!(
-                "waiting for a free slot: spec.parallelism is {}",
-                run.spec.effective_parallelism()
-            ));
-            continue;
+}
+
+impl Creation<'_> {
+    /// Applies the run's Secret and creates the pods of the variations that have none, up to
+    /// `parallelism`. Every refusal is written into the variation (Failed when permanent,
+    /// Pending with the reason while retried) and the `PodsCreated` condition, and reported in a
+    /// Warning event; returns when to try again, if a refusal is retried.
+    async fn create_missing(
+        &self,
+        pods: &[Pod],
+        next: &mut AgentRunStatus,
+    ) -> Result<Option<Duration>> {
+        let run = self.run;
+        let ns = run.namespace().unwrap_or_default();
+        let active = pods.iter().filter(|p| is_active(p)).count();
+        let mut slots = run.spec.effective_parallelism().saturating_sub(active);
+        let variations = run.spec.resolved_variations();
+        let missing: Vec<usize> = next
+            .variations
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.phase == RunPhase::Pending && v.pod_name.is_none())
+            .map(|(i, _)| i)
+            .collect();
+        if missing.is_empty() {
+            // Recomputed from the variations whenever a refusal was reported: a reconcile that
+            // started from a status read before the pods were created must not keep it.
+            if next
+                .conditions
+                .iter()
+                .any(|c| c.type_ == status::conditions::PODS_CREATED)
+            {
+                status::set_pods_created(next, run.metadata.generation, self.now);
+            }
+            return Ok(None);
         }
-        let Some(variation) = variations.iter().find(|v| v.name == vs.name) else {
-            continue;
-        };
-        let pod = pod::build_pod(run, variation, &ctx.settings)?;
-        let pod_name = pod.name_any();
-        match pods_api.create(&PostParams::default(), &pod).await {
-            Ok(_) => {
-                ctx.metrics.pods_created.inc();
-                info!(pod = %pod_name, "created agent pod");
-                publish_event(
-                    ctx,
-                    reference,
-                    EventType::Normal,
-                    "PodCreated",
-                    "CreatePod",
-                    format!("created pod {pod_name} for variation {}", vs.name),
+        let mut retry: Option<Duration> = None;
+        if slots > 0 {
+            let secret = pod::build_secret(run, &self.ctx.settings)?;
+            let secrets: Api<Secret> = Api::namespaced(self.ctx.client.clone(), &ns);
+            let name = pod::secret_name(run);
+            if let Err(e) = secrets
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&secret),
                 )
-                .await;
-                vs.pod_name = Some(pod_name);
-                vs.reason = Some(reasons::POD_CREATED.into());
-                vs.message = Some("the pod was created and waits to be scheduled".into());
+                .await
+            {
+                let refusal = refusal::secret(&e, &name, &ns);
+                for &i in missing.iter().take(slots) {
+                    self.refused(&mut next.variations[i], &refusal, "ApplySecret")
+                        .await;
+                }
+                status::set_pods_created(next, run.metadata.generation, self.now);
+                return Ok(refusal.retry);
             }
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                // Ours from a concurrent reconcile (the next list shows it), or an earlier
-                // incarnation's pod that is still terminating: wait, do not claim it.
-                vs.reason = Some(reasons::POD_NAME_TAKEN.into());
+        }
+        for i in missing {
+            let vs: &mut VariationStatus = &mut next.variations[i];
+            if slots == 0 {
+                vs.reason = Some(reasons::WAITING_FOR_PARALLELISM.into());
                 vs.message = Some(format!(
-                    "a pod named {pod_name} already exists; waiting for it (if it belongs to an earlier run of the same name, it goes when it finishes terminating)"
+                    "waiting for a free slot: spec.parallelism is {}",
+                    run.spec.effective_parallelism()
                 ));
+                continue;
             }
-            Err(e) => return Err(e.into()),
+            let Some(variation) = variations.iter().find(|v| v.name == vs.name) else {
+                continue;
+            };
+            let pod = pod::build_pod(run, variation, &self.ctx.settings)?;
+            let pod_name = pod.name_any();
+            match self.pods_api.create(&PostParams::default(), &pod).await {
+                Ok(_) => {
+                    self.ctx.metrics.pods_created.inc();
+                    info!(pod = %pod_name, "created agent pod");
+                    publish_event(
+                        self.ctx,
+                        self.reference,
+                        EventType::Normal,
+                        "PodCreated",
+                        "CreatePod",
+                        format!("created pod {pod_name} for variation {}", vs.name),
+                    )
+                    .await;
+                    vs.pod_name = Some(pod_name);
+                    vs.reason = Some(reasons::POD_CREATED.into());
+                    vs.message = Some("the pod was created and waits to be scheduled".into());
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    // Ours from a concurrent reconcile (the next list shows it), or an earlier
+                    // incarnation's pod that is still terminating: wait, do not claim it.
+                    vs.reason = Some(reasons::POD_NAME_TAKEN.into());
+                    vs.message = Some(format!(
+                        "a pod named {pod_name} already exists; waiting for it (if it belongs to an earlier run of the same name, it goes when it finishes terminating)"
+                    ));
+                }
+                Err(e) => {
+                    // Nothing was created: the slot stays free and the clock does not start.
+                    let refusal = refusal::pod(&e, &ns);
+                    retry = match (retry, refusal.retry) {
+                        (Some(a), Some(b)) => Some(a.min(b)),
+                        (a, b) => a.or(b),
+                    };
+                    self.refused(vs, &refusal, "CreatePod").await;
+                    continue;
+                }
+            }
+            slots -= 1;
+            if next.start_time.is_none() {
+                next.start_time = Some(Time(self.now));
+            }
         }
-        slots -= 1;
-        if next.start_time.is_none() {
-            next.start_time = Some(Time(now));
-        }
+        status::set_pods_created(next, run.metadata.generation, self.now);
+        Ok(retry)
     }
-    Ok(())
+
+    /// Writes a refusal into the variation and, when it is news (not the same reason and
+    /// message as the status last written), logs it and reports it in a Warning event.
+    async fn refused(&self, vs: &mut VariationStatus, refusal: &Refusal, action: &str) {
+        if refusal.is_permanent() {
+            vs.phase = RunPhase::Failed;
+            vs.finish_time = Some(Time(self.now));
+        }
+        vs.reason = Some(refusal.reason.into());
+        vs.message = Some(refusal.message.clone());
+        let before = self.prev.variations.iter().find(|p| p.name == vs.name);
+        let news = before.is_none_or(|b| b.reason != vs.reason || b.message != vs.message);
+        if !news {
+            return;
+        }
+        warn!(
+            run = %object_name(self.run),
+            variation = %vs.name,
+            reason = refusal.reason,
+            message = %refusal.message,
+            "the API server refused what the run needs"
+        );
+        publish_event(
+            self.ctx,
+            self.reference,
+            EventType::Warning,
+            refusal.reason,
+            action,
+            format!("variation {}: {}", vs.name, refusal.message),
+        )
+        .await;
+    }
 }
 
 /// Stops running agents and puts the retention TTL on the run's Redis data. Works when `apply`

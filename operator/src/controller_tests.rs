@@ -80,6 +80,44 @@ fn statuses(store: &RecordingStore) -> Vec<(Option<String>, RunState, Option<Str
         .collect()
 }
 
+fn condition<'a>(
+    status: &'a AgentRunStatus,
+    type_: &str,
+) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("condition {type_} in {status:#?}"))
+}
+
+/// The note of an event as sent.
+fn note_of(event: &Value) -> &str {
+    event["note"].as_str().unwrap_or_default()
+}
+
+/// The condition types of a status as sent, in order.
+fn condition_types(status: &Value) -> Vec<&str> {
+    status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .filter_map(|c| c["type"].as_str())
+        .collect()
+}
+
+/// The decoded `data` of a Secret body that the operator sent.
+fn secret_data(body: &Value) -> std::collections::BTreeMap<String, String> {
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(body.clone()).expect("a Secret");
+    secret
+        .data
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(k, v)| (k, String::from_utf8(v.0).expect("utf-8")))
+        .collect()
+}
+
 /// The status a first reconcile writes, for runs that are further along.
 fn started(run: &AgentRun) -> AgentRunStatus {
     let run_id = pod::run_id(run).expect("id");
@@ -135,25 +173,25 @@ async fn the_first_reconcile_creates_the_secret_the_pod_and_the_status() {
                 json!({}),
             )
             .await;
-        assert_eq!(
-            secret.body["stringData"]["AGENTRUN_REDIS_URL"],
-            "redis://agentrun-redis:6379"
-        );
+        // Server-side apply of the whole Secret, values in `data`: a key under `stringData`
+        // would stay in `data` after the operator stopped sending it.
+        assert!(secret.body.get("stringData").is_none(), "{}", secret.body);
+        assert_eq!(secret.body["type"], "Opaque");
+        let data = secret_data(&secret.body);
+        assert_eq!(data["AGENTRUN_REDIS_URL"], "redis://agentrun-redis:6379");
         // The run gets its own Redis user, with a password derived from the operator's key
         // (never the operator's own password).
         let id = agentrun_protocol::RunId::new("default.hello.0f1e2d3c").expect("run id");
         assert_eq!(
-            secret.body["stringData"]["AGENTRUN_REDIS_USERNAME"],
+            data["AGENTRUN_REDIS_USERNAME"],
             "agentrun-run-default.hello.0f1e2d3c"
         );
         assert_eq!(
-            secret.body["stringData"]["AGENTRUN_REDIS_PASSWORD"],
+            data["AGENTRUN_REDIS_PASSWORD"],
             agentrun_protocol::acl::derive_run_password("test-key", &id)
         );
-        assert_ne!(
-            secret.body["stringData"]["AGENTRUN_REDIS_PASSWORD"],
-            "s3cret"
-        );
+        assert_ne!(data["AGENTRUN_REDIS_PASSWORD"], "s3cret");
+        assert_eq!(data.len(), 3, "{data:?}");
         assert_eq!(
             secret.body["metadata"]["ownerReferences"][0]["controller"],
             true
@@ -194,6 +232,11 @@ async fn the_first_reconcile_creates_the_secret_the_pod_and_the_status() {
         );
         assert_eq!(status.variations[0].reason.as_deref(), Some("PodCreated"));
         assert_eq!(status.observed_generation, Some(1));
+        let created = condition(&status, "PodsCreated");
+        assert_eq!(
+            (created.status.as_str(), created.reason.as_str()),
+            ("True", "PodsCreated")
+        );
         api
     })
     .await;
@@ -254,6 +297,68 @@ async fn reconciling_again_creates_no_duplicate_and_writes_nothing_when_unchange
         statuses(&out.store).is_empty(),
         "no change, nothing published"
     );
+}
+
+#[tokio::test]
+async fn a_status_apply_sends_every_field_the_operator_owns() {
+    // Server-side apply removes what its field manager stops sending: every reconcile that
+    // writes the status sends all of it, not only what changed.
+    let base = AgentRun::test().finalized();
+    let mut prev = started(&base);
+    prev.paused = Some(false);
+    let run = base.clone().with_status(prev);
+    let pods = vec![pod_of(&run, "default", running())];
+    let r = run.clone();
+    scenario(ok(run), false, |mut api| async move {
+        api.expect_pod_list(&r, pods).await;
+        let answer = serde_json::to_value(&r).expect("json");
+        let seen = api
+            .expect(
+                Method::PATCH,
+                "/apis/agentrun.dev/v1alpha1/namespaces/default/agentruns/hello/status?",
+                200,
+                answer,
+            )
+            .await;
+        assert!(
+            seen.uri.contains("fieldManager=agentrun-operator") && seen.uri.contains("force=true")
+        );
+        let mut keys: Vec<&str> = seen.body["status"]
+            .as_object()
+            .expect("status")
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "conditions",
+                "observedGeneration",
+                "paused",
+                "phase",
+                "runId",
+                "startTime",
+                "url",
+                "variations",
+                "variationsDone"
+            ]
+        );
+        let types = condition_types(&seen.body["status"]);
+        assert_eq!(types, ["Ready", "Complete", "SpecValid"]);
+        let variation = &seen.body["status"]["variations"][0];
+        assert_eq!(
+            (
+                variation["podName"].as_str(),
+                variation["startTime"].as_str()
+            ),
+            (Some("hello-default"), Some("2026-01-01T11:59:00Z"))
+        );
+        api
+    })
+    .await
+    .result
+    .expect("ok");
 }
 
 #[tokio::test]
@@ -341,6 +446,220 @@ async fn an_existing_pod_from_a_race_is_not_an_error() {
     assert_eq!(out.metrics.pods_created.get(), 0);
 }
 
+const SECRET_URI: &str = "/api/v1/namespaces/default/secrets/hello-agentrun-redis?";
+const PODS_URI: &str = "/api/v1/namespaces/default/pods?";
+
+/// Plays a reconcile up to a refused pod: the pod list, the Secret apply, and the pod's
+/// creation answered 403 with `message`.
+async fn refuse_the_pod(api: &mut ApiServerVerifier, run: &AgentRun, message: &str) {
+    api.expect_pod_list(run, vec![]).await;
+    api.expect(Method::PATCH, SECRET_URI, 200, json!({})).await;
+    api.refuse(Method::POST, PODS_URI, 403, message).await;
+}
+
+#[tokio::test]
+async fn a_pod_security_refusal_fails_the_run_with_the_api_servers_message() {
+    let run = AgentRun::test().finalized();
+    let r = run.clone();
+    let out = scenario(ok(run), false, |mut api| async move {
+        refuse_the_pod(&mut api, &r, POD_SECURITY_REFUSAL).await;
+        let refused = api.expect_event("PodSecurity").await;
+        assert_eq!(
+            (refused["type"].as_str(), refused["action"].as_str()),
+            (Some("Warning"), Some("CreatePod"))
+        );
+        let note = note_of(&refused);
+        assert!(
+            note.starts_with(
+                "variation default: pods \"hello-default\" is forbidden: violates PodSecurity"
+            ),
+            "{note}"
+        );
+        let failed = api.expect_event("Failed").await;
+        assert!(note_of(&failed).contains("violates PodSecurity"));
+        let status = api.expect_status_patch(&r).await;
+        assert_eq!(status.phase, Some(RunPhase::Failed));
+        let v = &status.variations[0];
+        assert_eq!(
+            (v.phase, v.reason.as_deref(), v.pod_name.as_deref()),
+            (RunPhase::Failed, Some("PodSecurity"), None)
+        );
+        assert!(
+            v.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains(POD_SECURITY_REFUSAL)
+        );
+        assert!(
+            v.message
+                .as_deref()
+                .unwrap_or_default()
+                .contains("spec.securityContext.runAsNonRoot: true")
+        );
+        for type_ in ["PodsCreated", "Ready"] {
+            let c = condition(&status, type_);
+            assert_eq!(
+                (c.status.as_str(), c.reason.as_str()),
+                ("False", "PodSecurity"),
+                "{type_}"
+            );
+            assert!(
+                c.message.contains(POD_SECURITY_REFUSAL),
+                "{type_}: {}",
+                c.message
+            );
+        }
+        assert_eq!(condition(&status, "Complete").status, "True");
+        assert_eq!(status.start_time, None, "no agent started");
+        api
+    })
+    .await;
+    assert_eq!(
+        out.result.expect("a refusal is reported, not an error"),
+        Action::await_change(),
+        "a permanent refusal is not retried"
+    );
+    assert_eq!(out.metrics.pods_created.get(), 0);
+    assert!(statuses(&out.store).contains(&(
+        Some("default".into()),
+        RunState::Failed,
+        Some("PodSecurity".into())
+    )));
+}
+
+#[tokio::test]
+async fn a_quota_refusal_keeps_the_run_pending_and_is_retried_and_reported_once() {
+    let run = AgentRun::test().finalized();
+    let r = run.clone();
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+    let out = scenario(ok(run.clone()), false, |mut api| async move {
+        refuse_the_pod(&mut api, &r, EXCEEDED_QUOTA).await;
+        let event = api.expect_event("QuotaExceeded").await;
+        assert_eq!(event["type"], "Warning");
+        let status = api.expect_status_patch(&r).await;
+        assert_eq!(status.phase, Some(RunPhase::Pending));
+        let v = &status.variations[0];
+        assert_eq!(
+            (v.phase, v.reason.as_deref()),
+            (RunPhase::Pending, Some("QuotaExceeded"))
+        );
+        let c = condition(&status, "PodsCreated");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "QuotaExceeded")
+        );
+        assert!(
+            c.message.contains("limited: limits.cpu=100m"),
+            "{}",
+            c.message
+        );
+        let ready = condition(&status, "Ready");
+        assert_eq!(ready.reason, "QuotaExceeded");
+        let _ = written_tx.send(status);
+        api
+    })
+    .await;
+    let requeue = out.result.expect("a refusal is reported, not an error");
+    assert!(
+        requeue == Action::requeue(crate::refusal::CREATE_RETRY)
+            || requeue == Action::requeue(USER_RESYNC),
+        "retried after a pause: {requeue:?}"
+    );
+    // The next try is refused the same way: nothing new to write or report.
+    let written = written_rx.await.expect("the status was written");
+    let again = run.clone().with_status(written.clone());
+    let r = again.clone();
+    scenario(ok(again), false, |mut api| async move {
+        refuse_the_pod(&mut api, &r, EXCEEDED_QUOTA).await;
+        api
+    })
+    .await
+    .result
+    .expect("ok");
+    // A different refusal (the quota now asks for limits) is news again.
+    let again = run.clone().with_status(written);
+    let r = again.clone();
+    scenario(ok(again), false, |mut api| async move {
+        refuse_the_pod(&mut api, &r, MUST_SPECIFY_LIMITS).await;
+        let event = api.expect_event("QuotaExceeded").await;
+        assert!(note_of(&event).contains(MUST_SPECIFY_LIMITS));
+        let status = api.expect_status_patch(&r).await;
+        assert!(
+            condition(&status, "PodsCreated")
+                .message
+                .contains(MUST_SPECIFY_LIMITS)
+        );
+        api
+    })
+    .await
+    .result
+    .expect("ok");
+}
+
+#[tokio::test]
+async fn a_status_read_before_the_pod_was_created_does_not_keep_its_refusal() {
+    // The first try was refused by a quota; a later one created the pod. A reconcile that
+    // starts from the status written after the refusal (a cache not yet updated) sees the pod
+    // and must say the pods are created, not keep the old refusal.
+    let run = AgentRun::test().finalized();
+    let r = run.clone();
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+    scenario(ok(run.clone()), false, |mut api| async move {
+        refuse_the_pod(&mut api, &r, EXCEEDED_QUOTA).await;
+        api.expect_event("QuotaExceeded").await;
+        let _ = written_tx.send(api.expect_status_patch(&r).await);
+        api
+    })
+    .await
+    .result
+    .expect("a refusal is reported, not an error");
+    let stale = run.with_status(written_rx.await.expect("the refusal was written"));
+    let pods = vec![pod_of(&stale, "default", running())];
+    let r = stale.clone();
+    scenario(ok(stale), false, |mut api| async move {
+        api.expect_pod_list(&r, pods).await;
+        let status = api.expect_status_patch(&r).await;
+        let c = condition(&status, "PodsCreated");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "PodsCreated")
+        );
+        api
+    })
+    .await
+    .result
+    .expect("ok");
+}
+
+#[tokio::test]
+async fn a_refused_secret_is_reported_and_no_pod_is_created() {
+    let run = AgentRun::test().finalized();
+    let r = run.clone();
+    let denied = r#"secrets "hello-agentrun-redis" is forbidden: User "system:serviceaccount:agentrun:agentrun-operator" cannot patch resource "secrets" in API group "" in the namespace "default""#;
+    let out = scenario(ok(run), false, |mut api| async move {
+        api.expect_pod_list(&r, vec![]).await;
+        api.refuse(Method::PATCH, SECRET_URI, 403, denied).await;
+        let event = api.expect_event("SecretFailed").await;
+        assert_eq!(event["action"], "ApplySecret");
+        let status = api.expect_status_patch(&r).await;
+        assert_eq!(status.phase, Some(RunPhase::Pending));
+        let c = condition(&status, "PodsCreated");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "SecretFailed")
+        );
+        assert!(
+            c.message.contains(denied) && c.message.contains("Secret default/hello-agentrun-redis"),
+            "{}",
+            c.message
+        );
+        api
+    })
+    .await;
+    out.result.expect("a refusal is reported, not an error");
+    assert_eq!(out.metrics.pods_created.get(), 0);
+}
+
 #[tokio::test]
 async fn pending_reasons_reach_redis() {
     let base = AgentRun::test().finalized();
@@ -400,7 +719,7 @@ async fn a_timeout_stops_the_agents_and_fails_the_run() {
         .await;
         let timeout = api.expect_event("Timeout").await;
         assert_eq!(timeout["type"], "Warning");
-        assert!(timeout["note"].as_str().unwrap_or_default().contains("timeoutSeconds (60s)"));
+        assert!(note_of(&timeout).contains("timeoutSeconds (60s)"));
         api.expect_event("Failed").await;
         let status = api.expect_status_patch(&r).await;
         assert_eq!(status.phase, Some(RunPhase::Failed));
@@ -418,11 +737,116 @@ async fn a_timeout_stops_the_agents_and_fails_the_run() {
     )));
 }
 
+/// The agent exited 0 and its pod still runs: the native sidecar publishes what it holds.
+fn agent_done_sidecar_running() -> k8s_openapi::api::core::v1::PodStatus {
+    let mut status = exited("Running", 0, Some("Completed"), None);
+    status.init_container_statuses = Some(vec![k8s_openapi::api::core::v1::ContainerStatus {
+        name: pod::SIDECAR_CONTAINER.into(),
+        state: Some(k8s_openapi::api::core::v1::ContainerState {
+            running: Some(Default::default()),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }]);
+    status
+}
+
+#[tokio::test]
+async fn the_runs_end_reaches_viewers_only_after_every_sidecar_has_ended() {
+    // Viewers stop reading at the run's final status event, so it must not be published
+    // while a sidecar may still publish output it spooled or held.
+    let base = AgentRun::test().finalized();
+    let run = base.clone().with_status(started(&base));
+    let pods = vec![pod_of(&run, "default", agent_done_sidecar_running())];
+    let r = run.clone();
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+    let out = scenario(ok(run.clone()), false, |mut api| async move {
+        api.expect_pod_list(&r, pods).await;
+        api.expect_event("Succeeded").await;
+        let _ = written_tx.send(api.expect_status_patch(&r).await);
+        api
+    })
+    .await;
+    assert_eq!(out.result.expect("ok"), Action::await_change());
+    let written = written_rx.await.expect("the status was written");
+    assert_eq!(written.phase, Some(RunPhase::Succeeded));
+    assert_eq!(written.streams_closed, None, "a sidecar still runs");
+    assert_eq!(
+        statuses(&out.store),
+        [(
+            Some("default".into()),
+            RunState::Succeeded,
+            Some(reasons::COMPLETED.into())
+        )],
+        "the variation's end is published, the run's is not"
+    );
+
+    // The sidecar has exited and the pod is Succeeded: now the run's end goes out, once.
+    let ended = run.with_status(written);
+    let pods = vec![pod_of(
+        &ended,
+        "default",
+        exited("Succeeded", 0, Some("Completed"), None),
+    )];
+    let (r, p) = (ended.clone(), pods.clone());
+    let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+    let out = scenario(ok(ended.clone()), false, |mut api| async move {
+        api.expect_pod_list(&r, p).await;
+        let _ = closed_tx.send(api.expect_status_patch(&r).await);
+        api
+    })
+    .await;
+    assert_eq!(out.result.expect("ok"), Action::await_change());
+    assert_eq!(
+        statuses(&out.store),
+        [(None, RunState::Succeeded, Some(reasons::SUCCEEDED.into()))]
+    );
+    let closed = closed_rx.await.expect("the status was written");
+    assert_eq!(closed.streams_closed, Some(true));
+
+    let again = ended.with_status(closed);
+    let r = again.clone();
+    let out = scenario(ok(again), false, |mut api| async move {
+        api.expect_pod_list(&r, pods).await;
+        api
+    })
+    .await;
+    assert_eq!(out.result.expect("ok"), Action::await_change());
+    assert!(statuses(&out.store).is_empty(), "published once");
+}
+
+#[tokio::test]
+async fn a_run_end_that_redis_refused_is_published_on_a_retry() {
+    let base = AgentRun::test().finalized();
+    let run = base.clone().with_status(started(&base));
+    let pods = vec![pod_of(
+        &run,
+        "default",
+        exited("Succeeded", 0, Some("Completed"), None),
+    )];
+    let r = run.clone();
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+    let out = scenario(ok(run), true, |mut api| async move {
+        api.expect_pod_list(&r, pods).await;
+        api.expect_event("Succeeded").await;
+        let _ = written_tx.send(api.expect_status_patch(&r).await);
+        api
+    })
+    .await;
+    assert_eq!(out.result.expect("ok"), Action::requeue(ERROR_REQUEUE));
+    let written = written_rx.await.expect("the status was written");
+    assert_eq!(
+        (written.phase, written.streams_closed),
+        (Some(RunPhase::Succeeded), None)
+    );
+}
+
 fn finished(run: &AgentRun, completed_secs_ago: i64) -> AgentRunStatus {
     AgentRunStatus {
         phase: Some(RunPhase::Succeeded),
         completion_time: Some(ago(completed_secs_ago)),
         observed_generation: Some(1),
+        streams_closed: Some(true),
         ..started(run)
     }
 }
@@ -506,12 +930,7 @@ async fn cleanup_stops_agents_expires_redis_data_and_removes_the_finalizer() {
     let answer = serde_json::to_value(&run).expect("json");
     let out = scenario(ok(run), false, |mut api| async move {
         let event = api.expect_event("Deleting").await;
-        assert!(
-            event["note"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("604800s")
-        );
+        assert!(note_of(&event).contains("604800s"));
         let seen = api
             .expect(
                 Method::PATCH,
@@ -659,7 +1078,7 @@ async fn an_invalid_spec_becomes_a_condition_not_a_crash_loop() {
 }
 
 #[tokio::test]
-async fn a_malformed_object_is_reported_and_skipped() {
+async fn a_malformed_object_is_reported_and_skipped_keeping_its_status() {
     let guard: DeserializeGuard<AgentRun> = DeserializeGuard(Err(InvalidObject {
         error: "spec.command: invalid type: string \"echo\", expected a sequence".into(),
         metadata: kube::core::ObjectMeta {
@@ -669,19 +1088,64 @@ async fn a_malformed_object_is_reported_and_skipped() {
             ..Default::default()
         },
     }));
+    // What an earlier, well-formed generation had: a status apply that left these out would
+    // remove them on a real API server.
+    let stored = json!({
+        "runId": "default.broken.12345678",
+        "url": "https://agentrun.example.com/runs/default.broken.12345678",
+        "phase": "Running",
+        "startTime": "2026-01-01T11:59:00Z",
+        "variationsDone": "0/1",
+        "variations": [{"name": "default", "podName": "broken-default", "phase": "Running", "reason": "Running"}],
+        "conditions": [
+            {"type": "Ready", "status": "True", "reason": "Running", "message": "the run is Running", "lastTransitionTime": "2026-01-01T11:59:00Z"},
+            {"type": "SpecValid", "status": "True", "reason": "SpecValid", "message": "the spec was turned into pods", "lastTransitionTime": "2026-01-01T11:58:00Z"},
+        ],
+    });
+    let object = json!({
+        "apiVersion": "agentrun.dev/v1alpha1", "kind": "AgentRun",
+        "metadata": {"name": "broken", "namespace": "default"},
+        "spec": {"command": "echo"}, "status": stored,
+    });
     let out = scenario(guard, false, |mut api| async move {
         let event = api.expect_event("InvalidSpec").await;
-        assert!(event["note"].as_str().unwrap_or_default().contains("expected a sequence"));
+        assert!(note_of(&event).contains("expected a sequence"));
+        let path = "/apis/agentrun.dev/v1alpha1/namespaces/default/agentruns/broken/status";
+        api.expect(Method::GET, path, 200, object.clone()).await;
         let seen = api
-            .expect(Method::PATCH, "/apis/agentrun.dev/v1alpha1/namespaces/default/agentruns/broken/status?", 200, json!({
-                "apiVersion": "agentrun.dev/v1alpha1", "kind": "AgentRun", "metadata": {"name": "broken", "namespace": "default"}, "spec": {"command": "echo"}
-            }))
+            .expect(Method::PATCH, &format!("{path}?"), 200, object)
             .await;
-        assert_eq!(seen.body["status"]["phase"], "Failed");
-        assert_eq!(seen.body["status"]["conditions"][0]["type"], "SpecValid");
-        assert_eq!(seen.body["status"]["conditions"][0]["observedGeneration"], 3);
-        let message: &Value = &seen.body["status"]["conditions"][0]["message"];
-        assert!(message.as_str().unwrap_or_default().contains("kubectl edit agentrun broken -n default"));
+        assert!(
+            seen.uri.contains("fieldManager=agentrun-operator"),
+            "{}",
+            seen.uri
+        );
+        let status = &seen.body["status"];
+        assert_eq!(status["phase"], "Failed");
+        for kept in ["runId", "url", "startTime", "variationsDone", "variations"] {
+            assert_eq!(
+                status[kept], stored[kept],
+                "{kept} is sent again: {status:#}"
+            );
+        }
+        let types = condition_types(status);
+        assert_eq!(types, ["Ready", "SpecValid"]);
+        let valid = &status["conditions"][1];
+        assert_eq!(
+            (
+                valid["status"].as_str(),
+                valid["observedGeneration"].as_i64()
+            ),
+            (Some("False"), Some(3))
+        );
+        assert_eq!(valid["lastTransitionTime"], "2026-01-01T12:00:00Z");
+        let message: &Value = &valid["message"];
+        assert!(
+            message
+                .as_str()
+                .unwrap_or_default()
+                .contains("kubectl edit agentrun broken -n default")
+        );
         api
     })
     .await;
@@ -690,6 +1154,22 @@ async fn a_malformed_object_is_reported_and_skipped() {
         Action::await_change()
     );
     assert!(out.metrics.render().contains("result=\"malformed\"} 1"));
+}
+
+#[test]
+fn a_malformed_status_is_replaced_by_phase_and_condition_only() {
+    let condition = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+        type_: "SpecValid".into(),
+        status: "False".into(),
+        reason: "InvalidSpec".into(),
+        message: "m".into(),
+        observed_generation: Some(1),
+        last_transition_time: Time(now()),
+    };
+    let status = malformed_status(Some(&json!({"phase": 7})), condition.clone());
+    assert_eq!(status.phase, Some(RunPhase::Failed));
+    assert_eq!(status.conditions, vec![condition.clone()]);
+    assert_eq!(malformed_status(None, condition).variations, vec![]);
 }
 
 #[test]

@@ -6,7 +6,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Affinity, EnvFromSource, EnvVar, ResourceRequirements, Toleration,
+    Affinity, EnvFromSource, EnvVar, LocalObjectReference, PodSecurityContext,
+    ResourceRequirements, SecurityContext, Toleration,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
@@ -86,9 +87,20 @@ pub struct AgentRunSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
 
-    /// Compute resources (CPU, memory) of the agent container.
+    /// Compute resources of the agent container: CPU, memory, and extended resources such as
+    /// `nvidia.com/gpu` (set GPUs under `limits`). In a namespace whose ResourceQuota covers
+    /// `limits.cpu` or `limits.memory`, set those limits here (the agentrun containers get
+    /// theirs from the operator's settings).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+
+    /// Security context of the agent container. The operator's defaults are
+    /// `allowPrivilegeEscalation: false` and `capabilities: {drop: [ALL]}`; each field set here
+    /// replaces the default of that field. The agent runs as its image's user unless
+    /// `runAsUser` says otherwise. In a namespace that enforces Pod Security `restricted`, set
+    /// `runAsNonRoot: true` (and `runAsUser`, when the image's user is root or not numeric).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub security_context: Option<SecurityContext>,
 
     /// When to pull the agent image: `Always`, `IfNotPresent` or `Never`. Defaults to the
     /// Kubernetes default for the image tag.
@@ -98,6 +110,33 @@ pub struct AgentRunSpec {
     /// ServiceAccount the agent pods run as. Defaults to the namespace's `default` account.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_account_name: Option<String>,
+
+    /// Pod-level security context of the agent pods. The operator's defaults are
+    /// `seccompProfile: {type: RuntimeDefault}` and the operator's `fsGroup` (65532 unless the
+    /// operator was installed with another, or none for OpenShift); each field set here
+    /// replaces the default of that field, for example `runAsNonRoot: true` for every
+    /// container, or an `fsGroup` from the namespace's range.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_security_context: Option<PodSecurityContext>,
+
+    /// Secrets (of type `kubernetes.io/dockerconfigjson`, in the run's namespace) used to pull
+    /// the agent image from a private registry. They are added to the operator's own pull
+    /// Secrets for the sidecar image.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 32))]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+
+    /// RuntimeClass of the agent pods, for example `nvidia` for GPU nodes or `gvisor` for a
+    /// sandbox. The RuntimeClass must exist in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub runtime_class_name: Option<String>,
+
+    /// PriorityClass of the agent pods, which decides who is preempted when the cluster is full.
+    /// The PriorityClass must exist in the cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub priority_class_name: Option<String>,
 
     /// Node labels that a node must have to run the agent pods.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -309,6 +348,11 @@ pub struct AgentRunStatus {
     /// Whether the operator last told the agents to pause (true) or to resume (false).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub paused: Option<bool>,
+
+    /// True once the run's end was published to its viewers: the run had finished and every
+    /// agent pod had ended, sidecar included, so nothing more can reach the run's streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub streams_closed: Option<bool>,
 }
 
 /// Observed state of one variation.
@@ -554,6 +598,53 @@ mod tests {
             .collect();
         assert_eq!(columns, ["Phase", "Variations", "Age", "Duration", "URL"]);
         assert_eq!(crd["spec"]["names"]["shortNames"], json!(["ar"]));
+    }
+
+    #[test]
+    fn the_pod_fields_are_in_the_schema_for_kubectl_explain() {
+        let crd = serde_json::to_value(AgentRun::crd()).expect("json");
+        let spec = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"];
+        for field in [
+            "imagePullSecrets",
+            "securityContext",
+            "podSecurityContext",
+            "runtimeClassName",
+            "priorityClassName",
+            "serviceAccountName",
+            "nodeSelector",
+            "tolerations",
+            "affinity",
+            "resources",
+        ] {
+            let description = spec[field]["description"].as_str().unwrap_or_default();
+            assert!(
+                description.len() > 20,
+                "{field} is documented: {description:?}"
+            );
+        }
+        assert!(
+            spec["securityContext"]["description"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("runAsNonRoot: true")
+        );
+        assert_eq!(
+            spec["securityContext"]["properties"]["runAsNonRoot"]["type"],
+            "boolean"
+        );
+        assert_eq!(
+            spec["podSecurityContext"]["properties"]["fsGroup"]["type"],
+            "integer"
+        );
+        // New fields may be set on an existing run without breaking the CEL rules.
+        let old: AgentRun = serde_json::from_value(run_json(
+            "hello",
+            json!({"image": "busybox", "command": ["true"]}),
+        ))
+        .expect("parses");
+        let mut new = old.clone();
+        new.spec.runtime_class_name = Some("gvisor".into());
+        validate_cel_update(&new, &old).expect("a mutable field");
     }
 
     #[test]

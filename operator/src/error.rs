@@ -26,6 +26,15 @@ pub enum Error {
     #[error("finalizer failed: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 
+    #[error(
+        "the API server did not answer {what} within {}ms; check that it is reachable and not overloaded",
+        after.as_millis()
+    )]
+    Timeout {
+        what: &'static str,
+        after: std::time::Duration,
+    },
+
     #[error("could not serialize {what}: {source}")]
     Serialize {
         what: &'static str,
@@ -52,6 +61,7 @@ impl Error {
             Self::InvalidSpec { .. } => "invalid_spec",
             Self::Redis { .. } => "redis_error",
             Self::Finalizer(_) => "finalizer_error",
+            Self::Timeout { .. } => "timeout",
             Self::Serialize { .. } => "serialize_error",
         }
     }

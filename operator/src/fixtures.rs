@@ -22,6 +22,29 @@ use crate::metrics::Metrics;
 use crate::pod;
 use crate::store::RecordingStore;
 
+/// The API server's answer when Pod Security admission (`restricted`) refuses a pod.
+pub const POD_SECURITY_REFUSAL: &str = r#"pods "hello-default" is forbidden: violates PodSecurity "restricted:latest": allowPrivilegeEscalation != false (container "x" must set securityContext.allowPrivilegeEscalation=false), runAsNonRoot != true (pod or container "agent" must set securityContext.runAsNonRoot=true)"#;
+/// The API server's answer when a ResourceQuota on `limits.cpu` is used up.
+pub const EXCEEDED_QUOTA: &str = r#"pods "hello-default" is forbidden: exceeded quota: q, requested: limits.cpu=500m, used: limits.cpu=0, limited: limits.cpu=100m"#;
+/// The API server's answer when a ResourceQuota on `limits.cpu` meets a container without one.
+pub const MUST_SPECIFY_LIMITS: &str =
+    "failed quota: q: must specify limits.cpu for: agentrun-sidecar";
+
+/// A `kind: Status` failure body, as the API server sends it.
+pub fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "metadata": {},
+        "code": code, "reason": reason, "message": message,
+    })
+}
+
+/// The error kube returns for such an answer.
+pub fn api_error(code: u16, reason: &str, message: &str) -> kube::Error {
+    kube::Error::Api(Box::new(
+        serde_json::from_value(status_body(code, reason, message)).expect("a Status"),
+    ))
+}
+
 /// The fixed "now" of every test.
 pub fn now() -> Timestamp {
     "2026-01-01T12:00:00Z".parse().expect("valid timestamp")
@@ -210,9 +233,17 @@ pub fn evicted() -> PodStatus {
 }
 
 type ApiServerHandle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Pending = (
+    Request<Body>,
+    tower_test::mock::SendResponse<Response<Body>>,
+);
 
 /// Plays the API server: each `expect` call checks the next request and answers it.
-pub struct ApiServerVerifier(ApiServerHandle);
+pub struct ApiServerVerifier {
+    handle: ApiServerHandle,
+    /// A request that [`ApiServerVerifier::answer_while`] looked at and left for the next call.
+    pending: Option<Pending>,
+}
 
 /// One request the verifier saw.
 #[derive(Debug)]
@@ -223,21 +254,27 @@ pub struct Seen {
 }
 
 impl ApiServerVerifier {
-    /// Checks that the next request has `method` and a URI containing `uri`, answers with
-    /// `status` and `response`, and returns what was sent.
-    pub async fn expect(
-        &mut self,
-        method: Method,
-        uri: &str,
-        status: u16,
-        response: Value,
-    ) -> Seen {
-        let (request, send) =
-            self.0.next_request().await.unwrap_or_else(|| {
-                panic!("expected {method} {uri}, but the client sent nothing more")
-            });
-        let seen_method = request.method().clone();
-        let seen_uri = request.uri().to_string();
+    fn new(handle: ApiServerHandle) -> Self {
+        Self {
+            handle,
+            pending: None,
+        }
+    }
+
+    async fn next(&mut self, what: &str) -> Pending {
+        if let Some(pending) = self.pending.take() {
+            return pending;
+        }
+        self.handle
+            .next_request()
+            .await
+            .unwrap_or_else(|| panic!("expected {what}, but the client sent nothing more"))
+    }
+
+    /// Reads the request's body and sends the answer that `respond` makes from it.
+    async fn reply((request, send): Pending, respond: impl FnOnce(&Value) -> (u16, Value)) -> Seen {
+        let method = request.method().clone();
+        let uri = request.uri().to_string();
         let bytes = request
             .into_body()
             .collect_bytes()
@@ -249,24 +286,90 @@ impl ApiServerVerifier {
             serde_json::from_slice(&bytes)
                 .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()))
         };
-        assert_eq!(
-            seen_method, method,
-            "method of {seen_uri} (expected {method} {uri}); body: {body}"
-        );
-        assert!(
-            seen_uri.contains(uri),
-            "expected a URI containing {uri}, got {seen_method} {seen_uri}"
-        );
+        let (status, response) = respond(&body);
         let response = Response::builder()
             .status(status)
             .body(Body::from(serde_json::to_vec(&response).expect("json")))
             .expect("response");
         send.send_response(response);
-        Seen {
-            method: seen_method,
-            uri: seen_uri,
-            body,
+        Seen { method, uri, body }
+    }
+
+    /// Checks that the next request has `method` and a URI containing `uri`, answers with
+    /// `status` and `response`, and returns what was sent.
+    pub async fn expect(
+        &mut self,
+        method: Method,
+        uri: &str,
+        status: u16,
+        response: Value,
+    ) -> Seen {
+        let next = self.next(&format!("{method} {uri}")).await;
+        let seen = Self::reply(next, |_| (status, response)).await;
+        assert_eq!(
+            seen.method, method,
+            "method of {} (expected {method} {uri}); body: {}",
+            seen.uri, seen.body
+        );
+        assert!(
+            seen.uri.contains(uri),
+            "expected a URI containing {uri}, got {} {}",
+            seen.method,
+            seen.uri
+        );
+        seen
+    }
+
+    /// Checks the next request like [`ApiServerVerifier::expect`] and refuses it with a
+    /// `kind: Status` body of `code` (and its usual reason) and `message`.
+    pub async fn refuse(&mut self, method: Method, uri: &str, code: u16, message: &str) -> Seen {
+        let reason = match code {
+            403 => "Forbidden",
+            404 => "NotFound",
+            409 => "AlreadyExists",
+            422 => "Invalid",
+            _ => "InternalError",
+        };
+        self.expect(method, uri, code, status_body(code, reason, message))
+            .await
+    }
+
+    /// Takes the next request and never answers it, like a hung API server (returns when the
+    /// client goes away).
+    pub async fn hold_next(&mut self) {
+        let held = self.next("a request").await;
+        self.handle.next_request().await;
+        drop(held);
+    }
+
+    /// Takes every request and answers none (until the client goes away).
+    pub async fn hold_all(mut self) {
+        let mut held = Vec::new();
+        while let Some(next) = match self.pending.take() {
+            Some(p) => Some(p),
+            None => self.handle.next_request().await,
+        } {
+            held.push(next);
         }
+    }
+
+    /// Answers the next request with what `respond` makes of its body when `matches` accepts
+    /// its method and URI; otherwise leaves it for the next call and returns `None` (also when
+    /// the client sent nothing more).
+    pub async fn answer_while(
+        &mut self,
+        matches: impl Fn(&Method, &str) -> bool,
+        respond: impl FnOnce(&Value) -> (u16, Value),
+    ) -> Option<Seen> {
+        let next = match self.pending.take() {
+            Some(pending) => pending,
+            None => self.handle.next_request().await?,
+        };
+        if !matches(next.0.method(), &next.0.uri().to_string()) {
+            self.pending = Some(next);
+            return None;
+        }
+        Some(Self::reply(next, respond).await)
     }
 
     /// Answers an event creation (events.k8s.io) and returns its body.
@@ -321,16 +424,44 @@ impl ApiServerVerifier {
     /// Asserts that the client sends nothing more (call after the reconcile finished and the
     /// context was dropped).
     pub async fn expect_nothing_more(mut self) {
-        if let Some((request, _)) = self.0.next_request().await {
+        let next = match self.pending.take() {
+            Some(pending) => Some(pending),
+            None => self.handle.next_request().await,
+        };
+        if let Some((request, _)) = next {
             panic!("unexpected request {} {}", request.method(), request.uri());
         }
     }
 }
 
+/// Runs `client_side` with a client whose API server `script` plays, then checks that the client
+/// sent nothing beyond the script (the client is dropped when `client_side` ends); returns what
+/// `client_side` returned.
+pub async fn against_script<S, SF, C, CF, T>(script: S, client_side: C) -> T
+where
+    S: FnOnce(ApiServerVerifier) -> SF,
+    SF: Future<Output = ApiServerVerifier> + Send + 'static,
+    C: FnOnce(Client) -> CF,
+    CF: Future<Output = T>,
+{
+    let (client, api) = mock_client();
+    let server = tokio::spawn(script(api));
+    let out = client_side(client).await;
+    server
+        .await
+        .expect("the scenario's expectations held")
+        .expect_nothing_more()
+        .await;
+    out
+}
+
 /// A client talking to a fresh [`ApiServerVerifier`].
 pub fn mock_client() -> (Client, ApiServerVerifier) {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    (Client::new(service, "default"), ApiServerVerifier(handle))
+    (
+        Client::new(service, "default"),
+        ApiServerVerifier::new(handle),
+    )
 }
 
 impl Context {
@@ -354,6 +485,6 @@ impl Context {
             store: store.clone(),
             clock: Clock::Fixed(now()),
         };
-        (Arc::new(ctx), ApiServerVerifier(handle), store)
+        (Arc::new(ctx), ApiServerVerifier::new(handle), store)
     }
 }

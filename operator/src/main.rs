@@ -6,22 +6,20 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use agentrun_operator::config::{Settings, SidecarTls};
+use agentrun_operator::config::{self, PodFlags, Settings, SidecarTls};
 use agentrun_operator::controller::{self, Clock, Context};
-use agentrun_operator::crd::{self, AgentRun};
+use agentrun_operator::crd;
 use agentrun_operator::leader::LeaseLock;
 use agentrun_operator::metrics::Metrics;
 use agentrun_operator::server::{ServerState, app};
 use agentrun_operator::store::{RedisStore, RunStore};
-use agentrun_operator::{pod, telemetry};
+use agentrun_operator::{pod, preflight, telemetry};
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::ListParams;
 use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::core::DeserializeGuard;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 use kube::{Api, Client, Config};
@@ -56,11 +54,34 @@ struct RunArgs {
     #[arg(long, env = "AGENTRUN_METRICS_ADDR", default_value = "0.0.0.0:8080")]
     metrics_addr: SocketAddr,
     /// Image with agentrun-sidecar and agentrun-entrypoint, put into every agent pod.
-    #[arg(long, env = "AGENTRUN_SIDECAR_IMAGE")]
+    #[arg(long, env = "AGENTRUN_SIDECAR_IMAGE", default_value = config::DEFAULT_SIDECAR_IMAGE)]
     sidecar_image: String,
     /// Pull policy of the sidecar image.
     #[arg(long, env = "AGENTRUN_SIDECAR_IMAGE_PULL_POLICY")]
     sidecar_image_pull_policy: Option<String>,
+    /// Pull Secrets for the sidecar image (names, comma separated) added to every agent pod;
+    /// each must exist in every namespace that runs AgentRuns.
+    #[arg(
+        long,
+        env = "AGENTRUN_SIDECAR_IMAGE_PULL_SECRETS",
+        value_delimiter = ','
+    )]
+    sidecar_image_pull_secrets: Vec<String>,
+    /// Resources of the agentrun-tools and agentrun-sidecar containers, as a JSON
+    /// ResourceRequirements (default: requests cpu 10m, memory 32Mi; limits memory 128Mi). Add
+    /// a CPU limit for namespaces whose ResourceQuota covers limits.cpu.
+    #[arg(long, env = "AGENTRUN_SIDECAR_RESOURCES")]
+    sidecar_resources: Option<String>,
+    /// Security context of the agentrun-tools and agentrun-sidecar containers, as a JSON
+    /// SecurityContext used as it is (default: runAsNonRoot, runAsUser and runAsGroup 65532,
+    /// readOnlyRootFilesystem, no privilege escalation, capabilities drop ALL). On OpenShift
+    /// leave runAsUser and runAsGroup out.
+    #[arg(long, env = "AGENTRUN_SIDECAR_SECURITY_CONTEXT")]
+    sidecar_security_context: Option<String>,
+    /// fsGroup of agent pods (a group id), or `none` to leave it to the cluster (OpenShift
+    /// assigns one from the namespace's range). A run's spec.podSecurityContext.fsGroup wins.
+    #[arg(long, env = "AGENTRUN_POD_FS_GROUP", default_value = "65532")]
+    pod_fs_group: String,
     /// The operator's own Redis connection.
     #[command(flatten)]
     redis: agentrun_protocol::RedisArgs,
@@ -174,6 +195,7 @@ async fn shutdown_signal() {
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_json);
+    let settings = settings(&args)?;
     let client = client(args.kubeconfig.as_ref()).await?;
     let metrics = Arc::new(Metrics::new());
     let ready = Arc::new(AtomicBool::new(false));
@@ -186,34 +208,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("could not listen on {} (--metrics-addr)", args.metrics_addr))?;
     let server = tokio::spawn(async move { axum::serve(listener, app(state)).await });
 
-    // Refuse to start without the CRD.
-    let check: Api<DeserializeGuard<AgentRun>> = Api::all(client.clone());
-    if let Err(e) = check.list(&ListParams::default().limit(1)).await {
-        match e {
-            kube::Error::Api(s) if s.code == 404 => bail!(
-                "the AgentRun CRD (agentruns.agentrun.dev) is not installed in this cluster: install it with `kubectl apply -f crds/agentrun.dev_agentruns.yaml` (or `agentrun-operator crd | kubectl apply -f -`) and start the operator again"
-            ),
-            kube::Error::Api(s) if s.code == 401 || s.code == 403 => bail!(
-                "the operator may not list AgentRuns ({}): grant list/watch on agentruns.agentrun.dev (the Helm chart's ClusterRole does)",
-                s.message
-            ),
-            e => return Err(e).context("could not reach the Kubernetes API server to list AgentRuns; check --kubeconfig / KUBECONFIG / the in-cluster config"),
-        }
-    }
+    // Refuse to start on a cluster that cannot run agent pods, without the permissions the
+    // operator needs in its scope, or without the CRD.
+    let scope = preflight::Scope::new(args.watch_namespace.as_deref());
+    let lease_namespace = (!args.no_leader_election).then_some(args.lease_namespace.as_str());
+    preflight::check(&client, &scope, lease_namespace)
+        .await
+        .map_err(anyhow::Error::msg)?;
     ready.store(true, Ordering::SeqCst);
 
     let redis = args
         .redis
         .settings()
         .context("--redis-url / AGENTRUN_REDIS_URL is not a valid Redis URL")?;
-    let sidecar_tls = SidecarTls::load(
-        args.sidecar_redis_ca_file
-            .as_deref()
-            .or(args.redis.ca_file.as_deref()),
-        args.sidecar_redis_client_cert.as_deref(),
-        args.sidecar_redis_client_key.as_deref(),
-    )
-    .map_err(anyhow::Error::msg)?;
     let store: Arc<dyn RunStore> = match RedisStore::connect(
         &redis,
         args.stream_max_len.max(1) as u64,
@@ -243,31 +250,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
     if !args.no_leader_election {
         info!(identity = %identity, lease = %args.lease_name, "waiting to become the leader");
-        tokio::select! {
-            _ = lease.acquire() => {},
+        let renewed = tokio::select! {
+            at = lease.acquire() => at,
             _ = shutdown_signal() => return Ok(()),
-        }
+        };
         let keeper = lease.clone();
-        tokio::spawn(async move { keeper.keep(leading_tx).await });
+        tokio::spawn(async move { keeper.keep(leading_tx, renewed).await });
     }
 
-    let settings = Settings {
-        sidecar_image: args.sidecar_image.clone(),
-        sidecar_image_pull_policy: args.sidecar_image_pull_policy.clone(),
-        redis_url: args
-            .sidecar_redis_url
-            .clone()
-            .unwrap_or_else(|| args.redis.url.clone()),
-        redis_username: args.redis.username.clone(),
-        redis_password: args.redis.password.clone(),
-        run_credential_key: run_credential_key(&args),
-        termination_grace_period_seconds: args.pod_termination_grace_seconds.max(1),
-        relay_url: args.relay_url.clone(),
-        default_stream_max_len: args.stream_max_len,
-        default_retention_seconds: args.retention_seconds,
-        sidecar_tls,
-        ..Settings::default()
-    };
     let reporter = Reporter {
         controller: pod::MANAGED_BY.into(),
         instance: Some(identity.clone()),
@@ -280,12 +270,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         store,
         clock: Clock::System,
     });
-    let (runs, pods): (Api<DeserializeGuard<AgentRun>>, Api<Pod>) = match &args.watch_namespace {
-        Some(ns) => (
-            Api::namespaced(client.clone(), ns),
-            Api::namespaced(client.clone(), ns),
-        ),
-        None => (Api::all(client.clone()), Api::all(client.clone())),
+    let runs = scope.agentruns(&client);
+    let pods: Api<Pod> = match &scope {
+        preflight::Scope::Namespace(ns) => Api::namespaced(client.clone(), ns),
+        preflight::Scope::Cluster => Api::all(client.clone()),
     };
     let lost_leadership = async move {
         while leading_rx.changed().await.is_ok() {
@@ -328,6 +316,42 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// What the operator puts into agent pods, from the flags; every error names its flag.
+fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
+    let sidecar_tls = SidecarTls::load(
+        args.sidecar_redis_ca_file
+            .as_deref()
+            .or(args.redis.ca_file.as_deref()),
+        args.sidecar_redis_client_cert.as_deref(),
+        args.sidecar_redis_client_key.as_deref(),
+    )
+    .map_err(anyhow::Error::msg)?;
+    Settings {
+        sidecar_image: args.sidecar_image.clone(),
+        sidecar_image_pull_policy: args.sidecar_image_pull_policy.clone(),
+        redis_url: args
+            .sidecar_redis_url
+            .clone()
+            .unwrap_or_else(|| args.redis.url.clone()),
+        redis_username: args.redis.username.clone(),
+        redis_password: args.redis.password.clone(),
+        run_credential_key: run_credential_key(args),
+        termination_grace_period_seconds: args.pod_termination_grace_seconds.max(1),
+        relay_url: args.relay_url.clone(),
+        default_stream_max_len: args.stream_max_len,
+        default_retention_seconds: args.retention_seconds,
+        sidecar_tls,
+        ..Settings::default()
+    }
+    .with_pod_flags(&PodFlags {
+        sidecar_image_pull_secrets: &args.sidecar_image_pull_secrets,
+        sidecar_resources: args.sidecar_resources.as_deref(),
+        sidecar_security_context: args.sidecar_security_context.as_deref(),
+        pod_fs_group: &args.pod_fs_group,
+    })
+    .map_err(anyhow::Error::msg)
 }
 
 /// The key per-run Redis passwords are derived from, when per-run users are on.

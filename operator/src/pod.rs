@@ -1,15 +1,25 @@
 //! Building agent pods (and the per-run Secret) from an AgentRun: pure functions.
+//!
+//! Security contexts: the pod gets `seccompProfile: RuntimeDefault` and the operator's
+//! `fsGroup`, overlaid field by field with the run's `spec.podSecurityContext`; the agentrun
+//! containers get the operator's sidecar security context as it is; the agent container gets
+//! `allowPrivilegeEscalation: false` and `capabilities: {drop: [ALL]}`, overlaid field by field
+//! with the run's `spec.securityContext`. The operator never forces a user on the agent.
 
 use std::collections::BTreeMap;
 
+use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
-    Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret, SecretKeySelector,
-    SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+    Container, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    LocalObjectReference, Pod, PodSecurityContext, PodSpec, Probe, SeccompProfile, Secret,
+    SecretKeySelector, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 
 use crate::config::Settings;
 use crate::crd::{AgentRun, ResolvedVariation};
@@ -42,8 +52,6 @@ pub const ENTRYPOINT_PATH: &str = "/agentrun/bin/agentrun-entrypoint";
 pub const SIDECAR_BINARY: &str = "/usr/local/bin/agentrun-sidecar";
 /// Port of the sidecar's /metrics, /healthz, /readyz.
 pub const SIDECAR_METRICS_PORT: i32 = 9464;
-/// Non-root user of the agentrun containers (distroless `nonroot`).
-pub const AGENTRUN_UID: i64 = 65532;
 /// Volume (from the run's Secret) with the sidecar's Redis TLS files, when there are any.
 pub const REDIS_TLS_VOLUME: &str = "agentrun-redis-tls";
 /// Where the sidecar finds them.
@@ -166,6 +174,10 @@ pub fn run_credentials(run: &AgentRun, settings: &Settings) -> Result<Option<(St
 }
 
 /// The Secret holding the Redis settings of the run's sidecars, owned by the run.
+///
+/// It is written with server-side apply, so it carries every field the operator owns, and the
+/// values go into `data`, never `stringData`: the API server folds `stringData` into `data`, so
+/// a key the operator stopped sending under `stringData` would stay in `data` for good.
 pub fn build_secret(run: &AgentRun, settings: &Settings) -> Result<Secret> {
     let mut data = BTreeMap::from([("AGENTRUN_REDIS_URL".to_string(), settings.redis_url.clone())]);
     if let Some((user, password)) = run_credentials(run, settings)? {
@@ -189,7 +201,11 @@ pub fn build_secret(run: &AgentRun, settings: &Settings) -> Result<Secret> {
     }
     Ok(Secret {
         metadata: owner_meta(run, secret_name(run), BTreeMap::new())?,
-        string_data: Some(data),
+        data: Some(
+            data.into_iter()
+                .map(|(k, v)| (k, ByteString(v.into_bytes())))
+                .collect(),
+        ),
         type_: Some("Opaque".into()),
         ..Default::default()
     })
@@ -262,19 +278,69 @@ fn sidecar_redis(run: &AgentRun, settings: &Settings) -> (Vec<EnvVar>, Option<Vo
     (env, Some(volume))
 }
 
-fn hardened() -> SecurityContext {
-    SecurityContext {
-        allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
+/// `defaults` with every top-level field that `set` sets replaced by `set`'s (a field that
+/// holds an object, such as `capabilities`, is replaced as a whole).
+fn overlay<T: Serialize + DeserializeOwned>(
+    what: &'static str,
+    defaults: T,
+    set: Option<&T>,
+) -> Result<T> {
+    let Some(set) = set else {
+        return Ok(defaults);
+    };
+    let json = |v: &T| serde_json::to_value(v).map_err(|source| Error::Serialize { what, source });
+    let mut merged = json(&defaults)?;
+    if let (Value::Object(into), Value::Object(from)) = (&mut merged, json(set)?) {
+        into.extend(from.into_iter().filter(|(_, v)| !v.is_null()));
+    }
+    serde_json::from_value(merged).map_err(|source| Error::Serialize { what, source })
+}
+
+/// The agent pod's security context: the operator's defaults, then the run's fields.
+fn pod_security_context(run: &AgentRun, settings: &Settings) -> Result<PodSecurityContext> {
+    let defaults = PodSecurityContext {
+        fs_group: settings.pod_fs_group,
+        seccomp_profile: Some(SeccompProfile {
+            type_: "RuntimeDefault".into(),
             ..Default::default()
         }),
-        read_only_root_filesystem: Some(true),
-        run_as_non_root: Some(true),
-        run_as_user: Some(AGENTRUN_UID),
-        run_as_group: Some(AGENTRUN_UID),
         ..Default::default()
+    };
+    overlay(
+        "spec.podSecurityContext",
+        defaults,
+        run.spec.pod_security_context.as_ref(),
+    )
+}
+
+/// The agent container's security context: no privilege escalation and no capabilities unless
+/// the run's `spec.securityContext` says otherwise; the user is the image's or the run's.
+fn agent_security_context(run: &AgentRun) -> Result<SecurityContext> {
+    overlay(
+        "spec.securityContext",
+        crate::config::no_privileges(),
+        run.spec.security_context.as_ref(),
+    )
+}
+
+/// The operator's pull Secrets for the sidecar image, then the run's, each name once.
+fn image_pull_secrets(run: &AgentRun, settings: &Settings) -> Option<Vec<LocalObjectReference>> {
+    let mut names: Vec<String> = Vec::new();
+    let all = settings
+        .sidecar_image_pull_secrets
+        .iter()
+        .chain(run.spec.image_pull_secrets.iter().map(|r| &r.name));
+    for name in all {
+        if !name.is_empty() && !names.contains(name) {
+            names.push(name.clone());
+        }
     }
+    (!names.is_empty()).then(|| {
+        names
+            .into_iter()
+            .map(|name| LocalObjectReference { name })
+            .collect()
+    })
 }
 
 fn mount() -> VolumeMount {
@@ -345,7 +411,7 @@ pub fn build_pod(
             format!("{MOUNT_PATH}/bin"),
         ]),
         volume_mounts: Some(vec![mount()]),
-        security_context: Some(hardened()),
+        security_context: Some(settings.sidecar_security_context.clone()),
         resources: Some(settings.sidecar_resources.clone()),
         ..Default::default()
     };
@@ -386,7 +452,7 @@ pub fn build_pod(
         startup_probe: Some(http_probe("/healthz", 1, 30)),
         readiness_probe: Some(http_probe("/readyz", 5, 3)),
         volume_mounts: Some(sidecar_mounts),
-        security_context: Some(hardened()),
+        security_context: Some(settings.sidecar_security_context.clone()),
         resources: Some(settings.sidecar_resources.clone()),
         ..Default::default()
     };
@@ -409,14 +475,7 @@ pub fn build_pod(
         resources: spec.resources.clone(),
         volume_mounts: Some(vec![mount()]),
         termination_message_policy: Some("FallbackToLogsOnError".into()),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }),
+        security_context: Some(agent_security_context(run)?),
         ..Default::default()
     };
     Ok(Pod {
@@ -439,16 +498,12 @@ pub fn build_pod(
             node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
             tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
             affinity: spec.affinity.clone(),
+            image_pull_secrets: image_pull_secrets(run, settings),
+            runtime_class_name: spec.runtime_class_name.clone(),
+            priority_class_name: spec.priority_class_name.clone(),
             termination_grace_period_seconds: Some(settings.termination_grace_period_seconds),
             enable_service_links: Some(false),
-            security_context: Some(PodSecurityContext {
-                fs_group: Some(AGENTRUN_UID),
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
+            security_context: Some(pod_security_context(run, settings)?),
             ..Default::default()
         }),
         status: None,
@@ -469,6 +524,7 @@ mod tests {
     use super::*;
     use crate::crd::AgentRun;
     use crate::fixtures::settings;
+    use k8s_openapi::api::core::v1::Capabilities;
 
     /// Compares with a committed snapshot; `UPDATE_SNAPSHOTS=1` rewrites it.
     fn assert_snapshot(name: &str, value: &impl serde::Serialize) {
@@ -511,6 +567,16 @@ mod tests {
         run.spec.service_account_name = Some("agent".into());
         run.spec.image_pull_policy = Some(crate::crd::ImagePullPolicy::Always);
         run.spec.stream_max_len = Some(5000);
+        run.spec.security_context = Some(SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(1000),
+            ..Default::default()
+        });
+        run.spec.image_pull_secrets = vec![LocalObjectReference {
+            name: "registry".into(),
+        }];
+        run.spec.runtime_class_name = Some("gvisor".into());
+        run.spec.priority_class_name = Some("agents".into());
         let pods = build_pods(&run, &settings()).expect("builds");
         assert_eq!(pods.len(), 2);
         assert_snapshot("pod-variation-careful", &pods[1]);
@@ -592,5 +658,287 @@ mod tests {
             err.contains("AgentRun default/hello") && err.contains("metadata.uid"),
             "{err}"
         );
+    }
+
+    /// Every way a pod breaks Pod Security `restricted` (which includes `baseline`), as the
+    /// admission plugin checks it (k8s.io/pod-security-admission, level restricted, version
+    /// latest), for the fields the operator can set.
+    fn restricted_violations(pod: &Pod) -> Vec<String> {
+        let spec = pod.spec.clone().expect("spec");
+        let pod_sc = spec.security_context.clone().unwrap_or_default();
+        let mut bad = Vec::new();
+        for flag in [spec.host_network, spec.host_pid, spec.host_ipc] {
+            if flag == Some(true) {
+                bad.push("host namespaces".to_string());
+            }
+        }
+        let allowed_volumes = |v: &Volume| {
+            v.config_map.is_some()
+                || v.csi.is_some()
+                || v.downward_api.is_some()
+                || v.empty_dir.is_some()
+                || v.ephemeral.is_some()
+                || v.persistent_volume_claim.is_some()
+                || v.projected.is_some()
+                || v.secret.is_some()
+        };
+        for v in spec.volumes.iter().flatten() {
+            if !allowed_volumes(v) {
+                bad.push(format!("volume {} has a restricted type", v.name));
+            }
+        }
+        if pod_sc.run_as_user == Some(0) {
+            bad.push("pod runAsUser 0".into());
+        }
+        let seccomp_ok = |p: &Option<SeccompProfile>| {
+            p.as_ref()
+                .is_some_and(|p| p.type_ == "RuntimeDefault" || p.type_ == "Localhost")
+        };
+        let containers: Vec<&Container> = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(spec.containers.iter())
+            .collect();
+        for c in containers {
+            let sc = c.security_context.clone().unwrap_or_default();
+            let name = &c.name;
+            if sc.privileged == Some(true) {
+                bad.push(format!("{name}: privileged"));
+            }
+            if sc.allow_privilege_escalation != Some(false) {
+                bad.push(format!("{name}: allowPrivilegeEscalation != false"));
+            }
+            let caps = sc.capabilities.clone().unwrap_or_default();
+            if !caps.drop.iter().flatten().any(|d| d == "ALL") {
+                bad.push(format!("{name}: capabilities.drop lacks ALL"));
+            }
+            if caps.add.iter().flatten().any(|a| a != "NET_BIND_SERVICE") {
+                bad.push(format!("{name}: adds capabilities"));
+            }
+            let non_root = sc.run_as_non_root.or(pod_sc.run_as_non_root);
+            if non_root != Some(true) {
+                bad.push(format!("{name}: runAsNonRoot != true"));
+            }
+            if sc.run_as_user == Some(0) {
+                bad.push(format!("{name}: runAsUser 0"));
+            }
+            if !(seccomp_ok(&sc.seccomp_profile)
+                || (sc.seccomp_profile.is_none() && seccomp_ok(&pod_sc.seccomp_profile)))
+            {
+                bad.push(format!(
+                    "{name}: seccompProfile not RuntimeDefault/Localhost"
+                ));
+            }
+            if c.ports.iter().flatten().any(|p| p.host_port.is_some()) {
+                bad.push(format!("{name}: hostPort"));
+            }
+        }
+        bad
+    }
+
+    fn run_as_non_root() -> SecurityContext {
+        SecurityContext {
+            run_as_non_root: Some(true),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_default_pod_meets_pod_security_restricted_once_the_agent_runs_as_non_root() {
+        let mut run = AgentRun::test();
+        let pod = build_pods(&run, &settings()).expect("builds").remove(0);
+        // The checker is not blind: the agent's user is the image's, which may be root.
+        assert_eq!(restricted_violations(&pod), ["agent: runAsNonRoot != true"]);
+        run.spec.security_context = Some(run_as_non_root());
+        let pod = build_pods(&run, &settings()).expect("builds").remove(0);
+        assert_eq!(restricted_violations(&pod), Vec::<String>::new());
+        // The same at the pod level, and with the OpenShift settings (no user, no fsGroup).
+        let mut run = AgentRun::test();
+        run.spec.pod_security_context = Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            ..Default::default()
+        });
+        let mut openshift = settings();
+        openshift.pod_fs_group = None;
+        openshift.sidecar_security_context.run_as_user = None;
+        openshift.sidecar_security_context.run_as_group = None;
+        let pod = build_pods(&run, &openshift).expect("builds").remove(0);
+        assert_eq!(restricted_violations(&pod), Vec::<String>::new());
+        let spec = pod.spec.expect("spec");
+        let pod_sc = spec.security_context.expect("pod security context");
+        assert_eq!(pod_sc.fs_group, None, "OpenShift assigns the fsGroup");
+        let init = spec.init_containers.expect("init containers");
+        assert!(init.iter().all(|c| {
+            let sc = c.security_context.clone().unwrap_or_default();
+            sc.run_as_user.is_none() && sc.run_as_group.is_none()
+        }));
+    }
+
+    #[test]
+    fn every_pod_field_of_the_spec_reaches_the_pod() {
+        use k8s_openapi::api::core::v1::{
+            Affinity, EnvFromSource, NodeAffinity, NodeSelector, ResourceRequirements,
+            SecretEnvSource, Toleration,
+        };
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let mut run = AgentRun::test();
+        let gpu = ResourceRequirements {
+            limits: Some(BTreeMap::from([(
+                "nvidia.com/gpu".to_string(),
+                Quantity("1".into()),
+            )])),
+            ..Default::default()
+        };
+        let toleration = Toleration {
+            key: Some("nvidia.com/gpu".into()),
+            operator: Some("Exists".into()),
+            effect: Some("NoSchedule".into()),
+            ..Default::default()
+        };
+        let affinity = Affinity {
+            node_affinity: Some(NodeAffinity {
+                required_during_scheduling_ignored_during_execution: Some(NodeSelector {
+                    node_selector_terms: vec![],
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let agent_sc = SecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(1000),
+            ..Default::default()
+        };
+        let pod_sc = PodSecurityContext {
+            fs_group: Some(2000),
+            supplemental_groups: Some(vec![3000]),
+            ..Default::default()
+        };
+        let env_from = EnvFromSource {
+            secret_ref: Some(SecretEnvSource {
+                name: "agent-keys".into(),
+                optional: None,
+            }),
+            ..Default::default()
+        };
+        let spec = &mut run.spec;
+        spec.resources = Some(gpu.clone());
+        spec.security_context = Some(agent_sc);
+        spec.pod_security_context = Some(pod_sc);
+        spec.image_pull_secrets = vec![
+            LocalObjectReference {
+                name: "agent-registry".into(),
+            },
+            LocalObjectReference {
+                name: "sidecar-registry".into(),
+            },
+        ];
+        spec.runtime_class_name = Some("nvidia".into());
+        spec.priority_class_name = Some("agents-high".into());
+        spec.service_account_name = Some("agent".into());
+        spec.node_selector = BTreeMap::from([("gpu".to_string(), "a100".to_string())]);
+        spec.tolerations = vec![toleration.clone()];
+        spec.affinity = Some(affinity.clone());
+        spec.env_from = vec![env_from.clone()];
+        spec.working_dir = Some("/work".into());
+        spec.image_pull_policy = Some(crate::crd::ImagePullPolicy::Always);
+        let mut settings = settings();
+        settings.sidecar_image_pull_secrets = vec!["sidecar-registry".into()];
+        let pod = build_pods(&run, &settings).expect("builds").remove(0);
+        let spec = pod.spec.expect("spec");
+        let agent = &spec.containers[0];
+        assert_eq!(agent.resources, Some(gpu));
+        assert_eq!(agent.env_from, Some(vec![env_from]));
+        assert_eq!(agent.working_dir.as_deref(), Some("/work"));
+        assert_eq!(agent.image_pull_policy.as_deref(), Some("Always"));
+        let sc = agent
+            .security_context
+            .clone()
+            .expect("agent security context");
+        assert_eq!(
+            (
+                sc.run_as_non_root,
+                sc.run_as_user,
+                sc.allow_privilege_escalation
+            ),
+            (Some(true), Some(1000), Some(false)),
+            "the run's fields and the defaults it did not set"
+        );
+        assert_eq!(
+            sc.capabilities.and_then(|c| c.drop),
+            Some(vec!["ALL".to_string()])
+        );
+        let pod_sc = spec.security_context.expect("pod security context");
+        assert_eq!(pod_sc.fs_group, Some(2000), "the run's fsGroup wins");
+        assert_eq!(pod_sc.supplemental_groups, Some(vec![3000]));
+        assert_eq!(
+            pod_sc.seccomp_profile.map(|p| p.type_).as_deref(),
+            Some("RuntimeDefault")
+        );
+        let secrets: Vec<String> = spec
+            .image_pull_secrets
+            .expect("pull secrets")
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(secrets, ["sidecar-registry", "agent-registry"]);
+        assert_eq!(spec.runtime_class_name.as_deref(), Some("nvidia"));
+        assert_eq!(spec.priority_class_name.as_deref(), Some("agents-high"));
+        assert_eq!(spec.service_account_name.as_deref(), Some("agent"));
+        assert_eq!(spec.automount_service_account_token, Some(true));
+        assert_eq!(
+            spec.node_selector,
+            Some(BTreeMap::from([("gpu".to_string(), "a100".to_string())]))
+        );
+        assert_eq!(spec.tolerations, Some(vec![toleration]));
+        assert_eq!(spec.affinity, Some(affinity));
+        // The agentrun containers keep the operator's settings, whatever the run says.
+        for c in spec.init_containers.expect("init containers") {
+            assert_eq!(
+                c.security_context,
+                Some(settings.sidecar_security_context.clone())
+            );
+            assert_eq!(c.resources, Some(settings.sidecar_resources.clone()));
+        }
+    }
+
+    #[test]
+    fn a_field_the_run_sets_replaces_that_default_as_a_whole() {
+        let mut run = AgentRun::test();
+        run.spec.security_context = Some(SecurityContext {
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_BIND_SERVICE".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        run.spec.pod_security_context = Some(PodSecurityContext {
+            seccomp_profile: Some(SeccompProfile {
+                type_: "Localhost".into(),
+                localhost_profile: Some("agent.json".into()),
+            }),
+            ..Default::default()
+        });
+        let pod = build_pods(&run, &settings()).expect("builds").remove(0);
+        let spec = pod.spec.expect("spec");
+        let agent = spec.containers[0].security_context.clone().expect("sc");
+        assert_eq!(
+            agent.capabilities,
+            Some(Capabilities {
+                add: Some(vec!["NET_BIND_SERVICE".into()]),
+                drop: None
+            })
+        );
+        assert_eq!(agent.allow_privilege_escalation, Some(false));
+        let pod_sc = spec.security_context.expect("pod sc");
+        assert_eq!(
+            pod_sc
+                .seccomp_profile
+                .and_then(|p| p.localhost_profile)
+                .as_deref(),
+            Some("agent.json")
+        );
+        assert_eq!(pod_sc.fs_group, Some(crate::config::DEFAULT_UID));
     }
 }

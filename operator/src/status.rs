@@ -15,6 +15,9 @@ pub mod conditions {
     pub const COMPLETE: &str = "Complete";
     /// The operator could turn the spec into pods.
     pub const SPEC_VALID: &str = "SpecValid";
+    /// Every variation that may run has its pod; False with the reason and the API server's
+    /// message when creating a pod or the run's Secret was refused.
+    pub const PODS_CREATED: &str = "PodsCreated";
 }
 
 /// Machine-readable reasons used in conditions, variation status and `run:{RUN}:status`.
@@ -41,6 +44,31 @@ pub mod reasons {
     pub const SUCCEEDED: &str = "Succeeded";
     pub const SPEC_VALID: &str = "SpecValid";
     pub const INVALID_SPEC: &str = "InvalidSpec";
+    /// `PodsCreated=True`.
+    pub const PODS_CREATED: &str = "PodsCreated";
+    /// Pod Security admission refused the pod (permanent: the variation fails).
+    pub const POD_SECURITY: &str = "PodSecurity";
+    /// A ResourceQuota refused the pod (retried).
+    pub const QUOTA_EXCEEDED: &str = "QuotaExceeded";
+    /// The API server refused the pod as invalid (permanent: the variation fails).
+    pub const POD_INVALID: &str = "PodInvalid";
+    /// RBAC or an admission webhook refused the pod (retried).
+    pub const POD_FORBIDDEN: &str = "PodForbidden";
+    /// Creating the pod failed for another reason, such as a server error (retried).
+    pub const POD_CREATE_FAILED: &str = "PodCreateFailed";
+    /// The run's Secret could not be written, so no pod was created (retried).
+    pub const SECRET_FAILED: &str = "SecretFailed";
+
+    /// Reasons of a variation whose pod the operator tried and failed to create.
+    pub const NOT_CREATED: [&str; 7] = [
+        POD_SECURITY,
+        QUOTA_EXCEEDED,
+        POD_INVALID,
+        POD_FORBIDDEN,
+        POD_CREATE_FAILED,
+        SECRET_FAILED,
+        POD_NAME_TAKEN,
+    ];
 }
 
 /// The agent container writes this line in its termination message (`/dev/termination-log`)
@@ -313,22 +341,70 @@ pub fn derive(obs: &Observation<'_>) -> AgentRunStatus {
             vs.message = Some("waiting for the operator to create the pod".into());
         }
     }
-    let phase = run_phase(&variations);
-    let done = variations.iter().filter(|v| v.phase.is_finished()).count();
-    next.variations_done = Some(format!("{done}/{}", variations.len()));
     if next.start_time.is_none() && variations.iter().any(|v| v.pod_name.is_some()) {
         next.start_time = Some(Time(obs.now));
     }
+    next.variations = variations;
+    summarize(&mut next, obs.now);
+    set_conditions(&mut next, timed_out, obs.generation, obs.now);
+    next
+}
+
+/// Sets the run's phase, `variationsDone`, and when it finished its `completionTime` and
+/// `duration`, from its variations (call again after changing them).
+pub fn summarize(next: &mut AgentRunStatus, now: Timestamp) {
+    let phase = run_phase(&next.variations);
+    let done = next
+        .variations
+        .iter()
+        .filter(|v| v.phase.is_finished())
+        .count();
+    next.variations_done = Some(format!("{done}/{}", next.variations.len()));
     if phase.is_finished() {
-        next.completion_time = Some(Time(obs.now));
+        next.completion_time = Some(Time(now));
         if let Some(start) = &next.start_time {
-            next.duration = Some(format_duration(obs.now.duration_since(start.0)));
+            next.duration = Some(format_duration(now.duration_since(start.0)));
         }
     }
     next.phase = Some(phase);
-    next.variations = variations;
-    set_conditions(&mut next, timed_out, obs.generation, obs.now);
-    next
+}
+
+/// Writes the `PodsCreated` condition from the variations, after the operator tried to create
+/// the missing pods: False with the first refused variation's reason and message.
+pub fn set_pods_created(next: &mut AgentRunStatus, generation: Option<i64>, now: Timestamp) {
+    let refused = next.variations.iter().find(|v| {
+        v.pod_name.is_none()
+            && v.reason
+                .as_deref()
+                .is_some_and(|r| reasons::NOT_CREATED.contains(&r))
+    });
+    let (status, reason, message) = match refused {
+        Some(v) => (
+            "False",
+            v.reason.clone().unwrap_or_default(),
+            format!(
+                "variation {}: {}",
+                v.name,
+                v.message.clone().unwrap_or_default()
+            ),
+        ),
+        None => (
+            "True",
+            reasons::PODS_CREATED.to_string(),
+            "every variation that may run has its pod".to_string(),
+        ),
+    };
+    set_condition(
+        &mut next.conditions,
+        Condition {
+            type_: conditions::PODS_CREATED.into(),
+            status: status.into(),
+            reason,
+            message,
+            observed_generation: generation,
+            last_transition_time: Time(now),
+        },
+    );
 }
 
 /// Writes the `Ready`, `Complete` and `SpecValid` conditions from the phase and variations

@@ -20,6 +20,19 @@ fn operator(args: &[&str]) -> String {
     String::from_utf8(out.stdout).expect("utf-8")
 }
 
+/// The operator's container in manifests/install.yaml (the chart rendered).
+fn operator_container() -> Value {
+    let install = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/install.yaml"),
+    )
+    .expect("install.yaml");
+    let deployment: Value = serde_yaml::Deserializer::from_str(&install)
+        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+        .find(|d: &Value| d["kind"] == "Deployment" && d["metadata"]["name"] == "agentrun-operator")
+        .expect("the operator Deployment");
+    deployment["spec"]["template"]["spec"]["containers"][0].clone()
+}
+
 #[test]
 fn crd_subcommand_prints_the_committed_crd() {
     let printed = operator(&["crd"]);
@@ -34,17 +47,27 @@ fn crd_subcommand_prints_the_committed_crd() {
 }
 
 #[test]
+fn the_default_sidecar_image_is_the_one_the_chart_installs() {
+    let help = operator(&["run", "--help"]);
+    let image = operator_container()["env"]
+        .as_array()
+        .expect("env")
+        .iter()
+        .find(|e| e["name"] == "AGENTRUN_SIDECAR_IMAGE")
+        .and_then(|e| e["value"].as_str())
+        .expect("AGENTRUN_SIDECAR_IMAGE")
+        .to_string();
+    assert_eq!(image, agentrun_operator::config::DEFAULT_SIDECAR_IMAGE);
+    assert!(
+        help.contains(&format!("[default: {image}]")),
+        "`agentrun-operator run --help` shows the default --sidecar-image {image}"
+    );
+}
+
+#[test]
 fn the_operator_deployment_only_sets_variables_the_cli_reads() {
     let help = operator(&["run", "--help"]);
-    let install = std::fs::read_to_string(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/install.yaml"),
-    )
-    .expect("install.yaml");
-    let deployment: Value = serde_yaml::Deserializer::from_str(&install)
-        .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
-        .find(|d: &Value| d["kind"] == "Deployment" && d["metadata"]["name"] == "agentrun-operator")
-        .expect("the operator Deployment");
-    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let container = &operator_container();
     assert_eq!(container["args"], serde_json::json!(["run"]));
     let names: Vec<&str> = container["env"]
         .as_array()

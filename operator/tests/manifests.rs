@@ -44,6 +44,54 @@ fn install_yaml_carries_the_current_crd() {
     }
 }
 
+/// Whether one of the RBAC `rules` allows `verb` on `resource` (`pods`, `agentruns/status`).
+fn allows(rules: &Value, group: &str, resource: &str, verb: &str) -> bool {
+    let has = |list: &Value, want: &str| {
+        list.as_array()
+            .is_some_and(|l| l.iter().any(|x| x == want || x == "*"))
+    };
+    rules.as_array().into_iter().flatten().any(|r| {
+        has(&r["apiGroups"], group) && has(&r["resources"], resource) && has(&r["verbs"], verb)
+    })
+}
+
+#[test]
+fn the_charts_rbac_grants_everything_the_start_up_check_asks_for() {
+    use agentrun_operator::preflight::{Scope, required_permissions};
+    let install = docs(&root().join("manifests/install.yaml"));
+    let rules = |kind: &str, name: &str| {
+        install
+            .iter()
+            .find(|d| d["kind"] == kind && d["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("install.yaml has {kind} {name}"))["rules"]
+            .clone()
+    };
+    let cluster = rules("ClusterRole", "agentrun-operator");
+    let lease = rules("Role", "agentrun-operator-leader");
+    let review = rules("ClusterRole", "agentrun-operator-self-review");
+    assert!(allows(
+        &review,
+        "authorization.k8s.io",
+        "selfsubjectaccessreviews",
+        "create"
+    ));
+    for p in required_permissions(&Scope::Cluster, Some("agentrun")) {
+        let resource = match p.subresource {
+            Some(sub) => format!("{}/{sub}", p.resource),
+            None => p.resource.to_string(),
+        };
+        let granted = if p.resource == "leases" {
+            &lease
+        } else {
+            &cluster
+        };
+        assert!(
+            allows(granted, p.group, &resource, p.verb),
+            "the chart does not grant what the operator checks at start-up: {p}"
+        );
+    }
+}
+
 #[test]
 fn every_example_is_a_valid_agentrun() {
     let crd = serde_json::to_value(AgentRun::crd()).expect("json");
@@ -67,6 +115,7 @@ fn every_example_is_a_valid_agentrun() {
         [
             "failing",
             "hello",
+            "hello-restricted",
             "hello-variations",
             "markdown-streamer",
             "timeout"

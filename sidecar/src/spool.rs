@@ -117,9 +117,9 @@ impl SpoolFile {
         Ok(())
     }
 
-    /// Rewrites the spool so that it starts with `front` followed by what has not been read
-    /// yet; used when the entrypoint exits before the sidecar took everything.
-    pub fn persist_with_front(mut self, front: &[Frame]) -> std::io::Result<PathBuf> {
+    /// Rewrites the spool as `front`, then what has not been read yet, then `back`; used when
+    /// the entrypoint exits before the sidecar took everything.
+    pub fn persist(mut self, front: &[Frame], back: &[Frame]) -> std::io::Result<PathBuf> {
         let tmp = self.path.with_extension("tmp");
         let mut out = std::io::BufWriter::new(create_readable(&tmp, false)?);
         for f in front {
@@ -128,6 +128,9 @@ impl SpoolFile {
         let mut rest = Vec::new();
         self.reader.read_to_end(&mut rest)?;
         out.write_all(&rest)?;
+        for f in back {
+            out.write_all(&f.to_bytes())?;
+        }
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
         self.written = u64::MAX; // keep the file on drop
@@ -181,22 +184,26 @@ fn read_frame_sync<R: Read>(r: &mut R) -> Result<Option<(Frame, usize)>, FrameEr
     Ok(Some((Frame::decode(Bytes::from(body))?, n + 4)))
 }
 
-/// A spool left behind by an entrypoint that has exited, locked by the caller.
+/// A spool left behind by an entrypoint that has exited, locked by the caller. It is read one
+/// frame at a time, so that adopting a spool of any size takes no more memory than a frame.
 pub struct OrphanSpool {
     pub path: PathBuf,
     lock: Flock<File>,
+    reader: Option<BufReader<File>>,
 }
 
 impl OrphanSpool {
-    /// Every frame in it (a torn last frame is ignored).
-    pub fn frames(&mut self) -> Result<Vec<Frame>, FrameError> {
-        self.lock.seek(SeekFrom::Start(0))?;
-        let mut r = BufReader::new(&*self.lock);
-        let mut out = Vec::new();
-        while let Some((f, _)) = read_frame_sync(&mut r)? {
-            out.push(f);
+    /// The next frame, from the start of the file (a torn last frame ends the spool).
+    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+        if self.reader.is_none() {
+            let mut file = self.lock.try_clone()?;
+            file.seek(SeekFrom::Start(0))?;
+            self.reader = Some(BufReader::with_capacity(256 * 1024, file));
         }
-        Ok(out)
+        match self.reader.as_mut() {
+            Some(r) => Ok(read_frame_sync(r)?.map(|(f, _)| f)),
+            None => Ok(None),
+        }
     }
 
     pub fn remove(self) -> std::io::Result<()> {
@@ -240,7 +247,11 @@ pub fn scan(dir: &Path) -> Vec<FoundSpool> {
                 }
             };
             Some(match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
-                Ok(lock) => FoundSpool::Orphan(OrphanSpool { path, lock }),
+                Ok(lock) => FoundSpool::Orphan(OrphanSpool {
+                    path,
+                    lock,
+                    reader: None,
+                }),
                 Err(_) => FoundSpool::Live(path),
             })
         })
@@ -311,11 +322,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut s = SpoolFile::create(dir.path(), "p").unwrap();
         s.append(&data(3, "c")).unwrap();
-        s.persist_with_front(&[data(1, "a"), data(2, "b")]).unwrap();
+        s.persist(&[data(1, "a"), data(2, "b")], &[data(4, "d")])
+            .unwrap();
         let mut orphans = orphan_spools(dir.path());
         assert_eq!(orphans.len(), 1);
-        let frames = orphans[0].frames().unwrap();
-        assert_eq!(frames, vec![data(1, "a"), data(2, "b"), data(3, "c")]);
+        let mut frames = Vec::new();
+        while let Some(f) = orphans[0].next_frame().unwrap() {
+            frames.push(f);
+        }
+        assert_eq!(
+            frames,
+            vec![data(1, "a"), data(2, "b"), data(3, "c"), data(4, "d")]
+        );
         orphans.pop().unwrap().remove().unwrap();
         assert!(orphan_spools(dir.path()).is_empty());
     }
@@ -327,7 +345,7 @@ mod tests {
         let mut s = SpoolFile::create(dir.path(), "p").unwrap();
         s.append(&data(1, "a")).unwrap();
         let live_mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
-        let path = s.persist_with_front(&[]).unwrap();
+        let path = s.persist(&[], &[]).unwrap();
         let persisted_mode = std::fs::metadata(&path).unwrap().permissions().mode();
         let written = write_spool(dir.path(), "q", &[data(1, "b")]).unwrap();
         let written_mode = std::fs::metadata(&written).unwrap().permissions().mode();

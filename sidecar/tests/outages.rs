@@ -5,38 +5,8 @@ mod common;
 use agentrun_protocol::RunId;
 use agentrun_protocol::testing::{RedisServer, wait_for};
 use common::*;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
-
-/// Writes `count` numbered lines, one every `interval`, each with the time it was written.
-const COUNTER: &str = r#"
-import sys, time
-count, interval = int(sys.argv[1]), float(sys.argv[2])
-for i in range(count):
-    sys.stdout.write("line %d t=%.4f\n" % (i, time.time()))
-    sys.stdout.flush()
-    time.sleep(interval)
-"#;
-
-/// Parses the stream back into (line number, time written) and checks 0..count, each once.
-fn check_lines(bytes: &[u8], count: usize) -> Vec<f64> {
-    let text = String::from_utf8(bytes.to_vec()).unwrap();
-    let mut times = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let (n, t) = line
-            .strip_prefix("line ")
-            .and_then(|l| l.split_once(" t="))
-            .unwrap_or_else(|| panic!("bad line {line:?}"));
-        assert_eq!(
-            n.parse::<usize>().unwrap(),
-            i,
-            "lines must arrive in order, once each"
-        );
-        times.push(t.parse().unwrap());
-    }
-    assert_eq!(times.len(), count, "every line must arrive");
-    times
-}
 
 async fn output_lines(conn: &mut agentrun_protocol::RedisConn, run: &RunId) -> usize {
     let bytes = concat(&read_all(conn, &output_key(run)).await);
@@ -82,45 +52,6 @@ async fn redis_restart_mid_run_loses_and_duplicates_nothing() {
 
 /// Runs `sh -c SCRIPT` under the entrypoint with no sidecar listening, so everything goes to
 /// the spool; `options` are extra entrypoint flags.
-fn entrypoint_without_sidecar(
-    socket: &std::path::Path,
-    options: &[&str],
-    script: &str,
-) -> std::process::Output {
-    Command::new(ENTRYPOINT)
-        .arg("--socket")
-        .arg(socket)
-        .args(["--no-tee", "--drain-timeout-seconds", "1"])
-        .args(options)
-        .args(["--", "sh", "-c", script])
-        .output()
-        .unwrap()
-}
-
-fn serve(redis: &RedisServer, run: &RunId, socket: &std::path::Path) -> Child {
-    Command::new(SIDECAR)
-        .args([
-            "serve",
-            "--metrics-interval-seconds",
-            "0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-            "--redis-url",
-        ])
-        .arg(redis.url())
-        .args([
-            "--run-id",
-            run.as_str(),
-            "--variation",
-            "default",
-            "--socket",
-        ])
-        .arg(socket)
-        .env("RUST_LOG", "warn")
-        .spawn()
-        .unwrap()
-}
-
 #[tokio::test]
 async fn sidecar_killed_mid_run_loses_nothing_and_never_blocks_the_agent() {
     let redis = RedisServer::start();

@@ -12,7 +12,7 @@
 mod common;
 
 use agentrun_protocol::publish::Batch;
-use agentrun_protocol::testing::{RedisServer, free_port, wait_for};
+use agentrun_protocol::testing::{ChildGuard, RedisServer, free_port, wait_for};
 use agentrun_protocol::{
     ControlAction, ControlMessage, EntryType, NewEntry, PublishOptions, Publisher, RunId, RunState,
     StreamName, now_ms,
@@ -21,7 +21,7 @@ use bytes::Bytes;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 /// The pod's `fsGroup`, and the sidecar's user and group (the operator's defaults).
 const FS_GROUP: u32 = 65532;
@@ -116,7 +116,7 @@ impl Pod {
     }
 
     /// The native sidecar, as its own user; returns once its socket is there.
-    async fn start_sidecar(&self, redis: &RedisServer, run: &RunId) -> KillOnDrop {
+    async fn start_sidecar(&self, redis: &RedisServer, run: &RunId) -> ChildGuard {
         let child = as_user(SIDECAR_USER, &self.image("agentrun-sidecar"))
             .arg("serve")
             .arg("--socket")
@@ -130,7 +130,7 @@ impl Pod {
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap();
-        let sidecar = KillOnDrop(child);
+        let sidecar = ChildGuard(child);
         let socket = self.socket();
         wait_for("the sidecar's socket", DEADLINE, || {
             let there = socket.exists();
@@ -159,7 +159,8 @@ impl Pod {
 fn as_user(user: User, program: &Path) -> Command {
     let groups: Vec<String> = user.groups.iter().map(u32::to_string).collect();
     let mut cmd = Command::new("setpriv");
-    cmd.args(["--reuid", &user.uid.to_string()])
+    cmd.args(["--pdeathsig", "KILL"])
+        .args(["--reuid", &user.uid.to_string()])
         .args(["--regid", &user.gid.to_string()])
         .args(["--groups", &groups.join(",")])
         .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"])
@@ -169,15 +170,6 @@ fn as_user(user: User, program: &Path) -> Command {
         .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .current_dir("/");
     cmd
-}
-
-struct KillOnDrop(Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 /// The agent writes [`AGENT_BYTES`], then waits to be stopped.
@@ -246,17 +238,17 @@ async fn streams_and_stops(agent: User) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut agent_proc = KillOnDrop(child);
+    let mut agent_proc = ChildGuard(child);
 
     wait_for_output(&redis, &run, agent).await;
     send_stop(&redis, &run).await;
     let status = wait_for("the agent to stop", DEADLINE, || {
-        let exited = agent_proc.0.try_wait().unwrap();
+        let exited = agent_proc.try_wait().unwrap();
         async move { exited }
     })
     .await;
     let mut stderr = String::new();
-    if let Some(mut e) = agent_proc.0.stderr.take() {
+    if let Some(mut e) = agent_proc.stderr.take() {
         use std::io::Read;
         let _ = e.read_to_string(&mut stderr);
     }
@@ -428,7 +420,7 @@ async fn a_socket_that_refuses_the_agent_is_reported_at_once_and_in_the_run_stat
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let mut agent_proc = KillOnDrop(child);
+    let mut agent_proc = ChildGuard(child);
     let (lines_tx, lines_rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         use std::io::BufRead;
@@ -495,7 +487,7 @@ async fn a_socket_that_refuses_the_agent_is_reported_at_once_and_in_the_run_stat
     wait_for_output(&redis, &run, agent).await;
     send_stop(&redis, &run).await;
     let status = wait_for("the agent to stop", DEADLINE, || {
-        let exited = agent_proc.0.try_wait().unwrap();
+        let exited = agent_proc.try_wait().unwrap();
         async move { exited }
     })
     .await;

@@ -149,6 +149,8 @@ pub struct OperatorOptions {
     pub kubeconfig: Option<PathBuf>,
     /// Leader election on, with its Lease in this namespace (None: `--no-leader-election`).
     pub lease_namespace: Option<String>,
+    /// `--watch-namespace` (None: every namespace).
+    pub watch_namespace: Option<String>,
 }
 
 /// How [`Stack::restart_relay_with`] runs the relay (the default: what [`Stack::start`] does).
@@ -236,11 +238,14 @@ impl Stack {
             (SIM_HOST_ADDRESS.to_string(), SIM_SIDECAR_IMAGE.to_string())
         };
         let images = dir.path().join("images.yaml");
+        // The sidecar image is distroless `nonroot` (docker/Dockerfile): user 65532:65532, with
+        // agentrun-entrypoint beside agentrun-sidecar. Agent images (busybox) run as root.
         std::fs::write(
             &images,
             format!(
-                "images:\n  ghcr.io/agentrun/agentrun-sidecar: {}\n",
-                bins.join("agentrun-sidecar").display()
+                "images:\n  ghcr.io/agentrun/agentrun-sidecar:\n    binary: {}\n    files: [{}]\n    user: \"65532:65532\"\n  busybox: {{user: \"0\"}}\n",
+                bins.join("agentrun-sidecar").display(),
+                bins.join("agentrun-entrypoint").display()
             ),
         )
         .expect("write image map");
@@ -334,6 +339,13 @@ impl Stack {
     /// Starts (or restarts) the operator as `opts` says (kept for later restarts) and waits for
     /// its /readyz.
     pub async fn start_operator_with(&mut self, opts: OperatorOptions) {
+        self.spawn_operator_with(opts);
+        let url = format!("http://{}/readyz", self.metrics_addr);
+        self.wait_ready(30, "the operator is ready", url).await;
+    }
+
+    /// Starts the operator without waiting for it to be ready (it may refuse to start).
+    pub fn spawn_operator_with(&mut self, opts: OperatorOptions) {
         self.operator_options = opts.clone();
         let kubeconfig = opts
             .kubeconfig
@@ -373,6 +385,9 @@ impl Stack {
             "8".into(),
         ];
         args.extend(election);
+        if let Some(ns) = &opts.watch_namespace {
+            args.extend(["--watch-namespace".to_string(), ns.clone()]);
+        }
         let op = Proc::spawn(
             "operator",
             &binaries().join("agentrun-operator"),
@@ -380,8 +395,6 @@ impl Stack {
             self.dir.path().join(format!("operator-{n}.log")),
         );
         self.operator = Some(op);
-        let url = format!("http://{}/readyz", self.metrics_addr);
-        self.wait_ready(30, "the operator is ready", url).await;
     }
 
     /// Like [`eventually`], but a timeout also prints the operator's and relay's last log lines.

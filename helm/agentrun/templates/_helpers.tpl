@@ -166,3 +166,33 @@ true
 {{- printf "%s://%s" (ternary "https" "http" (ne .Values.relay.ingress.tlsSecretName "")) .Values.relay.ingress.host -}}
 {{- end -}}
 {{- end -}}
+
+{{/* Pod security context of the chart's own pods (without fixed ids on OpenShift). */}}
+{{- define "agentrun.podSecurityContext" -}}
+{{- $sc := deepCopy .Values.podSecurityContext -}}
+{{- if .Values.openshift -}}
+{{- $_ := unset $sc "runAsUser" -}}
+{{- $_ := unset $sc "runAsGroup" -}}
+{{- $_ := unset $sc "fsGroup" -}}
+{{- end -}}
+{{- toYaml $sc -}}
+{{- end -}}
+
+{{/* The sidecar containers' security context as JSON (without fixed ids on OpenShift). */}}
+{{- define "agentrun.sidecarSecurityContext" -}}
+{{- $sc := deepCopy .Values.sidecar.securityContext -}}
+{{- if .Values.openshift -}}
+{{- $_ := unset $sc "runAsUser" -}}
+{{- $_ := unset $sc "runAsGroup" -}}
+{{- end -}}
+{{- toJson $sc -}}
+{{- end -}}
+
+{{/* fsGroup of agent pods: a number, or "none". */}}
+{{- define "agentrun.agentFsGroup" -}}
+{{- if or .Values.openshift (kindIs "invalid" .Values.agentPods.fsGroup) -}}
+none
+{{- else -}}
+{{- int64 .Values.agentPods.fsGroup -}}
+{{- end -}}
+{{- end -}}

@@ -9,6 +9,12 @@
 //! 4. else (no sidecar, or Redis down) append to the spool; past the spool's bound, drop the
 //!    chunk and count it, and send an explicit `gap` frame once there is room again.
 //!
+//! A spool write that fails (a full disk) is the spool's bound reached early: the chunk is
+//! dropped and counted like one that did not fit, never kept in memory ahead of older frames
+//! still in the spool (a newer frame sent first would make Redis skip every older one as a
+//! re-send). Lifecycle events are not dropped: they wait in memory behind the spool, in order.
+//! The spool is tried again once it has been drained.
+//!
 //! Frames sent and not yet acknowledged stay in memory (bounded by the window) and are sent
 //! again after a reconnect; Redis drops the duplicates by producer sequence.
 //!
@@ -187,6 +193,9 @@ struct Actor {
     inflight_bytes: usize,
     spool: Option<SpoolFile>,
     spool_error: Option<String>,
+    /// Events that the spool refused, waiting behind it in order (bounded by the window).
+    held: VecDeque<Frame>,
+    held_bytes: usize,
     dropped: [Dropped; 2],
     conn: Option<Connection>,
     epoch: u64,
@@ -211,6 +220,8 @@ impl Actor {
             inflight_bytes: 0,
             spool: None,
             spool_error: None,
+            held: VecDeque::new(),
+            held_bytes: 0,
             dropped: [Dropped::default(); 2],
             conn: None,
             epoch: 0,
@@ -341,7 +352,10 @@ impl Actor {
 
     /// Whether a new frame goes to the spool rather than to the sidecar (rules 1 and 4).
     fn must_spool(&self) -> bool {
-        self.spool_unread() > 0 || self.conn.is_none() || (self.window_full() && !self.redis_up)
+        self.spool_unread() > 0
+            || !self.held.is_empty()
+            || self.conn.is_none()
+            || (self.window_full() && !self.redis_up)
     }
 
     fn spool_has_room(&self, weight: u64) -> bool {
@@ -369,18 +383,51 @@ impl Actor {
     }
 
     fn route(&mut self, frame: Frame) {
-        if self.must_spool() {
-            if let Err(e) = self.spool_append(&frame) {
-                // The disk refused: keep the frame in memory rather than lose it silently.
-                eprintln!(
-                    "agentrun-entrypoint: cannot write the spool: {e}; keeping output in memory"
-                );
-                self.spool_error = Some(e.to_string());
-                self.inflight_bytes += frame.weight();
-                self.inflight.push_back(frame);
+        if !self.must_spool() {
+            return self.send(frame);
+        }
+        if self.held.is_empty() && self.spool_error.is_none() {
+            match self.spool_append(&frame) {
+                Ok(()) => return,
+                Err(e) => {
+                    eprintln!(
+                        "agentrun-entrypoint: cannot write the spool in {}: {e}; output that does not fit is dropped and reported as a gap until the spool is drained",
+                        self.config.spool_dir.display()
+                    );
+                    self.spool_error = Some(e.to_string());
+                }
             }
-        } else {
-            self.send(frame);
+        }
+        self.refused(frame);
+    }
+
+    /// A frame the spool cannot take: output is dropped and counted (its gap comes later);
+    /// events wait in memory behind the spool, bounded by the window.
+    fn refused(&mut self, frame: Frame) {
+        match frame {
+            Frame::Data { pipe, bytes, .. } => {
+                let d = &mut self.dropped[pipe as usize];
+                d.bytes += bytes.len() as u64;
+                d.chunks += 1;
+            }
+            Frame::Gap {
+                pipe,
+                dropped_bytes,
+                dropped_chunks,
+                ..
+            } => {
+                let d = &mut self.dropped[pipe as usize];
+                d.bytes += dropped_bytes;
+                d.chunks += dropped_chunks;
+            }
+            frame if self.held_bytes < self.config.window_bytes => {
+                self.held_bytes += frame.weight();
+                self.held.push_back(frame);
+            }
+            _ => eprintln!(
+                "agentrun-entrypoint: dropping a lifecycle event: the spool refuses writes and {} bytes of events already wait",
+                self.held_bytes
+            ),
         }
     }
 
@@ -421,6 +468,21 @@ impl Actor {
                 }
             };
             self.send(next);
+        }
+        if self.spool_unread() > 0 {
+            return;
+        }
+        // Drained: the disk has room again (and what waited behind the spool goes next).
+        self.spool_error = None;
+        while self.conn.is_some() && !self.window_full() {
+            let Some(frame) = self.held.pop_front() else {
+                break;
+            };
+            self.held_bytes -= frame.weight();
+            self.send(frame);
+        }
+        if self.held.is_empty() && self.conn.is_some() {
+            self.emit_gaps();
         }
     }
 
@@ -555,8 +617,11 @@ impl Actor {
 
     fn check_finished(&mut self) -> Option<FinishReport> {
         self.finishing.as_ref()?;
-        let done =
-            self.inflight.is_empty() && self.spool_unread() == 0 && self.spool_error.is_none();
+        let dropped_unreported = self.dropped.iter().any(|d| d.chunks > 0);
+        let done = self.inflight.is_empty()
+            && self.spool_unread() == 0
+            && self.held.is_empty()
+            && !dropped_unreported;
         if !done {
             return None;
         }
@@ -569,10 +634,29 @@ impl Actor {
     /// The deadline passed: leave everything unacknowledged in a spool file.
     fn give_up(&mut self) -> FinishReport {
         let front: Vec<Frame> = self.inflight.drain(..).collect();
-        let frames = front.len() + self.spool.as_ref().map_or(0, SpoolFile::unread_frames);
+        let mut back: Vec<Frame> = self.held.drain(..).collect();
+        self.held_bytes = 0;
+        for pipe in [Pipe::Stdout, Pipe::Stderr] {
+            let d = std::mem::take(&mut self.dropped[pipe as usize]);
+            if d.chunks > 0 {
+                back.push(Frame::Gap {
+                    fseq: self.fseq(),
+                    pipe,
+                    pseq: self.pseq(pipe),
+                    ts: now_ms(),
+                    dropped_bytes: d.bytes,
+                    dropped_chunks: d.chunks,
+                });
+            }
+        }
+        let frames =
+            front.len() + back.len() + self.spool.as_ref().map_or(0, SpoolFile::unread_frames);
         let result = match self.spool.take() {
-            Some(spool) => spool.persist_with_front(&front),
-            None => write_spool(&self.config.spool_dir, &self.config.producer, &front),
+            Some(spool) => spool.persist(&front, &back),
+            None => {
+                let all: Vec<Frame> = front.into_iter().chain(back).collect();
+                write_spool(&self.config.spool_dir, &self.config.producer, &all)
+            }
         };
         match result {
             Ok(path) => FinishReport::Spooled {

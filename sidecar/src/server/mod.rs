@@ -1,13 +1,13 @@
 //! `agentrun-sidecar serve`: takes frames from the entrypoint over a Unix socket and publishes
 //! them to the run's Redis streams and channels; forwards control messages back.
 
+mod adopt;
 mod control;
 mod entrypoint_watch;
 mod publisher;
 
 use crate::frame::{Frame, Pipe};
 use crate::metrics::Metrics;
-use crate::spool::orphan_spools;
 use agentrun_protocol::{
     ControlMessage, EntryType, NewEntry, PublishOptions, Publisher, RedisSettings, RunId, RunState,
     StatusEvent, StreamName, Variation, now_ms,
@@ -289,8 +289,14 @@ async fn run(
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
-    // Spools left by an entrypoint that exited while no sidecar was there.
-    adopt_orphans(&shared, &items_tx, &budget).await;
+    // Spools left by an entrypoint that exited while no sidecar was there: published while
+    // this sidecar already serves (Redis may be away for long; the entrypoint must not wait).
+    let adoption = tokio::spawn(adopt::adopt_orphans(
+        shared.clone(),
+        items_tx.clone(),
+        budget.clone(),
+        None,
+    ));
     let pseq = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let starting = StatusEvent::new(Some(shared.config.variation.as_str()), RunState::Starting)
         .reason("SidecarStarted")
@@ -334,7 +340,18 @@ async fn run(
         let mut d = shared.entrypoint_done.subscribe();
         let _ = tokio::time::timeout_at(deadline, d.wait_for(|v| *v)).await;
     }
-    adopt_orphans(&shared, &items_tx, &budget).await;
+    adoption.abort();
+    let _ = adoption.await; // its spool locks are released before the final scan
+    let _ = tokio::time::timeout_at(
+        deadline,
+        adopt::adopt_orphans(
+            shared.clone(),
+            items_tx.clone(),
+            budget.clone(),
+            Some(deadline),
+        ),
+    )
+    .await;
     let (barrier_tx, barrier_rx) = oneshot::channel();
     let _ = items_tx.send(Item::Barrier(barrier_tx)).await;
     let delivered = tokio::time::timeout_at(deadline, barrier_rx).await.is_ok();
@@ -455,51 +472,6 @@ async fn metrics_ticker(
             .is_err()
         {
             return;
-        }
-    }
-}
-
-async fn adopt_orphans(shared: &Arc<Shared>, items: &mpsc::Sender<Item>, budget: &Arc<Semaphore>) {
-    for mut orphan in orphan_spools(&shared.config.spool_dir) {
-        let already = shared
-            .published_spools
-            .lock()
-            .map(|p| p.contains(&orphan.path))
-            .unwrap_or(false);
-        if already {
-            continue;
-        }
-        let frames = match orphan.frames() {
-            Ok(f) => f,
-            Err(e) => {
-                tracing::error!(path = %orphan.path.display(), error = %e, "cannot read a spool file; leaving it in place");
-                continue;
-            }
-        };
-        let producer: Arc<str> = Arc::from(
-            orphan
-                .path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| s.strip_prefix("agentrun-spool-"))
-                .unwrap_or("orphan"),
-        );
-        tracing::info!(path = %orphan.path.display(), frames = frames.len(), "publishing a spool left by an entrypoint");
-        for frame in frames {
-            if let Some(item) = frame_item(shared, &producer, frame, None, budget).await {
-                let _ = items.send(item).await;
-            }
-        }
-        let (tx, rx) = oneshot::channel();
-        let _ = items.send(Item::Barrier(tx)).await;
-        if rx.await.is_ok() {
-            let path = orphan.path.clone();
-            if let Err(e) = orphan.remove() {
-                tracing::warn!(path = %path.display(), error = %e, "published a spool but cannot remove it; this sidecar skips it from now on (a later one publishes it again and Redis drops the repeats)");
-                if let Ok(mut p) = shared.published_spools.lock() {
-                    p.insert(path);
-                }
-            }
         }
     }
 }

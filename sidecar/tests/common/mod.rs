@@ -2,7 +2,7 @@
 #![allow(dead_code)]
 
 use agentrun_protocol::replay::read_page;
-use agentrun_protocol::testing::RedisServer;
+use agentrun_protocol::testing::{ChildGuard, RedisServer};
 use agentrun_protocol::{Entry, EntryType, RedisConn, RunId, StatusEvent, StreamName, Variation};
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -101,4 +101,75 @@ pub fn python_agent(dir: &Path, name: &str, source: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// Writes `count` numbered lines, one every `interval`, each with the time it was written.
+pub const COUNTER: &str = r#"
+import sys, time
+count, interval = int(sys.argv[1]), float(sys.argv[2])
+for i in range(count):
+    sys.stdout.write("line %d t=%.4f\n" % (i, time.time()))
+    sys.stdout.flush()
+    time.sleep(interval)
+"#;
+
+/// Parses the stream back into (line number, time written) and checks 0..count, each once.
+pub fn check_lines(bytes: &[u8], count: usize) -> Vec<f64> {
+    let text = String::from_utf8(bytes.to_vec()).unwrap();
+    let mut times = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let (n, t) = line
+            .strip_prefix("line ")
+            .and_then(|l| l.split_once(" t="))
+            .unwrap_or_else(|| panic!("bad line {line:?}"));
+        assert_eq!(
+            n.parse::<usize>().unwrap(),
+            i,
+            "lines must arrive in order, once each"
+        );
+        times.push(t.parse().unwrap());
+    }
+    assert_eq!(times.len(), count, "every line must arrive");
+    times
+}
+
 pub const DEADLINE: Duration = Duration::from_secs(60);
+
+/// The entrypoint with no sidecar at `socket`: it spools, waits 1 s and exits.
+pub fn entrypoint_without_sidecar(
+    socket: &std::path::Path,
+    options: &[&str],
+    script: &str,
+) -> std::process::Output {
+    std::process::Command::new(ENTRYPOINT)
+        .arg("--socket")
+        .arg(socket)
+        .args(["--no-tee", "--drain-timeout-seconds", "1"])
+        .args(options)
+        .args(["--", "sh", "-c", script])
+        .output()
+        .unwrap()
+}
+
+/// `agentrun-sidecar serve` on `socket`.
+pub fn serve(redis: &RedisServer, run: &RunId, socket: &std::path::Path) -> ChildGuard {
+    ChildGuard::spawn(
+        agentrun_protocol::testing::dying_with_test(SIDECAR)
+            .args([
+                "serve",
+                "--metrics-interval-seconds",
+                "0",
+                "--metrics-addr",
+                "127.0.0.1:0",
+                "--redis-url",
+            ])
+            .arg(redis.url())
+            .args([
+                "--run-id",
+                run.as_str(),
+                "--variation",
+                "default",
+                "--socket",
+            ])
+            .arg(socket)
+            .env("RUST_LOG", "warn"),
+    )
+}
