@@ -2,7 +2,7 @@
 
 use agentrun_protocol::publish::{Batch, register_run, set_state};
 use agentrun_protocol::replay::read_page;
-use agentrun_protocol::testing::{RedisServer, wait_for};
+use agentrun_protocol::testing::{RedisServer, dying_with_test, wait_for};
 use agentrun_protocol::{
     ControlAction, ControlMessage, EntryType, NewEntry, PublishOptions, Publisher, RedisConn,
     RunId, RunState, StatusEvent, StreamName, Variation,
@@ -62,9 +62,12 @@ impl Relay {
     }
 }
 
+/// The plugin against the relay at `base`, killed with the test (`logs -f` runs until the run
+/// ends).
 fn plugin(base: &str) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kubectl-agentrun"));
-    c.env("AGENTRUN_RELAY_URL", base)
+    let mut c = Command::from(dying_with_test(env!("CARGO_BIN_EXE_kubectl-agentrun")));
+    c.kill_on_drop(true)
+        .env("AGENTRUN_RELAY_URL", base)
         .env_remove("AGENTRUN_TOKEN")
         .env("KUBECONFIG", "/nonexistent/kubeconfig")
         .stdin(Stdio::null())

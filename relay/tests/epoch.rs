@@ -41,9 +41,10 @@ async fn a_redis_restart_without_persistence_mid_run_ends_in_a_reset_then_every_
     let relay = Relay::start(&redis.url()).await;
     let dir = tempfile::tempdir().unwrap();
     let gate = dir.path().join("go");
+    // The agent waits for the gate, and gives up when the sidecar is gone (a failed test).
     let agent = format!(
         r#"for i in $(seq 1 23); do echo "line $i"; done
-while [ ! -e {gate} ]; do sleep 0.02; done
+while [ ! -e {gate} ]; do kill -0 $PPID 2>/dev/null || exit 1; sleep 0.02; done
 for i in $(seq 24 60); do echo "line $i"; sleep 0.01; done"#,
         gate = gate.display()
     );

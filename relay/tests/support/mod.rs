@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use agentrun_protocol::publish::{Batch, register_run, set_state};
+use agentrun_protocol::testing::{ChildGuard, dying_with_test, wait_for};
 use agentrun_protocol::{
     EntryType, NewEntry, PublishOptions, Publisher, RedisConn, RunId, RunState, StatusEvent,
     StreamName, Variation,
@@ -370,9 +371,9 @@ fn lines(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String>
     rx
 }
 
-/// The relay binary in a child process, with its log collected.
+/// The relay binary in a child process, with its log collected; killed with the test.
 pub struct RelayProcess {
-    pub child: std::process::Child,
+    pub child: ChildGuard,
     pub base: String,
     rx: std::sync::mpsc::Receiver<String>,
     pub log: String,
@@ -382,19 +383,19 @@ impl RelayProcess {
     /// Starts `agentrun-relay ARGS EXTRA` at `RUST_LOG=log_level` (AGENTRUN_AUTH unset) and
     /// waits until it serves.
     pub fn start(args: &[&str], extra: &[&str], log_level: &str) -> Self {
-        use std::process::{Command, Stdio};
-        let mut child = Command::new(env!("CARGO_BIN_EXE_agentrun-relay"))
-            .args(args)
-            .args(extra)
-            .env("RUST_LOG", log_level)
-            .env("NO_COLOR", "1")
-            // Few malloc arenas, as in the container image, so RSS reflects live memory.
-            .env("MALLOC_ARENA_MAX", "2")
-            .env_remove("AGENTRUN_AUTH")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        use std::process::Stdio;
+        let mut child = ChildGuard::spawn(
+            dying_with_test(env!("CARGO_BIN_EXE_agentrun-relay"))
+                .args(args)
+                .args(extra)
+                .env("RUST_LOG", log_level)
+                .env("NO_COLOR", "1")
+                // Few malloc arenas, as in the container image, so RSS reflects live memory.
+                .env("MALLOC_ARENA_MAX", "2")
+                .env_remove("AGENTRUN_AUTH")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::null()),
+        );
         let rx = lines(child.stdout.take().unwrap());
         let mut relay = RelayProcess {
             child,
@@ -455,13 +456,6 @@ impl RelayProcess {
         }
         let _ = self.child.wait();
         std::mem::take(&mut self.log)
-    }
-}
-
-impl Drop for RelayProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -536,7 +530,8 @@ pub fn metric(text: &str, name: &str) -> u64 {
 
 /// Starts `agentrun-sidecar run` for `run` and `variation`, running `bash -c SCRIPT`, with
 /// `extra` flags (its output ignored, its log on stderr), and waits until the relay knows the
-/// run.
+/// run. The sidecar is killed with the test; an agent that would outlive it must end when its
+/// output pipe closes or its parent (`$PPID`) is gone.
 pub async fn sidecar_run(
     relay: &Relay,
     redis_url: &str,
@@ -544,26 +539,26 @@ pub async fn sidecar_run(
     variation: &str,
     extra: &[&str],
     script: &str,
-) -> std::process::Child {
+) -> ChildGuard {
     use std::process::Stdio;
-    let child = std::process::Command::new(sidecar_binary())
-        .args(["run", "--redis-url", redis_url, "--run-id", run])
-        .args([
-            "--variation",
-            variation,
-            "--quiet",
-            "--metrics-interval-seconds",
-            "0",
-        ])
-        .args(extra)
-        .args(["--", "bash", "-c", script])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start agentrun-sidecar run");
+    let child = ChildGuard::spawn(
+        dying_with_test(sidecar_binary())
+            .args(["run", "--redis-url", redis_url, "--run-id", run])
+            .args([
+                "--variation",
+                variation,
+                "--quiet",
+                "--metrics-interval-seconds",
+                "0",
+            ])
+            .args(extra)
+            .args(["--", "bash", "-c", script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit()),
+    );
     let state_url = format!("{}/api/runs/{run}", relay.base);
-    agentrun_protocol::testing::wait_for("the sidecar to register the run", WAIT, || {
+    wait_for("the sidecar to register the run", WAIT, || {
         let url = state_url.clone();
         async move {
             reqwest::get(&url)
