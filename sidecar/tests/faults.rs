@@ -193,7 +193,10 @@ async fn adopting_a_200_mb_spool_takes_bounded_memory() {
     assert_eq!(out.status.code(), Some(0));
     assert_eq!(spool_files(dir.path()).len(), 1);
 
-    let mut sidecar = serve(&redis, &run, &socket);
+    // Uncapped stream: how many entries 200 MiB makes depends on how the agent's writes were
+    // read (about 20 KiB each when the entrypoint keeps up), and the default cap of 10,000
+    // entries would trim the oldest.
+    let mut sidecar = serve_with(&redis, &run, &socket, &["--stream-maxlen", "0"]);
     let pid = sidecar.id();
     wait_for("the spool published and removed", DEADLINE * 3, || {
         let left = spool_files(dir.path());

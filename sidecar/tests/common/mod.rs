@@ -151,6 +151,16 @@ pub fn entrypoint_without_sidecar(
 
 /// `agentrun-sidecar serve` on `socket`.
 pub fn serve(redis: &RedisServer, run: &RunId, socket: &std::path::Path) -> ChildGuard {
+    serve_with(redis, run, socket, &[])
+}
+
+/// `agentrun-sidecar serve` on `socket` with `extra` options.
+pub fn serve_with(
+    redis: &RedisServer,
+    run: &RunId,
+    socket: &std::path::Path,
+    extra: &[&str],
+) -> ChildGuard {
     ChildGuard::spawn(
         agentrun_protocol::testing::dying_with_test(SIDECAR)
             .args([
@@ -170,6 +180,7 @@ pub fn serve(redis: &RedisServer, run: &RunId, socket: &std::path::Path) -> Chil
                 "--socket",
             ])
             .arg(socket)
+            .args(extra)
             .env("RUST_LOG", "warn"),
     )
 }
