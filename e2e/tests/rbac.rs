@@ -14,7 +14,7 @@ mod stack;
 
 use serde::Deserialize as _;
 use serde_json::Value;
-use stack::{OperatorOptions, RelayOptions, Stack, StackOptions};
+use stack::{OperatorOptions, RelayOptions, Stack, StackOptions, workspace};
 
 /// The release namespace the chart is rendered for (the operator's Lease lives here).
 const RELEASE_NS: &str = "agentrun-system";
@@ -62,6 +62,10 @@ fn service_account_user(docs: &[Value], component: &str) -> String {
     )
 }
 
+/// Stands for the scenario's namespace in `--set operator.watchNamespace=...` (it is known
+/// only once the stack runs).
+const WATCHED: &str = "agentrun-watched-namespace";
+
 /// kube-sim (with the operator's token in its auth config), Redis and the relay; the chart's
 /// RBAC applied by the admin; the operator started with its ServiceAccount's kubeconfig.
 async fn stack_under_chart_rbac(docs: &[Value], lease: bool) -> Stack {
@@ -103,6 +107,9 @@ async fn stack_under_chart_rbac_with(
         yaml.push_str(&serde_yaml::to_string(d).expect("yaml"));
         yaml.push_str("---\n");
     }
+    // A chart rendered with `operator.watchNamespace=WATCHED` watches the scenario's namespace.
+    let watch_namespace = yaml.contains(WATCHED).then(|| s.ns().to_string());
+    let yaml = yaml.replace(WATCHED, s.ns());
     let file = s.dir.path().join("chart-rbac.yaml");
     std::fs::write(&file, yaml).expect("write RBAC");
     let applied = s
@@ -116,6 +123,7 @@ async fn stack_under_chart_rbac_with(
     let options = OperatorOptions {
         kubeconfig: Some(kubeconfig),
         lease_namespace: lease.then(|| RELEASE_NS.to_string()),
+        watch_namespace,
     };
     if ready {
         s.start_operator_with(options).await;
@@ -211,6 +219,58 @@ async fn operator_under_the_charts_rbac_runs_hello_with_nothing_forbidden() {
     assert!(
         !log.to_lowercase().contains("forbidden"),
         "the operator ({user}) was refused something:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_watching_one_namespace_under_the_charts_rbac_runs_only_there() {
+    if on_a_real_cluster() {
+        return;
+    }
+    let docs = chart_rbac(&["--set", &format!("operator.watchNamespace={WATCHED}")]);
+    assert!(
+        docs.iter()
+            .any(|d| d["kind"] == "RoleBinding" && is_operators(d)),
+        "watchNamespace binds the operator's role in one namespace: {docs:#?}"
+    );
+    let s = stack_under_chart_rbac(&docs, true).await;
+    // A run in another namespace, which this operator must leave alone.
+    let other = format!("{}-other", s.ns());
+    let file = s.dir.path().join("other-namespace.yaml");
+    std::fs::write(
+        &file,
+        format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {other}\n"),
+    )
+    .expect("write namespace");
+    s.cluster
+        .kubectl_ok(&["apply", "-f", file.to_str().expect("utf-8")]);
+    let hello = workspace().join("manifests/examples/hello.yaml");
+    s.cluster
+        .kubectl_ok(&["apply", "-n", &other, "-f", hello.to_str().expect("utf-8")]);
+    s.apply_example("manifests/examples/hello.yaml");
+    let done = s
+        .wait_phase("hello", &["Succeeded", "Failed", "Stopped"], 60)
+        .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    let elsewhere: Value = serde_json::from_str(
+        &s.cluster
+            .kubectl_ok(&["get", "agentrun", "hello", "-n", &other, "-o", "json"]),
+    )
+    .expect("json");
+    assert!(
+        elsewhere["status"].is_null() && elsewhere["metadata"]["finalizers"].is_null(),
+        "a run outside the watched namespace is not touched: {elsewhere:#}"
+    );
+    let sim = s.cluster.sim.as_ref().expect("kube-sim");
+    let refused = sim.denials.all();
+    assert!(
+        refused.is_empty(),
+        "nothing the operator asked was refused: {refused:#?}"
+    );
+    let log = operator_log(&s);
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "the operator was refused something:\n{log}"
     );
 }
 

@@ -262,6 +262,26 @@ fn agent_pid(marker: &str) -> Option<u32> {
     None
 }
 
+/// The `Uid:`, `Gid:`, `Groups:`, `CapEff:` and `NoNewPrivs:` lines of a process, first
+/// values only (real uid and gid), e.g. `{"Uid": "65532", "Groups": "65532", ...}`.
+fn process_identity(pid: i32) -> std::collections::BTreeMap<String, String> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .filter(|(k, _)| ["Uid", "Gid", "Groups", "CapEff", "NoNewPrivs"].contains(k))
+        .map(|(k, v)| {
+            let v = v.trim();
+            let v = if k == "Groups" {
+                v
+            } else {
+                v.split_whitespace().next().unwrap_or_default()
+            };
+            (k.to_string(), v.to_string())
+        })
+        .collect()
+}
+
 /// The `State:` letter of a process (`T` when stopped by SIGSTOP), if it still exists.
 fn process_state(pid: u32) -> Option<char> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -776,6 +796,28 @@ async fn sidecar_killed_mid_run_is_restarted_and_no_output_is_lost() {
         })
         .await;
     assert_eq!(restarts, 0);
+    // The pod's users, as a real kubelet gives them: the sidecar as the sidecar image's
+    // non-root user, the agent as busybox's root with every capability dropped, both with the
+    // pod's fsGroup and no_new_privs.
+    let (agent, _) = s
+        .eventually(10, "the agent runs", || {
+            s.container("sturdy-default", "agent")
+        })
+        .await;
+    let expect = |uid: &str, groups: &str| {
+        [
+            ("CapEff", "0000000000000000"),
+            ("Gid", uid),
+            ("Groups", groups),
+            ("NoNewPrivs", "1"),
+            ("Uid", uid),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect::<std::collections::BTreeMap<_, _>>()
+    };
+    assert_eq!(process_identity(pid), expect("65532", "65532"));
+    assert_eq!(process_identity(agent), expect("0", "0 65532"));
     let killed = std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status()

@@ -56,6 +56,8 @@ pub struct Options {
     /// Serve https with a generated certificate (kubeconfigs carry its CA); kubectl sends
     /// bearer tokens only to TLS servers.
     pub tls: bool,
+    /// The version `/version` reports (`v1.28.5`); its minor is PodSecurity's `latest`.
+    pub server_version: String,
 }
 
 impl Default for Options {
@@ -75,6 +77,7 @@ impl Default for Options {
             bookmark_interval: Duration::from_secs(5),
             restart_backoff: Duration::from_secs(1),
             tls: false,
+            server_version: apiserver::discovery::DEFAULT_VERSION.into(),
         }
     }
 }
@@ -143,7 +146,10 @@ pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
         std::fs::create_dir_all(&state_dir)
             .with_context(|| format!("creating state dir {}", state_dir.display()))?;
     }
+    let version = apiserver::discovery::ServerVersion::parse(&opts.server_version)
+        .map_err(|e| anyhow::anyhow!(e))?;
     let store = Store::new(opts.watch_history);
+    store.set_server_version(version);
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
         .with_context(|| format!("binding {}", opts.listen))?;
@@ -193,6 +199,7 @@ pub async fn start(opts: Options) -> anyhow::Result<KubeSim> {
         None
     };
     tasks.push(tokio::spawn(gc::run(store.clone())));
+    tasks.push(tokio::spawn(apiserver::quota::run(store.clone())));
     let denials = Arc::new(rbac::DenialLog::default());
     let app = Arc::new(App {
         store: store.clone(),

@@ -23,7 +23,7 @@ struct Args {
     /// Directory for pods' volumes and logs (default: a new temporary directory).
     #[arg(long)]
     state_dir: Option<PathBuf>,
-    /// YAML image map: `images: {NAME: /host/binary | {prefix: [..]}}`.
+    /// YAML image map: `images: {NAME: /host/binary | {binary|prefix, files, user}}`.
     #[arg(long)]
     images: Option<PathBuf>,
     /// Images missing from the image map fail with ErrImagePull/ImagePullBackOff.
@@ -55,6 +55,9 @@ struct Args {
     /// sends a kubeconfig's token only to https servers.
     #[arg(long)]
     tls: bool,
+    /// The Kubernetes version to report on /version (e.g. v1.28.5); PodSecurity's "latest".
+    #[arg(long, default_value = kube_sim::apiserver::discovery::DEFAULT_VERSION)]
+    server_version: String,
 }
 
 #[tokio::main]
@@ -93,6 +96,7 @@ async fn main() -> anyhow::Result<()> {
         host_address: args.host_address.clone(),
         watch_history: args.watch_history,
         bookmark_interval: Duration::from_secs(args.bookmark_seconds.max(1)),
+        server_version: args.server_version.clone(),
         ..Options::default()
     };
     let sim = kube_sim::start(opts).await.context("starting kube-sim")?;

@@ -36,6 +36,13 @@ impl Cluster {
     /// cluster of `E2E_KUBECONFIG`.
     pub async fn start_with(opts: Options) -> Cluster {
         let dir = tempfile::tempdir().expect("temp dir");
+        // Searchable by every user (not listable): containers run as other users and execute
+        // the images kube-sim pulls into its state directory below it.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o711))
+                .expect("chmod temp dir");
+        }
         let (sim, kubeconfig) = match std::env::var("E2E_KUBECONFIG") {
             Ok(k) if !k.is_empty() => (None, PathBuf::from(k)),
             _ => {

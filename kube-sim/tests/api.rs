@@ -6,48 +6,16 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Cluster, eventually, fixture};
+use common::{Cluster, eventually, install_crd, widget_resource};
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::Discovery;
 use kube::api::{
-    Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch,
-    PatchParams, PostParams, PropagationPolicy, WatchEvent, WatchParams,
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams,
+    PropagationPolicy, WatchEvent, WatchParams,
 };
 use kube::runtime::WatchStreamExt;
-use kube::{Client, Discovery};
 use serde_json::{Value, json};
-
-fn widget_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("test.agentrun.dev", "v1", "Widget"),
-        "widgets",
-    )
-}
-
-async fn install_crd(client: &Client) {
-    let text = std::fs::read_to_string(fixture("widgets-crd.yaml")).expect("read CRD");
-    let crd: CustomResourceDefinition = serde_yaml::from_str(&text).expect("parse CRD");
-    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    match api.create(&PostParams::default(), &crd).await {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.is_already_exists() => {}
-        Err(e) => panic!("create CRD: {e}"),
-    }
-    eventually(30, "CRD established", || {
-        let api = api.clone();
-        async move {
-            let c = api.get("widgets.test.agentrun.dev").await.ok()?;
-            let est = c
-                .status?
-                .conditions?
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True");
-            est.then_some(())
-        }
-    })
-    .await;
-}
 
 fn cm(name: &str, labels: Value) -> ConfigMap {
     serde_json::from_value(

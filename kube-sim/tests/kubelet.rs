@@ -7,59 +7,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use common::pods::{logs, phase, pod, sh, wait_for};
 use common::{Cluster, eventually};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, DeleteParams, LogParams, PostParams};
 use serde_json::{Value, json};
-
-fn pod(name: &str, spec: Value) -> Pod {
-    serde_json::from_value(
-        json!({"metadata": {"name": name, "labels": {"suite": "kubelet"}}, "spec": spec}),
-    )
-    .expect("pod")
-}
-
-fn sh(name: &str, script: &str) -> Value {
-    json!({"name": name, "image": "busybox:1.36", "command": ["sh", "-c", script]})
-}
-
-async fn wait_for(
-    api: &Api<Pod>,
-    name: &str,
-    secs: u64,
-    what: &str,
-    pred: impl Fn(&Value) -> bool,
-) -> Value {
-    eventually(secs, &format!("pod {name}: {what}"), || {
-        let api = api.clone();
-        let name = name.to_string();
-        let pred = &pred;
-        async move {
-            let p = api.get(&name).await.ok()?;
-            let v = serde_json::to_value(&p).ok()?;
-            pred(&v).then_some(v)
-        }
-    })
-    .await
-}
-
-fn phase(p: &Value) -> &str {
-    p.pointer("/status/phase")
-        .and_then(Value::as_str)
-        .unwrap_or_default()
-}
-
-async fn logs(api: &Api<Pod>, name: &str, container: &str) -> String {
-    api.logs(
-        name,
-        &LogParams {
-            container: Some(container.into()),
-            ..Default::default()
-        },
-    )
-    .await
-    .expect("logs")
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn pod_exit_codes_and_restart_policies() {

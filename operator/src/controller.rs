@@ -632,6 +632,15 @@ impl Creation<'_> {
             .map(|(i, _)| i)
             .collect();
         if missing.is_empty() {
+            // Recomputed from the variations whenever a refusal was reported: a reconcile that
+            // started from a status read before the pods were created must not keep it.
+            if next
+                .conditions
+                .iter()
+                .any(|c| c.type_ == status::conditions::PODS_CREATED)
+            {
+                status::set_pods_created(next, run.metadata.generation, self.now);
+            }
             return Ok(None);
         }
         let mut retry: Option<Duration> = None;

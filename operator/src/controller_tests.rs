@@ -597,6 +597,41 @@ async fn a_quota_refusal_keeps_the_run_pending_and_is_retried_and_reported_once(
 }
 
 #[tokio::test]
+async fn a_status_read_before_the_pod_was_created_does_not_keep_its_refusal() {
+    // The first try was refused by a quota; a later one created the pod. A reconcile that
+    // starts from the status written after the refusal (a cache not yet updated) sees the pod
+    // and must say the pods are created, not keep the old refusal.
+    let run = AgentRun::test().finalized();
+    let r = run.clone();
+    let (written_tx, written_rx) = tokio::sync::oneshot::channel();
+    scenario(ok(run.clone()), false, |mut api| async move {
+        refuse_the_pod(&mut api, &r, EXCEEDED_QUOTA).await;
+        api.expect_event("QuotaExceeded").await;
+        let _ = written_tx.send(api.expect_status_patch(&r).await);
+        api
+    })
+    .await
+    .result
+    .expect("a refusal is reported, not an error");
+    let stale = run.with_status(written_rx.await.expect("the refusal was written"));
+    let pods = vec![pod_of(&stale, "default", running())];
+    let r = stale.clone();
+    scenario(ok(stale), false, |mut api| async move {
+        api.expect_pod_list(&r, pods).await;
+        let status = api.expect_status_patch(&r).await;
+        let c = condition(&status, "PodsCreated");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("True", "PodsCreated")
+        );
+        api
+    })
+    .await
+    .result
+    .expect("ok");
+}
+
+#[tokio::test]
 async fn a_refused_secret_is_reported_and_no_pod_is_created() {
     let run = AgentRun::test().finalized();
     let r = run.clone();

@@ -2,7 +2,8 @@
 //!
 //! Small modules with one job each: [`crd`] (the resource types), [`pod`] (building pods, pure),
 //! [`status`] (deriving status from pods, pure), [`refusal`] (why the API server refused a pod or
-//! Secret, pure), [`controller`] (reconcile with a finalizer), [`store`] (what goes to Redis),
+//! Secret, pure), [`controller`] (reconcile with a finalizer), [`store`] (what goes to Redis), [`run_users`]
+//! (the runs' Redis users on every node),
 //! [`metrics`], [`leader`] (Lease-based leader election), [`preflight`] (start-up checks:
 //! version, permissions, CRD), [`config`] (the operator's settings and flag parsing), [`server`]
 //! (/metrics, /healthz, /readyz), [`telemetry`].
@@ -17,6 +18,7 @@ pub mod metrics;
 pub mod pod;
 pub mod preflight;
 pub mod refusal;
+pub mod run_users;
 pub mod server;
 pub mod status;
 pub mod store;

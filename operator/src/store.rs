@@ -15,6 +15,7 @@ use agentrun_protocol::{
 use futures::future::BoxFuture;
 
 use crate::error::{Error, Result};
+use crate::run_users::RunUsers;
 
 /// Producer name of the operator in the streams it writes.
 pub const PRODUCER: &str = "operator";
@@ -87,26 +88,19 @@ pub trait RunStore: Send + Sync {
     ) -> BoxFuture<'a, Result<()>>;
 }
 
-/// Run users this operator has made, by run id, with their passwords.
-type KnownUsers = Arc<std::sync::Mutex<std::collections::HashMap<String, String>>>;
-
 /// The real store.
 pub struct RedisStore {
     conn: RedisConn,
     publisher: Publisher,
     last_pseq: AtomicU64,
-    known_users: KnownUsers,
+    users: RunUsers,
 }
 
 impl RedisStore {
     /// Connects to Redis.
     pub async fn connect(settings: &RedisSettings, stream_max_len: u64) -> anyhow::Result<Self> {
         let conn = settings.connect().await?;
-        let known_users = KnownUsers::default();
-        tokio::spawn(restore_users_after_restarts(
-            conn.clone(),
-            known_users.clone(),
-        ));
+        let users = RunUsers::start(settings.clone(), conn.clone());
         Ok(Self {
             conn,
             publisher: Publisher::new(PublishOptions {
@@ -114,7 +108,7 @@ impl RedisStore {
                 publish_command: settings.publish_command(),
             }),
             last_pseq: AtomicU64::new(0),
-            known_users,
+            users,
         })
     }
 
@@ -188,13 +182,9 @@ impl RunStore for RedisStore {
     ) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let run = parse_run_id(run_id)?;
-            if let Ok(mut known) = self.known_users.lock() {
-                known.insert(run_id.to_owned(), password.to_owned());
-            }
-            let mut conn = self.conn.clone();
-            agentrun_protocol::acl::ensure_run_user(&mut conn, &run, password)
+            self.users
+                .ensure(&run, password)
                 .await
-                .map(|_| ())
                 .map_err(|e| redis_err(run_id, e))
         })
     }
@@ -202,11 +192,8 @@ impl RunStore for RedisStore {
     fn delete_run_user<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, Result<()>> {
         Box::pin(async move {
             let run = parse_run_id(run_id)?;
-            if let Ok(mut known) = self.known_users.lock() {
-                known.remove(run_id);
-            }
-            let mut conn = self.conn.clone();
-            agentrun_protocol::acl::delete_run_user(&mut conn, &run)
+            self.users
+                .delete(&run)
                 .await
                 .map_err(|e| redis_err(run_id, e))
         })
@@ -409,48 +396,5 @@ impl RunStore for RecordingStore {
                 ttl_seconds,
             })
         })
-    }
-}
-
-/// Redis keeps ACL users in memory only: when the server restarts (its `run_id` changes), the
-/// users of the runs this operator knows are made again at once, so their sidecars can log in
-/// as soon as they reconnect instead of waiting for the next reconcile.
-async fn restore_users_after_restarts(mut conn: RedisConn, known: KnownUsers) {
-    let mut last_server: Option<String> = None;
-    loop {
-        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        let info: Result<String, _> = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut conn)
-            .await;
-        let Ok(info) = info else { continue };
-        let server = info
-            .lines()
-            .find_map(|l| l.strip_prefix("run_id:"))
-            .map(|s| s.trim().to_owned());
-        if server.is_none() {
-            continue;
-        }
-        let restarted = last_server.is_some() && last_server != server;
-        last_server = server;
-        if !restarted {
-            continue;
-        }
-        let users: Vec<(String, String)> = known
-            .lock()
-            .map(|k| k.iter().map(|(r, p)| (r.clone(), p.clone())).collect())
-            .unwrap_or_default();
-        tracing::info!(
-            users = users.len(),
-            "Redis restarted; making the runs' Redis users again"
-        );
-        for (run_id, password) in users {
-            if let Ok(run) = agentrun_protocol::RunId::new(run_id.clone())
-                && let Err(e) =
-                    agentrun_protocol::acl::ensure_run_user(&mut conn, &run, &password).await
-            {
-                tracing::warn!(run_id = %run_id, error = %e, "could not make the run's Redis user again");
-            }
-        }
     }
 }

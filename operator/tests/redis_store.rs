@@ -1,6 +1,7 @@
 //! The operator's writes land in a real Redis under the protocol's names.
 
 use agentrun_operator::store::{RedisStore, RunInfo, RunStore};
+use agentrun_protocol::RedisSettings;
 use agentrun_protocol::names::RUNS_INDEX_KEY;
 use agentrun_protocol::replay::read_page;
 use agentrun_protocol::testing::RedisServer;
@@ -172,4 +173,148 @@ async fn run_wide_status_sets_the_phase_and_run_users_come_and_go() {
         .connect()
         .await;
     assert!(gone.is_err(), "a deleted run user cannot log in");
+}
+
+/// Whether the server on `port` knows `user`.
+async fn knows_user(port: u16, user: &str) -> bool {
+    let Some(mut c) = agentrun_protocol::testing::direct(port).await else {
+        return false;
+    };
+    let found: redis::Value = redis::cmd("ACL")
+        .arg("GETUSER")
+        .arg(user)
+        .query_async(&mut c)
+        .await
+        .unwrap_or(redis::Value::Nil);
+    found != redis::Value::Nil
+}
+
+/// Waits until each of `ports` knows (or, with `known` false, no longer knows) `user`.
+async fn wait_user_on(ports: &[u16], user: &str, known: bool) {
+    for &port in ports {
+        agentrun_protocol::testing::wait_for(
+            &format!("user {user} known={known} on port {port}"),
+            std::time::Duration::from_secs(20),
+            || async move { (knows_user(port, user).await == known).then_some(()) },
+        )
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_user_is_on_every_replica_so_a_sentinel_failover_keeps_its_sidecars_in() {
+    use agentrun_protocol::testing::{Sentinel, info_replication, wait_for};
+    let master = RedisServer::start();
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    wait_for(
+        "the replica to sync",
+        std::time::Duration::from_secs(10),
+        || async {
+            info_replication(replica.port())
+                .await
+                .contains("master_link_status:up")
+                .then_some(())
+        },
+    )
+    .await;
+    let sentinel = Sentinel::start(master.port());
+    sentinel.wait_for_replica(replica.port()).await;
+    let store = RedisStore::connect(&sentinel.settings(), 1000)
+        .await
+        .expect("connects through the sentinel");
+    let run = RunId::new("default.failover.0a0b0c0d").expect("valid id");
+    let user = agentrun_protocol::acl::run_username(&run);
+    store
+        .ensure_run_user(run.as_str(), "run-password")
+        .await
+        .expect("makes the user on master and replica");
+    assert!(knows_user(master.port(), &user).await);
+    assert!(
+        knows_user(replica.port(), &user).await,
+        "the replica knows the run's user before any failover"
+    );
+
+    sentinel.failover_to(replica.port()).await;
+    // The run's sidecar logs in to the new master with its own user and writes its stream.
+    let mut settings = RedisSettings::from_url(&replica.url()).expect("url");
+    settings.username = Some(user.clone());
+    settings.password = Some("run-password".into());
+    let mut sidecar = settings.connect().await.expect("the run's user logs in");
+    let written = agentrun_protocol::Publisher::new(Default::default())
+        .publish(
+            &mut sidecar,
+            &run,
+            agentrun_protocol::publish::Batch {
+                stream: &StreamName::Output(agentrun_protocol::Variation::default_name()),
+                producer: "sidecar",
+                entries: &[agentrun_protocol::NewEntry {
+                    pseq: 1,
+                    ts: 1,
+                    kind: agentrun_protocol::EntryType::Output,
+                    content: bytes::Bytes::from_static(b"after the failover\n"),
+                    meta: None,
+                }],
+            },
+        )
+        .await;
+    assert!(
+        written.is_ok(),
+        "the run's user writes its stream on the new master: {written:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_restarts_gets_the_runs_users_again() {
+    use agentrun_protocol::testing::{info_replication, wait_for};
+    let master = RedisServer::start();
+    let mut replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    wait_for(
+        "the replica to sync",
+        std::time::Duration::from_secs(10),
+        || async {
+            info_replication(master.port())
+                .await
+                .contains("state=online")
+                .then_some(())
+        },
+    )
+    .await;
+    let store = RedisStore::connect(&master.settings(), 1000)
+        .await
+        .expect("connects");
+    let run = RunId::new("default.restart.0a0b0c0d").expect("valid id");
+    let user = agentrun_protocol::acl::run_username(&run);
+    store
+        .ensure_run_user(run.as_str(), "pw")
+        .await
+        .expect("makes the user");
+    wait_user_on(&[master.port(), replica.port()], &user, true).await;
+    // Redis keeps users in memory only: a restarted replica forgets them...
+    replica.restart();
+    // ...and the operator makes them again on its own, without a reconcile.
+    wait_user_on(&[replica.port()], &user, true).await;
+    store.delete_run_user(run.as_str()).await.expect("deletes");
+    wait_user_on(&[master.port(), replica.port()], &user, false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_runs_user_is_on_every_node_of_a_redis_cluster() {
+    let cluster = agentrun_protocol::testing::RedisCluster::start(3, 1).await;
+    let store = RedisStore::connect(&cluster.settings(), 1000)
+        .await
+        .expect("connects to the cluster");
+    let run = RunId::new("default.cluster.0a0b0c0d").expect("valid id");
+    let user = agentrun_protocol::acl::run_username(&run);
+    store
+        .ensure_run_user(run.as_str(), "pw")
+        .await
+        .expect("makes the user on every node");
+    let ports: Vec<u16> = cluster.nodes.iter().map(|n| n.port()).collect();
+    for &port in &ports {
+        assert!(knows_user(port, &user).await, "node {port} knows {user}");
+    }
+    store.delete_run_user(run.as_str()).await.expect("deletes");
+    wait_user_on(&ports, &user, false).await;
 }

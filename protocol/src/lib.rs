@@ -20,6 +20,7 @@ pub mod settings;
 pub mod status;
 #[cfg(feature = "test-support")]
 pub mod testing;
+pub mod topology;
 
 #[cfg(feature = "clap")]
 pub use args::RedisArgs;

@@ -471,6 +471,22 @@ pub struct SentinelConn {
     resolving: Arc<tokio::sync::Mutex<()>>,
 }
 
+impl RedisConn {
+    /// The master a Sentinel connection currently talks to (`None` in other modes).
+    pub fn current_master(&self) -> Option<(String, u16)> {
+        let RedisConn::Sentinel(s) = self else {
+            return None;
+        };
+        let state = s.state.lock().unwrap_or_else(|e| e.into_inner());
+        match &state.addr {
+            ConnectionAddr::Tcp(host, port) | ConnectionAddr::TcpTls { host, port, .. } => {
+                Some((host.clone(), *port))
+            }
+            _ => None,
+        }
+    }
+}
+
 struct SentinelState {
     conn: ConnectionManager,
     addr: ConnectionAddr,

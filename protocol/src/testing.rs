@@ -18,6 +18,20 @@ pub struct RedisServer {
     child: Option<Child>,
 }
 
+/// A free TCP port on 127.0.0.1 below 55000, so that a Redis Cluster bus port (port + 10000)
+/// is valid too.
+pub fn free_cluster_port() -> u16 {
+    for _ in 0..1000 {
+        let port = 20_000 + rand::random::<u16>() % 35_000;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok()
+        {
+            return port;
+        }
+    }
+    panic!("no free loopback port pair below 55000")
+}
+
 /// A free TCP port on 127.0.0.1 (bound and released; good enough for tests).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
@@ -45,8 +59,13 @@ impl RedisServer {
 
     /// Starts a server with extra `redis-server` arguments (e.g. `["--maxmemory", "10mb"]`).
     pub fn start_with(extra: &[&str]) -> Self {
+        Self::start_on(free_port(), extra)
+    }
+
+    /// Starts a server on `port` with extra arguments.
+    pub fn start_on(port: u16, extra: &[&str]) -> Self {
         let mut server = RedisServer {
-            port: free_port(),
+            port,
             tls: extra.contains(&"--tls-port"),
             dir: tempfile::tempdir().expect("temp dir"),
             extra_args: extra.iter().map(|s| s.to_string()).collect(),
@@ -202,6 +221,200 @@ impl RedisServer {
 impl Drop for RedisServer {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// A `redis-server --sentinel` monitoring one master as `mymaster` (quorum 1, down after 1 s),
+/// killed with the test.
+pub struct Sentinel {
+    pub port: u16,
+    _dir: tempfile::TempDir,
+    _child: ChildGuard,
+}
+
+/// The master name every test Sentinel monitors.
+pub const SENTINEL_MASTER: &str = "mymaster";
+
+impl Sentinel {
+    pub fn start(master_port: u16) -> Self {
+        let port = free_port();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {}\n\
+                 sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 5000\n",
+                dir.path().display()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let child = ChildGuard::spawn(
+            dying_with_test(redis_server_binary())
+                .arg(&conf)
+                .arg("--sentinel")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        Sentinel {
+            port,
+            _dir: dir,
+            _child: child,
+        }
+    }
+
+    /// `redis+sentinel://` settings for the monitored master.
+    pub fn settings(&self) -> RedisSettings {
+        RedisSettings::from_url(&format!(
+            "redis+sentinel://127.0.0.1:{}/{SENTINEL_MASTER}",
+            self.port
+        ))
+        .expect("valid url")
+    }
+
+    /// Sends `SENTINEL args...` to this Sentinel.
+    pub async fn command<T: redis::FromRedisValue>(&self, args: &[&str]) -> Option<T> {
+        let mut c = direct(self.port).await?;
+        redis::cmd("SENTINEL")
+            .arg(args)
+            .query_async(&mut c)
+            .await
+            .ok()
+    }
+
+    /// Waits until the Sentinel knows the replica on `port` as connected and in sync.
+    pub async fn wait_for_replica(&self, port: u16) {
+        wait_for(
+            "the sentinel to know the replica",
+            Duration::from_secs(20),
+            || async {
+                let replicas: Vec<std::collections::HashMap<String, String>> =
+                    self.command(&["REPLICAS", SENTINEL_MASTER]).await?;
+                replicas
+                    .iter()
+                    .any(|r| {
+                        r.get("port") == Some(&port.to_string())
+                            && r.get("flags").map(String::as_str) == Some("slave")
+                            && r.get("master-link-status").map(String::as_str) == Some("ok")
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+    }
+
+    /// Fails over to a replica and waits until the Sentinel names `new_master_port`.
+    pub async fn failover_to(&self, new_master_port: u16) {
+        wait_for(
+            "SENTINEL FAILOVER to be accepted",
+            Duration::from_secs(15),
+            || async {
+                let ok: String = self.command(&["FAILOVER", SENTINEL_MASTER]).await?;
+                (ok == "OK").then_some(())
+            },
+        )
+        .await;
+        wait_for(
+            "the sentinel to report the new master",
+            Duration::from_secs(20),
+            || async {
+                let (_, port): (String, u16) = self
+                    .command(&["GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])
+                    .await?;
+                (port == new_master_port).then_some(())
+            },
+        )
+        .await;
+    }
+}
+
+/// A plain connection to one server on loopback (no agentrun settings involved).
+pub async fn direct(port: u16) -> Option<redis::aio::MultiplexedConnection> {
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    client.get_multiplexed_async_connection().await.ok()
+}
+
+/// `INFO replication` of the server on `port` (empty when it does not answer).
+pub async fn info_replication(port: u16) -> String {
+    let Some(mut c) = direct(port).await else {
+        return String::new();
+    };
+    redis::cmd("INFO")
+        .arg("replication")
+        .query_async(&mut c)
+        .await
+        .unwrap_or_default()
+}
+
+/// A Redis Cluster of real `redis-server` processes on loopback: `masters` masters with
+/// `replicas` replicas each, made with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    pub async fn start(masters: usize, replicas: usize) -> Self {
+        let count = masters * (1 + replicas);
+        let nodes: Vec<RedisServer> = (0..count)
+            .map(|_| {
+                RedisServer::start_on(
+                    free_cluster_port(),
+                    &[
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-node-timeout",
+                        "2000",
+                        "--appendonly",
+                        "no",
+                    ],
+                )
+            })
+            .collect();
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .expect("run redis-cli --cluster create (apt-get install redis-tools)");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let cluster = RedisCluster { nodes };
+        for node in &cluster.nodes {
+            wait_for(
+                "every node to see the cluster ok",
+                Duration::from_secs(30),
+                || async move {
+                    let mut c = direct(node.port()).await?;
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async(&mut c)
+                        .await
+                        .ok()?;
+                    info.contains("cluster_state:ok").then_some(())
+                },
+            )
+            .await;
+        }
+        cluster
+    }
+
+    /// `redis+cluster://` settings with every node as a seed.
+    pub fn settings(&self) -> RedisSettings {
+        let seeds: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .collect();
+        RedisSettings::from_url(&format!("redis+cluster://{}", seeds.join(","))).expect("valid url")
     }
 }
 

@@ -3,81 +3,10 @@
 //! `connect()` must find the new master by itself.
 
 use agentrun_protocol::RedisSettings;
-use agentrun_protocol::testing::{RedisServer, free_port, wait_for};
+use agentrun_protocol::testing::{RedisServer, Sentinel, direct, info_replication, wait_for};
 use redis::AsyncCommands;
 use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
-
-/// A `redis-server --sentinel` process, killed on drop.
-struct Sentinel {
-    port: u16,
-    _dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl Sentinel {
-    fn start(master_port: u16) -> Self {
-        let port = free_port();
-        let dir = tempfile::tempdir().expect("temp dir");
-        let conf = dir.path().join("sentinel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "port {port}\nbind 127.0.0.1\ndir {}\n\
-                 sentinel monitor mymaster 127.0.0.1 {master_port} 1\n\
-                 sentinel down-after-milliseconds mymaster 1000\n\
-                 sentinel failover-timeout mymaster 5000\n",
-                dir.path().display()
-            ),
-        )
-        .expect("write sentinel.conf");
-        let child = Command::new("redis-server")
-            .arg(&conf)
-            .arg("--sentinel")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start redis-server --sentinel");
-        Sentinel {
-            port,
-            _dir: dir,
-            child,
-        }
-    }
-}
-
-impl Drop for Sentinel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn direct(port: u16) -> Option<redis::aio::MultiplexedConnection> {
-    let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
-    client.get_multiplexed_async_connection().await.ok()
-}
-
-async fn sentinel_cmd<T: redis::FromRedisValue>(port: u16, args: &[&str]) -> Option<T> {
-    let mut c = direct(port).await?;
-    redis::cmd("SENTINEL")
-        .arg(args)
-        .query_async(&mut c)
-        .await
-        .ok()
-}
-
-async fn info_replication(port: u16) -> String {
-    let Some(mut c) = direct(port).await else {
-        return String::new();
-    };
-    redis::cmd("INFO")
-        .arg("replication")
-        .query_async(&mut c)
-        .await
-        .unwrap_or_default()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_follow_the_master_after_a_sentinel_failover() {
@@ -99,7 +28,7 @@ async fn writes_follow_the_master_after_a_sentinel_failover() {
         Duration::from_secs(10),
         || async {
             let replicas: Vec<HashMap<String, String>> =
-                sentinel_cmd(sentinel.port, &["REPLICAS", "mymaster"]).await?;
+                sentinel.command(&["REPLICAS", "mymaster"]).await?;
             replicas
                 .iter()
                 .any(|r| {
@@ -131,7 +60,7 @@ async fn writes_follow_the_master_after_a_sentinel_failover() {
         "SENTINEL FAILOVER to be accepted",
         Duration::from_secs(15),
         || async {
-            let ok: String = sentinel_cmd(sentinel.port, &["FAILOVER", "mymaster"]).await?;
+            let ok: String = sentinel.command(&["FAILOVER", "mymaster"]).await?;
             (ok == "OK").then_some(())
         },
     )
@@ -140,8 +69,9 @@ async fn writes_follow_the_master_after_a_sentinel_failover() {
         "the sentinel to report the replica as the new master",
         Duration::from_secs(20),
         || async {
-            let (_, port): (String, u16) =
-                sentinel_cmd(sentinel.port, &["GET-MASTER-ADDR-BY-NAME", "mymaster"]).await?;
+            let (_, port): (String, u16) = sentinel
+                .command(&["GET-MASTER-ADDR-BY-NAME", "mymaster"])
+                .await?;
             (port == replica.port()).then_some(())
         },
     )

@@ -8,36 +8,6 @@ use common::*;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-/// Writes `count` numbered lines, one every `interval`, each with the time it was written.
-const COUNTER: &str = r#"
-import sys, time
-count, interval = int(sys.argv[1]), float(sys.argv[2])
-for i in range(count):
-    sys.stdout.write("line %d t=%.4f\n" % (i, time.time()))
-    sys.stdout.flush()
-    time.sleep(interval)
-"#;
-
-/// Parses the stream back into (line number, time written) and checks 0..count, each once.
-fn check_lines(bytes: &[u8], count: usize) -> Vec<f64> {
-    let text = String::from_utf8(bytes.to_vec()).unwrap();
-    let mut times = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        let (n, t) = line
-            .strip_prefix("line ")
-            .and_then(|l| l.split_once(" t="))
-            .unwrap_or_else(|| panic!("bad line {line:?}"));
-        assert_eq!(
-            n.parse::<usize>().unwrap(),
-            i,
-            "lines must arrive in order, once each"
-        );
-        times.push(t.parse().unwrap());
-    }
-    assert_eq!(times.len(), count, "every line must arrive");
-    times
-}
-
 async fn output_lines(conn: &mut agentrun_protocol::RedisConn, run: &RunId) -> usize {
     let bytes = concat(&read_all(conn, &output_key(run)).await);
     bytes.iter().filter(|b| **b == b'\n').count()

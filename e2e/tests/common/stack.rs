@@ -149,6 +149,8 @@ pub struct OperatorOptions {
     pub kubeconfig: Option<PathBuf>,
     /// Leader election on, with its Lease in this namespace (None: `--no-leader-election`).
     pub lease_namespace: Option<String>,
+    /// `--watch-namespace` (None: every namespace).
+    pub watch_namespace: Option<String>,
 }
 
 /// How [`Stack::restart_relay_with`] runs the relay (the default: what [`Stack::start`] does).
@@ -236,11 +238,14 @@ impl Stack {
             (SIM_HOST_ADDRESS.to_string(), SIM_SIDECAR_IMAGE.to_string())
         };
         let images = dir.path().join("images.yaml");
+        // The sidecar image is distroless `nonroot` (docker/Dockerfile): user 65532:65532, with
+        // agentrun-entrypoint beside agentrun-sidecar. Agent images (busybox) run as root.
         std::fs::write(
             &images,
             format!(
-                "images:\n  ghcr.io/agentrun/agentrun-sidecar: {}\n",
-                bins.join("agentrun-sidecar").display()
+                "images:\n  ghcr.io/agentrun/agentrun-sidecar:\n    binary: {}\n    files: [{}]\n    user: \"65532:65532\"\n  busybox: {{user: \"0\"}}\n",
+                bins.join("agentrun-sidecar").display(),
+                bins.join("agentrun-entrypoint").display()
             ),
         )
         .expect("write image map");
@@ -380,6 +385,9 @@ impl Stack {
             "8".into(),
         ];
         args.extend(election);
+        if let Some(ns) = &opts.watch_namespace {
+            args.extend(["--watch-namespace".to_string(), ns.clone()]);
+        }
         let op = Proc::spawn(
             "operator",
             &binaries().join("agentrun-operator"),

@@ -7,18 +7,72 @@ use serde_json::{Value, json};
 
 use crate::apiserver::resources::ResourceType;
 
-pub fn version() -> Value {
-    json!({
-        "major": "1",
-        "minor": "33",
-        "gitVersion": "v1.33.0-kube-sim",
-        "gitCommit": "0000000000000000000000000000000000000000",
-        "gitTreeState": "clean",
-        "buildDate": "2025-01-01T00:00:00Z",
-        "goVersion": "go1.24.0",
-        "compiler": "gc",
-        "platform": "linux/amd64"
-    })
+/// The version kube-sim answers on `/version` (`--server-version`); its minor version is also
+/// what PodSecurity's `latest` means.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerVersion {
+    pub git_version: String,
+    pub major: u32,
+    pub minor: u32,
+}
+
+/// The default: a current release.
+pub const DEFAULT_VERSION: &str = "v1.33.4";
+
+impl Default for ServerVersion {
+    fn default() -> Self {
+        ServerVersion {
+            git_version: DEFAULT_VERSION.into(),
+            major: 1,
+            minor: 33,
+        }
+    }
+}
+
+impl ServerVersion {
+    /// Parses `v1.28.5` (or `1.28`, `v1.30.0-rc.1`, `v1.29.3+k3s1`).
+    pub fn parse(s: &str) -> Result<ServerVersion, String> {
+        let bad = || format!("server version {s:?} is not like v1.33.4");
+        let bare = s.strip_prefix('v').unwrap_or(s);
+        let mut parts = bare.splitn(3, '.');
+        let num = |p: Option<&str>| -> Result<u32, String> {
+            let p = p.ok_or_else(bad)?;
+            let digits: String = p.chars().take_while(char::is_ascii_digit).collect();
+            if digits.is_empty() || digits.len() != p.len() {
+                return Err(bad());
+            }
+            digits.parse().map_err(|_| bad())
+        };
+        let major = num(parts.next())?;
+        let minor = num(parts.next())?;
+        if let Some(rest) = parts.next() {
+            let patch: String = rest.chars().take_while(char::is_ascii_digit).collect();
+            let tail = &rest[patch.len()..];
+            if patch.is_empty() || !(tail.is_empty() || tail.starts_with(['-', '+'])) {
+                return Err(bad());
+            }
+        }
+        Ok(ServerVersion {
+            git_version: format!("v{bare}"),
+            major,
+            minor,
+        })
+    }
+
+    /// The `/version` document.
+    pub fn document(&self) -> Value {
+        json!({
+            "major": self.major.to_string(),
+            "minor": self.minor.to_string(),
+            "gitVersion": self.git_version,
+            "gitCommit": "0000000000000000000000000000000000000000",
+            "gitTreeState": "clean",
+            "buildDate": "2025-01-01T00:00:00Z",
+            "goVersion": "go1.24.0",
+            "compiler": "gc",
+            "platform": "linux/amd64"
+        })
+    }
 }
 
 pub fn core_versions(addr: &str) -> Value {
@@ -158,8 +212,32 @@ pub fn openapi_gv(types: &[ResourceType], group: &str, version: &str) -> Option<
     }
     Some(json!({
         "openapi": "3.0.0",
-        "info": {"title": "Kubernetes (kube-sim)", "version": "v1.33.0"},
+        "info": {"title": "Kubernetes (kube-sim)", "version": DEFAULT_VERSION},
         "paths": paths,
         "components": {"schemas": {}},
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_versions_parse_with_consistent_major_and_minor() {
+        let v = ServerVersion::parse("v1.28.5").expect("version");
+        assert_eq!(
+            (v.major, v.minor, v.git_version.as_str()),
+            (1, 28, "v1.28.5")
+        );
+        let d = ServerVersion::parse("1.30").expect("version").document();
+        assert_eq!(
+            (d["major"].as_str(), d["minor"].as_str()),
+            (Some("1"), Some("30"))
+        );
+        assert_eq!(d["gitVersion"], "v1.30");
+        assert!(ServerVersion::parse("v1.29.3+k3s1").is_ok());
+        for bad in ["", "v1", "latest", "v1.x.0", "v1.28.5x"] {
+            assert!(ServerVersion::parse(bad).is_err(), "{bad}");
+        }
+    }
 }

@@ -55,6 +55,18 @@ impl ApiError {
         .with_details(json!({"name": name, "group": group, "kind": plural}))
     }
 
+    /// 403 Forbidden from admission: `pods "x" is forbidden: <why>`.
+    pub fn forbidden(group: &str, plural: &str, name: &str, why: &str) -> Self {
+        let res = qualified(group, plural);
+        let message = if name.is_empty() {
+            format!("{res} is forbidden: {why}")
+        } else {
+            format!("{res} \"{name}\" is forbidden: {why}")
+        };
+        ApiError::new(403, "Forbidden", message)
+            .with_details(json!({"name": name, "group": group, "kind": plural}))
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::new(400, "BadRequest", message)
     }
@@ -161,7 +173,7 @@ impl FieldError {
     }
 
     pub fn message(&self) -> String {
-        if self.reason == "FieldValueRequired" {
+        if self.reason == "FieldValueRequired" && self.detail.is_empty() {
             "Required value".to_string()
         } else {
             self.detail.clone()

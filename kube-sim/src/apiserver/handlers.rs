@@ -18,7 +18,7 @@ use crate::apiserver::discovery;
 use crate::apiserver::errors::ApiError;
 use crate::apiserver::http::{
     Query, Target, as_version, delete_opts, error_response, json_response, key, parse_object,
-    parse_query, selectors, write_opts,
+    parse_query, selectors, with_warnings, write_opts,
 };
 use crate::apiserver::logs::logs;
 use crate::apiserver::patch::{self, PatchKind};
@@ -93,7 +93,9 @@ async fn route(
                 &json!({"paths": ["/api", "/api/v1", "/apis", "/version", "/healthz", "/readyz", "/livez"]}),
             ));
         }
-        ["version"] => return Ok(json_response(200, &discovery::version())),
+        ["version"] => {
+            return Ok(json_response(200, &app.store.server_version().document()));
+        }
         ["healthz"] | ["readyz"] | ["livez"] => {
             return Ok((StatusCode::OK, "ok").into_response());
         }
@@ -224,16 +226,17 @@ async fn route(
         }
         (Method::POST, None, None) => {
             let obj = parse_object(&body, headers)?;
-            let created = app
-                .store
-                .create(&target.t, &target.ns, obj, &write_opts(q, false))?;
-            Ok(json_response(201, &as_version(&target.t, created)))
+            let opts = write_opts(q, headers, false);
+            let created = app.store.create(&target.t, &target.ns, obj, &opts)?;
+            let resp = json_response(201, &as_version(&target.t, created));
+            Ok(with_warnings(resp, &opts))
         }
         (Method::PUT, Some(name), sub) => {
             let obj = parse_object(&body, headers)?;
-            let opts = write_opts(q, sub == Some("status"));
+            let opts = write_opts(q, headers, sub == Some("status"));
             let updated = app.store.update(&target.t, &target.ns, name, obj, &opts)?;
-            Ok(json_response(200, &as_version(&target.t, updated)))
+            let resp = json_response(200, &as_version(&target.t, updated));
+            Ok(with_warnings(resp, &opts))
         }
         (Method::PATCH, Some(name), sub) => {
             let ct = headers
@@ -243,16 +246,50 @@ async fn route(
             let kind = PatchKind::from_content_type(ct).ok_or_else(|| {
                 ApiError::new(415, "UnsupportedMediaType", format!("the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml; got {ct:?}"))
             })?;
-            let patch_body = patch::parse_body(kind, &body)?;
             let status = sub == Some("status");
-            let opts = write_opts(q, status);
-            let (store, t, ns) = (&app.store, &target.t, &target.ns);
-            let out = if kind == PatchKind::Apply {
-                apply::server_side_apply(store, t, ns, name, status, &patch_body, opts)?
-            } else {
-                patch::patch_object(store, t, ns, name, kind, &patch_body, &opts)?
+            let force = match q.get("force").map(String::as_str) {
+                None => None,
+                Some("true" | "1") => Some(true),
+                Some(_) => Some(false),
             };
-            Ok(json_response(200, &as_version(&target.t, out)))
+            if kind == PatchKind::Apply {
+                // Apply requires the manager to be named: no user agent stands in for it.
+                if q.get("fieldManager").is_none_or(String::is_empty) {
+                    return Err(apply::invalid_patch_options(
+                        "fieldManager",
+                        "FieldValueRequired",
+                        "Required value: is required for apply patch",
+                    ));
+                }
+            } else if force.is_some() {
+                return Err(apply::invalid_patch_options(
+                    "force",
+                    "FieldValueForbidden",
+                    "Forbidden: may not be specified for non-apply patch",
+                ));
+            }
+            let patch_body = patch::parse_body(kind, &body)?;
+            let opts = write_opts(q, headers, status);
+            let (store, t, ns) = (&app.store, &target.t, &target.ns);
+            let (out, code) = if kind == PatchKind::Apply {
+                let force = force.unwrap_or(false);
+                let (obj, created) = apply::server_side_apply(
+                    store,
+                    t,
+                    ns,
+                    name,
+                    status,
+                    &patch_body,
+                    force,
+                    opts.clone(),
+                )?;
+                (obj, if created { 201 } else { 200 })
+            } else {
+                let obj = patch::patch_object(store, t, ns, name, kind, &patch_body, &opts)?;
+                (obj, 200)
+            };
+            let resp = json_response(code, &as_version(&target.t, out));
+            Ok(with_warnings(resp, &opts))
         }
         (Method::DELETE, Some(name), None) => {
             let opts = delete_opts(q, &body);

@@ -3,10 +3,11 @@
 
 use std::collections::HashMap;
 
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::Value;
 
+use crate::apiserver::admission::Warnings;
 use crate::apiserver::errors::ApiError;
 use crate::apiserver::resources::ResourceType;
 use crate::apiserver::selectors::{FieldSelector, LabelSelector};
@@ -111,14 +112,34 @@ pub(super) fn parse_object(body: &[u8], headers: &HeaderMap) -> Result<Value, Ap
     }
 }
 
-pub(super) fn write_opts(q: &Query, status: bool) -> WriteOpts {
+/// The options of a create, update or patch. The field manager is `fieldManager`, else the
+/// client's user agent up to its first `/` (as the API server names managers).
+pub(super) fn write_opts(q: &Query, headers: &HeaderMap, status: bool) -> WriteOpts {
+    let agent = headers
+        .get(header::USER_AGENT)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|ua| ua.split('/').next())
+        .filter(|m| !m.is_empty())
+        .map(String::from);
     WriteOpts {
         dry_run: q.get("dryRun").is_some_and(|d| d == "All"),
         status,
-        field_manager: q.get("fieldManager").cloned(),
-        operation: None,
+        field_manager: q.get("fieldManager").cloned().or(agent),
         strict: q.get("fieldValidation").is_some_and(|v| v == "Strict"),
+        managed_fields: None,
+        warnings: Some(Warnings::default()),
     }
+}
+
+/// A response with the request's warnings as `Warning: 299 - "..."` headers.
+pub(super) fn with_warnings(mut resp: Response, opts: &WriteOpts) -> Response {
+    for w in opts.warnings.iter().flat_map(Warnings::all) {
+        let escaped = w.replace('\\', "\\\\").replace('"', "\\\"");
+        if let Ok(v) = HeaderValue::from_str(&format!("299 - \"{escaped}\"")) {
+            resp.headers_mut().append(header::WARNING, v);
+        }
+    }
+    resp
 }
 
 pub(super) fn delete_opts(q: &Query, body: &[u8]) -> DeleteOpts {

@@ -12,13 +12,18 @@
 //! | `watch` | watch streams: initial events, resume from the history, bookmarks, 410 Gone |
 //! | `logs` | pod logs from the kubelet's files |
 //! | `store` | objects, `resourceVersion`, served types, event history; `store/writes`, `store/deletion` |
-//! | `admission` | the stage every create and update passes before it is stored (defaults and validation of built-in types) |
+//! | `admission` | the stage every create and update passes before it is stored: defaults and validation of built-in types, then the admission plugins below |
+//! | `podsecurity` | Pod Security Admission (namespace labels, the baseline and restricted checks) |
+//! | `limitrange` | LimitRanger: default requests and limits, min/max/ratio bounds |
+//! | `quota` | ResourceQuota: admission, pod usage, the quota controller that keeps `status` |
+//! | `quantity` | resource quantities: parsing, comparison, canonical form |
 //! | `patch` | JSON, merge and strategic merge patches, and the read-patch-write loop |
-//! | `apply` | server-side apply |
-//! | `managed_fields` | `metadata.managedFields` |
+//! | `apply` | server-side apply: structured merge, pruning, ownership conflicts |
+//! | `managed_fields` | `metadata.managedFields`: entries, what an update takes over |
+//! | `fieldset` | field sets (`fieldsV1`) and the shape of objects (list and map types) |
 //! | `schema`, `cel` | CRD schemas: defaults, pruning, validation, `x-kubernetes-validations` |
 //! | `resources` | the served types: built-in ones and those CRDs register |
-//! | `discovery` | `/api`, `/apis`, `/version`, `/openapi/v3` |
+//! | `discovery` | `/api`, `/apis`, `/version` (`--server-version`), `/openapi/v3` |
 //! | `selectors` | label and field selectors |
 //! | `table` | `Table` output for `kubectl get` |
 //! | `gc` | garbage collection through owner references, namespace deletion |
@@ -35,12 +40,17 @@ pub mod auth;
 pub mod cel;
 pub mod discovery;
 pub mod errors;
+pub mod fieldset;
 pub mod gc;
 pub mod handlers;
 pub mod http;
+pub mod limitrange;
 pub mod logs;
 pub mod managed_fields;
 pub mod patch;
+pub mod podsecurity;
+pub mod quantity;
+pub mod quota;
 pub mod rbac;
 pub mod resources;
 pub mod schema;

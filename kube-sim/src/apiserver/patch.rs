@@ -1,7 +1,8 @@
 //! PATCH: the formats (JSON patch, RFC 6902; JSON merge patch, RFC 7386; a strategic merge
 //! patch that merges lists of objects by their usual merge key: `name`, `mountPath`,
 //! `containerPort`, `port`, `uid`, `type`) and the read-patch-write of a stored object.
-//! Server-side apply has its own entry point (`apply.rs`), which uses the strategic merge.
+//! Server-side apply has its own entry point and merge (`apply.rs`); only its body parsing is
+//! here.
 
 use serde_json::{Map, Value};
 
@@ -86,7 +87,8 @@ pub fn patch_stored(
     Err(ApiError::conflict(&t.group, &t.plural, name))
 }
 
-/// Applies a patch to `target` (an apply body: strategically merged, see `apply.rs`).
+/// Applies a JSON, merge or strategic merge patch to `target` (server-side apply does not come
+/// here: `apply.rs`).
 pub fn apply(kind: PatchKind, target: &Value, patch: &Value) -> Result<Value, ApiError> {
     match kind {
         PatchKind::Json => {
@@ -121,6 +123,7 @@ pub fn apply(kind: PatchKind, target: &Value, patch: &Value) -> Result<Value, Ap
             Ok(doc)
         }
         PatchKind::Strategic | PatchKind::Apply => {
+            // Apply bodies never come here (`apply.rs` merges them); treated as strategic.
             if !patch.is_object() {
                 return Err(ApiError::bad_request(
                     "a strategic merge patch must be an object",

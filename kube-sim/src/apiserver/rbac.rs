@@ -68,18 +68,7 @@ pub fn forbidden(user: &str, a: &Attrs) -> ApiError {
             let why = format!(
                 "User \"{user}\" cannot {verb} resource \"{full}\" in API group \"{group}\" {scope}"
             );
-            let qualified = if group.is_empty() {
-                resource.clone()
-            } else {
-                format!("{resource}.{group}")
-            };
-            let message = if name.is_empty() {
-                format!("{qualified} is forbidden: {why}")
-            } else {
-                format!("{qualified} \"{name}\" is forbidden: {why}")
-            };
-            ApiError::new(403, "Forbidden", message)
-                .with_details(json!({"name": name, "group": group, "kind": resource}))
+            ApiError::forbidden(group, resource, name, &why)
         }
     }
 }

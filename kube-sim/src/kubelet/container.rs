@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use tokio::process::Child;
 
 use super::probes::ProbeState;
+use super::security::Identity;
 use super::volumes::termination_message;
 use crate::json::str_at;
 use crate::time::now_rfc3339;
@@ -37,6 +38,8 @@ pub(super) struct ContainerState {
     pub(super) kill_at: Option<Instant>,
     /// The host file bind-mounted at the container's `terminationMessagePath`.
     pub(super) term_file: Option<PathBuf>,
+    /// What the current instance runs as (exec probes run as it too); None: kube-sim's user.
+    pub(super) identity: Option<Identity>,
 }
 
 impl ContainerState {
@@ -61,6 +64,7 @@ impl ContainerState {
             probes: Default::default(),
             kill_at: None,
             term_file: None,
+            identity: None,
         }
     }
 

@@ -15,6 +15,8 @@ pub(super) struct PodEnv<'a> {
     pub(super) ns: &'a str,
     pub(super) name: &'a str,
     pub(super) pod_ip: &'a str,
+    /// `HOME` unless the container sets it: the home of the user it runs as.
+    pub(super) home: &'a str,
 }
 
 impl PodEnv<'_> {
@@ -29,7 +31,7 @@ impl PodEnv<'_> {
                     "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".into()
                 }),
             ),
-            ("HOME".into(), "/root".into()),
+            ("HOME".into(), self.home.to_string()),
             ("HOSTNAME".into(), self.name.to_string()),
         ];
         let set = |env: &mut Vec<(String, String)>, k: String, v: String| {

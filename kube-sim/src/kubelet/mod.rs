@@ -5,7 +5,8 @@
 //! restarted when they exit), then the main containers, restarted per the pod's
 //! `restartPolicy`. Each container runs in its own mount namespace (when kube-sim runs as root)
 //! with the pod's volumes bind-mounted at their `mountPath`, and, when enabled, in the pod's own
-//! network namespace. Images map to executables through an image map.
+//! network namespace; as root, it runs with the user, groups and capabilities its security
+//! context and image give it. Images map to executables (and their users) through an image map.
 //!
 //! | module | what it owns |
 //! |---|---|
@@ -14,7 +15,8 @@
 //! | `container` | one container's runtime state and container status |
 //! | `status` | the pod status it publishes, conditions, Events |
 //! | `probes` | startup, readiness and liveness probes |
-//! | `images` | the image map |
+//! | `images` | the image map, pulling binaries where every user can run them |
+//! | `security` | security contexts: users, groups, capabilities, `runAsNonRoot` |
 //! | `env` | environment resolution |
 //! | `volumes` | volume mounts and files, termination message files |
 //! | `spawn` | the host process: network namespace, mount namespace script, logs |
@@ -26,6 +28,7 @@ pub mod images;
 pub mod network;
 mod probes;
 mod runner;
+pub mod security;
 mod spawn;
 mod status;
 pub mod volumes;
@@ -57,6 +60,9 @@ pub struct KubeletConfig {
     pub strict_images: bool,
     /// Run each container in its own mount namespace with volumes bind-mounted (needs root).
     pub mount_namespaces: bool,
+    /// Run each container as the user, groups and capabilities its security context and image
+    /// give it (needs root and `setpriv`); otherwise containers run as kube-sim's user.
+    pub identities: bool,
     /// Give each pod its own network namespace (needs root).
     pub network: Option<Arc<Network>>,
     /// Delay before restarting a crashed container; doubles up to 10 s.
@@ -70,8 +76,37 @@ impl KubeletConfig {
             images: ImageMap::default(),
             strict_images: false,
             mount_namespaces: namespaces_available(),
+            identities: identities_available(),
             network: None,
             restart_backoff: Duration::from_secs(1),
+        }
+    }
+}
+
+/// Makes the state directory searchable by every user (its images are run by containers of
+/// any uid), and warns when a directory above it is not.
+fn open_state_dir(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::create_dir_all(dir.join("images"));
+    for d in [dir.to_path_buf(), dir.join("images")] {
+        if let Ok(m) = std::fs::metadata(&d) {
+            let mode = m.permissions().mode() & 0o7777;
+            if mode & 0o011 != 0o011 {
+                let _ = std::fs::set_permissions(&d, std::fs::Permissions::from_mode(mode | 0o011));
+            }
+        }
+    }
+    for a in dir.ancestors().skip(1) {
+        let searchable = std::fs::metadata(a)
+            .map(|m| m.permissions().mode() & 0o001 != 0)
+            .unwrap_or(true);
+        if !searchable {
+            tracing::warn!(
+                "{} is not searchable by other users: containers that do not run as its owner cannot run the image binaries pulled below it into {}",
+                a.display(),
+                dir.display()
+            );
+            break;
         }
     }
 }
@@ -81,10 +116,17 @@ pub fn namespaces_available() -> bool {
     nix::unistd::geteuid().is_root() && Path::new("/usr/bin/unshare").exists()
 }
 
+/// Whether this process may run containers as other users (root and `setpriv` present).
+pub fn identities_available() -> bool {
+    nix::unistd::geteuid().is_root() && Path::new(spawn::SETPRIV).exists()
+}
+
 pub struct Kubelet {
     store: Arc<Store>,
     cfg: KubeletConfig,
     pods: Mutex<HashMap<String, watch::Sender<Option<i64>>>>,
+    /// Images pulled into the state directory: image name without tag, pulled binary.
+    pulled: Mutex<HashMap<String, PathBuf>>,
 }
 
 fn pods_key() -> TypeKey {
@@ -93,11 +135,45 @@ fn pods_key() -> TypeKey {
 
 impl Kubelet {
     pub fn new(store: Arc<Store>, cfg: KubeletConfig) -> Arc<Kubelet> {
+        if !cfg.identities {
+            tracing::warn!(
+                "kube-sim is not root (or has no {}): every container runs as kube-sim's own user; securityContext users, groups, capabilities, no_new_privs and volume ownership are not applied",
+                spawn::SETPRIV
+            );
+        }
+        open_state_dir(&cfg.state_dir);
         Arc::new(Kubelet {
             store,
             cfg,
             pods: Mutex::new(HashMap::new()),
+            pulled: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// The host binary of a binary image, pulled into the state directory (once, or at every
+    /// start with `imagePullPolicy: Always`); None for images that are not binaries.
+    fn pull_image(&self, image: &str, policy: &str) -> Result<Option<PathBuf>, String> {
+        let Some(files) = self.cfg.images.files(image) else {
+            return Ok(None);
+        };
+        let key = ImageMap::base_name(image);
+        let mut pulled = match self.pulled.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if policy != "Always"
+            && let Some(p) = pulled.get(&key)
+        {
+            return Ok(Some(p.clone()));
+        }
+        let dir = self
+            .cfg
+            .state_dir
+            .join("images")
+            .join(images::pulled_dir_name(image));
+        let binary = images::pull(&files, &dir)?;
+        pulled.insert(key, binary.clone());
+        Ok(Some(binary))
     }
 
     pub fn log_path(&self, uid: &str, container: &str) -> PathBuf {

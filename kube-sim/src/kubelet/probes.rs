@@ -1,6 +1,7 @@
 //! Probes: startup, readiness and liveness, with `httpGet` and `tcpSocket` (connecting to the
 //! pod IP from the host) and `exec` (run in the container's mount and network namespaces with
-//! `nsenter`); their timing and thresholds, and what their results do to a container.
+//! `nsenter`, as the container's user with its capabilities); their timing and thresholds, and
+//! what their results do to a container.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -11,6 +12,8 @@ use serde_json::Value;
 use tokio::process::Command;
 
 use super::runner::PodRunner;
+use super::security::Identity;
+use super::spawn::setpriv_prefix;
 use crate::json::str_at;
 
 /// Counters of one probe (startup, readiness, liveness) of one container.
@@ -66,7 +69,8 @@ impl PodRunner {
                 }
                 let period = probe["periodSeconds"].as_u64().unwrap_or(10).max(1);
                 c.probes[k].next = Some(now + Duration::from_secs(period));
-                let ok = run_probe(&probe, &c.spec, &pod_ip, c.pid, mount_ns, net.as_deref()).await;
+                let ns = (c.pid, mount_ns, net.as_deref());
+                let ok = run_probe(&probe, &c.spec, &pod_ip, ns, c.identity.as_ref()).await;
                 let st = &mut c.probes[k];
                 if ok {
                     st.successes += 1;
@@ -123,14 +127,14 @@ impl PodRunner {
 }
 
 /// Runs one probe: httpGet and tcpSocket connect to the pod IP from the host; exec runs the
-/// command inside the container's namespaces.
+/// command inside the container's namespaces (those of process `pid`: mount, network), as
+/// its identity.
 async fn run_probe(
     probe: &Value,
     spec: &Value,
     pod_ip: &str,
-    pid: Option<i32>,
-    mount_ns: bool,
-    net: Option<&str>,
+    (pid, mount_ns, net): (Option<i32>, bool, Option<&str>),
+    identity: Option<&Identity>,
 ) -> bool {
     let timeout = Duration::from_secs(probe["timeoutSeconds"].as_u64().unwrap_or(1).max(1));
     let port_of = |action: &Value| -> Option<u16> {
@@ -208,6 +212,9 @@ async fn run_probe(
                     full.push("-n".into());
                 }
                 full.push("--".into());
+            }
+            if let Some(id) = identity {
+                full.extend(setpriv_prefix(id));
             }
             full.extend(cmd);
             let status = Command::new(&full[0])

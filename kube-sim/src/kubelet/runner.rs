@@ -18,8 +18,9 @@ use super::env::{PodEnv, expand_vars};
 use super::images::ImageMap;
 use super::network::NetNs;
 use super::probes::{PROBE_FIELDS, ProbeState};
-use super::spawn::spawn;
-use super::volumes::{mounts_of, termination_file, write_volume_files};
+use super::security::{Identity, identity, verify_run_as_non_root};
+use super::spawn::{Isolation, spawn};
+use super::volumes::{mounts_of, setup_volumes, termination_file, write_volume_files};
 use crate::json::{str_at, string_list};
 use crate::time::now_rfc3339;
 
@@ -44,12 +45,19 @@ pub(super) struct PodRunner {
     pub(super) events: Vec<(&'static str, &'static str, String)>,
 }
 
-/// What a container start needs: its argv and environment, or why it must wait.
+/// What a container start needs: its argv, environment and identity, or why it must wait.
 enum Prepared {
-    Argv(Vec<String>, Vec<(String, String)>),
-    /// The container cannot start (yet): waiting reason and message.
-    Wait(&'static str, String),
+    Argv(Vec<String>, Vec<(String, String)>, Identity),
+    /// The container cannot start (yet): waiting reason and message, and when to try again.
+    Wait(&'static str, String, Duration),
 }
+
+/// How soon a container that waits for something another object may change (a Secret, a
+/// ConfigMap, an image) is tried again.
+const RETRY: Duration = Duration::from_millis(500);
+/// How long the kubelet's pod worker backs off after a sync error that only the pod could
+/// change, such as a container its security context refuses (pod specs cannot change there).
+const SYNC_ERROR_BACKOFF: Duration = Duration::from_secs(10);
 
 impl PodRunner {
     pub(super) fn new(
@@ -109,6 +117,7 @@ impl PodRunner {
                 Err(e) => tracing::error!("pod {}/{}: network namespace: {e}", self.ns, self.name),
             }
         }
+        setup_volumes(&self.pod, &self.dir);
         self.publish();
         let deadline = self
             .pod
@@ -312,20 +321,26 @@ impl PodRunner {
         } else {
             &mut self.mains[i]
         };
-        let (argv, env) = match prepared {
-            Prepared::Argv(a, e) => (a, e),
-            Prepared::Wait(reason, message) => {
+        let (argv, env, identity) = match prepared {
+            Prepared::Argv(a, e, i) => (a, e, i),
+            Prepared::Wait(reason, message, retry) => {
                 if c.state.pointer("/waiting/reason").and_then(Value::as_str) != Some(reason) {
                     let ev = match reason {
                         "ImagePullBackOff" => "BackOff",
                         "ContainerCreating" => "FailedMount",
                         _ => "Failed",
                     };
-                    self.events
-                        .push(("Warning", ev, format!("Error: {reason}: {message}")));
+                    // The kubelet's event for a container it could not create is `Error: ERR`.
+                    let text = match reason {
+                        "CreateContainerConfigError" | "CreateContainerError" => {
+                            format!("Error: {message}")
+                        }
+                        _ => format!("Error: {reason}: {message}"),
+                    };
+                    self.events.push(("Warning", ev, text));
                 }
                 c.state = json!({"waiting": {"reason": reason, "message": message}});
-                c.next_start = Some(Instant::now() + Duration::from_millis(500));
+                c.next_start = Some(Instant::now() + retry);
                 return;
             }
         };
@@ -343,15 +358,14 @@ impl PodRunner {
             None
         };
         c.term_file = term.as_ref().map(|t| t.src.clone());
-        match spawn(
-            &argv,
-            &env,
-            &spec,
-            (&mounts, term.as_ref()),
-            &log,
-            self.kubelet.cfg.mount_namespaces,
-            self.net.as_ref(),
-        ) {
+        let iso = Isolation {
+            mount_ns: self.kubelet.cfg.mount_namespaces,
+            read_only_root: identity.read_only_root,
+            net: self.net.as_ref(),
+            identity: Some(&identity).filter(|_| self.kubelet.cfg.identities),
+        };
+        c.identity = iso.identity.cloned();
+        match spawn(&argv, &env, &spec, (&mounts, term.as_ref()), &log, &iso) {
             Ok(child) => {
                 if restarted {
                     c.restarts += 1;
@@ -397,55 +411,80 @@ impl PodRunner {
         }
     }
 
+    /// Everything the kubelet does before a container is created, in its order: the pod's
+    /// volume files, the image (pulled), the environment, `runAsNonRoot`, then the identity
+    /// (user, groups, capabilities) the runtime would give it.
     fn prepare(&self, spec: &Value) -> Prepared {
         let image = spec["image"].as_str().unwrap_or_default();
         let command = string_list(&spec["command"]);
         let args = string_list(&spec["args"]);
         if let Err(msg) = write_volume_files(&self.kubelet.store, &self.pod, &self.dir) {
-            return Prepared::Wait("ContainerCreating", msg);
+            return Prepared::Wait("ContainerCreating", msg, RETRY);
         }
+        let images = &self.kubelet.cfg.images;
+        let pull_error = |detail: String| {
+            let pulls = self
+                .inits
+                .iter()
+                .chain(self.mains.iter())
+                .any(|c| c.state.pointer("/waiting/reason") == Some(&json!("ErrImagePull")));
+            let reason = if pulls {
+                "ImagePullBackOff"
+            } else {
+                "ErrImagePull"
+            };
+            Prepared::Wait(
+                reason,
+                format!("Back-off pulling image \"{image}\": kube-sim: {detail}"),
+                RETRY,
+            )
+        };
+        if self.kubelet.cfg.strict_images && images.lookup(image).is_none() {
+            return pull_error(format!(
+                "image {:?} is not in the image map",
+                ImageMap::base_name(image)
+            ));
+        }
+        let policy = spec["imagePullPolicy"].as_str().unwrap_or_default();
+        let pulled = match self.kubelet.pull_image(image, policy) {
+            Ok(p) => p,
+            Err(e) => return pull_error(format!("pulling {image:?}: {e}")),
+        };
+        let image_user = images.user(image);
+        let identity = identity(&self.pod, spec, &image_user);
         let pod_env = PodEnv {
             store: &self.kubelet.store,
             pod: &self.pod,
             ns: &self.ns,
             name: &self.name,
             pod_ip: &self.pod_ip,
+            home: identity.as_ref().map_or("/", |i| i.home.as_str()),
         };
         let env = match pod_env.resolve(spec) {
             Ok(e) => e,
-            Err(msg) => return Prepared::Wait("CreateContainerConfigError", msg),
+            Err(msg) => return Prepared::Wait("CreateContainerConfigError", msg, RETRY),
+        };
+        if let Err(msg) = verify_run_as_non_root(&self.pod, spec, &image_user) {
+            return Prepared::Wait("CreateContainerConfigError", msg, SYNC_ERROR_BACKOFF);
+        }
+        let identity = match identity {
+            Ok(i) => i,
+            Err(msg) => return Prepared::Wait("CreateContainerError", msg, SYNC_ERROR_BACKOFF),
         };
         let expand = |list: Vec<String>| -> Vec<String> {
             list.into_iter().map(|a| expand_vars(&a, &env)).collect()
         };
         let (command, args) = (expand(command), expand(args));
-        let images = &self.kubelet.cfg.images;
-        let argv = match images.mapped_argv(image, &command, &args) {
+        let argv = match images.mapped_argv(image, pulled.as_deref(), &command, &args) {
             Some(argv) => argv,
             None => {
-                if self.kubelet.cfg.strict_images && images.lookup(image).is_none() {
-                    let pulls = self.inits.iter().chain(self.mains.iter()).any(|c| {
-                        c.state.pointer("/waiting/reason") == Some(&json!("ErrImagePull"))
-                    });
-                    let reason = if pulls {
-                        "ImagePullBackOff"
-                    } else {
-                        "ErrImagePull"
-                    };
-                    return Prepared::Wait(
-                        reason,
-                        format!(
-                            "Back-off pulling image \"{image}\": kube-sim: image {:?} is not in the image map",
-                            ImageMap::base_name(image)
-                        ),
-                    );
-                }
                 if command.is_empty() {
                     return Prepared::Wait(
                         "CreateContainerError",
                         format!(
                             "kube-sim: image {image:?} is not in the image map and the container sets no command"
                         ),
+                        RETRY,
                     );
                 }
                 let mut v = command;
@@ -453,7 +492,7 @@ impl PodRunner {
                 v
             }
         };
-        Prepared::Argv(argv, env)
+        Prepared::Argv(argv, env, identity)
     }
 
     /// Sends SIGTERM to the sidecars (or the others), then SIGKILL at `end`, and waits.

@@ -1,7 +1,9 @@
 //! The host process of a container: its argv wrapped in `ip netns exec` (the pod's network
 //! namespace) and `unshare --mount` with a shell script that bind-mounts the volumes and the
-//! termination message file (an overlay where its directory must not change on the host);
-//! env, working directory, log file, own process group.
+//! termination message file (an overlay where its directory must not change on the host),
+//! remounts `/` read-only for `readOnlyRootFilesystem`, and finally execs the container's
+//! command through `setpriv` with its user, groups, capabilities and no_new_privs (mounting
+//! needs root, so that comes last); env, working directory, log file, own process group.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -10,7 +12,29 @@ use serde_json::Value;
 use tokio::process::{Child, Command};
 
 use super::network::NetNs;
+use super::security::Identity;
 use super::volumes::{Mount, TermMount};
+
+/// The path of `setpriv`, which applies a container's identity.
+pub(super) const SETPRIV: &str = "/usr/bin/setpriv";
+
+/// What a container is isolated by: its own mount namespace (with a read-only root for
+/// `readOnlyRootFilesystem`), the pod's network namespace, and the identity it runs as (None:
+/// kube-sim's own, when it cannot change users).
+pub(super) struct Isolation<'a> {
+    pub(super) mount_ns: bool,
+    pub(super) read_only_root: bool,
+    pub(super) net: Option<&'a NetNs>,
+    pub(super) identity: Option<&'a Identity>,
+}
+
+/// `setpriv OPTIONS --`: what goes before a command to run it as `identity`.
+pub(super) fn setpriv_prefix(identity: &Identity) -> Vec<String> {
+    let mut v = vec![SETPRIV.to_string()];
+    v.extend(identity.setpriv_args());
+    v.push("--".into());
+    v
+}
 
 pub(super) fn spawn(
     argv: &[String],
@@ -18,9 +42,9 @@ pub(super) fn spawn(
     spec: &Value,
     (mounts, term): (&[Mount], Option<&TermMount>),
     log: &Path,
-    mount_ns: bool,
-    net: Option<&NetNs>,
+    iso: &Isolation<'_>,
 ) -> Result<Child, String> {
+    let (mount_ns, net) = (iso.mount_ns, iso.net);
     if argv.is_empty() {
         return Err("empty command".into());
     }
@@ -71,7 +95,26 @@ pub(super) fn spawn(
         if let Some(w) = workdir {
             script.push_str(&format!("mkdir -p {q} && cd {q} && ", q = shell_quote(w)));
         }
-        script.push_str("exec \"$@\"");
+        // The root filesystem of this namespace only; volumes and the termination message
+        // file are mounts of their own and stay writable (the host's mounts below `/`, such
+        // as `/dev` and `/proc`, do too, as a runtime's are).
+        if iso.read_only_root {
+            script.push_str("mount -o remount,bind,ro / && ");
+        }
+        // A runtime's umask (runc's default).
+        script.push_str("umask 0022 && exec ");
+        if let Some(id) = iso.identity {
+            let prefix = setpriv_prefix(id);
+            script.push_str(
+                &prefix
+                    .iter()
+                    .map(|a| shell_quote(a))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            );
+            script.push(' ');
+        }
+        script.push_str("\"$@\"");
         full.extend(
             [
                 "unshare",
@@ -87,6 +130,9 @@ pub(super) fn spawn(
             .iter()
             .map(|x| x.to_string()),
         );
+    }
+    if let Some(id) = iso.identity.filter(|_| !mount_ns) {
+        full.extend(setpriv_prefix(id));
     }
     full.extend(argv.iter().cloned());
     let mut cmd = Command::new(&full[0]);

@@ -6,12 +6,14 @@ mod deletion;
 mod writes;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use rand::Rng;
 use serde_json::{Map, Value, json};
 use tokio::sync::broadcast;
 
+use crate::apiserver::admission::Warnings;
+use crate::apiserver::discovery::ServerVersion;
 use crate::apiserver::errors::ApiError;
 use crate::apiserver::resources::{ResourceType, builtin_types, types_from_crd};
 use crate::time::now_rfc3339;
@@ -57,11 +59,15 @@ pub struct WriteOpts {
     pub dry_run: bool,
     /// Write through the `/status` subresource.
     pub status: bool,
+    /// Who writes (`fieldManager`, or the client's user agent); None: kube-sim itself, whose
+    /// writes own no fields.
     pub field_manager: Option<String>,
-    /// `Apply` for server-side apply, `Update` otherwise.
-    pub operation: Option<&'static str>,
     /// `fieldValidation=Strict`: unknown fields are an error instead of being pruned.
     pub strict: bool,
+    /// The `managedFields` server-side apply computed (stored as they are).
+    pub managed_fields: Option<Value>,
+    /// Where admission's warnings go.
+    pub warnings: Option<Warnings>,
 }
 
 /// Options of a delete.
@@ -90,6 +96,10 @@ pub struct Store {
     tx: broadcast::Sender<Arc<Event>>,
     builtin: Vec<ResourceType>,
     history_limit: usize,
+    version: RwLock<ServerVersion>,
+    /// Held by a create from its quota check until the object is stored, so that two creates
+    /// cannot both take the last of a quota.
+    quota_lock: Mutex<()>,
 }
 
 fn meta(obj: &Value, field: &str) -> Option<String> {
@@ -202,6 +212,8 @@ impl Store {
             tx,
             builtin: builtin_types(),
             history_limit: history_limit.max(1),
+            version: RwLock::new(ServerVersion::default()),
+            quota_lock: Mutex::new(()),
         };
         let store = Arc::new(store);
         store.bootstrap();
@@ -237,13 +249,41 @@ impl Store {
                                   {"type": "Hostname", "address": NODE_NAME}],
                     "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"},
                     "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"},
-                    "nodeInfo": {"kubeletVersion": "v1.33.0-kube-sim", "operatingSystem": "linux",
+                    "nodeInfo": {"kubeletVersion": crate::apiserver::discovery::DEFAULT_VERSION, "operatingSystem": "linux",
                                  "architecture": "amd64", "containerRuntimeVersion": "kube-sim://0.1"},
                 }
             });
             if let Err(e) = self.create(&t, "", node, &WriteOpts::default()) {
                 tracing::error!("bootstrap node: {e}");
             }
+        }
+    }
+
+    /// The version the API server reports (and PodSecurity's `latest`); the node's kubelet
+    /// reports it too.
+    pub fn set_server_version(&self, v: ServerVersion) {
+        let git = v.git_version.clone();
+        if let Ok(mut cur) = self.version.write() {
+            *cur = v;
+        }
+        let key: TypeKey = (String::new(), "nodes".into());
+        self.modify(&key, "", NODE_NAME, |n| {
+            n["status"]["nodeInfo"]["kubeletVersion"] = Value::String(git.clone());
+        });
+    }
+
+    pub fn server_version(&self) -> ServerVersion {
+        self.version.read().map(|v| v.clone()).unwrap_or_default()
+    }
+
+    pub fn server_minor(&self) -> u32 {
+        self.server_version().minor
+    }
+
+    fn quota_guard(&self) -> MutexGuard<'_, ()> {
+        match self.quota_lock.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 

@@ -10,8 +10,9 @@ use super::{
     meta_mut, new_uid, pod_terminal, random_suffix, spec_part,
 };
 use crate::apiserver::admission::{self, Operation};
+use crate::apiserver::apply::shape_of;
 use crate::apiserver::errors::{ApiError, FieldError};
-use crate::apiserver::managed_fields::record_manager;
+use crate::apiserver::managed_fields::{self, Section};
 use crate::apiserver::resources::{ResourceType, crd_status};
 use crate::apiserver::schema;
 use crate::time::now_rfc3339;
@@ -26,6 +27,8 @@ impl Store {
         opts: &WriteOpts,
     ) -> Result<Value, ApiError> {
         check_shape(&obj)?;
+        // Namespaced creates pass quota admission one at a time.
+        let _quota = t.namespaced.then(|| self.quota_guard());
         let key: TypeKey = (t.group.clone(), t.plural.clone());
         obj["apiVersion"] = Value::String(t.api_version());
         obj["kind"] = Value::String(t.kind.clone());
@@ -63,6 +66,8 @@ impl Store {
                 name: &name,
                 old: None,
                 subresource: None,
+                store: self,
+                warnings: opts.warnings.as_ref(),
             },
             &mut obj,
         )?;
@@ -87,13 +92,21 @@ impl Store {
             m.remove("deletionGracePeriodSeconds");
             m.remove("managedFields");
         }
-        if let Some(manager) = &opts.field_manager {
-            record_manager(
+        let section = Section {
+            has_status: t.has_status,
+            status: false,
+        };
+        match (&opts.managed_fields, &opts.field_manager) {
+            (Some(mf), _) => managed_fields::store_in(&mut obj, mf),
+            (None, Some(manager)) => managed_fields::record_update(
+                None,
                 &mut obj,
                 manager,
-                opts.operation.unwrap_or("Update"),
                 &t.api_version(),
-            );
+                shape_of(t),
+                section,
+            ),
+            (None, None) => {}
         }
         let mut st = self.lock();
         let store_ns = if t.namespaced { ns } else { "" };
@@ -213,6 +226,8 @@ impl Store {
                     name,
                     old: Some(&old),
                     subresource: Some("status"),
+                    store: self,
+                    warnings: opts.warnings.as_ref(),
                 },
                 &mut m,
             )?;
@@ -263,6 +278,8 @@ impl Store {
                     name,
                     old: Some(&old),
                     subresource: None,
+                    store: self,
+                    warnings: opts.warnings.as_ref(),
                 },
                 &mut new,
             )?;
@@ -285,16 +302,25 @@ impl Store {
                 merged["status"]["conditions"] = conds.clone();
             }
         }
+        if let Some(mf) = &opts.managed_fields {
+            managed_fields::store_in(&mut merged, mf);
+        }
         // A write that changes nothing is a no-op: no new resourceVersion, no event.
         if merged == old {
             return Ok(old);
         }
-        if let Some(manager) = &opts.field_manager {
-            record_manager(
+        if let (None, Some(manager)) = (&opts.managed_fields, &opts.field_manager) {
+            let section = Section {
+                has_status: t.has_status,
+                status: opts.status,
+            };
+            managed_fields::record_update(
+                Some(&old),
                 &mut merged,
                 manager,
-                opts.operation.unwrap_or("Update"),
                 &t.api_version(),
+                shape_of(t),
+                section,
             );
         }
         if opts.dry_run {
