@@ -115,6 +115,7 @@ async fn a_full_disk_under_the_spool_is_an_explicit_gap_never_a_silent_loss() {
         w = written_marker.display(),
         go = go.display()
     );
+    provision_key(&socket);
     let mut agent = ChildGuard::spawn(
         dying_with_test(ENTRYPOINT)
             .arg("--socket")
@@ -238,6 +239,8 @@ async fn a_spool_to_adopt_with_redis_down_neither_blocks_the_entrypoint_nor_the_
             ])
             .args(["--redis-url", &url, "--run-id", run.as_str(), "--socket"])
             .arg(&socket)
+            .arg("--state-dir")
+            .arg(state_dir(&socket))
             .env("RUST_LOG", "warn"),
     );
     wait_for("the socket", DEADLINE, || {
@@ -247,6 +250,7 @@ async fn a_spool_to_adopt_with_redis_down_neither_blocks_the_entrypoint_nor_the_
     .await;
     // The entrypoint of the next agent is taken at once (its output waits for Redis in the
     // entrypoint, which is told Redis is down, and spools).
+    provision_key(&socket);
     let out = Command::new(ENTRYPOINT)
         .arg("--socket")
         .arg(&socket)
