@@ -23,6 +23,7 @@
 //! mode answers 401, the plugin uses the `token` of the current kubeconfig context's user,
 //! if it has one. Tokens are never printed.
 
+pub mod lines;
 pub mod sse;
 
 use agentrun_protocol::Envelope;
@@ -110,6 +111,18 @@ pub struct LogsArgs {
     /// Give up after the relay has been unreachable this many seconds.
     #[arg(long, default_value_t = 300)]
     pub reconnect_timeout: u64,
+    /// Label each line with its variation (`[alpha] ...`), as `kubectl logs --prefix` does.
+    #[arg(long)]
+    pub prefix: bool,
+    /// Start each line with the time its output reached Redis (RFC 3339, UTC).
+    #[arg(long)]
+    pub timestamps: bool,
+    /// Only the last N lines of each variation's history (then follow, with -f).
+    #[arg(long, value_name = "N")]
+    pub tail: Option<usize>,
+    /// Only output newer than this: 30s, 5m, 1h30m...
+    #[arg(long, value_name = "DURATION", value_parser = lines::parse_since)]
+    pub since: Option<Duration>,
 }
 
 #[derive(Debug, Args)]
@@ -445,16 +458,20 @@ enum Outcome {
 
 struct Printer {
     format: OutputFormat,
+    lines: lines::LineWriter,
 }
 
 impl Printer {
-    fn entry(&self, ev: &sse::Event) -> anyhow::Result<()> {
+    fn entry(&mut self, ev: &sse::Event) -> anyhow::Result<()> {
         let env: Envelope = serde_json::from_str(&ev.data).with_context(|| {
             format!(
                 "the relay sent a {} event that is not an envelope",
                 ev.event
             )
         })?;
+        if !self.lines.wanted(env.ts) {
+            return Ok(());
+        }
         if self.format == OutputFormat::Json {
             let mut v = serde_json::to_value(&env)?;
             v["id"] = serde_json::Value::from(ev.id.clone());
@@ -465,6 +482,18 @@ impl Printer {
         let bytes = env
             .content_bytes()
             .context("the relay sent base64 content that does not decode")?;
+        let sink = match ev.event.as_str() {
+            "output" => Some(lines::Sink::Stdout),
+            "logs" => Some(lines::Sink::Stderr),
+            _ => None,
+        };
+        if let Some(sink) = sink.filter(|_| !self.lines.passthrough()) {
+            let variation = env.variation.as_deref().unwrap_or("run");
+            let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+            self.lines
+                .write(variation, sink, env.ts, &bytes, &mut out, &mut err)?;
+            return Ok(());
+        }
         match ev.event.as_str() {
             "output" => std::io::stdout().lock().write_all(&bytes)?,
             "logs" => std::io::stderr().lock().write_all(&bytes)?,
@@ -500,7 +529,7 @@ impl Printer {
         Ok(())
     }
 
-    fn notice(&self, ev: &sse::Event) -> anyhow::Result<()> {
+    fn notice(&mut self, ev: &sse::Event) -> anyhow::Result<()> {
         let v: serde_json::Value = serde_json::from_str(&ev.data).unwrap_or_default();
         if self.format == OutputFormat::Json {
             let mut v = v;
@@ -508,6 +537,10 @@ impl Printer {
             v["id"] = serde_json::Value::from(ev.id.clone());
             writeln!(std::io::stdout().lock(), "{v}")?;
         } else if ev.event == "reset" {
+            let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
+            self.lines.reset(&mut out, &mut err)?;
+            out.flush()?;
+            drop((out, err));
             eprintln!(
                 "agentrun: the run's history was reset ({}): {}; what follows is the run's history from its first entry again",
                 v["reason"].as_str().unwrap_or("?"),
@@ -531,7 +564,7 @@ impl Printer {
 
 async fn read_stream(
     resp: reqwest::Response,
-    printer: &Printer,
+    printer: &mut Printer,
     last_id: &mut Option<String>,
 ) -> anyhow::Result<Outcome> {
     let mut parser = sse::Parser::default();
@@ -572,9 +605,24 @@ async fn read_stream(
 }
 
 async fn logs(relay: &mut RelayClient, target: &Target, args: &LogsArgs) -> anyhow::Result<i32> {
-    let printer = Printer {
+    let since_ms = args.since.map(|d| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        u64::try_from(now.saturating_sub(d).as_millis()).unwrap_or(u64::MAX)
+    });
+    let mut printer = Printer {
         format: args.output,
+        lines: lines::LineWriter::new(lines::LineOptions {
+            prefix: args.prefix,
+            timestamps: args.timestamps,
+            tail: args.tail,
+            since_ms,
+        }),
     };
+    // With --tail, the history up to now is read first (to keep its last lines), then, with
+    // --follow, the rest is followed from where it ended.
+    let mut reading_history = args.tail.is_some();
     let mut last_id: Option<String> = None;
     let mut failing_since: Option<Instant> = None;
     let mut delay = Duration::from_millis(100);
@@ -588,7 +636,7 @@ async fn logs(relay: &mut RelayClient, target: &Target, args: &LogsArgs) -> anyh
             if let Some(v) = &args.variation {
                 q.append_pair("variation", v);
             }
-            if !args.follow {
+            if !args.follow || reading_history {
                 q.append_pair("follow", "false");
             }
             match &last_id {
@@ -601,7 +649,7 @@ async fn logs(relay: &mut RelayClient, target: &Target, args: &LogsArgs) -> anyh
             .await?;
         let outcome = match sent {
             Sent::Answer(resp) if resp.status().is_success() => {
-                read_stream(resp, &printer, &mut last_id).await?
+                read_stream(resp, &mut printer, &mut last_id).await?
             }
             Sent::Answer(resp) if resp.status().is_client_error() => {
                 bail!("{}", error_message(resp).await);
@@ -610,6 +658,16 @@ async fn logs(relay: &mut RelayClient, target: &Target, args: &LogsArgs) -> anyh
         };
         match outcome {
             Outcome::End(phase, finished) => {
+                let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
+                if reading_history {
+                    reading_history = false;
+                    printer.lines.end_tail(&mut out, &mut err)?;
+                    if args.follow && !finished {
+                        continue;
+                    }
+                }
+                printer.lines.finish(&mut out, &mut err)?;
+                out.flush()?;
                 if !args.follow {
                     return Ok(EXIT_OK);
                 }

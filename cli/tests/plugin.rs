@@ -81,13 +81,19 @@ struct Writer {
     run: RunId,
     publisher: Publisher,
     pseq: u64,
+    /// The time (Unix ms) given to the entries written next.
+    ts: u64,
 }
 
 impl Writer {
     async fn new(redis: &RedisServer, run: &str) -> Self {
+        Self::with_variations(redis, run, "a").await
+    }
+
+    async fn with_variations(redis: &RedisServer, run: &str, variations: &str) -> Self {
         let mut conn = redis.conn().await;
         let run = RunId::new(run).unwrap();
-        register_run(&mut conn, &run, 1, &[("variations", "a".into())])
+        register_run(&mut conn, &run, 1, &[("variations", variations.into())])
             .await
             .unwrap();
         Writer {
@@ -95,7 +101,18 @@ impl Writer {
             run,
             publisher: Publisher::new(PublishOptions::default()),
             pseq: 0,
+            ts: 1,
         }
+    }
+
+    async fn output_of(&mut self, variation: &str, chunks: &[&[u8]]) {
+        let chunks: Vec<Vec<u8>> = chunks.iter().map(|c| c.to_vec()).collect();
+        self.write(
+            StreamName::Output(Variation::new(variation).unwrap()),
+            EntryType::Output,
+            &chunks,
+        )
+        .await;
     }
 
     async fn write(&mut self, stream: StreamName, kind: EntryType, chunks: &[Vec<u8>]) {
@@ -105,7 +122,7 @@ impl Writer {
                 self.pseq += 1;
                 NewEntry {
                     pseq: self.pseq,
-                    ts: 1,
+                    ts: self.ts,
                     kind,
                     content: Bytes::from(c.clone()),
                     meta: None,
@@ -638,5 +655,98 @@ async fn a_control_whose_answer_is_lost_is_sent_again_with_the_same_key_and_appl
         vec![ControlAction::Stop],
         "the stop reached the run once"
     );
+    relay.stop().await;
+}
+
+/// The lines of `out` that start with `label`.
+fn labelled<'a>(out: &'a str, label: &str) -> Vec<&'a str> {
+    out.lines().filter(|l| l.starts_with(label)).collect()
+}
+
+#[tokio::test]
+async fn logs_prefix_timestamps_tail_and_since_label_and_cut_the_output() {
+    let redis = RedisServer::start();
+    let (relay, base) = Relay::start(&redis.url(), "127.0.0.1:0").await;
+    let mut w = Writer::with_variations(&redis, "cli-lines", "alpha,beta").await;
+    // An old entry (1970), then recent ones; alpha's second line is split across entries.
+    w.output_of("alpha", &[b"one\ntw"]).await;
+    w.ts = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    w.output_of("alpha", &[b"o\n"]).await;
+    w.output_of("beta", &[b"uno\ndos\n"]).await;
+
+    // --prefix: every line says whose it is, also the one split across entries.
+    let out = run(plugin(&base).args(["logs", "cli-lines", "--prefix"])).await;
+    exit(&out, 0);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(labelled(&text, "[alpha] "), ["[alpha] one", "[alpha] two"]);
+    assert_eq!(labelled(&text, "[beta] "), ["[beta] uno", "[beta] dos"]);
+    assert_eq!(text.lines().count(), 4, "{text}");
+
+    // --timestamps: the time the entry was written, RFC 3339 in UTC.
+    let out =
+        run(plugin(&base).args(["logs", "cli-lines", "--variation", "beta", "--timestamps"])).await;
+    exit(&out, 0);
+    let text = String::from_utf8(out.stdout).unwrap();
+    let stamp = jiff::Timestamp::from_millisecond(w.ts as i64).unwrap();
+    assert_eq!(text, format!("{stamp:.3} uno\n{stamp:.3} dos\n"));
+
+    // --tail 1: the last line of each variation.
+    let out = run(plugin(&base).args(["logs", "cli-lines", "--tail", "1", "--prefix"])).await;
+    exit(&out, 0);
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(labelled(&text, "[alpha] "), ["[alpha] two"]);
+    assert_eq!(labelled(&text, "[beta] "), ["[beta] dos"]);
+
+    // --since: entries older than that are left out (the 1970 one).
+    let out =
+        run(plugin(&base).args(["logs", "cli-lines", "--variation", "alpha", "--since", "1h"]))
+            .await;
+    exit(&out, 0);
+    assert_eq!(out.stdout, b"o\n");
+    let out = run(plugin(&base).args(["logs", "cli-lines", "--since", "lately"])).await;
+    assert!(exit(&out, 2).contains("--since \"lately\" is not a duration"));
+
+    // --tail with --follow: the last line of the history, then what comes.
+    let mut child = plugin(&base)
+        .args([
+            "logs",
+            "cli-lines",
+            "--variation",
+            "beta",
+            "--tail",
+            "1",
+            "-f",
+        ])
+        .spawn()
+        .unwrap();
+    let mut stdout = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut first = String::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncBufReadExt::read_line(&mut stdout, &mut first),
+    )
+    .await
+    .expect("the tail in time")
+    .unwrap();
+    assert_eq!(first, "dos\n");
+    w.output_of("beta", &[b"tres\n"]).await;
+    w.finish(RunState::Succeeded).await;
+    let mut rest = Vec::new();
+    tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut stdout, &mut rest),
+    )
+    .await
+    .expect("the rest in time")
+    .unwrap();
+    assert_eq!(rest, b"tres\n");
+    let status = tokio::time::timeout(WAIT, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
     relay.stop().await;
 }

@@ -282,6 +282,42 @@ fn process_identity(pid: i32) -> std::collections::BTreeMap<String, String> {
         .collect()
 }
 
+/// Where the sidecar keeps the key it handed to the entrypoint: its own `emptyDir`
+/// (`agentrun-sidecar-state`, at `AGENTRUN_STATE_DIR`), mounted in the sidecar container only.
+const SIDECAR_KEY: &str = "/var/run/agentrun-sidecar/sidecar.key";
+/// The one-time hand-off file on the shared volume, removed by the entrypoint before the agent
+/// starts.
+const HANDOFF_KEY: &str = "/agentrun/agentrun-entrypoint.key";
+
+/// The stdout of the shell `script` run in the mount namespace of the container whose process
+/// is `pid`, so that its volumes are there and symlinks such as `/var/run` resolve as they do
+/// for it (through `/proc/PID/root` an absolute symlink would resolve on the host). Its stderr
+/// goes to the test's.
+fn in_container(pid: i32, script: &str) -> String {
+    let out = std::process::Command::new("nsenter")
+        .args([
+            "--target",
+            &pid.to_string(),
+            "--mount",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("nsenter");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Whether `path` exists for the container whose process is `pid`: `yes` or `no`, and a newline.
+fn exists_in_container(pid: i32, path: &str) -> String {
+    in_container(
+        pid,
+        &format!("if [ -e '{path}' ]; then echo yes; else echo no; fi"),
+    )
+}
+
 /// The `State:` letter of a process (`T` when stopped by SIGSTOP), if it still exists.
 fn process_state(pid: u32) -> Option<char> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -818,16 +854,46 @@ async fn sidecar_killed_mid_run_is_restarted_and_no_output_is_lost() {
     };
     assert_eq!(process_identity(pid), expect("65532", "65532"));
     assert_eq!(process_identity(agent), expect("0", "0 65532"));
+    // The key the sidecar handed to the entrypoint: kept on the sidecar's own volume (its user
+    // only), which the agent container does not mount; the hand-off file on the shared volume
+    // was taken by the entrypoint before the agent started.
+    let key = in_container(pid, &format!("cat {SIDECAR_KEY}"));
+    assert_eq!(key.trim().len(), 64, "a 256-bit key in hexadecimal");
+    assert_eq!(
+        in_container(pid, &format!("stat -c '%a %u' {SIDECAR_KEY}")),
+        "600 65532\n",
+        "mode and owner of the kept key"
+    );
+    assert_eq!(
+        exists_in_container(agent, SIDECAR_KEY),
+        "no\n",
+        "the agent container sees the sidecar's state volume"
+    );
+    assert_eq!(
+        exists_in_container(agent, HANDOFF_KEY),
+        "no\n",
+        "the hand-off file is still on the shared volume while the agent runs"
+    );
     let killed = std::process::Command::new("kill")
         .args(["-KILL", &pid.to_string()])
         .status()
         .expect("kill");
     assert!(killed.success(), "kill -KILL {pid}");
-    s.eventually(30, "the kubelet restarts the sidecar", || async {
-        let (_, r) = s.container("sturdy-default", "agentrun-sidecar").await?;
-        (r >= 1).then_some(())
-    })
-    .await;
+    // Its process is the sidecar once the kubelet's set-up (mounts, then exec) is done.
+    let restarted = s
+        .eventually(30, "the kubelet restarts the sidecar", || async {
+            let (pid, r) = s.container("sturdy-default", "agentrun-sidecar").await?;
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+            (r >= 1 && exe.ends_with("agentrun-sidecar")).then_some(pid)
+        })
+        .await;
+    // The restarted sidecar finds the same key on its volume, so the running entrypoint
+    // reconnects with it (a new key would have it refused: checked below).
+    assert_eq!(
+        in_container(restarted, &format!("cat {SIDECAR_KEY}")),
+        key,
+        "the restarted sidecar's state volume"
+    );
     let done = s
         .wait_phase("sturdy", &["Succeeded", "Failed", "Stopped"], 40)
         .await;
@@ -839,6 +905,15 @@ async fn sidecar_killed_mid_run_is_restarted_and_no_output_is_lost() {
         seqs,
         (1..=seqs.len() as u64).collect::<Vec<_>>(),
         "seq contiguous"
+    );
+    let refused: Vec<Value> = sse
+        .statuses()
+        .into_iter()
+        .filter(|st| st["reason"] == "SocketClientRefused" || st["reason"] == "SpoolRefused")
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "the restarted sidecar refused the entrypoint: {refused:?}"
     );
 }
 

@@ -74,7 +74,12 @@ pub async fn reconcile(
     let run = match &guard.0 {
         Ok(run) => Arc::new(run.clone()),
         Err(invalid) => {
-            report_malformed(&guard, &invalid.error, &ctx).await;
+            if guard.meta().deletion_timestamp.is_some() {
+                // Being deleted: nothing to fix any more, and the finalizer must not keep it.
+                release_malformed(&guard, &ctx).await?;
+            } else {
+                report_malformed(&guard, &invalid.error, &ctx).await;
+            }
             ctx.metrics.reconciled("malformed");
             return Ok(Action::await_change());
         }
@@ -195,6 +200,74 @@ async fn report_malformed(guard: &DeserializeGuard<AgentRun>, error: &str, ctx: 
     if let Err(e) = patch_status(&raw, &name, &status).await {
         warn!(error = %e, "could not write the status of a malformed AgentRun");
     }
+}
+
+/// A malformed object that is being deleted: the run's Redis data is handled as for any run
+/// ([`release_run`], with what its stored status says), then the finalizer is removed, so that
+/// `kubectl delete` does not hang on an object that can no longer be read.
+async fn release_malformed(guard: &DeserializeGuard<AgentRun>, ctx: &Context) -> Result<()> {
+    let meta = guard.meta();
+    let (Some(name), Some(ns)) = (meta.name.clone(), meta.namespace.clone()) else {
+        return Ok(());
+    };
+    let finalizers = meta.finalizers.clone().unwrap_or_default();
+    let Some(at) = finalizers.iter().position(|f| f == FINALIZER) else {
+        return Ok(());
+    };
+    let resource = ApiResource::erase::<AgentRun>(&());
+    let raw: Api<DynamicObject> = Api::namespaced_with(ctx.client.clone(), &ns, &resource);
+    let stored = match raw.get(&name).await {
+        Ok(obj) => obj.data.get("status").cloned().unwrap_or_default(),
+        Err(kube::Error::Api(s)) if s.code == 404 => return Ok(()),
+        Err(e) => return Err(Error::Kube(e)),
+    };
+    let short: String = meta
+        .uid
+        .as_deref()
+        .unwrap_or_default()
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .take(8)
+        .collect();
+    let registered = stored["runId"].as_str().map(str::to_owned);
+    let run_id = registered
+        .clone()
+        .unwrap_or_else(|| format!("{ns}.{name}.{short}"));
+    let variations: Vec<String> = stored["variations"]
+        .as_array()
+        .map(|vs| {
+            vs.iter()
+                .filter_map(|v| v["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let unfinished = !serde_json::from_value::<RunPhase>(stored["phase"].clone())
+        .is_ok_and(RunPhase::is_finished);
+    let key = format!("{ns}/{name}");
+    let release = Release {
+        key: &key,
+        run_id: &run_id,
+        variations: &variations,
+        retention: ctx.settings.default_retention_seconds.max(1) as u64,
+        stop: unfinished && registered.is_some(),
+        unfinished,
+    };
+    release_run(ctx, &reference(meta), &release).await;
+    // Remove only our finalizer, and only if it is still where it was read (as kube's
+    // finalizer helper does for well-formed runs).
+    let patch = json!([
+        {"op": "test", "path": format!("/metadata/finalizers/{at}"), "value": FINALIZER},
+        {"op": "remove", "path": format!("/metadata/finalizers/{at}")},
+    ]);
+    let patch: json_patch::Patch =
+        serde_json::from_value(patch).map_err(|source| Error::Serialize {
+            what: "the finalizer removal",
+            source,
+        })?;
+    raw.patch(&name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .await
+        .map_err(Error::Kube)?;
+    Ok(())
 }
 
 /// The status written for an object that does not parse: its stored status with phase `Failed`
@@ -833,6 +906,65 @@ impl Creation<'_> {
 
 /// Stops running agents and puts the retention TTL on the run's Redis data. Works when `apply`
 /// never ran: the run id comes from the uid, and Redis failures do not block the deletion.
+/// What [`release_run`] needs to know about a run that goes.
+struct Release<'a> {
+    /// `namespace/name`, for messages.
+    key: &'a str,
+    run_id: &'a str,
+    variations: &'a [String],
+    retention: u64,
+    /// Send `stop` to its agents (it had started and has not finished).
+    stop: bool,
+    /// Its pods may still be stopping.
+    unfinished: bool,
+}
+
+/// The Redis side of a run that goes: stop its agents, put the retention TTL on its keys,
+/// delete its Redis user (after the pods' grace period when they are still stopping), say so
+/// in an event. Redis failures are logged; they never keep the object.
+async fn release_run(ctx: &Context, reference: &ObjectReference, r: &Release<'_>) {
+    let key = r.key;
+    if r.stop
+        && let Err(e) = ctx.store.send_control(r.run_id, ControlAction::Stop).await
+    {
+        warn!(run = %key, error = %e, "could not send stop to the agents; their pods are deleted anyway");
+    }
+    if let Err(e) = ctx.store.expire(r.run_id, r.variations, r.retention).await {
+        warn!(run = %key, error = %e, "could not set the retention TTL on the run's Redis keys; they stay until trimmed by hand");
+    }
+    if ctx.settings.run_credential_key.is_some() {
+        if r.unfinished {
+            // Its pods are still stopping: their sidecars need the user for their final
+            // flush, which fits in the pods' grace period.
+            let store = ctx.store.clone();
+            let delay = Duration::from_secs(
+                ctx.settings.termination_grace_period_seconds.max(0) as u64 + 5,
+            );
+            let (run_id, key) = (r.run_id.to_owned(), key.to_owned());
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Err(e) = store.delete_run_user(&run_id).await {
+                    warn!(run = %key, error = %e, "could not delete the run's Redis user; delete it with ACL DELUSER by hand");
+                }
+            });
+        } else if let Err(e) = ctx.store.delete_run_user(r.run_id).await {
+            warn!(run = %key, error = %e, "could not delete the run's Redis user; delete it with ACL DELUSER by hand");
+        }
+    }
+    publish_event(
+        ctx,
+        reference,
+        EventType::Normal,
+        "Deleting",
+        "Cleanup",
+        format!(
+            "stopping the agents; the run's Redis data is kept for {}s",
+            r.retention
+        ),
+    )
+    .await;
+}
+
 async fn cleanup(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
     let key = format!("{}/{}", run.namespace().unwrap_or_default(), run.name_any());
     ctx.metrics.set_phase(&key, None);
@@ -845,12 +977,6 @@ async fn cleanup(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
         },
     };
     let unfinished = !status.phase.is_some_and(RunPhase::is_finished);
-    if unfinished
-        && status.run_id.is_some()
-        && let Err(e) = ctx.store.send_control(&run_id, ControlAction::Stop).await
-    {
-        warn!(run = %key, error = %e, "could not send stop to the agents; their pods are deleted anyway");
-    }
     let retention = run
         .spec
         .retention_seconds
@@ -862,37 +988,15 @@ async fn cleanup(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
         .into_iter()
         .map(|v| v.name)
         .collect();
-    if let Err(e) = ctx.store.expire(&run_id, &variations, retention).await {
-        warn!(run = %key, error = %e, "could not set the retention TTL on the run's Redis keys; they stay until trimmed by hand");
-    }
-    if ctx.settings.run_credential_key.is_some() {
-        if unfinished {
-            // Its pods are still stopping: their sidecars need the user for their final
-            // flush, which fits in the pods' grace period.
-            let store = ctx.store.clone();
-            let delay = Duration::from_secs(
-                ctx.settings.termination_grace_period_seconds.max(0) as u64 + 5,
-            );
-            let (run_id, key) = (run_id.clone(), key.clone());
-            tokio::spawn(async move {
-                tokio::time::sleep(delay).await;
-                if let Err(e) = store.delete_run_user(&run_id).await {
-                    warn!(run = %key, error = %e, "could not delete the run's Redis user; delete it with ACL DELUSER by hand");
-                }
-            });
-        } else if let Err(e) = ctx.store.delete_run_user(&run_id).await {
-            warn!(run = %key, error = %e, "could not delete the run's Redis user; delete it with ACL DELUSER by hand");
-        }
-    }
-    publish_event(
-        &ctx,
-        &reference(&run.metadata),
-        EventType::Normal,
-        "Deleting",
-        "Cleanup",
-        format!("stopping the agents; the run's Redis data is kept for {retention}s"),
-    )
-    .await;
+    let release = Release {
+        key: &key,
+        run_id: &run_id,
+        variations: &variations,
+        retention,
+        stop: unfinished && status.run_id.is_some(),
+        unfinished,
+    };
+    release_run(&ctx, &reference(&run.metadata), &release).await;
     Ok(Action::await_change())
 }
 

@@ -1156,6 +1156,65 @@ async fn a_malformed_object_is_reported_and_skipped_keeping_its_status() {
     assert!(out.metrics.render().contains("result=\"malformed\"} 1"));
 }
 
+#[tokio::test]
+async fn a_malformed_object_being_deleted_is_released_not_kept_by_its_finalizer() {
+    // `kubectl delete` of an object that no longer parses (a CRD changed under it) must not
+    // hang: its Redis data is handled as for any run and the finalizer goes.
+    let guard: DeserializeGuard<AgentRun> = DeserializeGuard(Err(InvalidObject {
+        error: "spec.command: invalid type: string \"echo\", expected a sequence".into(),
+        metadata: kube::core::ObjectMeta {
+            name: Some("broken".into()),
+            namespace: Some("default".into()),
+            uid: Some("12345678-aaaa-bbbb-cccc-000000000000".into()),
+            finalizers: Some(vec!["example.com/other".into(), FINALIZER.into()]),
+            deletion_timestamp: Some(Time(now())),
+            ..Default::default()
+        },
+    }));
+    let object = json!({
+        "apiVersion": "agentrun.dev/v1alpha1", "kind": "AgentRun",
+        "metadata": {"name": "broken", "namespace": "default"},
+        "spec": {"command": "echo"},
+        "status": {
+            "runId": "default.broken.12345678",
+            "phase": "Running",
+            "variations": [{"name": "a"}, {"name": "b"}],
+        },
+    });
+    let out = scenario(guard, false, |mut api| async move {
+        let path = "/apis/agentrun.dev/v1alpha1/namespaces/default/agentruns/broken";
+        api.expect(Method::GET, path, 200, object.clone()).await;
+        api.expect_event("Deleting").await;
+        let seen = api
+            .expect(Method::PATCH, &format!("{path}?"), 200, object)
+            .await;
+        assert_eq!(
+            seen.body,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers/1", "value": FINALIZER},
+                {"op": "remove", "path": "/metadata/finalizers/1"},
+            ])
+        );
+        api
+    })
+    .await;
+    assert_eq!(out.result.expect("released"), Action::await_change());
+    assert_eq!(
+        out.store.calls(),
+        vec![
+            StoreCall::Control {
+                run_id: "default.broken.12345678".into(),
+                action: ControlAction::Stop
+            },
+            StoreCall::Expire {
+                run_id: "default.broken.12345678".into(),
+                variations: vec!["a".into(), "b".into()],
+                ttl_seconds: 604_800
+            },
+        ]
+    );
+}
+
 #[test]
 fn a_malformed_status_is_replaced_by_phase_and_condition_only() {
     let condition = k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {

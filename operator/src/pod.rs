@@ -52,6 +52,11 @@ pub const ENTRYPOINT_PATH: &str = "/agentrun/bin/agentrun-entrypoint";
 pub const SIDECAR_BINARY: &str = "/usr/local/bin/agentrun-sidecar";
 /// Port of the sidecar's /metrics, /healthz, /readyz.
 pub const SIDECAR_METRICS_PORT: i32 = 9464;
+/// The sidecar's private state volume: only the sidecar container mounts it, so the agent
+/// never sees the key the sidecar keeps there across its restarts.
+pub const SIDECAR_STATE_VOLUME: &str = "agentrun-sidecar-state";
+/// Where the sidecar finds it.
+pub const SIDECAR_STATE_PATH: &str = "/var/run/agentrun-sidecar";
 /// Volume (from the run's Secret) with the sidecar's Redis TLS files, when there are any.
 pub const REDIS_TLS_VOLUME: &str = "agentrun-redis-tls";
 /// Where the sidecar finds them.
@@ -365,7 +370,8 @@ fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
 }
 
 /// The pod of one variation: tools init container, native sidecar, agent with its command
-/// rewritten to the entrypoint, shared `emptyDir` at `/agentrun`.
+/// rewritten to the entrypoint, shared `emptyDir` at `/agentrun`, and the sidecar's own
+/// `emptyDir` at `/var/run/agentrun-sidecar` (its key for the entrypoint; never the agent's).
 pub fn build_pod(
     run: &AgentRun,
     variation: &ResolvedVariation,
@@ -416,7 +422,14 @@ pub fn build_pod(
         ..Default::default()
     };
     let (redis_env, tls_volume) = sidecar_redis(run, settings);
-    let mut sidecar_mounts = vec![mount()];
+    let mut sidecar_mounts = vec![
+        mount(),
+        VolumeMount {
+            name: SIDECAR_STATE_VOLUME.into(),
+            mount_path: SIDECAR_STATE_PATH.into(),
+            ..Default::default()
+        },
+    ];
     if tls_volume.is_some() {
         sidecar_mounts.push(VolumeMount {
             name: REDIS_TLS_VOLUME.into(),
@@ -427,6 +440,7 @@ pub fn build_pod(
     }
     let mut sidecar_env = vec![
         env("AGENTRUN_SOCKET", SOCKET_PATH),
+        env("AGENTRUN_STATE_DIR", SIDECAR_STATE_PATH),
         env("AGENTRUN_RUN_ID", run_id.clone()),
         env("AGENTRUN_VARIATION", variation.name.clone()),
         env(
@@ -485,13 +499,15 @@ pub fn build_pod(
             init_containers: Some(vec![tools, sidecar]),
             containers: vec![agent],
             volumes: Some(
-                std::iter::once(Volume {
-                    name: VOLUME.into(),
-                    empty_dir: Some(EmptyDirVolumeSource::default()),
-                    ..Default::default()
-                })
-                .chain(tls_volume)
-                .collect(),
+                [VOLUME, SIDECAR_STATE_VOLUME]
+                    .into_iter()
+                    .map(|name| Volume {
+                        name: name.into(),
+                        empty_dir: Some(EmptyDirVolumeSource::default()),
+                        ..Default::default()
+                    })
+                    .chain(tls_volume)
+                    .collect(),
             ),
             service_account_name: spec.service_account_name.clone(),
             automount_service_account_token: Some(spec.service_account_name.is_some()),
@@ -608,7 +624,10 @@ mod tests {
             .expect("builds")
             .remove(0);
         let volumes = plain.spec.expect("spec").volumes.unwrap_or_default();
-        assert_eq!(volumes.len(), 1, "{volumes:?}");
+        assert!(
+            volumes.iter().all(|v| v.name != REDIS_TLS_VOLUME),
+            "{volumes:?}"
+        );
     }
 
     #[test]
@@ -645,6 +664,61 @@ mod tests {
         );
         assert_eq!(run_id(&run).expect("id"), "default.hello.0f1e2d3c");
         agentrun_protocol::RunId::new(run_id(&run).expect("id")).expect("a valid protocol run id");
+    }
+
+    #[test]
+    fn the_sidecars_state_volume_is_mounted_in_the_sidecar_only() {
+        let mut run = AgentRun::test();
+        run.spec.security_context = Some(SecurityContext {
+            run_as_user: Some(1000),
+            ..Default::default()
+        });
+        let pod = build_pods(&run, &settings()).expect("builds").remove(0);
+        let spec = pod.spec.expect("spec");
+        assert!(
+            spec.volumes
+                .iter()
+                .flatten()
+                .any(|v| v.name == SIDECAR_STATE_VOLUME
+                    && v.empty_dir.is_some()
+                    && v.secret.is_none()),
+            "an emptyDir of the pod's own: {:?}",
+            spec.volumes
+        );
+        let mounts = |c: &Container| c.volume_mounts.clone().unwrap_or_default();
+        let init = spec.init_containers.clone().expect("init containers");
+        let sidecar = init
+            .iter()
+            .find(|c| c.name == SIDECAR_CONTAINER)
+            .expect("sidecar");
+        let mount = mounts(sidecar)
+            .into_iter()
+            .find(|m| m.name == SIDECAR_STATE_VOLUME)
+            .expect("the sidecar mounts it");
+        assert_eq!(mount.mount_path, SIDECAR_STATE_PATH);
+        assert!(
+            sidecar
+                .env
+                .iter()
+                .flatten()
+                .any(|e| e.name == "AGENTRUN_STATE_DIR"
+                    && e.value.as_deref() == Some(SIDECAR_STATE_PATH)),
+            "the sidecar is told where it is"
+        );
+        // Neither the agent nor the tools container (which runs before the agent, but has no
+        // business with the key) mounts it.
+        for c in spec.containers.iter().chain(init.iter()) {
+            if c.name != SIDECAR_CONTAINER {
+                assert!(
+                    mounts(c).iter().all(|m| m.name != SIDECAR_STATE_VOLUME
+                        && !m.mount_path.starts_with(SIDECAR_STATE_PATH)),
+                    "{} mounts the sidecar's state: {:?}",
+                    c.name,
+                    mounts(c)
+                );
+            }
+        }
+        assert_eq!(spec.containers[0].name, AGENT_CONTAINER);
     }
 
     #[test]

@@ -290,6 +290,12 @@ fn parse_tokens(text: &str) -> anyhow::Result<Vec<TokenEntry>> {
             );
         }
         let namespaces: Vec<String> = words.map(str::to_owned).collect();
+        if let Some(bad) = namespaces.iter().find(|ns| !is_namespace_name(ns)) {
+            anyhow::bail!(
+                "line {}: {bad:?} is not a namespace name (lowercase letters, digits and '-', at most 63); list namespaces separated by spaces",
+                n + 1
+            );
+        }
         let digest = crate::kube_auth::digest(token);
         tokens.push(TokenEntry {
             token: token.as_bytes().to_vec(),
@@ -307,6 +313,16 @@ fn parse_tokens(text: &str) -> anyhow::Result<Vec<TokenEntry>> {
         anyhow::bail!("no tokens: write one bearer token per line");
     }
     Ok(tokens)
+}
+
+/// A Kubernetes namespace name: an RFC 1123 label.
+fn is_namespace_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
 }
 
 fn read_tokens_file(path: &Path) -> anyhow::Result<(Vec<TokenEntry>, [u8; 32])> {
@@ -704,4 +720,77 @@ pub async fn delete_session() -> Response {
         Json(serde_json::json!({})),
     )
         .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// A token as the file allows it: printable ASCII without `; , " \\ #`.
+    fn token() -> impl Strategy<Value = String> {
+        "[!$-+\\--~&&[^;,\"\\\\#]]{1,40}"
+    }
+
+    fn namespace() -> impl Strategy<Value = String> {
+        "[a-z0-9]([a-z0-9-]{0,20}[a-z0-9])?"
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn any_text_is_parsed_or_refused_never_a_panic(text in any::<String>()) {
+            let _ = parse_tokens(&text);
+        }
+
+        #[test]
+        fn a_well_formed_file_gives_back_exactly_its_tokens_and_namespaces(
+            entries in prop::collection::vec(
+                (token(), prop::collection::vec(namespace(), 0..4), any::<bool>()),
+                1..12,
+            ),
+        ) {
+            let mut text = String::from("# viewers\n\n");
+            for (t, ns, comment) in &entries {
+                text.push_str(&format!("  {t}\t{}", ns.join("  ")));
+                if *comment {
+                    text.push_str(" # who");
+                }
+                text.push_str("\r\n");
+            }
+            let parsed = parse_tokens(&text).expect("a well-formed file parses");
+            prop_assert_eq!(parsed.len(), entries.len());
+            for (p, (t, ns, _)) in parsed.iter().zip(&entries) {
+                prop_assert_eq!(&p.token, t.as_bytes());
+                let got: Option<Vec<String>> = p.namespaces.as_ref().map(|n| n.to_vec());
+                prop_assert_eq!(got, (!ns.is_empty()).then(|| ns.clone()));
+            }
+        }
+
+        #[test]
+        fn a_bad_token_or_namespace_names_its_line(
+            good in token(),
+            line in 0usize..5,
+            bad in prop_oneof![
+                "[a-z]{1,5}[;,\"\\\\][a-z]{0,5}".prop_map(|t| (t, String::new())),
+                "[A-Z_.]{1,8}".prop_map(|ns| ("tok".to_owned(), ns)),
+            ],
+        ) {
+            let mut text = String::new();
+            for _ in 0..line {
+                text.push_str(&format!("{good}\n"));
+            }
+            text.push_str(&format!("{} {}\n", bad.0, bad.1));
+            let e = parse_tokens(&text).expect_err("refused").to_string();
+            let want = format!("line {}:", line + 1);
+            prop_assert!(e.starts_with(&want), "{}", e);
+        }
+    }
+
+    #[test]
+    fn an_empty_file_says_what_to_write() {
+        let e = parse_tokens("# nothing here\n\n").unwrap_err().to_string();
+        assert!(e.contains("one bearer token per line"), "{e}");
+    }
 }

@@ -39,6 +39,11 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("../ui/ansi.js"),
     },
     Asset {
+        name: "terminal.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../ui/terminal.js"),
+    },
+    Asset {
         name: "markdown.js",
         content_type: "text/javascript; charset=utf-8",
         body: include_bytes!("../ui/markdown.js"),

@@ -1,7 +1,13 @@
 // Terminal text for the output pane: ANSI escape sequences become CSS classes (SGR colours and
-// styles) or are dropped (cursor moves, OSC titles and hyperlinks, DCS...), and control
-// characters are shown as harmless visible symbols. Pure: produces {text, cls} segments; the
-// caller puts them into the page with textContent only.
+// styles) or are dropped (OSC titles and hyperlinks, DCS...), and control characters are shown
+// as harmless visible symbols. Pure: produces {text, cls} segments; the caller puts them into
+// the page with textContent only.
+//
+// Modes:
+// - 'flat' (the logs pane): a lone "\r" is a line end, cursor moves are dropped.
+// - 'terminal' (the output pane): carriage return, backspace, erase-in-line and cursor moves
+//   become {op, n} segments that terminal.js applies to its lines, as a terminal would.
+// - 'raw': nothing is interpreted; every escape sequence and control character is shown.
 //
 // The parser keeps state between chunks: an escape sequence or a "\r\n" cut in two by the
 // chunking is joined up with the next chunk.
@@ -16,8 +22,13 @@ function defaultStyle() {
   return { fg: null, bg: null, bold: false, dim: false, italic: false, underline: false, inverse: false, strike: false };
 }
 
+// CSI final bytes that move the cursor or erase within the line, and the op they become.
+const CURSOR_OPS = { A: 'up', B: 'down', C: 'right', D: 'left', E: 'next', F: 'prev', G: 'col', K: 'el' };
+
 export class AnsiParser {
-  constructor() {
+  /** @param {{mode?: 'flat' | 'terminal' | 'raw'}} [options] */
+  constructor({ mode = 'flat' } = {}) {
+    this.mode = mode;
     this.pending = '';
     this.style = defaultStyle();
   }
@@ -58,6 +69,13 @@ export class AnsiParser {
       buf += t;
     };
     const ctl = (t) => emit(t, 'ctl');
+    const op = (name, n) => {
+      if (buf) out.push({ text: buf, cls: bufCls });
+      buf = '';
+      out.push({ op: name, n });
+    };
+    const raw = this.mode === 'raw';
+    const terminal = this.mode === 'terminal';
     let i = 0;
     let plainStart = 0;
     const flushPlain = (end) => {
@@ -83,20 +101,43 @@ export class AnsiParser {
           }
           ctl('\u241b');
           i++;
+        } else if (raw) {
+          ctl(`\u241b${visible(s.slice(i + 1, end))}`);
+          i = end;
         } else {
-          if (s[i + 1] === '[' && s[end - 1] === 'm') this.sgr(s.slice(i + 2, end - 1));
+          const csi = s[i + 1] === '[' ? s.slice(i + 2, end - 1) : null;
+          const kind = s[end - 1];
+          if (csi !== null && kind === 'm') this.sgr(csi);
+          else if (terminal && csi !== null && CURSOR_OPS[kind] && /^[0-9]*$/.test(csi)) {
+            const n = csi === '' ? null : Number.parseInt(csi, 10);
+            op(CURSOR_OPS[kind], kind === 'K' ? (n ?? 0) : Math.max(1, n ?? 1));
+          }
           i = end;
         }
       } else if (c === 0x0d) {
-        if (i + 1 === s.length && !final) {
+        if (raw) {
+          ctl('\u240d');
+          i++;
+        } else if (i + 1 === s.length && !final) {
           this.pending = '\r';
           i++;
           plainStart = i;
           break;
+        } else if (s[i + 1] === '\n') {
+          emit('\n', this.cls());
+          i += 2;
+        } else if (terminal) {
+          // Back to the start of the line: what follows overwrites it (progress bars).
+          op('cr', 1);
+          i++;
+        } else {
+          // A lone "\r" starts a new line in the flat view.
+          emit('\n', this.cls());
+          i++;
         }
-        // "\r\n" is a line end; a lone "\r" (progress bars) starts a new line too.
-        emit('\n', this.cls());
-        i += s[i + 1] === '\n' ? 2 : 1;
+      } else if (c === 0x08 && terminal) {
+        op('left', 1);
+        i++;
       } else if (c < 0x20) {
         ctl(String.fromCharCode(0x2400 + c));
         i++;
@@ -195,10 +236,20 @@ function escapeEnd(s, i) {
   return i + 1; // ESC followed by something else: drop the ESC alone
 }
 
+/** The characters of an escape sequence's body, with control characters made visible. */
+function visible(t) {
+  let out = '';
+  for (const ch of t) {
+    const c = ch.charCodeAt(0);
+    out += c < 0x20 ? String.fromCharCode(0x2400 + c) : c === 0x7f ? '\u2421' : ch;
+  }
+  return out;
+}
+
 /** Plain text of segments without styles (for the Markdown view and copying). */
 export function plainText(segments) {
   let t = '';
-  for (const s of segments) if (s.cls !== 'ctl') t += s.text;
+  for (const s of segments) if (s.op === undefined && s.cls !== 'ctl') t += s.text;
   return t;
 }
 

@@ -6,6 +6,7 @@
 // forbids inline scripts on top of that.
 
 import { AnsiParser, plainText } from './ansi.js';
+import { Screen, runsOf } from './terminal.js';
 import { parse as parseMarkdown, render as renderMarkdown } from './markdown.js';
 
 const OUTPUT_CAP = 256 * 1024; // characters of output kept on the page per variation
@@ -246,14 +247,15 @@ class Follower {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Output pane: terminal text with ANSI classes, capped; Markdown view of the same text.
+// Output pane: lines as a terminal shows them (terminal.js), or every byte made visible (raw),
+// capped; Markdown view of the same text.
 
 class OutputPane {
   constructor() {
-    this.parser = new AnsiParser();
-    this.items = []; // {node, len, cls, text: Text}
-    this.size = 0;
-    this.trimmed = 0;
+    this.raw = false;
+    this.source = []; // what was written, to render again in the other mode: {text} or {marker, kind}
+    this.sourceSize = 0;
+    this.sourceDropped = 0;
     this.markdownText = '';
     this.markdownMode = false;
     this.markdownTimer = null;
@@ -264,66 +266,113 @@ class OutputPane {
     this.followButton = el('button', { class: 'follow', type: 'button', hidden: true, text: '↓ Follow output' });
     this.follower = new Follower(this.scroller, this.followButton);
     this.root = el('div', { class: 'pane output-pane' }, this.scroller, this.followButton);
+    this.clear();
+  }
+
+  /** Empties the view (not the source). */
+  clear() {
+    this.parser = new AnsiParser({ mode: this.raw ? 'raw' : 'terminal' });
+    // Half the cap: trimming whole older lines always leaves the current one on the page.
+    this.screen = new Screen({ maxLine: OUTPUT_CAP / 2 });
+    this.items = []; // lines that no longer change, and markers: {node, len}
+    this.size = 0; // characters on the page
+    this.trimmed = this.sourceDropped;
+    this.term.replaceChildren();
   }
 
   write(text) {
     if (!text) return;
+    this.remember({ text });
     const segs = this.parser.push(text);
-    for (const s of segs) this.appendSegment(s.text, s.cls);
+    this.paint(this.screen.apply(segs));
     this.markdownText += plainText(segs);
     if (this.markdownText.length > MARKDOWN_CAP * 1.25) this.markdownText = this.markdownText.slice(-MARKDOWN_CAP);
     this.trim();
     this.changed();
   }
 
-  appendSegment(text, cls) {
-    if (text.length > OUTPUT_CAP) {
-      this.trimmed += text.length - OUTPUT_CAP;
-      text = text.slice(-OUTPUT_CAP);
+  /** Keeps what was written (bounded) so that the other mode can show it. */
+  remember(chunk) {
+    this.source.push(chunk);
+    this.sourceSize += (chunk.text || chunk.marker).length;
+    while (this.sourceSize > OUTPUT_CAP * 2 && this.source.length > 1) {
+      const first = this.source.shift();
+      const n = (first.text || first.marker).length;
+      this.sourceSize -= n;
+      this.sourceDropped += n;
     }
-    const last = this.items[this.items.length - 1];
-    if (last && last.text && last.cls === cls && last.len < 16384) {
-      last.text.appendData(text);
-      last.len += text.length;
-    } else {
-      const t = document.createTextNode(text);
-      const node = cls ? el('span', { class: cls }, t) : t;
-      this.term.appendChild(node);
-      this.items.push({ node, text: t, cls, len: text.length });
+  }
+
+  paint({ changed, frozen }) {
+    this.trimmed += this.screen.dropped;
+    this.screen.dropped = 0;
+    for (const line of changed) {
+      if (!line.node) {
+        line.node = el('span', { class: 'ln' });
+        line.size = 0;
+        this.term.appendChild(line.node);
+      }
+      const parts = runsOf(line).map((r) => (r.cls ? el('span', { class: r.cls }, r.text) : document.createTextNode(r.text)));
+      if (line.nl) parts.push('\n');
+      line.node.replaceChildren(...parts);
+      const size = line.text.length + (line.nl ? 1 : 0);
+      this.size += size - line.size;
+      line.size = size;
     }
-    this.size += text.length;
+    for (const line of frozen) this.freeze(line);
+  }
+
+  freeze(line) {
+    if (line.node) this.items.push({ node: line.node, len: line.size });
   }
 
   /** A visible notice inside the output (gap, missing entries, trimmed history...). */
   marker(message, kind = 'warn') {
-    const node = el('span', { class: `marker marker-${kind}` }, message);
-    this.term.appendChild(node);
-    this.items.push({ node, text: null, cls: 'marker', len: message.length });
-    this.size += message.length;
+    this.remember({ marker: message, kind });
+    this.showMarker(message, kind);
     this.markdownText += `\n\n> ${message}\n\n`;
     this.trim();
     this.changed();
   }
 
+  showMarker(message, kind) {
+    for (const line of this.screen.freezeAll()) this.freeze(line);
+    const node = el('span', { class: `marker marker-${kind}` }, message);
+    this.term.appendChild(node);
+    this.items.push({ node, len: message.length });
+    this.size += message.length;
+  }
+
   trim() {
-    while (this.size > OUTPUT_CAP && this.items.length > 1) {
+    while (this.size > OUTPUT_CAP) {
+      if (this.items.length === 0) {
+        const line = this.screen.freezeOldest();
+        if (!line) break;
+        this.freeze(line);
+        continue;
+      }
       const first = this.items.shift();
       first.node.remove();
       this.size -= first.len;
       this.trimmed += first.len;
     }
-    if (this.size > OUTPUT_CAP && this.items.length === 1 && this.items[0].text) {
-      const only = this.items[0];
-      const cut = this.size - OUTPUT_CAP;
-      only.text.deleteData(0, cut);
-      only.len -= cut;
-      this.size -= cut;
-      this.trimmed += cut;
-    }
     if (this.trimmed > 0) {
       this.trimNotice.hidden = false;
       this.trimNotice.textContent = `${fmtBytes(this.trimmed)} of earlier output is not shown here (the page keeps the latest ${fmtBytes(OUTPUT_CAP)}). The full output stays in the run's stream: kubectl agentrun logs RUN.`;
     }
+  }
+
+  /** Raw: every byte visible, nothing interpreted; otherwise as a terminal shows it. */
+  setRaw(on) {
+    if (on === this.raw) return;
+    this.raw = on;
+    this.clear();
+    for (const chunk of this.source) {
+      if (chunk.text) this.paint(this.screen.apply(this.parser.push(chunk.text)));
+      else this.showMarker(chunk.marker, chunk.kind);
+      this.trim();
+    }
+    this.follower.changed();
   }
 
   setMarkdown(on) {
@@ -619,11 +668,17 @@ class VariationColumn {
       this.error.hidden = !m;
       this.error.textContent = m;
     };
-    const mdToggle = el('button', { type: 'button', class: 'toggle', 'aria-pressed': 'false', text: 'Markdown' });
+    const mdToggle = el('button', { type: 'button', class: 'toggle md-toggle', 'aria-pressed': 'false', text: 'Markdown' });
     mdToggle.addEventListener('click', () => {
       const on = mdToggle.getAttribute('aria-pressed') !== 'true';
       mdToggle.setAttribute('aria-pressed', String(on));
       this.output.setMarkdown(on);
+    });
+    const rawToggle = el('button', { type: 'button', class: 'toggle raw-toggle', 'aria-pressed': 'false', title: 'Show every byte: carriage returns, escape sequences and control characters, nothing interpreted', text: 'Raw' });
+    rawToggle.addEventListener('click', () => {
+      const on = rawToggle.getAttribute('aria-pressed') !== 'true';
+      rawToggle.setAttribute('aria-pressed', String(on));
+      this.output.setRaw(on);
     });
     // A line for the agent's stdin (control action "stdin").
     const stdinInput = el('input', { type: 'text', class: 'stdin-input', placeholder: 'Send a line to the agent\'s stdin…', autocomplete: 'off', 'aria-label': `stdin of ${name}` });
@@ -643,7 +698,7 @@ class VariationColumn {
       el('header', { class: 'var-head' },
         el('div', { class: 'var-title' }, el('h2', { text: name }), this.badgeSlot, controls(page.run, name, setError)),
         this.detail, this.error),
-      el('div', { class: 'pane-head' }, el('h3', { text: 'Output' }), mdToggle),
+      el('div', { class: 'pane-head' }, el('h3', { text: 'Output' }), rawToggle, mdToggle),
       this.output.root,
       stdinForm,
       el('div', { class: 'pane-head' }, el('h3', { text: 'Logs' })),

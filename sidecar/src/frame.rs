@@ -1,14 +1,31 @@
 //! Frames exchanged by the entrypoint and the sidecar over the Unix socket, and stored in
 //! spool files (the same encoding in both places, so a spool is replayed by reading frames).
 //!
-//! Encoding: a 4-byte big-endian length (of what follows), a 1-byte tag, then the body.
+//! Encoding: a 4-byte big-endian length (of what follows), a 1-byte tag, then the body. The
+//! decoder is strict: a frame of a fixed size must have exactly that size, a `Hello` carries a
+//! key of exactly [`KEY_LEN`] bytes or none, and a producer id is short and plain.
 
+use crate::auth::KEY_LEN;
 use agentrun_protocol::{ControlMessage, StatusEvent};
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Largest frame accepted; anything bigger is a corrupt stream.
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+/// Longest producer id.
+pub const MAX_PRODUCER: usize = 64;
+/// Largest `Hello` (what a client may send before it is authenticated).
+pub const MAX_HELLO: usize = 1 + 4 + 1 + KEY_LEN + MAX_PRODUCER;
+
+/// Whether `id` may name a producer: 1 to [`MAX_PRODUCER`] characters from `A-Z a-z 0-9 . _ -`
+/// (it becomes part of a spool file's name and of the Redis producer field).
+pub fn valid_producer(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= MAX_PRODUCER
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
 
 /// Which of the agent's output pipes a chunk came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -38,8 +55,13 @@ impl Pipe {
 /// stream, which Redis uses to drop re-sends.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
-    /// First frame of a connection from an entrypoint.
-    Hello { producer: String, pid: u32 },
+    /// First frame of a connection from an entrypoint, with the key the sidecar handed it
+    /// (none when it got none: the sidecar then refuses the connection).
+    Hello {
+        producer: String,
+        pid: u32,
+        key: Option<[u8; KEY_LEN]>,
+    },
     /// A chunk of agent output.
     Data {
         fseq: u64,
@@ -68,8 +90,11 @@ pub enum Frame {
     Done,
     /// Sidecar to entrypoint: every frame up to and including `fseq` is safe in Redis.
     Ack { fseq: u64 },
-    /// Sidecar to entrypoint: apply a control message.
-    Control(ControlMessage),
+    /// Sidecar to entrypoint: apply a control message; `seq` is its seq in the control stream.
+    Control { seq: u64, msg: ControlMessage },
+    /// Entrypoint to sidecar: every control message up to `seq` has been applied, or refused
+    /// and reported.
+    ControlAck { seq: u64 },
     /// The agent's resource use (a live figure: never spooled nor acknowledged).
     Usage { cpu_millis: u64, rss_bytes: u64 },
     /// Sidecar to entrypoint: whether Redis is reachable (when not, the entrypoint spools
@@ -80,10 +105,14 @@ pub enum Frame {
 /// A frame that could not be decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
-    #[error("frame of {0} bytes exceeds the {MAX_FRAME}-byte limit; the stream is corrupt")]
+    #[error("a frame of {0} bytes exceeds the limit; the stream is corrupt")]
     TooLarge(usize),
     #[error("malformed frame: {0}")]
     Malformed(&'static str),
+    #[error(
+        "the frame at byte {offset} is not authentic: its MAC does not match this pod's key (the file was not written by this pod's entrypoint, or was changed)"
+    )]
+    Unauthentic { offset: u64 },
     #[error(transparent)]
     Io(#[from] std::io::Error),
 }
@@ -111,9 +140,16 @@ impl Frame {
         let start = out.len();
         out.put_u32(0);
         match self {
-            Frame::Hello { producer, pid } => {
+            Frame::Hello { producer, pid, key } => {
                 out.put_u8(1);
                 out.put_u32(*pid);
+                match key {
+                    Some(key) => {
+                        out.put_u8(KEY_LEN as u8);
+                        out.put_slice(key);
+                    }
+                    None => out.put_u8(0),
+                }
                 out.put_slice(producer.as_bytes());
             }
             Frame::Data {
@@ -163,9 +199,14 @@ impl Frame {
                 out.put_u8(6);
                 out.put_u64(*fseq);
             }
-            Frame::Control(msg) => {
+            Frame::Control { seq, msg } => {
                 out.put_u8(7);
+                out.put_u64(*seq);
                 out.put_slice(&msg.to_json());
+            }
+            Frame::ControlAck { seq } => {
+                out.put_u8(10);
+                out.put_u64(*seq);
             }
             Frame::Health { redis_up } => {
                 out.put_u8(8);
@@ -204,13 +245,33 @@ impl Frame {
                 Ok(())
             }
         };
+        let exact = |b: &Bytes, n: usize| {
+            if b.len() != n {
+                Err(Malformed("frame of the wrong size"))
+            } else {
+                Ok(())
+            }
+        };
         Ok(match tag {
             1 => {
-                need(&body, 4)?;
+                need(&body, 5)?;
                 let pid = body.get_u32();
-                let producer = String::from_utf8(body.to_vec())
-                    .map_err(|_| Malformed("producer is not UTF-8"))?;
-                Frame::Hello { producer, pid }
+                let key = match body.get_u8() as usize {
+                    0 => None,
+                    KEY_LEN => {
+                        need(&body, KEY_LEN)?;
+                        let mut key = [0u8; KEY_LEN];
+                        body.copy_to_slice(&mut key);
+                        Some(key)
+                    }
+                    _ => return Err(Malformed("a hello's key has the wrong length")),
+                };
+                let producer = std::str::from_utf8(&body)
+                    .ok()
+                    .filter(|p| valid_producer(p))
+                    .ok_or(Malformed("a hello's producer id is not valid"))?
+                    .to_owned();
+                Frame::Hello { producer, pid, key }
             }
             2 => {
                 need(&body, 25)?;
@@ -241,7 +302,7 @@ impl Frame {
                 }
             }
             4 => {
-                need(&body, 41)?;
+                exact(&body, 41)?;
                 let fseq = body.get_u64();
                 let pipe = Pipe::from_code(body.get_u8()).ok_or(Malformed("unknown pipe"))?;
                 Frame::Gap {
@@ -253,27 +314,44 @@ impl Frame {
                     dropped_chunks: body.get_u64(),
                 }
             }
-            5 => Frame::Done,
+            5 => {
+                exact(&body, 0)?;
+                Frame::Done
+            }
             6 => {
-                need(&body, 8)?;
+                exact(&body, 8)?;
                 Frame::Ack {
                     fseq: body.get_u64(),
                 }
             }
-            7 => Frame::Control(
-                serde_json::from_slice(&body).map_err(|_| Malformed("bad control message"))?,
-            ),
+            7 => {
+                need(&body, 8)?;
+                let seq = body.get_u64();
+                let msg =
+                    serde_json::from_slice(&body).map_err(|_| Malformed("bad control message"))?;
+                Frame::Control { seq, msg }
+            }
             8 => {
-                need(&body, 1)?;
+                exact(&body, 1)?;
                 Frame::Health {
-                    redis_up: body.get_u8() != 0,
+                    redis_up: match body.get_u8() {
+                        0 => false,
+                        1 => true,
+                        _ => return Err(Malformed("bad health flag")),
+                    },
                 }
             }
             9 => {
-                need(&body, 16)?;
+                exact(&body, 16)?;
                 Frame::Usage {
                     cpu_millis: body.get_u64(),
                     rss_bytes: body.get_u64(),
+                }
+            }
+            10 => {
+                exact(&body, 8)?;
+                Frame::ControlAck {
+                    seq: body.get_u64(),
                 }
             }
             _ => return Err(Malformed("unknown frame tag")),
@@ -283,6 +361,14 @@ impl Frame {
     /// Reads one frame; `Ok(None)` at a clean end of stream (or a truncated last frame, which
     /// is what a crash in the middle of a write leaves behind).
     pub async fn read<R: AsyncRead + Unpin>(r: &mut R) -> Result<Option<Frame>, FrameError> {
+        Self::read_limited(r, MAX_FRAME).await
+    }
+
+    /// [`Frame::read`], refusing a frame longer than `max` before anything is allocated for it.
+    pub async fn read_limited<R: AsyncRead + Unpin>(
+        r: &mut R,
+        max: usize,
+    ) -> Result<Option<Frame>, FrameError> {
         let mut len = [0u8; 4];
         match r.read_exact(&mut len).await {
             Ok(_) => {}
@@ -290,7 +376,7 @@ impl Frame {
             Err(e) => return Err(e.into()),
         }
         let len = u32::from_be_bytes(len) as usize;
-        if len > MAX_FRAME {
+        if len > max.min(MAX_FRAME) {
             return Err(FrameError::TooLarge(len));
         }
         let mut body = vec![0u8; len];
@@ -314,6 +400,12 @@ mod tests {
             Frame::Hello {
                 producer: "ep-1".into(),
                 pid: 7,
+                key: None,
+            },
+            Frame::Hello {
+                producer: "ep-2".into(),
+                pid: 8,
+                key: Some([7; KEY_LEN]),
             },
             Frame::Data {
                 fseq: 1,
@@ -338,7 +430,11 @@ mod tests {
             },
             Frame::Done,
             Frame::Ack { fseq: 3 },
-            Frame::Control(ControlMessage::new(ControlAction::Pause)),
+            Frame::Control {
+                seq: 12,
+                msg: ControlMessage::new(ControlAction::Pause),
+            },
+            Frame::ControlAck { seq: 12 },
             Frame::Health { redis_up: true },
             Frame::Usage {
                 cpu_millis: 1500,
@@ -365,6 +461,91 @@ mod tests {
         let mut r = &bytes[..];
         assert!(matches!(
             Frame::read(&mut r).await,
+            Err(FrameError::TooLarge(_))
+        ));
+    }
+
+    fn hello_body(key_len: u8, key: &[u8], producer: &[u8]) -> Bytes {
+        let mut b = BytesMut::new();
+        b.put_u8(1);
+        b.put_u32(1);
+        b.put_u8(key_len);
+        b.put_slice(key);
+        b.put_slice(producer);
+        b.freeze()
+    }
+
+    #[test]
+    fn a_hello_has_a_whole_key_or_none_and_a_plain_producer() {
+        assert!(Frame::decode(hello_body(0, &[], b"ep-1")).is_ok());
+        assert!(Frame::decode(hello_body(32, &[1; 32], b"ep-1")).is_ok());
+        for (len, key, producer) in [
+            (16u8, &[1u8; 16][..], &b"ep-1"[..]),
+            (32, &[1; 31], b""),
+            (0, &[], b""),
+            (0, &[], b"../../etc/passwd"),
+            (0, &[], b"ep\0"),
+            (0, &[], &[b'a'; MAX_PRODUCER + 1]),
+            (0, &[], b"\xff"),
+        ] {
+            assert!(
+                Frame::decode(hello_body(len, key, producer)).is_err(),
+                "{len} {key:?} {producer:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn frames_of_a_fixed_size_must_have_exactly_that_size() {
+        for frame in [
+            Frame::Done,
+            Frame::Ack { fseq: 1 },
+            Frame::ControlAck { seq: 1 },
+            Frame::Health { redis_up: true },
+            Frame::Usage {
+                cpu_millis: 1,
+                rss_bytes: 2,
+            },
+            Frame::Gap {
+                fseq: 1,
+                pipe: Pipe::Stdout,
+                pseq: 1,
+                ts: 1,
+                dropped_bytes: 1,
+                dropped_chunks: 1,
+            },
+        ] {
+            let mut body = BytesMut::from(&frame.to_bytes()[4..]);
+            assert_eq!(Frame::decode(body.clone().freeze()).unwrap(), frame);
+            body.put_u8(0);
+            assert!(
+                Frame::decode(body.clone().freeze()).is_err(),
+                "{frame:?} + 1 byte"
+            );
+            body.truncate(body.len() - 2);
+            assert!(Frame::decode(body.freeze()).is_err(), "{frame:?} - 1 byte");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_limited_read_refuses_a_long_frame_before_reading_it() {
+        let frame = Frame::Hello {
+            producer: "ep-1".into(),
+            pid: 1,
+            key: Some([0; KEY_LEN]),
+        }
+        .to_bytes();
+        let mut r = &frame[..];
+        assert!(
+            Frame::read_limited(&mut r, MAX_HELLO)
+                .await
+                .unwrap()
+                .is_some()
+        );
+        let long = (MAX_HELLO as u32 + 1).to_be_bytes();
+        let mut r = &long[..];
+        assert!(matches!(
+            Frame::read_limited(&mut r, MAX_HELLO).await,
             Err(FrameError::TooLarge(_))
         ));
     }

@@ -1,6 +1,7 @@
 //! `agentrun-sidecar run`: the whole path in one process on a laptop. Starts a sidecar on a
 //! private socket, runs the agent through the entrypoint logic, and exits with its exit code.
 
+use crate::auth::{Key, KeyFileError};
 use crate::entrypoint::{self, EntrypointConfig};
 use crate::server::{Sidecar, SidecarConfig, SidecarError};
 use agentrun_protocol::now_ms;
@@ -22,6 +23,12 @@ pub async fn run(mut local: LocalRun) -> Result<i32, SidecarError> {
     if local.sidecar.fail_fast.is_none() {
         local.sidecar.fail_fast = Some(Duration::from_secs(5));
     }
+    // Both ends are in this process: the key is passed in memory, nothing is handed off.
+    let key = Key::generate().map_err(|source| KeyFileError::Unwritable {
+        path: local.sidecar.socket.clone(),
+        source,
+    })?;
+    local.sidecar.key = Some(key.clone());
     let sidecar_config = local.sidecar.clone();
     let sidecar = Sidecar::start(sidecar_config.clone()).await?;
 
@@ -43,6 +50,8 @@ pub async fn run(mut local: LocalRun) -> Result<i32, SidecarError> {
     ep.stop_grace = local.stop_grace;
     ep.tee = local.tee;
     ep.drain_timeout = sidecar_config.drain_timeout;
+    ep.key = key;
+    ep.sidecar_uid = Some(nix::unistd::geteuid().as_raw());
     let code = entrypoint::run(ep).await;
     let report = sidecar.shutdown().await;
     if report.undelivered_bytes > 0 {

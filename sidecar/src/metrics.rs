@@ -28,6 +28,12 @@ pub struct Metrics {
     pub redis_up: IntGauge,
     pub redis_reconnects: IntCounter,
     pub control_messages: IntCounter,
+    /// Control messages taken for the entrypoint and not yet acknowledged by it.
+    pub control_pending: IntGauge,
+    /// Clients of the socket refused before they could become the peer, by reason.
+    pub socket_refused: IntCounterVec,
+    /// Spool files refused because a record did not verify.
+    pub spools_refused: IntCounter,
     /// Output reported as dropped by the entrypoint (spool full).
     pub gap_bytes: IntCounter,
     /// The agent's CPU time and resident memory, as last reported by the entrypoint.
@@ -36,96 +42,97 @@ pub struct Metrics {
     pub ready: Arc<AtomicBool>,
 }
 
+/// Makes metrics and registers them.
+struct Builder(Registry);
+
+impl Builder {
+    fn add<C: prometheus::core::Collector + Clone + 'static>(&self, metric: C) -> C {
+        let _ = self.0.register(Box::new(metric.clone()));
+        metric
+    }
+
+    fn counter(&self, name: &str, help: &str) -> IntCounter {
+        self.add(IntCounter::new(name, help).expect("metric"))
+    }
+
+    fn gauge(&self, name: &str, help: &str) -> IntGauge {
+        self.add(IntGauge::new(name, help).expect("metric"))
+    }
+
+    fn counter_vec(&self, name: &str, help: &str, label: &str) -> IntCounterVec {
+        self.add(IntCounterVec::new(Opts::new(name, help), &[label]).expect("metric"))
+    }
+}
+
 impl Metrics {
     pub fn new() -> Self {
-        let registry =
-            Registry::new_custom(Some("agentrun_sidecar".into()), None).unwrap_or_default();
-        let bytes_in = IntCounterVec::new(
-            Opts::new(
+        let b = Builder(
+            Registry::new_custom(Some("agentrun_sidecar".into()), None).unwrap_or_default(),
+        );
+        let publish_seconds = b.add(
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "publish_duration_seconds",
+                    "Time to publish one batch to Redis",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+                ]),
+            )
+            .expect("metric"),
+        );
+        Self {
+            bytes_in: b.counter_vec(
                 "bytes_received_total",
                 "Bytes of agent output received, by stream",
+                "stream",
             ),
-            &["stream"],
-        )
-        .expect("metric");
-        let entries_published = IntCounter::new(
-            "entries_published_total",
-            "Entries appended to Redis streams",
-        )
-        .expect("metric");
-        let publish_errors = IntCounter::new(
-            "publish_errors_total",
-            "Failed attempts to publish a batch to Redis",
-        )
-        .expect("metric");
-        let publish_seconds = Histogram::with_opts(
-            HistogramOpts::new(
-                "publish_duration_seconds",
-                "Time to publish one batch to Redis",
-            )
-            .buckets(vec![
-                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-            ]),
-        )
-        .expect("metric");
-        let buffered_bytes =
-            IntGauge::new("buffered_bytes", "Bytes waiting in the sidecar for Redis")
-                .expect("metric");
-        let redis_up = IntGauge::new("redis_up", "1 while Redis takes writes").expect("metric");
-        let redis_reconnects = IntCounter::new(
-            "redis_reconnects_total",
-            "Connections made to Redis after the first",
-        )
-        .expect("metric");
-        let control_messages = IntCounter::new(
-            "control_messages_total",
-            "Control messages forwarded to the agent",
-        )
-        .expect("metric");
-        let gap_bytes = IntCounter::new(
-            "gap_bytes_total",
-            "Output bytes dropped because the spool was full",
-        )
-        .expect("metric");
-        let agent_cpu_millis = IntGauge::new(
-            "agent_cpu_milliseconds",
-            "CPU time the agent has used (user + system)",
-        )
-        .expect("metric");
-        let agent_rss_bytes = IntGauge::new(
-            "agent_memory_bytes",
-            "Resident memory of the agent's process",
-        )
-        .expect("metric");
-        for m in [
-            Box::new(agent_cpu_millis.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(agent_rss_bytes.clone()),
-            Box::new(bytes_in.clone()),
-            Box::new(entries_published.clone()),
-            Box::new(publish_errors.clone()),
-            Box::new(publish_seconds.clone()),
-            Box::new(buffered_bytes.clone()),
-            Box::new(redis_up.clone()),
-            Box::new(redis_reconnects.clone()),
-            Box::new(control_messages.clone()),
-            Box::new(gap_bytes.clone()),
-        ] {
-            let _ = registry.register(m);
-        }
-        Self {
-            registry,
-            bytes_in,
-            entries_published,
-            publish_errors,
+            entries_published: b.counter(
+                "entries_published_total",
+                "Entries appended to Redis streams",
+            ),
+            publish_errors: b.counter(
+                "publish_errors_total",
+                "Failed attempts to publish a batch to Redis",
+            ),
             publish_seconds,
-            buffered_bytes,
-            redis_up,
-            redis_reconnects,
-            control_messages,
-            gap_bytes,
-            agent_cpu_millis,
-            agent_rss_bytes,
+            buffered_bytes: b.gauge("buffered_bytes", "Bytes waiting in the sidecar for Redis"),
+            redis_up: b.gauge("redis_up", "1 while Redis takes writes"),
+            redis_reconnects: b.counter(
+                "redis_reconnects_total",
+                "Connections made to Redis after the first",
+            ),
+            control_messages: b.counter(
+                "control_messages_total",
+                "Control messages taken for the agent's entrypoint",
+            ),
+            control_pending: b.gauge(
+                "control_pending",
+                "Control messages taken for the entrypoint and not yet acknowledged by it",
+            ),
+            socket_refused: b.counter_vec(
+                "socket_clients_refused_total",
+                "Clients of the socket refused without the entrypoint's key, by reason",
+                "reason",
+            ),
+            spools_refused: b.counter(
+                "spools_refused_total",
+                "Spool files refused because a record did not verify with the pod's key",
+            ),
+            gap_bytes: b.counter(
+                "gap_bytes_total",
+                "Output bytes dropped because the spool was full",
+            ),
+            agent_cpu_millis: b.gauge(
+                "agent_cpu_milliseconds",
+                "CPU time the agent has used (user + system)",
+            ),
+            agent_rss_bytes: b.gauge(
+                "agent_memory_bytes",
+                "Resident memory of the agent's process",
+            ),
             ready: Arc::new(AtomicBool::new(false)),
+            registry: b.0,
         }
     }
 

@@ -10,9 +10,17 @@
 //! the pod (mode 0644 whatever the agent's umask), and the sidecar only ever reads it: `flock`
 //! works on a read-only descriptor, and removing the file needs write permission on the
 //! volume's directory (an `emptyDir` is world-writable), not on the file.
+//!
+//! The volume is writable by the agent too, so every record is authenticated: a frame (its
+//! usual encoding) followed by a [`MAC_LEN`]-byte MAC made with the pod's key over the
+//! producer, the frame's byte offset in the file and the frame's bytes ([`Key::spool_mac`]).
+//! Readers check every record and stop at the first one that does not verify; a file dropped
+//! or changed by the agent is never published. A producer without a key writes the same format
+//! with an empty key: unauthenticated, and refused by every sidecar.
 
+use crate::auth::{Key, MAC_LEN};
 use crate::frame::{Frame, FrameError, MAX_FRAME};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use nix::fcntl::{Flock, FlockArg};
 use std::fs::{File, OpenOptions};
 use std::io::{BufReader, Read, Seek, SeekFrom, Write};
@@ -23,6 +31,19 @@ const PREFIX: &str = "agentrun-spool-";
 const SUFFIX: &str = ".bin";
 /// Mode of every spool file: the sidecar, another user, must be able to read it.
 const SPOOL_MODE: u32 = 0o644;
+
+/// The spool file of `producer` in `dir`.
+pub fn spool_path(dir: &Path, producer: &str) -> PathBuf {
+    dir.join(format!("{PREFIX}{producer}{SUFFIX}"))
+}
+
+/// The producer a spool file belongs to, from its name.
+pub fn producer_of(path: &Path) -> Option<&str> {
+    path.file_name()?
+        .to_str()?
+        .strip_prefix(PREFIX)?
+        .strip_suffix(SUFFIX)
+}
 
 /// Creates (or truncates) a file with [`SPOOL_MODE`], whatever the process's umask.
 fn create_readable(path: &Path, read: bool) -> std::io::Result<File> {
@@ -36,9 +57,34 @@ fn create_readable(path: &Path, read: bool) -> std::io::Result<File> {
     Ok(file)
 }
 
+/// Appends authenticated records; knows the offset of the next one.
+struct RecordWriter<'k, W: Write> {
+    out: W,
+    offset: u64,
+    key: &'k Key,
+    producer: &'k str,
+}
+
+impl<W: Write> RecordWriter<'_, W> {
+    /// Writes one record; returns its length.
+    fn append(&mut self, frame: &Frame) -> std::io::Result<u64> {
+        let bytes = frame.to_bytes();
+        let mac = self.key.spool_mac(self.producer, self.offset, &bytes);
+        let mut record = Vec::with_capacity(bytes.len() + MAC_LEN);
+        record.extend_from_slice(&bytes);
+        record.extend_from_slice(&mac);
+        self.out.write_all(&record)?;
+        let len = record.len() as u64;
+        self.offset += len;
+        Ok(len)
+    }
+}
+
 /// A spool file being written (and drained) by its owner.
 pub struct SpoolFile {
     path: PathBuf,
+    key: Key,
+    producer: String,
     writer: Flock<File>,
     reader: BufReader<File>,
     written: u64,
@@ -48,16 +94,19 @@ pub struct SpoolFile {
 }
 
 impl SpoolFile {
-    /// Creates (or truncates) the spool of `producer` in `dir` and locks it.
-    pub fn create(dir: &Path, producer: &str) -> std::io::Result<Self> {
+    /// Creates (or truncates) the spool of `producer` in `dir` and locks it; its records are
+    /// authenticated with `key`.
+    pub fn create(dir: &Path, producer: &str, key: &Key) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let path = dir.join(format!("{PREFIX}{producer}{SUFFIX}"));
+        let path = spool_path(dir, producer);
         let file = create_readable(&path, true)?;
         let writer = Flock::lock(file, FlockArg::LockExclusiveNonblock)
             .map_err(|(_, errno)| std::io::Error::from(errno))?;
         let reader = BufReader::with_capacity(256 * 1024, File::open(&path)?);
         Ok(Self {
             path,
+            key: key.clone(),
+            producer: producer.to_owned(),
             writer,
             reader,
             written: 0,
@@ -81,20 +130,25 @@ impl SpoolFile {
     }
 
     pub fn append(&mut self, frame: &Frame) -> std::io::Result<()> {
-        let bytes = frame.to_bytes();
         self.writer.seek(SeekFrom::Start(self.written))?;
-        self.writer.write_all(&bytes)?;
-        self.written += bytes.len() as u64;
+        let mut w = RecordWriter {
+            out: &mut *self.writer,
+            offset: self.written,
+            key: &self.key,
+            producer: &self.producer,
+        };
+        self.written += w.append(frame)?;
         self.frames += 1;
         Ok(())
     }
 
-    /// The next frame not yet read back, if any.
+    /// The next frame not yet read back, if any. A record that does not verify (another
+    /// process of the agent's user changed the file) is an error: nothing after it is read.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
         if self.read >= self.written {
             return Ok(None);
         }
-        match read_frame_sync(&mut self.reader)? {
+        match read_record(&mut self.reader, &self.key, &self.producer, self.read)? {
             Some((frame, len)) => {
                 self.read += len as u64;
                 self.frames = self.frames.saturating_sub(1);
@@ -118,20 +172,44 @@ impl SpoolFile {
     }
 
     /// Rewrites the spool as `front`, then what has not been read yet, then `back`; used when
-    /// the entrypoint exits before the sidecar took everything.
+    /// the entrypoint exits before the sidecar took everything. Records move, so each is
+    /// verified where it was and authenticated again where it goes; one that does not verify
+    /// ends what is copied from the file (and is reported on stderr).
     pub fn persist(mut self, front: &[Frame], back: &[Frame]) -> std::io::Result<PathBuf> {
         let tmp = self.path.with_extension("tmp");
-        let mut out = std::io::BufWriter::new(create_readable(&tmp, false)?);
+        let mut out = RecordWriter {
+            out: std::io::BufWriter::new(create_readable(&tmp, false)?),
+            offset: 0,
+            key: &self.key,
+            producer: &self.producer,
+        };
         for f in front {
-            out.write_all(&f.to_bytes())?;
+            out.append(f)?;
         }
-        let mut rest = Vec::new();
-        self.reader.read_to_end(&mut rest)?;
-        out.write_all(&rest)?;
+        let mut at = self.read;
+        while at < self.written {
+            match read_record(&mut self.reader, &self.key, &self.producer, at) {
+                Ok(Some((frame, len))) => {
+                    out.append(&frame)?;
+                    at += len as u64;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    eprintln!(
+                        "agentrun-entrypoint: the spool {} cannot be read past byte {at}: {e}; what follows there is not kept",
+                        self.path.display()
+                    );
+                    break;
+                }
+            }
+        }
         for f in back {
-            out.write_all(&f.to_bytes())?;
+            out.append(f)?;
         }
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        out.out
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
         std::fs::rename(&tmp, &self.path)?;
         self.written = u64::MAX; // keep the file on drop
         Ok(self.path.clone())
@@ -147,41 +225,69 @@ impl Drop for SpoolFile {
 }
 
 /// Writes `frames` as a new spool file for `producer` (used when there is no live spool).
-pub fn write_spool(dir: &Path, producer: &str, frames: &[Frame]) -> std::io::Result<PathBuf> {
+pub fn write_spool(
+    dir: &Path,
+    producer: &str,
+    frames: &[Frame],
+    key: &Key,
+) -> std::io::Result<PathBuf> {
     std::fs::create_dir_all(dir)?;
-    let path = dir.join(format!("{PREFIX}{producer}{SUFFIX}"));
+    let path = spool_path(dir, producer);
     let tmp = path.with_extension("tmp");
-    let mut out = std::io::BufWriter::new(create_readable(&tmp, false)?);
+    let mut out = RecordWriter {
+        out: std::io::BufWriter::new(create_readable(&tmp, false)?),
+        offset: 0,
+        key,
+        producer,
+    };
     for f in frames {
-        out.write_all(&f.to_bytes())?;
+        out.append(f)?;
     }
-    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+    out.out
+        .into_inner()
+        .map_err(|e| e.into_error())?
+        .sync_all()?;
     std::fs::rename(&tmp, &path)?;
     Ok(path)
 }
 
-fn read_frame_sync<R: Read>(r: &mut R) -> Result<Option<(Frame, usize)>, FrameError> {
+/// Reads exactly `buf.len()` bytes; `false` at the end of the file (also in the middle).
+fn read_or_eof<R: Read>(r: &mut R, buf: &mut [u8]) -> std::io::Result<bool> {
+    match r.read_exact(buf) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the record at `offset` (where `r` is): the frame and the record's length. A record
+/// torn by a crash in the middle of a write ends the spool (`Ok(None)`); one whose MAC does
+/// not verify is [`FrameError::Unauthentic`], checked before the frame is decoded.
+fn read_record<R: Read>(
+    r: &mut R,
+    key: &Key,
+    producer: &str,
+    offset: u64,
+) -> Result<Option<(Frame, usize)>, FrameError> {
     let mut len = [0u8; 4];
-    if let Err(e) = r.read_exact(&mut len) {
-        return if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Ok(None)
-        } else {
-            Err(e.into())
-        };
+    if !read_or_eof(r, &mut len)? {
+        return Ok(None);
     }
     let n = u32::from_be_bytes(len) as usize;
     if n > MAX_FRAME {
         return Err(FrameError::TooLarge(n));
     }
-    let mut body = BytesMut::zeroed(n);
-    if let Err(e) = r.read_exact(&mut body) {
-        return if e.kind() == std::io::ErrorKind::UnexpectedEof {
-            Ok(None)
-        } else {
-            Err(e.into())
-        };
+    let mut record = BytesMut::zeroed(4 + n + MAC_LEN);
+    record[..4].copy_from_slice(&len);
+    if !read_or_eof(r, &mut record[4..])? {
+        return Ok(None);
     }
-    Ok(Some((Frame::decode(Bytes::from(body))?, n + 4)))
+    let frame = &record[..4 + n];
+    if !key.verify_spool_mac(producer, offset, frame, &record[4 + n..]) {
+        return Err(FrameError::Unauthentic { offset });
+    }
+    let body = record.freeze().slice(4..4 + n);
+    Ok(Some((Frame::decode(body)?, 4 + n + MAC_LEN)))
 }
 
 /// A spool left behind by an entrypoint that has exited, locked by the caller. It is read one
@@ -190,18 +296,33 @@ pub struct OrphanSpool {
     pub path: PathBuf,
     lock: Flock<File>,
     reader: Option<BufReader<File>>,
+    /// Where the next record starts.
+    offset: u64,
 }
 
 impl OrphanSpool {
-    /// The next frame, from the start of the file (a torn last frame ends the spool).
-    pub fn next_frame(&mut self) -> Result<Option<Frame>, FrameError> {
+    /// The producer this spool belongs to (from its file name).
+    pub fn producer(&self) -> &str {
+        producer_of(&self.path).unwrap_or_default()
+    }
+
+    /// The next frame, from the start of the file, verified with `key` (a torn last frame ends
+    /// the spool; a record that does not verify is an error, and nothing after it is read).
+    pub fn next_frame(&mut self, key: &Key) -> Result<Option<Frame>, FrameError> {
         if self.reader.is_none() {
             let mut file = self.lock.try_clone()?;
             file.seek(SeekFrom::Start(0))?;
             self.reader = Some(BufReader::with_capacity(256 * 1024, file));
         }
-        match self.reader.as_mut() {
-            Some(r) => Ok(read_frame_sync(r)?.map(|(f, _)| f)),
+        let producer = producer_of(&self.path).unwrap_or_default().to_owned();
+        let Some(r) = self.reader.as_mut() else {
+            return Ok(None);
+        };
+        match read_record(r, key, &producer, self.offset)? {
+            Some((frame, len)) => {
+                self.offset += len as u64;
+                Ok(Some(frame))
+            }
             None => Ok(None),
         }
     }
@@ -227,12 +348,8 @@ pub fn scan(dir: &Path) -> Vec<FoundSpool> {
     };
     let mut paths: Vec<PathBuf> = entries
         .flatten()
-        .filter(|e| {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            name.starts_with(PREFIX) && name.ends_with(SUFFIX)
-        })
         .map(|e| e.path())
+        .filter(|p| producer_of(p).is_some())
         .collect();
     paths.sort();
     paths
@@ -251,6 +368,7 @@ pub fn scan(dir: &Path) -> Vec<FoundSpool> {
                     path,
                     lock,
                     reader: None,
+                    offset: 0,
                 }),
                 Err(_) => FoundSpool::Live(path),
             })
@@ -284,6 +402,31 @@ pub fn live_spools(dir: &Path) -> Vec<PathBuf> {
 mod tests {
     use super::*;
     use crate::frame::Pipe;
+    use bytes::Bytes;
+
+    fn key() -> Key {
+        Key::from_bytes([3; crate::auth::KEY_LEN])
+    }
+
+    /// A live spool of producer `p` holding `frames`.
+    fn spool_of(dir: &Path, frames: &[Frame]) -> SpoolFile {
+        let mut s = SpoolFile::create(dir, "p", &key()).unwrap();
+        for f in frames {
+            s.append(f).unwrap();
+        }
+        s
+    }
+
+    fn read_orphan(o: &mut OrphanSpool, key: &Key) -> (Vec<Frame>, Option<FrameError>) {
+        let mut frames = Vec::new();
+        loop {
+            match o.next_frame(key) {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => return (frames, None),
+                Err(e) => return (frames, Some(e)),
+            }
+        }
+    }
 
     fn data(fseq: u64, text: &str) -> Frame {
         Frame::Data {
@@ -298,9 +441,7 @@ mod tests {
     #[test]
     fn appends_and_reads_back_in_order() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = SpoolFile::create(dir.path(), "p").unwrap();
-        s.append(&data(1, "a")).unwrap();
-        s.append(&data(2, "b")).unwrap();
+        let mut s = spool_of(dir.path(), &[data(1, "a"), data(2, "b")]);
         assert_eq!(s.next_frame().unwrap(), Some(data(1, "a")));
         s.append(&data(3, "c")).unwrap();
         assert_eq!(s.next_frame().unwrap(), Some(data(2, "b")));
@@ -320,16 +461,14 @@ mod tests {
     #[test]
     fn a_persisted_spool_is_an_orphan_with_the_front_first() {
         let dir = tempfile::tempdir().unwrap();
-        let mut s = SpoolFile::create(dir.path(), "p").unwrap();
+        let mut s = SpoolFile::create(dir.path(), "p", &key()).unwrap();
         s.append(&data(3, "c")).unwrap();
         s.persist(&[data(1, "a"), data(2, "b")], &[data(4, "d")])
             .unwrap();
         let mut orphans = orphan_spools(dir.path());
         assert_eq!(orphans.len(), 1);
-        let mut frames = Vec::new();
-        while let Some(f) = orphans[0].next_frame().unwrap() {
-            frames.push(f);
-        }
+        let (frames, error) = read_orphan(&mut orphans[0], &key());
+        assert!(error.is_none(), "{error:?}");
         assert_eq!(
             frames,
             vec![data(1, "a"), data(2, "b"), data(3, "c"), data(4, "d")]
@@ -342,16 +481,75 @@ mod tests {
     fn spools_are_readable_by_other_users_whatever_the_umask() {
         let dir = tempfile::tempdir().unwrap();
         let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-        let mut s = SpoolFile::create(dir.path(), "p").unwrap();
+        let mut s = SpoolFile::create(dir.path(), "p", &key()).unwrap();
         s.append(&data(1, "a")).unwrap();
         let live_mode = std::fs::metadata(s.path()).unwrap().permissions().mode();
         let path = s.persist(&[], &[]).unwrap();
         let persisted_mode = std::fs::metadata(&path).unwrap().permissions().mode();
-        let written = write_spool(dir.path(), "q", &[data(1, "b")]).unwrap();
+        let written = write_spool(dir.path(), "q", &[data(1, "b")], &key()).unwrap();
         let written_mode = std::fs::metadata(&written).unwrap().permissions().mode();
         nix::sys::stat::umask(old);
         assert_eq!(live_mode & 0o777, 0o644);
         assert_eq!(persisted_mode & 0o777, 0o644);
         assert_eq!(written_mode & 0o777, 0o644);
+    }
+
+    #[test]
+    fn a_spool_is_read_up_to_its_first_record_that_does_not_verify() {
+        let dir = tempfile::tempdir().unwrap();
+        let frames = [data(1, "a"), data(2, "b"), data(3, "c")];
+        let path = write_spool(dir.path(), "ep-1", &frames, &key()).unwrap();
+        let record = data(1, "a").to_bytes().len() + MAC_LEN;
+        // Each record verifies where it is, for its producer and key only.
+        let mut o = orphan_spools(dir.path()).pop().unwrap();
+        let (got, error) = read_orphan(&mut o, &key());
+        assert!(error.is_none(), "{error:?}");
+        assert_eq!(got, frames.to_vec());
+        drop(o);
+        let mut o = orphan_spools(dir.path()).pop().unwrap();
+        let (got, error) = read_orphan(&mut o, &Key::from_bytes([4; crate::auth::KEY_LEN]));
+        assert!(got.is_empty());
+        assert!(matches!(error, Some(FrameError::Unauthentic { offset: 0 })));
+        drop(o);
+        // A byte changed in the second record: the first is read, nothing after it.
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[record + 30] ^= 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut o = orphan_spools(dir.path()).pop().unwrap();
+        let (got, error) = read_orphan(&mut o, &key());
+        assert_eq!(got, vec![data(1, "a")]);
+        assert!(
+            matches!(error, Some(FrameError::Unauthentic { offset }) if offset == record as u64)
+        );
+        drop(o);
+        // Records swapped, or copied into another producer's spool, do not verify either.
+        let good =
+            std::fs::read(write_spool(dir.path(), "ep-1", &frames, &key()).unwrap()).unwrap();
+        let mut swapped = good[record..2 * record].to_vec();
+        swapped.extend_from_slice(&good[..record]);
+        std::fs::write(&path, &swapped).unwrap();
+        let mut o = orphan_spools(dir.path()).pop().unwrap();
+        assert!(read_orphan(&mut o, &key()).0.is_empty());
+        drop(o);
+        std::fs::remove_file(&path).unwrap();
+        std::fs::write(spool_path(dir.path(), "ep-2"), &good).unwrap();
+        let mut o = orphan_spools(dir.path()).pop().unwrap();
+        assert_eq!(o.producer(), "ep-2");
+        assert!(read_orphan(&mut o, &key()).0.is_empty());
+    }
+
+    #[test]
+    fn a_live_spool_changed_behind_its_writer_is_not_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spool_of(dir.path(), &[data(1, "a"), data(2, "b")]);
+        let mut bytes = std::fs::read(s.path()).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(s.path(), &bytes).unwrap();
+        assert_eq!(s.next_frame().unwrap(), Some(data(1, "a")));
+        assert!(matches!(
+            s.next_frame(),
+            Err(FrameError::Unauthentic { .. })
+        ));
     }
 }

@@ -115,6 +115,7 @@ async fn a_full_disk_under_the_spool_is_an_explicit_gap_never_a_silent_loss() {
         w = written_marker.display(),
         go = go.display()
     );
+    provision_key(&socket);
     let mut agent = ChildGuard::spawn(
         dying_with_test(ENTRYPOINT)
             .arg("--socket")
@@ -196,7 +197,7 @@ async fn adopting_a_200_mb_spool_takes_bounded_memory() {
     // Uncapped stream: how many entries 200 MiB makes depends on how the agent's writes were
     // read (about 20 KiB each when the entrypoint keeps up), and the default cap of 10,000
     // entries would trim the oldest.
-    let mut sidecar = serve_with(&redis, &run, &socket, &["--stream-maxlen", "0"]);
+    let mut sidecar = serve_with(&redis, &run, &socket, 0, &["--stream-maxlen", "0"]);
     let pid = sidecar.id();
     wait_for("the spool published and removed", DEADLINE * 3, || {
         let left = spool_files(dir.path());
@@ -241,6 +242,8 @@ async fn a_spool_to_adopt_with_redis_down_neither_blocks_the_entrypoint_nor_the_
             ])
             .args(["--redis-url", &url, "--run-id", run.as_str(), "--socket"])
             .arg(&socket)
+            .arg("--state-dir")
+            .arg(state_dir(&socket))
             .env("RUST_LOG", "warn"),
     );
     wait_for("the socket", DEADLINE, || {
@@ -250,6 +253,7 @@ async fn a_spool_to_adopt_with_redis_down_neither_blocks_the_entrypoint_nor_the_
     .await;
     // The entrypoint of the next agent is taken at once (its output waits for Redis in the
     // entrypoint, which is told Redis is down, and spools).
+    provision_key(&socket);
     let out = Command::new(ENTRYPOINT)
         .arg("--socket")
         .arg(&socket)

@@ -269,6 +269,7 @@ async fn a_stop_request_leaves_the_termination_message_for_kubernetes() {
         .arg(&socket)
         .spawn()
         .unwrap();
+    wait_for_socket(&socket).await;
     let agent = tokio::process::Command::new(ENTRYPOINT)
         .arg("--socket")
         .arg(&socket)

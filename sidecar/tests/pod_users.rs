@@ -11,217 +11,22 @@
 
 mod common;
 
-use agentrun_protocol::publish::Batch;
-use agentrun_protocol::testing::{ChildGuard, RedisServer, free_port, wait_for};
-use agentrun_protocol::{
-    ControlAction, ControlMessage, EntryType, NewEntry, PublishOptions, Publisher, RunId, RunState,
-    StreamName, now_ms,
-};
-use bytes::Bytes;
+use agentrun_protocol::RunState;
+use agentrun_protocol::testing::{ChildGuard, RedisServer, wait_for};
+use common::pod::*;
 use common::*;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-
-/// The pod's `fsGroup`, and the sidecar's user and group (the operator's defaults).
-const FS_GROUP: u32 = 65532;
-const SIDECAR_USER: User = User {
-    uid: 65532,
-    gid: 65532,
-    groups: &[65532],
-};
-
-/// A container's identity as the kubelet gives it: uid, primary gid, supplementary groups.
-#[derive(Clone, Copy, Debug)]
-struct User {
-    uid: u32,
-    gid: u32,
-    groups: &'static [u32],
-}
+use std::path::PathBuf;
+use std::process::Stdio;
 
 /// What the agent writes: several lines, bytes that are not UTF-8, and no final newline.
 const AGENT_BYTES: &[u8] =
     b"first line\nsecond \xe2\x9c\x93 line\n\xff\xfe raw bytes\nno newline at the end";
 
-/// One pod on the host: an "image" directory with the agentrun binaries (what the sidecar
-/// image holds) and the shared volume, made as a kubelet makes an `emptyDir` with `fsGroup`.
-struct Pod {
-    root: tempfile::TempDir,
-}
-
-impl Pod {
-    fn new() -> Pod {
-        assert!(
-            nix::unistd::geteuid().is_root(),
-            "these tests build a pod's user layout with setpriv and need root (CI runs as root)"
-        );
-        let root = tempfile::Builder::new()
-            .prefix("agentrun-pod-users-")
-            .tempdir()
-            .unwrap();
-        std::fs::set_permissions(root.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        let image = root.path().join("image");
-        std::fs::create_dir(&image).unwrap();
-        std::fs::set_permissions(&image, std::fs::Permissions::from_mode(0o755)).unwrap();
-        for (bin, name) in [
-            (SIDECAR, "agentrun-sidecar"),
-            (ENTRYPOINT, "agentrun-entrypoint"),
-        ] {
-            let target = image.join(name);
-            if std::fs::hard_link(bin, &target).is_err() {
-                std::fs::copy(bin, &target).unwrap();
-            }
-        }
-        // emptyDir: created 0777 by the kubelet; with fsGroup, group-owned by it with the setgid
-        // bit so that what the containers create in it belongs to the group too.
-        let volume = root.path().join("agentrun");
-        std::fs::create_dir(&volume).unwrap();
-        nix::unistd::chown(&volume, None, Some(nix::unistd::Gid::from_raw(FS_GROUP))).unwrap();
-        std::fs::set_permissions(&volume, std::fs::Permissions::from_mode(0o2777)).unwrap();
-        // The kubelet creates the termination message file writable by any user.
-        let log = root.path().join("termination-log");
-        std::fs::write(&log, "").unwrap();
-        std::fs::set_permissions(&log, std::fs::Permissions::from_mode(0o666)).unwrap();
-        Pod { root }
-    }
-
-    fn image(&self, name: &str) -> PathBuf {
-        self.root.path().join("image").join(name)
-    }
-
-    fn volume(&self) -> PathBuf {
-        self.root.path().join("agentrun")
-    }
-
-    fn termination_log(&self) -> PathBuf {
-        self.root.path().join("termination-log")
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.volume().join("agentrun.sock")
-    }
-
-    /// The tools init container: copies the entrypoint onto the shared volume.
-    fn install_entrypoint(&self) {
-        let out = as_user(SIDECAR_USER, &self.image("agentrun-sidecar"))
-            .arg("install-entrypoint")
-            .arg(self.volume().join("bin"))
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "install-entrypoint as {SIDECAR_USER:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// The native sidecar, as its own user; returns once its socket is there.
-    async fn start_sidecar(&self, redis: &RedisServer, run: &RunId) -> ChildGuard {
-        let child = as_user(SIDECAR_USER, &self.image("agentrun-sidecar"))
-            .arg("serve")
-            .arg("--socket")
-            .arg(self.socket())
-            .args(["--redis-url", &redis.url(), "--run-id", run.as_str()])
-            .args(["--metrics-addr", &format!("127.0.0.1:{}", free_port())])
-            .args(["--metrics-interval-seconds", "0"])
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let sidecar = ChildGuard(child);
-        let socket = self.socket();
-        wait_for("the sidecar's socket", DEADLINE, || {
-            let there = socket.exists();
-            async move { there.then_some(()) }
-        })
-        .await;
-        sidecar
-    }
-
-    /// The agent container: the entrypoint from the shared volume wrapping `script`.
-    fn agent(&self, user: User, entrypoint_args: &[&str], script: &str) -> Command {
-        let mut cmd = as_user(user, &self.volume().join("bin/agentrun-entrypoint"));
-        cmd.arg("--socket")
-            .arg(self.socket())
-            .arg("--termination-log")
-            .arg(self.termination_log())
-            .args(entrypoint_args)
-            .args(["--", "sh", "-c", script])
-            .stdin(Stdio::null());
-        cmd
-    }
-}
-
-/// `setpriv` with the user's ids and groups, every capability gone and `no_new_privs`, as a
-/// container with `capabilities: {drop: [ALL]}` and `allowPrivilegeEscalation: false` runs.
-fn as_user(user: User, program: &Path) -> Command {
-    let groups: Vec<String> = user.groups.iter().map(u32::to_string).collect();
-    let mut cmd = Command::new("setpriv");
-    cmd.args(["--pdeathsig", "KILL"])
-        .args(["--reuid", &user.uid.to_string()])
-        .args(["--regid", &user.gid.to_string()])
-        .args(["--groups", &groups.join(",")])
-        .args(["--inh-caps=-all", "--bounding-set=-all", "--no-new-privs"])
-        .arg("--")
-        .arg(program)
-        .env_clear()
-        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
-        .current_dir("/");
-    cmd
-}
-
 /// The agent writes [`AGENT_BYTES`], then waits to be stopped.
 fn writer_script() -> String {
     let octal: String = AGENT_BYTES.iter().map(|b| format!("\\{b:03o}")).collect();
     format!("printf '{octal}'; while :; do sleep 0.05; done")
-}
-
-async fn send_stop(redis: &RedisServer, run: &RunId) {
-    let mut conn = redis.conn().await;
-    let entry = NewEntry {
-        pseq: 1,
-        ts: now_ms(),
-        kind: EntryType::Control,
-        content: Bytes::from(ControlMessage::new(ControlAction::Stop).to_json()),
-        meta: None,
-    };
-    Publisher::new(PublishOptions::default())
-        .publish(
-            &mut conn,
-            run,
-            Batch {
-                stream: &StreamName::Control,
-                producer: "test",
-                entries: &[entry],
-            },
-        )
-        .await
-        .unwrap();
-}
-
-/// Waits until the output stream holds exactly the agent's bytes.
-async fn wait_for_output(redis: &RedisServer, run: &RunId, user: User) {
-    let conn = redis.conn().await;
-    let key = output_key(run);
-    wait_for(
-        &format!("the output of an agent running as {user:?} in the stream"),
-        DEADLINE,
-        || {
-            let (mut conn, key) = (conn.clone(), key.clone());
-            async move {
-                let bytes = concat(&read_all(&mut conn, &key).await);
-                assert!(
-                    AGENT_BYTES.starts_with(&bytes),
-                    "the stream holds bytes the agent did not write: {:?}",
-                    String::from_utf8_lossy(&bytes)
-                );
-                (bytes == AGENT_BYTES).then_some(())
-            }
-        },
-    )
-    .await;
 }
 
 /// The whole path with the sidecar up: output byte-exact in the stream, `stop` reaches the
@@ -240,18 +45,8 @@ async fn streams_and_stops(agent: User) {
         .unwrap();
     let mut agent_proc = ChildGuard(child);
 
-    wait_for_output(&redis, &run, agent).await;
-    send_stop(&redis, &run).await;
-    let status = wait_for("the agent to stop", DEADLINE, || {
-        let exited = agent_proc.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
-    let mut stderr = String::new();
-    if let Some(mut e) = agent_proc.stderr.take() {
-        use std::io::Read;
-        let _ = e.read_to_string(&mut stderr);
-    }
+    wait_for_output(&redis, &run, AGENT_BYTES).await;
+    let (status, stderr) = stop_agent(&redis, &run, &mut agent_proc).await;
     assert_eq!(
         status.code(),
         Some(143),
@@ -317,6 +112,7 @@ async fn spool_is_adopted(agent: User, umask: &str) {
     let run = run_id("users-spool");
     let pod = Pod::new();
     pod.install_entrypoint();
+    pod.provision_key();
     let script = format!("umask {umask}; printf '{}'", {
         AGENT_BYTES
             .iter()
@@ -347,7 +143,7 @@ async fn spool_is_adopted(agent: User, umask: &str) {
     assert_eq!(spools.len(), 1, "one spool on the volume: {spools:?}");
 
     let _sidecar = pod.start_sidecar(&redis, &run).await;
-    wait_for_output(&redis, &run, agent).await;
+    wait_for_output(&redis, &run, AGENT_BYTES).await;
     let spool = spools[0].clone();
     wait_for("the adopted spool to be removed", DEADLINE, || {
         let gone = !spool.exists();
@@ -484,12 +280,7 @@ async fn a_socket_that_refuses_the_agent_is_reported_at_once_and_in_the_run_stat
     // Fixed: what waited is delivered, and the log says the sidecar is reached.
     std::fs::set_permissions(pod.socket(), std::fs::Permissions::from_mode(0o666)).unwrap();
     next_line("connected to the sidecar", DEADLINE);
-    wait_for_output(&redis, &run, agent).await;
-    send_stop(&redis, &run).await;
-    let status = wait_for("the agent to stop", DEADLINE, || {
-        let exited = agent_proc.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
+    wait_for_output(&redis, &run, AGENT_BYTES).await;
+    let (status, _) = stop_agent(&redis, &run, &mut agent_proc).await;
     assert_eq!(status.code(), Some(143));
 }

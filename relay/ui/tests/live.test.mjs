@@ -96,7 +96,7 @@ test('output, logs and status appear live, side by side, and the stream ends wit
   await waitFor('metrics', async () => /bytesOut 2\.0 KiB/.test(await page.locator('section.variation[data-variation="codex"] .metrics').textContent()));
 
   // The Markdown view of codex.
-  await page.locator('section.variation[data-variation="codex"] button.toggle').click();
+  await page.locator('section.variation[data-variation="codex"] button.md-toggle').click();
   const md = page.locator('section.variation[data-variation="codex"] .markdown');
   await waitFor('rendered Markdown', async () => (await md.locator('h1').count()) === 5);
   assert.equal(await md.locator('li strong').first().textContent(), 'code');

@@ -8,6 +8,7 @@ import { join, dirname } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parse, inline, safeHref } from '../markdown.js';
 import { AnsiParser, plainText } from '../ansi.js';
+import { Screen, runsOf } from '../terminal.js';
 
 const UI = join(dirname(fileURLToPath(import.meta.url)), '..');
 
@@ -93,6 +94,72 @@ test('control characters are shown as symbols, never interpreted', () => {
   // A lone ESC at the very end is shown when nothing follows.
   assert.equal(plainText(new AnsiParser().push('x\x1b', true)), 'x');
   assert.equal(new AnsiParser().push('x\x1b', true).map((s) => s.text).join(''), 'x\u241b');
+});
+
+/** What a terminal would show after `chunks`: the lines, each "text" or "text|cls..." runs. */
+function screenOf(chunks, options) {
+  const parser = new AnsiParser({ mode: 'terminal' });
+  const screen = new Screen(options);
+  const frozen = [];
+  chunks.forEach((c, i) => frozen.push(...screen.apply(parser.push(c, i === chunks.length - 1)).frozen));
+  return [...frozen, ...screen.lines].map((l) => l.text);
+}
+
+test('terminal: a carriage return overwrites the line, as progress bars expect', () => {
+  assert.deepEqual(screenOf(['progress: 10%\rprogress: 50%\rprogress: 100%\n']), ['progress: 100%', '']);
+  // Split anywhere, even between "\r" and what follows.
+  assert.deepEqual(screenOf(['downloading 1', '0%\r', 'downloading 20%\r', 'done           \n']), ['done           ', '']);
+  // "\r\n" is a line end, not an overwrite.
+  assert.deepEqual(screenOf(['a\r\nb\r', '\nc']), ['a', 'b', 'c']);
+  // A shorter text overwrites only its own width.
+  assert.deepEqual(screenOf(['abcdef\rXY']), ['XYcdef']);
+});
+
+test('terminal: erase-in-line, backspace and columns', () => {
+  assert.deepEqual(screenOf(['spinner |\r\x1b[Kspinner /\r\x1b[2Kdone']), ['done']);
+  assert.deepEqual(screenOf(['abcdef\x1b[3D\x1b[0K!']), ['abc!']);
+  assert.deepEqual(screenOf(['abcdef\x1b[3D\x1b[1K']), ['    ef']);
+  assert.deepEqual(screenOf(['ab\b\bxy\by']), ['xy']);
+  assert.deepEqual(screenOf(['ab\x1b[6Gz']), ['ab   z']);
+  // A cursor move far to the right is bounded.
+  assert.equal(screenOf(['\x1b[99999999Cx'], { maxCol: 80 })[0].length, 81);
+});
+
+test('terminal: cursor up redraws a two-line progress bar in place', () => {
+  const frames = [];
+  for (let i = 1; i <= 3; i++) frames.push(`${i === 1 ? '' : '\x1b[2A'}\r\x1b[Kfile ${i}/3\n\r\x1b[Kbar ${'#'.repeat(i)}\n`);
+  assert.deepEqual(screenOf(['start\n', ...frames, 'end\n']), ['start', 'file 3/3', 'bar ###', 'end', '']);
+  // Up never goes above the first live line, down never below the last.
+  assert.deepEqual(screenOf(['a\nb\x1b[9Ax\x1b[9By']), ['ax', 'b y']);
+});
+
+test('terminal: colours survive overwrites', () => {
+  const parser = new AnsiParser({ mode: 'terminal' });
+  const screen = new Screen();
+  screen.apply(parser.push('\x1b[32mgreen text\x1b[0m\r\x1b[31mRED', true));
+  assert.deepEqual(runsOf(screen.lines[0]), [
+    { text: 'RED', cls: 'a-fg1' },
+    { text: 'en text', cls: 'a-fg2' },
+  ]);
+});
+
+test('terminal: lines leave the live region and long lines lose their start', () => {
+  const parser = new AnsiParser({ mode: 'terminal' });
+  const screen = new Screen({ liveLines: 3, maxLine: 10 });
+  const { frozen } = screen.apply(parser.push('1\n2\n3\n4\n5', true));
+  assert.deepEqual(frozen.map((l) => l.text), ['1', '2']);
+  assert.deepEqual(screen.lines.map((l) => [l.text, l.nl]), [['3', true], ['4', true], ['5', false]]);
+  // Up stops at the oldest live line: frozen lines never change.
+  screen.apply(parser.push('\x1b[9A\rX', true));
+  assert.deepEqual(screen.lines.map((l) => l.text), ['X', '4', '5']);
+  screen.apply(parser.push('\x1b[2B0123456789abc', true));
+  assert.equal(screen.lines[2].text, '3456789abc');
+});
+
+test('raw mode shows every byte and interprets nothing', () => {
+  const segs = new AnsiParser({ mode: 'raw' }).push('a\rb\x1b[2K\x1b[31mc\x08\r\n', true);
+  assert.equal(segs.map((s) => s.text).join(''), 'a\u240db\u241b[2K\u241b[31mc\u2408\u240d\n');
+  assert.ok(segs.every((s) => s.op === undefined && (s.cls === '' || s.cls === 'ctl')));
 });
 
 test('UI sources never parse strings as HTML or code', () => {

@@ -89,7 +89,7 @@ test('hostile output, logs, status and metrics never execute, in the plain and t
   assert.match(await page.locator('section.variation[data-variation="evil"] .var-detail').textContent(), /<img src=x onerror=alert\(1\)> · <script>/);
   await assertInert(page, 'plain view');
 
-  for (const v of ['evil', 'other']) await page.locator(`section.variation[data-variation="${v}"] button.toggle`).click();
+  for (const v of ['evil', 'other']) await page.locator(`section.variation[data-variation="${v}"] button.md-toggle`).click();
   const md = page.locator('section.variation[data-variation="evil"] .markdown');
   await waitFor('the Markdown view', async () => (await md.locator('a').count()) >= 1 && (await md.textContent()).includes('END-EVIL'));
   await assertInert(page, 'Markdown view');

@@ -1,5 +1,6 @@
 //! `agentrun-entrypoint [--socket PATH] -- CMD [ARGS...]`
 
+use agentrun_sidecar::auth;
 use agentrun_sidecar::entrypoint::{EntrypointConfig, run};
 use clap::Parser;
 use std::ffi::OsString;
@@ -21,6 +22,14 @@ struct Args {
     /// Directory for the spool used while the sidecar is away (default: the socket's).
     #[arg(long, env = "AGENTRUN_SPOOL_DIR")]
     spool_dir: Option<PathBuf>,
+    /// The one-time key the sidecar left for this entrypoint (default: next to the socket,
+    /// agentrun-entrypoint.key); read and removed before the agent starts.
+    #[arg(long, env = "AGENTRUN_KEY_FILE")]
+    key_file: Option<PathBuf>,
+    /// KiB of stdin messages that may wait for the agent to read them; past it they are
+    /// refused and reported on the run's status.
+    #[arg(long, env = "AGENTRUN_STDIN_BUFFER_KIB", default_value_t = 1024)]
+    stdin_buffer_kib: usize,
     /// Seconds between SIGTERM and SIGKILL when the agent is stopped.
     #[arg(long, env = "AGENTRUN_STOP_GRACE_SECONDS", default_value_t = 10)]
     stop_grace_seconds: u64,
@@ -47,7 +56,34 @@ struct Args {
 
 fn main() {
     let args = Args::parse();
+    // Before anything else: the agent, started later as this user, must not be able to read
+    // this process's memory, and must not find the key on the volume.
+    if let Err(e) = auth::protect_memory() {
+        eprintln!(
+            "agentrun-entrypoint: cannot make this process non-dumpable ({e}); the agent, which runs as the same user, could read the sidecar's key from its memory"
+        );
+    }
+    let key_file = args.key_file.clone().unwrap_or_else(|| {
+        args.socket
+            .parent()
+            .unwrap_or(std::path::Path::new("."))
+            .join(auth::HANDOFF_FILE)
+    });
+    let handoff = match auth::take_handoff(&key_file) {
+        Ok(h) => Some(h),
+        Err(e) => {
+            eprintln!(
+                "agentrun-entrypoint: NO KEY FROM THE SIDECAR: {e}. Going on without one: the sidecar will refuse this entrypoint, so the agent's output will not be published and control messages will not reach it (the run's status says SocketClientRefused). The sidecar leaves the key once, at its first start, before the agent container starts: was this container restarted, started before the sidecar, or given another --key-file?"
+            );
+            None
+        }
+    };
     let mut config = EntrypointConfig::new(args.socket, args.command);
+    if let Some(h) = handoff {
+        config.key = h.key;
+        config.sidecar_uid = Some(h.sidecar_uid);
+    }
+    config.stdin_budget = args.stdin_buffer_kib.max(1) * 1024;
     if let Some(dir) = args.spool_dir {
         config.spool_dir = dir;
     }

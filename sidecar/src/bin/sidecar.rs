@@ -34,6 +34,10 @@ enum Command {
         /// Address for /metrics, /healthz and /readyz.
         #[arg(long, env = "AGENTRUN_METRICS_ADDR", default_value = "0.0.0.0:9464")]
         metrics_addr: SocketAddr,
+        /// A directory only this container mounts, where the sidecar keeps the key it handed to
+        /// the entrypoint, so that a restarted sidecar is joined again by the running entrypoint.
+        #[arg(long, env = "AGENTRUN_STATE_DIR")]
+        state_dir: Option<PathBuf>,
     },
     /// Run CMD locally and publish its output, with no Kubernetes; exits with CMD's exit code.
     Run {
@@ -127,9 +131,11 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             common,
             socket,
             metrics_addr,
+            state_dir,
         } => {
             let mut config = common.config(socket)?;
             config.metrics_addr = Some(metrics_addr);
+            config.state_dir = state_dir;
             let sidecar = Sidecar::start(config).await?;
             tracing::info!(metrics = ?sidecar.metrics_addr, "agentrun-sidecar serving");
             let mut term =
@@ -148,6 +154,10 @@ async fn real_main(cli: Cli) -> anyhow::Result<i32> {
             quiet,
             command,
         } => {
+            // The agent runs as this user: it must not read the key from this process.
+            if let Err(e) = agentrun_sidecar::auth::protect_memory() {
+                tracing::warn!(error = %e, "cannot make this process non-dumpable");
+            }
             let dir = tempfile_dir()?;
             let mut config = common.config(dir.join("agentrun.sock"))?;
             config.metrics_addr = metrics_addr;

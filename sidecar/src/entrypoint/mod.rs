@@ -2,7 +2,9 @@
 //! it to the sidecar; applies control messages to the agent.
 
 pub mod outbox;
+pub mod stdin;
 
+use crate::auth::Key;
 use crate::chunker::Chunker;
 use crate::frame::Pipe;
 use agentrun_protocol::{ControlAction, ControlMessage, RunState, StatusEvent};
@@ -15,8 +17,9 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use stdin::{Refusals, StdinFeed, Why};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 #[derive(Debug, Clone)]
 pub struct EntrypointConfig {
@@ -41,6 +44,13 @@ pub struct EntrypointConfig {
     /// Where Kubernetes reads the container's termination message; when the agent was stopped
     /// on request, `agentrun: stopped` is written there (only if the file exists).
     pub termination_log: PathBuf,
+    /// The key the sidecar handed over (none: the sidecar refuses this entrypoint).
+    pub key: Key,
+    /// The sidecar's user: the key goes only to a socket that user serves.
+    pub sidecar_uid: Option<u32>,
+    /// Bytes of `stdin` messages that may wait for the agent to read them; past it they are
+    /// refused and reported.
+    pub stdin_budget: usize,
 }
 
 /// Termination message line that tells the operator the agent was stopped on request.
@@ -67,6 +77,9 @@ impl EntrypointConfig {
             tee: true,
             producer: None,
             termination_log: PathBuf::from("/dev/termination-log"),
+            key: Key::none(),
+            sidecar_uid: None,
+            stdin_budget: 1024 * 1024,
         }
     }
 }
@@ -92,6 +105,8 @@ pub async fn run(config: EntrypointConfig) -> i32 {
         window_bytes: config.window_bytes,
         spool_max_bytes: config.spool_max_bytes,
         reconnect_every: Duration::from_millis(100),
+        key: config.key.clone(),
+        sidecar_uid: config.sidecar_uid,
     });
 
     let Some((program, args)) = config.command.split_first() else {
@@ -119,6 +134,7 @@ pub async fn run(config: EntrypointConfig) -> i32 {
                 .reason("StartError")
                 .message(msg);
             event.exit_code = Some(EXIT_CANNOT_START);
+            control_rx.close();
             outbox.event(event).await;
             let undelivered = report(outbox.finish(config.drain_timeout).await);
             write_termination_message(&config.termination_log, false, undelivered.as_deref());
@@ -153,20 +169,14 @@ pub async fn run(config: EntrypointConfig) -> i32 {
         )));
     }
 
-    // stdin: control messages write lines to the agent.
-    let (stdin_tx, mut stdin_rx) = mpsc::channel::<String>(64);
-    if let Some(mut stdin) = child.stdin.take() {
-        tokio::spawn(async move {
-            while let Some(line) = stdin_rx.recv().await {
-                if stdin.write_all(line.as_bytes()).await.is_err() || stdin.flush().await.is_err() {
-                    eprintln!(
-                        "agentrun-entrypoint: the agent closed its stdin; dropping stdin messages"
-                    );
-                    break;
-                }
-            }
-        });
-    }
+    // stdin: control messages write lines to the agent, within a budget; what cannot be
+    // written is refused and reported (in one status event a second at most).
+    let feed = StdinFeed::start(child.stdin.take(), config.stdin_budget);
+    let stdin_lost = feed.lost_notify();
+    let mut refusals = Refusals::default();
+    let mut report_tick = tokio::time::interval(Duration::from_secs(1));
+    report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut paused = false;
 
     let stop_requested = Arc::new(AtomicBool::new(false));
     let mut terminated = false;
@@ -185,8 +195,28 @@ pub async fn run(config: EntrypointConfig) -> i32 {
                     outbox.usage(cpu, rss);
                 }
             }
-            Some(msg) = control_rx.recv() => {
-                apply_control(msg, pgid, &outbox, &stdin_tx, &stop_requested, config.stop_grace).await;
+            Some((seq, msg)) = control_rx.recv() => {
+                let mut applied = Applied {
+                    seq,
+                    pgid,
+                    outbox: &outbox,
+                    feed: &feed,
+                    refusals: &mut refusals,
+                    paused: &mut paused,
+                    stop_requested: &stop_requested,
+                    grace: config.stop_grace,
+                    budget: config.stdin_budget,
+                };
+                applied.apply(msg).await;
+                outbox.control_done(seq);
+            }
+            _ = stdin_lost.notified() => {
+                for (seq, bytes, why) in feed.take_lost() {
+                    refusals.add(seq, bytes, why, || lost_detail(why));
+                }
+            }
+            _ = report_tick.tick(), if !refusals.is_empty() => {
+                report_refusals(&mut refusals, &outbox, paused).await;
             }
             Some(_) = recv_signal(&mut terminate) => {
                 terminated = true;
@@ -203,6 +233,26 @@ pub async fn run(config: EntrypointConfig) -> i32 {
     let _ = exited_tx.send(true);
     for r in readers {
         let _ = r.await;
+    }
+    // Control that comes from now on is not applied: say so for what waits, and for stdin
+    // that never reached the agent.
+    control_rx.close();
+    while let Ok((seq, msg)) = control_rx.try_recv() {
+        eprintln!(
+            "agentrun-entrypoint: control message {seq} ({}) arrived after the agent exited; it was not applied",
+            msg.action
+        );
+        if msg.action == ControlAction::Stdin {
+            let bytes = msg.data.as_deref().map_or(0, str::len) + 1;
+            refusals.add(seq, bytes, Why::Exited, || lost_detail(Why::Exited));
+        }
+        outbox.control_done(seq);
+    }
+    for (seq, bytes, why) in feed.finish() {
+        refusals.add(seq, bytes, why, || lost_detail(why));
+    }
+    if !refusals.is_empty() {
+        report_refusals(&mut refusals, &outbox, paused).await;
     }
 
     let (code, event) = match status {
@@ -348,44 +398,88 @@ pub fn exit_event(
     (code, ev)
 }
 
-async fn apply_control(
-    msg: ControlMessage,
+/// Why stdin that was taken did not reach the agent.
+fn lost_detail(why: Why) -> String {
+    match why {
+        Why::Closed => "the agent closed its stdin".into(),
+        Why::Exited | Why::NotReading => "the agent exited before reading it".into(),
+    }
+}
+
+/// Publishes (and logs) what was refused since the last report.
+async fn report_refusals(refusals: &mut Refusals, outbox: &Outbox, paused: bool) {
+    let state = if paused {
+        RunState::Paused
+    } else {
+        RunState::Running
+    };
+    for event in refusals.take_events(state) {
+        if let Some(m) = &event.message {
+            eprintln!("agentrun-entrypoint: {m}");
+        }
+        outbox.event(event).await;
+    }
+}
+
+/// One control message being applied to the agent.
+struct Applied<'a> {
+    seq: u64,
     pgid: Pid,
-    outbox: &Outbox,
-    stdin: &mpsc::Sender<String>,
-    stop_requested: &Arc<AtomicBool>,
+    outbox: &'a Outbox,
+    feed: &'a StdinFeed,
+    refusals: &'a mut Refusals,
+    paused: &'a mut bool,
+    stop_requested: &'a Arc<AtomicBool>,
     grace: Duration,
-) {
-    match msg.action {
-        ControlAction::Pause => {
-            if killpg(pgid, Signal::SIGSTOP).is_ok() {
-                outbox
-                    .event(StatusEvent::new(None, RunState::Paused).reason("Paused"))
-                    .await;
+    budget: usize,
+}
+
+impl Applied<'_> {
+    async fn apply(&mut self, msg: ControlMessage) {
+        let pgid = self.pgid;
+        match msg.action {
+            ControlAction::Pause => {
+                if killpg(pgid, Signal::SIGSTOP).is_ok() {
+                    *self.paused = true;
+                    self.outbox
+                        .event(StatusEvent::new(None, RunState::Paused).reason("Paused"))
+                        .await;
+                }
             }
-        }
-        ControlAction::Resume => {
-            if killpg(pgid, Signal::SIGCONT).is_ok() {
-                outbox
-                    .event(StatusEvent::new(None, RunState::Running).reason("Resumed"))
-                    .await;
+            ControlAction::Resume => {
+                if killpg(pgid, Signal::SIGCONT).is_ok() {
+                    *self.paused = false;
+                    self.outbox
+                        .event(StatusEvent::new(None, RunState::Running).reason("Resumed"))
+                        .await;
+                }
             }
-        }
-        ControlAction::Stop => {
-            if stop_requested.swap(true, Ordering::SeqCst) {
-                return;
+            ControlAction::Stop => {
+                if self.stop_requested.swap(true, Ordering::SeqCst) {
+                    return;
+                }
+                let _ = killpg(pgid, Signal::SIGCONT);
+                let _ = killpg(pgid, Signal::SIGTERM);
+                let grace = self.grace;
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    let _ = killpg(pgid, Signal::SIGKILL);
+                });
             }
-            let _ = killpg(pgid, Signal::SIGCONT);
-            let _ = killpg(pgid, Signal::SIGTERM);
-            tokio::spawn(async move {
-                tokio::time::sleep(grace).await;
-                let _ = killpg(pgid, Signal::SIGKILL);
-            });
-        }
-        ControlAction::Stdin => {
-            let mut line = msg.data.unwrap_or_default();
-            line.push('\n');
-            let _ = stdin.try_send(line);
+            ControlAction::Stdin => {
+                let mut line = msg.data.unwrap_or_default();
+                line.push('\n');
+                let bytes = line.len();
+                if let Err((why, waiting)) = self.feed.offer(self.seq, bytes::Bytes::from(line)) {
+                    let budget = self.budget;
+                    self.refusals.add(self.seq, bytes, why, || match why {
+                        Why::NotReading => format!(
+                            "the agent has not read its stdin: {waiting} bytes already wait for it, and the entrypoint holds at most {budget} (--stdin-buffer-kib)"
+                        ),
+                        other => lost_detail(other),
+                    });
+                }
+            }
         }
     }
 }

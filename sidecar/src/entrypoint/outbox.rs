@@ -22,7 +22,17 @@
 //! at once when the socket refuses this process (with who this process is and who owns the
 //! socket), after [`NO_SIDECAR_WARNING`] when no socket is there, and again when the sidecar is
 //! back. Output is never dropped for that; it waits in the spool.
+//!
+//! The outbox sends its `Hello` with the key the sidecar handed over, and only to a socket
+//! served by the sidecar's user (the owner of the hand-off file): a process of the agent's
+//! user that put a socket of its own in the sidecar's place gets nothing. Its spool records
+//! are authenticated with the same key.
+//!
+//! Control messages arrive numbered by their control stream seq; each is passed on to the
+//! entrypoint once (a sidecar sends again what was not acknowledged when it reconnects), and
+//! acknowledged to the sidecar once the entrypoint has applied it or refused it with a report.
 
+use crate::auth::Key;
 use crate::frame::{Frame, Pipe};
 use crate::spool::{SpoolFile, write_spool};
 use agentrun_protocol::{ControlMessage, StatusEvent, now_ms};
@@ -46,7 +56,17 @@ pub struct OutboxConfig {
     pub spool_max_bytes: u64,
     /// How often to retry connecting to the sidecar.
     pub reconnect_every: Duration,
+    /// The key from the sidecar (none: the sidecar refuses this outbox).
+    pub key: Key,
+    /// The sidecar's user: a socket served by anyone else does not get the key.
+    pub sidecar_uid: Option<u32>,
 }
+
+/// Control messages the entrypoint may hold before it applies them; a sidecar sends at most
+/// its window (`server::control::WINDOW`) without an acknowledgement.
+pub const CONTROL_QUEUE: usize = 256;
+/// After the sidecar refused this outbox, how long before it tries again.
+const REFUSED_RETRY: Duration = Duration::from_secs(2);
 
 /// What the outbox reports when it is finished.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,15 +108,32 @@ enum Command {
 #[derive(Clone)]
 pub struct Outbox {
     tx: mpsc::Sender<Command>,
+    /// Control seqs the entrypoint is done with (never waits: at most a window of them).
+    control_done: mpsc::UnboundedSender<u64>,
 }
 
 impl Outbox {
-    /// Starts the outbox task. Control messages from the sidecar arrive on the returned receiver.
-    pub fn start(config: OutboxConfig) -> (Self, mpsc::Receiver<ControlMessage>) {
+    /// Starts the outbox task. Control messages from the sidecar arrive on the returned
+    /// receiver with their control seq; tell the outbox about each with
+    /// [`Outbox::control_done`]. Once the receiver is closed (the agent has exited), the
+    /// outbox acknowledges what still comes and says on stderr that it was not applied.
+    pub fn start(config: OutboxConfig) -> (Self, mpsc::Receiver<(u64, ControlMessage)>) {
         let (tx, rx) = mpsc::channel(8);
-        let (control_tx, control_rx) = mpsc::channel(64);
-        tokio::spawn(Actor::new(config, control_tx).run(rx));
-        (Self { tx }, control_rx)
+        let (control_tx, control_rx) = mpsc::channel(CONTROL_QUEUE);
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        tokio::spawn(Actor::new(config, control_tx, done_rx).run(rx));
+        (
+            Self {
+                tx,
+                control_done: done_tx,
+            },
+            control_rx,
+        )
+    }
+
+    /// The control message `seq` has been applied, or refused with a report.
+    pub fn control_done(&self, seq: u64) {
+        let _ = self.control_done.send(seq);
     }
 
     /// Queues a chunk of output; waits while the outbox applies back-pressure.
@@ -169,6 +206,8 @@ struct SidecarLink {
 struct Connection {
     epoch: u64,
     writer: mpsc::UnboundedSender<Bytes>,
+    /// Whether the sidecar has sent anything: it took the `Hello`.
+    heard: bool,
 }
 
 enum Incoming {
@@ -184,7 +223,17 @@ struct Dropped {
 
 struct Actor {
     config: OutboxConfig,
-    control_tx: mpsc::Sender<ControlMessage>,
+    control_tx: mpsc::Sender<(u64, ControlMessage)>,
+    control_done_rx: mpsc::UnboundedReceiver<u64>,
+    /// The highest control seq passed on to the entrypoint, and the highest it is done with.
+    control_seen: u64,
+    control_done: u64,
+    /// When to try connecting next.
+    next_connect: Instant,
+    /// Whether the log was told that the sidecar refused this outbox, or that the socket is
+    /// served by another user.
+    refusal_reported: bool,
+    impostor_reported: bool,
     next_fseq: u64,
     pseq_out: u64,
     pseq_err: u64,
@@ -207,11 +256,21 @@ struct Actor {
 }
 
 impl Actor {
-    fn new(config: OutboxConfig, control_tx: mpsc::Sender<ControlMessage>) -> Self {
+    fn new(
+        config: OutboxConfig,
+        control_tx: mpsc::Sender<(u64, ControlMessage)>,
+        control_done_rx: mpsc::UnboundedReceiver<u64>,
+    ) -> Self {
         let (incoming_tx, incoming_rx) = mpsc::channel(256);
         Self {
             config,
             control_tx,
+            control_done_rx,
+            control_seen: 0,
+            control_done: 0,
+            next_connect: Instant::now(),
+            refusal_reported: false,
+            impostor_reported: false,
             next_fseq: 1,
             pseq_out: 0,
             pseq_err: 0,
@@ -250,7 +309,6 @@ impl Actor {
     }
 
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut next_connect = Instant::now();
         let mut commands_open = true;
         loop {
             self.pump_spool();
@@ -267,10 +325,11 @@ impl Actor {
                     Some(cmd) => self.command(cmd),
                     None => commands_open = false,
                 },
-                Some(msg) = self.incoming_rx.recv() => self.incoming(msg).await,
-                _ = tokio::time::sleep_until(next_connect), if self.conn.is_none() => {
+                Some(msg) = self.incoming_rx.recv() => self.incoming(msg),
+                Some(seq) = self.control_done_rx.recv() => self.done_with_control(seq),
+                _ = tokio::time::sleep_until(self.next_connect), if self.conn.is_none() => {
+                    self.next_connect = Instant::now() + self.config.reconnect_every;
                     self.connect().await;
-                    next_connect = Instant::now() + self.config.reconnect_every;
                 }
                 _ = sleep_until_opt(finish_at) => {
                     let report = self.give_up();
@@ -436,6 +495,7 @@ impl Actor {
             self.spool = Some(SpoolFile::create(
                 &self.config.spool_dir,
                 &self.config.producer,
+                &self.config.key,
             )?);
         }
         match self.spool.as_mut() {
@@ -491,6 +551,27 @@ impl Actor {
             Ok(stream) => stream,
             Err(e) => return self.connect_failed(&e),
         };
+        if let Some(expected) = self.config.sidecar_uid {
+            let served_by = stream.peer_cred().map(|c| c.uid());
+            if served_by.as_ref().ok() != Some(&expected) {
+                let who = match served_by {
+                    Ok(uid) => format!("uid {uid}"),
+                    Err(e) => format!("a process this entrypoint cannot identify ({e})"),
+                };
+                self.link.last_error = Some(format!(
+                    "the socket is served by {who}, not by the sidecar's user (uid {expected})"
+                ));
+                self.link.down_since.get_or_insert_with(Instant::now);
+                if !std::mem::replace(&mut self.impostor_reported, true) {
+                    eprintln!(
+                        "agentrun-entrypoint: the socket {} is served by {who}, not by the sidecar's user (uid {expected}, the owner of the key it handed over); another process in the pod may have put its own socket there. This entrypoint sends it neither its key nor the agent's output; the output waits in the spool in {}",
+                        self.config.socket.display(),
+                        self.config.spool_dir.display()
+                    );
+                }
+                return;
+            }
+        }
         let (mut read, mut write) = stream.into_split();
         self.epoch += 1;
         let epoch = self.epoch;
@@ -521,6 +602,7 @@ impl Actor {
         let hello = Frame::Hello {
             producer: self.config.producer.clone(),
             pid: std::process::id(),
+            key: self.config.key.bytes().copied(),
         };
         let mut batch = BytesMut::new();
         hello.encode(&mut batch);
@@ -529,8 +611,11 @@ impl Actor {
         }
         if writer.send(batch.freeze()).is_ok() {
             self.redis_up = true;
-            self.conn = Some(Connection { epoch, writer });
-            self.connected();
+            self.conn = Some(Connection {
+                epoch,
+                writer,
+                heard: false,
+            });
         }
     }
 
@@ -563,13 +648,15 @@ impl Actor {
         }
     }
 
-    fn connected(&mut self) {
-        if self.link.reported {
+    /// The sidecar took this outbox's `Hello` (it sent something back).
+    fn accepted(&mut self) {
+        if self.link.reported || self.refusal_reported {
             eprintln!(
                 "agentrun-entrypoint: connected to the sidecar on {}; delivering the output that waited",
                 self.config.socket.display()
             );
         }
+        self.refusal_reported = false;
         self.link = SidecarLink {
             ever_connected: true,
             ..Default::default()
@@ -581,16 +668,88 @@ impl Actor {
         self.link.down_since.get_or_insert_with(Instant::now);
     }
 
-    async fn incoming(&mut self, msg: Incoming) {
+    /// The sidecar closed the connection without a word: it did not take the `Hello`.
+    fn hello_refused(&mut self) {
+        let why = if self.config.key.is_none() {
+            "this entrypoint has no key (see above)"
+        } else {
+            "it does not take this entrypoint's key"
+        };
+        self.link.last_error = Some(format!(
+            "the sidecar closed the connection after the hello: {why}"
+        ));
+        self.next_connect = Instant::now() + REFUSED_RETRY;
+        if !std::mem::replace(&mut self.refusal_reported, true) {
+            eprintln!(
+                "agentrun-entrypoint: the sidecar on {} refused this entrypoint: {why}. The agent's output waits in the spool in {} and is not published; the run's status says so (SocketClientRefused)",
+                self.config.socket.display(),
+                self.config.spool_dir.display()
+            );
+        }
+    }
+
+    /// The entrypoint is done with control message `seq`: tell the sidecar.
+    fn done_with_control(&mut self, seq: u64) {
+        self.control_done = self.control_done.max(seq);
+        self.send_control_ack();
+    }
+
+    fn send_control_ack(&mut self) {
+        if self.control_done == 0 {
+            return;
+        }
+        if let Some(conn) = &self.conn {
+            let _ = conn.writer.send(
+                Frame::ControlAck {
+                    seq: self.control_done,
+                }
+                .to_bytes(),
+            );
+        }
+    }
+
+    /// A control message from the sidecar: passed on once per seq.
+    fn control(&mut self, seq: u64, msg: ControlMessage) {
+        if seq <= self.control_done {
+            // Sent again by a sidecar that had not seen the acknowledgement.
+            return self.send_control_ack();
+        }
+        if seq <= self.control_seen {
+            return; // being applied; acknowledged when done
+        }
+        let action = msg.action;
+        match self.control_tx.try_send((seq, msg)) {
+            Ok(()) => self.control_seen = seq,
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                eprintln!(
+                    "agentrun-entrypoint: control message {seq} ({action}) arrived after the agent exited; it was not applied"
+                );
+                self.control_seen = seq;
+                self.done_with_control(seq);
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => eprintln!(
+                "agentrun-entrypoint: control message {seq} ({action}) does not fit in the {CONTROL_QUEUE} waiting to be applied; it stays with the sidecar, which sends it again"
+            ),
+        }
+    }
+
+    fn incoming(&mut self, msg: Incoming) {
         match msg {
             Incoming::Closed(epoch) => {
-                if self.conn.as_ref().is_some_and(|c| c.epoch == epoch) {
+                if let Some(conn) = self.conn.as_ref().filter(|c| c.epoch == epoch) {
+                    let heard = conn.heard;
                     self.disconnected();
+                    if !heard {
+                        self.hello_refused();
+                    }
                 }
             }
             Incoming::Frame(epoch, frame) => {
-                if self.conn.as_ref().is_none_or(|c| c.epoch != epoch) {
+                let Some(conn) = self.conn.as_mut().filter(|c| c.epoch == epoch) else {
                     return;
+                };
+                if !std::mem::replace(&mut conn.heard, true) {
+                    self.accepted();
                 }
                 match frame {
                     Frame::Ack { fseq } => {
@@ -606,9 +765,7 @@ impl Actor {
                         }
                     }
                     Frame::Health { redis_up } => self.redis_up = redis_up,
-                    Frame::Control(msg) => {
-                        let _ = self.control_tx.send(msg).await;
-                    }
+                    Frame::Control { seq, msg } => self.control(seq, msg),
                     _ => {}
                 }
             }
@@ -655,7 +812,12 @@ impl Actor {
             Some(spool) => spool.persist(&front, &back),
             None => {
                 let all: Vec<Frame> = front.into_iter().chain(back).collect();
-                write_spool(&self.config.spool_dir, &self.config.producer, &all)
+                write_spool(
+                    &self.config.spool_dir,
+                    &self.config.producer,
+                    &all,
+                    &self.config.key,
+                )
             }
         };
         match result {

@@ -6,8 +6,15 @@
 //! this runs beside serving, so a Redis outage never keeps the entrypoint waiting, and at
 //! shutdown it is bounded by the drain deadline (an unfinished spool stays for the next
 //! sidecar; Redis drops what is published twice).
+//!
+//! Every record of a spool is verified with the pod's key as it is read. The first one that
+//! does not verify ends the spool: what came before it is published, nothing after; the file is
+//! left in place, reported once (log and a `SpoolRefused` status event) and not read again by
+//! this sidecar. The shared volume is writable by the agent, so this is what keeps a file it
+//! dropped or changed from being published as the agent's output or status.
 
-use super::{Shared, frame_item};
+use super::{SPOOL_REFUSED_REASON, Shared, frame_item, lock};
+use crate::frame::FrameError;
 use crate::server::publisher::Item;
 use crate::spool::orphan_spools;
 use std::sync::Arc;
@@ -21,30 +28,27 @@ pub(super) async fn adopt_orphans(
     deadline: Option<Instant>,
 ) {
     for mut orphan in orphan_spools(&shared.config.spool_dir) {
-        let already = shared
-            .published_spools
-            .lock()
-            .map(|p| p.contains(&orphan.path))
-            .unwrap_or(false);
+        let already = lock(&shared.published_spools).contains(&orphan.path)
+            || lock(&shared.refused_spools).contains(&orphan.path);
         if already {
             continue;
         }
-        let producer: Arc<str> = Arc::from(
-            orphan
-                .path
-                .file_stem()
-                .and_then(|s| s.to_str())
-                .and_then(|s| s.strip_prefix("agentrun-spool-"))
-                .unwrap_or("orphan"),
-        );
+        let producer: Arc<str> = Arc::from(orphan.producer());
         tracing::info!(path = %orphan.path.display(), "publishing a spool left by an entrypoint");
         let mut frames = 0u64;
+        let mut complete = true;
         loop {
-            let frame = match orphan.next_frame() {
+            let frame = match orphan.next_frame(&shared.key) {
                 Ok(Some(f)) => f,
                 Ok(None) => break,
-                Err(e) => {
+                Err(FrameError::Io(e)) => {
                     tracing::error!(path = %orphan.path.display(), error = %e, frames, "cannot read the rest of a spool file; leaving it in place");
+                    complete = false;
+                    break;
+                }
+                Err(e) => {
+                    refuse(&shared, &items, &orphan.path, frames, &e).await;
+                    complete = false;
                     break;
                 }
             };
@@ -54,6 +58,9 @@ pub(super) async fn adopt_orphans(
             {
                 return;
             }
+        }
+        if !complete {
+            continue;
         }
         let (tx, rx) = oneshot::channel();
         if items.send(Item::Barrier(tx)).await.is_err() {
@@ -72,11 +79,27 @@ pub(super) async fn adopt_orphans(
         let path = orphan.path.clone();
         if let Err(e) = orphan.remove() {
             tracing::warn!(path = %path.display(), error = %e, "published a spool but cannot remove it; this sidecar skips it from now on (a later one publishes it again and Redis drops the repeats)");
-            if let Ok(mut p) = shared.published_spools.lock() {
-                p.insert(path);
-            }
+            lock(&shared.published_spools).insert(path);
         } else {
             tracing::info!(path = %path.display(), frames, "published and removed a spool");
         }
     }
+}
+
+/// A spool whose record does not verify: left in place, reported once, not read again.
+async fn refuse(
+    shared: &Shared,
+    items: &mpsc::Sender<Item>,
+    path: &std::path::Path,
+    frames: u64,
+    error: &FrameError,
+) {
+    shared.metrics.spools_refused.inc();
+    lock(&shared.refused_spools).insert(path.to_path_buf());
+    let message = format!(
+        "the spool file {} is not authentic: {error}. It was not written by this pod's entrypoint with its key (a process in the agent container may have made or changed it); {frames} frame(s) before that point were published, nothing from there on. The file is left in place",
+        path.display()
+    );
+    tracing::error!("{message}");
+    shared.notice(items, SPOOL_REFUSED_REASON, message).await;
 }

@@ -58,7 +58,7 @@ pub(super) async fn run(
                 .reason(REASON)
                 .message(message)
                 .source("sidecar");
-            push_status(&items, &producer, &pseq, event).await;
+            push_status(&items, &producer, &pseq, event, true).await;
         }
     }
 }

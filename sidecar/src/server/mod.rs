@@ -6,26 +6,46 @@ mod control;
 mod entrypoint_watch;
 mod publisher;
 
-use crate::frame::{Frame, Pipe};
+use crate::auth::{self, Key, KeyFileError, KeyOrigin};
+use crate::frame::{Frame, MAX_HELLO, Pipe};
 use crate::metrics::Metrics;
 use agentrun_protocol::{
-    ControlMessage, EntryType, NewEntry, PublishOptions, Publisher, RedisSettings, RunId, RunState,
-    StatusEvent, StreamName, Variation, now_ms,
+    EntryType, NewEntry, PublishOptions, Publisher, RedisSettings, RunId, RunState, StatusEvent,
+    StreamName, Variation, now_ms,
 };
 use bytes::Bytes;
 use publisher::{Item, PublishLoop};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
+/// How long a new connection has to present its `Hello` before it is closed.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(3);
+/// Connections that may wait for their `Hello` at once; a new one closes the oldest. The
+/// entrypoint writes its `Hello` with its `connect`, so only a client that stalls waits.
+pub const MAX_UNAUTHENTICATED: usize = 4;
+/// Reason of the status event that reports a refused socket client.
+pub const SOCKET_REFUSED_REASON: &str = "SocketClientRefused";
+/// Reason of the status event that reports a spool that is not authentic.
+pub const SPOOL_REFUSED_REASON: &str = "SpoolRefused";
+
 #[derive(Debug, Clone)]
 pub struct SidecarConfig {
     pub socket: PathBuf,
+    /// The sidecar's private state directory (a volume mounted in the sidecar container only),
+    /// where it keeps its key across restarts. Without one the key lives in memory only.
+    pub state_dir: Option<PathBuf>,
+    /// Where the key is handed to the entrypoint (next to the socket by default).
+    pub handoff_file: PathBuf,
+    /// The key, when the entrypoint runs in this process (`agentrun-sidecar run`): nothing is
+    /// handed off or persisted.
+    pub key: Option<Key>,
     /// Where orphaned spool files are looked for (the socket's directory by default).
     pub spool_dir: PathBuf,
     pub redis: RedisSettings,
@@ -56,6 +76,9 @@ impl SidecarConfig {
             .map(PathBuf::from)
             .unwrap_or_else(|| PathBuf::from("."));
         Self {
+            handoff_file: spool_dir.join(auth::HANDOFF_FILE),
+            state_dir: None,
+            key: None,
             socket,
             spool_dir,
             redis,
@@ -76,6 +99,8 @@ impl SidecarConfig {
 /// Errors that stop the sidecar.
 #[derive(Debug, thiserror::Error)]
 pub enum SidecarError {
+    #[error("cannot set up the key for the entrypoint: {0}")]
+    Key(#[from] KeyFileError),
     #[error("cannot listen on the socket {path}: {source}")]
     Socket {
         path: PathBuf,
@@ -130,21 +155,49 @@ struct Peer {
     writer: mpsc::UnboundedSender<Bytes>,
 }
 
+/// What is remembered about clients refused on the socket.
+#[derive(Default)]
+struct Refusals {
+    /// Whether the run's status was told (once per sidecar process).
+    reported: bool,
+    /// Refusals since the last log line, and when that was.
+    unlogged: u64,
+    last_log: Option<tokio::time::Instant>,
+}
+
 pub(crate) struct Shared {
     config: SidecarConfig,
     metrics: Metrics,
+    key: Key,
     peer: Mutex<Option<Peer>>,
-    pending_control: Mutex<VecDeque<ControlMessage>>,
+    /// Control messages taken from the stream and not yet acknowledged by the entrypoint.
+    control: Mutex<control::Queue>,
+    /// Woken when the entrypoint acknowledges control messages.
+    control_acked: tokio::sync::Notify,
     redis_up: watch::Sender<bool>,
     /// Set when an entrypoint said it has sent everything.
     entrypoint_done: watch::Sender<bool>,
     /// Spools published but not removable (the volume refused): not published again.
     published_spools: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Spools refused as not authentic: left in place, reported once, not read again.
+    refused_spools: Mutex<std::collections::HashSet<PathBuf>>,
+    /// Connections waiting for their `Hello`, oldest first, each with its eviction switch.
+    unauthenticated: Mutex<VecDeque<(u64, oneshot::Sender<()>)>>,
+    refusals: Mutex<Refusals>,
+    /// The producer id and sequence of the sidecar's own status and metrics entries.
+    producer: Arc<str>,
+    pseq: Arc<AtomicU64>,
+    /// The variation's latest state, for the sidecar's notices (which must not change it).
+    last_state: Mutex<RunState>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl Shared {
     fn send_to_peer(&self, frame: &Frame, epoch: Option<u64>) -> bool {
-        let guard = self.peer.lock().unwrap_or_else(|e| e.into_inner());
+        let guard = lock(&self.peer);
         match guard.as_ref() {
             Some(p) if epoch.is_none_or(|e| e == p.epoch) => {
                 p.writer.send(frame.to_bytes()).is_ok()
@@ -167,18 +220,40 @@ impl Shared {
         }
     }
 
-    pub(crate) fn forward_control(&self, msg: ControlMessage) {
-        self.metrics.control_messages.inc();
-        if !self.send_to_peer(&Frame::Control(msg.clone()), None) {
-            let mut q = self
-                .pending_control
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if q.len() >= 64 {
-                q.pop_front();
-            }
-            q.push_back(msg);
+    /// Registers a new connection as waiting for its `Hello`; past [`MAX_UNAUTHENTICATED`]
+    /// the oldest waiting one is closed. The receiver fires when this one is.
+    fn admit(&self, epoch: u64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut waiting = lock(&self.unauthenticated);
+        if waiting.len() >= MAX_UNAUTHENTICATED
+            && let Some((_, oldest)) = waiting.pop_front()
+        {
+            let _ = oldest.send(());
         }
+        waiting.push_back((epoch, tx));
+        rx
+    }
+
+    /// The connection is no longer waiting for its `Hello`.
+    fn admitted(&self, epoch: u64) {
+        lock(&self.unauthenticated).retain(|(e, _)| *e != epoch);
+    }
+
+    /// Records the variation's state as the entrypoint or the sidecar reported it.
+    fn saw_state(&self, state: RunState) {
+        *lock(&self.last_state) = state;
+    }
+
+    /// Publishes a fact about the sidecar on the status stream without changing the
+    /// variation's state: the event carries the latest state, and is not mirrored into the
+    /// state hash (so it never moves the run's phase, even after the run has ended).
+    pub(crate) async fn notice(&self, items: &mpsc::Sender<Item>, reason: &str, message: String) {
+        let state = *lock(&self.last_state);
+        let event = StatusEvent::new(Some(self.config.variation.as_str()), state)
+            .reason(reason)
+            .message(message)
+            .source("sidecar");
+        push_status(items, &self.producer, &self.pseq, event, false).await;
     }
 }
 
@@ -191,8 +266,20 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
-    /// Binds the socket (and the metrics address) and starts serving.
+    /// Sets up the key (handing it off to the entrypoint on a first start), binds the socket,
+    /// then the metrics address, and starts serving. The hand-off file exists before the
+    /// health endpoint answers, so the kubelet, which starts the agent container once the
+    /// sidecar's startup probe passes, never starts the entrypoint before its key is there.
     pub async fn start(config: SidecarConfig) -> Result<Self, SidecarError> {
+        let key = match &config.key {
+            Some(key) => key.clone(),
+            None => setup_key(&config)?,
+        };
+        let _ = std::fs::remove_file(&config.socket);
+        if let Some(dir) = config.socket.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        let listener = bind_socket(&config.socket)?;
         let metrics = Metrics::new();
         let metrics_addr = match config.metrics_addr {
             Some(addr) => Some(
@@ -202,17 +289,12 @@ impl Sidecar {
             ),
             None => None,
         };
-        let _ = std::fs::remove_file(&config.socket);
-        if let Some(dir) = config.socket.parent() {
-            let _ = std::fs::create_dir_all(dir);
-        }
-        let listener = bind_socket(&config.socket)?;
 
         let publish_options = PublishOptions {
             max_len: Some(config.stream_max_len),
             publish_command: config.redis.publish_command(),
         };
-        let (publish_loop, conn) = PublishLoop::connect(
+        let (publish_loop, mut conn) = PublishLoop::connect(
             config.redis.clone(),
             Publisher::new(publish_options),
             config.fail_fast,
@@ -223,15 +305,36 @@ impl Sidecar {
             waited: config.fail_fast.unwrap_or_default(),
             reason,
         })?;
+        // A restarted sidecar reports its notices with the state the variation is in.
+        let mut last_state = RunState::Starting;
+        if let Some(c) = conn.as_mut() {
+            let latest: Option<String> = redis::cmd("HGET")
+                .arg(config.run.state_key())
+                .arg(format!("var:{}", config.variation))
+                .query_async(c)
+                .await
+                .unwrap_or_default();
+            if let Some(event) = latest.and_then(|j| serde_json::from_str::<StatusEvent>(&j).ok()) {
+                last_state = event.state;
+            }
+        }
 
         let shared = Arc::new(Shared {
             config: config.clone(),
             metrics: metrics.clone(),
+            key,
             peer: Mutex::new(None),
-            pending_control: Mutex::new(VecDeque::new()),
+            control: Mutex::new(control::Queue::default()),
+            control_acked: tokio::sync::Notify::new(),
             redis_up: watch::channel(conn.is_some()).0,
             entrypoint_done: watch::channel(false).0,
             published_spools: Mutex::new(Default::default()),
+            refused_spools: Mutex::new(Default::default()),
+            unauthenticated: Mutex::new(VecDeque::new()),
+            refusals: Mutex::new(Refusals::default()),
+            producer: Arc::from(crate::entrypoint::new_producer_id("sidecar").as_str()),
+            pseq: Arc::new(AtomicU64::new(0)),
+            last_state: Mutex::new(last_state),
         });
         shared.set_redis_up(conn.is_some());
         let (shutdown, shutdown_rx) = watch::channel(false);
@@ -269,6 +372,39 @@ impl Sidecar {
     }
 }
 
+/// The sidecar's key: from its state directory, or new and handed off (see [`crate::auth`]).
+fn setup_key(config: &SidecarConfig) -> Result<Key, SidecarError> {
+    if let Some(dir) = &config.state_dir
+        && !dir.exists()
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| KeyFileError::Unwritable {
+                path: dir.clone(),
+                source,
+            })?;
+    }
+    let (key, origin) = auth::sidecar_key(config.state_dir.as_deref(), &config.handoff_file)?;
+    match (origin, &config.state_dir) {
+        (KeyOrigin::Restored, Some(dir)) => tracing::info!(
+            state_dir = %dir.display(),
+            "restarted: using the key from the state directory; the running entrypoint reconnects with it"
+        ),
+        (KeyOrigin::HandedOff, Some(_)) => tracing::info!(
+            handoff = %config.handoff_file.display(),
+            "left a one-time key for the entrypoint"
+        ),
+        (_, None) => tracing::warn!(
+            handoff = %config.handoff_file.display(),
+            "no --state-dir: the key for the entrypoint lives in this process only. If this sidecar restarts, it makes a new key that the running entrypoint does not have: the entrypoint is then refused and must be restarted too. Give the sidecar a private volume with --state-dir (AGENTRUN_STATE_DIR)"
+        ),
+    }
+    Ok(key)
+}
+
 async fn run(
     shared: Arc<Shared>,
     listener: UnixListener,
@@ -279,10 +415,9 @@ async fn run(
 ) {
     let budget = Arc::new(Semaphore::new(shared.config.buffer_bytes));
     let (items_tx, items_rx) = mpsc::channel::<Item>(4096);
-    let sidecar_producer: Arc<str> =
-        Arc::from(crate::entrypoint::new_producer_id("sidecar").as_str());
+    let sidecar_producer = shared.producer.clone();
     let publisher = tokio::spawn(publish_loop.run(shared.clone(), conn, items_rx));
-    let controls = tokio::spawn(control::subscribe(shared.clone()));
+    let controls = tokio::spawn(control::subscribe(shared.clone(), items_tx.clone()));
     let pinger = tokio::spawn(health_pinger(shared.clone()));
     shared
         .metrics
@@ -297,11 +432,11 @@ async fn run(
         budget.clone(),
         None,
     ));
-    let pseq = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let pseq = shared.pseq.clone();
     let starting = StatusEvent::new(Some(shared.config.variation.as_str()), RunState::Starting)
         .reason("SidecarStarted")
         .source("sidecar");
-    push_status(&items_tx, &sidecar_producer, &pseq, starting).await;
+    push_status(&items_tx, &sidecar_producer, &pseq, starting, true).await;
     let figures = tokio::spawn(metrics_ticker(
         shared.clone(),
         items_tx.clone(),
@@ -321,7 +456,8 @@ async fn run(
             accepted = listener.accept() => {
                 if let Ok((stream, _)) = accepted {
                     epoch += 1;
-                    tokio::spawn(handle_connection(shared.clone(), stream, epoch, items_tx.clone(), budget.clone()));
+                    let evicted = shared.admit(epoch);
+                    tokio::spawn(handle_connection(shared.clone(), stream, epoch, evicted, items_tx.clone(), budget.clone()));
                 }
             }
             _ = shutdown.wait_for(|s| *s) => break,
@@ -397,13 +533,16 @@ async fn health_pinger(shared: Arc<Shared>) {
     }
 }
 
+/// Queues a status event of the sidecar's own; `mirror`: also make it the variation's latest
+/// status in the state hash (a notice is not).
 async fn push_status(
     items: &mpsc::Sender<Item>,
     producer: &Arc<str>,
-    pseq: &std::sync::atomic::AtomicU64,
+    pseq: &AtomicU64,
     event: StatusEvent,
+    mirror: bool,
 ) {
-    let p = pseq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+    let p = pseq.fetch_add(1, Ordering::SeqCst) + 1;
     let entry = NewEntry {
         pseq: p,
         ts: now_ms(),
@@ -417,7 +556,7 @@ async fn push_status(
             producer: producer.clone(),
             entry: Box::new(entry),
             ack: None,
-            status: Some(event),
+            status: mirror.then_some(event),
             permit: None,
         })
         .await;
@@ -553,6 +692,7 @@ async fn frame_item(
         } => {
             event.variation = Some(var.as_str().to_owned());
             event.source = Some("sidecar".into());
+            shared.saw_state(event.state);
             let content = Bytes::from(event.to_json());
             (
                 StreamName::Status,
@@ -580,22 +720,127 @@ async fn frame_item(
     })
 }
 
+/// Why a client of the socket was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    /// It sent no `Hello` in time.
+    Slow,
+    /// It closed the connection without a `Hello`.
+    Silent,
+    /// Its first frame was not a valid `Hello`.
+    NotHello,
+    /// Its `Hello` carried no key.
+    NoKey,
+    /// Its `Hello` carried a key that is not this sidecar's.
+    WrongKey,
+    /// Too many connections waited for their `Hello`; it was the oldest.
+    Crowded,
+}
+
+impl Refusal {
+    /// The `reason` label of `agentrun_sidecar_socket_clients_refused_total`.
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::Slow => "hello_timeout",
+            Refusal::Silent => "no_hello",
+            Refusal::NotHello => "not_a_hello",
+            Refusal::NoKey => "no_key",
+            Refusal::WrongKey => "wrong_key",
+            Refusal::Crowded => "too_many_waiting",
+        }
+    }
+
+    fn describe(self) -> String {
+        match self {
+            Refusal::Slow => format!("it sent no hello within {}s", HELLO_TIMEOUT.as_secs()),
+            Refusal::Silent => "it closed the connection without a hello".into(),
+            Refusal::NotHello => "its first frame was not a valid hello".into(),
+            Refusal::NoKey => "its hello carried no key".into(),
+            Refusal::WrongKey => "its hello carried a wrong key".into(),
+            Refusal::Crowded => format!(
+                "more than {MAX_UNAUTHENTICATED} connections were waiting to say hello at once; it was the oldest"
+            ),
+        }
+    }
+}
+
+/// Waits for the connection's `Hello` (bounded in time and size, and closed early when newer
+/// connections crowd it out) and checks its key.
+async fn authenticate(
+    shared: &Shared,
+    read: &mut tokio::net::unix::OwnedReadHalf,
+    mut evicted: oneshot::Receiver<()>,
+) -> Result<Arc<str>, Refusal> {
+    let hello = tokio::select! {
+        hello = tokio::time::timeout(HELLO_TIMEOUT, Frame::read_limited(read, MAX_HELLO)) => hello,
+        Ok(()) = &mut evicted => return Err(Refusal::Crowded),
+    };
+    match hello {
+        Err(_) => Err(Refusal::Slow),
+        Ok(Ok(None)) => Err(Refusal::Silent),
+        Ok(Ok(Some(Frame::Hello { producer, key, .. }))) => {
+            if shared.key.matches(key.as_ref()) {
+                Ok(Arc::from(producer.as_str()))
+            } else if key.is_none() {
+                Err(Refusal::NoKey)
+            } else {
+                Err(Refusal::WrongKey)
+            }
+        }
+        Ok(Ok(Some(_)) | Err(_)) => Err(Refusal::NotHello),
+    }
+}
+
+/// Counts, logs (at most every few seconds) and, once per sidecar, reports a refused client.
+async fn refused(shared: &Shared, items: &mpsc::Sender<Item>, why: Refusal) {
+    shared
+        .metrics
+        .socket_refused
+        .with_label_values(&[why.label()])
+        .inc();
+    let (first, log) = {
+        let mut r = lock(&shared.refusals);
+        r.unlogged += 1;
+        let now = tokio::time::Instant::now();
+        let log = r
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= Duration::from_secs(10));
+        let count = if log {
+            r.last_log = Some(now);
+            Some(std::mem::take(&mut r.unlogged))
+        } else {
+            None
+        };
+        (!std::mem::replace(&mut r.reported, true), count)
+    };
+    let message = format!(
+        "a process in the agent container tried to use the sidecar's socket {} without the entrypoint's key ({}); it was refused: it receives no control messages and publishes nothing. If it was the agent's own entrypoint, it had no key: its log says why (kubectl logs POD -c agent)",
+        shared.config.socket.display(),
+        why.describe()
+    );
+    if let Some(count) = log {
+        tracing::warn!(refused = count, reason = why.label(), "{message}");
+    }
+    if first {
+        shared.notice(items, SOCKET_REFUSED_REASON, message).await;
+    }
+}
+
 async fn handle_connection(
     shared: Arc<Shared>,
     stream: UnixStream,
     epoch: u64,
+    evicted: oneshot::Receiver<()>,
     items: mpsc::Sender<Item>,
     budget: Arc<Semaphore>,
 ) {
     let (mut read, mut write) = stream.into_split();
-    let producer: Arc<str> =
-        match tokio::time::timeout(Duration::from_secs(10), Frame::read(&mut read)).await {
-            Ok(Ok(Some(Frame::Hello { producer, .. }))) => Arc::from(producer.as_str()),
-            _ => {
-                tracing::warn!("a client connected to the socket without saying hello; closing it");
-                return;
-            }
-        };
+    let authenticated = authenticate(&shared, &mut read, evicted).await;
+    shared.admitted(epoch);
+    let producer = match authenticated {
+        Ok(p) => p,
+        Err(why) => return refused(&shared, &items, why).await,
+    };
     let (writer, mut queue) = mpsc::unbounded_channel::<Bytes>();
     tokio::spawn(async move {
         while let Some(b) = queue.recv().await {
@@ -610,18 +855,20 @@ async fn handle_connection(
         }
         .to_bytes(),
     );
+    // The new peer gets every control message not acknowledged yet (the entrypoint applies
+    // each seq once), under the queue's lock so that none is sent between the two.
     {
-        let pending: Vec<ControlMessage> = shared
-            .pending_control
-            .lock()
-            .map(|mut q| q.drain(..).collect())
-            .unwrap_or_default();
-        for msg in pending {
-            let _ = writer.send(Frame::Control(msg).to_bytes());
+        let queue = lock(&shared.control);
+        for (seq, msg) in queue.unacknowledged() {
+            let _ = writer.send(
+                Frame::Control {
+                    seq,
+                    msg: msg.clone(),
+                }
+                .to_bytes(),
+            );
         }
-    }
-    if let Ok(mut p) = shared.peer.lock() {
-        *p = Some(Peer { epoch, writer });
+        *lock(&shared.peer) = Some(Peer { epoch, writer });
     }
     tracing::info!(producer = %producer, "entrypoint connected");
     loop {
@@ -636,6 +883,7 @@ async fn handle_connection(
             Ok(Some(Frame::Done)) => {
                 let _ = shared.entrypoint_done.send(true);
             }
+            Ok(Some(Frame::ControlAck { seq })) => control::acknowledged(&shared, seq),
             Ok(Some(frame)) => {
                 if let Some(item) =
                     frame_item(&shared, &producer, frame, Some(epoch), &budget).await
@@ -651,10 +899,11 @@ async fn handle_connection(
             }
         }
     }
-    if let Ok(mut p) = shared.peer.lock()
-        && p.as_ref().is_some_and(|p| p.epoch == epoch)
     {
-        *p = None;
+        let mut p = lock(&shared.peer);
+        if p.as_ref().is_some_and(|p| p.epoch == epoch) {
+            *p = None;
+        }
     }
     tracing::info!(producer = %producer, "entrypoint disconnected");
 }
