@@ -128,15 +128,15 @@ pub async fn list_runs(
     Query(q): Query<ListQuery>,
 ) -> Result<Json<serde_json::Value>, ApiError> {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
-    let mut conn = state.inner.conn.clone();
-    let ids: Vec<(String, f64)> = redis::cmd("ZREVRANGE")
-        .arg(RUNS_INDEX_KEY)
-        .arg(0)
-        .arg(limit as i64 - 1)
-        .arg("WITHSCORES")
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| ApiError::redis(&state, e))?;
+    let ids: Vec<(String, f64)> = state
+        .query(
+            redis::cmd("ZREVRANGE")
+                .arg(RUNS_INDEX_KEY)
+                .arg(0)
+                .arg(limit as i64 - 1)
+                .arg("WITHSCORES"),
+        )
+        .await?;
     let mut pipe = redis::pipe();
     let mut valid = Vec::new();
     for (id, score) in ids {
@@ -148,9 +148,10 @@ pub async fn list_runs(
     let states: Vec<HashMap<String, String>> = if valid.is_empty() {
         Vec::new()
     } else {
-        pipe.query_async(&mut conn)
-            .await
-            .map_err(|e| ApiError::redis(&state, e))?
+        let pipe = &pipe;
+        state
+            .redis(|mut conn| async move { pipe.query_async(&mut conn).await })
+            .await?
     };
     // A run whose state hash expired has no data left to show.
     let present: Vec<usize> = (0..valid.len().min(states.len()))
@@ -176,12 +177,9 @@ pub async fn get_run(
     Path(run): Path<String>,
 ) -> Result<Json<RunSummary>, ApiError> {
     let run = parse_run(&run)?;
-    let mut conn = state.inner.conn.clone();
-    let hash: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(run.state_key())
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| ApiError::redis(&state, e))?;
+    let hash: HashMap<String, String> = state
+        .query(redis::cmd("HGETALL").arg(run.state_key()))
+        .await?;
     // A run the caller may not see answers like one that does not exist.
     if hash.is_empty() || !access.can_see(&hash).await? {
         return Err(ApiError::not_found(&run));
@@ -238,12 +236,9 @@ pub async fn control(
     if let Some(v) = &msg.variation {
         Variation::new(v.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
     }
-    let mut conn = state.inner.conn.clone();
-    let hash: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(run.state_key())
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| ApiError::redis(&state, e))?;
+    let hash: HashMap<String, String> = state
+        .query(redis::cmd("HGETALL").arg(run.state_key()))
+        .await?;
     access.check_control(&run, &hash).await?;
     let entry = |pseq| NewEntry {
         pseq,
@@ -252,25 +247,30 @@ pub async fn control(
         content: Bytes::from(msg.to_json()),
         meta: None,
     };
+    // Sent again as is when the connection had dropped: the script skips a re-send.
     let publish = |producer: String, entry: NewEntry| {
-        let mut conn = conn.clone();
         let state = state.clone();
         let run = run.clone();
         async move {
+            let (producer, entry, run) = (&producer, &entry, &run);
             state
-                .inner
-                .publisher
-                .publish(
-                    &mut conn,
-                    &run,
-                    Batch {
-                        stream: &StreamName::Control,
-                        producer: &producer,
-                        entries: std::slice::from_ref(&entry),
-                    },
-                )
+                .redis(|mut conn| {
+                    let publisher = &state.inner.publisher;
+                    async move {
+                        publisher
+                            .publish(
+                                &mut conn,
+                                run,
+                                Batch {
+                                    stream: &StreamName::Control,
+                                    producer,
+                                    entries: std::slice::from_ref(entry),
+                                },
+                            )
+                            .await
+                    }
+                })
                 .await
-                .map_err(|e| ApiError::redis(&state, e))
         }
     };
     let outcome = match &key {
@@ -322,15 +322,14 @@ pub async fn healthz() -> &'static str {
 
 /// Ready when Redis answers.
 pub async fn readyz(State(state): State<AppState>) -> Response {
-    let mut conn = state.inner.conn.clone();
     let ping = tokio::time::timeout(
         Duration::from_secs(2),
-        redis::cmd("PING").query_async::<String>(&mut conn),
+        state.query::<String>(&redis::cmd("PING")),
     )
     .await;
     match ping {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
-        Ok(Err(e)) => ApiError::redis(&state, e).into_response(),
+        Ok(Err(e)) => e.into_response(),
         Err(_) => ApiError::redis(&state, "timed out after 2 s").into_response(),
     }
 }

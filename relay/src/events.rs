@@ -655,12 +655,9 @@ pub async fn events(
     }
 
     // Who may see the run, and what it has, is settled before anything touches its feed.
-    let mut conn = app.inner.conn.clone();
-    let state: HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(run.state_key())
-        .query_async(&mut conn)
-        .await
-        .map_err(|e| ApiError::redis(&app, e))?;
+    let state: HashMap<String, String> = app
+        .query(redis::cmd("HGETALL").arg(run.state_key()))
+        .await?;
     if state.is_empty() || !access.can_see(&state).await? {
         return Err(ApiError::not_found(&run));
     }
@@ -756,9 +753,11 @@ pub async fn events(
     }
     if from_now {
         for (stream, at) in session.cursors.iter_mut() {
-            *at = last_seq(&mut conn, &stream.key(&run))
-                .await
-                .map_err(|e| ApiError::redis(&app, e))?;
+            let key = stream.key(&run);
+            let key = &key;
+            *at = app
+                .redis(|mut conn| async move { last_seq(&mut conn, key).await })
+                .await?;
         }
     }
     match phase {

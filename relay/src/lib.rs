@@ -286,6 +286,36 @@ impl AppState {
         })
     }
 
+    /// Runs `op` on the shared Redis connection, and once more when it failed because that
+    /// connection had dropped (Redis restarted or failed over). The connection learns of a
+    /// drop only from the next command, which fails and makes it reconnect; the second try
+    /// waits for the new connection. So a request answers 503 only while Redis is really
+    /// away, not because it was away before. `op` must be safe to repeat: a read, or a publish
+    /// through the publish script (which skips an entry it already has).
+    pub(crate) async fn redis<T, F, Fut>(&self, op: F) -> Result<T, api::ApiError>
+    where
+        F: Fn(RedisConn) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        let result = match op(self.inner.conn.clone()).await {
+            Err(e) if e.is_unrecoverable_error() => {
+                tracing::debug!(error = %e, "the Redis connection had dropped; sending again");
+                op(self.inner.conn.clone()).await
+            }
+            other => other,
+        };
+        result.map_err(|e| api::ApiError::redis(self, e))
+    }
+
+    /// [`AppState::redis`] for one command.
+    pub(crate) async fn query<T: redis::FromRedisValue>(
+        &self,
+        cmd: &redis::Cmd,
+    ) -> Result<T, api::ApiError> {
+        self.redis(|mut conn| async move { cmd.query_async(&mut conn).await })
+            .await
+    }
+
     /// Ends every open SSE stream with a resumable cursor (`event: shutdown`) and refuses
     /// new ones. Call before the server's graceful shutdown.
     pub fn begin_shutdown(&self) {

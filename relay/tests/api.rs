@@ -219,3 +219,41 @@ async fn channels_are_released_when_the_last_client_leaves() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_first_request_after_a_redis_restart_is_answered() {
+    let mut redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    register(&mut conn, &run_id("r-back"), &["a"]).await;
+    let relay = Relay::start(&redis.url()).await;
+    let client = reqwest::Client::new();
+    let requests = [
+        ("GET", "/readyz"),
+        ("GET", "/api/runs"),
+        ("GET", "/api/runs/r-back"),
+        ("GET", "/api/runs/r-back/events?follow=false"),
+        ("GET", "/api/runs/r-back/events?follow=false&from=now"),
+        ("POST", "/api/runs/r-back/control"),
+    ];
+    for (method, path) in requests {
+        // Redis restarts (with its data) while the relay is idle: the relay's connection has
+        // dropped, which it learns only from the next command.
+        redis.restart();
+        let url = format!("{}{path}", relay.base);
+        let r = match method {
+            "GET" => client.get(&url).send().await.unwrap(),
+            _ => client
+                .post(&url)
+                .body(r#"{"action":"pause"}"#)
+                .send()
+                .await
+                .unwrap(),
+        };
+        let status = r.status();
+        assert!(
+            status.is_success(),
+            "{method} {path} right after the restart: {status} {}",
+            r.text().await.unwrap_or_default()
+        );
+    }
+}

@@ -530,7 +530,7 @@ pub fn metric(text: &str, name: &str) -> u64 {
 
 /// Starts `agentrun-sidecar run` for `run` and `variation`, running `bash -c SCRIPT`, with
 /// `extra` flags (its output ignored, its log on stderr), and waits until the relay knows the
-/// run. The sidecar is killed with the test; an agent that would outlive it must end when its
+/// run and the variation. The sidecar is killed with the test; an agent that would outlive it must end when its
 /// output pipe closes or its parent (`$PPID`) is gone.
 pub async fn sidecar_run(
     relay: &Relay,
@@ -557,17 +557,23 @@ pub async fn sidecar_run(
             .stdout(Stdio::null())
             .stderr(Stdio::inherit()),
     );
+    // The run is registered first, its variation added next: wait for both.
     let state_url = format!("{}/api/runs/{run}", relay.base);
-    wait_for("the sidecar to register the run", WAIT, || {
-        let url = state_url.clone();
-        async move {
-            reqwest::get(&url)
-                .await
-                .ok()
-                .filter(|r| r.status() == 200)
-                .map(|_| ())
-        }
-    })
+    wait_for(
+        "the sidecar to register the run and its variation",
+        WAIT,
+        || {
+            let url = state_url.clone();
+            async move {
+                let resp = reqwest::get(&url).await.ok()?;
+                let summary: serde_json::Value = resp.json().await.ok()?;
+                summary["variations"]
+                    .as_object()?
+                    .contains_key(variation)
+                    .then_some(())
+            }
+        },
+    )
     .await;
     child
 }
