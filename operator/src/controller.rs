@@ -581,18 +581,17 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
         }
     }
     let mut close_retry = None;
-    if finished && prev.streams_closed != Some(true) {
-        if producers_ended(&pods, &next) {
-            let end = run_end.unwrap_or_else(|| final_run_event(&next));
-            match ctx.store.publish_status(&run_id, &end).await {
-                Ok(()) => next.streams_closed = Some(true),
-                Err(e) => {
-                    warn!(run = %key, error = %e, "could not publish the run's end to Redis; retrying");
-                    close_retry = Some(ERROR_REQUEUE);
-                }
+    // Until every producer has ended, the pods' own changes (they are owned by the run) wake
+    // this up again.
+    if finished && prev.streams_closed != Some(true) && producers_ended(&pods, &next) {
+        let end = run_end.unwrap_or_else(|| final_run_event(&next));
+        match ctx.store.publish_status(&run_id, &end).await {
+            Ok(()) => next.streams_closed = Some(true),
+            Err(e) => {
+                warn!(run = %key, error = %e, "could not publish the run's end to Redis; retrying");
+                close_retry = Some(ERROR_REQUEUE);
             }
         }
-        // Otherwise the pods' own changes (they are owned by the run) wake this up again.
     }
 
     if finished && !was_finished {
