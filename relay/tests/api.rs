@@ -61,10 +61,7 @@ async fn lists_runs_newest_first_with_their_state() {
 
 #[tokio::test]
 async fn control_is_published_to_the_channel_and_the_audit_stream() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-ctl");
-    register(&mut conn, &run, &["a"]).await;
+    let (redis, mut conn, run) = redis_with_run("r-ctl", &["a"]).await;
     let relay = Relay::start(&redis.url()).await;
     let key = StreamName::Control.key(&run);
     let mut pubsub = redis.settings().pubsub().await.unwrap();
@@ -134,10 +131,7 @@ async fn control_is_published_to_the_channel_and_the_audit_stream() {
 
 #[tokio::test]
 async fn a_control_request_retried_with_the_same_idempotency_key_is_applied_once() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-idem");
-    register(&mut conn, &run, &["a"]).await;
+    let (redis, mut conn, run) = redis_with_run("r-idem", &["a"]).await;
     let relay = Relay::start(&redis.url()).await;
     let client = reqwest::Client::new();
     let url = format!("{}/api/runs/r-idem/control", relay.base);
@@ -195,10 +189,7 @@ async fn health_readiness_and_metrics() {
 
 #[tokio::test]
 async fn channels_are_released_when_the_last_client_leaves() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-refs");
-    register(&mut conn, &run, &["a", "b"]).await;
+    let (redis, _, _) = redis_with_run("r-refs", &["a", "b"]).await;
     // A short keep-alive makes the relay notice closed connections quickly.
     let mut config = agentrun_relay::Config::for_redis(redis.url());
     config.keepalive_seconds = 1;
@@ -222,9 +213,7 @@ async fn channels_are_released_when_the_last_client_leaves() {
 
 #[tokio::test]
 async fn the_first_request_after_a_redis_restart_is_answered() {
-    let mut redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    register(&mut conn, &run_id("r-back"), &["a"]).await;
+    let (mut redis, _, _) = redis_with_run("r-back", &["a"]).await;
     let relay = Relay::start(&redis.url()).await;
     let client = reqwest::Client::new();
     let requests = [

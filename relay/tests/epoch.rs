@@ -100,10 +100,7 @@ for i in $(seq 24 60); do echo "line $i"; sleep 0.01; done"#,
 
 #[tokio::test]
 async fn a_cursor_at_u64_max_is_refused_and_one_past_the_end_is_reset() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-max");
-    register(&mut conn, &run, &["a"]).await;
+    let (redis, mut conn, run) = redis_with_run("r-max", &["a"]).await;
     let mut p = Producer::new("p");
     p.output(&mut conn, &run, "a", &lines(1..=5, "x")).await;
     let relay = Relay::start(&redis.url()).await;
@@ -168,10 +165,7 @@ async fn a_cursor_from_another_run_starts_from_the_first_entry_with_a_reset() {
 
 #[tokio::test]
 async fn seq_numbers_going_backwards_on_the_live_feed_send_a_reset() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-backwards");
-    register(&mut conn, &run, &["a"]).await;
+    let (redis, mut conn, run) = redis_with_run("r-backwards", &["a"]).await;
     let relay = Relay::start(&redis.url()).await;
     let mut sse = SseClient::connect(
         &relay.events_url("r-backwards", "channels=output&variation=a"),

@@ -66,10 +66,7 @@ async fn expect_in_order(
 
 /// A Redis, a run `name` with variation `a`, the relay binary, and the URL of the run's output.
 async fn one_run(name: &str) -> (RedisServer, RedisConn, RunId, RelayProcess, String) {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id(name);
-    register(&mut conn, &run, &["a"]).await;
+    let (redis, conn, run) = redis_with_run(name, &["a"]).await;
     let relay = start_relay(&redis.url());
     let url = format!("{}/api/runs/{name}/events?channels=output", relay.base);
     (redis, conn, run, relay, url)
@@ -237,10 +234,7 @@ async fn binary_output_with_stalled_and_replaying_clients_keeps_relay_memory_bou
 
 #[tokio::test]
 async fn a_stalled_live_consumer_sheds_and_clients_still_get_every_entry_once() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-shed");
-    register(&mut conn, &run, &["a"]).await;
+    let (redis, mut conn, run) = redis_with_run("r-shed", &["a"]).await;
     let mut config = agentrun_relay::Config::for_redis(redis.url());
     config.pubsub_buffer_bytes = 64 * 1024;
     let relay = Relay::start_with(config, "127.0.0.1:0").await;

@@ -2,7 +2,7 @@
 
 mod support;
 
-use agentrun_protocol::testing::{RedisServer, wait_for};
+use agentrun_protocol::testing::wait_for;
 use agentrun_protocol::{PublishOptions, RunState, StatusEvent, StreamName};
 use support::*;
 
@@ -12,10 +12,7 @@ fn lines(range: std::ops::RangeInclusive<u64>, tag: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn replays_history_then_streams_live_then_ends() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-replay");
-    register(&mut conn, &run, &["a"]).await;
+    let (redis, mut conn, run) = redis_with_run("r-replay", &["a"]).await;
     let mut p = Producer::new("p");
     p.output(&mut conn, &run, "a", &lines(1..=10, "line")).await;
     // Binary output survives as base64.
@@ -131,10 +128,7 @@ async fn replays_history_then_streams_live_then_ends() {
 
 #[tokio::test]
 async fn resumes_mid_stream_without_gap_or_duplicate() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-resume");
-    register(&mut conn, &run, &["a"]).await;
+    let (redis, _, run) = redis_with_run("r-resume", &["a"]).await;
     let relay = Relay::start(&redis.url()).await;
 
     const N: u64 = 5000;
@@ -197,10 +191,7 @@ async fn resumes_mid_stream_without_gap_or_duplicate() {
 
 #[tokio::test]
 async fn from_now_and_from_cursor() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-from");
-    register(&mut conn, &run, &["a"]).await;
+    let (redis, mut conn, run) = redis_with_run("r-from", &["a"]).await;
     let mut p = Producer::new("p");
     p.output(&mut conn, &run, "a", &lines(1..=5, "old")).await;
     let relay = Relay::start(&redis.url()).await;
@@ -251,10 +242,7 @@ async fn from_now_and_from_cursor() {
 
 #[tokio::test]
 async fn trimmed_history_is_announced() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-trim");
-    register(&mut conn, &run, &["a"]).await;
+    let (redis, mut conn, run) = redis_with_run("r-trim", &["a"]).await;
     let mut p = Producer::with_options(
         "p",
         PublishOptions {
@@ -288,10 +276,7 @@ async fn trimmed_history_is_announced() {
 
 #[tokio::test]
 async fn redis_restart_mid_stream_loses_nothing() {
-    let mut redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-outage");
-    register(&mut conn, &run, &["a"]).await;
+    let (mut redis, mut conn, run) = redis_with_run("r-outage", &["a"]).await;
     let relay = Relay::start(&redis.url()).await;
     let mut sse = SseClient::connect(&relay.events_url("r-outage", "channels=output"), None).await;
     sse.expect("open").await;
@@ -355,10 +340,7 @@ async fn redis_restart_mid_stream_loses_nothing() {
 
 #[tokio::test]
 async fn graceful_shutdown_ends_streams_with_a_resumable_cursor() {
-    let redis = RedisServer::start();
-    let mut conn = redis.conn().await;
-    let run = run_id("r-shutdown");
-    register(&mut conn, &run, &["a"]).await;
+    let (redis, mut conn, run) = redis_with_run("r-shutdown", &["a"]).await;
     let mut p = Producer::new("p");
     p.output(&mut conn, &run, "a", &lines(1..=3, "x")).await;
     let relay = Relay::start(&redis.url()).await;

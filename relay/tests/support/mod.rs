@@ -232,6 +232,18 @@ pub async fn register(conn: &mut RedisConn, run: &RunId, variations: &[&str]) {
     .unwrap();
 }
 
+/// A Redis server, a connection to it, and run `name` registered with `variations`.
+pub async fn redis_with_run(
+    name: &str,
+    variations: &[&str],
+) -> (agentrun_protocol::testing::RedisServer, RedisConn, RunId) {
+    let redis = agentrun_protocol::testing::RedisServer::start();
+    let mut conn = redis.conn().await;
+    let run = run_id(name);
+    register(&mut conn, &run, variations).await;
+    (redis, conn, run)
+}
+
 /// Publishes entries as one producer would, with its own producer sequence.
 pub struct Producer {
     pub publisher: Publisher,
