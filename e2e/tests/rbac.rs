@@ -124,6 +124,7 @@ async fn stack_under_chart_rbac_with(
         kubeconfig: Some(kubeconfig),
         lease_namespace: lease.then(|| RELEASE_NS.to_string()),
         watch_namespace,
+        ..Default::default()
     };
     if ready {
         s.start_operator_with(options).await;

@@ -10,7 +10,7 @@ mod stack;
 
 use serde::Deserialize as _;
 use serde_json::{Value, json};
-use stack::{Stack, run_sh, workspace};
+use stack::{OperatorOptions, Stack, StackOptions, run_sh, workspace};
 
 /// The agent script of an example manifest (`spec.args[0]`, run with `sh -c`).
 fn example_script(rel: &str) -> String {
@@ -950,6 +950,64 @@ async fn redis_restarted_mid_run_loses_nothing() {
     assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
     let sse = s.sse(&run_id, 20).await;
     assert_ticks(&sse.output()["default"], 50);
+}
+
+/// The agent finishes while Redis is down: its last output reaches Redis only after it has
+/// exited, when the sidecar drains. The run's end must come after that output, or viewers
+/// (the relay's `end`, `kubectl agentrun logs -f`) stop before it.
+#[tokio::test(flavor = "multi_thread")]
+async fn output_published_after_the_agent_exited_comes_before_the_runs_end() {
+    // The pod's grace period leaves the sidecar its whole drain time (20 s) after the agent.
+    let mut s = Stack::start_with(StackOptions {
+        operator: OperatorOptions {
+            pod_termination_grace_seconds: Some(45),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    // The entrypoint waits 3 s (not 30) for the sidecar to take its last frames, then leaves
+    // them in its spool for the sidecar.
+    let run = counter("late", 60, "0.05").replace(
+        "  timeoutSeconds: 120\n",
+        "  timeoutSeconds: 120\n  env:\n    - name: AGENTRUN_DRAIN_TIMEOUT_SECONDS\n      value: \"3\"\n",
+    );
+    s.apply_yaml("late.yaml", &run);
+    let run_id = s.run_id("late").await;
+    s.wait_phase("late", &["Running"], 30).await;
+    s.output_grows_past(&run_id, 3, 20).await;
+    s.redis.kill();
+    // The agent ends during the outage; its sidecar holds the rest and keeps the pod running.
+    s.eventually(30, "the agent container to end", || async {
+        s.pods()
+            .await
+            .iter()
+            .any(|p| {
+                p["status"]["containerStatuses"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c["name"] == "agent" && c["state"]["terminated"].is_object())
+            })
+            .then_some(())
+    })
+    .await;
+    let ar = s.agentrun("late").await.expect("the run");
+    assert!(
+        ar["status"]["streamsClosed"].is_null(),
+        "the run's end is not published while a sidecar still holds output: {:#}",
+        ar["status"]
+    );
+    s.redis.restart();
+    let sse = s.sse(&run_id, 60).await;
+    assert_ticks(&sse.output()["default"], 60);
+    let done = s
+        .eventually(30, "the run's end to be published", || async {
+            let ar = s.agentrun("late").await?;
+            (ar["status"]["streamsClosed"] == true).then_some(ar)
+        })
+        .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
 }
 
 /// `helm template` of the chart as release `release` with `--set` values `sets`, applied to the

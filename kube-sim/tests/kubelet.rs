@@ -665,3 +665,40 @@ async fn termination_messages_come_from_the_file_or_the_log() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_main_containers_end_is_reported_while_its_sidecar_stops_and_the_phase_after() {
+    // As the kubelet does since 1.27: once the main container exits its status says so at
+    // once, while the pod stays Running until its native sidecars have stopped (here one that
+    // takes 2 s to finish after SIGTERM); only then is the phase terminal.
+    let c = Cluster::start().await;
+    let api: Api<Pod> = Api::namespaced(c.client().await, &c.namespace);
+    let mut sidecar = sh(
+        "sidecar",
+        "trap 'sleep 2; exit 0' TERM; while true; do sleep 0.1; done",
+    );
+    sidecar["restartPolicy"] = json!("Always");
+    let spec = json!({"restartPolicy": "Never", "terminationGracePeriodSeconds": 30,
+        "initContainers": [sidecar], "containers": [sh("main", "sleep 0.5")]});
+    api.create(&PostParams::default(), &pod("stopping", spec))
+        .await
+        .expect("create");
+    let p = wait_for(&api, "stopping", 60, "the main container's end", |p| {
+        p["status"]["containerStatuses"][0]["state"]["terminated"].is_object()
+    })
+    .await;
+    assert_eq!(phase(&p), "Running", "the sidecar still stops: {p}");
+    assert!(
+        p["status"]["initContainerStatuses"][0]["state"]["running"].is_object(),
+        "{p}"
+    );
+    let p = wait_for(&api, "stopping", 60, "Succeeded", |p| {
+        phase(p) == "Succeeded"
+    })
+    .await;
+    let side = &p["status"]["initContainerStatuses"][0]["state"]["terminated"];
+    assert_eq!(
+        side["exitCode"], 0,
+        "the sidecar finished in its grace period: {p}"
+    );
+}

@@ -151,6 +151,9 @@ pub struct OperatorOptions {
     pub lease_namespace: Option<String>,
     /// `--watch-namespace` (None: every namespace).
     pub watch_namespace: Option<String>,
+    /// The agent pods' `terminationGracePeriodSeconds` (None: 8, short so that a deleted run's
+    /// Redis user goes within a scenario's patience).
+    pub pod_termination_grace_seconds: Option<u32>,
 }
 
 /// How [`Stack::restart_relay_with`] runs the relay (the default: what [`Stack::start`] does).
@@ -382,7 +385,7 @@ impl Stack {
             // Short, so that a deleted run's Redis user (kept for its pods' final flush
             // until their grace period is over) goes within the scenario's patience.
             "--pod-termination-grace-seconds".into(),
-            "8".into(),
+            opts.pod_termination_grace_seconds.unwrap_or(8).to_string(),
         ];
         args.extend(election);
         if let Some(ns) = &opts.watch_namespace {

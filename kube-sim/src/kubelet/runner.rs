@@ -216,6 +216,13 @@ impl PodRunner {
                 if self.mains.iter().all(|c| c.done) {
                     let ok = self.mains.iter().all(|c| c.exit_code == Some(0));
                     self.phase = if ok { "Succeeded" } else { "Failed" };
+                    // As the kubelet does since 1.27: the containers' ends are reported at
+                    // once, the pod's terminal phase only once its sidecars have stopped too.
+                    if self.inits.iter().any(|c| c.sidecar && c.running()) {
+                        let terminal = std::mem::replace(&mut self.phase, "Running");
+                        self.publish();
+                        self.phase = terminal;
+                    }
                     break;
                 }
             }
