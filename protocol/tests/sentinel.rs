@@ -53,6 +53,15 @@ async fn writes_follow_the_master_after_a_sentinel_failover() {
     let id: String = conn.xadd("s", "*", &[("k", "before")]).await.unwrap();
     assert!(!id.is_empty());
     let () = conn.set("key", "before").await.unwrap();
+    // Replication is asynchronous: the failover may only be asked for once the replica has
+    // these writes (this test is about where writes go, not about what a failover can lose).
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(10_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(acked, 1, "the replica has the writes before the failover");
 
     let mut clone = conn.clone();
 
