@@ -223,6 +223,20 @@ pub async fn enqueue<C: ConnectionLike>(
     cmd.query_async(conn).await
 }
 
+/// Enqueues the run if its state hash says `pending` (it was marked for archiving and never
+/// enqueued); returns whether it did. Safe to call on every look at a finished run: a
+/// request made twice by a race is archived once.
+pub async fn enqueue_if_pending<C: ConnectionLike>(
+    conn: &mut C,
+    request: &ArchiveRequest,
+) -> Result<bool, RedisError> {
+    if status(conn, &request.run).await? != Some(ArchiveStatus::Pending) {
+        return Ok(false);
+    }
+    enqueue(conn, request).await?;
+    Ok(true)
+}
+
 /// Records the run's archive status (and the reason of a failure) in its state hash, unless
 /// the state hash is gone or the archive is already complete.
 pub async fn set_status<C: ConnectionLike>(
