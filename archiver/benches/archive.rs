@@ -9,6 +9,9 @@
 //! Two kinds of output: log-like text (what agents print) and random bytes (incompressible,
 //! the worst case for the compressor and the disk).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use agentrun_archiver::writer::{WriteOptions, archive_run};
 use agentrun_archiver::{ArchiveReader, ArchiveStore};
 use agentrun_protocol::archive::ArchiveRequest;
@@ -63,17 +66,9 @@ fn text(seed: usize, len: usize) -> Vec<u8> {
     out
 }
 
-/// `len` random bytes (xorshift).
+/// `len` random bytes (the tests' incompressible noise).
 fn random(seed: usize, len: usize) -> Vec<u8> {
-    let mut x = (seed as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    common::noise(seed as u64, len)
 }
 
 async fn seed(redis: &RedisServer, run: &RunId, make: fn(usize, usize) -> Vec<u8>) {

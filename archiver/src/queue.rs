@@ -301,17 +301,7 @@ impl Archiver {
         own_pending_done: &mut bool,
     ) -> Result<Option<Delivery>, redis::RedisError> {
         if !*own_pending_done {
-            let reply: Value = redis::cmd("XREADGROUP")
-                .arg("GROUP")
-                .arg(ARCHIVE_GROUP)
-                .arg(consumer)
-                .arg("COUNT")
-                .arg(1)
-                .arg("STREAMS")
-                .arg(ARCHIVE_QUEUE_KEY)
-                .arg("0")
-                .query_async(conn)
-                .await?;
+            let reply: Value = read_group(consumer, None, "0").query_async(conn).await?;
             match read_group_reply(&reply).into_iter().next() {
                 Some(mut d) => {
                     d.claimed = false;
@@ -343,17 +333,7 @@ impl Archiver {
         if let Some(d) = claimed.into_iter().next() {
             return Ok(Some(d));
         }
-        let reply: Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(ARCHIVE_GROUP)
-            .arg(consumer)
-            .arg("COUNT")
-            .arg(1)
-            .arg("BLOCK")
-            .arg(self.config.block.as_millis() as u64)
-            .arg("STREAMS")
-            .arg(ARCHIVE_QUEUE_KEY)
-            .arg(">")
+        let reply: Value = read_group(consumer, Some(self.config.block), ">")
             .query_async(conn)
             .await?;
         Ok(read_group_reply(&reply).into_iter().next())
@@ -594,6 +574,22 @@ enum Outcome {
     Dead(String, u32),
     /// Leave it on the queue (shut down, or taken over).
     Left(String),
+}
+
+/// `XREADGROUP` of one entry of the queue from `from` (`0`: this consumer's own pending
+/// entries, `>`: a new one), waiting up to `block` when given.
+fn read_group(consumer: &str, block: Option<Duration>, from: &str) -> redis::Cmd {
+    let mut cmd = redis::cmd("XREADGROUP");
+    cmd.arg("GROUP")
+        .arg(ARCHIVE_GROUP)
+        .arg(consumer)
+        .arg("COUNT")
+        .arg(1);
+    if let Some(b) = block {
+        cmd.arg("BLOCK").arg(b.as_millis() as u64);
+    }
+    cmd.arg("STREAMS").arg(ARCHIVE_QUEUE_KEY).arg(from);
+    cmd
 }
 
 async fn ack(conn: &mut RedisConn, id: &str) -> Result<(), redis::RedisError> {

@@ -272,6 +272,25 @@ async fn local_folders(
     Ok(out)
 }
 
+/// Compresses a block of entries `seqs` (first, last) that starts at `offset` in its data
+/// object: its index entry and its zstd frame.
+fn seal(
+    compressor: &mut zstd::bulk::Compressor<'_>,
+    block: &[u8],
+    seqs: (u64, u64),
+    offset: u64,
+) -> Result<(BlockIndex, Vec<u8>), ArchiveError> {
+    let frame = compressor.compress(block)?;
+    let index = BlockIndex {
+        first_seq: seqs.0,
+        last_seq: seqs.1,
+        offset,
+        length: frame.len() as u64,
+        raw_length: block.len() as u64,
+    };
+    Ok((index, frame))
+}
+
 struct AttemptWriter<'a> {
     store: &'a ArchiveStore,
     run: &'a RunId,
@@ -296,6 +315,18 @@ impl AttemptWriter<'_> {
                 tokio::time::sleep(due - elapsed).await;
             }
         }
+    }
+
+    /// Uploads one compressed block; returns its length.
+    async fn put_frame(
+        &mut self,
+        upload: &mut BufWriter,
+        frame: Vec<u8>,
+    ) -> Result<u64, ArchiveError> {
+        let len = frame.len();
+        upload.put(Bytes::from(frame)).await?;
+        self.throttle(len).await;
+        Ok(len as u64)
     }
 
     /// Copies one stream, entries 1..=`top`, to `STREAM.zst` and `STREAM.index.json`.
@@ -348,35 +379,18 @@ impl AttemptWriter<'_> {
                     content_bytes += entry.content.len() as u64;
                     encode_entry(&entry, &mut block);
                     if block.len() >= BLOCK_TARGET_BYTES {
-                        let frame = compressor.compress(&block)?;
-                        index.blocks.push(BlockIndex {
-                            first_seq: block_first,
-                            last_seq: block_last,
-                            offset,
-                            length: frame.len() as u64,
-                            raw_length: block.len() as u64,
-                        });
-                        offset += frame.len() as u64;
-                        let len = frame.len();
-                        upload.put(Bytes::from(frame)).await?;
-                        self.throttle(len).await;
+                        let (b, frame) =
+                            seal(&mut compressor, &block, (block_first, block_last), offset)?;
+                        index.blocks.push(b);
+                        offset += self.put_frame(&mut upload, frame).await?;
                         block.clear();
                     }
                 }
             }
             if !block.is_empty() {
-                let frame = compressor.compress(&block)?;
-                index.blocks.push(BlockIndex {
-                    first_seq: block_first,
-                    last_seq: block_last,
-                    offset,
-                    length: frame.len() as u64,
-                    raw_length: block.len() as u64,
-                });
-                offset += frame.len() as u64;
-                let len = frame.len();
-                upload.put(Bytes::from(frame)).await?;
-                self.throttle(len).await;
+                let (b, frame) = seal(&mut compressor, &block, (block_first, block_last), offset)?;
+                index.blocks.push(b);
+                offset += self.put_frame(&mut upload, frame).await?;
             }
             upload.shutdown().await?;
             Ok::<_, ArchiveError>(())

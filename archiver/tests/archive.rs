@@ -10,7 +10,7 @@ use agentrun_protocol::archive::{
     self, ARCHIVE_DEAD_LETTER_KEY, ARCHIVE_QUEUE_KEY, ArchiveRequest, ArchiveStatus,
 };
 use agentrun_protocol::testing::{RedisServer, wait_for};
-use agentrun_protocol::{Entry, RunId, StreamName, Variation};
+use agentrun_protocol::{Entry, RedisConn, RunId, StreamName, Variation};
 use common::*;
 use futures::TryStreamExt;
 use std::collections::BTreeMap;
@@ -27,6 +27,15 @@ async fn archived(
         out.insert(s, entries);
     }
     out
+}
+
+/// Waits until the run's archive is complete, and opens it.
+async fn complete_archive(conn: &RedisConn, store: &Store, run: &RunId) -> ArchiveReader {
+    wait_for_archive_status(conn, run, ArchiveStatus::Complete, Duration::from_secs(60)).await;
+    ArchiveReader::open(&store.open(), run)
+        .await
+        .unwrap()
+        .expect("a complete archive has a manifest")
 }
 
 /// Every ending, two variations, Redis keys expiring after the archive: the archive holds
@@ -283,19 +292,8 @@ async fn an_archiver_killed_mid_upload_is_taken_over(store: Store) {
     );
 
     let _second = archiver(&redis, &store, "second", &["--claim-idle-seconds", "2"]);
-    wait_for_archive_status(
-        &conn,
-        &run,
-        ArchiveStatus::Complete,
-        Duration::from_secs(60),
-    )
-    .await;
-    let reader = ArchiveReader::open(&store.open(), &run)
-        .await
-        .unwrap()
-        .unwrap();
-    let after = archived(&reader, before.keys().cloned()).await;
-    assert_eq!(after, before);
+    let reader = complete_archive(&conn, &store, &run).await;
+    assert_eq!(archived(&reader, before.keys().cloned()).await, before);
     // One archive: the manifest names the second archiver's attempt, and the killed one's
     // objects are gone.
     let attempts = attempt_folders(&store, &run);
@@ -383,18 +381,8 @@ async fn a_store_that_refuses_writes_dead_letters_the_run_until_it_is_requeued()
     std::fs::remove_file(&blocker).unwrap();
     let said = requeue_dead(&redis);
     assert!(said.contains(run.as_str()), "{said}");
-    wait_for_archive_status(
-        &conn,
-        &run,
-        ArchiveStatus::Complete,
-        Duration::from_secs(60),
-    )
-    .await;
+    let reader = complete_archive(&conn, &store, &run).await;
     assert_eq!(xlen(&mut conn, ARCHIVE_DEAD_LETTER_KEY).await, 0);
-    let reader = ArchiveReader::open(&store.open(), &run)
-        .await
-        .unwrap()
-        .unwrap();
     assert_eq!(archived(&reader, before.keys().cloned()).await, before);
     let t = ttl(&mut conn, &run.state_key()).await;
     assert!((1..=5).contains(&t), "retention TTL once archived: {t}");

@@ -315,18 +315,7 @@ pub async fn seed_run(conn: &mut RedisConn, run: &RunId, seed: &Seed) {
             (StreamName::Status, status),
         ] {
             for chunk in entries.chunks(200) {
-                publisher
-                    .publish(
-                        conn,
-                        run,
-                        Batch {
-                            stream: &stream,
-                            producer: &format!("p-{v}"),
-                            entries: chunk,
-                        },
-                    )
-                    .await
-                    .unwrap();
+                publish(conn, &publisher, run, &stream, &format!("p-{v}"), chunk).await;
             }
         }
         set_state(
@@ -350,32 +339,11 @@ pub async fn seed_run(conn: &mut RedisConn, run: &RunId, seed: &Seed) {
         (StreamName::Control, control),
         (StreamName::Metrics, metrics),
     ] {
-        publisher
-            .publish(
-                conn,
-                run,
-                Batch {
-                    stream: &stream,
-                    producer: "operator",
-                    entries: &entries,
-                },
-            )
-            .await
-            .unwrap();
+        publish(conn, &publisher, run, &stream, "operator", &entries).await;
     }
     let end = StatusEvent::new(None, state).reason(reason);
-    publisher
-        .publish(
-            conn,
-            run,
-            Batch {
-                stream: &StreamName::Status,
-                producer: "operator",
-                entries: &[next(EntryType::Status, end.to_json(), None)],
-            },
-        )
-        .await
-        .unwrap();
+    let end = [next(EntryType::Status, end.to_json(), None)];
+    publish(conn, &publisher, run, &StreamName::Status, "operator", &end).await;
     set_state(
         conn,
         run,
@@ -386,6 +354,28 @@ pub async fn seed_run(conn: &mut RedisConn, run: &RunId, seed: &Seed) {
     )
     .await
     .unwrap();
+}
+
+async fn publish(
+    conn: &mut RedisConn,
+    publisher: &Publisher,
+    run: &RunId,
+    stream: &StreamName,
+    producer: &str,
+    entries: &[NewEntry],
+) {
+    publisher
+        .publish(
+            conn,
+            run,
+            Batch {
+                stream,
+                producer,
+                entries,
+            },
+        )
+        .await
+        .unwrap();
 }
 
 /// Seeds a run and puts it on the archive queue with `retention` seconds.
