@@ -234,6 +234,27 @@ fn attempt_folders(store: &Store, run: &RunId) -> Vec<String> {
     out
 }
 
+/// The attempt folders of a run's archive that the store lists.
+async fn listed_attempts(store: &Store, run: &RunId) -> Vec<String> {
+    let opened = store.open();
+    let prefix = opened.path(&format!("runs/{run}"));
+    let listed: Vec<object_store::ObjectMeta> = opened
+        .object_store()
+        .list(Some(&prefix))
+        .try_collect()
+        .await
+        .unwrap();
+    let mut out: Vec<String> = listed
+        .iter()
+        .filter_map(|m| m.location.prefix_match(&prefix)?.next())
+        .map(|p| p.as_ref().to_owned())
+        .filter(|p| p != "manifest.json")
+        .collect();
+    out.sort();
+    out.dedup();
+    out
+}
+
 /// An archiver SIGKILLed mid-upload leaves its request pending; another takes it over with
 /// XAUTOCLAIM, and the run ends up with one complete archive.
 async fn an_archiver_killed_mid_upload_is_taken_over(store: Store) {
@@ -296,9 +317,13 @@ async fn an_archiver_killed_mid_upload_is_taken_over(store: Store) {
     assert_eq!(archived(&reader, before.keys().cloned()).await, before);
     // One archive: the manifest names the second archiver's attempt, and the killed one's
     // objects are gone.
-    let attempts = attempt_folders(&store, &run);
-    assert_eq!(attempts, [reader.manifest().attempt.clone()]);
-    assert_ne!(attempts, killed_attempts);
+    let winner = [reader.manifest().attempt.clone()];
+    assert_ne!(winner.as_slice(), killed_attempts.as_slice());
+    assert_eq!(listed_attempts(&store, &run).await, winner, "in the store");
+    if matches!(store, Store::Fs { .. }) {
+        // Unlisted staging files of the killed upload are gone from the disk too.
+        assert_eq!(attempt_folders(&store, &run), winner, "on the disk");
+    }
     assert_eq!(xlen(&mut conn, ARCHIVE_QUEUE_KEY).await, 0);
     let pending: redis::Value = redis::cmd("XPENDING")
         .arg(ARCHIVE_QUEUE_KEY)
@@ -330,6 +355,11 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 #[tokio::test]
 async fn an_archiver_killed_mid_upload_is_taken_over_on_a_folder() {
     an_archiver_killed_mid_upload_is_taken_over(Store::fs()).await;
+}
+
+#[tokio::test]
+async fn an_archiver_killed_mid_upload_is_taken_over_on_s3() {
+    an_archiver_killed_mid_upload_is_taken_over(Store::s3().await).await;
 }
 
 /// A store that refuses writes: after `--max-attempts` tries the request is on the
