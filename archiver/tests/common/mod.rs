@@ -433,6 +433,15 @@ pub async fn wait_for_archive_status(
     .await;
 }
 
+/// Waits until every request has left the archive queue.
+pub async fn queue_drained(conn: &RedisConn) {
+    wait_for("the queue to be drained", Duration::from_secs(20), || {
+        let mut c = conn.clone();
+        async move { (xlen(&mut c, archive::ARCHIVE_QUEUE_KEY).await == 0).then_some(()) }
+    })
+    .await;
+}
+
 /// `TTL key` in seconds (-1: none, -2: no key).
 pub async fn ttl(conn: &mut RedisConn, key: &str) -> i64 {
     redis::cmd("TTL").arg(key).query_async(conn).await.unwrap()
