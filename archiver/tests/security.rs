@@ -4,23 +4,14 @@
 
 mod common;
 
+use agentrun_protocol::Variation;
 use agentrun_protocol::acl::{
     archiver_user_rules, generate_password, operator_user_rules, set_user,
 };
 use agentrun_protocol::archive::{self, ArchiveRequest, ArchiveStatus};
 use agentrun_protocol::testing::RedisServer;
-use agentrun_protocol::{RedisConn, Variation};
 use common::*;
 use std::time::Duration;
-
-async fn connect_as(redis: &RedisServer, user: &str, password: &str) -> RedisConn {
-    redis
-        .settings()
-        .with_credentials(Some(user.into()), Some(password.into()))
-        .connect()
-        .await
-        .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"))
-}
 
 #[tokio::test]
 async fn the_operator_user_queues_and_the_archiver_user_archives_and_nothing_more() {
@@ -49,7 +40,7 @@ async fn the_operator_user_queues_and_the_archiver_user_archives_and_nothing_mor
     let before = snapshot(&mut admin, &run, &seed.variations).await;
 
     // The operator user: its expiry waits for the archive, and it queues the run.
-    let mut operator = connect_as(&redis, "agentrun-operator", &operator_pw).await;
+    let mut operator = redis.conn_as("agentrun-operator", &operator_pw).await;
     let keys = run.all_keys([Variation::default_name()].iter());
     assert!(
         !archive::expire_unless_archiving(&mut operator, &run, &keys, 60)
@@ -107,7 +98,7 @@ async fn the_operator_user_queues_and_the_archiver_user_archives_and_nothing_mor
     queue_drained(&admin).await;
 
     // And nothing beyond its work.
-    let mut archiver_conn = connect_as(&redis, "agentrun-archiver", &archiver_pw).await;
+    let mut archiver_conn = redis.conn_as("agentrun-archiver", &archiver_pw).await;
     for (what, cmd) in [
         ("FLUSHALL", redis::cmd("FLUSHALL")),
         ("CONFIG SET", {
