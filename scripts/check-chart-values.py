@@ -64,7 +64,7 @@ mode = relay_env.get("AGENTRUN_AUTH")
 
 # --- every value set -------------------------------------------------------------------------
 check(mode in ("none", "token", "kubernetes"), f"relay AGENTRUN_AUTH is {mode!r}")
-for comp in ("-relay", "-operator", "-redis"):
+for comp in ("-relay", "-operator", "-redis", "-archiver"):
     if not find("Deployment" if comp != "-redis" else "StatefulSet", comp):
         continue
     vols = volumes(comp)
@@ -150,7 +150,7 @@ check(
     and review_bindings[0]["subjects"][0]["name"] == one("ServiceAccount", "-operator").get("metadata", {}).get("name"),
     "the self-review ClusterRole is bound to the operator's ServiceAccount",
 )
-own_pod_sc = [pod(c).get("securityContext", {}) for c in ("-operator", "-relay", "-redis") if find("Deployment" if c != "-redis" else "StatefulSet", c)]
+own_pod_sc = [pod(c).get("securityContext", {}) for c in ("-operator", "-relay", "-redis", "-archiver") if find("Deployment" if c != "-redis" else "StatefulSet", c)]
 watch_ns = operator_env.get("AGENTRUN_WATCH_NAMESPACE")
 main_bindings = [b for b in docs if b["kind"] in ("ClusterRoleBinding", "RoleBinding") and b["roleRef"]["name"].endswith("-operator")]
 if watch_ns:
@@ -160,6 +160,22 @@ if watch_ns:
     )
 else:
     check([b["kind"] for b in main_bindings] == ["ClusterRoleBinding"], "without watchNamespace the operator's ClusterRole is bound cluster-wide")
+
+# The archiver: there exactly when archiving is on, and then the operator queues finished runs.
+archivers = find("Deployment", "-archiver")
+archiver_env = env("-archiver") if archivers else {}
+check((operator_env.get("AGENTRUN_ARCHIVE") == "true") == bool(archivers), "the operator archives runs exactly when the archiver is installed")
+if archivers:
+    for var in ("AGENTRUN_REDIS_URL", "AGENTRUN_REDIS_PASSWORD", "AGENTRUN_REDIS_CA_FILE"):
+        check(archiver_env.get(var) == relay_env.get(var), f"archiver and relay agree on {var}")
+    check(archiver_env.get("AGENTRUN_ARCHIVER_CONSUMER") == {"fieldRef": {"fieldPath": "metadata.name"}}, "each archiver pod is its own consumer (the pod name)")
+    sa = one("ServiceAccount", "-archiver")
+    check(sa.get("automountServiceAccountToken") is False and pod("-archiver").get("automountServiceAccountToken") is False, "the archiver mounts no Kubernetes token")
+    check(pod("-archiver").get("serviceAccountName") == sa.get("metadata", {}).get("name"), "the archiver runs as its ServiceAccount")
+    check(not [b for b in docs if b["kind"] in ("RoleBinding", "ClusterRoleBinding") and "archiver" in b["metadata"]["name"]], "the archiver has no Kubernetes RBAC")
+    check(one("Service", "-archiver-metrics").get("spec", {}).get("ports", [{}])[0].get("name") == "http", "the archiver's metrics Service")
+else:
+    check(not find("ServiceAccount", "-archiver") and not find("PersistentVolumeClaim", "-archive"), "nothing of the archiver when archiving is off")
 
 # --- each value set --------------------------------------------------------------------------
 if name == "openshift":
@@ -225,6 +241,23 @@ elif name in ("external-redis", "existing-secret"):
     check(not find("StatefulSet", "-redis"), "no bundled Redis")
 if name == "external-redis":
     check(relay_env["AGENTRUN_REDIS_URL"] == "rediss://redis.example.com:6380", "the external URL")
+elif name == "archive-fs":
+    check(archiver_env.get("AGENTRUN_ARCHIVE_STORE_URL") == "file:///var/lib/agentrun/archive", f"the filesystem store by default: {archiver_env.get('AGENTRUN_ARCHIVE_STORE_URL')}")
+    pvc = one("PersistentVolumeClaim", "-archive")
+    check(pvc.get("metadata", {}).get("annotations", {}).get("helm.sh/resource-policy") == "keep", "the archive's claim outlives an uninstall")
+    check(volumes("-archiver").get("archive", {}).get("persistentVolumeClaim", {}).get("claimName") == pvc.get("metadata", {}).get("name"), "the archiver mounts the claim")
+    check(mounts("-archiver").get("archive", {}).get("mountPath") == "/var/lib/agentrun/archive", "at the store's folder")
+    check(one("Deployment", "-archiver").get("spec", {}).get("strategy", {}).get("type") == "Recreate", "a ReadWriteOnce claim: Recreate")
+    check("envFrom" not in container("-archiver"), "no credentials Secret unless asked for")
+elif name == "archive-s3":
+    check(archiver_env.get("AGENTRUN_ARCHIVE_STORE_URL") == "s3://agentrun-archive/runs", "archive.storeUrl reaches the archiver")
+    check(container("-archiver").get("envFrom") == [{"secretRef": {"name": "archive-creds"}}], f"the credentials Secret becomes the environment: {container('-archiver').get('envFrom')}")
+    check(not find("PersistentVolumeClaim", "-archive") and "archive" not in volumes("-archiver"), "no claim for an object store")
+    check(one("Deployment", "-archiver").get("spec", {}).get("replicas") == 2, "archiver.replicas")
+    check("eks.amazonaws.com/role-arn" in one("ServiceAccount", "-archiver").get("metadata", {}).get("annotations", {}), "ServiceAccount annotations for the cloud identity")
+    check(mounts("-archiver").get("redis-tls-ca", {}).get("mountPath") == "/etc/agentrun/redis-tls/ca", "the archiver reaches Redis over TLS like the others")
+    monitors = [d for d in docs if d["kind"] == "ServiceMonitor" and d["metadata"]["name"].endswith("-archiver")]
+    check(len(monitors) == 1, "a ServiceMonitor for the archiver")
 elif name == "everything":
     check(watch_ns == "agents", f"operator.watchNamespace reaches the operator: {watch_ns}")
     ing = one("Ingress", "-relay")

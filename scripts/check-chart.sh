@@ -6,7 +6,8 @@
 #   3. manifests/examples/*.yaml validated against the AgentRun CRD's OpenAPI schema;
 #   4. manifests/install.yaml equal to a fresh render (`--update` rewrites it);
 #   5. what non-default values ask for is in the rendered objects (relay auth and CORS, Redis
-#      TLS, external Redis, ingress, agent pod settings, OpenShift, watchNamespace), and bad
+#      TLS, external Redis, ingress, agent pod settings, OpenShift, watchNamespace, the
+#      archiver and its store), and bad
 #      values fail with a message naming the value;
 #   6. the image names and tags agree across docker/Dockerfile, Cargo.toml, the chart,
 #      manifests/install.yaml, docs/operator.md and scripts/e2e-kind.sh.
@@ -59,6 +60,8 @@ value_sets=(
   "redis-tls-external::--set redis.bundled=false --set redis.external.url=rediss://redis.example.com:6380 --set redis.external.existingSecret=my-redis --set redis.tls.enabled=true --set redis.tls.caSecret=redis-ca"
   "openshift::--set openshift=true"
   "private-quota::--set sidecar.imagePullSecrets[0].name=regcred --set sidecar.imagePullSecrets[1].name=mirror --set sidecar.resources.limits.cpu=200m --set sidecar.resources.limits.memory=128Mi --set agentPods.fsGroup=2000 --set sidecar.securityContext.runAsUser=1000"
+  "archive-fs::--set archive.enabled=true"
+  "archive-s3::--set archive.enabled=true --set archive.storeUrl=s3://agentrun-archive/runs --set archive.credentialsSecret=archive-creds --set archiver.replicas=2 --set archiver.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/a --set metrics.serviceMonitor.enabled=true --set redis.tls.enabled=true --set redis.tls.caSecret=redis-ca --set redis.tls.serverCertSecret=redis-server"
   "everything::--set relay.ingress.enabled=true --set relay.ingress.tlsSecretName=tls --set operator.replicas=2 --set relay.replicas=3 --set operator.podDisruptionBudget.enabled=true --set relay.podDisruptionBudget.enabled=true --set redis.persistence.enabled=false --set operator.watchNamespace=agents --set metrics.serviceMonitor.enabled=true"
 )
 for entry in "${value_sets[@]}"; do
@@ -105,6 +108,9 @@ bad_values=(
   "/redis/maxmemory::--set redis.maxmemory=lots"
   "/redis/maxmemoryPolicy::--set redis.maxmemoryPolicy=evict-everything"
   "/sidecar/imagePullSecrets/0::--set sidecar.imagePullSecrets[0].nam=regcred"
+  "/archive/storeUrl::--set archive.enabled=true --set archive.storeUrl=ftp://host/x"
+  "archive.persistence.accessMode::--set archive.enabled=true --set archiver.replicas=2"
+  "/archiver/replicas::--set archive.enabled=true --set archiver.replicas=0"
 )
 for entry in "${bad_values[@]}"; do
   want="${entry%%::*}"
@@ -176,7 +182,9 @@ dockerfile = open(f"{root}/docker/Dockerfile").read()
 docs = open(f"{root}/docs/operator.md").read()
 kind = open(f"{root}/scripts/e2e-kind.sh").read()
 install = [d for d in yaml.safe_load_all(open(f"{root}/manifests/install.yaml")) if d]
-want = {c: f"ghcr.io/agentrun/agentrun-{c}:{version}" for c in ("operator", "sidecar", "relay")}
+want = {c: f"ghcr.io/agentrun/agentrun-{c}:{version}" for c in ("operator", "sidecar", "relay", "archiver")}
+# The plain install leaves archiving off (archive.enabled), so it has no archiver.
+want_installed = {i for c, i in want.items() if c != "archiver"}
 bad = []
 if str(chart["appVersion"]) != version:
     bad.append(f"helm/agentrun/Chart.yaml appVersion {chart['appVersion']} is not Cargo.toml's workspace version {version}")
@@ -200,8 +208,8 @@ for d in install:
                 if e["name"] == "AGENTRUN_SIDECAR_IMAGE":
                     images.add(e["value"])
 ours = {i for i in images if i.startswith("ghcr.io/agentrun/")}
-if ours != set(want.values()):
-    bad.append(f"manifests/install.yaml uses {sorted(ours)}, not {sorted(want.values())}")
+if ours != want_installed:
+    bad.append(f"manifests/install.yaml uses {sorted(ours)}, not {sorted(want_installed)}")
 if "ghcr.io/agentrun/agentrun-" not in kind or "docker/Dockerfile" not in kind:
     bad.append("scripts/e2e-kind.sh does not build the images from docker/Dockerfile with the chart's names")
 for b in bad:

@@ -62,6 +62,9 @@ pub struct Settings {
     /// TLS files for the sidecars' `rediss://` connection (put into the run's Secret and
     /// mounted into the sidecar container).
     pub sidecar_tls: SidecarTls,
+    /// Runs are archived by `agentrun-archiver` when they end, and their Redis keys get the
+    /// retention TTL only once the archive is complete.
+    pub archive: bool,
 }
 
 /// PEM contents handed to the sidecars: a CA bundle and a client certificate with its key.
@@ -166,6 +169,7 @@ impl Default for Settings {
             default_retention_seconds: 7 * 24 * 3600,
             termination_grace_period_seconds: 45,
             sidecar_tls: SidecarTls::default(),
+            archive: false,
         }
     }
 }

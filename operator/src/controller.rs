@@ -251,6 +251,7 @@ async fn release_malformed(guard: &DeserializeGuard<AgentRun>, ctx: &Context) ->
         retention: ctx.settings.default_retention_seconds.max(1) as u64,
         stop: unfinished && registered.is_some(),
         unfinished,
+        streams_closed: stored["streamsClosed"].as_bool() == Some(true),
     };
     release_run(ctx, &reference(meta), &release).await;
     // Remove only our finalizer, and only if it is still where it was read (as kube's
@@ -593,6 +594,16 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
             }
         }
     }
+    // With archiving on, a run whose end is published goes on the archive queue; asked on
+    // every look at it, so a request lost to a failure is made again (the store makes it once).
+    if ctx.settings.archive && finished && next.streams_closed == Some(true) {
+        let names: Vec<String> = variations.iter().map(|v| v.name.clone()).collect();
+        let retention = retention_seconds(&run, &ctx.settings);
+        if let Err(e) = ctx.store.archive(&run_id, &names, retention, None).await {
+            warn!(run = %key, error = %e, "could not put the run on the archive queue; retrying");
+            close_retry = Some(ERROR_REQUEUE);
+        }
+    }
 
     if finished && !was_finished {
         let phase = next.phase.unwrap_or_default();
@@ -916,9 +927,12 @@ struct Release<'a> {
     stop: bool,
     /// Its pods may still be stopping.
     unfinished: bool,
+    /// Its end was published (`status.streamsClosed`): nothing more reaches its streams.
+    streams_closed: bool,
 }
 
-/// The Redis side of a run that goes: stop its agents, put the retention TTL on its keys,
+/// The Redis side of a run that goes: stop its agents, queue it for archiving (with archiving
+/// on), put the retention TTL on its keys,
 /// delete its Redis user (after the pods' grace period when they are still stopping), say so
 /// in an event. Redis failures are logged; they never keep the object.
 async fn release_run(ctx: &Context, reference: &ObjectReference, r: &Release<'_>) {
@@ -927,6 +941,20 @@ async fn release_run(ctx: &Context, reference: &ObjectReference, r: &Release<'_>
         && let Err(e) = ctx.store.send_control(r.run_id, ControlAction::Stop).await
     {
         warn!(run = %key, error = %e, "could not send stop to the agents; their pods are deleted anyway");
+    }
+    if ctx.settings.archive {
+        // Deleted before its streams closed: archived once its pods' grace period is over.
+        let not_before = (!r.streams_closed).then(|| {
+            let grace = ctx.settings.termination_grace_period_seconds.max(0) as u64 + 5;
+            agentrun_protocol::now_ms() + grace * 1000
+        });
+        if let Err(e) = ctx
+            .store
+            .archive(r.run_id, r.variations, r.retention, not_before)
+            .await
+        {
+            warn!(run = %key, error = %e, "could not put the run on the archive queue; its Redis keys stay until it is archived");
+        }
     }
     if let Err(e) = ctx.store.expire(r.run_id, r.variations, r.retention).await {
         warn!(run = %key, error = %e, "could not set the retention TTL on the run's Redis keys; they stay until trimmed by hand");
@@ -976,11 +1004,7 @@ async fn cleanup(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
         },
     };
     let unfinished = !status.phase.is_some_and(RunPhase::is_finished);
-    let retention = run
-        .spec
-        .retention_seconds
-        .unwrap_or(ctx.settings.default_retention_seconds)
-        .max(1) as u64;
+    let retention = retention_seconds(&run, &ctx.settings);
     let variations: Vec<String> = run
         .spec
         .resolved_variations()
@@ -994,9 +1018,18 @@ async fn cleanup(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
         retention,
         stop: unfinished && status.run_id.is_some(),
         unfinished,
+        streams_closed: status.streams_closed == Some(true),
     };
     release_run(&ctx, &reference(&run.metadata), &release).await;
     Ok(Action::await_change())
+}
+
+/// Seconds a run's Redis data is kept after it ended (`spec.retentionSeconds` or the default).
+fn retention_seconds(run: &AgentRun, settings: &Settings) -> u64 {
+    run.spec
+        .retention_seconds
+        .unwrap_or(settings.default_retention_seconds)
+        .max(1) as u64
 }
 
 #[cfg(test)]

@@ -34,7 +34,24 @@ where
     F: FnOnce(ApiServerVerifier) -> Fut,
     Fut: Future<Output = ApiServerVerifier> + Send + 'static,
 {
+    scenario_with(guard, redis_down, |_| {}, script).await
+}
+
+/// [`scenario`] with the operator's settings changed by `settings`.
+async fn scenario_with<F, Fut>(
+    guard: DeserializeGuard<AgentRun>,
+    redis_down: bool,
+    settings: impl FnOnce(&mut Settings),
+    script: F,
+) -> Outcome
+where
+    F: FnOnce(ApiServerVerifier) -> Fut,
+    Fut: Future<Output = ApiServerVerifier> + Send + 'static,
+{
     let (ctx, verifier, store) = Context::test();
+    let mut ctx = Arc::try_unwrap(ctx).ok().expect("a fresh test context");
+    settings(&mut ctx.settings);
+    let ctx = Arc::new(ctx);
     if redis_down {
         store.fail_from_now();
     }
@@ -1247,4 +1264,79 @@ fn status_events_only_for_changes() {
     };
     assert_eq!(status_events(&prev, &next).len(), 2);
     assert!(status_events(&next, &next).is_empty());
+}
+
+#[tokio::test]
+async fn with_archiving_a_closed_run_goes_on_the_archive_queue_and_its_expiry_waits() {
+    let base = AgentRun::test().finalized();
+    let run = base.clone().with_status(finished(&base, 10));
+    let pods = vec![pod_of(
+        &run,
+        "default",
+        exited("Succeeded", 0, Some("Completed"), None),
+    )];
+    let r = run.clone();
+    let out = scenario_with(
+        ok(run),
+        false,
+        |s| s.archive = true,
+        |mut api| async move {
+            api.expect_pod_list(&r, pods).await;
+            api
+        },
+    )
+    .await;
+    assert_eq!(out.result.expect("ok"), Action::await_change());
+    assert_eq!(
+        out.store.calls(),
+        [StoreCall::Archive {
+            run_id: "default.hello.0f1e2d3c".into(),
+            variations: vec!["default".into()],
+            ttl_seconds: 604_800,
+            not_before_ms: None,
+        }],
+        "asked on every look (the store enqueues once)"
+    );
+}
+
+#[tokio::test]
+async fn with_archiving_a_run_deleted_while_running_is_archived_after_its_grace_period() {
+    let base = AgentRun::test().finalized().deleting();
+    let mut status = started(&base);
+    status.phase = Some(RunPhase::Running);
+    let run = base.clone().with_status(status);
+    let answer = serde_json::to_value(&run).expect("json");
+    let out = scenario_with(
+        ok(run),
+        false,
+        |s| s.archive = true,
+        |mut api| async move {
+            api.expect_event("Deleting").await;
+            api.expect(
+                Method::PATCH,
+                "/apis/agentrun.dev/v1alpha1/namespaces/default/agentruns/hello?",
+                200,
+                answer,
+            )
+            .await;
+            api
+        },
+    )
+    .await;
+    assert_eq!(out.result.expect("ok"), Action::await_change());
+    let calls = out.store.calls();
+    let Some(StoreCall::Archive {
+        not_before_ms: Some(not_before),
+        ttl_seconds: 604_800,
+        ..
+    }) = calls.get(1)
+    else {
+        panic!("stop, then archive with a delay: {calls:?}");
+    };
+    let grace_ms = (Settings::default().termination_grace_period_seconds as u64 + 5) * 1000;
+    assert!(*not_before >= agentrun_protocol::now_ms() + grace_ms - 60_000);
+    assert!(
+        matches!(calls.get(2), Some(StoreCall::Expire { .. })),
+        "the expiry is still asked for (the store skips it until the archive is complete): {calls:?}"
+    );
 }

@@ -123,6 +123,10 @@ struct RunArgs {
     /// Default seconds a run's Redis data is kept after it ended.
     #[arg(long, env = "AGENTRUN_RETENTION_SECONDS", default_value_t = 604_800)]
     retention_seconds: i64,
+    /// Archive runs when they end (agentrun-archiver must be running): they are put on the
+    /// archive queue, and their Redis keys get the retention TTL once the archive is complete.
+    #[arg(long, env = "AGENTRUN_ARCHIVE", default_value_t = false, action = clap::ArgAction::Set)]
+    archive: bool,
     /// Only watch this namespace (default: all namespaces).
     #[arg(long, env = "AGENTRUN_WATCH_NAMESPACE")]
     watch_namespace: Option<String>,
@@ -227,7 +231,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     )
     .await
     {
-        Ok(s) => Arc::new(s),
+        Ok(s) => Arc::new(s.with_archiving(args.archive)),
         Err(e) => {
             bail!(
                 "could not connect to Redis at {}: {e}; check --redis-url and that Redis is running",
@@ -343,6 +347,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
         default_stream_max_len: args.stream_max_len,
         default_retention_seconds: args.retention_seconds,
         sidecar_tls,
+        archive: args.archive,
         ..Settings::default()
     }
     .with_pod_flags(&PodFlags {

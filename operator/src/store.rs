@@ -7,7 +7,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use agentrun_protocol::publish::{Batch, expire_keys, register_run, set_state};
+use agentrun_protocol::archive;
+use agentrun_protocol::publish::{Batch, register_run, set_state};
 use agentrun_protocol::{
     ControlAction, ControlMessage, EntryType, NewEntry, PublishOptions, Publisher, RedisConn,
     RedisSettings, RunId, StatusEvent, StreamName, Variation,
@@ -53,6 +54,12 @@ pub enum StoreCall {
     DeleteUser {
         run_id: String,
     },
+    Archive {
+        run_id: String,
+        variations: Vec<String>,
+        ttl_seconds: u64,
+        not_before_ms: Option<u64>,
+    },
 }
 
 /// The operator's writes to Redis.
@@ -79,12 +86,22 @@ pub trait RunStore: Send + Sync {
     ) -> BoxFuture<'a, Result<()>>;
     /// Deletes the run's Redis user (disconnecting its sidecars); no error when it is gone.
     fn delete_run_user<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, Result<()>>;
-    /// Puts the retention TTL on every key of the run.
+    /// Puts the retention TTL on every key of the run (unless the run waits for its archive:
+    /// then the archiver puts it once the archive is complete).
     fn expire<'a>(
         &'a self,
         run_id: &'a str,
         variations: &'a [String],
         ttl_seconds: u64,
+    ) -> BoxFuture<'a, Result<()>>;
+    /// Puts the run on the archive queue unless it is there already or archived (idempotent;
+    /// `ttl_seconds` is put on its keys once archived). Only called with archiving on.
+    fn archive<'a>(
+        &'a self,
+        run_id: &'a str,
+        variations: &'a [String],
+        ttl_seconds: u64,
+        not_before_ms: Option<u64>,
     ) -> BoxFuture<'a, Result<()>>;
 }
 
@@ -94,6 +111,7 @@ pub struct RedisStore {
     publisher: Publisher,
     last_pseq: AtomicU64,
     users: RunUsers,
+    archive: bool,
 }
 
 impl RedisStore {
@@ -109,7 +127,14 @@ impl RedisStore {
             }),
             last_pseq: AtomicU64::new(0),
             users,
+            archive: false,
         })
+    }
+
+    /// Marks every run it registers for archiving (see `agentrun_protocol::archive`).
+    pub fn with_archiving(mut self, archive: bool) -> Self {
+        self.archive = archive;
+        self
     }
 
     /// Producer sequence: increasing across restarts (milliseconds), unique within a process.
@@ -211,7 +236,13 @@ impl RunStore for RedisStore {
             ];
             register_run(&mut conn, &run, info.created_ms, &fields)
                 .await
-                .map_err(|e| redis_err(&info.run_id, e))
+                .map_err(|e| redis_err(&info.run_id, e))?;
+            if self.archive {
+                archive::mark_pending(&mut conn, &run)
+                    .await
+                    .map_err(|e| redis_err(&info.run_id, e))?;
+            }
+            Ok(())
         })
     }
 
@@ -285,11 +316,34 @@ impl RunStore for RedisStore {
                 .collect();
             let keys = run.all_keys(vars.iter());
             let mut conn = self.conn.clone();
-            expire_keys(&mut conn, &keys, ttl_seconds)
+            archive::expire_unless_archiving(&mut conn, &run, &keys, ttl_seconds)
                 .await
                 .map_err(|e| redis_err(run_id, e))?;
             // The index entry stays: its score (creation time) lets the relay trim old ids, and
             // it drops ids whose keys have expired.
+            Ok(())
+        })
+    }
+
+    fn archive<'a>(
+        &'a self,
+        run_id: &'a str,
+        variations: &'a [String],
+        ttl_seconds: u64,
+        not_before_ms: Option<u64>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            let run = parse_run_id(run_id)?;
+            let mut request = archive::ArchiveRequest::new(run, ttl_seconds, PRODUCER);
+            request.variations = variations
+                .iter()
+                .filter_map(|v| Variation::new(v.clone()).ok())
+                .collect();
+            request.not_before_ms = not_before_ms;
+            let mut conn = self.conn.clone();
+            archive::enqueue_if_pending(&mut conn, &request)
+                .await
+                .map_err(|e| redis_err(run_id, e))?;
             Ok(())
         })
     }
@@ -394,6 +448,23 @@ impl RunStore for RecordingStore {
                 run_id: run_id.into(),
                 variations: variations.to_vec(),
                 ttl_seconds,
+            })
+        })
+    }
+
+    fn archive<'a>(
+        &'a self,
+        run_id: &'a str,
+        variations: &'a [String],
+        ttl_seconds: u64,
+        not_before_ms: Option<u64>,
+    ) -> BoxFuture<'a, Result<()>> {
+        Box::pin(async move {
+            self.record(StoreCall::Archive {
+                run_id: run_id.into(),
+                variations: variations.to_vec(),
+                ttl_seconds,
+                not_before_ms,
             })
         })
     }

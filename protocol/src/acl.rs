@@ -10,8 +10,11 @@
 //!   only (through a selector); no writes to output, logs or status, no admin commands.
 //! - **operator user**: manages run users (`ACL SETUSER`/`DELUSER`, which is as powerful as
 //!   an admin: keep its password as safe as Redis's own), registers runs, publishes status
-//!   and control, and applies retention.
+//!   and control, applies retention and puts finished runs on the archive queue.
+//! - **archiver user**: reads every run, writes the archive fields of its state hash and its
+//!   TTLs, consumes the archive queue and the dead-letter stream.
 
+use crate::archive::{ARCHIVE_DEAD_LETTER_KEY, ARCHIVE_QUEUE_KEY};
 use crate::names::{RUNS_INDEX_KEY, RunId};
 use redis::RedisError;
 use redis::aio::ConnectionLike;
@@ -118,6 +121,8 @@ pub fn operator_user_rules() -> Vec<String> {
         "resetkeys".to_owned(),
         "~run:*".to_owned(),
         format!("~{RUNS_INDEX_KEY}"),
+        // It puts finished runs on the archive queue (XADD).
+        format!("~{ARCHIVE_QUEUE_KEY}"),
         "resetchannels".to_owned(),
         "&run:*".to_owned(),
         "-@all".to_owned(),
@@ -137,8 +142,51 @@ pub fn operator_user_rules() -> Vec<String> {
                 "+zrangebyscore",
                 "+zscore",
                 "+del",
+                "+hdel",
                 "+exists",
                 "+ttl",
+            ])
+            .map(|c| (*c).to_owned()),
+    );
+    rules
+}
+
+/// The rules of the archiver's user: read every run's streams and state, write the state
+/// hash's archive fields and the TTLs (through its scripts), and consume the archive queue
+/// and the dead-letter stream. No channels, no admin commands.
+pub fn archiver_user_rules() -> Vec<String> {
+    let mut rules = vec![
+        "resetkeys".to_owned(),
+        "~run:*".to_owned(),
+        format!("~{ARCHIVE_QUEUE_KEY}"),
+        format!("~{ARCHIVE_DEAD_LETTER_KEY}"),
+        "resetchannels".to_owned(),
+        "-@all".to_owned(),
+    ];
+    rules.extend(
+        CONNECT
+            .iter()
+            .chain(&[
+                "+evalsha",
+                "+script|load",
+                "+xrange",
+                "+xrevrange",
+                "+xlen",
+                "+xadd",
+                "+xdel",
+                "+xack",
+                "+xreadgroup",
+                "+xautoclaim",
+                "+xclaim",
+                "+xpending",
+                "+xgroup|create",
+                "+hget",
+                "+hgetall",
+                "+hset",
+                "+hsetnx",
+                "+hdel",
+                "+exists",
+                "+expire",
             ])
             .map(|c| (*c).to_owned()),
     );

@@ -8,6 +8,7 @@
 //! a cursor in pages), and the run's [`epoch`] that makes a cursor mean the same history. `docs/protocol.md` describes the same contract for people.
 
 pub mod acl;
+pub mod archive;
 #[cfg(feature = "clap")]
 pub mod args;
 pub mod control;

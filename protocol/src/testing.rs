@@ -195,6 +195,15 @@ impl RedisServer {
             .expect("connect to test redis")
     }
 
+    /// A connection as an ACL user (one made with `acl::set_user`).
+    pub async fn conn_as(&self, user: &str, password: &str) -> RedisConn {
+        self.settings()
+            .with_credentials(Some(user.into()), Some(password.into()))
+            .connect()
+            .await
+            .unwrap_or_else(|e| panic!("{user} cannot connect: {e}"))
+    }
+
     pub fn data_dir(&self) -> &Path {
         self.dir.path()
     }

@@ -82,6 +82,10 @@ struct Common {
     /// MiB held for Redis before the agent is slowed down.
     #[arg(long, env = "AGENTRUN_BUFFER_MIB", default_value_t = 16)]
     buffer_mib: usize,
+    /// Archive the run when it ends (runs without an operator; agentrun-archiver must be
+    /// running): its keys get the retention TTL once the archive is complete.
+    #[arg(long, env = "AGENTRUN_ARCHIVE", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    archive: bool,
     /// Seconds between figures published to run:{RUN}:metrics (0: never).
     #[arg(long, env = "AGENTRUN_METRICS_INTERVAL_SECONDS", default_value_t = 5)]
     metrics_interval_seconds: u64,
@@ -98,6 +102,7 @@ impl Common {
         config.drain_timeout = Duration::from_secs(self.drain_timeout_seconds);
         config.buffer_bytes = self.buffer_mib.max(1) * 1024 * 1024;
         config.metrics_interval = Duration::from_secs(self.metrics_interval_seconds);
+        config.archive = self.archive;
         Ok(config)
     }
 }

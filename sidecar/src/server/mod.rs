@@ -67,6 +67,9 @@ pub struct SidecarConfig {
     pub owns_run: bool,
     /// Give up at start when Redis cannot be reached in this time (`None`: keep trying).
     pub fail_fast: Option<Duration>,
+    /// When this sidecar settles the run's phase (no operator): mark the run for archiving,
+    /// put it on the archive queue once it ends, and leave its TTL to the archiver.
+    pub archive: bool,
 }
 
 impl SidecarConfig {
@@ -92,6 +95,7 @@ impl SidecarConfig {
             metrics_interval: Duration::from_secs(5),
             owns_run: false,
             fail_fast: None,
+            archive: false,
         }
     }
 }

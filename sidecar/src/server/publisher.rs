@@ -8,9 +8,8 @@
 //! that the history was reset instead of silently skipping the reused sequence numbers.
 
 use super::Shared;
-use agentrun_protocol::publish::{
-    Batch, Expected, add_variation, expire_keys, set_state, settle_phase,
-};
+use agentrun_protocol::archive::{self, ArchiveRequest};
+use agentrun_protocol::publish::{Batch, Expected, add_variation, set_state, settle_phase};
 use agentrun_protocol::{
     NewEntry, Publisher, RedisConn, RedisSettings, StatusEvent, StreamName, Variation, now_ms,
 };
@@ -319,6 +318,9 @@ impl PublishLoop {
             };
             let mut run_final = false;
             if !operator_owned {
+                if config.archive {
+                    archive::mark_pending(c, run).await?;
+                }
                 add_variation(c, run, &config.variation).await?;
                 run_final = settle_phase(c, run, now_ms())
                     .await?
@@ -336,13 +338,19 @@ impl PublishLoop {
                     .split(',')
                     .filter_map(|v| Variation::new(v).ok())
                     .collect();
-                expire_keys(c, &run.all_keys(variations.iter()), ttl).await?;
+                if config.archive {
+                    let mut request = ArchiveRequest::new(run.clone(), ttl, "sidecar");
+                    request.variations = variations.clone();
+                    archive::enqueue_if_pending(c, &request).await?;
+                }
+                archive::expire_unless_archiving(c, run, &run.all_keys(variations.iter()), ttl)
+                    .await?;
             } else if event.state.is_final() {
                 let keys = [
                     StreamName::Output(config.variation.clone()).key(run),
                     StreamName::Logs(config.variation.clone()).key(run),
                 ];
-                expire_keys(c, &keys, ttl).await?;
+                archive::expire_unless_archiving(c, run, &keys, ttl).await?;
             }
             Ok(())
         }
