@@ -9,6 +9,7 @@ pub mod auth;
 pub mod budget;
 pub mod cors;
 pub mod cursor;
+pub mod download;
 pub mod events;
 pub mod hub;
 pub mod kube_auth;
@@ -343,6 +344,10 @@ pub fn app(state: AppState) -> Router {
         .route("/api/runs/{run}", get(api::get_run))
         .route("/api/runs/{run}/events", get(events::events))
         .route("/api/runs/{run}/control", post(api::control))
+        .route(
+            "/api/runs/{run}/variations/{variation}/output",
+            get(download::output),
+        )
         .route(
             "/api/session",
             post(auth::create_session).delete(auth::delete_session),

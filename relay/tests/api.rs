@@ -246,3 +246,101 @@ async fn the_first_request_after_a_redis_restart_is_answered() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_variations_output_downloads_as_the_agents_exact_bytes() {
+    let (redis, mut conn, run) = redis_with_run("dl", &["alpha", "beta"]).await;
+    // More entries than one page, bytes that are not UTF-8, and a gap entry in the middle.
+    let chunks: Vec<Vec<u8>> = (0..300u32)
+        .map(|i| {
+            let mut c = format!("line {i}\n").into_bytes();
+            if i % 7 == 0 {
+                c.extend_from_slice(&[0xff, 0x00, 0xfe, b'\n']);
+            }
+            c
+        })
+        .collect();
+    let mut p = Producer::new("p");
+    let stream = StreamName::Output(var("alpha"));
+    p.publish(
+        &mut conn,
+        &run,
+        &stream,
+        agentrun_protocol::EntryType::Output,
+        &chunks[..150],
+    )
+    .await
+    .unwrap();
+    p.publish(
+        &mut conn,
+        &run,
+        &stream,
+        agentrun_protocol::EntryType::Gap,
+        &[br#"{"droppedBytes":10,"droppedChunks":1}"#.to_vec()],
+    )
+    .await
+    .unwrap();
+    p.publish(
+        &mut conn,
+        &run,
+        &stream,
+        agentrun_protocol::EntryType::Output,
+        &chunks[150..],
+    )
+    .await
+    .unwrap();
+    let relay = Relay::start(&redis.url()).await;
+
+    let url = format!("{}/api/runs/{run}/variations/alpha/output", relay.base);
+    let resp = reqwest::get(&url).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let headers = resp.headers().clone();
+    assert_eq!(headers["content-type"], "application/octet-stream");
+    assert_eq!(
+        headers["content-disposition"],
+        format!("attachment; filename=\"{run}-alpha.txt\"").as_str()
+    );
+    assert_eq!(headers["x-agentrun-first-seq"], "1");
+    let body = resp.bytes().await.unwrap();
+    assert_eq!(
+        body.to_vec(),
+        chunks.concat(),
+        "every byte, in order, nothing else"
+    );
+
+    // A declared variation with no output yet is empty; an unknown one is named.
+    let empty = reqwest::get(format!(
+        "{}/api/runs/{run}/variations/beta/output",
+        relay.base
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        (
+            empty.status().as_u16(),
+            empty.headers()["x-agentrun-first-seq"].to_str().unwrap()
+        ),
+        (200, "0")
+    );
+    assert!(empty.bytes().await.unwrap().is_empty());
+    let unknown = reqwest::get(format!(
+        "{}/api/runs/{run}/variations/gamma/output",
+        relay.base
+    ))
+    .await
+    .unwrap();
+    assert_eq!(unknown.status(), 404);
+    let msg = unknown.text().await.unwrap();
+    assert!(
+        msg.contains("no variation gamma") && msg.contains("alpha, beta"),
+        "{msg}"
+    );
+    let missing = reqwest::get(format!(
+        "{}/api/runs/absent/variations/alpha/output",
+        relay.base
+    ))
+    .await
+    .unwrap();
+    assert_eq!(missing.status(), 404);
+    relay.shutdown().await;
+}

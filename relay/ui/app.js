@@ -33,6 +33,7 @@ function el(tag, props = {}, ...children) {
     else if (k === 'text') e.textContent = v;
     else if (k === 'title') e.title = v;
     else if (k === 'href') e.href = v; // only ever set to URLs this file builds
+    else if (k === 'download') e.download = v;
     else if (k === 'hidden') e.hidden = true;
     else if (k === 'disabled') e.disabled = true;
     else if (k === 'open') e.open = true;
@@ -698,7 +699,8 @@ class VariationColumn {
       el('header', { class: 'var-head' },
         el('div', { class: 'var-title' }, el('h2', { text: name }), this.badgeSlot, controls(page.run, name, setError)),
         this.detail, this.error),
-      el('div', { class: 'pane-head' }, el('h3', { text: 'Output' }), rawToggle, mdToggle),
+      el('div', { class: 'pane-head' }, el('h3', { text: 'Output' }), rawToggle, mdToggle,
+        el('a', { class: 'toggle download', href: api(`/runs/${encodeURIComponent(page.run)}/variations/${encodeURIComponent(name)}/output`), download: `${page.run}-${name}.txt`, title: 'Download the whole output of this variation, as the agent wrote it', text: 'Download' })),
       this.output.root,
       stdinForm,
       el('div', { class: 'pane-head' }, el('h3', { text: 'Logs' })),

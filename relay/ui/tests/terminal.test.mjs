@@ -1,7 +1,8 @@
 // Progress output as a terminal shows it, through the real relay and a real agent run by
 // `agentrun-sidecar run`: "\r" updates end as one line, an ESC[K spinner leaves only its last
 // frame, a two-line bar redrawn with cursor-up stays two lines; the Raw view shows every byte
-// the agent wrote, and the stream in Redis is byte-exact whatever the page shows.
+// the agent wrote, the Download link gives them back, and the stream in Redis is byte-exact
+// whatever the page shows.
 
 import test, { before, after } from 'node:test';
 import assert from 'node:assert/strict';
@@ -53,6 +54,12 @@ test('progress bars render as a terminal would; Raw shows every byte', async () 
   redis.close();
   const content = entries.map(([, fields]) => fields[fields.indexOf('content') + 1]).join('');
   assert.equal(content, RAW);
+
+  // The Download link gives the same bytes, named after the run.
+  const link = page.locator('section.variation[data-variation="bar"] a.download');
+  assert.equal(await link.getAttribute('download'), `${run}-bar.txt`);
+  const downloaded = await link.evaluate(async (a) => (await fetch(a.href)).text());
+  assert.equal(downloaded, RAW);
 
   const raw = page.locator('section.variation[data-variation="bar"] button.raw-toggle');
   await raw.click();

@@ -1,0 +1,95 @@
+//! `GET /api/runs/{run}/variations/{variation}/output`: a variation's output, the agent's bytes
+//! as they are in the stream, streamed page by page (at most [`PAGE`] entries in memory per
+//! request), named after the run for the browser's download.
+//!
+//! The body is the output entries' content in stream order; `gap` entries (output that never
+//! reached Redis) add nothing, and neither does history already trimmed away: the
+//! `X-Agentrun-First-Seq` header says where the stream started when the download began, so a
+//! caller can tell a complete download (`1`) from a trimmed one.
+
+use std::collections::HashMap;
+
+use agentrun_protocol::replay::read_page;
+use agentrun_protocol::{EntryType, StreamName, Variation};
+use axum::Extension;
+use axum::body::Body;
+use axum::extract::{Path, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+
+use crate::AppState;
+use crate::api::{ApiError, parse_run};
+use crate::auth::Access;
+use crate::hub::variations_from_state;
+
+/// Entries read from Redis at a time (each at most the sidecar's chunk size, 64 KiB).
+pub const PAGE: usize = 64;
+
+pub async fn output(
+    State(state): State<AppState>,
+    Extension(access): Extension<Access>,
+    Path((run, variation)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let run = parse_run(&run)?;
+    let variation = Variation::new(variation).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let hash: HashMap<String, String> = state
+        .query(redis::cmd("HGETALL").arg(run.state_key()))
+        .await?;
+    if hash.is_empty() || !access.can_see(&hash).await? {
+        return Err(ApiError::not_found(&run));
+    }
+    let known = variations_from_state(&hash);
+    if !known.contains(&variation) {
+        let names: Vec<&str> = known.iter().map(Variation::as_str).collect();
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!(
+                "run {run} has no variation {variation}; its variations are: {}",
+                names.join(", ")
+            ),
+        ));
+    }
+    let key = StreamName::Output(variation.clone()).key(&run);
+    let mut conn = state.inner.conn.clone();
+    let first = read_page(&mut conn, &key, 0, 1)
+        .await
+        .map_err(|e| ApiError::redis(&state, e))?;
+    let first_seq = first.entries.first().map_or(0, |e| e.seq);
+    let body = futures::stream::unfold(Some((conn, 0u64)), move |cursor| {
+        let key = key.clone();
+        async move {
+            let (mut conn, after) = cursor?;
+            match read_page(&mut conn, &key, after, PAGE).await {
+                Ok(page) => {
+                    let last = page.entries.last()?.seq;
+                    let mut bytes = Vec::new();
+                    for e in page.entries.iter().filter(|e| e.kind == EntryType::Output) {
+                        bytes.extend_from_slice(&e.content);
+                    }
+                    Some((Ok(Bytes::from(bytes)), Some((conn, last))))
+                }
+                // The status line is sent: the connection ends short, which clients see.
+                Err(e) => Some((Err(std::io::Error::other(e)), None)),
+            }
+        }
+    });
+    let mut response = Body::from_stream(body).into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/octet-stream"),
+    );
+    // Run ids and variation names are plain ASCII without quotes (protocol names).
+    if let Ok(v) = HeaderValue::from_str(&format!("attachment; filename=\"{run}-{variation}.txt\""))
+    {
+        headers.insert(header::CONTENT_DISPOSITION, v);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    headers.insert("x-agentrun-first-seq", HeaderValue::from(first_seq));
+    Ok(response)
+}
