@@ -67,6 +67,8 @@ pub struct SidecarConfig {
     pub owns_run: bool,
     /// Give up at start when Redis cannot be reached in this time (`None`: keep trying).
     pub fail_fast: Option<Duration>,
+    /// What Redis must confirm before frames are acknowledged to the entrypoint.
+    pub durability: crate::durability::Durability,
 }
 
 impl SidecarConfig {
@@ -92,6 +94,7 @@ impl SidecarConfig {
             metrics_interval: Duration::from_secs(5),
             owns_run: false,
             fail_fast: None,
+            durability: crate::durability::Durability::None,
         }
     }
 }
@@ -121,6 +124,8 @@ pub enum SidecarError {
         waited: Duration,
         reason: String,
     },
+    #[error("{0}")]
+    Durability(String),
 }
 
 /// Binds the entrypoint's socket, open to every user of the pod.
@@ -298,6 +303,7 @@ impl Sidecar {
             config.redis.clone(),
             Publisher::new(publish_options),
             config.fail_fast,
+            config.durability,
         )
         .await
         .map_err(|reason| SidecarError::RedisUnreachable {
@@ -305,6 +311,12 @@ impl Sidecar {
             waited: config.fail_fast.unwrap_or_default(),
             reason,
         })?;
+        // A level this Redis cannot give is refused now rather than found at the first batch.
+        if let Some(c) = conn.as_mut() {
+            publisher::check_durability(c, config.durability)
+                .await
+                .map_err(SidecarError::Durability)?;
+        }
         // A restarted sidecar reports its notices with the state the variation is in.
         let mut last_state = RunState::Starting;
         if let Some(c) = conn.as_mut() {
