@@ -58,7 +58,7 @@ value_sets=(
   "redis-tls-bundled::--set redis.tls.enabled=true --set redis.tls.caSecret=redis-ca --set redis.tls.caKey=bundle.pem --set redis.tls.serverCertSecret=redis-server --set redis.tls.clientCertSecret=redis-client"
   "redis-tls-external::--set redis.bundled=false --set redis.external.url=rediss://redis.example.com:6380 --set redis.external.existingSecret=my-redis --set redis.tls.enabled=true --set redis.tls.caSecret=redis-ca"
   "openshift::--set openshift=true"
-  "private-quota::--set sidecar.imagePullSecrets[0].name=regcred --set sidecar.imagePullSecrets[1].name=mirror --set sidecar.resources.limits.cpu=200m --set sidecar.resources.limits.memory=128Mi --set agentPods.fsGroup=2000 --set sidecar.securityContext.runAsUser=1000"
+  "private-quota::--set sidecar.imagePullSecrets[0].name=regcred --set sidecar.imagePullSecrets[1].name=mirror --set sidecar.resources.limits.cpu=200m --set sidecar.resources.limits.memory=128Mi --set agentPods.fsGroup=2000 --set sidecar.securityContext.runAsUser=1000 --set sidecar.durability=replicas=1\\,timeout=500"
   "everything::--set relay.ingress.enabled=true --set relay.ingress.tlsSecretName=tls --set operator.replicas=2 --set relay.replicas=3 --set operator.podDisruptionBudget.enabled=true --set relay.podDisruptionBudget.enabled=true --set redis.persistence.enabled=false --set operator.watchNamespace=agents --set metrics.serviceMonitor.enabled=true"
 )
 for entry in "${value_sets[@]}"; do
@@ -104,6 +104,8 @@ bad_values=(
   "/agentPods/fsGroup::--set agentPods.fsGroup=-1"
   "/redis/maxmemory::--set redis.maxmemory=lots"
   "/redis/maxmemoryPolicy::--set redis.maxmemoryPolicy=evict-everything"
+  "/sidecar/durability::--set sidecar.durability=always"
+  "/sidecar/durability::--set sidecar.durability=replicas=0"
   "/sidecar/imagePullSecrets/0::--set sidecar.imagePullSecrets[0].nam=regcred"
 )
 for entry in "${bad_values[@]}"; do

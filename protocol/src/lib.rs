@@ -11,6 +11,7 @@ pub mod acl;
 #[cfg(feature = "clap")]
 pub mod args;
 pub mod control;
+pub mod durability;
 pub mod entry;
 pub mod envelope;
 pub mod epoch;

@@ -9,7 +9,6 @@
 
 pub mod auth;
 pub mod chunker;
-pub mod durability;
 pub mod entrypoint;
 pub mod frame;
 pub mod local;

@@ -68,7 +68,7 @@ pub struct SidecarConfig {
     /// Give up at start when Redis cannot be reached in this time (`None`: keep trying).
     pub fail_fast: Option<Duration>,
     /// What Redis must confirm before frames are acknowledged to the entrypoint.
-    pub durability: crate::durability::Durability,
+    pub durability: agentrun_protocol::durability::Durability,
 }
 
 impl SidecarConfig {
@@ -94,7 +94,7 @@ impl SidecarConfig {
             metrics_interval: Duration::from_secs(5),
             owns_run: false,
             fail_fast: None,
-            durability: crate::durability::Durability::None,
+            durability: agentrun_protocol::durability::Durability::None,
         }
     }
 }

@@ -8,7 +8,7 @@
 //! that the history was reset instead of silently skipping the reused sequence numbers.
 
 use super::Shared;
-use crate::durability::{Durability, NO_WAITAOF};
+use agentrun_protocol::durability::{Durability, NO_WAITAOF};
 use agentrun_protocol::publish::{
     Batch, Expected, add_variation, expire_keys, set_state, settle_phase,
 };

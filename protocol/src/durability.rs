@@ -1,5 +1,6 @@
 //! How safe an entry must be before the sidecar acknowledges it to the entrypoint
-//! (`--durability`, `AGENTRUN_DURABILITY`).
+//! (`agentrun-sidecar --durability`, `AGENTRUN_DURABILITY`; the operator's
+//! `--sidecar-durability` hands it to every sidecar).
 //!
 //! The entrypoint forgets a frame once it is acknowledged. With `none` that happens as soon as
 //! the Redis master replied, so a master that loses its recent writes (no persistence, AOF
