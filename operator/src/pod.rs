@@ -449,7 +449,10 @@ pub fn build_pod(
         ),
         env("AGENTRUN_STREAM_MAXLEN", stream_max_len.to_string()),
         env("AGENTRUN_RETENTION_SECONDS", retention.to_string()),
-        env("AGENTRUN_DURABILITY", settings.sidecar_durability.to_string()),
+        env(
+            "AGENTRUN_DURABILITY",
+            settings.sidecar_durability.to_string(),
+        ),
     ];
     sidecar_env.extend(redis_env);
     let sidecar = Container {

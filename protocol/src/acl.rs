@@ -36,6 +36,7 @@ const SIDECAR_COMMANDS: &[&str] = &[
     "+ssubscribe",
     "+unsubscribe",
     "+sunsubscribe",
+    "+wait",
 ];
 
 /// The ACL user name of a run's sidecars.

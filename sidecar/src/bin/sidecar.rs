@@ -1,7 +1,7 @@
 //! `agentrun-sidecar serve|run|install-entrypoint`
 
-use agentrun_protocol::{RunId, Variation};
 use agentrun_protocol::durability::Durability;
+use agentrun_protocol::{RunId, Variation};
 use agentrun_sidecar::local::{LocalRun, run};
 use agentrun_sidecar::server::{Sidecar, SidecarConfig};
 use anyhow::{Context, bail};
