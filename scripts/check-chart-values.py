@@ -187,6 +187,8 @@ if name == "openshift":
 else:
     for sc in own_pod_sc:
         check(sc.get("runAsUser") == 65532 and sc.get("fsGroup") == 65532, f"the chart pods run as 65532: {sc}")
+check(operator_env.get("AGENTRUN_SIDECAR_DURABILITY") == ("replicas=1,timeout=500" if name == "private-quota" else "none"),
+      f"sidecar durability: {operator_env.get('AGENTRUN_SIDECAR_DURABILITY')}")
 if name == "private-quota":
     check(operator_env.get("AGENTRUN_SIDECAR_IMAGE_PULL_SECRETS") == "regcred,mirror", f"sidecar pull Secrets: {operator_env.get('AGENTRUN_SIDECAR_IMAGE_PULL_SECRETS')}")
     check(sidecar_resources == {"requests": {"cpu": "10m", "memory": "32Mi"}, "limits": {"cpu": "200m", "memory": "128Mi"}}, f"sidecar resources with a CPU limit: {sidecar_resources}")

@@ -55,6 +55,8 @@ pub struct Settings {
     pub relay_url: Option<String>,
     /// Default `streamMaxLen` for runs that do not set it.
     pub default_stream_max_len: i64,
+    /// What Redis must confirm before a sidecar acknowledges output (`AGENTRUN_DURABILITY`).
+    pub sidecar_durability: agentrun_protocol::durability::Durability,
     /// Default `retentionSeconds` for runs that do not set it.
     pub default_retention_seconds: i64,
     /// Grace period of agent pods: the agent's stop plus the sidecar's final flush must fit.
@@ -166,6 +168,7 @@ impl Default for Settings {
             run_credential_key: None,
             relay_url: None,
             default_stream_max_len: 100_000,
+            sidecar_durability: agentrun_protocol::durability::Durability::None,
             default_retention_seconds: 7 * 24 * 3600,
             termination_grace_period_seconds: 45,
             sidecar_tls: SidecarTls::default(),

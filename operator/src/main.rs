@@ -120,6 +120,11 @@ struct RunArgs {
     /// Default cap on each stream of a run.
     #[arg(long, env = "AGENTRUN_STREAM_MAXLEN", default_value_t = 100_000)]
     stream_max_len: i64,
+    /// What Redis must confirm before the sidecars acknowledge an agent's output: `none`,
+    /// `replicas=N[,timeout=MS]` (WAIT) or `aof[,replicas=N][,timeout=MS]` (WAITAOF, Redis
+    /// 7.2+); handed to every sidecar as `AGENTRUN_DURABILITY`.
+    #[arg(long, env = "AGENTRUN_SIDECAR_DURABILITY", default_value = "none", value_parser = parse_durability)]
+    sidecar_durability: agentrun_protocol::durability::Durability,
     /// Default seconds a run's Redis data is kept after it ended.
     #[arg(long, env = "AGENTRUN_RETENTION_SECONDS", default_value_t = 604_800)]
     retention_seconds: i64,
@@ -345,6 +350,7 @@ fn settings(args: &RunArgs) -> anyhow::Result<Settings> {
         termination_grace_period_seconds: args.pod_termination_grace_seconds.max(1),
         relay_url: args.relay_url.clone(),
         default_stream_max_len: args.stream_max_len,
+        sidecar_durability: args.sidecar_durability,
         default_retention_seconds: args.retention_seconds,
         sidecar_tls,
         archive: args.archive,
@@ -375,4 +381,23 @@ fn run_credential_key(args: &RunArgs) -> Option<String> {
         );
     }
     key
+}
+
+fn parse_durability(s: &str) -> Result<agentrun_protocol::durability::Durability, String> {
+    s.parse::<agentrun_protocol::durability::Durability>()
+        .map_err(|e| e.replacen("--durability", "--sidecar-durability", 1))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sidecar_durability_is_checked_at_start() {
+        let ok = parse_durability("aof,replicas=1").expect("valid");
+        assert_eq!(ok.to_string(), "aof,replicas=1,timeout=1000");
+        let err = parse_durability("replicas=0").unwrap_err();
+        assert!(err.contains("--sidecar-durability"), "{err}");
+        assert!(err.contains("replicas=N[,timeout=MS]"), "{err}");
+    }
 }

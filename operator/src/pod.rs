@@ -449,6 +449,10 @@ pub fn build_pod(
         ),
         env("AGENTRUN_STREAM_MAXLEN", stream_max_len.to_string()),
         env("AGENTRUN_RETENTION_SECONDS", retention.to_string()),
+        env(
+            "AGENTRUN_DURABILITY",
+            settings.sidecar_durability.to_string(),
+        ),
     ];
     sidecar_env.extend(redis_env);
     let sidecar = Container {
@@ -593,7 +597,9 @@ mod tests {
         }];
         run.spec.runtime_class_name = Some("gvisor".into());
         run.spec.priority_class_name = Some("agents".into());
-        let pods = build_pods(&run, &settings()).expect("builds");
+        let mut settings = settings();
+        settings.sidecar_durability = "replicas=1,timeout=500".parse().expect("valid");
+        let pods = build_pods(&run, &settings).expect("builds");
         assert_eq!(pods.len(), 2);
         assert_snapshot("pod-variation-careful", &pods[1]);
     }

@@ -39,6 +39,7 @@ const SIDECAR_COMMANDS: &[&str] = &[
     "+ssubscribe",
     "+unsubscribe",
     "+sunsubscribe",
+    "+wait",
 ];
 
 /// The ACL user name of a run's sidecars.

@@ -12,6 +12,7 @@ pub mod archive;
 #[cfg(feature = "clap")]
 pub mod args;
 pub mod control;
+pub mod durability;
 pub mod entry;
 pub mod envelope;
 pub mod epoch;

@@ -4,6 +4,10 @@
 //! Starts its own `redis-server` (persistence off) on a free port, measures
 //! `redis-benchmark -P 64` XADD on it as the baseline, then drives the real `agentrun-sidecar
 //! run` binary. The agent is this same program, re-run with `AGENTRUN_BENCH_AGENT` set.
+//!
+//! `AGENTRUN_BENCH_ONLY=durability` measures the `--durability` levels instead (shorter runs):
+//! `none`, `replicas=1` against a local replica, and `aof` where Redis has `WAITAOF` (7.2+),
+//! else `none` on a master with `appendfsync always` as the closest figure.
 
 use agentrun_protocol::entry::LiveMessage;
 use agentrun_protocol::replay::read_page;
@@ -92,7 +96,12 @@ fn redis_benchmark_xadd(port: u16) -> Option<f64> {
     tail.split_whitespace().next()?.parse().ok()
 }
 
-fn sidecar_run(redis: &RedisServer, run: &RunId, agent_args: &[&str]) -> Command {
+fn sidecar_run_durable(
+    redis: &RedisServer,
+    run: &RunId,
+    durability: &str,
+    agent_args: &[&str],
+) -> Command {
     let me = std::env::current_exe().expect("bench path");
     let mut cmd = Command::new(SIDECAR);
     cmd.args([
@@ -105,7 +114,7 @@ fn sidecar_run(redis: &RedisServer, run: &RunId, agent_args: &[&str]) -> Command
         "--redis-url",
     ])
     .arg(redis.url())
-    .args(["--run-id", run.as_str(), "--"])
+    .args(["--run-id", run.as_str(), "--durability", durability, "--"])
     .arg(me)
     .args(agent_args)
     .env("AGENTRUN_BENCH_AGENT", "1")
@@ -167,22 +176,104 @@ async fn bench() {
     }
 
     let only = std::env::var("AGENTRUN_BENCH_ONLY").unwrap_or_default();
+    if only == "durability" {
+        drop(redis);
+        durability_levels().await;
+        return;
+    }
     if only != "latency" {
-        throughput(&redis, baseline).await;
+        throughput(&redis, "none", 2_000_000, 3, baseline).await;
     }
     if only != "throughput" {
-        latency(&redis).await;
+        latency(&redis, "none", 10).await;
     }
 }
 
-async fn throughput(redis: &RedisServer, baseline: Option<f64>) {
-    // 2 million 100-byte lines flat out.
-    let lines = 2_000_000usize;
+/// Ingest and latency for each durability level, each against Redis servers of its own.
+async fn durability_levels() {
+    let version = redis_version();
+    println!(
+        "redis-server {version}; durability levels (500,000 lines best of 2; 10,000 lines/s for 5 s)"
+    );
+    let (lines, attempts, seconds) = (500_000, 2, 5);
+    {
+        let master = RedisServer::start_with(&["--appendonly", "no"]);
+        println!("## none (master without persistence)");
+        throughput(&master, "none", lines, attempts, None).await;
+        latency(&master, "none", seconds).await;
+    }
+    {
+        let master = RedisServer::start_with(&["--appendonly", "no"]);
+        let port = master.port().to_string();
+        let replica =
+            RedisServer::start_with(&["--appendonly", "no", "--replicaof", "127.0.0.1", &port]);
+        agentrun_protocol::testing::wait_for("the replica", Duration::from_secs(30), || {
+            let port = replica.port();
+            async move {
+                agentrun_protocol::testing::info_replication(port)
+                    .await
+                    .contains("master_link_status:up")
+                    .then_some(())
+            }
+        })
+        .await;
+        println!("## replicas=1 (WAIT 1 1000, one local replica)");
+        throughput(&master, "replicas=1", lines, attempts, None).await;
+        latency(&master, "replicas=1", seconds).await;
+    }
+    {
+        let master = RedisServer::start_with(&["--appendonly", "yes", "--appendfsync", "always"]);
+        let major_minor: Vec<u32> = version
+            .split('.')
+            .take(2)
+            .filter_map(|p| p.parse().ok())
+            .collect();
+        if major_minor.as_slice() >= [7, 2].as_slice() {
+            println!("## aof (WAITAOF 1 0 1000, appendfsync everysec)");
+            let mut c = master.conn().await;
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg("appendfsync")
+                .arg("everysec")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            throughput(&master, "aof", lines, attempts, None).await;
+            latency(&master, "aof", seconds).await;
+        } else {
+            println!(
+                "## aof: this Redis ({version}) has no WAITAOF; closest figure: none on a master with appendonly yes, appendfsync always"
+            );
+            throughput(&master, "none", lines, attempts, None).await;
+            latency(&master, "none", seconds).await;
+        }
+    }
+}
+
+fn redis_version() -> String {
+    let out = Command::new("redis-server")
+        .arg("--version")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    out.split_whitespace()
+        .find_map(|w| w.strip_prefix("v="))
+        .unwrap_or("unknown")
+        .to_owned()
+}
+
+async fn throughput(
+    redis: &RedisServer,
+    durability: &str,
+    lines: usize,
+    attempts: usize,
+    baseline: Option<f64>,
+) {
     let mut best = f64::MAX;
-    for attempt in 0..3 {
+    for attempt in 0..attempts {
         let run = RunId::new(format!("bench-flood-{attempt}-{}", now_ms())).unwrap();
         let started = Instant::now();
-        let status = sidecar_run(redis, &run, &["flood", &lines.to_string()])
+        let status = sidecar_run_durable(redis, &run, durability, &["flood", &lines.to_string()])
             .status()
             .unwrap();
         let secs = started.elapsed().as_secs_f64();
@@ -198,7 +289,7 @@ async fn throughput(redis: &RedisServer, baseline: Option<f64>) {
     }
     let lines_per_s = lines as f64 / best;
     println!(
-        "ingest: {lines} lines of {LINE} bytes, agent start to all in Redis: best of 3 {best:.2} s = {lines_per_s:.0} lines/s, {:.1} MB/s",
+        "ingest: {lines} lines of {LINE} bytes, agent start to all in Redis: best of {attempts} {best:.2} s = {lines_per_s:.0} lines/s, {:.1} MB/s",
         (lines * LINE) as f64 / best / 1e6
     );
     if let Some(b) = baseline {
@@ -206,18 +297,23 @@ async fn throughput(redis: &RedisServer, baseline: Option<f64>) {
     }
 }
 
-async fn latency(redis: &RedisServer) {
-    // 10,000 lines/s for 10 s: agent write → Pub/Sub delivery.
+async fn latency(redis: &RedisServer, durability: &str, seconds: u64) {
+    // 10,000 lines/s for `seconds`: agent write → Pub/Sub delivery.
+    let want = 10_000 * seconds as usize;
     let run = RunId::new(format!("bench-paced-{}", now_ms())).unwrap();
     let key = StreamName::Output(Variation::default_name()).key(&run);
     let mut pubsub = redis.settings().pubsub().await.unwrap();
     pubsub.subscribe(&key).await.unwrap();
     let mut live = pubsub.into_on_message();
-    let mut child =
-        tokio::process::Command::from(sidecar_run(redis, &run, &["paced", "10000", "10"]))
-            .spawn()
-            .unwrap();
-    let mut latencies: Vec<u128> = Vec::with_capacity(100_000);
+    let mut child = tokio::process::Command::from(sidecar_run_durable(
+        redis,
+        &run,
+        durability,
+        &["paced", "10000", &seconds.to_string()],
+    ))
+    .spawn()
+    .unwrap();
+    let mut latencies: Vec<u128> = Vec::with_capacity(want);
     let collect = async {
         while let Some(msg) = live.next().await {
             let received = now_us();
@@ -236,7 +332,7 @@ async fn latency(redis: &RedisServer) {
                     latencies.push(received.saturating_sub(t));
                 }
             }
-            if latencies.len() >= 100_000 {
+            if latencies.len() >= want {
                 break;
             }
         }

@@ -22,6 +22,11 @@ pub struct Metrics {
     pub entries_published: IntCounter,
     pub publish_errors: IntCounter,
     pub publish_seconds: Histogram,
+    /// Time spent in `WAIT`/`WAITAOF` after a batch (`--durability` other than `none`).
+    pub durability_wait_seconds: Histogram,
+    /// Waits that did not reach the durability level in time (the batch is not acknowledged
+    /// and is published and waited for again).
+    pub durability_timeouts: IntCounter,
     /// Bytes waiting in the sidecar for Redis.
     pub buffered_bytes: IntGauge,
     /// 1 while Redis takes writes.
@@ -81,7 +86,24 @@ impl Metrics {
             )
             .expect("metric"),
         );
+        let durability_wait_seconds = b.add(
+            Histogram::with_opts(
+                HistogramOpts::new(
+                    "durability_wait_seconds",
+                    "Time waiting for replicas or the AOF fsync after a batch (--durability)",
+                )
+                .buckets(vec![
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+                ]),
+            )
+            .expect("metric"),
+        );
         Self {
+            durability_wait_seconds,
+            durability_timeouts: b.counter(
+                "durability_timeouts_total",
+                "Waits for replicas or the AOF fsync that timed out; the batch was kept and retried",
+            ),
             bytes_in: b.counter_vec(
                 "bytes_received_total",
                 "Bytes of agent output received, by stream",

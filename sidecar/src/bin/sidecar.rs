@@ -1,5 +1,6 @@
 //! `agentrun-sidecar serve|run|install-entrypoint`
 
+use agentrun_protocol::durability::Durability;
 use agentrun_protocol::{RunId, Variation};
 use agentrun_sidecar::local::{LocalRun, run};
 use agentrun_sidecar::server::{Sidecar, SidecarConfig};
@@ -89,6 +90,15 @@ struct Common {
     /// Seconds between figures published to run:{RUN}:metrics (0: never).
     #[arg(long, env = "AGENTRUN_METRICS_INTERVAL_SECONDS", default_value_t = 5)]
     metrics_interval_seconds: u64,
+    /// What Redis must confirm before the entrypoint's output is acknowledged (and forgotten
+    /// by it): `none` (the master replied), `replicas=N[,timeout=MS]` (WAIT: N replicas have
+    /// it), `aof[,replicas=N][,timeout=MS]` (WAITAOF: the master fsynced its AOF; Redis 7.2+).
+    #[arg(long, env = "AGENTRUN_DURABILITY", default_value = "none", value_parser = parse_durability)]
+    durability: Durability,
+}
+
+fn parse_durability(s: &str) -> Result<Durability, String> {
+    s.parse()
 }
 
 impl Common {
@@ -103,6 +113,7 @@ impl Common {
         config.buffer_bytes = self.buffer_mib.max(1) * 1024 * 1024;
         config.metrics_interval = Duration::from_secs(self.metrics_interval_seconds);
         config.archive = self.archive;
+        config.durability = self.durability;
         Ok(config)
     }
 }

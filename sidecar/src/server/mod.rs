@@ -70,6 +70,8 @@ pub struct SidecarConfig {
     /// When this sidecar settles the run's phase (no operator): mark the run for archiving,
     /// put it on the archive queue once it ends, and leave its TTL to the archiver.
     pub archive: bool,
+    /// What Redis must confirm before frames are acknowledged to the entrypoint.
+    pub durability: agentrun_protocol::durability::Durability,
 }
 
 impl SidecarConfig {
@@ -96,6 +98,7 @@ impl SidecarConfig {
             owns_run: false,
             fail_fast: None,
             archive: false,
+            durability: agentrun_protocol::durability::Durability::None,
         }
     }
 }
@@ -125,6 +128,8 @@ pub enum SidecarError {
         waited: Duration,
         reason: String,
     },
+    #[error("{0}")]
+    Durability(String),
 }
 
 /// Binds the entrypoint's socket, open to every user of the pod.
@@ -302,6 +307,7 @@ impl Sidecar {
             config.redis.clone(),
             Publisher::new(publish_options),
             config.fail_fast,
+            config.durability,
         )
         .await
         .map_err(|reason| SidecarError::RedisUnreachable {
@@ -309,6 +315,12 @@ impl Sidecar {
             waited: config.fail_fast.unwrap_or_default(),
             reason,
         })?;
+        // A level this Redis cannot give is refused now rather than found at the first batch.
+        if let Some(c) = conn.as_mut() {
+            publisher::check_durability(c, config.durability)
+                .await
+                .map_err(SidecarError::Durability)?;
+        }
         // A restarted sidecar reports its notices with the state the variation is in.
         let mut last_state = RunState::Starting;
         if let Some(c) = conn.as_mut() {

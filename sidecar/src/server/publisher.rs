@@ -9,6 +9,7 @@
 
 use super::Shared;
 use agentrun_protocol::archive::{self, ArchiveRequest};
+use agentrun_protocol::durability::{Durability, NO_WAITAOF};
 use agentrun_protocol::publish::{Batch, Expected, add_variation, set_state, settle_phase};
 use agentrun_protocol::{
     NewEntry, Publisher, RedisConn, RedisSettings, StatusEvent, StreamName, Variation, now_ms,
@@ -72,6 +73,54 @@ pub(crate) struct PublishLoop {
     publisher: Publisher,
     /// Per stream: its top and the run's epoch when Redis last acknowledged a batch.
     acknowledged: HashMap<StreamName, Expected>,
+    /// What Redis must confirm after each batch before its frames are acknowledged.
+    durability: Durability,
+}
+
+/// Checks that this Redis (and the sidecar's Redis user) can give `durability`: `WAITAOF`
+/// needs Redis 7.2 and `appendonly yes`; both commands need the user's permission.
+pub(crate) async fn check_durability(
+    c: &mut RedisConn,
+    durability: Durability,
+) -> Result<(), String> {
+    let probe = match durability {
+        Durability::None => return Ok(()),
+        // Zero replicas are always reached: these answer at once.
+        Durability::Replicas { .. } => {
+            let mut cmd = redis::cmd("WAIT");
+            cmd.arg(0).arg(0);
+            cmd
+        }
+        Durability::Aof { .. } => {
+            let mut cmd = redis::cmd("WAITAOF");
+            cmd.arg(1).arg(0).arg(1);
+            cmd
+        }
+    };
+    match probe.query_async::<redis::Value>(c).await {
+        Ok(_) => Ok(()),
+        Err(e) => Err(durability_error(durability, &e)),
+    }
+}
+
+/// What to tell the operator of the sidecar when the wait command itself fails.
+fn durability_error(durability: Durability, e: &redis::RedisError) -> String {
+    let text = e.to_string();
+    let lower = text.to_lowercase();
+    if matches!(durability, Durability::Aof { .. }) && lower.contains("unknown command") {
+        NO_WAITAOF.to_owned()
+    } else if lower.contains("noperm") || lower.contains("no permissions") {
+        format!(
+            "--durability {durability}: the sidecar's Redis user may not run {}: {text}",
+            if matches!(durability, Durability::Aof { .. }) {
+                "WAITAOF"
+            } else {
+                "WAIT"
+            }
+        )
+    } else {
+        format!("--durability {durability}: Redis refused the wait: {text}")
+    }
 }
 
 impl PublishLoop {
@@ -81,6 +130,7 @@ impl PublishLoop {
         settings: RedisSettings,
         publisher: Publisher,
         fail_fast: Option<Duration>,
+        durability: Durability,
     ) -> Result<(Self, Option<RedisConn>), String> {
         let deadline = fail_fast.map(|d| tokio::time::Instant::now() + d);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
@@ -92,6 +142,7 @@ impl PublishLoop {
                             settings,
                             publisher,
                             acknowledged: HashMap::new(),
+                            durability,
                         },
                         Some(conn),
                     ));
@@ -104,6 +155,7 @@ impl PublishLoop {
                                 settings,
                                 publisher,
                                 acknowledged: HashMap::new(),
+                                durability,
                             },
                             None,
                         ));
@@ -197,6 +249,7 @@ impl PublishLoop {
         }
         let run = &shared.config.run;
         let mut failures = 0u32;
+        let mut waits_missed = 0u32;
         loop {
             let Some(c) = conn.as_mut() else {
                 match self.settings.connect().await {
@@ -250,6 +303,63 @@ impl PublishLoop {
                     let appended: u64 = outcomes.iter().map(|o| o.appended).sum();
                     shared.metrics.entries_published.inc_by(appended);
                     shared.set_redis_up(true);
+                    if let Some(wait) = self.durability.command() {
+                        // Nothing is acknowledged before Redis confirms the level: on a
+                        // timeout or an error the batch is published again (the script skips
+                        // what it already has) and waited for again.
+                        let started = std::time::Instant::now();
+                        let answer = wait.query_async::<redis::Value>(c).await;
+                        shared
+                            .metrics
+                            .durability_wait_seconds
+                            .observe(started.elapsed().as_secs_f64());
+                        match answer {
+                            Ok(value) => match self.durability.reached(&value) {
+                                Ok(true) => {}
+                                Ok(false) => {
+                                    shared.metrics.durability_timeouts.inc();
+                                    if waits_missed.is_multiple_of(20) {
+                                        tracing::warn!(
+                                            durability = %self.durability,
+                                            confirmed = ?value,
+                                            entries = groups.iter().map(|g| g.2.len()).sum::<usize>(),
+                                            "Redis did not confirm the batch at the durability level in time; it is not acknowledged (the entrypoint keeps it) and is published and waited for again"
+                                        );
+                                    }
+                                    waits_missed += 1;
+                                    continue;
+                                }
+                                Err(e) => {
+                                    shared.metrics.publish_errors.inc();
+                                    tracing::warn!(durability = %self.durability, error = %e, "cannot read Redis's answer to the durability wait; holding output and retrying");
+                                    tokio::time::sleep(backoff.delay()).await;
+                                    continue;
+                                }
+                            },
+                            Err(e) => {
+                                shared.metrics.publish_errors.inc();
+                                if failures.is_multiple_of(20) {
+                                    tracing::error!(
+                                        error = %durability_error(self.durability, &e),
+                                        "the durability wait failed; holding output (not acknowledged) and retrying"
+                                    );
+                                }
+                                failures += 1;
+                                if failures.is_multiple_of(3) {
+                                    *conn = None;
+                                }
+                                tokio::time::sleep(backoff.delay()).await;
+                                continue;
+                            }
+                        }
+                        if waits_missed > 0 {
+                            tracing::info!(
+                                durability = %self.durability,
+                                after = waits_missed,
+                                "Redis confirmed the batch at the durability level; acknowledging it"
+                            );
+                        }
+                    }
                     backoff.reset();
                     break;
                 }
