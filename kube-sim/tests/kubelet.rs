@@ -669,13 +669,18 @@ async fn termination_messages_come_from_the_file_or_the_log() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_main_containers_end_is_reported_while_its_sidecar_stops_and_the_phase_after() {
     // As the kubelet does since 1.27: once the main container exits its status says so at
-    // once, while the pod stays Running until its native sidecars have stopped (here one that
-    // takes 2 s to finish after SIGTERM); only then is the phase terminal.
+    // once, while the pod stays Running until its native sidecars have stopped (here one that,
+    // after SIGTERM, finishes only when the test says so); only then is the phase terminal.
     let c = Cluster::start().await;
     let api: Api<Pod> = Api::namespaced(c.client().await, &c.namespace);
+    let gate = tempfile::tempdir().expect("temp dir");
+    let go = gate.path().join("go");
     let mut sidecar = sh(
         "sidecar",
-        "trap 'sleep 2; exit 0' TERM; while true; do sleep 0.1; done",
+        &format!(
+            "trap 'until [ -e {go} ]; do sleep 0.05; done; exit 0' TERM; while true; do sleep 0.1; done",
+            go = go.display()
+        ),
     );
     sidecar["restartPolicy"] = json!("Always");
     let spec = json!({"restartPolicy": "Never", "terminationGracePeriodSeconds": 30,
@@ -692,6 +697,7 @@ async fn a_main_containers_end_is_reported_while_its_sidecar_stops_and_the_phase
         p["status"]["initContainerStatuses"][0]["state"]["running"].is_object(),
         "{p}"
     );
+    std::fs::write(&go, "").expect("let the sidecar finish");
     let p = wait_for(&api, "stopping", 60, "Succeeded", |p| {
         phase(p) == "Succeeded"
     })
