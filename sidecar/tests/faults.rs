@@ -95,55 +95,69 @@ fn check_against(entries: &[Entry], written: &[u8]) -> (u64, u64) {
     (kept, dropped)
 }
 
-#[tokio::test]
-async fn a_full_disk_under_the_spool_is_an_explicit_gap_never_a_silent_loss() {
-    let redis = RedisServer::start();
-    let run = run_id("disk-full");
-    // The whole shared volume is a 1 MiB tmpfs: the spool fills the disk long before its own
-    // 1 GiB bound, while the agent writes 2.1 MB with no sidecar there. The sidecar comes
-    // while the agent still runs, and the agent writes a last line after that.
-    let volume = Tmpfs::mount("1m");
-    let socket: PathBuf = volume.path().join("agentrun.sock");
-    let markers = tempfile::tempdir().unwrap();
-    let (written_marker, go) = (markers.path().join("written"), markers.path().join("go"));
-    let count = 150_000;
-    let mut written = numbered_lines(count);
-    written.extend_from_slice(b"end\n");
-    let script = format!(
-        "{}; touch {w}; while [ ! -e {go} ]; do sleep 0.02; done; echo end",
-        numbered_lines_script(count),
-        w = written_marker.display(),
-        go = go.display()
-    );
-    provision_key(&socket);
-    let mut agent = ChildGuard::spawn(
-        dying_with_test(ENTRYPOINT)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--no-tee", "--", "sh", "-c", &script])
-            .stderr(std::process::Stdio::null()),
-    );
-    wait_for("the agent to write everything", DEADLINE, || {
-        let done = written_marker.exists();
-        async move { done.then_some(()) }
-    })
-    .await;
-    let mut sidecar = serve(&redis, &run, &socket);
-    let conn = redis.conn().await;
-    wait_for("the sidecar to publish something", DEADLINE, || {
-        let mut c = conn.clone();
-        let r = run.clone();
-        async move { (!read_all(&mut c, &output_key(&r)).await.is_empty()).then_some(()) }
-    })
-    .await;
-    std::fs::write(&go, "").unwrap();
-    let status = wait_for("the agent to finish", DEADLINE, || {
-        let exited = agent.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
-    assert_eq!(status.code(), Some(0));
-    let entries = wait_for("the last line in the stream", DEADLINE, || {
+/// An agent under the entrypoint that writes `count` numbered lines, says so, then waits for
+/// the test's go before a last `end` line.
+struct GatedAgent {
+    child: ChildGuard,
+    markers: tempfile::TempDir,
+    /// Every byte it writes, `end` included.
+    expected: Vec<u8>,
+}
+
+impl GatedAgent {
+    fn start(socket: &Path, count: usize) -> GatedAgent {
+        let markers = tempfile::tempdir().unwrap();
+        let mut expected = numbered_lines(count);
+        expected.extend_from_slice(b"end\n");
+        let script = format!(
+            "{}; touch {w}; while [ ! -e {go} ]; do sleep 0.02; done; echo end",
+            numbered_lines_script(count),
+            w = markers.path().join("written").display(),
+            go = markers.path().join("go").display()
+        );
+        let child = ChildGuard::spawn(
+            dying_with_test(ENTRYPOINT)
+                .arg("--socket")
+                .arg(socket)
+                .args(["--no-tee", "--", "sh", "-c", &script])
+                .stderr(std::process::Stdio::null()),
+        );
+        GatedAgent {
+            child,
+            markers,
+            expected,
+        }
+    }
+
+    /// Waits until it has written its numbered lines.
+    async fn wait_written(&self) {
+        let written = self.markers.path().join("written");
+        wait_for("the agent to write everything", DEADLINE, || {
+            let done = written.exists();
+            async move { done.then_some(()) }
+        })
+        .await;
+    }
+
+    /// Lets it write its last line, and waits for it to exit 0.
+    async fn finish(&mut self) {
+        std::fs::write(self.markers.path().join("go"), "").unwrap();
+        let status = wait_for("the agent to finish", DEADLINE, || {
+            let exited = self.child.try_wait().unwrap();
+            async move { exited }
+        })
+        .await;
+        assert_eq!(status.code(), Some(0));
+    }
+}
+
+/// The run's output entries once its last line, `end`, is in the stream.
+async fn entries_through_the_end_line(
+    conn: &agentrun_protocol::RedisConn,
+    run: &agentrun_protocol::RunId,
+    within: std::time::Duration,
+) -> Vec<Entry> {
+    wait_for("the last line in the stream", within, || {
         let mut c = conn.clone();
         let r = run.clone();
         async move {
@@ -154,8 +168,32 @@ async fn a_full_disk_under_the_spool_is_an_explicit_gap_never_a_silent_loss() {
                 .then_some(entries)
         }
     })
+    .await
+}
+
+#[tokio::test]
+async fn a_full_disk_under_the_spool_is_an_explicit_gap_never_a_silent_loss() {
+    let redis = RedisServer::start();
+    let run = run_id("disk-full");
+    // The whole shared volume is a 1 MiB tmpfs: the spool fills the disk long before its own
+    // 1 GiB bound, while the agent writes 2.1 MB with no sidecar there. The sidecar comes
+    // while the agent still runs, and the agent writes a last line after that.
+    let volume = Tmpfs::mount("1m");
+    let socket: PathBuf = volume.path().join("agentrun.sock");
+    provision_key(&socket);
+    let mut agent = GatedAgent::start(&socket, 150_000);
+    agent.wait_written().await;
+    let mut sidecar = serve(&redis, &run, &socket);
+    let conn = redis.conn().await;
+    wait_for("the sidecar to publish something", DEADLINE, || {
+        let mut c = conn.clone();
+        let r = run.clone();
+        async move { (!read_all(&mut c, &output_key(&r)).await.is_empty()).then_some(()) }
+    })
     .await;
-    let (kept, dropped) = check_against(&entries, &written);
+    agent.finish().await;
+    let entries = entries_through_the_end_line(&conn, &run, DEADLINE).await;
+    let (kept, dropped) = check_against(&entries, &agent.expected);
     assert!(kept > 500_000, "the spool's content was published: {kept}");
     assert!(dropped > 0, "what did not fit is reported");
     sidecar.kill().unwrap();
@@ -321,29 +359,7 @@ async fn a_full_redis_refuses_writes_and_the_output_arrives_once_it_has_room() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("agentrun.sock");
     let mut sidecar = serve(&redis, &run, &socket);
-    wait_for("the sidecar's socket", DEADLINE, || {
-        let up = socket.exists();
-        async move { up.then_some(()) }
-    })
-    .await;
-    let markers = tempfile::tempdir().unwrap();
-    let (written_marker, go) = (markers.path().join("written"), markers.path().join("go"));
-    let count = 400_000;
-    let mut written = numbered_lines(count);
-    written.extend_from_slice(b"end\n");
-    let script = format!(
-        "{}; touch {w}; while [ ! -e {go} ]; do sleep 0.02; done; echo end",
-        numbered_lines_script(count),
-        w = written_marker.display(),
-        go = go.display()
-    );
-    let mut agent = ChildGuard::spawn(
-        dying_with_test(ENTRYPOINT)
-            .arg("--socket")
-            .arg(&socket)
-            .args(["--no-tee", "--", "sh", "-c", &script])
-            .stderr(std::process::Stdio::null()),
-    );
+    let mut agent = GatedAgent::start(&socket, 400_000);
     // 5.6 MB of output into a Redis that holds 3 MB: it refuses, the agent goes on.
     let conn = redis.conn().await;
     wait_for(
@@ -355,11 +371,7 @@ async fn a_full_redis_refuses_writes_and_the_output_arrives_once_it_has_room() {
         },
     )
     .await;
-    wait_for("the agent to write everything", DEADLINE, || {
-        let done = written_marker.exists();
-        async move { done.then_some(()) }
-    })
-    .await;
+    agent.wait_written().await;
     assert!(
         sidecar.try_wait().unwrap().is_none(),
         "the sidecar is still up"
@@ -371,26 +383,9 @@ async fn a_full_redis_refuses_writes_and_the_output_arrives_once_it_has_room() {
         .query_async(&mut conn.clone())
         .await
         .unwrap();
-    std::fs::write(&go, "").unwrap();
-    let status = wait_for("the agent to finish", DEADLINE, || {
-        let exited = agent.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
-    assert_eq!(status.code(), Some(0));
-    let entries = wait_for("the last line in the stream", DEADLINE * 2, || {
-        let mut c = conn.clone();
-        let r = run.clone();
-        async move {
-            let entries = read_all(&mut c, &output_key(&r)).await;
-            entries
-                .iter()
-                .any(|e| e.content.ends_with(b"end\n"))
-                .then_some(entries)
-        }
-    })
-    .await;
-    let (_, dropped) = check_against(&entries, &written);
+    agent.finish().await;
+    let entries = entries_through_the_end_line(&conn, &run, DEADLINE * 2).await;
+    let (_, dropped) = check_against(&entries, &agent.expected);
     assert_eq!(
         dropped, 0,
         "the spool had room for everything Redis refused"
