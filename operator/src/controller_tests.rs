@@ -938,6 +938,21 @@ async fn paused_sends_pause_once_and_records_it() {
     );
 }
 
+/// What the store sees when an unfinished run goes: `stop`, then the default retention TTL.
+fn stopped_and_expired(run_id: &str, variations: &[&str]) -> Vec<StoreCall> {
+    vec![
+        StoreCall::Control {
+            run_id: run_id.into(),
+            action: ControlAction::Stop,
+        },
+        StoreCall::Expire {
+            run_id: run_id.into(),
+            variations: variations.iter().map(|v| (*v).into()).collect(),
+            ttl_seconds: 604_800,
+        },
+    ]
+}
+
 #[tokio::test]
 async fn cleanup_stops_agents_expires_redis_data_and_removes_the_finalizer() {
     let base = AgentRun::test().finalized().deleting();
@@ -967,21 +982,11 @@ async fn cleanup_stops_agents_expires_redis_data_and_removes_the_finalizer() {
     })
     .await;
     assert_eq!(out.result.expect("ok"), Action::await_change());
+    // The run's Redis user outlives its stopping pods (their final flush needs it); it is
+    // deleted after their grace period.
     assert_eq!(
         out.store.calls(),
-        vec![
-            StoreCall::Control {
-                run_id: "default.hello.0f1e2d3c".into(),
-                action: ControlAction::Stop
-            },
-            StoreCall::Expire {
-                run_id: "default.hello.0f1e2d3c".into(),
-                variations: vec!["default".into()],
-                ttl_seconds: 604_800
-            },
-            // The run's Redis user outlives its stopping pods (their final flush needs it);
-            // it is deleted after their grace period.
-        ]
+        stopped_and_expired("default.hello.0f1e2d3c", &["default"])
     );
 }
 
@@ -1218,17 +1223,7 @@ async fn a_malformed_object_being_deleted_is_released_not_kept_by_its_finalizer(
     assert_eq!(out.result.expect("released"), Action::await_change());
     assert_eq!(
         out.store.calls(),
-        vec![
-            StoreCall::Control {
-                run_id: "default.broken.12345678".into(),
-                action: ControlAction::Stop
-            },
-            StoreCall::Expire {
-                run_id: "default.broken.12345678".into(),
-                variations: vec!["a".into(), "b".into()],
-                ttl_seconds: 604_800
-            },
-        ]
+        stopped_and_expired("default.broken.12345678", &["a", "b"])
     );
 }
 
