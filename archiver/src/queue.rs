@@ -4,7 +4,7 @@
 //! Invariants:
 //! - A request leaves the queue only once its run's archive is complete and the run's state
 //!   hash says so (`XACK` and `XDEL` come after [`agentrun_protocol::archive::complete`]), or
-//!   when it moves to the dead-letter stream, in one script with the `XACK`.
+//!   when it moves to the dead-letter stream, in one Redis function call with the `XACK`.
 //! - A request held by an archiver that stopped (crash, `SIGKILL`, lost node) is taken over by
 //!   another with `XAUTOCLAIM` once it has been idle for `claim_idle`. An archiver at work
 //!   keeps its requests from looking idle with a heartbeat (`XCLAIM ... JUSTID` after checking
@@ -24,6 +24,7 @@ use agentrun_protocol::archive::{
     ARCHIVE_DEAD_LETTER_KEY, ARCHIVE_GROUP, ARCHIVE_QUEUE_KEY, ArchiveRequest, ArchiveStatus,
     complete, set_status,
 };
+use agentrun_protocol::functions::{self, Call};
 use agentrun_protocol::{RedisConn, RedisSettings, RunId, Variation, now_ms};
 use redis::Value;
 use std::collections::HashMap;
@@ -82,47 +83,6 @@ pub fn default_consumer() -> String {
         .unwrap_or_else(|| format!("archiver-{}", std::process::id()))
 }
 
-/// KEYS[1] queue; ARGV group, id, consumer. Resets the idle time of a request this consumer
-/// still owns; 0 when it is not its own any more.
-const HEARTBEAT_SCRIPT: &str = r#"
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
-if #p == 0 or p[1][2] ~= ARGV[3] then return 0 end
-redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[3], 0, ARGV[2], 'JUSTID')
-return 1
-"#;
-
-/// KEYS[1] queue, KEYS[2] dead letters; ARGV group, id, max length, then field/value pairs.
-const DEAD_LETTER_SCRIPT: &str = r#"
-redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[3], '*', unpack(ARGV, 4))
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
-return 1
-"#;
-
-/// KEYS[1] queue, KEYS[2] dead letters; ARGV[1] run ('' = every run), ARGV[2] most entries.
-/// Moves dead letters back to the queue (less their failure fields); returns their runs.
-const REQUEUE_SCRIPT: &str = r#"
-local moved = {}
-local entries = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', ARGV[2])
-for _, e in ipairs(entries) do
-  local id, f = e[1], e[2]
-  local run, keep = nil, {}
-  for i = 1, #f, 2 do
-    local k = f[i]
-    if k == 'run' then run = f[i + 1] end
-    if k ~= 'reason' and k ~= 'attempts' and k ~= 'failed' and k ~= 'queue_id' then
-      keep[#keep + 1] = k; keep[#keep + 1] = f[i + 1]
-    end
-  end
-  if run and (ARGV[1] == '' or ARGV[1] == run) then
-    redis.call('XADD', KEYS[1], '*', unpack(keep))
-    redis.call('XDEL', KEYS[2], id)
-    moved[#moved + 1] = run
-  end
-end
-return moved
-"#;
-
 /// A request read from the queue.
 #[derive(Debug, Clone)]
 struct Delivery {
@@ -154,13 +114,14 @@ pub async fn requeue_dead(
     conn: &mut RedisConn,
     run: Option<&RunId>,
 ) -> Result<Vec<String>, redis::RedisError> {
-    let runs: Vec<String> = redis::Script::new(REQUEUE_SCRIPT)
-        .key(ARCHIVE_QUEUE_KEY)
-        .key(ARCHIVE_DEAD_LETTER_KEY)
-        .arg(run.map(|r| r.as_str()).unwrap_or(""))
-        .arg(100_000)
-        .invoke_async(conn)
-        .await?;
+    let runs: Vec<String> = Call::new(
+        functions::ARCHIVE_REQUEUE,
+        [ARCHIVE_QUEUE_KEY, ARCHIVE_DEAD_LETTER_KEY],
+    )
+    .arg(run.map(|r| r.as_str()).unwrap_or(""))
+    .arg(100_000)
+    .invoke(conn)
+    .await?;
     for r in &runs {
         if let Ok(id) = RunId::new(r.clone()) {
             set_status(conn, &id, ArchiveStatus::Queued, None).await?;
@@ -532,23 +493,21 @@ impl Archiver {
     ) {
         tracing::error!(run = ?run.map(RunId::as_str), id = %delivery.id, reason, "archive request sent to the dead-letter stream");
         let mut conn = self.conn.clone();
-        let dead_letter = redis::Script::new(DEAD_LETTER_SCRIPT);
-        let mut script = dead_letter.prepare_invoke();
-        script
-            .key(ARCHIVE_QUEUE_KEY)
-            .key(ARCHIVE_DEAD_LETTER_KEY)
-            .arg(ARCHIVE_GROUP)
+        let mut call = Call::new(
+            functions::ARCHIVE_DEAD_LETTER,
+            [ARCHIVE_QUEUE_KEY, ARCHIVE_DEAD_LETTER_KEY],
+        );
+        call.arg(ARCHIVE_GROUP)
             .arg(&delivery.id)
             .arg(DEAD_LETTER_MAX_LEN);
         let mut fields: Vec<(&String, &String)> = delivery.fields.iter().collect();
         fields.sort();
         for (k, v) in fields {
             if !["reason", "attempts", "failed", "queue_id"].contains(&k.as_str()) {
-                script.arg(k).arg(v);
+                call.arg(k).arg(v);
             }
         }
-        script
-            .arg("reason")
+        call.arg("reason")
             .arg(reason)
             .arg("attempts")
             .arg(attempts)
@@ -556,7 +515,7 @@ impl Archiver {
             .arg(now_ms())
             .arg("queue_id")
             .arg(&delivery.id);
-        let moved: Result<i64, _> = script.invoke_async(&mut conn).await;
+        let moved: Result<i64, _> = call.invoke(&mut conn).await;
         if let Err(e) = moved {
             tracing::warn!(error = %e, "cannot move the request to the dead-letter stream; it stays on the queue");
             return;
@@ -642,12 +601,11 @@ async fn heartbeat(
     let every = every.max(Duration::from_millis(100));
     loop {
         tokio::time::sleep(every).await;
-        let owned: Result<i64, _> = redis::Script::new(HEARTBEAT_SCRIPT)
-            .key(ARCHIVE_QUEUE_KEY)
+        let owned: Result<i64, _> = Call::new(functions::ARCHIVE_HEARTBEAT, [ARCHIVE_QUEUE_KEY])
             .arg(ARCHIVE_GROUP)
             .arg(&id)
             .arg(&consumer)
-            .invoke_async(&mut conn)
+            .invoke(&mut conn)
             .await;
         if let Ok(0) = owned {
             let _ = lost.send(true);

@@ -1,17 +1,22 @@
-//! The runs' Redis users, on every data node.
+//! The runs' Redis users and agentrun's Redis functions, on every data node.
 //!
 //! Redis keeps ACL users in memory, per server, and replicates data but not users. A run's
 //! user is therefore made on every master and replica that [`data_nodes`] lists (so that a
 //! replica promoted by Sentinel or by a cluster failover already knows it), and made again on
 //! a node that restarts (its `run_id` changes) or joins. The watcher looks every second.
+//!
+//! Functions are data: a master replicates them to its replicas, but a master that restarts
+//! without persistence has none, and in Redis Cluster each shard needs its own copy. The
+//! watcher loads the library on every node it sees start or join (a replica refuses with
+//! `READONLY` and gets it from its master).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentrun_protocol::acl;
 use agentrun_protocol::topology::{NodeAddr, data_nodes};
 use agentrun_protocol::{RedisConn, RedisSettings, RunId};
+use agentrun_protocol::{acl, functions};
 use tokio::sync::Mutex;
 
 /// How often nodes are listed and their restarts looked for.
@@ -148,10 +153,13 @@ impl RunUsers {
         Ok(addrs)
     }
 
-    /// Makes every known user again on nodes that restarted or joined.
+    /// Loads the functions and makes every known user again on nodes that restarted or joined.
     async fn watch(self) {
+        // The first tick is at once: a new operator loads the functions before it starts a run.
+        let mut tick = tokio::time::interval(WATCH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tokio::time::sleep(WATCH_EVERY).await;
+            tick.tick().await;
             if let Err(e) = self.refresh().await {
                 tracing::debug!(error = %e, "cannot list the Redis nodes");
                 continue;
@@ -170,6 +178,14 @@ impl RunUsers {
                 if server.is_none() || server == node.server {
                     continue;
                 }
+                let functions_loaded = match functions::load_library(&mut node.conn).await {
+                    Ok(()) => true,
+                    Err(e) if e.code() == Some("READONLY") => true,
+                    Err(e) => {
+                        tracing::warn!(node = %format!("{}:{}", addr.0, addr.1), error = %e, "could not load agentrun's Redis functions on a node");
+                        false
+                    }
+                };
                 let users: Vec<(String, String)> = self
                     .known
                     .lock()
@@ -178,7 +194,7 @@ impl RunUsers {
                 if node.server.is_some() || !users.is_empty() {
                     tracing::info!(node = %format!("{}:{}", addr.0, addr.1), users = users.len(), "a Redis node restarted or joined; making the runs' users there");
                 }
-                let mut all_made = true;
+                let mut all_made = functions_loaded;
                 for (run_id, password) in users {
                     let Ok(run) = RunId::new(run_id.clone()) else {
                         continue;

@@ -299,6 +299,47 @@ async fn a_replica_that_restarts_gets_the_runs_users_again() {
     wait_user_on(&[master.port(), replica.port()], &user, false).await;
 }
 
+/// Whether the server on `port` has agentrun's function library.
+async fn has_functions(port: u16) -> bool {
+    let Some(mut c) = agentrun_protocol::testing::direct(port).await else {
+        return false;
+    };
+    let listed: redis::Value = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg(agentrun_protocol::functions::LIBRARY_NAME)
+        .query_async(&mut c)
+        .await
+        .unwrap_or(redis::Value::Nil);
+    format!("{listed:?}").contains(agentrun_protocol::functions::PUBLISH)
+}
+
+async fn wait_functions_on(ports: &[u16]) {
+    for &port in ports {
+        agentrun_protocol::testing::wait_for(
+            &format!("agentrun's functions on port {port}"),
+            std::time::Duration::from_secs(20),
+            || async move { has_functions(port).await.then_some(()) },
+        )
+        .await;
+    }
+}
+
+/// Run users may call agentrun's functions but not load them: the operator loads them when
+/// it starts, and again on a master that restarted without persistence (and lost them).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_operator_loads_the_functions_and_loads_them_again_after_a_restart() {
+    let mut server = RedisServer::start_with(&["--appendonly", "no"]);
+    assert!(!has_functions(server.port()).await, "a new server has none");
+    let _store = RedisStore::connect(&server.settings(), 1000)
+        .await
+        .expect("connects");
+    wait_functions_on(&[server.port()]).await;
+    // Without AOF or RDB the restarted server starts with no functions at all.
+    server.restart();
+    wait_functions_on(&[server.port()]).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runs_user_is_on_every_node_of_a_redis_cluster() {
     let cluster = agentrun_protocol::testing::RedisCluster::start(3, 1).await;
@@ -315,6 +356,8 @@ async fn a_runs_user_is_on_every_node_of_a_redis_cluster() {
     for &port in &ports {
         assert!(knows_user(port, &user).await, "node {port} knows {user}");
     }
+    // Each shard needs its own copy of the functions.
+    wait_functions_on(&ports).await;
     store.delete_run_user(run.as_str()).await.expect("deletes");
     wait_user_on(&ports, &user, false).await;
 }

@@ -22,10 +22,11 @@ use redis::aio::ConnectionLike;
 /// Commands every component needs to connect (authentication, handshake, health).
 const CONNECT: &[&str] = &["+ping", "+hello", "+auth"];
 
-/// What the publish script and the sidecar's control follower send.
+/// What the sidecar sends, directly or from inside agentrun's Redis functions (Redis checks
+/// every command a function runs against the caller's user). `FCALL` runs only functions
+/// the operator loaded: no user but the operator's may load code (see [`crate::functions`]).
 const SIDECAR_COMMANDS: &[&str] = &[
-    "+evalsha",
-    "+script|load",
+    "+fcall",
     "+xadd",
     "+xrange",
     "+xrevrange",
@@ -105,12 +106,13 @@ pub fn relay_user_rules() -> Vec<String> {
             ])
             .map(|c| (*c).to_owned()),
     );
-    // Control messages go through the publish script: only on control streams and channels
-    // (and the producers hash the script keeps). `run:{*}:control` cannot match an output
-    // stream of a variation named "control" (`run:{R}:output:control`), since run ids hold
-    // no braces.
+    // Control messages go through the publish function: only on control streams and
+    // channels, and the control stream's own producers hash (not the one of output, logs and
+    // status, where a write would make the function skip a sidecar's entries). Neither
+    // `run:{*}:control` nor `run:{*}:control-producers` can match an output stream of a
+    // variation named "control" (`run:{R}:output:control`), since run ids hold no braces.
     rules.push(
-        "(~run:{*}:control ~run:{*}:producers &run:{*}:control +evalsha +script|load +xadd +xrevrange +hget +hset +publish +spublish)"
+        "(~run:{*}:control ~run:{*}:control-producers &run:{*}:control +fcall +xadd +xrevrange +hget +hset +publish +spublish)"
             .to_owned(),
     );
     rules
@@ -133,6 +135,8 @@ pub fn operator_user_rules() -> Vec<String> {
             .iter()
             .chain(SIDECAR_COMMANDS)
             .chain(&[
+                // It loads agentrun's Redis functions on every master.
+                "+function|load",
                 "+acl|setuser",
                 "+acl|deluser",
                 "+acl|getuser",
@@ -153,7 +157,7 @@ pub fn operator_user_rules() -> Vec<String> {
 }
 
 /// The rules of the archiver's user: read every run's streams and state, write the state
-/// hash's archive fields and the TTLs (through its scripts), and consume the archive queue
+/// hash's archive fields and the TTLs (through agentrun's functions), and consume the archive queue
 /// and the dead-letter stream. No channels, no admin commands.
 pub fn archiver_user_rules() -> Vec<String> {
     let mut rules = vec![
@@ -168,8 +172,7 @@ pub fn archiver_user_rules() -> Vec<String> {
         CONNECT
             .iter()
             .chain(&[
-                "+evalsha",
-                "+script|load",
+                "+fcall",
                 "+xrange",
                 "+xrevrange",
                 "+xlen",

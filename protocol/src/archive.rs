@@ -14,10 +14,11 @@
 //!   state hash says `failed` and keeps the reason in `archive_error`.
 //!
 //! The queue and the dead-letter stream share the hash tag `{archive}`, so in Redis Cluster
-//! they live in one slot and a script can move an entry from one to the other atomically.
-//! Scripts that touch a run's keys touch only that run's keys (the `{RUN}` tag), so they run
+//! they live in one slot and a Redis function ([`crate::functions`]) can move an entry from
+//! one to the other atomically. Functions that touch a run's keys touch only that run's keys (the `{RUN}` tag), so they run
 //! in Cluster mode and under a run's own ACL user too.
 
+use crate::functions::{self, Call};
 use crate::names::{RunId, Variation};
 use redis::RedisError;
 use redis::aio::ConnectionLike;
@@ -162,42 +163,6 @@ impl ArchiveRequest {
     }
 }
 
-/// Sets `archive` only when the state hash exists (a state hash made by this alone would be
-/// a key without a TTL) and is not `complete`. KEYS[1] state; ARGV status, error ("" = none).
-const SET_STATUS_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HGET', KEYS[1], 'archive') == 'complete' then return 0 end
-redis.call('HSET', KEYS[1], 'archive', ARGV[1])
-if ARGV[2] ~= '' then
-  redis.call('HSET', KEYS[1], 'archive_error', ARGV[2])
-else
-  redis.call('HDEL', KEYS[1], 'archive_error')
-end
-return 1
-"#;
-
-/// KEYS[1] state, KEYS[2..] keys to expire; ARGV[1] TTL. Expires unless the run waits for
-/// its archive.
-const EXPIRE_UNLESS_ARCHIVING_SCRIPT: &str = r#"
-local a = redis.call('HGET', KEYS[1], 'archive')
-if a and a ~= 'complete' then return 0 end
-for i = 2, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[1]) end
-return 1
-"#;
-
-/// KEYS[1] state, KEYS[2..] every key of the run; ARGV[1] now (ms), ARGV[2] TTL (0 = none).
-const COMPLETE_SCRIPT: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('HSET', KEYS[1], 'archive', 'complete', 'archived', ARGV[1])
-  redis.call('HDEL', KEYS[1], 'archive_error')
-end
-local ttl = tonumber(ARGV[2])
-if ttl > 0 then
-  for i = 1, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
-end
-return 1
-"#;
-
 /// Says that the run will be archived once it ends, so that no TTL is put on its keys before
 /// then (a no-op when the run already has an archive status).
 pub async fn mark_pending<C: ConnectionLike>(conn: &mut C, run: &RunId) -> Result<(), RedisError> {
@@ -238,18 +203,18 @@ pub async fn enqueue_if_pending<C: ConnectionLike>(
 }
 
 /// Records the run's archive status (and the reason of a failure) in its state hash, unless
-/// the state hash is gone or the archive is already complete.
+/// the state hash is gone (a state hash made by this alone would be a key without a TTL) or
+/// the archive is already complete.
 pub async fn set_status<C: ConnectionLike>(
     conn: &mut C,
     run: &RunId,
     status: ArchiveStatus,
     error: Option<&str>,
 ) -> Result<(), RedisError> {
-    redis::Script::new(SET_STATUS_SCRIPT)
-        .key(run.state_key())
+    Call::new(functions::ARCHIVE_SET_STATUS, [run.state_key()])
         .arg(status.as_str())
         .arg(error.unwrap_or(""))
-        .invoke_async::<i64>(conn)
+        .invoke::<i64, _>(conn)
         .await
         .map(|_| ())
 }
@@ -276,13 +241,11 @@ pub async fn expire_unless_archiving<C: ConnectionLike>(
     keys: &[String],
     ttl_seconds: u64,
 ) -> Result<bool, RedisError> {
-    let script = redis::Script::new(EXPIRE_UNLESS_ARCHIVING_SCRIPT);
-    let mut invocation = script.prepare_invoke();
-    invocation.key(run.state_key());
-    for k in keys {
-        invocation.key(k);
-    }
-    let done: i64 = invocation.arg(ttl_seconds).invoke_async(conn).await?;
+    let keys = std::iter::once(run.state_key()).chain(keys.iter().cloned());
+    let done: i64 = Call::new(functions::EXPIRE_UNLESS_ARCHIVING, keys)
+        .arg(ttl_seconds)
+        .invoke(conn)
+        .await?;
     Ok(done == 1)
 }
 
@@ -295,18 +258,17 @@ pub async fn complete<C: ConnectionLike>(
     now_ms: u64,
     ttl_seconds: u64,
 ) -> Result<(), RedisError> {
-    let script = redis::Script::new(COMPLETE_SCRIPT);
-    let mut invocation = script.prepare_invoke();
-    invocation.key(run.state_key());
-    for k in keys.iter().filter(|k| **k != run.state_key()) {
-        invocation.key(k);
-    }
-    invocation
-        .arg(now_ms)
-        .arg(ttl_seconds)
-        .invoke_async::<i64>(conn)
-        .await
-        .map(|_| ())
+    let state = run.state_key();
+    let others = keys.iter().filter(|k| **k != state).cloned();
+    Call::new(
+        functions::ARCHIVE_COMPLETE,
+        std::iter::once(state.clone()).chain(others),
+    )
+    .arg(now_ms)
+    .arg(ttl_seconds)
+    .invoke::<i64, _>(conn)
+    .await
+    .map(|_| ())
 }
 
 #[cfg(test)]

@@ -5,7 +5,9 @@
 //! JSON envelope sent to clients ([`envelope`]), the control and status messages ([`control`],
 //! [`status`]), how to reach Redis ([`settings`]), and the two primitives that touch streams:
 //! [`publish`] (append and notify, deduplicated, in batches) and [`replay`] (read a stream from
-//! a cursor in pages), and the run's [`epoch`] that makes a cursor mean the same history. `docs/protocol.md` describes the same contract for people.
+//! a cursor in pages), and the run's [`epoch`] that makes a cursor mean the same history; the Redis
+//! [`functions`] that do the atomic steps. `docs/protocol.md` describes the same contract for
+//! people.
 
 pub mod acl;
 pub mod archive;
@@ -16,6 +18,7 @@ pub mod durability;
 pub mod entry;
 pub mod envelope;
 pub mod epoch;
+pub mod functions;
 pub mod names;
 pub mod publish;
 pub mod replay;

@@ -67,11 +67,19 @@ impl RunId {
         format!("run:{{{}}}:producers", self.0)
     }
 
+    /// Hash of the same kind for the control stream alone (`run:{RUN}:control-producers`):
+    /// the relay, which publishes control messages, may write it and no other producers
+    /// hash, so it cannot make the publish function skip a sidecar's output.
+    pub fn control_producers_key(&self) -> String {
+        format!("run:{{{}}}:control-producers", self.0)
+    }
+
     /// Every key a run owns once these variations have written to it.
     pub fn all_keys<'a>(&self, variations: impl IntoIterator<Item = &'a Variation>) -> Vec<String> {
         let mut keys = vec![
             self.state_key(),
             self.producers_key(),
+            self.control_producers_key(),
             StreamName::Status.key(self),
             StreamName::Control.key(self),
             StreamName::Metrics.key(self),
@@ -150,6 +158,15 @@ impl StreamName {
             Self::Status => format!("run:{{{run}}}:status"),
             Self::Control => format!("run:{{{run}}}:control"),
             Self::Metrics => format!("run:{{{run}}}:metrics"),
+        }
+    }
+
+    /// The hash that deduplicates this stream's producers: [`RunId::control_producers_key`]
+    /// for the control stream, [`RunId::producers_key`] for every other.
+    pub fn producers_key(&self, run: &RunId) -> String {
+        match self {
+            Self::Control => run.control_producers_key(),
+            _ => run.producers_key(),
         }
     }
 

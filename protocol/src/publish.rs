@@ -1,8 +1,9 @@
 //! The publish primitive: append entries to a run's stream and announce each one on the
 //! channel of the same name, exactly once, in order, within the run's epoch.
 //!
-//! One Lua script does the work for a batch of entries of one stream from one producer, so the
-//! append and the announcement are atomic and ordered alike. Re-sends are harmless: the script
+//! One Redis function (`agentrun_v1_publish`, see [`crate::functions`]) does the work for a
+//! batch of entries of one stream from one producer, so the append and the announcement are
+//! atomic and ordered alike. Re-sends are harmless: the function
 //! remembers, per stream and producer, the highest producer sequence (`pseq`) it has applied
 //! (in the hash `run:{RUN}:producers`) and skips anything at or below it. Stream sequence
 //! numbers (`seq`, also the entry id `0-SEQ`) are assigned by the script, contiguous from 1,
@@ -18,83 +19,10 @@
 
 use crate::entry::NewEntry;
 use crate::epoch::Epoch;
+use crate::functions::{self, Call};
 use crate::names::{RUNS_INDEX_KEY, RunId, StreamName};
 use redis::aio::ConnectionLike;
 use redis::{Cmd, RedisError, Value};
-
-/// KEYS[1] stream key (and channel); KEYS[2] producers hash; KEYS[3] (optional) the run's
-/// state hash: without it the script neither reads nor writes the epoch.
-/// ARGV[1] producer id, ARGV[2] MAXLEN (0 = uncapped), ARGV[3] publish command or "",
-/// ARGV[4] a fresh epoch proposed by the caller, ARGV[5] the stream top the producer was
-/// last acknowledged (0: no check), ARGV[6] the epoch of that acknowledgement ("" = none),
-/// then five values per entry: pseq, ts, type, content, meta ("" = none).
-/// Returns {last stream seq, entries appended, highest pseq applied, epoch ("" = none),
-/// 1 when this call started a new epoch because the history was rewound, else 0}.
-const PUBLISH_SCRIPT: &str = r#"
-local field = KEYS[1] .. '|' .. ARGV[1]
-local applied = tonumber(redis.call('HGET', KEYS[2], field) or '0')
-local top = 0
-local newest = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
-if #newest > 0 then
-  top = tonumber(string.sub(newest[1][1], 3))
-end
-local fresh = false
-for i = 7, #ARGV, 5 do
-  if tonumber(ARGV[i]) > applied then fresh = true; break end
-end
-local epoch = ''
-local rewound = 0
-if #KEYS >= 3 then
-  local expected = tonumber(ARGV[5])
-  epoch = redis.call('HGET', KEYS[3], 'epoch')
-  if not epoch then
-    epoch = ''
-    if fresh then
-      epoch = ARGV[4]
-      redis.call('HSET', KEYS[3], 'epoch', epoch)
-      if expected > 0 then rewound = 1 end
-    end
-  elseif fresh and expected > 0 and top < expected and epoch == ARGV[6] then
-    epoch = ARGV[4]
-    redis.call('HSET', KEYS[3], 'epoch', epoch)
-    rewound = 1
-  end
-end
-local tail = ''
-if epoch ~= '' then tail = ' ' .. epoch end
-local maxlen = tonumber(ARGV[2])
-local pub = ARGV[3]
-local added = 0
-for i = 7, #ARGV, 5 do
-  local pseq = tonumber(ARGV[i])
-  if pseq > applied then
-    top = top + 1
-    local ts, kind, content, meta = ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], ARGV[i + 4]
-    local args = {KEYS[1]}
-    if maxlen > 0 then
-      args[#args + 1] = 'MAXLEN'; args[#args + 1] = '~'; args[#args + 1] = maxlen
-    end
-    args[#args + 1] = '0-' .. top
-    args[#args + 1] = 'seq'; args[#args + 1] = top
-    args[#args + 1] = 'ts'; args[#args + 1] = ts
-    args[#args + 1] = 'type'; args[#args + 1] = kind
-    args[#args + 1] = 'content'; args[#args + 1] = content
-    if meta ~= '' then
-      args[#args + 1] = 'meta'; args[#args + 1] = meta
-    end
-    redis.call('XADD', unpack(args))
-    if pub ~= '' then
-      redis.call(pub, KEYS[1], top .. ' ' .. ts .. ' ' .. kind .. ' ' .. #meta .. tail .. '\n' .. meta .. content)
-    end
-    applied = pseq
-    added = added + 1
-  end
-end
-if added > 0 then
-  redis.call('HSET', KEYS[2], field, applied)
-end
-return {top, added, applied, epoch, rewound}
-"#;
 
 /// How entries are published.
 #[derive(Debug, Clone)]
@@ -161,7 +89,6 @@ pub struct Batch<'a> {
 #[derive(Debug, Clone)]
 pub struct Publisher {
     options: PublishOptions,
-    sha: String,
     run_state: bool,
 }
 
@@ -169,7 +96,6 @@ impl Publisher {
     pub fn new(options: PublishOptions) -> Self {
         Self {
             options,
-            sha: redis::Script::new(PUBLISH_SCRIPT).get_hash().to_owned(),
             run_state: true,
         }
     }
@@ -187,32 +113,25 @@ impl Publisher {
     }
 
     fn command(&self, run: &RunId, batch: &Batch<'_>, expected: Expected) -> Cmd {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&self.sha);
+        let mut keys = vec![batch.stream.key(run), batch.stream.producers_key(run)];
         if self.run_state {
-            cmd.arg(3)
-                .arg(batch.stream.key(run))
-                .arg(run.producers_key())
-                .arg(run.state_key());
-        } else {
-            cmd.arg(2)
-                .arg(batch.stream.key(run))
-                .arg(run.producers_key());
+            keys.push(run.state_key());
         }
-        cmd.arg(batch.producer)
+        let mut call = Call::new(functions::PUBLISH, keys);
+        call.arg(batch.producer)
             .arg(self.options.max_len.unwrap_or(0))
             .arg(self.options.publish_command)
             .arg(Epoch::random().to_string())
             .arg(expected.top)
             .arg(expected.epoch.map(|e| e.to_string()).unwrap_or_default());
         for e in batch.entries {
-            cmd.arg(e.pseq)
+            call.arg(e.pseq)
                 .arg(e.ts)
                 .arg(e.kind.as_str())
                 .arg(e.content.as_ref())
                 .arg(e.meta.as_deref().unwrap_or(""));
         }
-        cmd
+        call.into_cmd()
     }
 
     /// Publishes one batch.
@@ -258,28 +177,24 @@ impl Publisher {
             }
             let replies: Vec<Value> = pipe.query_async(conn).await?;
             let mut outcomes = Vec::with_capacity(replies.len());
-            let mut missing_script = false;
+            let mut missing_function = false;
             for reply in replies {
                 match reply {
-                    Value::ServerError(e) if e.code() == "NOSCRIPT" => missing_script = true,
+                    v if functions::is_missing_function_reply(&v) => missing_function = true,
                     Value::ServerError(e) => return Err(RedisError::from(e)),
                     v => outcomes.push(parse_outcome(&v)?),
                 }
             }
-            if !missing_script {
+            if !missing_function {
                 return Ok(outcomes);
             }
             if loaded {
                 return Err(RedisError::from((
                     redis::ErrorKind::Client,
-                    "the publish script vanished right after it was loaded",
+                    "the agentrun functions vanished right after they were loaded",
                 )));
             }
-            let _: String = redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(PUBLISH_SCRIPT)
-                .query_async(conn)
-                .await?;
+            functions::load_after_missing(conn).await?;
             loaded = true;
         }
     }
@@ -364,78 +279,31 @@ pub async fn expire_keys<C: ConnectionLike>(
     pipe.query_async::<()>(conn).await
 }
 
-/// Adds a variation to the run's declared `variations` (comma-separated) if it is not there.
-const ADD_VARIATION_SCRIPT: &str = r#"
-local current = redis.call('HGET', KEYS[1], 'variations')
-if not current or current == '' then
-  redis.call('HSET', KEYS[1], 'variations', ARGV[1])
-  return 1
-end
-for v in string.gmatch(current, '[^,]+') do
-  if v == ARGV[1] then return 0 end
-end
-redis.call('HSET', KEYS[1], 'variations', current .. ',' .. ARGV[1])
-return 1
-"#;
-
-/// Derives the run's `phase` from the latest state of each declared variation: final once
-/// every variation is final (failed if any failed, else stopped if any stopped, else
-/// succeeded), otherwise running, paused, starting or pending. Sets `ended` the first time
-/// the phase is final. Returns the phase.
-const SETTLE_PHASE_SCRIPT: &str = r#"
-local declared = redis.call('HGET', KEYS[1], 'variations')
-if not declared or declared == '' then return false end
-local total, final, failed, stopped, paused, running, starting = 0, 0, 0, 0, 0, 0, 0
-for v in string.gmatch(declared, '[^,]+') do
-  total = total + 1
-  local state = 'pending'
-  local raw = redis.call('HGET', KEYS[1], 'var:' .. v)
-  if raw then
-    local ok, event = pcall(cjson.decode, raw)
-    if ok and type(event) == 'table' and type(event.state) == 'string' then state = event.state end
-  end
-  if state == 'succeeded' then final = final + 1
-  elseif state == 'failed' then final = final + 1; failed = failed + 1
-  elseif state == 'stopped' then final = final + 1; stopped = stopped + 1
-  elseif state == 'paused' then paused = paused + 1
-  elseif state == 'running' then running = running + 1
-  elseif state == 'starting' then starting = starting + 1 end
-end
-local phase = 'pending'
-if final == total then
-  if failed > 0 then phase = 'failed' elseif stopped > 0 then phase = 'stopped' else phase = 'succeeded' end
-elseif running > 0 then phase = 'running'
-elseif paused > 0 then phase = 'paused'
-elseif starting > 0 then phase = 'starting' end
-redis.call('HSET', KEYS[1], 'phase', phase)
-if final == total then redis.call('HSETNX', KEYS[1], 'ended', ARGV[1]) end
-return phase
-"#;
-
 /// Declares a variation of a run (for runs that no operator registered).
 pub async fn add_variation<C: ConnectionLike>(
     conn: &mut C,
     run: &RunId,
     variation: &crate::Variation,
 ) -> Result<(), RedisError> {
-    redis::Script::new(ADD_VARIATION_SCRIPT)
-        .key(run.state_key())
+    Call::new(functions::ADD_VARIATION, [run.state_key()])
         .arg(variation.as_str())
-        .invoke_async::<i64>(conn)
+        .invoke::<i64, _>(conn)
         .await
         .map(|_| ())
 }
 
-/// Recomputes the run's phase from its variations' states (see the script above).
+/// Recomputes the run's `phase` from the latest state of each declared variation: final once
+/// every variation is final (failed if any failed, else stopped if any stopped, else
+/// succeeded), otherwise running, paused, starting or pending; sets `ended` the first time
+/// the phase is final. Returns the phase (`None`: no variation is declared).
 pub async fn settle_phase<C: ConnectionLike>(
     conn: &mut C,
     run: &RunId,
     now_ms: u64,
 ) -> Result<Option<crate::RunState>, RedisError> {
-    let phase: Option<String> = redis::Script::new(SETTLE_PHASE_SCRIPT)
-        .key(run.state_key())
+    let phase: Option<String> = Call::new(functions::SETTLE_PHASE, [run.state_key()])
         .arg(now_ms)
-        .invoke_async(conn)
+        .invoke(conn)
         .await?;
     Ok(phase.and_then(|p| serde_json::from_value(serde_json::Value::String(p)).ok()))
 }

@@ -1,9 +1,10 @@
 //! TLS and per-component ACL users, proven with real attempts against real Redis servers.
 
 use agentrun_protocol::acl::{
-    create_run_user, delete_run_user, generate_password, operator_user_rules, relay_user_rules,
-    set_user,
+    archiver_user_rules, create_run_user, delete_run_user, generate_password, operator_user_rules,
+    relay_user_rules, set_user,
 };
+use agentrun_protocol::functions;
 use agentrun_protocol::publish::Batch;
 use agentrun_protocol::replay::read_page;
 use agentrun_protocol::testing::{RedisServer, TlsFiles};
@@ -73,6 +74,8 @@ async fn a_run_user_touches_only_its_own_run() {
     let pb = generate_password();
     let ua = create_run_user(&mut admin, &a, &pa).await.unwrap();
     create_run_user(&mut admin, &b, &pb).await.unwrap();
+    // What the operator does on every master: run users may not load code.
+    functions::load_library(&mut admin).await.unwrap();
     let out = |r: &RunId| StreamName::Output(Variation::default_name()).key(r);
 
     let mut conn_a = connect_as(&redis, &ua, &pa).await;
@@ -218,20 +221,29 @@ async fn a_run_user_touches_only_its_own_run() {
     );
 }
 
-#[tokio::test]
-async fn the_relay_user_reads_everything_but_writes_only_control() {
+/// A Redis with agentrun's functions, the relay's user, and one output entry of `run`:
+/// (server, admin connection, relay connection, relay password).
+async fn relay_setup(run: &RunId) -> (RedisServer, RedisConn, RedisConn, String) {
     let redis = RedisServer::start();
     let mut admin = redis.conn().await;
     let pw = generate_password();
     set_user(&mut admin, "agentrun-relay", &pw, &relay_user_rules())
         .await
         .unwrap();
-    let run = RunId::new("r").unwrap();
+    functions::load_library(&mut admin).await.unwrap();
     let output = StreamName::Output(Variation::default_name());
-    publish(&mut admin, &run, &output, EntryType::Output, 1)
+    publish(&mut admin, run, &output, EntryType::Output, 1)
         .await
         .unwrap();
-    let mut relay = connect_as(&redis, "agentrun-relay", &pw).await;
+    let relay = connect_as(&redis, "agentrun-relay", &pw).await;
+    (redis, admin, relay, pw)
+}
+
+#[tokio::test]
+async fn the_relay_user_reads_everything_but_writes_only_control() {
+    let (redis, _admin, mut relay, pw) = relay_setup(&RunId::new("r").unwrap()).await;
+    let run = RunId::new("r").unwrap();
+    let output = StreamName::Output(Variation::default_name());
 
     assert_eq!(
         read_page(&mut relay, &output.key(&run), 0, 10)
@@ -261,7 +273,7 @@ async fn the_relay_user_reads_everything_but_writes_only_control() {
         .unwrap();
     ps.subscribe(output.key(&run)).await.unwrap();
 
-    // Control: allowed, through the publish script, without the run's state hash (the
+    // Control: allowed, through the publish function, without the run's state hash (the
     // relay's control entries carry no epoch; it may not write the state hash).
     let msg = ControlMessage::new(ControlAction::Pause);
     let entries = [entry(1, EntryType::Control, &msg.to_json())];
@@ -280,7 +292,7 @@ async fn the_relay_user_reads_everything_but_writes_only_control() {
         .publish(&mut relay, &run, control)
         .await
         .unwrap();
-    // Output, logs, status: refused, through the script or directly.
+    // Output, logs, status: refused, through the function or directly.
     for stream in [
         output.clone(),
         StreamName::Logs(Variation::new("control").unwrap()),
@@ -370,6 +382,180 @@ async fn the_operator_user_manages_run_users_but_is_no_admin() {
             .query_async::<Option<String>>(&mut operator)
             .await,
     );
+}
+
+/// A Redis command built from words.
+fn command(words: &[&str]) -> redis::Cmd {
+    let mut c = redis::cmd(words[0]);
+    for w in &words[1..] {
+        c.arg(*w);
+    }
+    c
+}
+
+/// Finding: a user that may `SCRIPT LOAD` and `EVALSHA` may run any Lua, and one endless
+/// script makes Redis answer `BUSY` to every run. Only the operator may load code (agentrun's
+/// function library); every other component may call those functions and nothing else.
+#[tokio::test]
+async fn no_component_but_the_operator_may_load_or_run_lua_of_its_own() {
+    let redis = RedisServer::start();
+    let mut admin = redis.conn().await;
+    let run = RunId::new("lua").unwrap();
+    let run_pw = generate_password();
+    let run_user = create_run_user(&mut admin, &run, &run_pw).await.unwrap();
+    let mut users = vec![(run_user, run_pw)];
+    for (name, rules) in [
+        ("agentrun-relay", relay_user_rules()),
+        ("agentrun-archiver", archiver_user_rules()),
+        ("agentrun-operator", operator_user_rules()),
+    ] {
+        let pw = generate_password();
+        set_user(&mut admin, name, &pw, &rules).await.unwrap();
+        users.push((name.to_owned(), pw));
+    }
+    let endless = "while true do end";
+    let endless_library =
+        "#!lua name=evil\nredis.register_function('evil', function() while true do end end)";
+    let sha = redis::Script::new(endless).get_hash().to_owned();
+    for (user, pw) in &users {
+        let mut conn = connect_as(&redis, user, pw).await;
+        for (what, cmd) in [
+            ("EVAL", command(&["EVAL", endless, "0"])),
+            ("EVAL_RO", command(&["EVAL_RO", endless, "0"])),
+            ("SCRIPT LOAD", command(&["SCRIPT", "LOAD", endless])),
+            ("EVALSHA", command(&["EVALSHA", &sha, "0"])),
+            (
+                "FUNCTION DELETE",
+                command(&["FUNCTION", "DELETE", "agentrun"]),
+            ),
+            ("FUNCTION FLUSH", command(&["FUNCTION", "FLUSH"])),
+            ("FUNCTION RESTORE", command(&["FUNCTION", "RESTORE", "x"])),
+        ] {
+            assert_noperm(
+                &format!("{what} as {user}"),
+                cmd.query_async::<redis::Value>(&mut conn).await,
+            );
+        }
+        if user == "agentrun-operator" {
+            // The operator loads agentrun's library: it holds a key as strong as an admin's.
+            functions::load_library(&mut conn).await.unwrap();
+        } else {
+            assert_noperm(
+                &format!("FUNCTION LOAD as {user}"),
+                command(&["FUNCTION", "LOAD", "REPLACE", endless_library])
+                    .query_async::<redis::Value>(&mut conn)
+                    .await,
+            );
+        }
+    }
+    // Nothing hostile got in: Redis still answers, and only agentrun's library is loaded.
+    let libraries: redis::Value = command(&["FUNCTION", "LIST"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let listed = format!("{libraries:?}");
+    assert!(listed.contains("agentrun_v1_publish"), "{listed}");
+    assert!(!listed.contains("evil"), "{listed}");
+}
+
+/// Finding: the relay user could `HSET` any run's `producers` hash and so make the publish
+/// function skip a sidecar's later output, with no gap. The relay now keeps its producer
+/// sequence numbers in the control stream's own hash, and may not write the other.
+#[tokio::test]
+async fn the_relay_cannot_make_the_publish_function_skip_a_sidecars_output() {
+    let run = RunId::new("skip").unwrap();
+    let (_redis, mut admin, mut relay, _) = relay_setup(&run).await;
+    let output = StreamName::Output(Variation::default_name());
+    let field = format!("{}|p", output.key(&run));
+    assert_noperm(
+        "relay HSET of the producers hash",
+        command(&["HSET", &run.producers_key(), &field, "999999"])
+            .query_async::<i64>(&mut relay)
+            .await,
+    );
+    assert_noperm(
+        "relay FCALL with the producers hash",
+        functions::Call::new(
+            functions::PUBLISH,
+            [run.control_producers_key(), run.producers_key()],
+        )
+        .arg("p")
+        .arg(0)
+        .arg("")
+        .arg("")
+        .arg(0)
+        .arg("")
+        .invoke::<redis::Value, _>(&mut relay)
+        .await,
+    );
+    // The sidecar's next entry still lands.
+    publish(&mut admin, &run, &output, EntryType::Output, 2)
+        .await
+        .unwrap();
+    assert_eq!(
+        read_page(&mut admin, &output.key(&run), 0, 10)
+            .await
+            .unwrap()
+            .entries
+            .len(),
+        2
+    );
+    // Control entries keep their own producers hash.
+    let msg = ControlMessage::new(ControlAction::Pause);
+    let entries = [entry(1, EntryType::Control, &msg.to_json())];
+    Publisher::new(PublishOptions::default())
+        .without_run_state()
+        .publish(
+            &mut relay,
+            &run,
+            Batch {
+                stream: &StreamName::Control,
+                producer: "relay",
+                entries: &entries,
+            },
+        )
+        .await
+        .unwrap();
+    let control_field = format!("{}|relay", StreamName::Control.key(&run));
+    let kept: Option<u64> = command(&["HGET", &run.control_producers_key(), &control_field])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(kept, Some(1));
+}
+
+/// A run user on a server without agentrun's functions (a master that restarted without
+/// persistence before the operator loaded them again) gets an error that says what is
+/// missing and what to do; once they are loaded, the same call works.
+#[tokio::test]
+async fn a_run_user_on_a_server_without_the_functions_is_told_what_to_do() {
+    let redis = RedisServer::start();
+    let mut admin = redis.conn().await;
+    let run = RunId::new("nofn").unwrap();
+    let pw = generate_password();
+    let user = create_run_user(&mut admin, &run, &pw).await.unwrap();
+    let mut conn = connect_as(&redis, &user, &pw).await;
+    let output = StreamName::Output(Variation::default_name());
+    let err = publish(&mut conn, &run, &output, EntryType::Output, 1)
+        .await
+        .expect_err("no functions loaded");
+    let text = err.to_string();
+    assert!(
+        text.contains("functions are not loaded") && text.contains("operator"),
+        "{text}"
+    );
+    functions::load_library(&mut admin).await.unwrap();
+    publish(&mut conn, &run, &output, EntryType::Output, 1)
+        .await
+        .unwrap();
+    // The default user (a single-user setup with no operator) loads them itself.
+    command(&["FUNCTION", "FLUSH"])
+        .query_async::<()>(&mut admin)
+        .await
+        .unwrap();
+    publish(&mut admin, &run, &output, EntryType::Output, 2)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

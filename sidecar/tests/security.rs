@@ -14,6 +14,10 @@ async fn the_sidecar_needs_only_its_run_user() {
     let password = generate_password();
     let mut admin = redis.conn().await;
     let user = create_run_user(&mut admin, &run, &password).await.unwrap();
+    // What the operator does on every master: the run user may call agentrun's functions only.
+    agentrun_protocol::functions::load_library(&mut admin)
+        .await
+        .unwrap();
     let mut cmd = sidecar_run_with(
         &redis,
         &run,

@@ -1,6 +1,6 @@
 // Test harness for the browser tests: a real redis-server and the real agentrun-relay binary on
 // free loopback ports, a tiny Redis client that publishes entries exactly the way the protocol
-// crate does (it runs the protocol's own Lua publish script, read from protocol/src/publish.rs),
+// crate does (it calls the protocol's own publish function, loaded from protocol/src/agentrun.lua),
 // and headless Debian chromium driven by playwright-core.
 
 import { spawn } from 'node:child_process';
@@ -200,12 +200,8 @@ export class RedisServer {
   }
 }
 
-const PUBLISH_SCRIPT = (() => {
-  const src = readFileSync(join(REPO, 'protocol/src/publish.rs'), 'utf8');
-  const m = /const PUBLISH_SCRIPT: &str = r#"([\s\S]*?)"#;/.exec(src);
-  if (!m) throw new Error('cannot find PUBLISH_SCRIPT in protocol/src/publish.rs');
-  return m[1];
-})();
+/** agentrun's Redis function library, loaded as the operator loads it. */
+const FUNCTIONS_LIBRARY = readFileSync(join(REPO, 'protocol/src/agentrun.lua'), 'utf8');
 
 /** Publishes entries to one run the way agentrun_protocol::Publisher does. */
 export class RunPublisher {
@@ -242,7 +238,14 @@ export class RunPublisher {
     // KEYS: stream, producers hash, state hash; ARGV: producer, MAXLEN, publish command, a
     // fresh epoch to propose, the expected top (0: no check) and its epoch, then the entries.
     const epoch = randomBytes(8).toString('hex');
-    return this.redis.command('EVAL', PUBLISH_SCRIPT, 3, this.key(stream), this.key('producers'), this.key('state'), this.producer, 0, 'PUBLISH', epoch, 0, '', ...args);
+    const call = () => this.redis.command('FCALL', 'agentrun_v1_publish', 3, this.key(stream), this.key('producers'), this.key('state'), this.producer, 0, 'PUBLISH', epoch, 0, '', ...args);
+    try {
+      return await call();
+    } catch (e) {
+      if (!/Function not found/.test(String(e && e.message))) throw e;
+      await this.redis.command('FUNCTION', 'LOAD', 'REPLACE', FUNCTIONS_LIBRARY);
+      return call();
+    }
   }
 
   output(variation, text) {
