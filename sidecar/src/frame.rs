@@ -17,6 +17,12 @@ pub const MAX_PRODUCER: usize = 64;
 /// Largest `Hello` (what a client may send before it is authenticated).
 pub const MAX_HELLO: usize = 1 + 4 + 1 + KEY_LEN + MAX_PRODUCER;
 
+/// A producer id that is unique per process: `PREFIX-<16 hex digits>` (`ep-…` for an
+/// entrypoint, `sidecar-…` for the sidecar's own entries).
+pub fn new_producer_id(prefix: &str) -> String {
+    format!("{prefix}-{:016x}", rand::random::<u64>())
+}
+
 /// Whether `id` may name a producer: 1 to [`MAX_PRODUCER`] characters from `A-Z a-z 0-9 . _ -`
 /// (it becomes part of a spool file's name and of the Redis producer field).
 pub fn valid_producer(id: &str) -> bool {

@@ -84,11 +84,6 @@ impl EntrypointConfig {
     }
 }
 
-/// A producer id that is unique per process: `ep-<random>`.
-pub fn new_producer_id(prefix: &str) -> String {
-    format!("{prefix}-{:016x}", rand::random::<u64>())
-}
-
 /// Exit code for a command that could not be started (as a shell reports it).
 pub const EXIT_CANNOT_START: i32 = 127;
 
@@ -97,7 +92,7 @@ pub async fn run(config: EntrypointConfig) -> i32 {
     let producer = config
         .producer
         .clone()
-        .unwrap_or_else(|| new_producer_id("ep"));
+        .unwrap_or_else(|| crate::frame::new_producer_id("ep"));
     let (outbox, mut control_rx) = Outbox::start(OutboxConfig {
         socket: config.socket.clone(),
         spool_dir: config.spool_dir.clone(),

@@ -13,17 +13,19 @@
 //! this sidecar. The shared volume is writable by the agent, so this is what keeps a file it
 //! dropped or changed from being published as the agent's output or status.
 
-use super::{SPOOL_REFUSED_REASON, Shared, frame_item, lock};
+use super::SPOOL_REFUSED_REASON;
+use super::ingest::ingest;
+use super::publisher::ToPublish;
+use super::state::{SidecarState, lock};
 use crate::frame::FrameError;
-use crate::server::publisher::Item;
 use crate::spool::orphan_spools;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::time::Instant;
 
 pub(super) async fn adopt_orphans(
-    shared: Arc<Shared>,
-    items: mpsc::Sender<Item>,
+    shared: Arc<SidecarState>,
+    items: mpsc::Sender<ToPublish>,
     budget: Arc<Semaphore>,
     deadline: Option<Instant>,
 ) {
@@ -53,7 +55,7 @@ pub(super) async fn adopt_orphans(
                 }
             };
             frames += 1;
-            if let Some(item) = frame_item(&shared, &producer, frame, None, &budget).await
+            if let Some(item) = ingest(&shared, &producer, frame, None, &budget).await
                 && items.send(item).await.is_err()
             {
                 return;
@@ -63,7 +65,7 @@ pub(super) async fn adopt_orphans(
             continue;
         }
         let (tx, rx) = oneshot::channel();
-        if items.send(Item::Barrier(tx)).await.is_err() {
+        if items.send(ToPublish::Barrier(tx)).await.is_err() {
             return;
         }
         let delivered = match deadline {
@@ -88,8 +90,8 @@ pub(super) async fn adopt_orphans(
 
 /// A spool whose record does not verify: left in place, reported once, not read again.
 async fn refuse(
-    shared: &Shared,
-    items: &mpsc::Sender<Item>,
+    shared: &SidecarState,
+    items: &mpsc::Sender<ToPublish>,
     path: &std::path::Path,
     frames: u64,
     error: &FrameError,

@@ -12,8 +12,8 @@
 //! from the stream (its length cap) before they could be delivered are reported on the status
 //! stream (`ControlTrimmed`).
 
-use super::publisher::{Backoff, Item};
-use super::{Shared, lock};
+use super::publisher::{Backoff, ToPublish};
+use super::state::{SidecarState, lock};
 use agentrun_protocol::replay::read_page;
 use agentrun_protocol::{ControlMessage, Entry, StreamName};
 use futures::StreamExt;
@@ -61,7 +61,7 @@ impl Queue {
 }
 
 /// The entrypoint has every control message up to `seq`.
-pub(crate) fn acknowledged(shared: &Shared, seq: u64) {
+pub(crate) fn acknowledged(shared: &SidecarState, seq: u64) {
     let mut q = lock(&shared.control);
     while q.pending.front().is_some_and(|(s, _, _)| *s <= seq) {
         if let Some((_, _, size)) = q.pending.pop_front() {
@@ -75,7 +75,7 @@ pub(crate) fn acknowledged(shared: &Shared, seq: u64) {
 
 /// Takes one entry of the control stream; `false` when there is no room for it now (it is
 /// read again later).
-fn take(shared: &Shared, entry: &Entry) -> bool {
+fn take(shared: &SidecarState, entry: &Entry) -> bool {
     let mut q = lock(&shared.control);
     match ControlMessage::parse(&entry.content) {
         Ok(msg) if msg.targets(shared.config.variation.as_str()) => {
@@ -116,7 +116,7 @@ fn seq_range(first: u64, last: u64) -> String {
     }
 }
 
-pub(crate) async fn subscribe(shared: Arc<Shared>, items: mpsc::Sender<Item>) {
+pub(crate) async fn subscribe(shared: Arc<SidecarState>, items: mpsc::Sender<ToPublish>) {
     let config = &shared.config;
     let key = StreamName::Control.key(&config.run);
     let marker_field = format!("control:{}", config.variation);

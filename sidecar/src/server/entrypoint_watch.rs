@@ -6,8 +6,8 @@
 //! lasts [`AFTER`], the sidecar says so once per spool: in its own log and as a status event
 //! of the variation, so the run's page and `kubectl agentrun` show why no output comes.
 
-use super::{Shared, push_status};
-use crate::server::publisher::Item;
+use super::publisher::ToPublish;
+use super::state::{SidecarState, push_status};
 use crate::spool::live_spools;
 use agentrun_protocol::{RunState, StatusEvent};
 use std::collections::{HashMap, HashSet};
@@ -24,8 +24,8 @@ pub const AFTER: Duration = Duration::from_secs(10);
 pub const REASON: &str = "EntrypointNotConnected";
 
 pub(super) async fn run(
-    shared: Arc<Shared>,
-    items: mpsc::Sender<Item>,
+    shared: Arc<SidecarState>,
+    items: mpsc::Sender<ToPublish>,
     producer: Arc<str>,
     pseq: Arc<AtomicU64>,
 ) {

@@ -7,7 +7,7 @@
 //! the stream below that top and starts a new epoch before appending, so readers are told
 //! that the history was reset instead of silently skipping the reused sequence numbers.
 
-use super::Shared;
+use super::state::SidecarState;
 use agentrun_protocol::archive::{self, ArchiveRequest};
 use agentrun_protocol::durability::{Durability, NO_WAITAOF};
 use agentrun_protocol::publish::{Batch, Expected, add_variation, set_state, settle_phase};
@@ -24,7 +24,7 @@ const MAX_BATCH_BYTES: usize = 4 * 1024 * 1024;
 
 // Barriers are rare; boxing the common variant would only add an allocation per entry.
 #[allow(clippy::large_enum_variant)]
-pub(crate) enum Item {
+pub(crate) enum ToPublish {
     Entry {
         stream: StreamName,
         producer: Arc<str>,
@@ -169,9 +169,9 @@ impl PublishLoop {
 
     pub(crate) async fn run(
         mut self,
-        shared: Arc<Shared>,
+        shared: Arc<SidecarState>,
         mut conn: Option<RedisConn>,
-        mut rx: mpsc::Receiver<Item>,
+        mut rx: mpsc::Receiver<ToPublish>,
     ) {
         let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(5));
         while let Some(first) = rx.recv().await {
@@ -180,7 +180,7 @@ impl PublishLoop {
             while items.len() < MAX_BATCH_ITEMS && bytes < MAX_BATCH_BYTES {
                 match rx.try_recv() {
                     Ok(item) => {
-                        if let Item::Entry { entry, .. } = &item {
+                        if let ToPublish::Entry { entry, .. } = &item {
                             bytes += entry.content.len();
                         }
                         items.push(item);
@@ -191,7 +191,7 @@ impl PublishLoop {
             let mut batch = Vec::new();
             for item in items {
                 match item {
-                    Item::Barrier(done) => {
+                    ToPublish::Barrier(done) => {
                         self.deliver(&shared, &mut conn, &mut backoff, std::mem::take(&mut batch))
                             .await;
                         let _ = done.send(());
@@ -206,10 +206,10 @@ impl PublishLoop {
     /// Publishes `items`, retrying until Redis takes them.
     async fn deliver(
         &mut self,
-        shared: &Arc<Shared>,
+        shared: &Arc<SidecarState>,
         conn: &mut Option<RedisConn>,
         backoff: &mut Backoff,
-        items: Vec<Item>,
+        items: Vec<ToPublish>,
     ) {
         if items.is_empty() {
             return;
@@ -221,7 +221,7 @@ impl PublishLoop {
         let mut statuses = Vec::new();
         let mut permits = Vec::new();
         for item in items {
-            let Item::Entry {
+            let ToPublish::Entry {
                 stream,
                 producer,
                 entry,
@@ -395,7 +395,7 @@ impl PublishLoop {
     /// on the keys this sidecar is responsible for.
     async fn mirror_status(
         &self,
-        shared: &Arc<Shared>,
+        shared: &Arc<SidecarState>,
         conn: &mut Option<RedisConn>,
         event: StatusEvent,
     ) {
