@@ -21,6 +21,8 @@ use std::time::Duration;
 struct Cli {
     #[command(flatten)]
     serve: Serve,
+    #[command(flatten)]
+    log: agentrun_protocol::process::LogArgs,
     #[command(subcommand)]
     command: Option<Command>,
 }
@@ -81,7 +83,7 @@ struct Serve {
 
 fn main() {
     let cli = Cli::parse();
-    agentrun_archiver::init_tracing();
+    cli.log.init("info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -160,11 +162,8 @@ async fn real_main(cli: Cli) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let archiver = Archiver::new(settings, conn, store, config, metrics);
     let work = tokio::spawn(archiver.run(stop_rx));
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: finishing the runs being archived, then exiting"),
-        _ = tokio::signal::ctrl_c() => {}
-    }
+    agentrun_protocol::process::shutdown_signal().await;
+    tracing::info!("finishing the runs being archived, then exiting");
     let _ = stop_tx.send(true);
     let _ = work.await;
     tracing::info!("agentrun-archiver stopped");

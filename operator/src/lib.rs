@@ -5,8 +5,9 @@
 //! Secret, pure), [`controller`] (reconcile with a finalizer), [`store`] (what goes to Redis), [`run_users`]
 //! (the runs' Redis users on every node),
 //! [`metrics`], [`leader`] (Lease-based leader election), [`preflight`] (start-up checks:
-//! version, permissions, CRD), [`config`] (the operator's settings and flag parsing), [`server`]
-//! (/metrics, /healthz, /readyz), [`telemetry`].
+//! version, permissions, CRD), [`config`] (the operator's settings), [`args`] (its flags),
+//! [`server`] (/metrics, /healthz, /readyz), and [`run`], which starts them in order.
+pub mod args;
 pub mod config;
 pub mod controller;
 pub mod crd;
@@ -18,10 +19,10 @@ pub mod metrics;
 pub mod pod;
 pub mod preflight;
 pub mod refusal;
+pub mod run;
 pub mod run_users;
 pub mod server;
 pub mod status;
 pub mod store;
-pub mod telemetry;
 
 pub use error::{Error, Result};

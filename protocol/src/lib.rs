@@ -20,6 +20,8 @@ pub mod envelope;
 pub mod epoch;
 pub mod functions;
 pub mod names;
+#[cfg(feature = "process")]
+pub mod process;
 pub mod publish;
 pub mod replay;
 pub mod settings;

@@ -33,10 +33,14 @@ pub struct PublishOptions {
     pub publish_command: &'static str,
 }
 
+/// The default cap on each stream of a run (`XADD MAXLEN ~`), the same in the operator (which
+/// hands its value to the sidecars) and in a sidecar run on its own.
+pub const DEFAULT_STREAM_MAX_LEN: u64 = 100_000;
+
 impl Default for PublishOptions {
     fn default() -> Self {
         Self {
-            max_len: Some(100_000),
+            max_len: Some(DEFAULT_STREAM_MAX_LEN),
             publish_command: "PUBLISH",
         }
     }

@@ -36,6 +36,8 @@ use std::time::Duration;
 pub struct Config {
     #[command(flatten)]
     pub redis: agentrun_protocol::RedisArgs,
+    #[command(flatten)]
+    pub log: agentrun_protocol::process::LogArgs,
     /// Address to serve HTTP on.
     #[arg(long, env = "AGENTRUN_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,

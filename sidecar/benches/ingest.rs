@@ -109,7 +109,7 @@ fn sidecar_run_durable(
         "--quiet",
         "--metrics-interval-seconds",
         "0",
-        "--stream-maxlen",
+        "--stream-max-len",
         "1000000",
         "--redis-url",
     ])

@@ -15,17 +15,3 @@ pub mod local;
 pub mod metrics;
 pub mod server;
 pub mod spool;
-
-/// Initialises logging to stderr (`RUST_LOG` filters; `AGENTRUN_LOG_FORMAT=json` for JSON).
-pub fn init_tracing() {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if std::env::var("AGENTRUN_LOG_FORMAT").is_ok_and(|f| f == "json") {
-        let _ = builder.json().try_init();
-    } else {
-        let _ = builder.try_init();
-    }
-}

@@ -235,7 +235,7 @@ async fn adopting_a_200_mb_spool_takes_bounded_memory() {
     // Uncapped stream: how many entries 200 MiB makes depends on how the agent's writes were
     // read (about 20 KiB each when the entrypoint keeps up), and the default cap of 10,000
     // entries would trim the oldest.
-    let mut sidecar = serve_with(&redis, &run, &socket, 0, &["--stream-maxlen", "0"]);
+    let mut sidecar = serve_with(&redis, &run, &socket, 0, &["--stream-max-len", "0"]);
     let pid = sidecar.id();
     wait_for("the spool published and removed", DEADLINE * 3, || {
         let left = spool_files(dir.path());

@@ -359,7 +359,7 @@ pub async fn finish(
 
 /// Reads a child's log (tracing writes to stdout) on a thread (so the pipe never fills), ANSI
 /// colours removed.
-fn lines(stdout: std::process::ChildStdout) -> std::sync::mpsc::Receiver<String> {
+fn lines(stdout: impl std::io::Read + Send + 'static) -> std::sync::mpsc::Receiver<String> {
     use std::io::BufRead;
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -405,10 +405,11 @@ impl RelayProcess {
                 // Few malloc arenas, as in the container image, so RSS reflects live memory.
                 .env("MALLOC_ARENA_MAX", "2")
                 .env_remove("AGENTRUN_AUTH")
-                .stdout(Stdio::piped())
-                .stderr(Stdio::null()),
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
         );
-        let rx = lines(child.stdout.take().unwrap());
+        // Logs go to stderr, as in every agentrun binary.
+        let rx = lines(child.stderr.take().unwrap());
         let mut relay = RelayProcess {
             child,
             base: String::new(),

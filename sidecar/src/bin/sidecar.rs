@@ -17,6 +17,8 @@ use std::time::Duration;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: agentrun_protocol::process::LogArgs,
 }
 
 #[derive(Subcommand, Debug)]
@@ -72,8 +74,9 @@ struct Common {
     #[arg(long, env = "AGENTRUN_VARIATION", default_value = "default")]
     variation: String,
     /// Approximate cap on entries per stream (XADD MAXLEN ~).
-    #[arg(long, env = "AGENTRUN_STREAM_MAXLEN", default_value_t = 10_000)]
-    stream_maxlen: u64,
+    /// (`--stream-maxlen` is the older spelling.)
+    #[arg(long, alias = "stream-maxlen", env = "AGENTRUN_STREAM_MAXLEN", default_value_t = agentrun_protocol::publish::DEFAULT_STREAM_MAX_LEN)]
+    stream_max_len: u64,
     /// TTL in seconds put on the run's keys once it ends.
     #[arg(long, env = "AGENTRUN_RETENTION_SECONDS", default_value_t = 86_400)]
     retention_seconds: u64,
@@ -107,7 +110,7 @@ impl Common {
         let run = RunId::new(self.run_id).context("--run-id")?;
         let variation = Variation::new(self.variation).context("--variation")?;
         let mut config = SidecarConfig::new(socket, redis, run, variation);
-        config.stream_max_len = self.stream_maxlen;
+        config.stream_max_len = self.stream_max_len;
         config.retention = Duration::from_secs(self.retention_seconds);
         config.drain_timeout = Duration::from_secs(self.drain_timeout_seconds);
         config.buffer_bytes = self.buffer_mib.max(1) * 1024 * 1024;
@@ -120,7 +123,7 @@ impl Common {
 
 fn main() {
     let cli = Cli::parse();
-    agentrun_sidecar::init_tracing();
+    cli.log.init("info");
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -62,7 +62,7 @@ impl SidecarConfig {
             run,
             variation,
             metrics_addr: None,
-            stream_max_len: 10_000,
+            stream_max_len: agentrun_protocol::publish::DEFAULT_STREAM_MAX_LEN,
             retention: Duration::from_secs(24 * 3600),
             drain_timeout: Duration::from_secs(20),
             buffer_bytes: 16 * 1024 * 1024,
