@@ -32,7 +32,7 @@ pub mod topology;
 
 #[cfg(feature = "clap")]
 pub use args::RedisArgs;
-pub use control::{ControlAction, ControlMessage};
+pub use control::{ControlAction, ControlError, ControlMessage, MAX_CONTROL_BYTES};
 pub use entry::{Entry, EntryType, LiveMessage, NewEntry};
 pub use envelope::Envelope;
 pub use epoch::Epoch;

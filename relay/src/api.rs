@@ -5,12 +5,15 @@ use crate::auth::Access;
 use crate::hub::{phase_from_state, variations_from_state};
 use agentrun_protocol::names::RUNS_INDEX_KEY;
 use agentrun_protocol::publish::Batch;
-use agentrun_protocol::{ControlMessage, EntryType, NewEntry, RunId, StreamName, Variation};
+use agentrun_protocol::{
+    ControlError, ControlMessage, EntryType, NewEntry, RunId, StreamName, Variation,
+};
 use axum::Json;
-use axum::extract::{Extension, Path, Query, State};
+use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -69,6 +72,18 @@ pub fn parse_run(run: &str) -> Result<RunId, ApiError> {
     RunId::new(run).map_err(|e| ApiError::bad_request(e.to_string()))
 }
 
+/// Reads a query string as axum's `Query` does (`serde_urlencoded`), but answers a bad one
+/// with an [`ApiError`] (JSON, like every other error of the API) rather than plain text.
+/// The query types take every parameter as text and check it themselves, so the only error
+/// left here is a parameter given twice, which the message names.
+pub fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(query.unwrap_or_default()).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the query string is not valid: {e}; give each parameter at most once"
+        ))
+    })
+}
+
 /// What `GET /api/runs/{run}` and each item of `GET /api/runs` say about a run.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct RunSummary {
@@ -116,18 +131,40 @@ pub fn summary(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 pub struct ListQuery {
-    pub limit: Option<usize>,
+    /// How many runs to list: 1 to 1000 (default 100; beyond the range, the nearest bound).
+    pub limit: Option<String>,
+}
+
+impl ListQuery {
+    /// How many runs to list.
+    pub fn limit(&self) -> Result<usize, ApiError> {
+        let Some(text) = self
+            .limit
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        else {
+            return Ok(100);
+        };
+        if !text.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(ApiError::bad_request(format!(
+                "limit {text:?} is not a number: give `limit` as a whole number of runs, 1 to 1000"
+            )));
+        }
+        // All digits: only too many of them fail to parse, and that is above the range too.
+        Ok(text.parse::<usize>().unwrap_or(usize::MAX).clamp(1, 1000))
+    }
 }
 
 /// `GET /api/runs?limit=N`: runs known to Redis, newest first, with their state.
 pub async fn list_runs(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
-    Query(q): Query<ListQuery>,
+    RawQuery(query): RawQuery,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let limit = q.limit.unwrap_or(100).clamp(1, 1000);
+    let limit = parse_query::<ListQuery>(query.as_deref())?.limit()?;
     let ids: Vec<(String, f64)> = state
         .query(
             redis::cmd("ZREVRANGE")
@@ -213,6 +250,19 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
         })
 }
 
+/// Reads the body of a control request: a valid [`ControlMessage`] naming a valid variation
+/// (if any), at most [`agentrun_protocol::MAX_CONTROL_BYTES`] (413 beyond).
+pub fn parse_control(body: &[u8]) -> Result<ControlMessage, ApiError> {
+    let msg = ControlMessage::parse(body).map_err(|e| match e {
+        ControlError::TooLarge(_) => ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, e.to_string()),
+        e => ApiError::bad_request(e.to_string()),
+    })?;
+    if let Some(v) = &msg.variation {
+        Variation::new(v.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    }
+    Ok(msg)
+}
+
 /// `POST /api/runs/{run}/control`: publishes a control message to the run's agents.
 ///
 /// With an `Idempotency-Key` header the message is published once per run, client and key,
@@ -232,10 +282,7 @@ pub async fn control(
     }
     let run = parse_run(&run)?;
     let key = idempotency_key(&headers)?;
-    let msg = ControlMessage::parse(&body).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    if let Some(v) = &msg.variation {
-        Variation::new(v.clone()).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    }
+    let msg = parse_control(&body)?;
     let hash: HashMap<String, String> = state
         .query(redis::cmd("HGETALL").arg(run.state_key()))
         .await?;
@@ -331,5 +378,97 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
         Ok(Err(e)) => e.into_response(),
         Err(_) => ApiError::redis(&state, "timed out after 2 s").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentrun_protocol::{ControlAction, MAX_CONTROL_BYTES};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any query string of `GET /api/runs` gives a limit from 1 to 1000, or a 400 that names
+        /// `limit` (not a number) or says a parameter was given twice: never a panic, and
+        /// never axum's plain-text rejection.
+        #[test]
+        fn any_list_query_gives_a_limit_in_range_or_a_400_naming_it(
+            query in prop_oneof![
+                any::<String>(),
+                "(limit=[0-9+-]{0,25}&?){0,3}",
+                prop::collection::vec(("[a-z]{0,6}", any::<String>()), 0..3)
+                    .prop_map(|pairs| serde_urlencoded::to_string(pairs).unwrap()),
+            ],
+        ) {
+            match parse_query::<ListQuery>(Some(&query)).and_then(|q| q.limit()) {
+                Ok(n) => prop_assert!((1..=1000).contains(&n)),
+                Err(e) => {
+                    prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                    prop_assert!(e.message.contains("limit"), "{}", e.message);
+                }
+            }
+        }
+
+        /// A number is taken and brought into 1 to 1000 (however many digits it has); anything
+        /// else is refused.
+        #[test]
+        fn a_limit_is_a_number_brought_into_range(
+            digits in "[0-9]{1,40}",
+            junk in "[0-9]{0,3}[a-zA-Z+.,-]{1,3}[0-9]{0,3}",
+        ) {
+            let limit = |v: &str| ListQuery { limit: Some(v.to_owned()) }.limit();
+            let want = digits.parse::<u128>().map_or(1000, |n| n.clamp(1, 1000) as usize);
+            prop_assert_eq!(limit(&digits).unwrap(), want);
+            prop_assert!(limit(&junk).unwrap_err().message.contains("`limit`"));
+        }
+
+        /// Any control body is a message or a 400 (413 over the size limit), never a panic; a
+        /// valid message for a valid variation (or all) is read back as sent.
+        #[test]
+        fn any_control_body_is_read_or_refused_never_a_panic(
+            bytes in prop::collection::vec(any::<u8>(), 0..256),
+            action in prop::sample::select(vec![
+                ControlAction::Pause,
+                ControlAction::Resume,
+                ControlAction::Stop,
+                ControlAction::Stdin,
+            ]),
+            variation in prop::option::of(prop_oneof![
+                "[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?",
+                any::<String>(),
+            ]),
+            data in any::<String>(),
+        ) {
+            if let Err(e) = parse_control(&bytes) {
+                prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            }
+            let msg = ControlMessage {
+                action,
+                variation: variation.clone(),
+                data: (action == ControlAction::Stdin).then_some(data),
+            };
+            match parse_control(&msg.to_json()) {
+                Ok(back) => prop_assert_eq!(back, msg),
+                Err(e) => {
+                    let v = variation.unwrap_or_default();
+                    prop_assert!(Variation::new(v.clone()).is_err(), "{v:?}: {}", e.message);
+                    prop_assert_eq!(e.status, StatusCode::BAD_REQUEST);
+                    prop_assert!(e.message.contains("variation name"), "{}", e.message);
+                }
+            }
+        }
+    }
+
+    /// A control body over the limit is refused with 413 before it is parsed, whatever
+    /// `--max-body-bytes` lets through.
+    #[test]
+    fn an_oversize_control_body_is_refused() {
+        let mut msg = ControlMessage::new(ControlAction::Stdin);
+        msg.data = Some("x".repeat(MAX_CONTROL_BYTES));
+        let e = parse_control(&msg.to_json()).unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(e.message.contains("too large"), "{}", e.message);
+        let e = parse_control(&vec![b'{'; MAX_CONTROL_BYTES + 1]).unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
     }
 }

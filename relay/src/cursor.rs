@@ -376,4 +376,175 @@ mod tests {
             .is_ok()
         );
     }
+
+    use proptest::prelude::*;
+
+    fn run_id() -> impl Strategy<Value = RunId> {
+        "[A-Za-z0-9._-]{1,200}".prop_map(|id| RunId::new(id).unwrap())
+    }
+
+    fn variation() -> impl Strategy<Value = Variation> {
+        prop_oneof!["[a-z0-9]", "[a-z0-9][a-z0-9-]{0,61}[a-z0-9]"]
+            .prop_map(|v| Variation::new(v).unwrap())
+    }
+
+    /// A position a stream can have: the edges (0, [`MAX_SEQ`]) more often than chance would
+    /// give them.
+    fn seq() -> impl Strategy<Value = u64> {
+        prop_oneof![Just(0), Just(1), Just(MAX_SEQ), 0..=MAX_SEQ]
+    }
+
+    /// Cursors of a feed: status, metrics, and output and logs of some variations, each
+    /// carried or not.
+    fn cursors() -> impl Strategy<Value = Cursors> {
+        (
+            prop::option::of(seq()),
+            prop::option::of(seq()),
+            prop::collection::vec(
+                (
+                    variation(),
+                    prop::option::of(seq()),
+                    prop::option::of(seq()),
+                ),
+                0..6,
+            ),
+        )
+            .prop_map(|(status, metrics, vars)| {
+                let mut c = Cursors::new();
+                if let Some(s) = status {
+                    c.insert(StreamName::Status, s);
+                }
+                if let Some(s) = metrics {
+                    c.insert(StreamName::Metrics, s);
+                }
+                for (v, o, l) in vars {
+                    if let Some(o) = o {
+                        c.insert(StreamName::Output(v.clone()), o);
+                    }
+                    if let Some(l) = l {
+                        c.insert(StreamName::Logs(v), l);
+                    }
+                }
+                c
+            })
+    }
+
+    fn origin() -> impl Strategy<Value = Origin> {
+        (run_id(), prop::option::of(any::<u64>()))
+            .prop_map(|(run, epoch)| Origin::new(&run, epoch.map(Epoch::from_u64)))
+    }
+
+    /// Text shaped like a cursor's (the separators and digits it is made of), to reach the
+    /// decoder's branches more often than arbitrary text would.
+    fn cursor_ish_text() -> impl Strategy<Value = String> {
+        prop::collection::vec(
+            prop_oneof![
+                Just(",".to_owned()),
+                Just(";".to_owned()),
+                Just("=".to_owned()),
+                Just(".".to_owned()),
+                Just("o.".to_owned()),
+                Just("l.".to_owned()),
+                Just("s=".to_owned()),
+                "[0-9]{1,21}",
+                "[0-9a-f]{8}",
+                "[0-9a-fA-F+-]{16}",
+                "[a-z0-9-]{1,4}",
+                any::<String>(),
+            ],
+            0..16,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    /// Any token: arbitrary text, and versioned base64 of arbitrary or cursor-shaped text.
+    fn token() -> impl Strategy<Value = String> {
+        prop_oneof![
+            any::<String>(),
+            ("[12]\\.", cursor_ish_text())
+                .prop_map(|(v, text)| format!("{v}{}", URL_SAFE_NO_PAD.encode(text))),
+            ("[123]\\.", prop::collection::vec(any::<u8>(), 0..64))
+                .prop_map(|(v, bytes)| format!("{v}{}", URL_SAFE_NO_PAD.encode(bytes))),
+        ]
+    }
+
+    proptest! {
+        /// Any token decodes or is refused with the message that says what to send instead,
+        /// never a panic; what decodes keeps the invariants (no seq above `MAX_SEQ`, no more
+        /// streams than a feed carries) and encodes to a token that decodes to the same.
+        #[test]
+        fn any_token_decodes_or_is_refused_never_a_panic(token in token()) {
+            match decode(&token) {
+                Ok(p) => {
+                    prop_assert!(p.seqs.len() <= MAX_STREAMS);
+                    prop_assert!(p.seqs.values().all(|s| *s <= MAX_SEQ));
+                    if let Some(origin) = p.origin {
+                        prop_assert_eq!(decode(&encode(&origin, &p.seqs)).unwrap(), p);
+                    }
+                }
+                Err(e) => prop_assert!(e.to_string().contains("from=earliest"), "{}", e),
+            }
+        }
+
+        /// Every position of every run and epoch (seqs from 0 to `MAX_SEQ`) round-trips, through
+        /// [`encode`] and [`encode_into`] alike, into a token of URL- and header-safe bytes.
+        #[test]
+        fn every_position_round_trips(origin in origin(), c in cursors()) {
+            let token = encode(&origin, &c);
+            prop_assert!(token.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b)));
+            let mut buf = bytes::BytesMut::from(&b"id: "[..]);
+            let mut scratch = String::from("left over");
+            encode_into(&origin, &c, &mut buf, &mut scratch);
+            prop_assert_eq!(&buf[4..], token.as_bytes());
+            prop_assert_eq!(
+                decode(&format!(" {token}\t")).unwrap(),
+                Position { seqs: c, origin: Some(origin) }
+            );
+        }
+
+        /// A seq no stream can reach (above `MAX_SEQ`, up to `u64::MAX`) is written, but a
+        /// cursor holding one is refused rather than trusted.
+        #[test]
+        fn a_position_no_stream_can_reach_is_refused(
+            origin in origin(),
+            c in cursors(),
+            past in prop_oneof![Just(MAX_SEQ + 1), Just(u64::MAX), (MAX_SEQ + 1)..=u64::MAX],
+            v in variation(),
+        ) {
+            let mut c = c;
+            c.insert(StreamName::Logs(v), past);
+            let e = decode(&encode(&origin, &c)).unwrap_err().to_string();
+            prop_assert!(e.contains("beyond the end of any stream"), "{}", e);
+        }
+
+        /// A cursor taken on one run names that run (its tag) and not another, whatever the
+        /// epochs: the relay tells them apart and starts the other run's streams over.
+        #[test]
+        fn a_cursor_of_one_run_is_not_taken_for_another(
+            a in run_id(),
+            b in run_id(),
+            epoch in prop::option::of(any::<u64>()),
+            c in cursors(),
+        ) {
+            prop_assume!(a != b);
+            let epoch = epoch.map(Epoch::from_u64);
+            let back = decode(&encode(&Origin::new(&a, epoch), &c)).unwrap();
+            let origin = back.origin.unwrap();
+            prop_assert_eq!(origin, Origin::new(&a, epoch));
+            prop_assert_ne!(origin.run_tag, run_tag(&b));
+            prop_assert_ne!(Some(origin), Some(Origin::new(&b, epoch)));
+        }
+
+        /// `parse_seq` takes exactly the numbers from 0 to `MAX_SEQ` and refuses all else, never
+        /// panicking.
+        #[test]
+        fn parse_seq_takes_exactly_the_reachable_numbers(
+            text in prop_oneof![any::<String>(), "[+-]?[0-9]{1,22}", Just(u64::MAX.to_string())],
+        ) {
+            let bad = |why: String| BadCursor { token: String::new(), why };
+            let got = parse_seq(&text, "status", &bad).ok();
+            let want = text.parse::<u64>().ok().filter(|s| *s <= MAX_SEQ);
+            prop_assert_eq!(got, want);
+        }
+    }
 }

@@ -12,6 +12,9 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 
 /// Largest frame accepted; anything bigger is a corrupt stream.
 pub const MAX_FRAME: usize = 4 * 1024 * 1024;
+// Every control message the relay and the sidecar accept fits in one frame to the entrypoint
+// (its JSON, serialised again, is never larger than what was accepted, plus tag and seq).
+const _: () = assert!(agentrun_protocol::MAX_CONTROL_BYTES + 9 <= MAX_FRAME);
 /// Longest producer id.
 pub const MAX_PRODUCER: usize = 64;
 /// Largest `Hello` (what a client may send before it is authenticated).
@@ -396,7 +399,7 @@ impl Frame {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use agentrun_protocol::{ControlAction, RunState};
 
@@ -554,5 +557,311 @@ mod tests {
             Frame::read_limited(&mut r, MAX_HELLO).await,
             Err(FrameError::TooLarge(_))
         ));
+    }
+
+    // Property-based fuzzing of everything that reads frames: the socket (from a client that
+    // is not authenticated yet, as well as from the peer) and spool files.
+
+    use proptest::prelude::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    /// A reader that hands out its bytes in the given pieces (one piece per read at most),
+    /// like a socket that delivers a stream split at arbitrary points.
+    struct Pieces {
+        pieces: std::collections::VecDeque<Bytes>,
+    }
+
+    impl Pieces {
+        fn new(bytes: &[u8], cuts: &[usize]) -> Self {
+            let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (bytes.len() + 1)).collect();
+            cuts.sort_unstable();
+            cuts.push(bytes.len());
+            let mut pieces = std::collections::VecDeque::new();
+            let mut at = 0;
+            for c in cuts {
+                if c > at {
+                    pieces.push_back(Bytes::copy_from_slice(&bytes[at..c]));
+                    at = c;
+                }
+            }
+            Self { pieces }
+        }
+    }
+
+    impl AsyncRead for Pieces {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if let Some(piece) = self.pieces.front_mut() {
+                let n = piece.len().min(buf.remaining());
+                buf.put_slice(&piece.split_to(n));
+                if piece.is_empty() {
+                    self.pieces.pop_front();
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Reads frames until the end of the stream or an error; an in-memory reader never waits,
+    /// so this cannot hang unless `read` loops by itself.
+    fn read_all<R: AsyncRead + Unpin>(
+        mut r: R,
+        max: usize,
+    ) -> (Vec<Frame>, Result<(), FrameError>) {
+        futures::executor::block_on(async {
+            let mut frames = Vec::new();
+            loop {
+                match Frame::read_limited(&mut r, max).await {
+                    Ok(Some(f)) => frames.push(f),
+                    Ok(None) => return (frames, Ok(())),
+                    Err(e) => return (frames, Err(e)),
+                }
+            }
+        })
+    }
+
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![any::<String>(), "[ -~]{0,40}"]
+    }
+
+    fn status_event() -> impl Strategy<Value = StatusEvent> {
+        let state = prop::sample::select(vec![
+            RunState::Pending,
+            RunState::Starting,
+            RunState::Running,
+            RunState::Paused,
+            RunState::Succeeded,
+            RunState::Failed,
+            RunState::Stopped,
+        ]);
+        (
+            prop::option::of(text()),
+            state,
+            prop::option::of(text()),
+            prop::option::of(text()),
+            prop::option::of(any::<i32>()),
+            prop::option::of(any::<i32>()),
+            prop::option::of(text()),
+        )
+            .prop_map(
+                |(variation, state, reason, message, exit_code, signal, source)| StatusEvent {
+                    variation,
+                    state,
+                    reason,
+                    message,
+                    exit_code,
+                    signal,
+                    source,
+                },
+            )
+    }
+
+    /// A control message as the relay lets it through (`ControlMessage::parse`).
+    pub(crate) fn control_message() -> impl Strategy<Value = ControlMessage> {
+        let action = prop::sample::select(vec![
+            ControlAction::Pause,
+            ControlAction::Resume,
+            ControlAction::Stop,
+            ControlAction::Stdin,
+        ]);
+        (action, prop::option::of(text()), text()).prop_map(|(action, variation, data)| {
+            ControlMessage {
+                action,
+                variation,
+                data: (action == ControlAction::Stdin).then_some(data),
+            }
+        })
+    }
+
+    fn pipe() -> impl Strategy<Value = Pipe> {
+        prop::sample::select(vec![Pipe::Stdout, Pipe::Stderr])
+    }
+
+    /// A number, with the edges (0, u64::MAX) more often than chance would give them.
+    fn num() -> impl Strategy<Value = u64> {
+        prop_oneof![Just(0), Just(u64::MAX), any::<u64>()]
+    }
+
+    /// Any valid frame, of every variant.
+    fn frame() -> impl Strategy<Value = Frame> {
+        prop_oneof![
+            (
+                "[A-Za-z0-9._-]{1,64}",
+                any::<u32>(),
+                prop::option::of(any::<[u8; KEY_LEN]>())
+            )
+                .prop_map(|(producer, pid, key)| Frame::Hello { producer, pid, key }),
+            (
+                num(),
+                pipe(),
+                num(),
+                num(),
+                prop::collection::vec(any::<u8>(), 0..300)
+            )
+                .prop_map(|(fseq, pipe, pseq, ts, bytes)| Frame::Data {
+                    fseq,
+                    pipe,
+                    pseq,
+                    ts,
+                    bytes: Bytes::from(bytes),
+                }),
+            (num(), num(), num(), status_event()).prop_map(|(fseq, pseq, ts, event)| {
+                Frame::Event {
+                    fseq,
+                    pseq,
+                    ts,
+                    event,
+                }
+            }),
+            (num(), pipe(), num(), num(), num(), num()).prop_map(
+                |(fseq, pipe, pseq, ts, dropped_bytes, dropped_chunks)| Frame::Gap {
+                    fseq,
+                    pipe,
+                    pseq,
+                    ts,
+                    dropped_bytes,
+                    dropped_chunks,
+                }
+            ),
+            Just(Frame::Done),
+            num().prop_map(|fseq| Frame::Ack { fseq }),
+            (num(), control_message()).prop_map(|(seq, msg)| Frame::Control { seq, msg }),
+            num().prop_map(|seq| Frame::ControlAck { seq }),
+            (num(), num()).prop_map(|(cpu_millis, rss_bytes)| Frame::Usage {
+                cpu_millis,
+                rss_bytes
+            }),
+            any::<bool>().prop_map(|redis_up| Frame::Health { redis_up }),
+        ]
+    }
+
+    fn encode_all(frames: &[Frame]) -> BytesMut {
+        let mut buf = BytesMut::new();
+        for f in frames {
+            f.encode(&mut buf);
+        }
+        buf
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// Any body (biased towards the known tags, so every branch is reached) decodes to a
+        /// frame or is a `FrameError`, never a panic; what decodes encodes back to the same
+        /// body, except for the two parts that are not canonical (JSON text and a Hello key).
+        #[test]
+        fn any_body_decodes_or_is_refused_never_a_panic(
+            tag in prop_oneof![0u8..=11, any::<u8>()],
+            rest in prop::collection::vec(any::<u8>(), 0..96),
+        ) {
+            let mut body = vec![tag];
+            body.extend_from_slice(&rest);
+            match Frame::decode(Bytes::from(body.clone())) {
+                Ok(frame) if !matches!(frame, Frame::Event { .. } | Frame::Control { .. }) => {
+                    prop_assert_eq!(&frame.to_bytes()[4..], &body[..], "{:?}", frame);
+                }
+                Ok(_) => {}
+                Err(e) => prop_assert!(matches!(e, FrameError::Malformed(_)), "{e}"),
+            }
+        }
+
+        /// Arbitrary bytes read as a stream give frames, then the end or an error: never a
+        /// panic, never a hang, and never a frame over the limit.
+        #[test]
+        fn any_byte_stream_reads_as_frames_then_an_end_or_an_error(
+            bytes in prop::collection::vec(any::<u8>(), 0..512),
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+            max in prop_oneof![Just(MAX_FRAME), Just(MAX_HELLO), 0usize..64],
+        ) {
+            let (frames, end) = read_all(Pieces::new(&bytes, &cuts), max);
+            prop_assert!(frames.len() <= bytes.len() / 5);
+            if let Err(FrameError::TooLarge(n)) = end {
+                prop_assert!(n > max);
+            }
+        }
+
+        /// Every valid frame, of every variant, encodes to its length prefix and body, and
+        /// decodes (from the body, or read from a stream) back to itself.
+        #[test]
+        fn every_frame_round_trips(frame in frame()) {
+            let bytes = frame.to_bytes();
+            let len = u32::from_be_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) as usize;
+            prop_assert_eq!(len, bytes.len() - 4);
+            prop_assert_eq!(&Frame::decode(bytes.slice(4..)).unwrap(), &frame);
+            let (back, end) = read_all(&bytes[..], MAX_FRAME);
+            prop_assert!(end.is_ok());
+            prop_assert_eq!(back, vec![frame]);
+        }
+
+        /// A stream of frames split at arbitrary points (as a socket delivers it) reads back
+        /// exactly the frames written, then a clean end.
+        #[test]
+        fn frames_split_at_arbitrary_points_read_back_the_same(
+            frames in prop::collection::vec(frame(), 0..8),
+            cuts in prop::collection::vec(any::<usize>(), 0..16),
+        ) {
+            let buf = encode_all(&frames);
+            let (back, end) = read_all(Pieces::new(&buf, &cuts), MAX_FRAME);
+            prop_assert!(end.is_ok(), "{:?}", end);
+            prop_assert_eq!(back, frames);
+        }
+
+        /// A stream cut short anywhere (a crash in the middle of a write) reads back the frames
+        /// that were whole, then the end: never an error, a panic or a hang.
+        #[test]
+        fn a_truncated_stream_reads_the_whole_frames_then_ends(
+            frames in prop::collection::vec(frame(), 1..6),
+            cut in any::<usize>(),
+            pieces in prop::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let buf = encode_all(&frames);
+            let cut = cut % buf.len();
+            let (back, end) = read_all(Pieces::new(&buf[..cut], &pieces), MAX_FRAME);
+            prop_assert!(end.is_ok(), "{:?}", end);
+            // The frames that end at or before the cut, and no other.
+            let mut whole = 0;
+            let mut at = 0;
+            for f in &frames {
+                at += f.to_bytes().len();
+                if at > cut {
+                    break;
+                }
+                whole += 1;
+            }
+            prop_assert_eq!(&back[..], &frames[..whole]);
+        }
+
+        /// A length prefix above the limit is refused from the prefix alone: nothing of the
+        /// body is read (or allocated: lengths up to 4 GiB would otherwise be).
+        #[test]
+        fn a_length_above_the_limit_is_refused_before_the_body_is_read(
+            max in prop_oneof![Just(MAX_FRAME), Just(MAX_HELLO), 0usize..1024],
+            over in prop_oneof![Just(u32::MAX), any::<u32>()],
+            rest in prop::collection::vec(any::<u8>(), 0..64),
+        ) {
+            let len = (max as u64 + 1).max(over as u64) as u32;
+            let mut bytes = len.to_be_bytes().to_vec();
+            bytes.extend_from_slice(&rest);
+            let mut r = &bytes[..];
+            let got = futures::executor::block_on(Frame::read_limited(&mut r, max));
+            prop_assert!(matches!(got, Err(FrameError::TooLarge(n)) if n == len as usize));
+            prop_assert_eq!(r.len(), rest.len());
+        }
+
+        /// `valid_producer` accepts exactly 1 to 64 characters of `A-Z a-z 0-9 . _ -`, and a
+        /// Hello decodes exactly when its producer id is valid.
+        #[test]
+        fn a_producer_id_is_valid_exactly_when_short_and_plain(
+            id in prop_oneof!["[A-Za-z0-9._-]{0,70}", any::<String>(), "[A-Za-z0-9/.\0 ]{1,8}"],
+        ) {
+            let expected = (1..=MAX_PRODUCER).contains(&id.len())
+                && id.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+            prop_assert_eq!(valid_producer(&id), expected);
+            prop_assert_eq!(Frame::decode(hello_body(0, &[], id.as_bytes())).is_ok(), expected);
+        }
     }
 }

@@ -15,7 +15,7 @@
 use super::publisher::{Backoff, ToPublish};
 use super::state::{SidecarState, lock};
 use agentrun_protocol::replay::read_page;
-use agentrun_protocol::{ControlMessage, Entry, StreamName};
+use agentrun_protocol::{ControlError, ControlMessage, Entry, StreamName};
 use futures::StreamExt;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -73,12 +73,19 @@ pub(crate) fn acknowledged(shared: &SidecarState, seq: u64) {
     shared.control_acked.notify_one();
 }
 
+/// Reads the content of a control entry: the message when it is meant for `variation`, `None`
+/// when it is meant for another one, an error when it is not a valid message (or larger than
+/// [`agentrun_protocol::MAX_CONTROL_BYTES`], which could not reach the entrypoint).
+fn read_entry(content: &[u8], variation: &str) -> Result<Option<ControlMessage>, ControlError> {
+    ControlMessage::parse(content).map(|msg| msg.targets(variation).then_some(msg))
+}
+
 /// Takes one entry of the control stream; `false` when there is no room for it now (it is
 /// read again later).
 fn take(shared: &SidecarState, entry: &Entry) -> bool {
     let mut q = lock(&shared.control);
-    match ControlMessage::parse(&entry.content) {
-        Ok(msg) if msg.targets(shared.config.variation.as_str()) => {
+    match read_entry(&entry.content, shared.config.variation.as_str()) {
+        Ok(Some(msg)) => {
             let size = entry.content.len();
             if !q.has_room(size) {
                 return false;
@@ -99,7 +106,7 @@ fn take(shared: &SidecarState, entry: &Entry) -> bool {
                 None,
             );
         }
-        Ok(_) => q.read_to = entry.seq,
+        Ok(None) => q.read_to = entry.seq,
         Err(e) => {
             tracing::warn!(seq = entry.seq, error = %e, "ignoring an invalid control message");
             q.read_to = entry.seq;
@@ -191,5 +198,55 @@ pub(crate) async fn subscribe(shared: Arc<SidecarState>, items: mpsc::Sender<ToP
             tracing::debug!(error = %e, "control subscription interrupted; resubscribing");
         }
         tokio::time::sleep(backoff.delay()).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::Frame;
+    use agentrun_protocol::{ControlAction, MAX_CONTROL_BYTES};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Whatever a control entry holds (arbitrary bytes, or a message meant for any
+        /// variation), reading it never panics: an invalid entry is an error (skipped), a valid
+        /// one is taken exactly when it is meant for this variation, and what is taken is the
+        /// message sent, in a frame the entrypoint reads back.
+        #[test]
+        fn any_control_entry_is_taken_skipped_or_refused_never_a_panic(
+            bytes in prop::collection::vec(any::<u8>(), 0..128),
+            msg in crate::frame::tests::control_message(),
+            variation in prop_oneof![Just("a".to_owned()), "[a-z0-9-]{1,8}"],
+            seq in any::<u64>(),
+        ) {
+            let _ = read_entry(&bytes, &variation);
+            let json = msg.to_json();
+            let taken = read_entry(&json, &variation).unwrap();
+            let meant = msg.variation.as_deref().is_none_or(|v| v == variation);
+            prop_assert_eq!(taken.is_some(), meant);
+            if let Some(taken) = taken {
+                prop_assert_eq!(&taken, &msg);
+                let frame = Frame::Control { seq, msg: taken }.to_bytes();
+                let mut r = &frame[..];
+                let back = futures::executor::block_on(Frame::read(&mut r)).unwrap();
+                prop_assert_eq!(back, Some(Frame::Control { seq, msg }));
+            }
+        }
+    }
+
+    /// A control entry larger than the entrypoint could be sent (written to Redis by something
+    /// other than the relay, which refuses it) is refused, not taken: taken, it would be sent
+    /// in a frame the entrypoint refuses, again after every reconnection.
+    #[test]
+    fn an_oversize_control_entry_is_refused() {
+        let mut msg = ControlMessage::new(ControlAction::Stdin);
+        msg.data = Some("x".repeat(crate::frame::MAX_FRAME));
+        assert!(matches!(
+            read_entry(&msg.to_json(), "a"),
+            Err(ControlError::TooLarge(_))
+        ));
+        msg.data = Some("x".repeat(MAX_CONTROL_BYTES / 2));
+        assert!(read_entry(&msg.to_json(), "a").unwrap().is_some());
     }
 }
