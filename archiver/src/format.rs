@@ -235,7 +235,9 @@ impl Manifest {
 
     /// The run's phase when it was archived (`succeeded`, `failed`, `stopped`...).
     pub fn phase(&self) -> Option<&str> {
-        self.state.get("phase").map(String::as_str)
+        self.state
+            .get(agentrun_protocol::state_hash::PHASE)
+            .map(String::as_str)
     }
 }
 

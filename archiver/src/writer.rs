@@ -204,7 +204,7 @@ fn done_already(manifest: Manifest) -> Archived {
 /// The run's variations: those its state hash declares, then those the request adds.
 fn variations_of(state: &HashMap<String, String>, extra: &[Variation]) -> Vec<Variation> {
     let mut out: Vec<Variation> = state
-        .get("variations")
+        .get(agentrun_protocol::state_hash::VARIATIONS)
         .map(|d| {
             d.split(',')
                 .filter_map(|v| Variation::new(v).ok())

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use agentrun_protocol::archive;
 use agentrun_protocol::publish::{Batch, register_run, set_state};
+use agentrun_protocol::state_hash;
 use agentrun_protocol::{
     ControlAction, ControlMessage, EntryType, NewEntry, PublishOptions, Publisher, RedisConn,
     RedisSettings, RunId, StatusEvent, StreamName, Variation,
@@ -229,10 +230,10 @@ impl RunStore for RedisStore {
             let run = parse_run_id(&info.run_id)?;
             let mut conn = self.conn.clone();
             let fields = [
-                ("namespace", info.namespace.clone()),
-                ("name", info.name.clone()),
-                ("variations", info.variations.join(",")),
-                ("source", PRODUCER.to_string()),
+                (state_hash::NAMESPACE, info.namespace.clone()),
+                (state_hash::NAME, info.name.clone()),
+                (state_hash::VARIATIONS, info.variations.join(",")),
+                (state_hash::SOURCE, PRODUCER.to_string()),
             ];
             register_run(&mut conn, &run, info.created_ms, &fields)
                 .await
@@ -265,12 +266,15 @@ impl RunStore for RedisStore {
             let json = String::from_utf8_lossy(&event.to_json()).into_owned();
             let mut fields: Vec<(String, String)> = Vec::new();
             match &event.variation {
-                Some(v) => fields.push((format!("var:{v}"), json)),
+                Some(v) => fields.push((state_hash::var_field(v), json)),
                 None => {
-                    fields.push(("phase".into(), event.state.as_str().into()));
-                    fields.push(("run".into(), json));
+                    fields.push((state_hash::PHASE.into(), event.state.as_str().into()));
+                    fields.push((state_hash::RUN.into(), json));
                     if event.state.is_final() {
-                        fields.push(("ended".into(), agentrun_protocol::now_ms().to_string()));
+                        fields.push((
+                            state_hash::ENDED.into(),
+                            agentrun_protocol::now_ms().to_string(),
+                        ));
                     }
                 }
             }

@@ -25,6 +25,7 @@ pub mod process;
 pub mod publish;
 pub mod replay;
 pub mod settings;
+pub mod state_hash;
 pub mod status;
 #[cfg(feature = "test-support")]
 pub mod testing;

@@ -309,5 +309,5 @@ pub async fn settle_phase<C: ConnectionLike>(
         .arg(now_ms)
         .invoke(conn)
         .await?;
-    Ok(phase.and_then(|p| serde_json::from_value(serde_json::Value::String(p)).ok()))
+    Ok(phase.and_then(|p| crate::RunState::parse(&p)))
 }

@@ -37,6 +37,21 @@ impl RunState {
             Self::Stopped => "stopped",
         }
     }
+
+    /// The state a lowercase name stands for ([`Self::as_str`] read back).
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Pending,
+            Self::Starting,
+            Self::Running,
+            Self::Paused,
+            Self::Succeeded,
+            Self::Failed,
+            Self::Stopped,
+        ]
+        .into_iter()
+        .find(|state| state.as_str() == s)
+    }
 }
 
 impl fmt::Display for RunState {

@@ -2,9 +2,9 @@
 
 use crate::AppState;
 use crate::auth::Access;
-use crate::hub::{phase_from_state, variations_from_state};
 use agentrun_protocol::names::RUNS_INDEX_KEY;
 use agentrun_protocol::publish::Batch;
+use agentrun_protocol::state_hash;
 use agentrun_protocol::{
     ControlError, ControlMessage, EntryType, NewEntry, RunId, StreamName, Variation,
 };
@@ -108,26 +108,24 @@ pub fn summary(
     created_score: Option<u64>,
     state: &HashMap<String, String>,
 ) -> RunSummary {
-    let num = |k: &str| state.get(k).and_then(|v| v.parse::<u64>().ok());
     let text = |k: &str| state.get(k).cloned();
     let mut variations = BTreeMap::new();
-    for v in variations_from_state(state) {
-        let status = state
-            .get(&format!("var:{v}"))
+    for v in state_hash::variations(state) {
+        let status = state_hash::variation_status(state, &v)
             .and_then(|s| serde_json::from_str(s).ok())
             .unwrap_or(serde_json::Value::Null);
         variations.insert(v.as_str().to_owned(), status);
     }
     RunSummary {
         run: run.to_owned(),
-        created: num("created").or(created_score),
-        phase: text("phase"),
-        ended: num("ended"),
-        name: text("name"),
-        namespace: text("namespace"),
-        url: text("url"),
+        created: state_hash::millis(state, state_hash::CREATED).or(created_score),
+        phase: text(state_hash::PHASE),
+        ended: state_hash::millis(state, state_hash::ENDED),
+        name: text(state_hash::NAME),
+        namespace: text(state_hash::NAMESPACE),
+        url: text(state_hash::URL),
         variations,
-        finished: phase_from_state(state).is_some_and(|p| p.is_final()),
+        finished: state_hash::phase(state).is_some_and(|p| p.is_final()),
     }
 }
 

@@ -12,6 +12,7 @@
 use crate::AppState;
 use crate::api::ApiError;
 use crate::kube_auth::{Caller, KubeAuth, Verb};
+use agentrun_protocol::state_hash;
 use axum::Json;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
@@ -101,13 +102,6 @@ impl std::fmt::Debug for Credential {
     }
 }
 
-/// The namespace and name of a run's AgentRun, from its state hash.
-fn agentrun_of(state: &HashMap<String, String>) -> Option<(&str, &str)> {
-    let ns = state.get("namespace").filter(|s| !s.is_empty())?;
-    let name = state.get("name").filter(|s| !s.is_empty())?;
-    Some((ns, name))
-}
-
 fn unavailable(e: crate::kube_auth::Unavailable) -> ApiError {
     ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.0)
 }
@@ -150,10 +144,10 @@ impl Access {
         match &self.scope {
             Scope::All => Ok(true),
             Scope::Namespaces(list) => Ok(state
-                .get("namespace")
+                .get(state_hash::NAMESPACE)
                 .is_some_and(|ns| list.iter().any(|n| n == ns))),
             Scope::Kube { auth, caller } => {
-                let Some((ns, name)) = agentrun_of(state) else {
+                let Some((ns, name)) = state_hash::agentrun(state) else {
                     return Ok(false);
                 };
                 if auth.cached_allowed(caller, Verb::Get, ns, "") == Some(true) {
@@ -177,7 +171,7 @@ impl Access {
             return Err(ApiError::not_found(run));
         }
         if let Scope::Kube { auth, caller } = &self.scope
-            && let Some((ns, name)) = agentrun_of(state)
+            && let Some((ns, name)) = state_hash::agentrun(state)
             && !auth
                 .allowed(caller, Verb::Update, ns, name)
                 .await
@@ -211,7 +205,7 @@ impl Access {
         };
         let targets: Vec<Option<(String, String)>> = states
             .iter()
-            .map(|s| agentrun_of(s).map(|(ns, name)| (ns.to_owned(), name.to_owned())))
+            .map(|s| state_hash::agentrun(s).map(|(ns, name)| (ns.to_owned(), name.to_owned())))
             .collect();
         let mut namespaces: Vec<(String, String)> = targets
             .iter()

@@ -21,7 +21,7 @@ use bytes::Bytes;
 use crate::AppState;
 use crate::api::{ApiError, parse_run};
 use crate::auth::Access;
-use crate::hub::variations_from_state;
+use agentrun_protocol::state_hash;
 
 /// Entries read from Redis at a time (each at most the sidecar's chunk size, 64 KiB).
 pub const PAGE: usize = 64;
@@ -39,7 +39,7 @@ pub async fn output(
     if hash.is_empty() || !access.can_see(&hash).await? {
         return Err(ApiError::not_found(&run));
     }
-    let known = variations_from_state(&hash);
+    let known = state_hash::variations(&hash);
     if !known.contains(&variation) {
         let names: Vec<&str> = known.iter().map(Variation::as_str).collect();
         return Err(ApiError::new(

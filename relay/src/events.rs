@@ -27,9 +27,10 @@ use crate::AppState;
 use crate::api::{ApiError, parse_query, parse_run};
 use crate::budget::Reservation;
 use crate::cursor::{self, Cursors, Origin};
-use crate::hub::{FeedItem, Watch, epoch_from_state, phase_from_state, variations_from_state};
+use crate::hub::{FeedItem, Watch};
 use crate::ring::TryRecvError;
 use agentrun_protocol::replay::{last_seq, read_run_page};
+use agentrun_protocol::state_hash;
 use agentrun_protocol::{Entry, Epoch, RunState, StreamName, Variation};
 use axum::body::Body;
 use axum::extract::{Extension, Path, RawQuery, State};
@@ -561,7 +562,7 @@ impl Session {
             .query_async(&mut conn)
             .await
             .unwrap_or_default();
-        let vars: Vec<Variation> = variations_from_state(&state).into_iter().collect();
+        let vars: Vec<Variation> = state_hash::variations(&state).into_iter().collect();
         for s in self.streams_for(&vars) {
             self.track(s);
         }
@@ -697,7 +698,7 @@ pub async fn events(
     if state.is_empty() || !access.can_see(&state).await? {
         return Err(ApiError::not_found(&run));
     }
-    let declared = variations_from_state(&state);
+    let declared = state_hash::variations(&state);
     if let Some(v) = &variation
         && !declared.contains(v)
         && !app.inner.hub.known_variations(&run).contains(v)
@@ -719,8 +720,8 @@ pub async fn events(
         Ok(s) => s,
         Err(r) => return Ok(r),
     };
-    let phase = phase_from_state(&state);
-    let epoch = epoch_from_state(&state);
+    let phase = state_hash::phase(&state);
+    let epoch = state_hash::epoch(&state);
 
     // Join the live feed first, so nothing published from here on is missed.
     let watch = app.inner.hub.watch(&run).await;

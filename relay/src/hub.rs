@@ -28,6 +28,7 @@
 use crate::metrics::Metrics;
 use crate::ring::{Ring, RingReader};
 use agentrun_protocol::entry::LiveMessage;
+use agentrun_protocol::state_hash;
 use agentrun_protocol::{
     Envelope, Epoch, RedisConn, RedisSettings, RunId, RunState, StatusEvent, StreamName, Variation,
 };
@@ -210,38 +211,6 @@ pub fn encode_event(run: &RunId, stream: &StreamName, entry: &agentrun_protocol:
     Bytes::from(out)
 }
 
-/// Variation names recorded in a run's state hash (`variations` and `var:NAME` fields).
-pub fn variations_from_state(state: &HashMap<String, String>) -> BTreeSet<Variation> {
-    let mut out = BTreeSet::new();
-    if let Some(list) = state.get("variations") {
-        for name in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-            if let Ok(v) = Variation::new(name) {
-                out.insert(v);
-            }
-        }
-    }
-    for key in state.keys() {
-        if let Some(name) = key.strip_prefix("var:")
-            && let Ok(v) = Variation::new(name)
-        {
-            out.insert(v);
-        }
-    }
-    out
-}
-
-/// The run-level phase in a state hash, if it is set and known.
-pub fn phase_from_state(state: &HashMap<String, String>) -> Option<RunState> {
-    state
-        .get("phase")
-        .and_then(|p| serde_json::from_value(serde_json::Value::String(p.clone())).ok())
-}
-
-/// The run's epoch in a state hash (`None`: it has none).
-pub fn epoch_from_state(state: &HashMap<String, String>) -> Option<Epoch> {
-    state.get("epoch").and_then(|e| Epoch::parse(e))
-}
-
 impl Hub {
     /// Starts the hub and its Pub/Sub tasks. Fails only if the first connection cannot be
     /// opened.
@@ -345,7 +314,7 @@ impl Hub {
             .query_async(&mut conn)
             .await
             .unwrap_or_default();
-        let mut vars = variations_from_state(&state);
+        let mut vars = state_hash::variations(&state);
         if vars.is_empty() {
             vars.insert(Variation::default_name());
         }
@@ -362,7 +331,7 @@ impl Hub {
     /// Adds the variations declared in the run's state hash to the feed (up to
     /// [`MAX_FEED_VARIATIONS`]), subscribed before this returns.
     pub async fn learn_variations(&self, feed: &Arc<Feed>, state: &HashMap<String, String>) {
-        for v in variations_from_state(state) {
+        for v in state_hash::variations(state) {
             if !self.add_variation(feed, &v).await {
                 break;
             }
@@ -616,7 +585,7 @@ async fn check_phase(inner: &Arc<HubInner>, feed: &Arc<Feed>) -> bool {
     match state {
         Ok(state) => {
             hub.learn_variations(feed, &state).await;
-            match phase_from_state(&state) {
+            match state_hash::phase(&state) {
                 Some(phase) if phase.is_final() => {
                     let first = {
                         let mut ended = lock(&feed.ended);

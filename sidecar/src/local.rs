@@ -36,7 +36,13 @@ pub async fn run(mut local: LocalRun) -> Result<i32, SidecarError> {
     if let Ok(mut conn) = sidecar_config.redis.connect().await {
         let run = &sidecar_config.run;
         let registered = async {
-            register_run(&mut conn, run, now_ms(), &[("name", run.to_string())]).await?;
+            register_run(
+                &mut conn,
+                run,
+                now_ms(),
+                &[(agentrun_protocol::state_hash::NAME, run.to_string())],
+            )
+            .await?;
             add_variation(&mut conn, run, &sidecar_config.variation).await?;
             settle_phase(&mut conn, run, now_ms()).await
         };

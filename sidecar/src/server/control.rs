@@ -126,7 +126,7 @@ fn seq_range(first: u64, last: u64) -> String {
 pub(crate) async fn subscribe(shared: Arc<SidecarState>, items: mpsc::Sender<ToPublish>) {
     let config = &shared.config;
     let key = StreamName::Control.key(&config.run);
-    let marker_field = format!("control:{}", config.variation);
+    let marker_field = agentrun_protocol::state_hash::control_field(&config.variation);
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(5));
     let mut recorded: Option<u64> = None;
     loop {

@@ -98,7 +98,7 @@ impl Sidecar {
         if let Some(c) = conn.as_mut() {
             let latest: Option<String> = redis::cmd("HGET")
                 .arg(config.run.state_key())
-                .arg(format!("var:{}", config.variation))
+                .arg(agentrun_protocol::state_hash::var_field(&config.variation))
                 .query_async(c)
                 .await
                 .unwrap_or_default();

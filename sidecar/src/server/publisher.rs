@@ -11,6 +11,7 @@ use super::state::SidecarState;
 use agentrun_protocol::archive::{self, ArchiveRequest};
 use agentrun_protocol::durability::{Durability, NO_WAITAOF};
 use agentrun_protocol::publish::{Batch, Expected, add_variation, set_state, settle_phase};
+use agentrun_protocol::state_hash;
 use agentrun_protocol::{
     NewEntry, Publisher, RedisConn, RedisSettings, StatusEvent, StreamName, Variation, now_ms,
 };
@@ -402,7 +403,7 @@ impl PublishLoop {
         let Some(c) = conn.as_mut() else { return };
         let config = &shared.config;
         let run = &config.run;
-        let field = format!("var:{}", config.variation);
+        let field = state_hash::var_field(&config.variation);
         let json = String::from_utf8(event.to_json()).unwrap_or_default();
         let result: Result<(), redis::RedisError> = async {
             if event.reason.as_deref() == Some("SidecarStarted") {
@@ -421,7 +422,7 @@ impl PublishLoop {
             let operator_owned = !config.owns_run && {
                 let ns: Option<String> = redis::cmd("HGET")
                     .arg(run.state_key())
-                    .arg("namespace")
+                    .arg(state_hash::NAMESPACE)
                     .query_async(c)
                     .await?;
                 ns.is_some()
@@ -440,7 +441,7 @@ impl PublishLoop {
             if run_final {
                 let declared: Option<String> = redis::cmd("HGET")
                     .arg(run.state_key())
-                    .arg("variations")
+                    .arg(state_hash::VARIATIONS)
                     .query_async(c)
                     .await?;
                 let variations: Vec<Variation> = declared
