@@ -95,13 +95,14 @@ fn main() {
             std::process::exit(1);
         }
     };
-    if let Err(e) = runtime.block_on(real_main(cli)) {
+    if let Err(e) = runtime.block_on(run_command(cli)) {
         eprintln!("agentrun-archiver: {e:#}");
         std::process::exit(2);
     }
 }
 
-async fn real_main(cli: Cli) -> anyhow::Result<()> {
+/// Archives until SIGTERM, or runs `requeue-dead`.
+async fn run_command(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::RequeueDead { redis, runs }) = cli.command {
         let mut conn = redis.settings()?.connect().await?;
         let runs: Vec<RunId> = runs.into_iter().map(RunId::new).collect::<Result<_, _>>()?;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use agentrun_protocol::archive;
-use agentrun_protocol::publish::{Batch, register_run, set_state};
+use agentrun_protocol::publish::{register_run, set_state};
 use agentrun_protocol::state_hash;
 use agentrun_protocol::{
     ControlAction, ControlMessage, EntryType, NewEntry, PublishOptions, Publisher, RedisConn,
@@ -162,24 +162,10 @@ impl RedisStore {
         content: Vec<u8>,
     ) -> Result<()> {
         let run = parse_run_id(run_id)?;
-        let entry = NewEntry {
-            pseq: self.next_pseq(),
-            ts: agentrun_protocol::now_ms(),
-            kind,
-            content: content.into(),
-            meta: None,
-        };
+        let entry = NewEntry::now(self.next_pseq(), kind, content);
         let mut conn = self.conn.clone();
         self.publisher
-            .publish(
-                &mut conn,
-                &run,
-                Batch {
-                    stream: &stream,
-                    producer: PRODUCER,
-                    entries: std::slice::from_ref(&entry),
-                },
-            )
+            .publish_one(&mut conn, &run, &stream, PRODUCER, &entry)
             .await
             .map_err(|e| redis_err(run_id, e))?;
         Ok(())
@@ -353,7 +339,7 @@ impl RunStore for RedisStore {
     }
 }
 
-/// A store that only records what it was asked to write (for tests and `--no-redis` runs).
+/// A store that only records what it was asked to write (for the controller's unit tests).
 #[derive(Default)]
 pub struct RecordingStore {
     calls: std::sync::Mutex<Vec<StoreCall>>,

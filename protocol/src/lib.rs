@@ -19,6 +19,7 @@ pub mod entry;
 pub mod envelope;
 pub mod epoch;
 pub mod functions;
+pub mod live;
 pub mod names;
 #[cfg(feature = "process")]
 pub mod process;
@@ -34,7 +35,7 @@ pub mod topology;
 #[cfg(feature = "clap")]
 pub use args::RedisArgs;
 pub use control::{ControlAction, ControlError, ControlMessage, MAX_CONTROL_BYTES};
-pub use entry::{Entry, EntryType, LiveMessage, NewEntry};
+pub use entry::{Entry, EntryType, NewEntry};
 pub use envelope::Envelope;
 pub use epoch::Epoch;
 pub use names::{NameError, RunId, StreamName, Variation};

@@ -149,6 +149,24 @@ impl Publisher {
         Ok(out.remove(0))
     }
 
+    /// Publishes one entry, made now, of `producer` on `stream`: what a producer that sends
+    /// the odd message (the operator's status, the relay's control) needs.
+    pub async fn publish_one<C: ConnectionLike>(
+        &self,
+        conn: &mut C,
+        run: &RunId,
+        stream: &StreamName,
+        producer: &str,
+        entry: &NewEntry,
+    ) -> Result<PublishOutcome, RedisError> {
+        let batch = Batch {
+            stream,
+            producer,
+            entries: std::slice::from_ref(entry),
+        };
+        self.publish(conn, run, batch).await
+    }
+
     /// Publishes several batches (usually of different streams) in one round trip.
     /// Safe to retry as a whole after any error: applied entries are skipped.
     pub async fn publish_many<C: ConnectionLike>(

@@ -1,6 +1,6 @@
 //! The publish and replay primitives against a real Redis.
 
-use agentrun_protocol::entry::LiveMessage;
+use agentrun_protocol::live;
 use agentrun_protocol::publish::{Batch, register_run};
 use agentrun_protocol::replay::{last_seq, read_page};
 use agentrun_protocol::testing::RedisServer;
@@ -105,7 +105,7 @@ async fn publish_appends_announces_and_deduplicates() {
             .await
             .unwrap()
             .unwrap();
-        let got = LiveMessage::decode(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
+        let got = live::decode(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
         assert_eq!(got.seq, want);
     }
 }
@@ -308,7 +308,7 @@ async fn a_rewound_stream_gets_the_run_a_new_epoch_once_and_readers_see_which() 
         .await
         .unwrap()
         .unwrap();
-    let (got, epoch) = LiveMessage::decode_with_epoch(msg.get_payload_bytes()).unwrap();
+    let (got, epoch) = live::decode_with_epoch(msg.get_payload_bytes()).unwrap();
     assert_eq!((got.seq, epoch), (1, Some(e1)));
 
     // Redis loses the last two entries of both streams, and what the producers hash
@@ -371,11 +371,7 @@ async fn a_rewound_stream_gets_the_run_a_new_epoch_once_and_readers_see_which() 
             .await
             .unwrap()
             .unwrap();
-        epochs.push(
-            LiveMessage::decode_with_epoch(msg.get_payload_bytes())
-                .unwrap()
-                .1,
-        );
+        epochs.push(live::decode_with_epoch(msg.get_payload_bytes()).unwrap().1);
     }
     assert_eq!(epochs[4..], [Some(e2), Some(e2)]);
 

@@ -3,7 +3,6 @@
 use crate::AppState;
 use crate::auth::Access;
 use agentrun_protocol::names::RUNS_INDEX_KEY;
-use agentrun_protocol::publish::Batch;
 use agentrun_protocol::state_hash;
 use agentrun_protocol::{
     ControlError, ControlMessage, EntryType, NewEntry, RunId, StreamName, Variation,
@@ -285,14 +284,8 @@ pub async fn control(
         .query(redis::cmd("HGETALL").arg(run.state_key()))
         .await?;
     access.check_control(&run, &hash).await?;
-    let entry = |pseq| NewEntry {
-        pseq,
-        ts: agentrun_protocol::now_ms(),
-        kind: EntryType::Control,
-        content: Bytes::from(msg.to_json()),
-        meta: None,
-    };
-    // Sent again as is when the connection had dropped: the script skips a re-send.
+    let entry = |pseq| NewEntry::now(pseq, EntryType::Control, msg.to_json());
+    // Sent again as is when the connection had dropped: the function skips a re-send.
     let publish = |producer: String, entry: NewEntry| {
         let state = state.clone();
         let run = run.clone();
@@ -303,15 +296,7 @@ pub async fn control(
                     let publisher = &state.inner.publisher;
                     async move {
                         publisher
-                            .publish(
-                                &mut conn,
-                                run,
-                                Batch {
-                                    stream: &StreamName::Control,
-                                    producer,
-                                    entries: std::slice::from_ref(entry),
-                                },
-                            )
+                            .publish_one(&mut conn, run, &StreamName::Control, producer, entry)
                             .await
                     }
                 })

@@ -27,7 +27,7 @@
 
 use crate::metrics::Metrics;
 use crate::ring::{Ring, RingReader};
-use agentrun_protocol::entry::LiveMessage;
+use agentrun_protocol::live;
 use agentrun_protocol::state_hash;
 use agentrun_protocol::{
     Envelope, Epoch, RedisConn, RedisSettings, RunId, RunState, StatusEvent, StreamName, Variation,
@@ -516,7 +516,7 @@ impl HubInner {
         let Some(feed) = self.feed(&run) else {
             return;
         };
-        let (entry, epoch) = match LiveMessage::decode_with_epoch(payload) {
+        let (entry, epoch) = match live::decode_with_epoch(payload) {
             Ok(e) => e,
             Err(e) => {
                 tracing::warn!(%run, channel, error = %e, "ignoring a malformed live message");

@@ -86,7 +86,7 @@ async fn control_is_published_to_the_channel_and_the_audit_stream() {
             .await
             .unwrap()
             .unwrap();
-        let entry = agentrun_protocol::LiveMessage::decode(msg.get_payload_bytes()).unwrap();
+        let entry = agentrun_protocol::live::decode(msg.get_payload_bytes()).unwrap();
         got.push(ControlMessage::parse(&entry.content).unwrap());
     }
     assert_eq!(

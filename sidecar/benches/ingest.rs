@@ -9,7 +9,7 @@
 //! `none`, `replicas=1` against a local replica, and `aof` where Redis has `WAITAOF` (7.2+),
 //! else `none` on a master with `appendfsync always` as the closest figure.
 
-use agentrun_protocol::entry::LiveMessage;
+use agentrun_protocol::live;
 use agentrun_protocol::replay::read_page;
 use agentrun_protocol::testing::RedisServer;
 use agentrun_protocol::{RunId, StreamName, Variation, now_ms};
@@ -317,7 +317,7 @@ async fn latency(redis: &RedisServer, durability: &str, seconds: u64) {
     let collect = async {
         while let Some(msg) = live.next().await {
             let received = now_us();
-            let entry = LiveMessage::decode(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
+            let entry = live::decode(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
             for line in entry
                 .content
                 .split(|b| *b == b'\n')

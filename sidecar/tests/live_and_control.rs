@@ -2,7 +2,7 @@
 
 mod common;
 
-use agentrun_protocol::entry::LiveMessage;
+use agentrun_protocol::live;
 use agentrun_protocol::publish::Batch;
 use agentrun_protocol::testing::{RedisServer, wait_for};
 use agentrun_protocol::{
@@ -37,7 +37,7 @@ async fn a_write_with_no_newline_is_delivered_live() {
         .await
         .expect("a live message")
         .unwrap();
-    let entry = LiveMessage::decode(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
+    let entry = live::decode(&msg.get_payload::<Vec<u8>>().unwrap()).unwrap();
     assert_eq!(entry.content.as_ref(), b"token");
     assert_eq!(entry.seq, 1);
     // It came while the agent was still running, not when its output closed.

@@ -275,13 +275,7 @@ impl Producer {
         let entries: Vec<NewEntry> = contents
             .iter()
             .enumerate()
-            .map(|(i, c)| NewEntry {
-                pseq: self.pseq + 1 + i as u64,
-                ts: agentrun_protocol::now_ms(),
-                kind,
-                content: Bytes::from(c.clone()),
-                meta: None,
-            })
+            .map(|(i, c)| NewEntry::now(self.pseq + 1 + i as u64, kind, c.clone()))
             .collect();
         let out = self
             .publisher

@@ -103,7 +103,7 @@ test('pause stops a variation\'s output, resume continues it, stop ends the run'
   await s.browser.screenshot('controlled-run');
 
   const parsed = messages.map((m) => {
-    // The Pub/Sub payload is "SEQ TS TYPE METALEN\n" + meta + content (protocol LiveMessage).
+    // The Pub/Sub payload is "SEQ TS TYPE METALEN\n" + meta + content (agentrun_protocol::live).
     const nl = m.indexOf('\n');
     const [, , type, metaLen] = m.slice(0, nl).split(' ');
     assert.equal(type, 'control');

@@ -135,7 +135,7 @@ fn main() {
             std::process::exit(1);
         }
     };
-    match runtime.block_on(real_main(cli)) {
+    match runtime.block_on(run_command(cli)) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("agentrun-sidecar: {e:#}");
@@ -144,7 +144,8 @@ fn main() {
     }
 }
 
-async fn real_main(cli: Cli) -> anyhow::Result<i32> {
+/// Runs the command line's subcommand; the exit code is the agent's for `run`.
+async fn run_command(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Serve {
             common,

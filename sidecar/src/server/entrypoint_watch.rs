@@ -7,13 +7,12 @@
 //! of the variation, so the run's page and `kubectl agentrun` show why no output comes.
 
 use super::publisher::ToPublish;
-use super::state::{SidecarState, push_status};
+use super::state::SidecarState;
 use crate::spool::live_spools;
 use agentrun_protocol::{RunState, StatusEvent};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -23,12 +22,7 @@ pub const AFTER: Duration = Duration::from_secs(10);
 /// Reason of the status event.
 pub const REASON: &str = "EntrypointNotConnected";
 
-pub(super) async fn run(
-    shared: Arc<SidecarState>,
-    items: mpsc::Sender<ToPublish>,
-    producer: Arc<str>,
-    pseq: Arc<AtomicU64>,
-) {
+pub(super) async fn run(shared: Arc<SidecarState>, items: mpsc::Sender<ToPublish>) {
     let mut since: HashMap<PathBuf, Instant> = HashMap::new();
     let mut reported: HashSet<PathBuf> = HashSet::new();
     let mut tick = tokio::time::interval(Duration::from_secs(2));
@@ -58,7 +52,7 @@ pub(super) async fn run(
                 .reason(REASON)
                 .message(message)
                 .source("sidecar");
-            push_status(&items, &producer, &pseq, event, true).await;
+            shared.push_status(&items, event, true).await;
         }
     }
 }

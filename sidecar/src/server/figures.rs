@@ -3,18 +3,12 @@
 
 use super::publisher::ToPublish;
 use super::state::SidecarState;
-use agentrun_protocol::{EntryType, NewEntry, StreamName, now_ms};
-use bytes::Bytes;
+use agentrun_protocol::{EntryType, StreamName};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
 /// Publishes the sidecar's figures on `run:{RUN}:metrics` every `metrics_interval`.
-pub(crate) async fn metrics_ticker(
-    shared: Arc<SidecarState>,
-    items: mpsc::Sender<ToPublish>,
-    producer: Arc<str>,
-    pseq: Arc<std::sync::atomic::AtomicU64>,
-) {
+pub(crate) async fn metrics_ticker(shared: Arc<SidecarState>, items: mpsc::Sender<ToPublish>) {
     if shared.config.metrics_interval.is_zero() {
         return;
     }
@@ -37,25 +31,16 @@ pub(crate) async fn metrics_ticker(
             "agentCpuMillis": m.agent_cpu_millis.get(),
             "agentMemoryBytes": m.agent_rss_bytes.get(),
         });
-        let p = pseq.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
-        let entry = NewEntry {
-            pseq: p,
-            ts: now_ms(),
-            kind: EntryType::Metrics,
-            content: Bytes::from(figures.to_string()),
-            meta: None,
-        };
-        if items
-            .send(ToPublish::Entry {
-                stream: StreamName::Metrics,
-                producer: producer.clone(),
-                entry: Box::new(entry),
-                ack: None,
-                status: None,
-                permit: None,
-            })
+        let content = figures.to_string();
+        if !shared
+            .push_own(
+                &items,
+                StreamName::Metrics,
+                EntryType::Metrics,
+                content,
+                None,
+            )
             .await
-            .is_err()
         {
             return;
         }

@@ -30,7 +30,7 @@ pub const SPOOL_REFUSED_REASON: &str = "SpoolRefused";
 use crate::metrics::Metrics;
 use agentrun_protocol::{PublishOptions, Publisher, RunState, StatusEvent};
 use publisher::{PublishLoop, ToPublish};
-use state::{Refusals, SidecarState, push_status};
+use state::{Refusals, SidecarState};
 use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
@@ -170,7 +170,6 @@ async fn run(
 ) {
     let budget = Arc::new(Semaphore::new(shared.config.buffer_bytes));
     let (items_tx, items_rx) = mpsc::channel::<ToPublish>(4096);
-    let sidecar_producer = shared.producer.clone();
     let publisher = tokio::spawn(publish_loop.run(shared.clone(), conn, items_rx));
     let controls = tokio::spawn(control::subscribe(shared.clone(), items_tx.clone()));
     let pinger = tokio::spawn(health::health_pinger(shared.clone()));
@@ -187,23 +186,12 @@ async fn run(
         budget.clone(),
         None,
     ));
-    let pseq = shared.pseq.clone();
     let starting = StatusEvent::new(Some(shared.config.variation.as_str()), RunState::Starting)
         .reason("SidecarStarted")
         .source("sidecar");
-    push_status(&items_tx, &sidecar_producer, &pseq, starting, true).await;
-    let figures = tokio::spawn(figures::metrics_ticker(
-        shared.clone(),
-        items_tx.clone(),
-        sidecar_producer.clone(),
-        pseq.clone(),
-    ));
-    let watchdog = tokio::spawn(entrypoint_watch::run(
-        shared.clone(),
-        items_tx.clone(),
-        sidecar_producer.clone(),
-        pseq.clone(),
-    ));
+    shared.push_status(&items_tx, starting, true).await;
+    let figures = tokio::spawn(figures::metrics_ticker(shared.clone(), items_tx.clone()));
+    let watchdog = tokio::spawn(entrypoint_watch::run(shared.clone(), items_tx.clone()));
 
     let mut epoch = 0;
     loop {

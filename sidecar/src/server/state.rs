@@ -8,7 +8,7 @@ use super::socket::MAX_UNAUTHENTICATED;
 use crate::auth::Key;
 use crate::frame::Frame;
 use crate::metrics::Metrics;
-use agentrun_protocol::{EntryType, NewEntry, RunState, StatusEvent, StreamName, now_ms};
+use agentrun_protocol::{EntryType, NewEntry, RunState, StatusEvent, StreamName};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -125,35 +125,50 @@ impl SidecarState {
             .reason(reason)
             .message(message)
             .source("sidecar");
-        push_status(items, &self.producer, &self.pseq, event, false).await;
+        self.push_status(items, event, false).await;
     }
-}
 
-/// Queues a status event of the sidecar's own; `mirror`: also make it the variation's latest
-/// status in the state hash (a notice is not).
-pub(crate) async fn push_status(
-    items: &mpsc::Sender<ToPublish>,
-    producer: &Arc<str>,
-    pseq: &AtomicU64,
-    event: StatusEvent,
-    mirror: bool,
-) {
-    let p = pseq.fetch_add(1, Ordering::SeqCst) + 1;
-    let entry = NewEntry {
-        pseq: p,
-        ts: now_ms(),
-        kind: EntryType::Status,
-        content: Bytes::from(event.to_json()),
-        meta: None,
-    };
-    let _ = items
-        .send(ToPublish::Entry {
-            stream: StreamName::Status,
-            producer: producer.clone(),
-            entry: Box::new(entry),
-            ack: None,
-            status: mirror.then_some(event),
-            permit: None,
-        })
+    /// Queues a status event of the sidecar's own; `mirror`: also make it the variation's
+    /// latest status in the state hash (a notice is not).
+    pub(crate) async fn push_status(
+        &self,
+        items: &mpsc::Sender<ToPublish>,
+        event: StatusEvent,
+        mirror: bool,
+    ) {
+        let content = event.to_json();
+        let status = mirror.then_some(event);
+        self.push_own(
+            items,
+            StreamName::Status,
+            EntryType::Status,
+            content,
+            status,
+        )
         .await;
+    }
+
+    /// Queues an entry of the sidecar's own producer (its status events and figures); false
+    /// when the publisher is gone.
+    pub(crate) async fn push_own(
+        &self,
+        items: &mpsc::Sender<ToPublish>,
+        stream: StreamName,
+        kind: EntryType,
+        content: impl Into<Bytes>,
+        status: Option<StatusEvent>,
+    ) -> bool {
+        let pseq = self.pseq.fetch_add(1, Ordering::SeqCst) + 1;
+        items
+            .send(ToPublish::Entry {
+                stream,
+                producer: self.producer.clone(),
+                entry: Box::new(NewEntry::now(pseq, kind, content)),
+                ack: None,
+                status,
+                permit: None,
+            })
+            .await
+            .is_ok()
+    }
 }
