@@ -424,6 +424,15 @@ impl Session {
 
     fn lagged(&mut self) {
         self.app.inner.metrics.slow_client_fallbacks.inc();
+        // The items this reader missed may include news the feed sends once: a new variation,
+        // the run's end. Take them from the feed, or a client that lagged over the run's end
+        // would wait for it forever.
+        for v in self.watch.feed.variations() {
+            self.handle(&FeedItem::Variation(v));
+        }
+        if let Some(state) = self.watch.feed.ended() {
+            self.handle(&FeedItem::Ended(state));
+        }
         self.catch_up_all();
     }
 

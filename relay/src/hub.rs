@@ -115,7 +115,8 @@ pub struct Feed {
     variations: StdMutex<BTreeSet<Variation>>,
     ready: OnceCell<()>,
     clients: StdMutex<usize>,
-    ended: StdMutex<bool>,
+    /// The run's final phase, once the feed has sent `Ended` (it sends it once).
+    ended: StdMutex<Option<RunState>>,
     /// The newest (epoch, seq) announced per stream, to notice `seq` going back.
     live_tops: StdMutex<HashMap<StreamName, (Option<Epoch>, u64)>>,
     /// The variation cap was hit (logged once).
@@ -126,6 +127,11 @@ impl Feed {
     /// Variations known so far.
     pub fn variations(&self) -> Vec<Variation> {
         lock(&self.variations).iter().cloned().collect()
+    }
+
+    /// The run's final phase, once the feed has told its clients that the run ended.
+    pub fn ended(&self) -> Option<RunState> {
+        *lock(&self.ended)
     }
 
     fn send(&self, item: FeedItem) {
@@ -281,7 +287,7 @@ impl Hub {
                         variations: StdMutex::new(BTreeSet::new()),
                         ready: OnceCell::new(),
                         clients: StdMutex::new(1),
-                        ended: StdMutex::new(false),
+                        ended: StdMutex::new(None),
                         live_tops: StdMutex::new(HashMap::new()),
                         capped: AtomicBool::new(false),
                     });
@@ -571,7 +577,7 @@ impl HubInner {
 /// Reads the run's state hash: learns declared variations, and tells the clients once the
 /// phase is final. Returns whether it is.
 async fn check_phase(inner: &Arc<HubInner>, feed: &Arc<Feed>) -> bool {
-    if *lock(&feed.ended) {
+    if lock(&feed.ended).is_some() {
         return true;
     }
     let mut conn = inner.conn.clone();
@@ -587,10 +593,7 @@ async fn check_phase(inner: &Arc<HubInner>, feed: &Arc<Feed>) -> bool {
             hub.learn_variations(feed, &state).await;
             match state_hash::phase(&state) {
                 Some(phase) if phase.is_final() => {
-                    let first = {
-                        let mut ended = lock(&feed.ended);
-                        !std::mem::replace(&mut *ended, true)
-                    };
+                    let first = lock(&feed.ended).replace(phase).is_none();
                     if first {
                         feed.send(FeedItem::Ended(phase));
                     }
