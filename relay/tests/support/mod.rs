@@ -473,17 +473,14 @@ pub fn sidecar_binary() -> std::path::PathBuf {
     let dir = relay_bin.parent().expect("binary directory");
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let status = std::process::Command::new(cargo)
-        .args([
-            "build",
-            "-p",
-            "agentrun-sidecar",
-            "--bin",
-            "agentrun-sidecar",
-        ])
+        // The workspace's binaries, with the workspace's features: the same build as
+        // `cargo nextest run --workspace` and the e2e suite, so nothing is rebuilt back and
+        // forth (`-p agentrun-sidecar` alone unifies features differently).
+        .args(["build", "--workspace", "--bins"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .status()
-        .expect("run cargo build -p agentrun-sidecar");
-    assert!(status.success(), "cargo build -p agentrun-sidecar failed");
+        .expect("run cargo build --workspace --bins");
+    assert!(status.success(), "cargo build --workspace --bins failed");
     let path = dir.join("agentrun-sidecar");
     assert!(
         path.exists(),
