@@ -24,9 +24,10 @@
 //! if it has one. Tokens are never printed.
 
 pub mod lines;
-pub mod sse;
 
 use agentrun_protocol::Envelope;
+use agentrun_protocol::RunState;
+use agentrun_protocol::sse;
 use anyhow::{Context, anyhow, bail};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt;
@@ -450,8 +451,8 @@ async fn control(
 }
 
 enum Outcome {
-    /// `end` received: the phase, and whether the run is over.
-    End(Option<String>, bool),
+    /// `end` received.
+    End(sse::End),
     /// The connection ended without `end` (relay restart, network): resume.
     Disconnected { got_events: bool },
 }
@@ -536,26 +537,22 @@ impl Printer {
             v["event"] = serde_json::Value::from(ev.event.clone());
             v["id"] = serde_json::Value::from(ev.id.clone());
             writeln!(std::io::stdout().lock(), "{v}")?;
-        } else if ev.event == "reset" {
+        } else if let Some(reset) = ev.parse::<sse::Reset>() {
             let (mut out, mut err) = (std::io::stdout().lock(), std::io::stderr().lock());
             self.lines.reset(&mut out, &mut err)?;
             out.flush()?;
             drop((out, err));
             eprintln!(
                 "agentrun: the run's history was reset ({}): {}; what follows is the run's history from its first entry again",
-                v["reason"].as_str().unwrap_or("?"),
-                v["message"].as_str().unwrap_or("Redis lost entries")
+                reset.reason, reset.message
             );
-        } else if ev.event == "trimmed" {
+        } else if let Some(t) = ev.parse::<sse::Trimmed>() {
             eprintln!(
                 "agentrun: {} entries of {}{} were trimmed from history before they could be shown (from seq {} on only)",
-                v["missed"],
-                v["channel"].as_str().unwrap_or("?"),
-                v["variation"]
-                    .as_str()
-                    .map(|s| format!(" of {s}"))
-                    .unwrap_or_default(),
-                v["firstAvailable"]
+                t.missed,
+                t.channel,
+                t.variation.map(|s| format!(" of {s}")).unwrap_or_default(),
+                t.first_available
             );
         }
         Ok(())
@@ -577,19 +574,22 @@ async fn read_stream(
             got_events = true;
             match ev.event.as_str() {
                 "output" | "logs" | "status" | "metrics" | "gap" => printer.entry(&ev)?,
-                "trimmed" | "reset" => printer.notice(&ev)?,
-                "end" => {
+                <sse::Trimmed as sse::ServerEvent>::NAME
+                | <sse::Reset as sse::ServerEvent>::NAME => printer.notice(&ev)?,
+                <sse::End as sse::ServerEvent>::NAME => {
                     if let Some(id) = &ev.id {
                         *last_id = Some(id.clone());
                     }
-                    let v: serde_json::Value = serde_json::from_str(&ev.data).unwrap_or_default();
                     if printer.format == OutputFormat::Json {
                         printer.notice(&ev)?;
                     }
-                    return Ok(Outcome::End(
-                        v["phase"].as_str().map(str::to_owned),
-                        v["finished"].as_bool().unwrap_or(false),
-                    ));
+                    let end = ev.parse::<sse::End>().ok_or_else(|| {
+                        anyhow!(
+                            "the relay sent an `end` event this plugin cannot read: {}",
+                            ev.data
+                        )
+                    })?;
+                    return Ok(Outcome::End(end));
                 }
                 // `open`, `shutdown` and future events only move the cursor.
                 _ => {}
@@ -657,7 +657,9 @@ async fn logs(relay: &mut RelayClient, target: &Target, args: &LogsArgs) -> anyh
             Sent::Answer(_) | Sent::Unreachable(_) => Outcome::Disconnected { got_events: false },
         };
         match outcome {
-            Outcome::End(phase, finished) => {
+            Outcome::End(sse::End {
+                phase, finished, ..
+            }) => {
                 let (mut out, mut err) = (std::io::stdout(), std::io::stderr());
                 if reading_history {
                     reading_history = false;
@@ -671,9 +673,9 @@ async fn logs(relay: &mut RelayClient, target: &Target, args: &LogsArgs) -> anyh
                 if !args.follow {
                     return Ok(EXIT_OK);
                 }
-                return Ok(match (phase.as_deref(), finished) {
-                    (Some("succeeded"), _) => EXIT_OK,
-                    (Some("stopped"), _) => EXIT_STOPPED,
+                return Ok(match phase {
+                    Some(RunState::Succeeded) => EXIT_OK,
+                    Some(RunState::Stopped) => EXIT_STOPPED,
                     _ => EXIT_FAILED,
                 });
             }

@@ -26,6 +26,7 @@ pub mod process;
 pub mod publish;
 pub mod replay;
 pub mod settings;
+pub mod sse;
 pub mod state_hash;
 pub mod status;
 #[cfg(feature = "test-support")]

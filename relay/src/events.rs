@@ -30,8 +30,8 @@ use crate::cursor::{self, Cursors, Origin};
 use crate::hub::{FeedItem, Watch};
 use crate::ring::TryRecvError;
 use agentrun_protocol::replay::{last_seq, read_run_page};
-use agentrun_protocol::state_hash;
 use agentrun_protocol::{Entry, Epoch, RunState, StreamName, Variation};
+use agentrun_protocol::{sse, state_hash};
 use axum::body::Body;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
@@ -335,22 +335,22 @@ impl Session {
     fn write_reset(&mut self, reason: ResetReason, old: Option<Epoch>) {
         self.app.inner.metrics.resets.inc();
         tracing::info!(run = %self.run, reason = reason.code(), "a client's position is not valid in the run's history; it starts over");
-        let data = serde_json::json!({
-            "run": self.run.as_str(),
-            "reason": reason.code(),
-            "oldEpoch": old.map(|e| e.to_string()),
-            "newEpoch": self.origin.epoch.map(|e| e.to_string()),
-            "message": reason.message(),
+        self.write_event(&sse::Reset {
+            message: reason.message().to_owned(),
+            new_epoch: self.origin.epoch.map(|e| e.to_string()),
+            old_epoch: old.map(|e| e.to_string()),
+            reason: reason.code().to_owned(),
+            run: self.run.to_string(),
         });
-        self.write_event("reset", &data);
     }
 
-    fn write_event(&mut self, event: &str, data: &serde_json::Value) {
+    fn write_event<E: sse::ServerEvent>(&mut self, event: &E) {
         self.write_id();
         self.out.extend_from_slice(b"event: ");
-        self.out.extend_from_slice(event.as_bytes());
+        self.out.extend_from_slice(E::NAME.as_bytes());
         self.out.extend_from_slice(b"\ndata: ");
-        self.out.extend_from_slice(data.to_string().as_bytes());
+        let data = serde_json::to_vec(event).unwrap_or_else(|_| b"{}".to_vec());
+        self.out.extend_from_slice(&data);
         self.out.extend_from_slice(b"\n\n");
     }
 
@@ -493,15 +493,14 @@ impl Session {
         let page = found.page;
         if let Some(t) = page.trimmed {
             self.app.inner.metrics.trimmed_notices.inc();
-            let data = serde_json::json!({
-                "run": self.run.as_str(),
-                "channel": stream.kind(),
-                "variation": stream.variation().map(|v| v.as_str()),
-                "wanted": t.wanted,
-                "firstAvailable": t.first_available,
-                "missed": t.first_available - t.wanted,
+            self.write_event(&sse::Trimmed {
+                channel: stream.kind().to_owned(),
+                first_available: t.first_available,
+                missed: t.first_available - t.wanted,
+                run: self.run.to_string(),
+                variation: stream.variation().map(|v| v.to_string()),
+                wanted: t.wanted,
             });
-            self.write_event("trimmed", &data);
         }
         let sizes = page
             .entries
@@ -583,12 +582,11 @@ impl Session {
             Some(Ending::Snapshot(s)) => (*s, s.is_some_and(|s| s.is_final())),
             None => (None, false),
         };
-        let data = serde_json::json!({
-            "run": self.run.as_str(),
-            "phase": phase.map(|p| p.as_str()),
-            "finished": finished,
+        self.write_event(&sse::End {
+            finished,
+            phase,
+            run: self.run.to_string(),
         });
-        self.write_event("end", &data);
         self.done = true;
     }
 
@@ -601,11 +599,10 @@ impl Session {
                 return self.take();
             }
             if self.shutdown || self.app.inner.shutting_down.load(Ordering::Relaxed) {
-                let data = serde_json::json!({
-                    "run": self.run.as_str(),
-                    "reason": "the relay is shutting down; reconnect with this event's id as Last-Event-ID",
+                self.write_event(&sse::Shutdown {
+                    reason: "the relay is shutting down; reconnect with this event's id as Last-Event-ID".to_owned(),
+                    run: self.run.to_string(),
                 });
-                self.write_event("shutdown", &data);
                 self.done = true;
                 return self.take();
             }
@@ -815,12 +812,11 @@ pub async fn events(
     session.out.extend_from_slice(
         format!(": agentrun relay\nretry: {}\n\n", app.inner.limits.retry_ms).as_bytes(),
     );
-    let open = serde_json::json!({
-        "run": run.as_str(),
-        "variations": vars.iter().map(|v| v.as_str()).collect::<Vec<_>>(),
-        "phase": phase.map(|p| p.as_str()),
+    session.write_event(&sse::Open {
+        phase,
+        run: run.to_string(),
+        variations: vars.iter().map(|v| v.to_string()).collect(),
     });
-    session.write_event("open", &open);
     if let Some((reason, old)) = pending_reset {
         session.write_reset(reason, old);
     }

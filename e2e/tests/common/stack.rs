@@ -656,31 +656,14 @@ pub async fn read_sse(http: &reqwest::Client, url: &str) -> Result<Sse, String> 
         return Err(format!("status {}", res.status()));
     }
     let mut body = res.bytes_stream();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut parser = agentrun_protocol::sse::Parser::default();
     let mut sse = Sse::default();
     while let Some(chunk) = body.next().await {
-        buf.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
-        while let Some(pos) = buf.windows(2).position(|w| w == b"\n\n") {
-            let frame: Vec<u8> = buf.drain(..pos + 2).collect();
-            let text = String::from_utf8(frame).map_err(|e| e.to_string())?;
-            let mut event = "message".to_string();
-            let mut data = String::new();
-            for line in text.lines() {
-                if let Some(e) = line.strip_prefix("event:") {
-                    event = e.trim().to_string();
-                } else if let Some(d) = line.strip_prefix("data:") {
-                    if !data.is_empty() {
-                        data.push('\n');
-                    }
-                    data.push_str(d.strip_prefix(' ').unwrap_or(d));
-                }
-            }
-            if data.is_empty() && event == "message" {
-                continue; // a comment (keep-alive) or `retry:`
-            }
-            let value = serde_json::from_str(&data).unwrap_or(Value::String(data));
-            let end = event == "end";
-            sse.events.push((event, value));
+        parser.push(&chunk.map_err(|e| e.to_string())?);
+        while let Some(ev) = parser.next_event() {
+            let value = serde_json::from_str(&ev.data).unwrap_or(Value::String(ev.data));
+            let end = ev.event == "end";
+            sse.events.push((ev.event, value));
             if end {
                 return Ok(sse);
             }

@@ -85,23 +85,24 @@ impl Drop for Relay {
     }
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct SseEvent {
-    pub id: Option<String>,
-    pub event: String,
-    pub data: String,
+/// An event as the relay sent it; [`EventJson::json`] reads its data.
+pub type SseEvent = agentrun_protocol::sse::Event;
+
+pub trait EventJson {
+    fn json(&self) -> serde_json::Value;
 }
 
-impl SseEvent {
-    pub fn json(&self) -> serde_json::Value {
+impl EventJson for SseEvent {
+    fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.data).expect("event data is JSON")
     }
 }
 
-/// A minimal Server-Sent Events reader over a streaming HTTP response.
+/// A Server-Sent Events reader over a streaming HTTP response (with the protocol's parser,
+/// the one the kubectl plugin uses).
 pub struct SseClient {
     body: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
-    buf: Vec<u8>,
+    parser: agentrun_protocol::sse::Parser,
     pub last_id: Option<String>,
     pub headers: reqwest::header::HeaderMap,
 }
@@ -137,7 +138,7 @@ impl SseClient {
         let headers = resp.headers().clone();
         SseClient {
             body: Box::pin(resp.bytes_stream()),
-            buf: Vec::new(),
+            parser: Default::default(),
             last_id: None,
             headers,
         }
@@ -146,44 +147,15 @@ impl SseClient {
     /// The next event with data (comments and `retry:` blocks skipped); `None` at the end.
     pub async fn next(&mut self) -> Option<SseEvent> {
         loop {
-            if let Some(pos) = find_blank_line(&self.buf) {
-                let block: Vec<u8> = self.buf.drain(..pos + 2).collect();
-                let text = String::from_utf8(block).expect("SSE is UTF-8");
-                let mut ev = SseEvent {
-                    id: None,
-                    event: "message".into(),
-                    data: String::new(),
-                };
-                let mut has_data = false;
-                for line in text.lines() {
-                    if line.starts_with(':') || line.is_empty() {
-                        continue;
-                    }
-                    let (field, value) = line.split_once(':').unwrap_or((line, ""));
-                    let value = value.strip_prefix(' ').unwrap_or(value);
-                    match field {
-                        "id" => ev.id = Some(value.to_owned()),
-                        "event" => ev.event = value.to_owned(),
-                        "data" => {
-                            if has_data {
-                                ev.data.push('\n');
-                            }
-                            ev.data.push_str(value);
-                            has_data = true;
-                        }
-                        _ => {}
-                    }
-                }
-                if let Some(id) = &ev.id {
-                    self.last_id = Some(id.clone());
-                }
-                if has_data {
-                    return Some(ev);
-                }
-                continue;
+            let event = self.parser.next_event();
+            if let Some(id) = &self.parser.last_id {
+                self.last_id = Some(id.clone());
+            }
+            if event.is_some() {
+                return event;
             }
             match self.body.next().await {
-                Some(Ok(chunk)) => self.buf.extend_from_slice(&chunk),
+                Some(Ok(chunk)) => self.parser.push(&chunk),
                 Some(Err(_)) | None => return None,
             }
         }
@@ -207,10 +179,6 @@ impl SseClient {
             }
         }
     }
-}
-
-fn find_blank_line(buf: &[u8]) -> Option<usize> {
-    buf.windows(2).position(|w| w == b"\n\n")
 }
 
 pub fn run_id(name: &str) -> RunId {
