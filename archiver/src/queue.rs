@@ -1,3 +1,4 @@
+// Long file: one consumer-group protocol (claim, heartbeat, retry, dead letter) whose invariants are read together.
 //! The archive queue, read with a consumer group: every archiver (every replica, and every
 //! worker in it) is a consumer of `archivers` on `agentrun:{archive}:queue`.
 //!

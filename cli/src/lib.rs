@@ -1,3 +1,4 @@
+// Long file: the plugin's commands share one relay client, reconnect loop and printer; lines.rs cuts lines.
 //! `kubectl agentrun`: follow and steer agentrun runs through the relay.
 //!
 //! ```text

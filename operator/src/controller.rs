@@ -1,3 +1,4 @@
+// Long file: the reconcile steps of one resource (apply, cleanup, pod creation, refusals); its tests are in controller_tests.rs.
 //! The reconciler: one `finalizer()` entry point dispatching to idempotent `apply` and
 //! `cleanup`.
 
@@ -435,70 +436,31 @@ fn is_active(pod: &Pod) -> bool {
         && !matches!(phase, Some("Succeeded") | Some("Failed"))
 }
 
-/// Creates what is missing, derives and writes the status, applies timeout, pause and TTL.
+/// Creates what is missing, derives and writes the status, applies timeout, pause and TTL:
+/// the steps below, in this order.
 async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
     let now = ctx.clock.now();
     let ns = run.namespace().unwrap_or_else(|| "default".into());
-    let name = run.name_any();
-    let key = format!("{ns}/{name}");
-    let reference = reference(&run.metadata);
     let api: Api<AgentRun> = Api::namespaced(ctx.client.clone(), &ns);
     let prev = run.status.clone().unwrap_or_default();
-
+    let reference = reference(&run.metadata);
     if let Err((field, message)) = validate(&run) {
         return reject(&run, &ctx, &api, &reference, &prev, &field, &message, now).await;
     }
-    let run_id = pod::run_id(&run)?;
-    let variations = run.spec.resolved_variations();
-
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods: Vec<Pod> = pods_api
-        .list(&ListParams::default().labels(&pod::run_selector(&run)))
-        .await?
-        .items
-        .into_iter()
-        .filter(|p| pod::is_owned_by(p, &run))
-        .collect();
-
-    let mut next = status::derive(&Observation {
-        variations: &variations,
-        pods: &pods,
-        previous: &prev,
-        generation: run.metadata.generation,
-        timeout_seconds: run.spec.timeout_seconds,
+    let step = Step {
+        key: format!("{ns}/{}", run.name_any()),
+        run_id: pod::run_id(&run)?,
+        pods_api: Api::namespaced(ctx.client.clone(), &ns),
+        reference,
+        run: &run,
+        ctx: &ctx,
+        prev: &prev,
         now,
-    });
-    next.url = ctx.settings.run_url(&run_id);
-    next.run_id = prev.run_id.clone();
-    if prev.run_id.is_none() {
-        let info = RunInfo {
-            run_id: run_id.clone(),
-            namespace: ns.clone(),
-            name: name.clone(),
-            variations: variations.iter().map(|v| v.name.clone()).collect(),
-            created_ms: run
-                .metadata
-                .creation_timestamp
-                .as_ref()
-                .map(|t| t.0.as_millisecond().max(0) as u64)
-                .unwrap_or_else(|| now.as_millisecond().max(0) as u64),
-        };
-        match ctx.store.register(&info).await {
-            Ok(()) => next.run_id = Some(run_id.clone()),
-            Err(e) => {
-                warn!(run = %key, error = %e, "could not register the run in Redis; retrying on the next reconcile")
-            }
-        }
-    }
-    // The run's own Redis user, (re)created on every reconcile of an unfinished run: Redis
-    // keeps ACL users in memory only, so a restarted Redis forgets them.
-    let finished_before = prev.phase.is_some_and(RunPhase::is_finished);
-    if !finished_before
-        && let Some((_, password)) = pod::run_credentials(&run, &ctx.settings)?
-        && let Err(e) = ctx.store.ensure_run_user(&run_id, &password).await
-    {
-        warn!(run = %key, error = %e, "could not create the run's Redis user; its sidecars cannot publish until the next reconcile creates it");
-    }
+    };
+    let pods = step.owned_pods().await?;
+    let mut next = step.derive_status(&pods);
+    step.register(&mut next).await;
+    step.ensure_run_user().await?;
 
     let was_finished = prev.phase.is_some_and(RunPhase::is_finished);
     let timed_out_now = !was_finished
@@ -507,34 +469,14 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
             .iter()
             .any(|v| v.reason.as_deref() == Some(reasons::TIMEOUT));
     let mut retry_creation = None;
-
     if timed_out_now {
-        for p in pods.iter().filter(|p| is_active(p)) {
-            let pod_name = p.name_any();
-            match pods_api.delete(&pod_name, &DeleteParams::default()).await {
-                Ok(_) => {}
-                Err(kube::Error::Api(s)) if s.code == 404 => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-        publish_event(
-            &ctx,
-            &reference,
-            EventType::Warning,
-            reasons::TIMEOUT,
-            "StopAgents",
-            format!(
-                "the run exceeded spec.timeoutSeconds ({}s); its agents were stopped",
-                run.spec.timeout_seconds.unwrap_or_default()
-            ),
-        )
-        .await;
+        step.stop_timed_out(&pods).await?;
     } else if !next.phase.is_some_and(RunPhase::is_finished) {
         let creation = Creation {
             run: &run,
             ctx: &ctx,
-            pods_api: &pods_api,
-            reference: &reference,
+            pods_api: &step.pods_api,
+            reference: &step.reference,
             prev: &prev,
             now,
         };
@@ -544,22 +486,159 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
     }
     // A refused pod may have failed the run just now.
     let finished = next.phase.is_some_and(RunPhase::is_finished);
+    if !finished {
+        step.steer_pause(&mut next).await;
+    }
+    let close_retry = step.publish_to_redis(&pods, &mut next, finished).await;
+    if finished && !was_finished {
+        step.announce_completion(&next).await;
+    }
+    if next != prev {
+        patch_status(&api, &run.name_any(), &next).await?;
+    }
+    ctx.metrics.set_phase(&step.key, next.phase);
+    if finished {
+        return step.after_finishing(&api, &next, close_retry).await;
+    }
+    Ok(Action::requeue(step.next_look(&next, retry_creation)))
+}
 
-    // Declarative pause and resume.
-    let want_paused = run.spec.paused;
-    let is_paused = prev.paused.unwrap_or(false);
-    if !finished && want_paused != is_paused {
+/// What the steps of one [`apply`] share.
+struct Step<'a> {
+    run: &'a AgentRun,
+    ctx: &'a Context,
+    prev: &'a AgentRunStatus,
+    pods_api: Api<Pod>,
+    reference: ObjectReference,
+    /// `namespace/name`, for logs.
+    key: String,
+    run_id: String,
+    now: Timestamp,
+}
+
+impl Step<'_> {
+    /// The run's pods (by label, and owned by this AgentRun).
+    async fn owned_pods(&self) -> Result<Vec<Pod>> {
+        Ok(self
+            .pods_api
+            .list(&ListParams::default().labels(&pod::run_selector(self.run)))
+            .await?
+            .items
+            .into_iter()
+            .filter(|p| pod::is_owned_by(p, self.run))
+            .collect())
+    }
+
+    /// The status the pods say, with the run's page URL and its Redis id.
+    fn derive_status(&self, pods: &[Pod]) -> AgentRunStatus {
+        let variations = self.run.spec.resolved_variations();
+        let mut next = status::derive(&Observation {
+            variations: &variations,
+            pods,
+            previous: self.prev,
+            generation: self.run.metadata.generation,
+            timeout_seconds: self.run.spec.timeout_seconds,
+            now: self.now,
+        });
+        next.url = self.ctx.settings.run_url(&self.run_id);
+        next.run_id = self.prev.run_id.clone();
+        next
+    }
+
+    /// Registers the run in Redis once (`status.runId` says it is).
+    async fn register(&self, next: &mut AgentRunStatus) {
+        if self.prev.run_id.is_some() {
+            return;
+        }
+        let info = RunInfo {
+            run_id: self.run_id.clone(),
+            namespace: self.run.namespace().unwrap_or_else(|| "default".into()),
+            name: self.run.name_any(),
+            variations: self
+                .run
+                .spec
+                .resolved_variations()
+                .iter()
+                .map(|v| v.name.clone())
+                .collect(),
+            created_ms: self
+                .run
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.as_millisecond().max(0) as u64)
+                .unwrap_or_else(|| self.now.as_millisecond().max(0) as u64),
+        };
+        match self.ctx.store.register(&info).await {
+            Ok(()) => next.run_id = Some(self.run_id.clone()),
+            Err(e) => {
+                warn!(run = %self.key, error = %e, "could not register the run in Redis; retrying on the next reconcile")
+            }
+        }
+    }
+
+    /// The run's own Redis user, (re)created on every reconcile of an unfinished run: Redis
+    /// keeps ACL users in memory only, so a restarted Redis forgets them.
+    async fn ensure_run_user(&self) -> Result<()> {
+        let finished_before = self.prev.phase.is_some_and(RunPhase::is_finished);
+        if !finished_before
+            && let Some((_, password)) = pod::run_credentials(self.run, &self.ctx.settings)?
+            && let Err(e) = self
+                .ctx
+                .store
+                .ensure_run_user(&self.run_id, &password)
+                .await
+        {
+            warn!(run = %self.key, error = %e, "could not create the run's Redis user; its sidecars cannot publish until the next reconcile creates it");
+        }
+        Ok(())
+    }
+
+    /// Deletes the pods of a run that just exceeded `spec.timeoutSeconds`, and says so.
+    async fn stop_timed_out(&self, pods: &[Pod]) -> Result<()> {
+        for p in pods.iter().filter(|p| is_active(p)) {
+            match self
+                .pods_api
+                .delete(&p.name_any(), &DeleteParams::default())
+                .await
+            {
+                Ok(_) => {}
+                Err(kube::Error::Api(s)) if s.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        publish_event(
+            self.ctx,
+            &self.reference,
+            EventType::Warning,
+            reasons::TIMEOUT,
+            "StopAgents",
+            format!(
+                "the run exceeded spec.timeoutSeconds ({}s); its agents were stopped",
+                self.run.spec.timeout_seconds.unwrap_or_default()
+            ),
+        )
+        .await;
+        Ok(())
+    }
+
+    /// Declarative pause and resume: `spec.paused` turned into a control message once.
+    async fn steer_pause(&self, next: &mut AgentRunStatus) {
+        let want_paused = self.run.spec.paused;
+        if want_paused == self.prev.paused.unwrap_or(false) {
+            return;
+        }
         let (action, reason) = if want_paused {
             (ControlAction::Pause, "Paused")
         } else {
             (ControlAction::Resume, "Resumed")
         };
-        match ctx.store.send_control(&run_id, action).await {
+        match self.ctx.store.send_control(&self.run_id, action).await {
             Ok(()) => {
                 next.paused = Some(want_paused);
                 publish_event(
-                    &ctx,
-                    &reference,
+                    self.ctx,
+                    &self.reference,
                     EventType::Normal,
                     reason,
                     reason.trim_end_matches('d'),
@@ -568,44 +647,66 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
                 .await;
             }
             Err(e) => {
-                warn!(run = %key, error = %e, "could not send {action}; retrying on the next reconcile")
+                warn!(run = %self.key, error = %e, "could not send {action}; retrying on the next reconcile")
             }
         }
     }
 
-    // The run's end goes to its viewers only once nothing more can reach its streams.
-    let (events, run_end) = split_run_end(status_events(&prev, &next));
-    for ev in events {
-        if let Err(e) = ctx.store.publish_status(&run_id, &ev).await {
-            warn!(run = %key, error = %e, "could not publish a status event to Redis");
-            break;
+    /// Publishes the status changes to Redis; the run's end only once nothing more can reach
+    /// its streams, then (with archiving on) the archive request. Returns when to look again
+    /// because something could not be published.
+    async fn publish_to_redis(
+        &self,
+        pods: &[Pod],
+        next: &mut AgentRunStatus,
+        finished: bool,
+    ) -> Option<Duration> {
+        let (events, run_end) = split_run_end(status_events(self.prev, next));
+        for ev in events {
+            if let Err(e) = self.ctx.store.publish_status(&self.run_id, &ev).await {
+                warn!(run = %self.key, error = %e, "could not publish a status event to Redis");
+                break;
+            }
         }
-    }
-    let mut close_retry = None;
-    // Until every producer has ended, the pods' own changes (they are owned by the run) wake
-    // this up again.
-    if finished && prev.streams_closed != Some(true) && producers_ended(&pods, &next) {
-        let end = run_end.unwrap_or_else(|| final_run_event(&next));
-        match ctx.store.publish_status(&run_id, &end).await {
-            Ok(()) => next.streams_closed = Some(true),
-            Err(e) => {
-                warn!(run = %key, error = %e, "could not publish the run's end to Redis; retrying");
+        let mut close_retry = None;
+        // Until every producer has ended, the pods' own changes (they are owned by the run)
+        // wake this up again.
+        if finished && self.prev.streams_closed != Some(true) && producers_ended(pods, next) {
+            let end = run_end.unwrap_or_else(|| final_run_event(next));
+            match self.ctx.store.publish_status(&self.run_id, &end).await {
+                Ok(()) => next.streams_closed = Some(true),
+                Err(e) => {
+                    warn!(run = %self.key, error = %e, "could not publish the run's end to Redis; retrying");
+                    close_retry = Some(ERROR_REQUEUE);
+                }
+            }
+        }
+        // Asked on every look at a finished run, so a request lost to a failure is made again
+        // (the store makes it once).
+        if self.ctx.settings.archive && finished && next.streams_closed == Some(true) {
+            let names: Vec<String> = self
+                .run
+                .spec
+                .resolved_variations()
+                .iter()
+                .map(|v| v.name.clone())
+                .collect();
+            let retention = retention_seconds(self.run, &self.ctx.settings);
+            if let Err(e) = self
+                .ctx
+                .store
+                .archive(&self.run_id, &names, retention, None)
+                .await
+            {
+                warn!(run = %self.key, error = %e, "could not put the run on the archive queue; retrying");
                 close_retry = Some(ERROR_REQUEUE);
             }
         }
-    }
-    // With archiving on, a run whose end is published goes on the archive queue; asked on
-    // every look at it, so a request lost to a failure is made again (the store makes it once).
-    if ctx.settings.archive && finished && next.streams_closed == Some(true) {
-        let names: Vec<String> = variations.iter().map(|v| v.name.clone()).collect();
-        let retention = retention_seconds(&run, &ctx.settings);
-        if let Err(e) = ctx.store.archive(&run_id, &names, retention, None).await {
-            warn!(run = %key, error = %e, "could not put the run on the archive queue; retrying");
-            close_retry = Some(ERROR_REQUEUE);
-        }
+        close_retry
     }
 
-    if finished && !was_finished {
+    /// The Kubernetes event of a run that just finished.
+    async fn announce_completion(&self, next: &AgentRunStatus) {
         let phase = next.phase.unwrap_or_default();
         let (type_, note) = match phase {
             RunPhase::Succeeded => (
@@ -625,59 +726,76 @@ async fn apply(run: Arc<AgentRun>, ctx: Arc<Context>) -> Result<Action> {
                     .unwrap_or_else(|| "the run failed".into()),
             ),
         };
-        publish_event(&ctx, &reference, type_, phase.as_str(), "Complete", note).await;
-    }
-
-    if next != prev {
-        patch_status(&api, &name, &next).await?;
-    }
-    ctx.metrics.set_phase(&key, next.phase);
-
-    // TTL after finishing, like a Job's.
-    if finished
-        && let (Some(ttl), Some(done)) = (
-            run.spec.ttl_seconds_after_finished,
-            next.completion_time.as_ref(),
+        publish_event(
+            self.ctx,
+            &self.reference,
+            type_,
+            phase.as_str(),
+            "Complete",
+            note,
         )
-    {
+        .await;
+    }
+
+    /// A finished run: deleted once `ttlSecondsAfterFinished` is over (like a Job), else
+    /// looked at again then, or sooner to retry what could not be published.
+    async fn after_finishing(
+        &self,
+        api: &Api<AgentRun>,
+        next: &AgentRunStatus,
+        close_retry: Option<Duration>,
+    ) -> Result<Action> {
+        let (Some(ttl), Some(done)) = (
+            self.run.spec.ttl_seconds_after_finished,
+            next.completion_time.as_ref(),
+        ) else {
+            return Ok(close_retry.map_or_else(Action::await_change, Action::requeue));
+        };
         let expires = done
             .0
             .checked_add(SignedDuration::from_secs(i64::from(ttl)))
             .unwrap_or(done.0);
-        if now >= expires {
-            info!(run = %key, "deleting the finished run: ttlSecondsAfterFinished ({ttl}s) is over");
-            match api.delete(&name, &DeleteParams::background()).await {
+        if self.now >= expires {
+            info!(run = %self.key, "deleting the finished run: ttlSecondsAfterFinished ({ttl}s) is over");
+            match api
+                .delete(&self.run.name_any(), &DeleteParams::background())
+                .await
+            {
                 Ok(_) => {}
                 Err(kube::Error::Api(s)) if s.code == 404 => {}
                 Err(e) => return Err(e.into()),
             }
             return Ok(Action::await_change());
         }
-        let wait = until(now, expires);
-        return Ok(Action::requeue(close_retry.map_or(wait, |c| c.min(wait))));
+        let wait = until(self.now, expires);
+        Ok(Action::requeue(close_retry.map_or(wait, |c| c.min(wait))))
     }
-    if finished {
-        return Ok(close_retry.map_or_else(Action::await_change, Action::requeue));
+
+    /// When to look at an unfinished run again: its timeout, a pod name that was taken, the
+    /// run user's re-creation after a Redis restart, a pod creation to retry; at most
+    /// [`RESYNC`].
+    fn next_look(&self, next: &AgentRunStatus, retry_creation: Option<Duration>) -> Duration {
+        let mut requeue =
+            match status::deadline(next.start_time.as_ref(), self.run.spec.timeout_seconds) {
+                Some(deadline) => until(self.now, deadline).min(RESYNC),
+                None => RESYNC,
+            };
+        if next
+            .variations
+            .iter()
+            .any(|v| v.reason.as_deref() == Some(reasons::POD_NAME_TAKEN))
+        {
+            requeue = requeue.min(Duration::from_secs(10));
+        }
+        if self.ctx.settings.run_credential_key.is_some() {
+            // Soon enough to re-create the run's Redis user after a Redis restart.
+            requeue = requeue.min(USER_RESYNC);
+        }
+        if let Some(retry) = retry_creation {
+            requeue = requeue.min(retry);
+        }
+        requeue
     }
-    let mut requeue = match status::deadline(next.start_time.as_ref(), run.spec.timeout_seconds) {
-        Some(deadline) => until(now, deadline).min(RESYNC),
-        None => RESYNC,
-    };
-    if next
-        .variations
-        .iter()
-        .any(|v| v.reason.as_deref() == Some(reasons::POD_NAME_TAKEN))
-    {
-        requeue = requeue.min(Duration::from_secs(10));
-    }
-    if ctx.settings.run_credential_key.is_some() {
-        // Soon enough to re-create the run's Redis user after a Redis restart.
-        requeue = requeue.min(USER_RESYNC);
-    }
-    if let Some(retry) = retry_creation {
-        requeue = requeue.min(retry);
-    }
-    Ok(Action::requeue(requeue))
 }
 
 fn until(now: Timestamp, then: Timestamp) -> Duration {

@@ -1,3 +1,4 @@
+// Long file: tests only: one mocked API-server conversation per reconcile scenario.
 //! Reconcile scenarios against a mocked API server (the controller-rs `ApiServerVerifier`
 //! pattern): each test lists, in order, the requests the reconciler must make, and fails on any
 //! request beyond them.

@@ -2,6 +2,7 @@
 
 use crate::AppState;
 use crate::auth::Access;
+use crate::error::ApiError;
 use agentrun_protocol::names::RUNS_INDEX_KEY;
 use agentrun_protocol::state_hash;
 use agentrun_protocol::{
@@ -17,55 +18,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-/// An error answered as `{"error": "..."}` with a status code.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            message: message.into(),
-        }
-    }
-
-    pub fn bad_request(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, message)
-    }
-
-    pub fn redis(state: &AppState, e: impl std::fmt::Display) -> Self {
-        Self::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "Redis at {} did not answer ({e}); retry when it is reachable",
-                state.inner.settings.target()
-            ),
-        )
-    }
-
-    pub fn not_found(run: &RunId) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "run {run} was not found in Redis: it never started here, or it ended and its data expired; list runs with GET /api/runs"
-            ),
-        )
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (
-            self.status,
-            Json(serde_json::json!({ "error": self.message })),
-        )
-            .into_response()
-    }
-}
 
 pub fn parse_run(run: &str) -> Result<RunId, ApiError> {
     RunId::new(run).map_err(|e| ApiError::bad_request(e.to_string()))
@@ -274,7 +226,7 @@ pub async fn control(
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    if let Err(r) = state.inner.limiter.control(access.client_key()) {
+    if let Err(r) = state.limiter.control(access.client_key()) {
         return Ok(r);
     }
     let run = parse_run(&run)?;
@@ -293,7 +245,7 @@ pub async fn control(
             let (producer, entry, run) = (&producer, &entry, &run);
             state
                 .redis(|mut conn| {
-                    let publisher = &state.inner.publisher;
+                    let publisher = &state.publisher;
                     async move {
                         publisher
                             .publish_one(&mut conn, run, &StreamName::Control, producer, entry)
@@ -313,16 +265,16 @@ pub async fn control(
             publish(producer, entry(1)).await?
         }
         None => {
-            let _order = state.inner.control_lock.lock().await;
-            let pseq = state.inner.control_pseq.fetch_add(1, Ordering::SeqCst) + 1;
-            publish(state.inner.producer_id.clone(), entry(pseq)).await?
+            let _order = state.control_lock.lock().await;
+            let pseq = state.control_pseq.fetch_add(1, Ordering::SeqCst) + 1;
+            publish(state.producer_id.clone(), entry(pseq)).await?
         }
     };
     let duplicate = outcome.appended == 0;
     if duplicate {
         tracing::info!(%run, action = %msg.action, "control request retried with the same Idempotency-Key; already published");
     } else {
-        state.inner.metrics.control_messages.inc();
+        state.metrics.control_messages.inc();
         tracing::info!(%run, action = %msg.action, variation = msg.variation.as_deref().unwrap_or("*"), "control message published");
     }
     Ok((
@@ -341,7 +293,7 @@ pub async fn control(
 pub async fn metrics(State(state): State<AppState>) -> Response {
     (
         [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.inner.metrics.render(),
+        state.metrics.render(),
     )
         .into_response()
 }

@@ -1,3 +1,4 @@
+// Long file: three authentication modes behind one Access type, with token reloading and session cookies.
 //! Authentication and authorization of API requests, and cross-site protection.
 //!
 //! `--auth none` lets everyone see and control every run (local demo). `--auth token` reads
@@ -10,7 +11,7 @@
 //! Tokens are never logged.
 
 use crate::AppState;
-use crate::api::ApiError;
+use crate::error::ApiError;
 use crate::kube_auth::{Caller, KubeAuth, Verb};
 use agentrun_protocol::state_hash;
 use axum::Json;
@@ -597,9 +598,9 @@ fn forbidden(message: String) -> Response {
 
 /// Middleware on every `/api` route: cross-site checks, then authentication.
 pub async fn layer(State(state): State<AppState>, mut req: Request, next: Next) -> Response {
-    let auth = &state.inner.auth;
+    let auth = &state.auth;
     let unsafe_method = !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS);
-    if unsafe_method && !origin_allowed(req.headers(), &state.inner.allowed_origins) {
+    if unsafe_method && !origin_allowed(req.headers(), &state.allowed_origins) {
         return forbidden(
             "cross-site request refused: the Origin header is not this relay's origin; add it to --allowed-origins (or --cors-origins) if it is trusted".into(),
         );
@@ -659,7 +660,7 @@ pub async fn create_session(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
-    let auth = &state.inner.auth;
+    let auth = &state.auth;
     if auth.mode == AuthMode::None {
         return (StatusCode::OK, Json(serde_json::json!({ "auth": "none" }))).into_response();
     }

@@ -10,7 +10,7 @@
 //! here, before authentication (browsers send no credentials with them).
 
 use crate::AppState;
-use crate::api::ApiError;
+use crate::error::ApiError;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
@@ -37,7 +37,7 @@ fn allowed_origin(headers: &HeaderMap, allowed: &[String]) -> Option<HeaderValue
 
 /// Middleware on the `/api` routes (outside authentication).
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let origins = &state.inner.cors_origins;
+    let origins = &state.cors_origins;
     if origins.is_empty() {
         return next.run(req).await;
     }

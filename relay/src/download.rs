@@ -19,8 +19,9 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use crate::AppState;
-use crate::api::{ApiError, parse_run};
+use crate::api::parse_run;
 use crate::auth::Access;
+use crate::error::ApiError;
 use agentrun_protocol::state_hash;
 
 /// Entries read from Redis at a time (each at most the sidecar's chunk size, 64 KiB).
@@ -51,7 +52,7 @@ pub async fn output(
         ));
     }
     let key = StreamName::Output(variation.clone()).key(&run);
-    let mut conn = state.inner.conn.clone();
+    let mut conn = state.conn.clone();
     let first = read_page(&mut conn, &key, 0, 1)
         .await
         .map_err(|e| ApiError::redis(&state, e))?;

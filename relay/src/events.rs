@@ -1,3 +1,4 @@
+// Long file: one SSE session state machine (replay, live, reset, trimmed, byte budgets) and its tests.
 //! `GET /api/runs/{run}/events`: Server-Sent Events with replay and resume.
 //!
 //! A connection carries a set of streams (the requested channels of the requested
@@ -24,9 +25,10 @@
 //! connection holds at most one page and one flush plus one event.
 
 use crate::AppState;
-use crate::api::{ApiError, parse_query, parse_run};
+use crate::api::{parse_query, parse_run};
 use crate::budget::Reservation;
 use crate::cursor::{self, Cursors, Origin};
+use crate::error::ApiError;
 use crate::hub::{FeedItem, Watch};
 use crate::ring::TryRecvError;
 use agentrun_protocol::replay::{last_seq, read_run_page};
@@ -333,7 +335,7 @@ impl Session {
     }
 
     fn write_reset(&mut self, reason: ResetReason, old: Option<Epoch>) {
-        self.app.inner.metrics.resets.inc();
+        self.app.metrics.resets.inc();
         tracing::info!(run = %self.run, reason = reason.code(), "a client's position is not valid in the run's history; it starts over");
         self.write_event(&sse::Reset {
             message: reason.message().to_owned(),
@@ -389,7 +391,7 @@ impl Session {
                     let tail =
                         event.get_or_init(|| crate::hub::encode_event(&self.run, stream, entry));
                     self.out.extend_from_slice(tail);
-                    self.app.inner.sent_live.inc();
+                    self.app.sent_live.inc();
                 } else {
                     // Something between the cursor and this entry was not seen live.
                     self.catchup.insert(stream.clone());
@@ -423,7 +425,7 @@ impl Session {
     }
 
     fn lagged(&mut self) {
-        self.app.inner.metrics.slow_client_fallbacks.inc();
+        self.app.metrics.slow_client_fallbacks.inc();
         // The items this reader missed may include news the feed sends once: a new variation,
         // the run's end. Take them from the feed, or a client that lagged over the run's end
         // would wait for it forever.
@@ -447,10 +449,10 @@ impl Session {
             return;
         };
         let at = self.cursors.get(&stream).copied().unwrap_or(0);
-        let limits = &self.app.inner.limits;
+        let limits = &self.app.limits;
         let estimate = self.entry_estimate.max(MIN_ENTRY_ESTIMATE);
         let count = (limits.replay_page_bytes / estimate).clamp(1, limits.replay_page);
-        let budget = self.app.inner.replay_budget.clone();
+        let budget = self.app.replay_budget.clone();
         let Ok(mut held) =
             tokio::time::timeout(BUDGET_WAIT, budget.reserve(count * estimate)).await
         else {
@@ -458,7 +460,7 @@ impl Session {
             self.retry_at = Some(Instant::now() + REPLAY_RETRY);
             return;
         };
-        let mut conn = self.app.inner.conn.clone();
+        let mut conn = self.app.conn.clone();
         let read = read_run_page(&mut conn, &self.run, &stream, at, count);
         let found = match tokio::time::timeout(REPLAY_TIMEOUT, read).await {
             Ok(Ok(found)) => found,
@@ -492,7 +494,7 @@ impl Session {
         }
         let page = found.page;
         if let Some(t) = page.trimmed {
-            self.app.inner.metrics.trimmed_notices.inc();
+            self.app.metrics.trimmed_notices.inc();
             self.write_event(&sse::Trimmed {
                 channel: stream.kind().to_owned(),
                 first_available: t.first_available,
@@ -524,11 +526,7 @@ impl Session {
             more,
             _held: held,
         });
-        self.app
-            .inner
-            .metrics
-            .replay_bytes
-            .set(budget.in_use() as i64);
+        self.app.metrics.replay_bytes.set(budget.in_use() as i64);
         self.write_page();
     }
 
@@ -545,7 +543,7 @@ impl Session {
             self.write_id();
             let tail = crate::hub::encode_event(&self.run, &page.stream, &entry);
             self.out.extend_from_slice(&tail);
-            self.app.inner.sent_replay.inc();
+            self.app.sent_replay.inc();
         }
         if !page.entries.is_empty() {
             self.page = Some(page);
@@ -556,15 +554,14 @@ impl Session {
         }
         drop(page);
         self.app
-            .inner
             .metrics
             .replay_bytes
-            .set(self.app.inner.replay_budget.in_use() as i64);
+            .set(self.app.replay_budget.in_use() as i64);
     }
 
     async fn refresh_variations_step(&mut self) {
         self.refresh_variations = false;
-        let mut conn = self.app.inner.conn.clone();
+        let mut conn = self.app.conn.clone();
         let state: HashMap<String, String> = redis::cmd("HGETALL")
             .arg(self.run.state_key())
             .query_async(&mut conn)
@@ -598,7 +595,7 @@ impl Session {
             if self.out.len() >= FLUSH_BYTES {
                 return self.take();
             }
-            if self.shutdown || self.app.inner.shutting_down.load(Ordering::Relaxed) {
+            if self.shutdown || self.app.shutting_down.load(Ordering::Relaxed) {
                 self.write_event(&sse::Shutdown {
                     reason: "the relay is shutting down; reconnect with this event's id as Last-Event-ID".to_owned(),
                     run: self.run.to_string(),
@@ -610,7 +607,7 @@ impl Session {
                 self.recheck_due = false;
                 let still = self
                     .access
-                    .still_allowed(&self.app.inner.auth, &self.access_state)
+                    .still_allowed(&self.app.auth, &self.access_state)
                     .await;
                 // An API server that cannot be asked does not end streams.
                 if still == Some(false) {
@@ -690,7 +687,7 @@ pub async fn events(
         follow,
         start,
     } = parse_request(query.as_deref(), &headers)?;
-    if app.inner.shutting_down.load(Ordering::SeqCst) {
+    if app.shutting_down.load(Ordering::SeqCst) {
         return Err(ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "the relay is shutting down; reconnect to another replica or retry shortly",
@@ -707,7 +704,7 @@ pub async fn events(
     let declared = state_hash::variations(&state);
     if let Some(v) = &variation
         && !declared.contains(v)
-        && !app.inner.hub.known_variations(&run).contains(v)
+        && !app.hub.known_variations(&run).contains(v)
     {
         let known: Vec<&str> = declared.iter().map(|v| v.as_str()).collect();
         return Err(ApiError::new(
@@ -722,7 +719,7 @@ pub async fn events(
             ),
         ));
     }
-    let slot = match app.inner.limiter.sse_slot(access.client_key()) {
+    let slot = match app.limiter.sse_slot(access.client_key()) {
         Ok(s) => s,
         Err(r) => return Ok(r),
     };
@@ -730,8 +727,8 @@ pub async fn events(
     let epoch = state_hash::epoch(&state);
 
     // Join the live feed first, so nothing published from here on is missed.
-    let watch = app.inner.hub.watch(&run).await;
-    app.inner.hub.learn_variations(&watch.feed, &state).await;
+    let watch = app.hub.watch(&run).await;
+    app.hub.learn_variations(&watch.feed, &state).await;
 
     // A cursor from another run or another epoch counts other entries: start over, and say so.
     let origin = Origin::new(&run, epoch);
@@ -754,10 +751,10 @@ pub async fn events(
         _ => (Cursors::new(), None),
     };
 
-    let gauge = app.inner.metrics.connections.clone();
+    let gauge = app.metrics.connections.clone();
     gauge.inc();
-    let keepalive_period = app.inner.limits.keepalive;
-    let recheck_period = app.inner.limits.auth_recheck;
+    let keepalive_period = app.limits.keepalive;
+    let recheck_period = app.limits.auth_recheck;
     let mut session = Session {
         run: run.clone(),
         origin,
@@ -810,7 +807,7 @@ pub async fn events(
     }
 
     session.out.extend_from_slice(
-        format!(": agentrun relay\nretry: {}\n\n", app.inner.limits.retry_ms).as_bytes(),
+        format!(": agentrun relay\nretry: {}\n\n", app.limits.retry_ms).as_bytes(),
     );
     session.write_event(&sse::Open {
         phase,

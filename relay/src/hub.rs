@@ -1,3 +1,4 @@
+// Long file: one Pub/Sub connection's life (subscribe, dispatch, resync, shed) whose locking is read as a whole.
 //! In-process fan-out: one Redis Pub/Sub connection per relay process, shared by every client.
 //!
 //! Each run that has at least one SSE client has a [`Feed`]: the hub subscribes that run's

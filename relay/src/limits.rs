@@ -139,7 +139,7 @@ impl Limiter {
 
 /// Middleware on every route: the server-wide in-flight cap and the body size.
 pub async fn layer(State(state): State<AppState>, req: Request, next: Next) -> Response {
-    let limiter = &state.inner.limiter;
+    let limiter = &state.limiter;
     let max = limiter.settings.max_body_bytes;
     let declared = req
         .headers()

@@ -1,3 +1,4 @@
+// Long file: one admission chain, in the API server's order; split, that order would be hidden.
 //! Admission: the stage every create and update of an object passes after the request is
 //! decoded and before the object is stored (`store/writes.rs` calls [`admit`]). In the real
 //! API server's order:

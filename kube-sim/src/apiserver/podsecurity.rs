@@ -1,3 +1,4 @@
+// Long file: the Pod Security Standards, one check per control as upstream lists them, and their tests.
 //! Pod Security Admission (k8s.io/pod-security-admission), from the namespace's labels
 //! `pod-security.kubernetes.io/{enforce,warn,audit}[-version]`:
 //! - `enforce` refuses a pod that violates the level: 403 `pods "x" is forbidden: violates

@@ -1,3 +1,4 @@
+// Long file: the entrypoint's delivery state machine (window, acks, spool, gaps), whose invariants are read together.
 //! The entrypoint's outbox: numbers frames, sends them to the sidecar, keeps every frame until
 //! the sidecar acknowledges it, and spools to disk when the sidecar cannot take them.
 //!
