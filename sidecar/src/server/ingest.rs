@@ -5,7 +5,7 @@
 use super::publisher::ToPublish;
 use super::state::SidecarState;
 use crate::frame::{Frame, Pipe};
-use agentrun_protocol::{EntryType, NewEntry, StreamName};
+use agentrun_protocol::{EntryType, NewEntry, StreamName, Variation};
 use bytes::Bytes;
 use std::sync::Arc;
 use tokio::sync::Semaphore;
@@ -30,9 +30,10 @@ pub(crate) async fn ingest(
             bytes,
             ..
         } => {
-            let (stream, kind, label) = match pipe {
-                Pipe::Stdout => (StreamName::Output(var.clone()), EntryType::Output, "output"),
-                Pipe::Stderr => (StreamName::Logs(var.clone()), EntryType::Logs, "logs"),
+            let stream = stream_of(pipe, var);
+            let (kind, label) = match pipe {
+                Pipe::Stdout => (EntryType::Output, "output"),
+                Pipe::Stderr => (EntryType::Logs, "logs"),
             };
             shared
                 .metrics
@@ -59,10 +60,7 @@ pub(crate) async fn ingest(
             dropped_chunks,
             ..
         } => {
-            let stream = match pipe {
-                Pipe::Stdout => StreamName::Output(var.clone()),
-                Pipe::Stderr => StreamName::Logs(var.clone()),
-            };
+            let stream = stream_of(pipe, var);
             shared.metrics.gap_bytes.inc_by(dropped_bytes);
             let meta = serde_json::json!({"droppedBytes": dropped_bytes, "droppedChunks": dropped_chunks, "reason": "spool full"});
             let content = format!(
@@ -114,4 +112,12 @@ pub(crate) async fn ingest(
         status,
         permit: Some((permit, weight)),
     })
+}
+
+/// The stream a pipe's bytes go to: stdout to the output stream, stderr to the logs stream.
+fn stream_of(pipe: Pipe, variation: &Variation) -> StreamName {
+    match pipe {
+        Pipe::Stdout => StreamName::Output(variation.clone()),
+        Pipe::Stderr => StreamName::Logs(variation.clone()),
+    }
 }
