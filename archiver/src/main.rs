@@ -84,17 +84,7 @@ struct Serve {
 fn main() {
     let cli = Cli::parse();
     cli.log.init("info");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("agentrun-archiver: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
+    let runtime = agentrun_protocol::process::runtime("agentrun-archiver");
     if let Err(e) = runtime.block_on(run_command(cli)) {
         eprintln!("agentrun-archiver: {e:#}");
         std::process::exit(2);

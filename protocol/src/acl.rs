@@ -43,6 +43,23 @@ const SIDECAR_COMMANDS: &[&str] = &[
     "+wait",
 ];
 
+/// `resetkeys`, the key patterns, `resetchannels`, the channel patterns, `-@all`, then the
+/// connection commands and `commands`: the shape of every component's rules.
+fn rules(keys: &[String], channels: &[String], commands: &[&[&str]]) -> Vec<String> {
+    let mut rules = vec!["resetkeys".to_owned()];
+    rules.extend(keys.iter().cloned());
+    rules.push("resetchannels".to_owned());
+    rules.extend(channels.iter().cloned());
+    rules.push("-@all".to_owned());
+    rules.extend(
+        std::iter::once(CONNECT)
+            .chain(commands.iter().copied())
+            .flatten()
+            .map(|c| (*c).to_owned()),
+    );
+    rules
+}
+
 /// The ACL user name of a run's sidecars.
 pub fn run_username(run: &RunId) -> String {
     format!("agentrun-run-{run}")
@@ -56,55 +73,37 @@ pub fn generate_password() -> String {
 
 /// The rules of a run's user (after `reset`, `on` and the password).
 pub fn run_user_rules(run: &RunId) -> Vec<String> {
-    let mut rules = vec![
-        "resetkeys".to_owned(),
-        format!("~{}*", run.prefix()),
-        "resetchannels".to_owned(),
-        format!("&{}*", run.prefix()),
-        "-@all".to_owned(),
-    ];
-    rules.extend(
-        CONNECT
-            .iter()
-            .chain(SIDECAR_COMMANDS)
-            .map(|c| (*c).to_owned()),
-    );
-    rules
+    rules(
+        &[format!("~{}*", run.prefix())],
+        &[format!("&{}*", run.prefix())],
+        &[SIDECAR_COMMANDS],
+    )
 }
 
 /// The rules of the relay's user.
 pub fn relay_user_rules() -> Vec<String> {
-    let mut rules = vec![
-        "resetkeys".to_owned(),
-        "%R~run:*".to_owned(),
-        format!("%R~{RUNS_INDEX_KEY}"),
-        "resetchannels".to_owned(),
-        "&run:*".to_owned(),
-        "-@all".to_owned(),
-    ];
-    rules.extend(
-        CONNECT
-            .iter()
-            .chain(&[
-                "+xrange",
-                "+xrevrange",
-                "+xlen",
-                "+hget",
-                "+hgetall",
-                "+hmget",
-                "+exists",
-                "+zrange",
-                "+zrevrange",
-                "+zrangebyscore",
-                "+zrevrangebyscore",
-                "+zcard",
-                "+zscore",
-                "+subscribe",
-                "+ssubscribe",
-                "+unsubscribe",
-                "+sunsubscribe",
-            ])
-            .map(|c| (*c).to_owned()),
+    let mut rules = rules(
+        &["%R~run:*".to_owned(), format!("%R~{RUNS_INDEX_KEY}")],
+        &["&run:*".to_owned()],
+        &[&[
+            "+xrange",
+            "+xrevrange",
+            "+xlen",
+            "+hget",
+            "+hgetall",
+            "+hmget",
+            "+exists",
+            "+zrange",
+            "+zrevrange",
+            "+zrangebyscore",
+            "+zrevrangebyscore",
+            "+zcard",
+            "+zscore",
+            "+subscribe",
+            "+ssubscribe",
+            "+unsubscribe",
+            "+sunsubscribe",
+        ]],
     );
     // Control messages go through the publish function: only on control streams and
     // channels, and the control stream's own producers hash (not the one of output, logs and
@@ -120,21 +119,17 @@ pub fn relay_user_rules() -> Vec<String> {
 
 /// The rules of the operator's user.
 pub fn operator_user_rules() -> Vec<String> {
-    let mut rules = vec![
-        "resetkeys".to_owned(),
-        "~run:*".to_owned(),
-        format!("~{RUNS_INDEX_KEY}"),
-        // It puts finished runs on the archive queue (XADD).
-        format!("~{ARCHIVE_QUEUE_KEY}"),
-        "resetchannels".to_owned(),
-        "&run:*".to_owned(),
-        "-@all".to_owned(),
-    ];
-    rules.extend(
-        CONNECT
-            .iter()
-            .chain(SIDECAR_COMMANDS)
-            .chain(&[
+    rules(
+        &[
+            "~run:*".to_owned(),
+            format!("~{RUNS_INDEX_KEY}"),
+            // It puts finished runs on the archive queue (XADD).
+            format!("~{ARCHIVE_QUEUE_KEY}"),
+        ],
+        &["&run:*".to_owned()],
+        &[
+            SIDECAR_COMMANDS,
+            &[
                 // It loads agentrun's Redis functions on every master.
                 "+function|load",
                 "+acl|setuser",
@@ -150,51 +145,44 @@ pub fn operator_user_rules() -> Vec<String> {
                 "+hdel",
                 "+exists",
                 "+ttl",
-            ])
-            .map(|c| (*c).to_owned()),
-    );
-    rules
+            ],
+        ],
+    )
 }
 
 /// The rules of the archiver's user: read every run's streams and state, write the state
 /// hash's archive fields and the TTLs (through agentrun's functions), and consume the archive queue
 /// and the dead-letter stream. No channels, no admin commands.
 pub fn archiver_user_rules() -> Vec<String> {
-    let mut rules = vec![
-        "resetkeys".to_owned(),
-        "~run:*".to_owned(),
-        format!("~{ARCHIVE_QUEUE_KEY}"),
-        format!("~{ARCHIVE_DEAD_LETTER_KEY}"),
-        "resetchannels".to_owned(),
-        "-@all".to_owned(),
-    ];
-    rules.extend(
-        CONNECT
-            .iter()
-            .chain(&[
-                "+fcall",
-                "+xrange",
-                "+xrevrange",
-                "+xlen",
-                "+xadd",
-                "+xdel",
-                "+xack",
-                "+xreadgroup",
-                "+xautoclaim",
-                "+xclaim",
-                "+xpending",
-                "+xgroup|create",
-                "+hget",
-                "+hgetall",
-                "+hset",
-                "+hsetnx",
-                "+hdel",
-                "+exists",
-                "+expire",
-            ])
-            .map(|c| (*c).to_owned()),
-    );
-    rules
+    rules(
+        &[
+            "~run:*".to_owned(),
+            format!("~{ARCHIVE_QUEUE_KEY}"),
+            format!("~{ARCHIVE_DEAD_LETTER_KEY}"),
+        ],
+        &[],
+        &[&[
+            "+fcall",
+            "+xrange",
+            "+xrevrange",
+            "+xlen",
+            "+xadd",
+            "+xdel",
+            "+xack",
+            "+xreadgroup",
+            "+xautoclaim",
+            "+xclaim",
+            "+xpending",
+            "+xgroup|create",
+            "+hget",
+            "+hgetall",
+            "+hset",
+            "+hsetnx",
+            "+hdel",
+            "+exists",
+            "+expire",
+        ]],
+    )
 }
 
 /// Creates (or replaces) a user with these rules and this password.

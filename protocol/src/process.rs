@@ -55,6 +55,22 @@ pub fn log_format_from_env() -> LogFormat {
     }
 }
 
+/// The runtime of a binary whose work is I/O: two worker threads (pods get little CPU).
+/// A runtime that cannot start ends the process with a message naming `binary`.
+pub fn runtime(binary: &str) -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("{binary}: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
 /// Resolves on `SIGTERM` or Ctrl-C (`SIGINT`), whichever comes first. When `SIGTERM` cannot
 /// be watched, only Ctrl-C ends it.
 pub async fn shutdown_signal() {

@@ -393,3 +393,72 @@ async fn a_full_redis_refuses_writes_and_the_output_arrives_once_it_has_room() {
     sidecar.kill().unwrap();
     sidecar.wait().unwrap();
 }
+
+/// A sidecar killed (`SIGKILL`) half-way through publishing a spool an entrypoint left behind:
+/// the spool stays, the next sidecar publishes it again from its start, and the stream ends
+/// with every byte once (what the first had published is skipped by producer sequence).
+#[tokio::test]
+async fn a_sidecar_killed_while_adopting_a_spool_leaves_it_to_the_next_with_nothing_lost_or_doubled()
+ {
+    let redis = RedisServer::start();
+    let run = run_id("adopt-killed");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("agentrun.sock");
+    let count = 400_000;
+    let out = entrypoint_without_sidecar(&socket, &[], &numbered_lines_script(count));
+    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(spool_files(dir.path()).len(), 1);
+
+    let mut first = serve_with(&redis, &run, &socket, 0, &["--stream-max-len", "0"]);
+    let mut admin = redis.conn().await;
+    let key = output_key(&run);
+    wait_for("the first sidecar publishing the spool", DEADLINE, || {
+        let mut conn = admin.clone();
+        let key = key.clone();
+        async move {
+            let len: u64 = redis::cmd("XLEN")
+                .arg(&key)
+                .query_async(&mut conn)
+                .await
+                .unwrap_or(0);
+            (len > 0).then_some(())
+        }
+    })
+    .await;
+    // Hold Redis's writes so that the sidecar is caught in the middle of the spool, then kill it.
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(60_000)
+        .arg("WRITE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("UNPAUSE")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let published_by_first = read_all(&mut admin, &key).await;
+    assert!(
+        !published_by_first.is_empty() && spool_files(dir.path()).len() == 1,
+        "the first sidecar published part of the spool and left it"
+    );
+
+    let mut second = serve_with(&redis, &run, &socket, 0, &["--stream-max-len", "0"]);
+    wait_for("the spool published and removed", DEADLINE, || {
+        let left = spool_files(dir.path());
+        async move { left.is_empty().then_some(()) }
+    })
+    .await;
+    let entries = read_all(&mut admin, &key).await;
+    let (kept, dropped) = check_against(&entries, &numbered_lines(count));
+    assert_eq!(
+        (kept, dropped),
+        (count as u64 * 14, 0),
+        "every byte once, no gap"
+    );
+    second.kill().unwrap();
+    second.wait().unwrap();
+}

@@ -124,17 +124,7 @@ impl Common {
 fn main() {
     let cli = Cli::parse();
     cli.log.init("info");
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("agentrun-sidecar: cannot start the runtime: {e}");
-            std::process::exit(1);
-        }
-    };
+    let runtime = agentrun_protocol::process::runtime("agentrun-sidecar");
     match runtime.block_on(run_command(cli)) {
         Ok(code) => std::process::exit(code),
         Err(e) => {
