@@ -348,12 +348,7 @@ impl Session {
 
     fn write_event<E: sse::ServerEvent>(&mut self, event: &E) {
         self.write_id();
-        self.out.extend_from_slice(b"event: ");
-        self.out.extend_from_slice(E::NAME.as_bytes());
-        self.out.extend_from_slice(b"\ndata: ");
-        let data = serde_json::to_vec(event).unwrap_or_else(|_| b"{}".to_vec());
-        self.out.extend_from_slice(&data);
-        self.out.extend_from_slice(b"\n\n");
+        crate::sse::event_tail(&mut self.out, event);
     }
 
     fn take(&mut self) -> Option<Bytes> {
@@ -389,7 +384,7 @@ impl Session {
                     }
                     self.write_id();
                     let tail =
-                        event.get_or_init(|| crate::hub::encode_event(&self.run, stream, entry));
+                        event.get_or_init(|| crate::sse::entry_tail(&self.run, stream, entry));
                     self.out.extend_from_slice(tail);
                     self.app.sent_live.inc();
                 } else {
@@ -541,7 +536,7 @@ impl Session {
             };
             self.cursors.insert(page.stream.clone(), entry.seq);
             self.write_id();
-            let tail = crate::hub::encode_event(&self.run, &page.stream, &entry);
+            let tail = crate::sse::entry_tail(&self.run, &page.stream, &entry);
             self.out.extend_from_slice(&tail);
             self.app.sent_replay.inc();
         }

@@ -31,7 +31,7 @@ use crate::ring::{Ring, RingReader};
 use agentrun_protocol::live;
 use agentrun_protocol::state_hash;
 use agentrun_protocol::{
-    Envelope, Epoch, RedisConn, RedisSettings, RunId, RunState, StatusEvent, StreamName, Variation,
+    Epoch, RedisConn, RedisSettings, RunId, RunState, StatusEvent, StreamName, Variation,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -203,19 +203,6 @@ fn feed_channels(run: &RunId, variations: &[Variation]) -> Vec<String> {
         out.push(StreamName::Logs(v.clone()).key(run));
     }
     out
-}
-
-/// Builds the shared SSE tail of an entry.
-pub fn encode_event(run: &RunId, stream: &StreamName, entry: &agentrun_protocol::Entry) -> Bytes {
-    let envelope = Envelope::new(run, stream, entry);
-    let json = serde_json::to_string(&envelope).unwrap_or_else(|_| "{}".to_owned());
-    let mut out = String::with_capacity(json.len() + 24);
-    out.push_str("event: ");
-    out.push_str(entry.kind.as_str());
-    out.push_str("\ndata: ");
-    out.push_str(&json);
-    out.push_str("\n\n");
-    Bytes::from(out)
 }
 
 impl Hub {
@@ -701,6 +688,60 @@ async fn run_pubsub(hub: std::sync::Weak<HubInner>, mut stream: redis::aio::PubS
         let feeds: Vec<Arc<Feed>> = lock(&inner.feeds).values().cloned().collect();
         for feed in feeds {
             feed.send(FeedItem::Resync);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentrun_protocol::{Entry, EntryType};
+
+    fn run() -> RunId {
+        RunId::new("r").unwrap()
+    }
+
+    #[test]
+    fn a_feed_listens_to_status_metrics_and_each_variations_output_and_logs_never_control() {
+        let vars = [Variation::new("a").unwrap(), Variation::new("b").unwrap()];
+        let channels = feed_channels(&run(), &vars);
+        assert_eq!(
+            channels,
+            [
+                "run:{r}:status",
+                "run:{r}:metrics",
+                "run:{r}:output:a",
+                "run:{r}:logs:a",
+                "run:{r}:output:b",
+                "run:{r}:logs:b",
+            ]
+        );
+        assert!(!channels.iter().any(|c| c.ends_with(":control")));
+    }
+
+    #[test]
+    fn an_entry_weighs_its_bytes_twice_and_news_weighs_little() {
+        let entry = Entry {
+            seq: 1,
+            ts: 0,
+            kind: EntryType::Output,
+            content: Bytes::from(vec![0u8; 10_000]),
+            meta: Some("{}".into()),
+        };
+        let item = FeedItem::Entry {
+            stream: StreamName::Output(Variation::default_name()),
+            entry,
+            epoch: None,
+            event: Default::default(),
+        };
+        assert_eq!(item.weight(), 2 * 10_002 + 256);
+        for news in [
+            FeedItem::Resync,
+            FeedItem::Shutdown,
+            FeedItem::Ended(RunState::Succeeded),
+            FeedItem::Variation(Variation::default_name()),
+        ] {
+            assert!(news.weight() <= 64);
         }
     }
 }

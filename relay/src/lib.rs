@@ -4,7 +4,8 @@
 //! Along the message path: [`hub`] holds one Pub/Sub subscription per watched run and fans
 //! its live entries out to that run's connections; [`events`] serves `GET
 //! /api/runs/{run}/events`, replaying each stream from the client's [`cursor`] and then
-//! following the hub's feed, writing the SSE format of [`agentrun_protocol::sse`]. Around it:
+//! following the hub's feed; [`sse`] writes the SSE text (the events of
+//! [`agentrun_protocol::sse`]). Around it:
 //! [`api`] (run list, run summary, control, health), [`download`] (a variation's output as a
 //! file), [`auth`] and [`kube_auth`] (who may see and steer a run), [`cors`], [`limits`] (per
 //! client and global caps), [`budget`] and [`ring`] (byte-bounded buffers), [`ui`] (the web
@@ -27,6 +28,7 @@ pub mod limits;
 pub mod metrics;
 pub mod ring;
 pub mod server;
+pub mod sse;
 pub mod state;
 pub mod ui;
 

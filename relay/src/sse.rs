@@ -1,0 +1,94 @@
+//! The SSE text the relay writes: an entry's shared tail (`event: TYPE`, `data: ENVELOPE`),
+//! encoded once per entry for every viewer, and the other events of
+//! [`agentrun_protocol::sse`]. Each connection puts its own `id:` line (its cursor) first.
+
+use agentrun_protocol::sse::ServerEvent;
+use agentrun_protocol::{Entry, Envelope, RunId, StreamName};
+use bytes::{BufMut, Bytes, BytesMut};
+
+/// The tail of an entry's event, shared by every connection that sends it.
+pub fn entry_tail(run: &RunId, stream: &StreamName, entry: &Entry) -> Bytes {
+    let envelope = Envelope::new(run, stream, entry);
+    let json = serde_json::to_string(&envelope).unwrap_or_else(|_| "{}".to_owned());
+    let mut out = String::with_capacity(json.len() + 24);
+    out.push_str("event: ");
+    out.push_str(entry.kind.as_str());
+    out.push_str("\ndata: ");
+    out.push_str(&json);
+    out.push_str("\n\n");
+    Bytes::from(out)
+}
+
+/// Appends the tail of one of the relay's own events (after the connection's `id:` line).
+pub fn event_tail<E: ServerEvent>(out: &mut BytesMut, event: &E) {
+    out.put_slice(b"event: ");
+    out.put_slice(E::NAME.as_bytes());
+    out.put_slice(b"\ndata: ");
+    let data = serde_json::to_vec(event).unwrap_or_else(|_| b"{}".to_vec());
+    out.put_slice(&data);
+    out.put_slice(b"\n\n");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentrun_protocol::sse::{End, Parser};
+    use agentrun_protocol::{EntryType, RunState, Variation};
+
+    #[test]
+    fn what_the_relay_writes_the_protocols_parser_reads_back() {
+        let run = RunId::new("r").unwrap();
+        let entry = Entry {
+            seq: 3,
+            ts: 7,
+            kind: EntryType::Output,
+            content: Bytes::from_static(b"hi\n"),
+            meta: None,
+        };
+        let mut out = BytesMut::new();
+        out.put_slice(b"id: c1\n");
+        out.put_slice(&entry_tail(
+            &run,
+            &StreamName::Output(Variation::default_name()),
+            &entry,
+        ));
+        out.put_slice(b"id: c2\n");
+        let end = End {
+            finished: true,
+            phase: Some(RunState::Succeeded),
+            run: "r".into(),
+        };
+        event_tail(&mut out, &end);
+        let mut parser = Parser::default();
+        parser.push(&out);
+        let first = parser.next_event().unwrap();
+        assert_eq!(
+            (first.id.as_deref(), first.event.as_str()),
+            (Some("c1"), "output")
+        );
+        let envelope: serde_json::Value = serde_json::from_str(&first.data).unwrap();
+        assert_eq!(envelope["content"], "hi\n");
+        assert_eq!(envelope["seq"], 3);
+        let second = parser.next_event().unwrap();
+        assert_eq!(second.parse::<End>(), Some(end));
+        assert_eq!(parser.last_id.as_deref(), Some("c2"));
+    }
+
+    #[test]
+    fn binary_output_is_sent_as_base64() {
+        let entry = Entry {
+            seq: 1,
+            ts: 0,
+            kind: EntryType::Output,
+            content: Bytes::from_static(&[0xff, 0xfe, 0x00]),
+            meta: None,
+        };
+        let tail = entry_tail(
+            &RunId::new("r").unwrap(),
+            &StreamName::Output(Variation::default_name()),
+            &entry,
+        );
+        let text = std::str::from_utf8(&tail).unwrap();
+        assert!(text.contains("\"encoding\":\"base64\""), "{text}");
+    }
+}
