@@ -5,8 +5,7 @@
 
 import test, { before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { startStack, waitFor, outputText, uniqueRun, binary, RedisClient } from './lib/harness.mjs';
+import { startStack, waitFor, outputText, uniqueRun, binary, RedisClient, spawnTied } from './lib/harness.mjs';
 
 let s;
 const agents = [];
@@ -24,7 +23,7 @@ const TICKER = 'i=0; while [ $i -lt 100000 ]; do i=$((i+1)); echo "tick $i"; sle
 const ECHO = 'while read -r line; do echo "got: $line"; done';
 
 function startAgent(run, variation, script = TICKER) {
-  const child = spawn(binary('agentrun-sidecar'), ['run', '--redis-url', s.redis.url, '--run-id', run, '--variation', variation, '--quiet', '--stop-grace-seconds', '2', '--', 'sh', '-c', script], { stdio: ['ignore', 'ignore', 'pipe'] });
+  const child = spawnTied(binary('agentrun-sidecar'), ['run', '--redis-url', s.redis.url, '--run-id', run, '--variation', variation, '--quiet', '--stop-grace-seconds', '2', '--', 'sh', '-c', script], { stdio: ['ignore', 'ignore', 'pipe'] });
   child.log = '';
   child.stderr.on('data', (d) => {
     child.log = (child.log + d).slice(-5000);

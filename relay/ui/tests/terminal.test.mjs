@@ -6,8 +6,7 @@
 
 import test, { before, after } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { startStack, waitFor, outputText, uniqueRun, binary, RedisClient } from './lib/harness.mjs';
+import { startStack, waitFor, outputText, uniqueRun, binary, RedisClient, spawnTied } from './lib/harness.mjs';
 
 let s;
 before(async () => {
@@ -39,7 +38,7 @@ const visible = (t) => t.replace(/[\x00-\x09\x0b-\x1f]/g, (c) => String.fromChar
 
 test('progress bars render as a terminal would; Raw shows every byte', async () => {
   const run = uniqueRun('term');
-  const agent = spawn(binary('agentrun-sidecar'), ['run', '--redis-url', s.redis.url, '--run-id', run, '--variation', 'bar', '--quiet', '--', 'sh', '-c', AGENT], { stdio: 'ignore' });
+  const agent = spawnTied(binary('agentrun-sidecar'), ['run', '--redis-url', s.redis.url, '--run-id', run, '--variation', 'bar', '--quiet', '--', 'sh', '-c', AGENT], { stdio: 'ignore' });
   const code = await new Promise((resolve) => agent.on('exit', resolve));
   assert.equal(code, 0, 'the agent ran');
 

@@ -12,6 +12,15 @@ import { join, dirname, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
+/**
+ * Spawns a process that dies with this one (`setpriv --pdeathsig KILL` execs the command, so
+ * the child is the command itself): a test runner killed mid-test leaves no redis-server,
+ * relay or agent behind.
+ */
+export function spawnTied(command, args, options) {
+  return spawn('setpriv', ['--pdeathsig', 'KILL', '--', command, ...args], options);
+}
+
 const here = dirname(fileURLToPath(import.meta.url));
 export const REPO = resolve(here, '../../../..');
 export const ARTIFACTS = resolve(here, '../artifacts');
@@ -177,7 +186,7 @@ export class RedisServer {
     const s = new RedisServer();
     s.port = await freePort();
     s.dir = mkdtempSync(join(tmpdir(), 'agentrun-ui-redis-'));
-    s.child = spawn('redis-server', ['--port', String(s.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', s.dir], { stdio: 'ignore' });
+    s.child = spawnTied('redis-server', ['--port', String(s.port), '--bind', '127.0.0.1', '--save', '', '--appendonly', 'no', '--dir', s.dir], { stdio: 'ignore' });
     await waitFor('redis-server to answer PING', async () => {
       const c = await RedisClient.connect(s.port);
       try {
@@ -296,7 +305,7 @@ export class Relay {
 
   async spawn() {
     this.log = '';
-    this.child = spawn(binary('agentrun-relay'), ['--redis-url', this.redisUrl, '--listen', `127.0.0.1:${this.port}`], {
+    this.child = spawnTied(binary('agentrun-relay'), ['--redis-url', this.redisUrl, '--listen', `127.0.0.1:${this.port}`], {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'warn' },
     });
