@@ -19,8 +19,12 @@ use crate::names::{RUNS_INDEX_KEY, RunId};
 use redis::RedisError;
 use redis::aio::ConnectionLike;
 
-/// Commands every component needs to connect (authentication, handshake, health).
-const CONNECT: &[&str] = &["+ping", "+hello", "+auth"];
+/// Commands every component needs to connect (authentication, handshake, health). A Redis
+/// Cluster client also asks any node for the slot map (`CLUSTER SLOTS`, read-only topology,
+/// no data) when it connects and after a `MOVED` (a failover or resharding), and sends
+/// `ASKING` before following an `ASK` redirection while a slot migrates; without them a
+/// component cannot even connect to a cluster with its own user.
+const CONNECT: &[&str] = &["+ping", "+hello", "+auth", "+cluster|slots", "+asking"];
 
 /// What the sidecar sends, directly or from inside agentrun's Redis functions (Redis checks
 /// every command a function runs against the caller's user). `FCALL` runs only functions

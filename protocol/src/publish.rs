@@ -236,19 +236,24 @@ fn parse_outcome(v: &Value) -> Result<PublishOutcome, RedisError> {
 
 /// Adds a run to the run index (if it is not there yet), gives it an epoch (if it has none)
 /// and writes fields to its state hash.
+///
+/// The run index is not in the run's hash slot, so in Redis Cluster it is on another node
+/// (a cluster client sends a pipeline to one node and refuses one whose keys are in several
+/// slots): it is written first, on its own, then the run's state in one pipeline.
 pub async fn register_run<C: ConnectionLike>(
     conn: &mut C,
     run: &RunId,
     created_ms: u64,
     fields: &[(&str, String)],
 ) -> Result<(), RedisError> {
-    let mut pipe = redis::pipe();
-    pipe.cmd("ZADD")
+    redis::cmd("ZADD")
         .arg(RUNS_INDEX_KEY)
         .arg("NX")
         .arg(created_ms)
         .arg(run.as_str())
-        .ignore();
+        .query_async::<()>(conn)
+        .await?;
+    let mut pipe = redis::pipe();
     pipe.cmd("HSETNX")
         .arg(run.state_key())
         .arg("created")

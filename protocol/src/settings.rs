@@ -430,6 +430,74 @@ impl RedisSettings {
             })
     }
 
+    /// Subscribes to one channel and returns its messages' payloads: `SUBSCRIBE` on a
+    /// dedicated connection, or in Cluster mode `SSUBSCRIBE` (sharded Pub/Sub, what the
+    /// publish function announces with there) on the master of the channel's slot. The
+    /// stream ends when the subscription is lost: the connection dropped, or, in Cluster
+    /// mode, the server unsubscribed it because the slot moved (a failover or resharding).
+    /// Subscribe again then, and read the stream from the cursor to catch up.
+    pub async fn subscribe(
+        &self,
+        channel: &str,
+    ) -> Result<futures::stream::BoxStream<'static, Vec<u8>>, SettingsError> {
+        use futures::StreamExt;
+        let connect_err = |source| SettingsError::Connect {
+            target: self.target(),
+            source,
+        };
+        if self.mode != RedisMode::Cluster {
+            let mut pubsub = self.pubsub().await?;
+            pubsub.subscribe(channel).await.map_err(connect_err)?;
+            return Ok(pubsub
+                .into_on_message()
+                .map(|m| m.get_payload_bytes().to_vec())
+                .boxed());
+        }
+        let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|(h, p)| self.node_info(h, *p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+            .use_protocol(redis::ProtocolVersion::RESP3)
+            .push_sender(tx)
+            .response_timeout(self.response_timeout)
+            .connection_timeout(self.connect_timeout);
+        install_crypto_provider();
+        if let Some(certs) = self.tls_certificates()? {
+            builder = builder.certs(certs);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| url_err(&self.target(), e.to_string()))?;
+        let mut conn = client.get_async_connection().await.map_err(connect_err)?;
+        conn.ssubscribe(channel).await.map_err(connect_err)?;
+        // The connection lives as long as the stream; both end on the first sign of a lost
+        // subscription rather than trusting the client to move it.
+        Ok(
+            futures::stream::unfold((conn, pushes), |(conn, mut pushes)| async move {
+                loop {
+                    let push = pushes.recv().await?;
+                    match push.kind {
+                        redis::PushKind::SMessage => {
+                            let payload = push.data.get(1).and_then(|v| match v {
+                                Value::BulkString(b) => Some(b.clone()),
+                                _ => None,
+                            })?;
+                            return Some((payload, (conn, pushes)));
+                        }
+                        redis::PushKind::SUnsubscribe | redis::PushKind::Disconnection => {
+                            return None;
+                        }
+                        _ => {}
+                    }
+                }
+            })
+            .boxed(),
+        )
+    }
+
     /// The publish command for this mode: sharded Pub/Sub in Cluster mode.
     pub fn publish_command(&self) -> &'static str {
         if self.mode == RedisMode::Cluster {

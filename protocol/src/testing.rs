@@ -418,12 +418,138 @@ impl RedisCluster {
 
     /// `redis+cluster://` settings with every node as a seed.
     pub fn settings(&self) -> RedisSettings {
+        RedisSettings::from_url(&self.url()).expect("valid url")
+    }
+
+    /// The `redis+cluster://` URL with every node as a seed.
+    pub fn url(&self) -> String {
         let seeds: Vec<String> = self
             .nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
             .collect();
-        RedisSettings::from_url(&format!("redis+cluster://{}", seeds.join(","))).expect("valid url")
+        format!("redis+cluster://{}", seeds.join(","))
+    }
+
+    /// The slot of `key` (`CLUSTER KEYSLOT`).
+    pub async fn slot_of(&self, key: &str) -> u16 {
+        let mut c = direct(self.nodes[0].port()).await.expect("node answers");
+        redis::cmd("CLUSTER")
+            .arg("KEYSLOT")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .expect("CLUSTER KEYSLOT")
+    }
+
+    /// Who serves which slots, as the node on `port` sees it (`CLUSTER SLOTS`).
+    pub async fn slot_ranges(port: u16) -> Vec<SlotRange> {
+        let mut c = direct(port).await.expect("node answers");
+        let slots: Vec<redis::Value> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
+            .query_async(&mut c)
+            .await
+            .expect("CLUSTER SLOTS");
+        let int = |v: &redis::Value| -> u16 {
+            redis::FromRedisValue::from_redis_value_ref(v).expect("a number")
+        };
+        let port_of = |v: &redis::Value| match v {
+            redis::Value::Array(node) => int(&node[1]),
+            other => panic!("bad node in CLUSTER SLOTS: {other:?}"),
+        };
+        slots
+            .iter()
+            .map(|range| match range {
+                redis::Value::Array(parts) => SlotRange {
+                    start: int(&parts[0]),
+                    end: int(&parts[1]),
+                    master: port_of(&parts[2]),
+                    replicas: parts[3..].iter().map(port_of).collect(),
+                },
+                other => panic!("bad CLUSTER SLOTS range: {other:?}"),
+            })
+            .collect()
+    }
+
+    /// The ports of the masters, in order.
+    pub async fn masters(&self) -> Vec<u16> {
+        let mut masters: Vec<u16> = Self::slot_ranges(self.nodes[0].port())
+            .await
+            .iter()
+            .map(|r| r.master)
+            .collect();
+        masters.sort_unstable();
+        masters.dedup();
+        masters
+    }
+
+    /// The master that serves `slot` and one of its replicas, once that replica is in sync (a
+    /// new cluster is `ok` before its replicas have synced).
+    pub async fn master_and_synced_replica(&self, slot: u16) -> (u16, u16) {
+        let port = self.nodes[0].port();
+        wait_for(
+            "the slot's master to have a synced replica",
+            Duration::from_secs(30),
+            || async move {
+                let ranges = Self::slot_ranges(port).await;
+                let range = SlotRange::serving(&ranges, slot);
+                let replica = *range.replicas.first()?;
+                info_replication(replica)
+                    .await
+                    .contains("master_link_status:up")
+                    .then_some((range.master, replica))
+            },
+        )
+        .await
+    }
+
+    /// Has `replica` take over its master's slots (`CLUSTER FAILOVER`, the graceful manual
+    /// failover: the master stops writes until the replica has everything) and waits until
+    /// the cluster names it the master of `slot`.
+    pub async fn fail_over_to(&self, replica: u16, slot: u16) {
+        let mut r = direct(replica).await.expect("replica answers");
+        redis::cmd("CLUSTER")
+            .arg("FAILOVER")
+            .query_async::<()>(&mut r)
+            .await
+            .expect("CLUSTER FAILOVER");
+        let nodes: Vec<u16> = self.nodes.iter().map(|n| n.port()).collect();
+        wait_for(
+            "every node to name the replica the slot's master",
+            Duration::from_secs(30),
+            || {
+                let nodes = nodes.clone();
+                async move {
+                    for port in nodes {
+                        let ranges = Self::slot_ranges(port).await;
+                        if SlotRange::serving(&ranges, slot).master != replica {
+                            return None;
+                        }
+                    }
+                    Some(())
+                }
+            },
+        )
+        .await;
+    }
+}
+
+/// Slots `start..=end` of a cluster and the ports of the nodes that serve them.
+#[derive(Debug, Clone)]
+pub struct SlotRange {
+    pub start: u16,
+    pub end: u16,
+    pub master: u16,
+    pub replicas: Vec<u16>,
+}
+
+impl SlotRange {
+    /// The range that holds `slot`.
+    pub fn serving(ranges: &[SlotRange], slot: u16) -> &SlotRange {
+        ranges
+            .iter()
+            .find(|r| (r.start..=r.end).contains(&slot))
+            .expect("every slot is served")
     }
 }
 

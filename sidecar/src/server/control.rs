@@ -131,8 +131,11 @@ pub(crate) async fn subscribe(shared: Arc<SidecarState>, items: mpsc::Sender<ToP
     let mut recorded: Option<u64> = None;
     loop {
         let attempt = async {
-            let mut pubsub = config.redis.pubsub().await.map_err(|e| e.to_string())?;
-            pubsub.subscribe(&key).await.map_err(|e| e.to_string())?;
+            let mut messages = config
+                .redis
+                .subscribe(&key)
+                .await
+                .map_err(|e| e.to_string())?;
             let mut conn = config.redis.connect().await.map_err(|e| e.to_string())?;
             if !lock(&shared.control).loaded {
                 let stored: Option<u64> = redis::cmd("HGET")
@@ -146,7 +149,6 @@ pub(crate) async fn subscribe(shared: Arc<SidecarState>, items: mpsc::Sender<ToP
                 q.loaded = true;
                 recorded = stored;
             }
-            let mut messages = pubsub.into_on_message();
             backoff.reset();
             loop {
                 // Read what there is room for.
