@@ -252,6 +252,31 @@ impl RedisSettings {
         }
     }
 
+    /// A cluster client for the seed nodes, with the timeouts and TLS of these settings;
+    /// `extra` adds what one use needs (RESP3 and a push channel for sharded Pub/Sub).
+    fn cluster_client(
+        &self,
+        extra: impl FnOnce(redis::cluster::ClusterClientBuilder) -> redis::cluster::ClusterClientBuilder,
+    ) -> Result<redis::cluster::ClusterClient, SettingsError> {
+        let nodes = self
+            .nodes
+            .iter()
+            .map(|(h, p)| self.node_info(h, *p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut builder = extra(
+            redis::cluster::ClusterClientBuilder::new(nodes)
+                .response_timeout(self.response_timeout)
+                .connection_timeout(self.connect_timeout),
+        );
+        install_crypto_provider();
+        if let Some(certs) = self.tls_certificates()? {
+            builder = builder.certs(certs);
+        }
+        builder
+            .build()
+            .map_err(|e| url_err(&self.target(), e.to_string()))
+    }
+
     fn node_info(&self, host: &str, port: u16) -> Result<ConnectionInfo, SettingsError> {
         let scheme = if self.tls { "rediss" } else { "redis" };
         let host_part = if host.contains(':') {
@@ -359,21 +384,7 @@ impl RedisSettings {
         };
         match &self.mode {
             RedisMode::Cluster => {
-                let nodes = self
-                    .nodes
-                    .iter()
-                    .map(|(h, p)| self.node_info(h, *p))
-                    .collect::<Result<Vec<_>, _>>()?;
-                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
-                    .response_timeout(self.response_timeout)
-                    .connection_timeout(self.connect_timeout);
-                install_crypto_provider();
-                if let Some(certs) = self.tls_certificates()? {
-                    builder = builder.certs(certs);
-                }
-                let client = builder
-                    .build()
-                    .map_err(|e| url_err(&self.target(), e.to_string()))?;
+                let client = self.cluster_client(|b| b)?;
                 let conn = client.get_async_connection().await.map_err(connect_err)?;
                 Ok(RedisConn::Cluster(conn))
             }
@@ -454,23 +465,10 @@ impl RedisSettings {
                 .boxed());
         }
         let (tx, pushes) = tokio::sync::mpsc::unbounded_channel();
-        let nodes = self
-            .nodes
-            .iter()
-            .map(|(h, p)| self.node_info(h, *p))
-            .collect::<Result<Vec<_>, _>>()?;
-        let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
-            .use_protocol(redis::ProtocolVersion::RESP3)
-            .push_sender(tx)
-            .response_timeout(self.response_timeout)
-            .connection_timeout(self.connect_timeout);
-        install_crypto_provider();
-        if let Some(certs) = self.tls_certificates()? {
-            builder = builder.certs(certs);
-        }
-        let client = builder
-            .build()
-            .map_err(|e| url_err(&self.target(), e.to_string()))?;
+        let client = self.cluster_client(|b| {
+            b.use_protocol(redis::ProtocolVersion::RESP3)
+                .push_sender(tx)
+        })?;
         let mut conn = client.get_async_connection().await.map_err(connect_err)?;
         conn.ssubscribe(channel).await.map_err(connect_err)?;
         // The connection lives as long as the stream; both end on the first sign of a lost
