@@ -6,9 +6,7 @@
 mod common;
 
 use agentrun_protocol::acl::{create_run_user, generate_password};
-use agentrun_protocol::testing::{
-    ChildGuard, RedisCluster, SlotRange, direct, dying_with_test, wait_for,
-};
+use agentrun_protocol::testing::{ChildGuard, RedisCluster, SlotRange, direct, wait_for};
 use agentrun_protocol::{RunId, StreamName, live, replay};
 use common::*;
 use std::collections::{BTreeMap, HashMap};
@@ -49,23 +47,10 @@ fn start_sidecar(
     env: &[(&str, &str)],
     agent: &[&str],
 ) -> ChildGuard {
-    let mut cmd = dying_with_test(SIDECAR);
-    cmd.args([
-        "run",
-        "--quiet",
-        "--metrics-interval-seconds",
-        "0",
-        "--redis-url",
-        url,
-    ])
-    .args(["--run-id", run.as_str(), "--variation", "default"])
-    .args(options)
-    .arg("--")
-    .args(agent)
-    .env("RUST_LOG", "warn")
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
+    let mut cmd = sidecar_run_at(url, run, options, agent);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
     for (k, v) in env {
         cmd.env(k, v);
     }

@@ -29,15 +29,21 @@ pub fn sidecar_run_with(
     options: &[&str],
     agent: &[&str],
 ) -> Command {
-    let mut cmd = Command::new(SIDECAR);
+    sidecar_run_at(&redis.url(), run, options, agent)
+}
+
+/// `agentrun-sidecar run` against the Redis at `url` (a server or a cluster), killed with
+/// the test.
+pub fn sidecar_run_at(url: &str, run: &RunId, options: &[&str], agent: &[&str]) -> Command {
+    let mut cmd = agentrun_protocol::testing::dying_with_test(SIDECAR);
     cmd.args([
         "run",
         "--quiet",
         "--metrics-interval-seconds",
         "0",
         "--redis-url",
+        url,
     ])
-    .arg(redis.url())
     .args(["--run-id", run.as_str(), "--variation", "default"])
     .args(options)
     .arg("--")
