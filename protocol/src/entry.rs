@@ -2,7 +2,7 @@
 //!
 //! Stream entry ids are `0-SEQ`: the id *is* the stream sequence number, contiguous from 1.
 //! That makes a cursor a plain number, lets a reader ask for "everything after 41" with one
-//! `XRANGE`, and lets the publish script refuse anything that is not new.
+//! `XRANGE`, and lets the publish function refuse anything that is not new.
 //!
 //! Fields of an entry: `seq`, `ts` (ms since the epoch, when the producer saw the data),
 //! `type` (see [`EntryType`]), `content` (raw bytes) and, when present, `meta` (JSON text).

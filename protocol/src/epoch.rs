@@ -3,7 +3,7 @@
 //! Sequence numbers are only meaningful together with the history they count. When Redis
 //! loses acknowledged writes (no persistence, `appendfsync everysec`, a failover to a replica
 //! that was behind), a stream's top goes back and the next entries get sequence numbers that
-//! readers have already seen, with other content. The publish script notices this when the
+//! readers have already seen, with other content. The publish function notices this when the
 //! producer tells it the top it was last acknowledged (see [`crate::publish::Expected`]) and
 //! then gives the run a new epoch before appending; every live message and every replay read
 //! carries the epoch. Invariant: **a position (a `seq`) is only valid within its epoch, and
@@ -19,7 +19,7 @@ use std::fmt;
 pub struct Epoch(u64);
 
 impl Epoch {
-    /// A fresh random epoch, to propose to the publish script.
+    /// A fresh random epoch, to propose to the publish function.
     pub fn random() -> Self {
         Self(rand::random())
     }

@@ -61,7 +61,7 @@ pub fn decode_with_epoch(payload: &[u8]) -> Result<(Entry, Option<Epoch>), Malfo
     Ok((entry, epoch))
 }
 
-/// Encodes an entry the way the publish script does (used by tests and tools).
+/// Encodes an entry the way the publish function does (used by tests and tools).
 pub fn encode(entry: &Entry, epoch: Option<Epoch>) -> Vec<u8> {
     let meta = entry.meta.as_deref().unwrap_or("");
     let mut out = format!("{} {} {} {}", entry.seq, entry.ts, entry.kind, meta.len()).into_bytes();

@@ -1,7 +1,7 @@
 //! Names of the Redis keys and Pub/Sub channels of a run.
 //!
 //! Every key and channel of one run contains `{RUN}` with literal braces: that is a Redis
-//! Cluster hash tag, so all of a run's data lives in one slot and a Lua script may touch
+//! Cluster hash tag, so all of a run's data lives in one slot and one Redis function may touch
 //! several of its keys at once. A stream key and the Pub/Sub channel that announces its new
 //! entries share one name (channels are not keys, so they do not collide).
 

@@ -14,7 +14,7 @@ use crate::names::{RunId, StreamName};
 use redis::aio::ConnectionLike;
 use redis::{RedisError, Value};
 
-/// The largest `seq` the publish script can assign (Lua numbers are doubles, exact up to
+/// The largest `seq` the publish function can assign (Lua numbers are doubles, exact up to
 /// 2^53). A cursor naming a larger one cannot come from any stream.
 pub const MAX_SEQ: u64 = 1 << 53;
 

@@ -216,7 +216,7 @@ pub fn parse_control(body: &[u8]) -> Result<ControlMessage, ApiError> {
 ///
 /// With an `Idempotency-Key` header the message is published once per run, client and key,
 /// however often the request is sent: the key (with a digest of the client) is the entry's
-/// producer and the entry its producer sequence 1, so the publish script skips a retry as a
+/// producer and the entry its producer sequence 1, so the publish function skips a retry as a
 /// re-send. The answer to a retry has `"duplicate": true` and no `seq`. Without the header,
 /// each request is a new message.
 pub async fn control(

@@ -154,7 +154,7 @@ impl AppState {
     /// drop only from the next command, which fails and makes it reconnect; the second try
     /// waits for the new connection. So a request answers 503 only while Redis is really
     /// away, not because it was away before. `op` must be safe to repeat: a read, or a publish
-    /// through the publish script (which skips an entry it already has).
+    /// through the publish function (which skips an entry it already has).
     pub(crate) async fn redis<T, F, Fut>(&self, op: F) -> Result<T, ApiError>
     where
         F: Fn(RedisConn) -> Fut,

@@ -3,7 +3,7 @@
 //!
 //! For each stream it remembers the top Redis acknowledged last and the run's epoch then, and
 //! passes them with the next batch: when Redis has lost acknowledged entries (it restarted
-//! without persistence, or failed over to a replica that was behind), the publish script sees
+//! without persistence, or failed over to a replica that was behind), the publish function sees
 //! the stream below that top and starts a new epoch before appending, so readers are told
 //! that the history was reset instead of silently skipping the reused sequence numbers.
 
@@ -306,7 +306,7 @@ impl PublishLoop {
                     shared.set_redis_up(true);
                     if let Some(wait) = self.durability.command() {
                         // Nothing is acknowledged before Redis confirms the level: on a
-                        // timeout or an error the batch is published again (the script skips
+                        // timeout or an error the batch is published again (the function skips
                         // what it already has) and waited for again.
                         let started = std::time::Instant::now();
                         let answer = wait.query_async::<redis::Value>(c).await;
