@@ -4,16 +4,14 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGaugeVec, Opts, Registry,
-    TextEncoder,
-};
+use agentrun_protocol::telemetry::MetricRegistry;
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGaugeVec};
 
 use crate::crd::RunPhase;
 
 /// The operator's metrics, registered in their own registry.
 pub struct Metrics {
-    pub registry: Registry,
+    pub registry: MetricRegistry,
     pub reconciles: IntCounterVec,
     pub reconcile_duration: Histogram,
     pub runs: IntGaugeVec,
@@ -33,47 +31,27 @@ impl Metrics {
     /// # Panics
     /// Only if the metric definitions are invalid (a programming error caught by the tests).
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let reconciles = IntCounterVec::new(
-            Opts::new(
-                "agentrun_operator_reconciles_total",
-                "Reconciliations of AgentRuns, by result (ok or an error kind)",
-            ),
-            &["result"],
-        )
-        .expect("valid metric");
-        let reconcile_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "agentrun_operator_reconcile_duration_seconds",
-                "How long one reconciliation of an AgentRun took",
-            )
-            .buckets(vec![0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
-        )
-        .expect("valid metric");
-        let runs = IntGaugeVec::new(
-            Opts::new(
-                "agentrun_operator_runs",
-                "AgentRuns known to the operator, by phase",
-            ),
-            &["phase"],
-        )
-        .expect("valid metric");
-        let pods_created = IntCounter::new(
-            "agentrun_operator_pods_created_total",
-            "Agent pods created by the operator",
-        )
-        .expect("valid metric");
-        for c in [
-            Box::new(reconciles.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(reconcile_duration.clone()),
-            Box::new(runs.clone()),
-            Box::new(pods_created.clone()),
-        ] {
-            registry.register(c).expect("metric registered once");
-        }
-        for phase in RunPhase::ALL {
-            runs.with_label_values(&[phase.as_str()]).set(0);
-        }
+        let registry = MetricRegistry::new("agentrun_operator");
+        let reconciles = registry.counter_vec(
+            "reconciles_total",
+            "Reconciliations of AgentRuns, by result (ok or an error kind)",
+            "result",
+            &[],
+        );
+        let reconcile_duration = registry.histogram(
+            "reconcile_duration_seconds",
+            "How long one reconciliation of an AgentRun took",
+            &[0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+        );
+        let phases: Vec<&str> = RunPhase::ALL.iter().map(|p| p.as_str()).collect();
+        let runs = registry.gauge_vec(
+            "runs",
+            "AgentRuns known to the operator, by phase",
+            "phase",
+            &phases,
+        );
+        let pods_created =
+            registry.counter("pods_created_total", "Agent pods created by the operator");
         Self {
             registry,
             reconciles,
@@ -118,12 +96,7 @@ impl Metrics {
 
     /// The metrics in the Prometheus text format.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let encoder = TextEncoder::new();
-        if encoder.encode(&self.registry.gather(), &mut buf).is_err() {
-            return String::new();
-        }
-        String::from_utf8(buf).unwrap_or_default()
+        self.registry.render()
     }
 }
 

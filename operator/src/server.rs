@@ -4,11 +4,8 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use agentrun_protocol::telemetry::{Health, health_router};
 use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::response::IntoResponse;
-use axum::routing::get;
 
 use crate::metrics::Metrics;
 
@@ -19,29 +16,18 @@ pub struct ServerState {
     pub ready: Arc<AtomicBool>,
 }
 
+impl Health for ServerState {
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+
+    fn not_ready(&self) -> Option<&'static str> {
+        (!self.ready.load(Ordering::SeqCst))
+            .then_some("starting: checking that the AgentRun CRD is installed")
+    }
+}
+
 /// The router; served by `main`, and by tests on `127.0.0.1:0`.
 pub fn app(state: ServerState) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .with_state(state)
-}
-
-async fn metrics(State(state): State<ServerState>) -> impl IntoResponse {
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
-}
-
-async fn readyz(State(state): State<ServerState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::SeqCst) {
-        (StatusCode::OK, "ready")
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "starting: checking that the AgentRun CRD is installed",
-        )
-    }
+    health_router(state)
 }

@@ -29,6 +29,8 @@ pub mod settings;
 pub mod sse;
 pub mod state_hash;
 pub mod status;
+#[cfg(feature = "process")]
+pub mod telemetry;
 #[cfg(feature = "test-support")]
 pub mod testing;
 pub mod topology;

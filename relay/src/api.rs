@@ -292,7 +292,10 @@ pub async fn control(
 
 pub async fn metrics(State(state): State<AppState>) -> Response {
     (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            header::CONTENT_TYPE,
+            agentrun_protocol::telemetry::METRICS_CONTENT_TYPE,
+        )],
         state.metrics.render(),
     )
         .into_response()

@@ -1,10 +1,11 @@
 //! Prometheus metrics of the relay, served at `/metrics`.
 
-use prometheus::{Encoder, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+use agentrun_protocol::telemetry::MetricRegistry;
+use prometheus::{IntCounter, IntCounterVec, IntGauge};
 
 #[derive(Clone)]
 pub struct Metrics {
-    registry: Registry,
+    registry: MetricRegistry,
     /// Open SSE connections.
     pub connections: IntGauge,
     /// Runs with at least one SSE client (each has its Redis channel subscriptions).
@@ -38,24 +39,19 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let opts = |name: &str, help: &str| Opts::new(name, help).namespace("agentrun_relay");
-        let counter =
-            |name: &str, help: &str| IntCounter::with_opts(opts(name, help)).expect("valid metric");
-        let gauge =
-            |name: &str, help: &str| IntGauge::with_opts(opts(name, help)).expect("valid metric");
-        let labelled = |name: &str, help: &str, label: &str| {
-            IntCounterVec::new(opts(name, help), &[label]).expect("valid metric")
-        };
+        let registry = MetricRegistry::new("agentrun_relay");
+        let counter = |name: &str, help: &str| registry.counter(name, help);
+        let gauge = |name: &str, help: &str| registry.gauge(name, help);
         let connections = gauge("connections", "Open SSE connections");
         let watched_runs = gauge(
             "watched_runs",
             "Runs with at least one SSE client on this relay",
         );
-        let events_sent = labelled(
+        let events_sent = registry.counter_vec(
             "events_sent_total",
             "Events written to SSE clients, by source (live or replay)",
             "source",
+            &[],
         );
         let slow_client_fallbacks = counter(
             "slow_client_fallbacks_total",
@@ -70,19 +66,16 @@ impl Metrics {
             "trimmed_notices_total",
             "Trimmed-history notices sent to clients",
         );
-        let auth_reviews = labelled(
-            "auth_reviews_total",
-            "TokenReviews (kind=token) and SubjectAccessReviews (kind=access) sent to the Kubernetes API server",
-            "kind",
-        );
+        let auth_reviews = registry.counter_vec("auth_reviews_total", "TokenReviews (kind=token) and SubjectAccessReviews (kind=access) sent to the Kubernetes API server", "kind", &["token", "access"]);
         let auth_cache_hits = counter(
             "auth_cache_hits_total",
             "Token and access review answers taken from the cache",
         );
-        let tokens_reloads = labelled(
+        let tokens_reloads = registry.counter_vec(
             "tokens_reloads_total",
             "Times a changed tokens file was read again, by result (ok, error)",
             "result",
+            &["ok", "error"],
         );
         let live_shed = counter(
             "live_shed_total",
@@ -100,31 +93,6 @@ impl Metrics {
             "resets_total",
             "reset events sent: a client's position was not valid in the run's current history",
         );
-        // Every label shows from the start (0), so that a rate over them is defined.
-        for kind in ["token", "access"] {
-            auth_reviews.with_label_values(&[kind]);
-        }
-        for result in ["ok", "error"] {
-            tokens_reloads.with_label_values(&[result]);
-        }
-        for c in [
-            Box::new(connections.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(watched_runs.clone()),
-            Box::new(events_sent.clone()),
-            Box::new(slow_client_fallbacks.clone()),
-            Box::new(redis_reconnects.clone()),
-            Box::new(control_messages.clone()),
-            Box::new(trimmed_notices.clone()),
-            Box::new(auth_reviews.clone()),
-            Box::new(auth_cache_hits.clone()),
-            Box::new(tokens_reloads.clone()),
-            Box::new(live_shed.clone()),
-            Box::new(pubsub_buffer_bytes.clone()),
-            Box::new(replay_bytes.clone()),
-            Box::new(resets.clone()),
-        ] {
-            registry.register(c).expect("metric registered once");
-        }
         Self {
             registry,
             connections,
@@ -146,12 +114,7 @@ impl Metrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut buf = Vec::new();
-        let encoder = TextEncoder::new();
-        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
-            tracing::warn!(error = %e, "could not encode metrics");
-        }
-        String::from_utf8(buf).unwrap_or_default()
+        self.registry.render()
     }
 }
 

@@ -1,21 +1,15 @@
 //! Prometheus figures of the sidecar, and the small HTTP server for `/metrics`, `/healthz` and
 //! `/readyz`.
 
-use axum::Router;
-use axum::extract::State;
-use axum::http::StatusCode;
-use axum::routing::get;
-use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
-};
+use agentrun_protocol::telemetry::{Health, MetricRegistry, serve_health};
+use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 #[derive(Clone)]
 pub struct Metrics {
-    pub registry: Registry,
+    pub registry: MetricRegistry,
     /// Bytes of agent output received, by stream (`output`, `logs`).
     pub bytes_in: IntCounterVec,
     /// Entries appended to Redis streams (re-sends that were skipped are not counted).
@@ -47,56 +41,22 @@ pub struct Metrics {
     pub ready: Arc<AtomicBool>,
 }
 
-/// Makes metrics and registers them.
-struct Builder(Registry);
-
-impl Builder {
-    fn add<C: prometheus::core::Collector + Clone + 'static>(&self, metric: C) -> C {
-        let _ = self.0.register(Box::new(metric.clone()));
-        metric
-    }
-
-    fn counter(&self, name: &str, help: &str) -> IntCounter {
-        self.add(IntCounter::new(name, help).expect("metric"))
-    }
-
-    fn gauge(&self, name: &str, help: &str) -> IntGauge {
-        self.add(IntGauge::new(name, help).expect("metric"))
-    }
-
-    fn counter_vec(&self, name: &str, help: &str, label: &str) -> IntCounterVec {
-        self.add(IntCounterVec::new(Opts::new(name, help), &[label]).expect("metric"))
-    }
-}
-
 impl Metrics {
     pub fn new() -> Self {
-        let b = Builder(
-            Registry::new_custom(Some("agentrun_sidecar".into()), None).unwrap_or_default(),
+        let b = MetricRegistry::new("agentrun_sidecar");
+        let publish_seconds = b.histogram(
+            "publish_duration_seconds",
+            "Time to publish one batch to Redis",
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ],
         );
-        let publish_seconds = b.add(
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "publish_duration_seconds",
-                    "Time to publish one batch to Redis",
-                )
-                .buckets(vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-                ]),
-            )
-            .expect("metric"),
-        );
-        let durability_wait_seconds = b.add(
-            Histogram::with_opts(
-                HistogramOpts::new(
-                    "durability_wait_seconds",
-                    "Time waiting for replicas or the AOF fsync after a batch (--durability)",
-                )
-                .buckets(vec![
-                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
-                ]),
-            )
-            .expect("metric"),
+        let durability_wait_seconds = b.histogram(
+            "durability_wait_seconds",
+            "Time waiting for replicas or the AOF fsync after a batch (--durability)",
+            &[
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0,
+            ],
         );
         Self {
             durability_wait_seconds,
@@ -104,11 +64,7 @@ impl Metrics {
                 "durability_timeouts_total",
                 "Waits for replicas or the AOF fsync that timed out; the batch was kept and retried",
             ),
-            bytes_in: b.counter_vec(
-                "bytes_received_total",
-                "Bytes of agent output received, by stream",
-                "stream",
-            ),
+            bytes_in: b.counter_vec("bytes_received_total", "Bytes of agent output received, by stream", "stream", &[]),
             entries_published: b.counter(
                 "entries_published_total",
                 "Entries appended to Redis streams",
@@ -132,11 +88,7 @@ impl Metrics {
                 "control_pending",
                 "Control messages taken for the entrypoint and not yet acknowledged by it",
             ),
-            socket_refused: b.counter_vec(
-                "socket_clients_refused_total",
-                "Clients of the socket refused without the entrypoint's key, by reason",
-                "reason",
-            ),
+            socket_refused: b.counter_vec("socket_clients_refused_total", "Clients of the socket refused without the entrypoint's key, by reason", "reason", &[]),
             spools_refused: b.counter(
                 "spools_refused_total",
                 "Spool files refused because a record did not verify with the pod's key",
@@ -154,14 +106,12 @@ impl Metrics {
                 "Resident memory of the agent's process",
             ),
             ready: Arc::new(AtomicBool::new(false)),
-            registry: b.0,
+            registry: b,
         }
     }
 
     pub fn render(&self) -> String {
-        let mut out = Vec::new();
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
-        String::from_utf8(out).unwrap_or_default()
+        self.registry.render()
     }
 }
 
@@ -171,35 +121,18 @@ impl Default for Metrics {
     }
 }
 
-pub fn router(metrics: Metrics) -> Router {
-    Router::new()
-        .route(
-            "/metrics",
-            get(|State(m): State<Metrics>| async move { m.render() }),
-        )
-        .route("/healthz", get(|| async { "ok" }))
-        .route(
-            "/readyz",
-            get(|State(m): State<Metrics>| async move {
-                if m.ready.load(Ordering::Relaxed) && m.redis_up.get() == 1 {
-                    (StatusCode::OK, "ready")
-                } else {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: waiting for Redis",
-                    )
-                }
-            }),
-        )
-        .with_state(metrics)
+impl Health for Metrics {
+    fn metrics(&self) -> String {
+        self.render()
+    }
+
+    fn not_ready(&self) -> Option<&'static str> {
+        let ready = self.ready.load(Ordering::Relaxed) && self.redis_up.get() == 1;
+        (!ready).then_some("not ready: waiting for Redis")
+    }
 }
 
-/// Serves the router on `addr`; returns the bound address.
+/// Serves `/metrics`, `/healthz` and `/readyz` on `addr`; returns the bound address.
 pub async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let local = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router(metrics)).await;
-    });
-    Ok(local)
+    serve_health(addr, metrics).await
 }
