@@ -32,7 +32,8 @@ pub struct RunInfo {
     pub created_ms: u64,
 }
 
-/// One thing the operator wrote to Redis (the test store records these).
+/// One write of the operator to Redis: what [`RunStore::write`] carries out (and the test
+/// store records).
 #[derive(Clone, Debug, PartialEq)]
 pub enum StoreCall {
     Register(RunInfo),
@@ -51,6 +52,7 @@ pub enum StoreCall {
     },
     EnsureUser {
         run_id: String,
+        password: String,
     },
     DeleteUser {
         run_id: String,
@@ -63,47 +65,79 @@ pub enum StoreCall {
     },
 }
 
-/// The operator's writes to Redis.
+/// The operator's writes to Redis. A store carries out [`StoreCall`]s; the other methods
+/// name them.
 pub trait RunStore: Send + Sync {
+    /// Carries out one write.
+    fn write(&self, call: StoreCall) -> BoxFuture<'_, Result<()>>;
+
     /// Adds the run to the run index so the relay can list it (idempotent).
-    fn register<'a>(&'a self, run: &'a RunInfo) -> BoxFuture<'a, Result<()>>;
+    fn register(&self, run: &RunInfo) -> BoxFuture<'_, Result<()>> {
+        self.write(StoreCall::Register(run.clone()))
+    }
+
     /// Appends a lifecycle fact to `run:{RUN}:status` and announces it.
-    fn publish_status<'a>(
-        &'a self,
-        run_id: &'a str,
-        event: &'a StatusEvent,
-    ) -> BoxFuture<'a, Result<()>>;
+    fn publish_status(&self, run_id: &str, event: &StatusEvent) -> BoxFuture<'_, Result<()>> {
+        self.write(StoreCall::Status {
+            run_id: run_id.into(),
+            event: event.clone(),
+        })
+    }
+
     /// Sends a control message to every variation of the run.
-    fn send_control<'a>(
-        &'a self,
-        run_id: &'a str,
-        action: ControlAction,
-    ) -> BoxFuture<'a, Result<()>>;
+    fn send_control(&self, run_id: &str, action: ControlAction) -> BoxFuture<'_, Result<()>> {
+        self.write(StoreCall::Control {
+            run_id: run_id.into(),
+            action,
+        })
+    }
+
     /// Creates the run's own Redis user unless it exists.
-    fn ensure_run_user<'a>(
-        &'a self,
-        run_id: &'a str,
-        password: &'a str,
-    ) -> BoxFuture<'a, Result<()>>;
+    fn ensure_run_user(&self, run_id: &str, password: &str) -> BoxFuture<'_, Result<()>> {
+        self.write(StoreCall::EnsureUser {
+            run_id: run_id.into(),
+            password: password.into(),
+        })
+    }
+
     /// Deletes the run's Redis user (disconnecting its sidecars); no error when it is gone.
-    fn delete_run_user<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, Result<()>>;
+    fn delete_run_user(&self, run_id: &str) -> BoxFuture<'_, Result<()>> {
+        self.write(StoreCall::DeleteUser {
+            run_id: run_id.into(),
+        })
+    }
+
     /// Puts the retention TTL on every key of the run (unless the run waits for its archive:
     /// then the archiver puts it once the archive is complete).
-    fn expire<'a>(
-        &'a self,
-        run_id: &'a str,
-        variations: &'a [String],
+    fn expire(
+        &self,
+        run_id: &str,
+        variations: &[String],
         ttl_seconds: u64,
-    ) -> BoxFuture<'a, Result<()>>;
+    ) -> BoxFuture<'_, Result<()>> {
+        self.write(StoreCall::Expire {
+            run_id: run_id.into(),
+            variations: variations.to_vec(),
+            ttl_seconds,
+        })
+    }
+
     /// Puts the run on the archive queue unless it is there already or archived (idempotent;
     /// `ttl_seconds` is put on its keys once archived). Only called with archiving on.
-    fn archive<'a>(
-        &'a self,
-        run_id: &'a str,
-        variations: &'a [String],
+    fn archive(
+        &self,
+        run_id: &str,
+        variations: &[String],
         ttl_seconds: u64,
         not_before_ms: Option<u64>,
-    ) -> BoxFuture<'a, Result<()>>;
+    ) -> BoxFuture<'_, Result<()>> {
+        self.write(StoreCall::Archive {
+            run_id: run_id.into(),
+            variations: variations.to_vec(),
+            ttl_seconds,
+            not_before_ms,
+        })
+    }
 }
 
 /// The real store.
@@ -187,156 +221,145 @@ fn redis_err(run_id: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl RunStore for RedisStore {
-    fn ensure_run_user<'a>(
-        &'a self,
-        run_id: &'a str,
-        password: &'a str,
-    ) -> BoxFuture<'a, Result<()>> {
+    fn write(&self, call: StoreCall) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
-            let run = parse_run_id(run_id)?;
-            self.users
-                .ensure(&run, password)
-                .await
-                .map_err(|e| redis_err(run_id, e))
-        })
-    }
-
-    fn delete_run_user<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let run = parse_run_id(run_id)?;
-            self.users
-                .delete(&run)
-                .await
-                .map_err(|e| redis_err(run_id, e))
-        })
-    }
-
-    fn register<'a>(&'a self, info: &'a RunInfo) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let run = parse_run_id(&info.run_id)?;
-            let mut conn = self.conn.clone();
-            let fields = [
-                (state_hash::NAMESPACE, info.namespace.clone()),
-                (state_hash::NAME, info.name.clone()),
-                (state_hash::VARIATIONS, info.variations.join(",")),
-                (state_hash::SOURCE, PRODUCER.to_string()),
-            ];
-            register_run(&mut conn, &run, info.created_ms, &fields)
-                .await
-                .map_err(|e| redis_err(&info.run_id, e))?;
-            if self.archive {
-                archive::mark_pending(&mut conn, &run)
-                    .await
-                    .map_err(|e| redis_err(&info.run_id, e))?;
-            }
-            Ok(())
-        })
-    }
-
-    fn publish_status<'a>(
-        &'a self,
-        run_id: &'a str,
-        event: &'a StatusEvent,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.append(
-                run_id,
-                StreamName::Status,
-                EntryType::Status,
-                event.to_json(),
-            )
-            .await?;
-            let run = parse_run_id(run_id)?;
-            // A variation's event is its `var:NAME`; a run-wide one sets the run's `phase`
-            // (and `ended` once final), which tells readers the run is over.
-            let json = String::from_utf8_lossy(&event.to_json()).into_owned();
-            let mut fields: Vec<(String, String)> = Vec::new();
-            match &event.variation {
-                Some(v) => fields.push((state_hash::var_field(v), json)),
-                None => {
-                    fields.push((state_hash::PHASE.into(), event.state.as_str().into()));
-                    fields.push((state_hash::RUN.into(), json));
-                    if event.state.is_final() {
-                        fields.push((
-                            state_hash::ENDED.into(),
-                            agentrun_protocol::now_ms().to_string(),
-                        ));
-                    }
+            match call {
+                StoreCall::Register(info) => self.register_run(&info).await,
+                StoreCall::Status { run_id, event } => self.append_status(&run_id, &event).await,
+                StoreCall::Control { run_id, action } => {
+                    let msg = ControlMessage::new(action);
+                    let content = msg.to_json();
+                    self.append(&run_id, StreamName::Control, EntryType::Control, content)
+                        .await
+                }
+                StoreCall::EnsureUser { run_id, password } => {
+                    let run = parse_run_id(&run_id)?;
+                    let done = self.users.ensure(&run, &password).await;
+                    done.map_err(|e| redis_err(&run_id, e))
+                }
+                StoreCall::DeleteUser { run_id } => {
+                    let run = parse_run_id(&run_id)?;
+                    let done = self.users.delete(&run).await;
+                    done.map_err(|e| redis_err(&run_id, e))
+                }
+                StoreCall::Expire {
+                    run_id,
+                    variations,
+                    ttl_seconds,
+                } => self.expire_keys(&run_id, &variations, ttl_seconds).await,
+                StoreCall::Archive {
+                    run_id,
+                    variations,
+                    ttl_seconds,
+                    not_before_ms,
+                } => {
+                    self.enqueue_archive(&run_id, &variations, ttl_seconds, not_before_ms)
+                        .await
                 }
             }
-            let refs: Vec<(&str, String)> = fields
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.clone()))
-                .collect();
-            let mut conn = self.conn.clone();
-            set_state(&mut conn, &run, &refs)
-                .await
-                .map_err(|e| redis_err(run_id, e))
         })
     }
+}
 
-    fn send_control<'a>(
-        &'a self,
-        run_id: &'a str,
-        action: ControlAction,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let msg = ControlMessage::new(action);
-            self.append(
-                run_id,
-                StreamName::Control,
-                EntryType::Control,
-                msg.to_json(),
-            )
+impl RedisStore {
+    async fn register_run(&self, info: &RunInfo) -> Result<()> {
+        let run = parse_run_id(&info.run_id)?;
+        let mut conn = self.conn.clone();
+        let fields = [
+            (state_hash::NAMESPACE, info.namespace.clone()),
+            (state_hash::NAME, info.name.clone()),
+            (state_hash::VARIATIONS, info.variations.join(",")),
+            (state_hash::SOURCE, PRODUCER.to_string()),
+        ];
+        register_run(&mut conn, &run, info.created_ms, &fields)
             .await
-        })
-    }
-
-    fn expire<'a>(
-        &'a self,
-        run_id: &'a str,
-        variations: &'a [String],
-        ttl_seconds: u64,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let run = parse_run_id(run_id)?;
-            let vars: Vec<Variation> = variations
-                .iter()
-                .filter_map(|v| Variation::new(v.clone()).ok())
-                .collect();
-            let keys = run.all_keys(vars.iter());
-            let mut conn = self.conn.clone();
-            archive::expire_unless_archiving(&mut conn, &run, &keys, ttl_seconds)
+            .map_err(|e| redis_err(&info.run_id, e))?;
+        if self.archive {
+            archive::mark_pending(&mut conn, &run)
                 .await
-                .map_err(|e| redis_err(run_id, e))?;
-            // The index entry stays: its score (creation time) lets the relay trim old ids, and
-            // it drops ids whose keys have expired.
-            Ok(())
-        })
+                .map_err(|e| redis_err(&info.run_id, e))?;
+        }
+        Ok(())
     }
 
-    fn archive<'a>(
-        &'a self,
-        run_id: &'a str,
-        variations: &'a [String],
+    async fn append_status(&self, run_id: &str, event: &StatusEvent) -> Result<()> {
+        self.append(
+            run_id,
+            StreamName::Status,
+            EntryType::Status,
+            event.to_json(),
+        )
+        .await?;
+        let run = parse_run_id(run_id)?;
+        // A variation's event is its `var:NAME`; a run-wide one sets the run's `phase`
+        // (and `ended` once final), which tells readers the run is over.
+        let json = String::from_utf8_lossy(&event.to_json()).into_owned();
+        let mut fields: Vec<(String, String)> = Vec::new();
+        match &event.variation {
+            Some(v) => fields.push((state_hash::var_field(v), json)),
+            None => {
+                fields.push((state_hash::PHASE.into(), event.state.as_str().into()));
+                fields.push((state_hash::RUN.into(), json));
+                if event.state.is_final() {
+                    fields.push((
+                        state_hash::ENDED.into(),
+                        agentrun_protocol::now_ms().to_string(),
+                    ));
+                }
+            }
+        }
+        let refs: Vec<(&str, String)> = fields
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.clone()))
+            .collect();
+        let mut conn = self.conn.clone();
+        set_state(&mut conn, &run, &refs)
+            .await
+            .map_err(|e| redis_err(run_id, e))
+    }
+
+    async fn expire_keys(
+        &self,
+        run_id: &str,
+        variations: &[String],
+        ttl_seconds: u64,
+    ) -> Result<()> {
+        let run = parse_run_id(run_id)?;
+        let keys = run.all_keys(valid_variations(variations).iter());
+        let mut conn = self.conn.clone();
+        archive::expire_unless_archiving(&mut conn, &run, &keys, ttl_seconds)
+            .await
+            .map_err(|e| redis_err(run_id, e))?;
+        // The index entry stays: its score (creation time) lets the relay trim old ids, and
+        // it drops ids whose keys have expired.
+        Ok(())
+    }
+
+    async fn enqueue_archive(
+        &self,
+        run_id: &str,
+        variations: &[String],
         ttl_seconds: u64,
         not_before_ms: Option<u64>,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            let run = parse_run_id(run_id)?;
-            let mut request = archive::ArchiveRequest::new(run, ttl_seconds, PRODUCER);
-            request.variations = variations
-                .iter()
-                .filter_map(|v| Variation::new(v.clone()).ok())
-                .collect();
-            request.not_before_ms = not_before_ms;
-            let mut conn = self.conn.clone();
-            archive::enqueue_if_pending(&mut conn, &request)
-                .await
-                .map_err(|e| redis_err(run_id, e))?;
-            Ok(())
-        })
+    ) -> Result<()> {
+        let run = parse_run_id(run_id)?;
+        let mut request = archive::ArchiveRequest::new(run, ttl_seconds, PRODUCER);
+        request.variations = valid_variations(variations);
+        request.not_before_ms = not_before_ms;
+        let mut conn = self.conn.clone();
+        archive::enqueue_if_pending(&mut conn, &request)
+            .await
+            .map_err(|e| redis_err(run_id, e))?;
+        Ok(())
     }
+}
+
+/// The variation names that are valid (the CRD's validation already refused the others).
+fn valid_variations(names: &[String]) -> Vec<Variation> {
+    names
+        .iter()
+        .filter_map(|v| Variation::new(v.clone()).ok())
+        .collect()
 }
 
 /// A store that only records what it was asked to write (for the controller's unit tests).
@@ -377,85 +400,7 @@ impl RecordingStore {
 }
 
 impl RunStore for RecordingStore {
-    fn ensure_run_user<'a>(
-        &'a self,
-        run_id: &'a str,
-        _password: &'a str,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.record(StoreCall::EnsureUser {
-                run_id: run_id.into(),
-            })
-        })
-    }
-
-    fn delete_run_user<'a>(&'a self, run_id: &'a str) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.record(StoreCall::DeleteUser {
-                run_id: run_id.into(),
-            })
-        })
-    }
-
-    fn register<'a>(&'a self, run: &'a RunInfo) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move { self.record(StoreCall::Register(run.clone())) })
-    }
-
-    fn publish_status<'a>(
-        &'a self,
-        run_id: &'a str,
-        event: &'a StatusEvent,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.record(StoreCall::Status {
-                run_id: run_id.into(),
-                event: event.clone(),
-            })
-        })
-    }
-
-    fn send_control<'a>(
-        &'a self,
-        run_id: &'a str,
-        action: ControlAction,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.record(StoreCall::Control {
-                run_id: run_id.into(),
-                action,
-            })
-        })
-    }
-
-    fn expire<'a>(
-        &'a self,
-        run_id: &'a str,
-        variations: &'a [String],
-        ttl_seconds: u64,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.record(StoreCall::Expire {
-                run_id: run_id.into(),
-                variations: variations.to_vec(),
-                ttl_seconds,
-            })
-        })
-    }
-
-    fn archive<'a>(
-        &'a self,
-        run_id: &'a str,
-        variations: &'a [String],
-        ttl_seconds: u64,
-        not_before_ms: Option<u64>,
-    ) -> BoxFuture<'a, Result<()>> {
-        Box::pin(async move {
-            self.record(StoreCall::Archive {
-                run_id: run_id.into(),
-                variations: variations.to_vec(),
-                ttl_seconds,
-                not_before_ms,
-            })
-        })
+    fn write(&self, call: StoreCall) -> BoxFuture<'_, Result<()>> {
+        Box::pin(std::future::ready(self.record(call)))
     }
 }
