@@ -425,21 +425,23 @@ impl Actor {
     /// Sends the gap frames for output that was dropped, once there is room again.
     fn emit_gaps(&mut self) {
         for pipe in [Pipe::Stdout, Pipe::Stderr] {
-            let d = self.dropped[pipe as usize];
-            if d.chunks == 0 {
-                continue;
+            if let Some(frame) = self.take_gap(pipe) {
+                self.route(frame);
             }
-            self.dropped[pipe as usize] = Dropped::default();
-            let frame = Frame::Gap {
-                fseq: self.fseq(),
-                pipe,
-                pseq: self.pseq(pipe),
-                ts: now_ms(),
-                dropped_bytes: d.bytes,
-                dropped_chunks: d.chunks,
-            };
-            self.route(frame);
         }
+    }
+
+    /// The gap frame for what `pipe` dropped since the last one, if it dropped anything.
+    fn take_gap(&mut self, pipe: Pipe) -> Option<Frame> {
+        let d = std::mem::take(&mut self.dropped[pipe as usize]);
+        (d.chunks > 0).then(|| Frame::Gap {
+            fseq: self.fseq(),
+            pipe,
+            pseq: self.pseq(pipe),
+            ts: now_ms(),
+            dropped_bytes: d.bytes,
+            dropped_chunks: d.chunks,
+        })
     }
 
     fn route(&mut self, frame: Frame) {
@@ -795,17 +797,7 @@ impl Actor {
         let mut back: Vec<Frame> = self.held.drain(..).collect();
         self.held_bytes = 0;
         for pipe in [Pipe::Stdout, Pipe::Stderr] {
-            let d = std::mem::take(&mut self.dropped[pipe as usize]);
-            if d.chunks > 0 {
-                back.push(Frame::Gap {
-                    fseq: self.fseq(),
-                    pipe,
-                    pseq: self.pseq(pipe),
-                    ts: now_ms(),
-                    dropped_bytes: d.bytes,
-                    dropped_chunks: d.chunks,
-                });
-            }
+            back.extend(self.take_gap(pipe));
         }
         let frames =
             front.len() + back.len() + self.spool.as_ref().map_or(0, SpoolFile::unread_frames);

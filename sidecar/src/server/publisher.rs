@@ -135,37 +135,26 @@ impl PublishLoop {
     ) -> Result<(Self, Option<RedisConn>), String> {
         let deadline = fail_fast.map(|d| tokio::time::Instant::now() + d);
         let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(1));
-        loop {
+        let conn = loop {
             match settings.connect().await {
-                Ok(conn) => {
-                    return Ok((
-                        Self {
-                            settings,
-                            publisher,
-                            acknowledged: HashMap::new(),
-                            durability,
-                        },
-                        Some(conn),
-                    ));
-                }
+                Ok(conn) => break Some(conn),
                 Err(e) => match deadline {
                     None => {
                         tracing::warn!(error = %e, "Redis is not reachable yet; will keep trying");
-                        return Ok((
-                            Self {
-                                settings,
-                                publisher,
-                                acknowledged: HashMap::new(),
-                                durability,
-                            },
-                            None,
-                        ));
+                        break None;
                     }
                     Some(d) if tokio::time::Instant::now() >= d => return Err(e.to_string()),
                     Some(_) => tokio::time::sleep(backoff.delay()).await,
                 },
             }
-        }
+        };
+        let publish_loop = Self {
+            settings,
+            publisher,
+            acknowledged: HashMap::new(),
+            durability,
+        };
+        Ok((publish_loop, conn))
     }
 
     pub(crate) async fn run(
