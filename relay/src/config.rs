@@ -21,6 +21,14 @@ pub struct Config {
     /// Address to serve HTTP on.
     #[arg(long, env = "AGENTRUN_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: String,
+    /// PEM certificate chain to serve HTTPS with (with --tls-key, e.g. tls.crt of a
+    /// kubernetes.io/tls Secret). Browsers then speak HTTP/2 and follow any number of runs over
+    /// one connection (HTTP/1.1 allows six per host). Read again when the file changes.
+    #[arg(long, env = "AGENTRUN_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert (PKCS#8, PKCS#1 RSA or SEC1 EC).
+    #[arg(long, env = "AGENTRUN_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Seconds between keep-alive comments on idle SSE streams.
     #[arg(long, env = "AGENTRUN_KEEPALIVE_SECONDS", default_value_t = 15)]
     pub keepalive_seconds: u64,
@@ -115,6 +123,16 @@ impl Config {
     /// Settings for tests and tools: everything at its default but the Redis URL.
     pub fn for_redis(url: impl Into<String>) -> Self {
         <Self as clap::Parser>::parse_from(["agentrun-relay", "--redis-url", &url.into()])
+    }
+
+    /// The HTTPS settings, when --tls-cert and --tls-key are given.
+    pub fn tls(
+        &self,
+    ) -> Result<Option<std::sync::Arc<rustls::ServerConfig>>, crate::tls::TlsError> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => crate::tls::server_config(cert, key).map(Some),
+            _ => Ok(None),
+        }
     }
 
     pub fn redis_settings(&self) -> Result<RedisSettings, agentrun_protocol::SettingsError> {

@@ -10,7 +10,8 @@
 //! file), [`auth`] and [`kube_auth`] (who may see and steer a run), [`cors`], [`limits`] (per
 //! client and global caps), [`budget`] and [`ring`] (byte-bounded buffers), [`ui`] (the web
 //! page), [`metrics`]. [`config`] holds the flags, [`state`] what every handler shares,
-//! [`error`] the one error type handlers answer with, [`server`] the HTTP server.
+//! [`error`] the one error type handlers answer with, [`server`] the HTTP server (HTTP/1.1,
+//! and HTTP/2 over [`tls`]).
 //! `docs/relay.md` describes the endpoints, the cursor and the events.
 
 pub mod api;
@@ -30,10 +31,11 @@ pub mod ring;
 pub mod server;
 pub mod sse;
 pub mod state;
+pub mod tls;
 pub mod ui;
 
 pub use config::{Config, Limits};
-pub use server::serve;
+pub use server::{serve, serve_tls};
 pub use state::{AppState, RelayState};
 
 use axum::Router;

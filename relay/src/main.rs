@@ -6,6 +6,7 @@ use clap::Parser;
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
     config.log.init("info");
+    let tls = config.tls()?;
     let state = AppState::connect(&config).await?;
     let listener = tokio::net::TcpListener::bind(&config.listen)
         .await
@@ -22,12 +23,20 @@ async fn main() -> anyhow::Result<()> {
             "AUTHENTICATION IS OFF (--auth none) on a non-loopback address: anyone who reaches this port can read every run and send control messages; use --auth token --tokens-file FILE, or --listen 127.0.0.1:8080 for a local demo"
         );
     }
-    tracing::info!(listen = %addr, auth = ?config.auth, redis = %config.redis_settings()?.target(), "agentrun-relay serving");
-    agentrun_relay::serve(listener, state, async {
+    let scheme = if tls.is_some() {
+        "https (HTTP/2 and HTTP/1.1)"
+    } else {
+        "http (HTTP/1.1)"
+    };
+    tracing::info!(listen = %addr, scheme, auth = ?config.auth, redis = %config.redis_settings()?.target(), "agentrun-relay serving");
+    let shutdown = async {
         shutdown_signal().await;
         tracing::info!("ending SSE streams with a resumable cursor");
-    })
-    .await?;
+    };
+    match tls {
+        Some(tls) => agentrun_relay::serve_tls(listener, state, tls, shutdown).await?,
+        None => agentrun_relay::serve(listener, state, shutdown).await?,
+    }
     tracing::info!("agentrun-relay stopped");
     Ok(())
 }

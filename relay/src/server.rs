@@ -1,29 +1,64 @@
-//! Serving the application over HTTP/1.1, and its graceful end.
+//! Serving the application over HTTP/1.1, or over TLS with HTTP/2 for browsers, and its
+//! graceful end.
 
 use crate::app;
 use crate::state::AppState;
+use axum::extract::ConnectInfo;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
 
-/// Serves the app on a bound listener until `shutdown` resolves, then ends the SSE streams
-/// with a resumable cursor and waits for connections to close.
+/// Longest a client may take to complete the TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes a connection buffers for a client that reads slowly, per HTTP/1.1 connection and
+/// per HTTP/2 stream.
+const WRITE_BUFFER: usize = 16 * 1024;
+
+/// Serves the app over plain HTTP/1.1 on a bound listener until `shutdown` resolves, then
+/// ends the SSE streams with a resumable cursor and waits for connections to close.
 ///
 /// HTTP/1.1 only (proxies and ingress controllers speak HTTP/1.1 to backends). Served with
 /// hyper directly rather than `axum::serve` to keep per-connection memory small: no HTTP/2
 /// detection layer, and a write buffer capped at 16 KiB for clients that read slowly.
 pub async fn serve(
-    listener: tokio::net::TcpListener,
+    listener: TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    use hyper_util::rt::{TokioIo, TokioTimer};
-    use hyper_util::service::TowerToHyperService;
-    let app = app(state.clone());
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .max_buf_size(16 * 1024)
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_secs(30));
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    serve_with(listener, state, None, shutdown).await
+}
+
+/// Like [`serve`], over TLS: HTTP/2 for clients that offer it with ALPN (every browser),
+/// HTTP/1.1 for the others. A failed handshake closes that connection only.
+pub async fn serve_tls(
+    listener: TcpListener,
+    state: AppState,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    serve_with(
+        listener,
+        state,
+        Some(tokio_rustls::TlsAcceptor::from(tls)),
+        shutdown,
+    )
+    .await
+}
+
+async fn serve_with(
+    listener: TcpListener,
+    state: AppState,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let protocols = Protocols::new(app(state.clone()));
+    let graceful = GracefulShutdown::new();
+    // Handshakes still in progress when the shutdown starts are dropped.
+    let (closing, _) = tokio::sync::watch::channel(());
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -39,25 +74,122 @@ pub async fn serve(
             _ = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
-        // Handlers see the peer address (the per-client limits without auth).
-        let svc = tower::ServiceExt::map_request(
-            app.clone(),
-            move |mut req: axum::http::Request<hyper::body::Incoming>| {
-                req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
-                req
-            },
-        );
-        let conn = builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(svc));
-        let conn = graceful.watch(conn);
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "HTTP connection ended with an error");
+        // Watched from the accept on: a connection still in its TLS handshake when the
+        // shutdown starts ends gracefully right after it.
+        let watcher = graceful.watcher();
+        match &tls {
+            None => protocols.http1(stream, peer, watcher),
+            Some(acceptor) => {
+                let (acceptor, protocols) = (acceptor.clone(), protocols.clone());
+                let mut closing = closing.subscribe();
+                tokio::spawn(async move {
+                    let handshake =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream));
+                    let handshake = tokio::select! {
+                        done = handshake => done,
+                        _ = closing.changed() => return,
+                    };
+                    match handshake {
+                        Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                            protocols.http2(tls, peer, watcher)
+                        }
+                        Ok(Ok(tls)) => protocols.http1(tls, peer, watcher),
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
             }
-        });
+        }
     }
     drop(listener);
+    let _ = closing.send(());
     state.begin_shutdown();
     graceful.shutdown().await;
     Ok(())
+}
+
+/// The application and the HTTP/1.1 and HTTP/2 connection settings.
+#[derive(Clone)]
+struct Protocols {
+    app: axum::Router,
+    http1: hyper::server::conn::http1::Builder,
+    http2: hyper::server::conn::http2::Builder<TokioExecutor>,
+}
+
+impl Protocols {
+    fn new(app: axum::Router) -> Self {
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .max_buf_size(WRITE_BUFFER)
+            .timer(TokioTimer::new())
+            .header_read_timeout(Duration::from_secs(30));
+        let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        http2
+            .timer(TokioTimer::new())
+            .max_send_buf_size(WRITE_BUFFER)
+            // Dead peers (a laptop that went to sleep) are found and their streams freed.
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
+        Self { app, http1, http2 }
+    }
+
+    /// The app, with the peer address that handlers see (the per-client limits without auth).
+    fn service(&self, peer: SocketAddr) -> WithPeer {
+        WithPeer {
+            app: self.app.clone(),
+            peer,
+        }
+    }
+
+    fn http1<S>(&self, io: S, peer: SocketAddr, graceful: Watcher)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let conn = self
+            .http1
+            .serve_connection(TokioIo::new(io), self.service(peer));
+        spawn_watched(graceful.watch(conn));
+    }
+
+    fn http2(
+        &self,
+        io: tokio_rustls::server::TlsStream<TcpStream>,
+        peer: SocketAddr,
+        graceful: Watcher,
+    ) {
+        let conn = self
+            .http2
+            .serve_connection(TokioIo::new(io), self.service(peer));
+        spawn_watched(graceful.watch(conn));
+    }
+}
+
+/// The application with the peer's address put in each request's extensions, as
+/// `axum::serve` does with `into_make_service_with_connect_info`.
+#[derive(Clone)]
+struct WithPeer {
+    app: axum::Router,
+    peer: SocketAddr,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for WithPeer {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = axum::routing::future::RouteFuture<std::convert::Infallible>;
+
+    fn call(&self, mut req: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        // A router is always ready; calling a clone is what `axum::serve` does too.
+        tower::Service::call(&mut self.app.clone(), req)
+    }
+}
+
+fn spawn_watched<E: std::fmt::Display>(
+    conn: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+) {
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "HTTP connection ended with an error");
+        }
+    });
 }

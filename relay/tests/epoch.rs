@@ -9,10 +9,6 @@ use agentrun_protocol::testing::RedisServer;
 use agentrun_protocol::{EntryType, StreamName};
 use support::*;
 
-fn lines(range: std::ops::RangeInclusive<u64>, tag: &str) -> Vec<String> {
-    range.map(|i| format!("{tag} {i}\n")).collect()
-}
-
 /// Reads events until `end`, returning them (the `open` event skipped).
 async fn until_end(sse: &mut SseClient) -> Vec<SseEvent> {
     let mut out = Vec::new();
@@ -86,7 +82,7 @@ for i in $(seq 24 60); do echo "line $i"; sleep 0.01; done"#,
         }
     }
     let after = after_reset.expect("the follower was told that the history was reset");
-    let expected: String = lines(24..=60, "line").concat();
+    let expected: String = tagged_lines(24..=60, "line").concat();
     assert_eq!(
         after, expected,
         "after the reset: every line written after the restart, once, in order"
@@ -102,7 +98,8 @@ for i in $(seq 24 60); do echo "line $i"; sleep 0.01; done"#,
 async fn a_cursor_at_u64_max_is_refused_and_one_past_the_end_is_reset() {
     let (redis, mut conn, run) = redis_with_run("r-max", &["a"]).await;
     let mut p = Producer::new("p");
-    p.output(&mut conn, &run, "a", &lines(1..=5, "x")).await;
+    p.output(&mut conn, &run, "a", &tagged_lines(1..=5, "x"))
+        .await;
     let relay = Relay::start(&redis.url()).await;
     let url = relay.events_url("r-max", "channels=output&variation=a&follow=false");
 
@@ -136,8 +133,10 @@ async fn a_cursor_from_another_run_starts_from_the_first_entry_with_a_reset() {
     register(&mut conn, &a, &["a"]).await;
     register(&mut conn, &b, &["a"]).await;
     let mut p = Producer::new("p");
-    p.output(&mut conn, &a, "a", &lines(1..=10, "first")).await;
-    p.output(&mut conn, &b, "a", &lines(1..=6, "second")).await;
+    p.output(&mut conn, &a, "a", &tagged_lines(1..=10, "first"))
+        .await;
+    p.output(&mut conn, &b, "a", &tagged_lines(1..=6, "second"))
+        .await;
     let relay = Relay::start(&redis.url()).await;
 
     let mut sse = SseClient::connect(
@@ -174,7 +173,8 @@ async fn seq_numbers_going_backwards_on_the_live_feed_send_a_reset() {
     .await;
     sse.expect("open").await;
     let mut p = Producer::new("p");
-    p.output(&mut conn, &run, "a", &lines(1..=10, "old")).await;
+    p.output(&mut conn, &run, "a", &tagged_lines(1..=10, "old"))
+        .await;
     for want in 1..=10u64 {
         assert_eq!(sse.expect_entry("old entries").await.json()["seq"], want);
     }

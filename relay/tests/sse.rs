@@ -6,15 +6,12 @@ use agentrun_protocol::testing::wait_for;
 use agentrun_protocol::{PublishOptions, RunState, StatusEvent, StreamName};
 use support::*;
 
-fn lines(range: std::ops::RangeInclusive<u64>, tag: &str) -> Vec<String> {
-    range.map(|i| format!("{tag} {i}\n")).collect()
-}
-
 #[tokio::test]
 async fn replays_history_then_streams_live_then_ends() {
     let (redis, mut conn, run) = redis_with_run("r-replay", &["a"]).await;
     let mut p = Producer::new("p");
-    p.output(&mut conn, &run, "a", &lines(1..=10, "line")).await;
+    p.output(&mut conn, &run, "a", &tagged_lines(1..=10, "line"))
+        .await;
     // Binary output survives as base64.
     p.publish(
         &mut conn,
@@ -52,7 +49,7 @@ async fn replays_history_then_streams_live_then_ends() {
     assert_eq!(bin["content"], "/wBB");
 
     // Live entries follow.
-    p.output(&mut conn, &run, "a", &lines(12..=14, "live"))
+    p.output(&mut conn, &run, "a", &tagged_lines(12..=14, "live"))
         .await;
     for i in 12..=14u64 {
         let j = sse.expect_entry("live output").await.json();
@@ -61,7 +58,8 @@ async fn replays_history_then_streams_live_then_ends() {
     }
 
     // A new variation announced on the status stream is picked up (output before its status).
-    p.output(&mut conn, &run, "b", &lines(1..=2, "bee")).await;
+    p.output(&mut conn, &run, "b", &tagged_lines(1..=2, "bee"))
+        .await;
     p.status(
         &mut conn,
         &run,
@@ -140,7 +138,8 @@ async fn resumes_mid_stream_without_gap_or_duplicate() {
             let mut i = 1;
             while i <= N {
                 let end = (i + 49).min(N);
-                p.output(&mut conn, &run, "a", &lines(i..=end, "o")).await;
+                p.output(&mut conn, &run, "a", &tagged_lines(i..=end, "o"))
+                    .await;
                 let logs: Vec<Vec<u8>> = (i..=end).map(|k| format!("l {k}").into_bytes()).collect();
                 p.publish(
                     &mut conn,
@@ -193,7 +192,8 @@ async fn resumes_mid_stream_without_gap_or_duplicate() {
 async fn from_now_and_from_cursor() {
     let (redis, mut conn, run) = redis_with_run("r-from", &["a"]).await;
     let mut p = Producer::new("p");
-    p.output(&mut conn, &run, "a", &lines(1..=5, "old")).await;
+    p.output(&mut conn, &run, "a", &tagged_lines(1..=5, "old"))
+        .await;
     let relay = Relay::start(&redis.url()).await;
 
     let mut sse = SseClient::connect(
@@ -202,7 +202,8 @@ async fn from_now_and_from_cursor() {
     )
     .await;
     let open = sse.expect("open").await;
-    p.output(&mut conn, &run, "a", &lines(6..=7, "new")).await;
+    p.output(&mut conn, &run, "a", &tagged_lines(6..=7, "new"))
+        .await;
     assert_eq!(sse.expect_entry("new").await.json()["seq"], 6);
     assert_eq!(sse.expect_entry("new").await.json()["seq"], 7);
 
@@ -250,7 +251,8 @@ async fn trimmed_history_is_announced() {
             ..Default::default()
         },
     );
-    p.output(&mut conn, &run, "a", &lines(1..=5, "x")).await;
+    p.output(&mut conn, &run, "a", &tagged_lines(1..=5, "x"))
+        .await;
     let relay = Relay::start(&redis.url()).await;
     let url = relay.events_url("r-trim", "channels=output");
     let mut sse = SseClient::connect(&url, None).await;
@@ -260,7 +262,8 @@ async fn trimmed_history_is_announced() {
     }
     drop(sse);
     // While the client is away, 500 more entries trim the stream to about 10.
-    p.output(&mut conn, &run, "a", &lines(6..=505, "x")).await;
+    p.output(&mut conn, &run, "a", &tagged_lines(6..=505, "x"))
+        .await;
     let mut sse = SseClient::connect(&url, id.as_deref()).await;
     let ev = sse.expect_entry("trimmed notice").await;
     assert_eq!(ev.event, "trimmed");
@@ -282,7 +285,7 @@ async fn redis_restart_mid_stream_loses_nothing() {
     sse.expect("open").await;
 
     let mut p = Producer::new("p");
-    p.output(&mut conn, &run, "a", &lines(1..=100, "before"))
+    p.output(&mut conn, &run, "a", &tagged_lines(1..=100, "before"))
         .await;
     let mut seen = Vec::new();
     while seen.len() < 100 {
@@ -296,7 +299,7 @@ async fn redis_restart_mid_stream_loses_nothing() {
     redis.restart();
     // Publish once Redis is back (the command connection reconnects by itself).
     let mut published = 100;
-    let batch = lines(101..=300, "after");
+    let batch = tagged_lines(101..=300, "after");
     wait_for("publishing after the restart", WAIT, || {
         let mut conn = conn.clone();
         let batch = batch.clone();
@@ -342,7 +345,8 @@ async fn redis_restart_mid_stream_loses_nothing() {
 async fn graceful_shutdown_ends_streams_with_a_resumable_cursor() {
     let (redis, mut conn, run) = redis_with_run("r-shutdown", &["a"]).await;
     let mut p = Producer::new("p");
-    p.output(&mut conn, &run, "a", &lines(1..=3, "x")).await;
+    p.output(&mut conn, &run, "a", &tagged_lines(1..=3, "x"))
+        .await;
     let relay = Relay::start(&redis.url()).await;
     let mut sse =
         SseClient::connect(&relay.events_url("r-shutdown", "channels=output"), None).await;
@@ -359,7 +363,8 @@ async fn graceful_shutdown_ends_streams_with_a_resumable_cursor() {
             .is_none()
     );
 
-    p.output(&mut conn, &run, "a", &lines(4..=6, "x")).await;
+    p.output(&mut conn, &run, "a", &tagged_lines(4..=6, "x"))
+        .await;
     let relay = Relay::start(&redis.url()).await;
     let mut sse = SseClient::connect(
         &relay.events_url("r-shutdown", "channels=output"),

@@ -29,16 +29,25 @@ impl Relay {
     }
 
     pub async fn start_with(config: Config, addr: &str) -> Self {
+        let tls = config.tls().expect("the relay's TLS files load");
         let state = AppState::connect(&config).await.expect("relay connects");
         let listener = tokio::net::TcpListener::bind(addr).await.expect("bind");
-        let base = format!("http://{}", listener.local_addr().unwrap());
+        let port = listener.local_addr().unwrap().port();
+        // Over TLS by the name the test certificates carry.
+        let base = match tls {
+            Some(_) => format!("https://localhost:{port}"),
+            None => format!("http://127.0.0.1:{port}"),
+        };
         let (stop, rx) = tokio::sync::oneshot::channel::<()>();
         let st = state.clone();
         let task = tokio::spawn(async move {
-            agentrun_relay::serve(listener, st, async {
+            let stopped = async {
                 let _ = rx.await;
-            })
-            .await
+            };
+            match tls {
+                Some(tls) => agentrun_relay::serve_tls(listener, st, tls, stopped).await,
+                None => agentrun_relay::serve(listener, st, stopped).await,
+            }
             .expect("serve");
         });
         Relay {
@@ -179,6 +188,11 @@ impl SseClient {
             }
         }
     }
+}
+
+/// Lines `TAG N\n` for N in `range`.
+pub fn tagged_lines(range: std::ops::RangeInclusive<u64>, tag: &str) -> Vec<String> {
+    range.map(|i| format!("{tag} {i}\n")).collect()
 }
 
 pub fn run_id(name: &str) -> RunId {
