@@ -3,7 +3,7 @@
 // crate does (it calls the protocol's own publish function, loaded from protocol/src/agentrun.lua),
 // and headless Debian chromium driven by playwright-core.
 
-import { spawn } from 'node:child_process';
+import { spawn, execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { mkdtempSync, readFileSync, rmSync, existsSync, mkdirSync } from 'node:fs';
 import net from 'node:net';
@@ -291,21 +291,25 @@ export function binary(name) {
 }
 
 export class Relay {
-  static async start(redisUrl, port) {
+  /** `options.tls`: `{ cert, key }` PEM files: the relay serves HTTPS (HTTP/2 and HTTP/1.1). */
+  static async start(redisUrl, port, options = {}) {
     const r = new Relay();
     r.redisUrl = redisUrl;
     r.port = port || (await freePort());
+    r.tls = options.tls;
     await r.spawn();
     return r;
   }
 
   get url() {
-    return `http://127.0.0.1:${this.port}`;
+    return this.tls ? `https://localhost:${this.port}` : `http://127.0.0.1:${this.port}`;
   }
 
   async spawn() {
     this.log = '';
-    this.child = spawnTied(binary('agentrun-relay'), ['--redis-url', this.redisUrl, '--listen', `127.0.0.1:${this.port}`], {
+    const args = ['--redis-url', this.redisUrl, '--listen', `127.0.0.1:${this.port}`];
+    if (this.tls) args.push('--tls-cert', this.tls.cert, '--tls-key', this.tls.key);
+    this.child = spawnTied(binary('agentrun-relay'), args, {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'warn' },
     });
@@ -316,6 +320,9 @@ export class Relay {
     this.child.stderr.on('data', keep);
     await waitFor(`the relay on port ${this.port} to serve / (log: ${this.log})`, async () => {
       if (this.child.exitCode !== null) throw new Error(`relay exited: ${this.log}`);
+      // Over TLS the test's certificate is not one Node trusts: the relay listens once it
+      // is connected to Redis, so an accepted connection says it is ready.
+      if (this.tls) return accepts(this.port);
       const res = await fetch(`${this.url}/`);
       return res.ok;
     }, 30000, 100);
@@ -337,6 +344,27 @@ export class Relay {
 }
 
 // ---------------------------------------------------------------------------------------------
+/** Whether something accepts TCP connections on 127.0.0.1:port. */
+function accepts(port) {
+  return new Promise((resolve) => {
+    const sock = net.connect(port, '127.0.0.1');
+    sock.once('connect', () => {
+      sock.destroy();
+      resolve(true);
+    });
+    sock.once('error', () => resolve(false));
+  });
+}
+
+/** A self-signed certificate for `localhost` (openssl), in a temporary folder. */
+export function localhostCertificate() {
+  const dir = mkdtempSync(join(tmpdir(), 'agentrun-ui-tls-'));
+  const cert = join(dir, 'tls.crt');
+  const key = join(dir, 'tls.key');
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out', cert, '-days', '1', '-subj', '/CN=localhost', '-addext', 'subjectAltName=DNS:localhost'], { stdio: 'ignore' });
+  return { dir, cert, key, remove: () => rmSync(dir, { recursive: true, force: true }) };
+}
+
 // Browser
 
 export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
@@ -346,7 +374,7 @@ export const CHROMIUM = process.env.CHROMIUM || '/usr/bin/chromium';
  * Tracks dialogs, page errors, crashes and CSP reports so that tests can assert that hostile
  * output opened no dialog and ran nothing.
  */
-export async function launchBrowser() {
+export async function launchBrowser(contextOptions = {}) {
   // A browser server, so that teardown can kill the chromium process if closing hangs.
   const server = await chromium.launchServer({
     executablePath: CHROMIUM,
@@ -355,7 +383,7 @@ export async function launchBrowser() {
     args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
   const browser = await chromium.connect(server.wsEndpoint(), { timeout: 60000 });
-  const context = await browser.newContext({ viewport: { width: 1400, height: 900 } });
+  const context = await browser.newContext({ viewport: { width: 1400, height: 900 }, ...contextOptions });
   context.setDefaultTimeout(30000);
   const dialogs = [];
   const errors = [];
