@@ -390,12 +390,10 @@ async fn a_store_that_refuses_writes_dead_letters_the_run_until_it_is_requeued()
         text.contains("attempt 3 of 3"),
         "the reason says how often: {text}"
     );
-    let error: String = redis::cmd("HGET")
-        .arg(run.state_key())
-        .arg(archive::FIELD_ARCHIVE_ERROR)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    // What the operator copies into the AgentRun's status.archive.
+    let details = archive::details(&mut conn, &run).await.unwrap().unwrap();
+    let error = details.error.clone().unwrap_or_default();
+    assert_eq!(details.status, ArchiveStatus::Failed);
     assert!(error.contains("object store"), "{error}");
     for key in run.all_keys([Variation::default_name()].iter()) {
         assert_eq!(
@@ -411,6 +409,16 @@ async fn a_store_that_refuses_writes_dead_letters_the_run_until_it_is_requeued()
     let reader = complete_archive(&conn, &store, &run).await;
     assert_eq!(xlen(&mut conn, ARCHIVE_DEAD_LETTER_KEY).await, 0);
     assert_eq!(archived(&reader, before.keys().cloned()).await, before);
+    let details = archive::details(&mut conn, &run).await.unwrap().unwrap();
+    assert_eq!(
+        (details.status, details.error),
+        (ArchiveStatus::Complete, None)
+    );
+    let archived_ms = details.archived_ms.expect("completion time");
+    assert!(
+        archived_ms.abs_diff(agentrun_protocol::now_ms()) < 120_000,
+        "{archived_ms}"
+    );
     let t = ttl(&mut conn, &run.state_key()).await;
     assert!((1..=5).contains(&t), "retention TTL once archived: {t}");
 }

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use agentrun_protocol::archive::{ArchiveDetails, ArchiveStatus};
 use agentrun_protocol::{ControlAction, RunState, StatusEvent};
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -21,7 +22,9 @@ use serde_json::json;
 use tracing::{info, warn};
 
 use crate::config::Settings;
-use crate::crd::{AgentRun, AgentRunStatus, MAX_RUN_NAME_LEN, RunPhase, VariationStatus};
+use crate::crd::{
+    AgentRun, AgentRunStatus, ArchiveInfo, MAX_RUN_NAME_LEN, RunPhase, VariationStatus,
+};
 use crate::error::{Error, Result};
 use crate::metrics::Metrics;
 use crate::pod::{self, object_name};
@@ -35,6 +38,8 @@ pub const FINALIZER: &str = "agentrun.dev/cleanup";
 pub const FIELD_MANAGER: &str = "agentrun-operator";
 /// How often an unfinished run is looked at even without changes.
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// How often a finished run whose archive is on its way is looked at.
+pub const ARCHIVE_POLL: Duration = Duration::from_secs(10);
 /// Back-off after a failed reconciliation.
 pub const ERROR_REQUEUE: Duration = Duration::from_secs(15);
 /// How often an unfinished run with its own Redis user is looked at, at the least.
@@ -701,8 +706,67 @@ impl Step<'_> {
                 warn!(run = %self.key, error = %e, "could not put the run on the archive queue; retrying");
                 close_retry = Some(ERROR_REQUEUE);
             }
+            let poll = self.follow_archive(next).await;
+            close_retry = [close_retry, poll].into_iter().flatten().min();
         }
         close_retry
+    }
+
+    /// Copies the archive's progress from Redis into `status.archive`, with an event when it
+    /// completes or fails. Returns when to look again: soon while it is on its way, now and
+    /// then while it failed (an admin may requeue it), never once complete.
+    async fn follow_archive(&self, next: &mut AgentRunStatus) -> Option<Duration> {
+        let before = self.prev.archive.as_ref().map(|a| a.state.as_str());
+        if before == Some(ArchiveStatus::Complete.as_str()) {
+            return None;
+        }
+        match self.ctx.store.archive_details(&self.run_id).await {
+            Ok(Some(details)) => next.archive = Some(archive_info(&details)),
+            // The keys are gone (expired after the archive, or deleted): what status says stays.
+            Ok(None) => {}
+            Err(e) => {
+                warn!(run = %self.key, error = %e, "could not read the archive's progress from Redis");
+                return Some(ERROR_REQUEUE);
+            }
+        }
+        let now = next.archive.as_ref().map(|a| a.state.as_str());
+        if now != before {
+            match (now, next.archive.as_ref()) {
+                (Some("complete"), _) => {
+                    let note = "the run's output is in the archive".to_string();
+                    publish_event(
+                        self.ctx,
+                        &self.reference,
+                        EventType::Normal,
+                        "Archived",
+                        "Archive",
+                        note,
+                    )
+                    .await
+                }
+                (Some("failed"), Some(a)) => {
+                    let note = format!(
+                        "archiving failed: {}; the request is on the dead-letter stream (agentrun-archiver requeue-dead tries again)",
+                        a.message.as_deref().unwrap_or("no reason given")
+                    );
+                    publish_event(
+                        self.ctx,
+                        &self.reference,
+                        EventType::Warning,
+                        "ArchiveFailed",
+                        "Archive",
+                        note,
+                    )
+                    .await
+                }
+                _ => {}
+            }
+        }
+        match now {
+            None | Some("complete") => None,
+            Some("failed") => Some(RESYNC),
+            _ => Some(ARCHIVE_POLL),
+        }
     }
 
     /// The Kubernetes event of a run that just finished.
@@ -795,6 +859,18 @@ impl Step<'_> {
             requeue = requeue.min(retry);
         }
         requeue
+    }
+}
+
+/// `status.archive` from what Redis says.
+fn archive_info(details: &ArchiveDetails) -> ArchiveInfo {
+    ArchiveInfo {
+        state: details.status.as_str().to_string(),
+        message: details.error.clone(),
+        archived_time: details
+            .archived_ms
+            .and_then(|ms| Timestamp::from_millisecond(ms as i64).ok())
+            .map(Time),
     }
 }
 

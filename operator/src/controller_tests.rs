@@ -16,11 +16,12 @@ use kube::runtime::controller::Action;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::crd::{AgentRun, AgentRunStatus, RunPhase};
+use crate::crd::{AgentRun, AgentRunStatus, ArchiveInfo, RunPhase};
 use crate::fixtures::*;
 use crate::metrics::Metrics;
 use crate::status::reasons;
 use crate::store::{RecordingStore, StoreCall};
+use agentrun_protocol::archive::{ArchiveDetails, ArchiveStatus};
 
 struct Outcome {
     result: Result<Action>,
@@ -49,13 +50,30 @@ where
     F: FnOnce(ApiServerVerifier) -> Fut,
     Fut: Future<Output = ApiServerVerifier> + Send + 'static,
 {
+    let prepare = move |store: &RecordingStore| {
+        if redis_down {
+            store.fail_from_now();
+        }
+    };
+    scenario_with_store(guard, settings, prepare, script).await
+}
+
+/// [`scenario_with`] with the Redis the store stands for prepared by `store`.
+async fn scenario_with_store<F, Fut>(
+    guard: DeserializeGuard<AgentRun>,
+    settings: impl FnOnce(&mut Settings),
+    store_setup: impl FnOnce(&RecordingStore),
+    script: F,
+) -> Outcome
+where
+    F: FnOnce(ApiServerVerifier) -> Fut,
+    Fut: Future<Output = ApiServerVerifier> + Send + 'static,
+{
     let (ctx, verifier, store) = Context::test();
     let mut ctx = Arc::try_unwrap(ctx).ok().expect("a fresh test context");
     settings(&mut ctx.settings);
     let ctx = Arc::new(ctx);
-    if redis_down {
-        store.fail_from_now();
-    }
+    store_setup(&store);
     let server = tokio::spawn(script(verifier));
     let reconciler = tokio::spawn(reconcile(Arc::new(guard), ctx.clone()));
     let verifier = tokio::time::timeout(Duration::from_secs(10), server)
@@ -1334,5 +1352,109 @@ async fn with_archiving_a_run_deleted_while_running_is_archived_after_its_grace_
     assert!(
         matches!(calls.get(2), Some(StoreCall::Expire { .. })),
         "the expiry is still asked for (the store skips it until the archive is complete): {calls:?}"
+    );
+}
+
+/// Archive progress as the archivers write it in the run's state hash.
+fn archive_at(status: ArchiveStatus, error: Option<&str>) -> ArchiveDetails {
+    ArchiveDetails {
+        status,
+        error: error.map(str::to_owned),
+        archived_ms: (status == ArchiveStatus::Complete).then_some(1_764_547_200_000),
+    }
+}
+
+/// Reconciles a closed, finished run with archiving on while Redis says `details`.
+async fn reconcile_archiving(
+    prev_archive: Option<ArchiveInfo>,
+    details: ArchiveDetails,
+    expect_event: Option<&'static str>,
+) -> (Outcome, Option<AgentRunStatus>) {
+    let base = AgentRun::test().finalized();
+    let mut status = finished(&base, 10);
+    status.archive = prev_archive;
+    let run = base.clone().with_status(status);
+    let pods = vec![pod_of(
+        &run,
+        "default",
+        exited("Succeeded", 0, Some("Completed"), None),
+    )];
+    let r = run.clone();
+    let written = Arc::new(std::sync::Mutex::new(None));
+    let w = written.clone();
+    let out = scenario_with_store(
+        ok(run),
+        |s| s.archive = true,
+        |store| store.set_archive(Some(details)),
+        |mut api| async move {
+            api.expect_pod_list(&r, pods).await;
+            if let Some(reason) = expect_event {
+                api.expect_event(reason).await;
+            }
+            *w.lock().unwrap() = Some(api.expect_status_patch(&r).await);
+            api
+        },
+    )
+    .await;
+    let written = written.lock().unwrap().take();
+    (out, written)
+}
+
+#[tokio::test]
+async fn with_archiving_the_status_follows_the_archive_until_it_is_complete() {
+    let (out, written) =
+        reconcile_archiving(None, archive_at(ArchiveStatus::Archiving, None), None).await;
+    let archive = written.expect("status written").archive.expect("archive");
+    assert_eq!(
+        (archive.state.as_str(), archive.archived_time.clone()),
+        ("archiving", None)
+    );
+    assert_eq!(
+        out.result.expect("ok"),
+        Action::requeue(crate::controller::ARCHIVE_POLL),
+        "looked at again while the archive is on its way"
+    );
+
+    let before = Some(archive);
+    let (out, written) = reconcile_archiving(
+        before,
+        archive_at(ArchiveStatus::Complete, None),
+        Some("Archived"),
+    )
+    .await;
+    let archive = written.expect("status written").archive.expect("archive");
+    assert_eq!(archive.state, "complete");
+    assert_eq!(
+        archive.archived_time.map(|t| t.0.as_millisecond()),
+        Some(1_764_547_200_000)
+    );
+    assert_eq!(
+        out.result.expect("ok"),
+        Action::await_change(),
+        "nothing more to follow"
+    );
+}
+
+#[tokio::test]
+async fn with_archiving_a_failed_archive_is_a_warning_with_the_reason_and_looked_at_now_and_then() {
+    let reason = "the store refused the write: 403 Forbidden";
+    let (out, written) = reconcile_archiving(
+        Some(ArchiveInfo {
+            state: "archiving".into(),
+            ..Default::default()
+        }),
+        archive_at(ArchiveStatus::Failed, Some(reason)),
+        Some("ArchiveFailed"),
+    )
+    .await;
+    let archive = written.expect("status written").archive.expect("archive");
+    assert_eq!(
+        (archive.state.as_str(), archive.message.as_deref()),
+        ("failed", Some(reason))
+    );
+    assert_eq!(
+        out.result.expect("ok"),
+        Action::requeue(crate::controller::RESYNC),
+        "a requeued dead letter shows up"
     );
 }

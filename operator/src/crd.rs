@@ -47,6 +47,7 @@ pub const MAX_VARIATIONS: usize = 64;
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     printcolumn(name = "Duration", type_ = "string", json_path = ".status.duration", description = "Time from start to completion"),
     printcolumn(name = "URL", type_ = "string", json_path = ".status.url", priority = "1", description = "Page of the run in the agentrun web UI"),
+    printcolumn(name = "Archive", type_ = "string", json_path = ".status.archive.state", priority = "1", description = "Where the run's output is on its way to the archive"),
     validation = Rule::new("size(self.metadata.name) <= 42").message("metadata.name must be at most 42 characters, so that pod names <run>-<variation> stay valid; choose a shorter name"),
 )]
 #[x_kube(
@@ -353,6 +354,27 @@ pub struct AgentRunStatus {
     /// agent pod had ended, sidecar included, so nothing more can reach the run's streams.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub streams_closed: Option<bool>,
+
+    /// Where the run's output is on its way to the archive (with archiving on): its Redis keys
+    /// are kept until the archive is complete.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveInfo>,
+}
+
+/// The run's archive, as the archivers report it in Redis.
+#[derive(JsonSchema, Deserialize, Serialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ArchiveInfo {
+    /// `pending` (waits for the run's end), `queued`, `archiving`, `complete` (readable from
+    /// the archive; the Redis keys now carry the retention TTL) or `failed` (on the
+    /// dead-letter stream; `agentrun-archiver requeue-dead` tries again).
+    pub state: String,
+    /// Why the last attempt failed (while `failed`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the archive was completed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub archived_time: Option<Time>,
 }
 
 /// Observed state of one variation.
@@ -596,7 +618,10 @@ mod tests {
             .iter()
             .filter_map(|c| c["name"].as_str())
             .collect();
-        assert_eq!(columns, ["Phase", "Variations", "Age", "Duration", "URL"]);
+        assert_eq!(
+            columns,
+            ["Phase", "Variations", "Age", "Duration", "URL", "Archive"]
+        );
         assert_eq!(crd["spec"]["names"]["shortNames"], json!(["ar"]));
     }
 

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use agentrun_protocol::archive;
+use agentrun_protocol::archive::{self, ArchiveDetails};
 use agentrun_protocol::publish::{register_run, set_state};
 use agentrun_protocol::state_hash;
 use agentrun_protocol::{
@@ -65,11 +65,15 @@ pub enum StoreCall {
     },
 }
 
-/// The operator's writes to Redis. A store carries out [`StoreCall`]s; the other methods
-/// name them.
+/// The operator's writes to Redis, and the one thing it reads back (the archive's progress).
+/// A store carries out [`StoreCall`]s; the other write methods name them.
 pub trait RunStore: Send + Sync {
     /// Carries out one write.
     fn write(&self, call: StoreCall) -> BoxFuture<'_, Result<()>>;
+
+    /// What the run's state hash says about its archive (`None`: nothing, or its keys are
+    /// gone).
+    fn archive_details(&self, run_id: &str) -> BoxFuture<'_, Result<Option<ArchiveDetails>>>;
 
     /// Adds the run to the run index so the relay can list it (idempotent).
     fn register(&self, run: &RunInfo) -> BoxFuture<'_, Result<()>> {
@@ -259,9 +263,22 @@ impl RunStore for RedisStore {
             }
         })
     }
+
+    fn archive_details(&self, run_id: &str) -> BoxFuture<'_, Result<Option<ArchiveDetails>>> {
+        let run_id = run_id.to_owned();
+        Box::pin(async move { self.read_archive_details(&run_id).await })
+    }
 }
 
 impl RedisStore {
+    async fn read_archive_details(&self, run_id: &str) -> Result<Option<ArchiveDetails>> {
+        let run = parse_run_id(run_id)?;
+        let mut conn = self.conn.clone();
+        archive::details(&mut conn, &run)
+            .await
+            .map_err(|e| redis_err(run_id, e))
+    }
+
     async fn register_run(&self, info: &RunInfo) -> Result<()> {
         let run = parse_run_id(&info.run_id)?;
         let mut conn = self.conn.clone();
@@ -367,6 +384,7 @@ fn valid_variations(names: &[String]) -> Vec<Variation> {
 pub struct RecordingStore {
     calls: std::sync::Mutex<Vec<StoreCall>>,
     fail: std::sync::atomic::AtomicBool,
+    archive: std::sync::Mutex<Option<ArchiveDetails>>,
 }
 
 impl RecordingStore {
@@ -378,6 +396,13 @@ impl RecordingStore {
     /// Every call so far.
     pub fn calls(&self) -> Vec<StoreCall> {
         self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// What [`RunStore::archive_details`] answers from now on.
+    pub fn set_archive(&self, details: Option<ArchiveDetails>) {
+        if let Ok(mut a) = self.archive.lock() {
+            *a = details;
+        }
     }
 
     /// Makes every later call fail like an unreachable Redis.
@@ -402,5 +427,10 @@ impl RecordingStore {
 impl RunStore for RecordingStore {
     fn write(&self, call: StoreCall) -> BoxFuture<'_, Result<()>> {
         Box::pin(std::future::ready(self.record(call)))
+    }
+
+    fn archive_details(&self, _run_id: &str) -> BoxFuture<'_, Result<Option<ArchiveDetails>>> {
+        let details = self.archive.lock().ok().and_then(|a| a.clone());
+        Box::pin(std::future::ready(Ok(details)))
     }
 }

@@ -232,6 +232,39 @@ pub async fn status<C: ConnectionLike>(
     Ok(s.as_deref().and_then(ArchiveStatus::parse))
 }
 
+/// What a run's state hash says about its archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveDetails {
+    pub status: ArchiveStatus,
+    /// Why the last attempt failed (while [`ArchiveStatus::Failed`]).
+    pub error: Option<String>,
+    /// Milliseconds since the epoch when the archive was completed.
+    pub archived_ms: Option<u64>,
+}
+
+/// The run's archive status with the failure reason and completion time, if it has one.
+pub async fn details<C: ConnectionLike>(
+    conn: &mut C,
+    run: &RunId,
+) -> Result<Option<ArchiveDetails>, RedisError> {
+    let (status, error, archived): (Option<String>, Option<String>, Option<String>) =
+        redis::cmd("HMGET")
+            .arg(run.state_key())
+            .arg(FIELD_ARCHIVE)
+            .arg(FIELD_ARCHIVE_ERROR)
+            .arg(FIELD_ARCHIVED)
+            .query_async(conn)
+            .await?;
+    Ok(status
+        .as_deref()
+        .and_then(ArchiveStatus::parse)
+        .map(|status| ArchiveDetails {
+            status,
+            error: error.filter(|e| !e.is_empty()),
+            archived_ms: archived.and_then(|a| a.parse().ok()),
+        }))
+}
+
 /// Puts a TTL on some of a run's keys, unless the run waits for its archive (then the
 /// archiver puts the retention TTL on every key once the archive is complete). Returns
 /// whether the TTL was put. With archiving off this is [`crate::publish::expire_keys`].
