@@ -84,10 +84,6 @@ impl Metrics {
             registry: b,
         }
     }
-
-    pub fn render(&self) -> String {
-        self.registry.render()
-    }
 }
 
 impl Default for Metrics {
@@ -98,7 +94,7 @@ impl Default for Metrics {
 
 impl Health for Metrics {
     fn metrics(&self) -> String {
-        self.render()
+        self.registry.render()
     }
 
     fn not_ready(&self) -> Option<&'static str> {
