@@ -129,6 +129,9 @@ impl SpoolFile {
         self.frames
     }
 
+    /// Appends one record. A write that fails part-way (a full disk) is cut back off, so the
+    /// file always ends with a whole record: what a later append or a reader after a crash
+    /// finds there verifies.
     pub fn append(&mut self, frame: &Frame) -> std::io::Result<()> {
         self.writer.seek(SeekFrom::Start(self.written))?;
         let mut w = RecordWriter {
@@ -137,9 +140,19 @@ impl SpoolFile {
             key: &self.key,
             producer: &self.producer,
         };
-        self.written += w.append(frame)?;
-        self.frames += 1;
-        Ok(())
+        match w.append(frame) {
+            Ok(len) => {
+                self.written += len;
+                self.frames += 1;
+                Ok(())
+            }
+            Err(e) => {
+                if let Err(trim) = self.writer.set_len(self.written) {
+                    tracing::warn!(spool = %self.path.display(), error = %trim, "could not cut a partly written record off the spool");
+                }
+                Err(e)
+            }
+        }
     }
 
     /// The next frame not yet read back, if any. A record that does not verify (another

@@ -462,3 +462,46 @@ async fn a_sidecar_killed_while_adopting_a_spool_leaves_it_to_the_next_with_noth
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+/// A record cut short by a full disk is cut off the spool: a later, shorter record written in
+/// its place is followed by nothing, so a sidecar adopting the spool after a crash reads every
+/// record and refuses none (a leftover tail would not verify and end the adoption as if the
+/// agent had tampered with the file).
+#[test]
+fn a_record_cut_short_by_a_full_disk_leaves_no_tail_in_the_spool() {
+    use agentrun_sidecar::auth::Key;
+    use agentrun_sidecar::frame::{Frame, Pipe};
+    use agentrun_sidecar::spool::{SpoolFile, orphan_spools};
+
+    let disk = Tmpfs::mount("64k");
+    let key = Key::from_bytes([7; agentrun_sidecar::auth::KEY_LEN]);
+    let data = |fseq: u64, len: usize| Frame::Data {
+        fseq,
+        pipe: Pipe::Stdout,
+        pseq: fseq,
+        ts: 0,
+        bytes: vec![b'a' + fseq as u8; len].into(),
+    };
+    let mut spool = SpoolFile::create(disk.path(), "p", &key).unwrap();
+    spool.append(&data(1, 100)).unwrap();
+    let whole = std::fs::metadata(spool.path()).unwrap().len();
+    let err = spool
+        .append(&data(2, 256 * 1024))
+        .expect_err("a record larger than the disk");
+    assert_eq!(err.raw_os_error(), Some(nix::libc::ENOSPC), "{err}");
+    assert_eq!(
+        std::fs::metadata(spool.path()).unwrap().len(),
+        whole,
+        "the partial record is cut off"
+    );
+    spool.append(&data(3, 100)).unwrap();
+    let path = spool.persist(&[], &[]).unwrap();
+
+    let mut orphans = orphan_spools(disk.path());
+    assert_eq!(orphans.len(), 1, "{}", path.display());
+    let mut frames = Vec::new();
+    while let Some(frame) = orphans[0].next_frame(&key).expect("every record verifies") {
+        frames.push(frame);
+    }
+    assert_eq!(frames, [data(1, 100), data(3, 100)]);
+}
