@@ -122,13 +122,17 @@ async fn connect_store(args: &RunArgs) -> anyhow::Result<Arc<dyn RunStore>> {
         .redis
         .settings()
         .context("--redis-url / AGENTRUN_REDIS_URL is not a valid Redis URL")?;
-    match RedisStore::connect(&redis, args.stream_max_len.max(1) as u64).await {
-        Ok(s) => Ok(Arc::new(s.with_archiving(args.archive))),
+    let store = match RedisStore::connect(&redis, args.stream_max_len.max(1) as u64).await {
+        Ok(s) => s.with_archiving(args.archive),
         Err(e) => bail!(
             "could not connect to Redis at {}: {e}; check --redis-url and that Redis is running",
             redis.target()
         ),
+    };
+    if let Err(e) = store.prepare_server().await {
+        bail!("Redis at {} cannot run agentrun: {e}", redis.target());
     }
+    Ok(Arc::new(store))
 }
 
 /// This replica's name in the Lease: the flag, else the pod's hostname.

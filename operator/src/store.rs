@@ -170,6 +170,15 @@ impl RedisStore {
         })
     }
 
+    /// Checks that the server runs agentrun (Redis 7.0 or newer) and loads agentrun's Redis
+    /// functions; the error says what to do.
+    pub async fn prepare_server(
+        &self,
+    ) -> std::result::Result<(), agentrun_protocol::functions::Unsupported> {
+        let mut conn = self.conn.clone();
+        agentrun_protocol::functions::prepare_server(&mut conn).await
+    }
+
     /// Marks every run it registers for archiving (see `agentrun_protocol::archive`).
     pub fn with_archiving(mut self, archive: bool) -> Self {
         self.archive = archive;

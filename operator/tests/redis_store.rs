@@ -346,6 +346,10 @@ async fn a_runs_user_is_on_every_node_of_a_redis_cluster() {
     let store = RedisStore::connect(&cluster.settings(), 1000)
         .await
         .expect("connects to the cluster");
+    store
+        .prepare_server()
+        .await
+        .expect("every node of the cluster runs agentrun");
     let run = RunId::new("default.cluster.0a0b0c0d").expect("valid id");
     let user = agentrun_protocol::acl::run_username(&run);
     store
@@ -360,4 +364,60 @@ async fn a_runs_user_is_on_every_node_of_a_redis_cluster() {
     wait_functions_on(&ports).await;
     store.delete_run_user(run.as_str()).await.expect("deletes");
     wait_user_on(&ports, &user, false).await;
+}
+
+/// Before it starts, the operator checks the server and loads the functions; a server it
+/// cannot use is refused with what to do, not a stream of warnings later.
+#[tokio::test]
+async fn a_redis_without_functions_or_a_user_that_may_not_load_them_is_refused_with_what_to_do() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(&server.settings(), 1000).await.unwrap();
+    store
+        .prepare_server()
+        .await
+        .expect("Redis 7 with an admin user");
+    assert!(has_functions(server.port()).await, "loaded at once");
+
+    let renamed = RedisServer::start_with(&["--rename-command", "FUNCTION", ""]);
+    let store = RedisStore::connect(&renamed.settings(), 1000)
+        .await
+        .unwrap();
+    let e = store
+        .prepare_server()
+        .await
+        .expect_err("no FUNCTION")
+        .to_string();
+    assert!(
+        e.contains("does not know the FUNCTION command") && e.contains("rename-command"),
+        "{e}"
+    );
+
+    let mut admin = server.conn().await;
+    let _: () = redis::cmd("ACL")
+        .arg(&[
+            "SETUSER",
+            "weak",
+            "on",
+            ">weak-pw",
+            "~*",
+            "&*",
+            "+@all",
+            "-function",
+        ])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let weak = server
+        .settings()
+        .with_credentials(Some("weak".into()), Some("weak-pw".into()));
+    let store = RedisStore::connect(&weak, 1000).await.unwrap();
+    let e = store
+        .prepare_server()
+        .await
+        .expect_err("no +function")
+        .to_string();
+    assert!(
+        e.contains("+function|load") && e.contains("docs/security.md"),
+        "{e}"
+    );
 }

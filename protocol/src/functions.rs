@@ -66,6 +66,78 @@ pub async fn load_library<C: ConnectionLike>(conn: &mut C) -> Result<(), RedisEr
         .map(|_| ())
 }
 
+/// The oldest Redis agentrun runs on (major, minor): Redis Functions and sharded Pub/Sub came
+/// in 7.0.
+pub const MIN_REDIS_VERSION: (u64, u64) = (7, 0);
+
+/// Why a Redis server cannot run agentrun, saying what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Unsupported {
+    #[error(
+        "Redis {version} is too old: agentrun needs Redis 7.0 or newer (its atomic steps are Redis Functions, and on a Redis Cluster it needs sharded Pub/Sub); upgrade Redis, or install the chart's bundled Redis (redis.enabled=true)"
+    )]
+    TooOld { version: String },
+    #[error(
+        "this Redis does not know the FUNCTION command ({0}; renamed or disabled with rename-command?): agentrun's atomic steps are Redis Functions, which the operator loads with FUNCTION LOAD"
+    )]
+    NoFunctions(String),
+    #[error(
+        "the operator's Redis user may not load agentrun's functions ({0}): grant it `+function|load` (docs/security.md lists what each component's user needs)"
+    )]
+    NotAllowed(String),
+    #[error("could not check the Redis server: {0}")]
+    Redis(#[from] RedisError),
+}
+
+/// The lowest `redis_version` in an `INFO server` reply (one server's text, or a map of them
+/// from a cluster client).
+fn lowest_version(info: &Value) -> Option<(u64, u64, String)> {
+    let texts: Vec<String> = match info {
+        Value::Map(nodes) => nodes
+            .iter()
+            .filter_map(|(_, v)| String::from_redis_value(v.clone()).ok())
+            .collect(),
+        other => String::from_redis_value(other.clone())
+            .ok()
+            .into_iter()
+            .collect(),
+    };
+    texts
+        .iter()
+        .filter_map(|text| {
+            let version = text
+                .lines()
+                .find_map(|l| l.strip_prefix("redis_version:"))?
+                .trim()
+                .to_owned();
+            let mut parts = version.split('.').map(|p| p.parse::<u64>().ok());
+            let (major, minor) = (parts.next()??, parts.next().flatten().unwrap_or(0));
+            Some((major, minor, version))
+        })
+        .min()
+}
+
+/// What the operator does before it starts: checks that the server is Redis 7.0 or newer and
+/// loads the library, with an error that says what to do when it cannot (a replica, which
+/// gets the library from its master, passes).
+pub async fn prepare_server<C: ConnectionLike>(conn: &mut C) -> Result<(), Unsupported> {
+    let info: Value = redis::cmd("INFO").arg("server").query_async(conn).await?;
+    if let Some((major, minor, version)) = lowest_version(&info)
+        && (major, minor) < MIN_REDIS_VERSION
+    {
+        return Err(Unsupported::TooOld { version });
+    }
+    match load_library(conn).await {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some("READONLY") => Ok(()),
+        Err(e) if e.code() == Some("NOPERM") => Err(Unsupported::NotAllowed(e.to_string())),
+        Err(e) if e.to_string().contains("unknown command") => {
+            Err(Unsupported::NoFunctions(e.to_string()))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// Whether this error says that a function is not loaded.
 pub fn is_missing_function(e: &RedisError) -> bool {
     e.detail().is_some_and(|d| d.contains("Function not found"))
@@ -142,6 +214,25 @@ impl Call {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_lowest_version_of_every_node_is_the_one_checked() {
+        let info = |v: &str| {
+            Value::BulkString(
+                format!("# Server\r\nredis_version:{v}\r\nredis_mode:cluster\r\n").into_bytes(),
+            )
+        };
+        assert_eq!(
+            lowest_version(&info("7.0.15")),
+            Some((7, 0, "7.0.15".into()))
+        );
+        let nodes = Value::Map(vec![
+            (Value::SimpleString("a:1".into()), info("7.2.4")),
+            (Value::SimpleString("b:2".into()), info("6.2.14")),
+        ]);
+        assert_eq!(lowest_version(&nodes), Some((6, 2, "6.2.14".into())));
+        assert_eq!(lowest_version(&Value::Nil), None);
+    }
 
     #[test]
     fn the_library_registers_every_function_and_only_those() {
