@@ -6,6 +6,8 @@
 //! - [`writer`]: writes one run's archive, idempotently: one archive per run, however many
 //!   archivers try and wherever they crash.
 //! - [`reader`]: [`ArchiveReader`], what the relay serves archived runs with.
+//! - [`catalog`]: the list of archived runs, newest first, filtered by namespace, phase and
+//!   name without reading an object.
 //! - [`format`]: the objects, the entry encoding, the index and the manifest.
 //! - [`store`]: the object store a URL names (a folder, `s3://`, `gs://`, `az://`).
 //!
@@ -13,6 +15,7 @@
 //! that waits for the archive) is `agentrun_protocol::archive`; `docs/archive.md` describes
 //! both for people.
 
+pub mod catalog;
 pub mod error;
 pub mod format;
 pub mod metrics;

@@ -120,6 +120,12 @@ impl ArchiveStore {
         &self.store
     }
 
+    /// Whether listing returns names in lexical order (S3, GCS and Azure do; a folder on disk
+    /// does not).
+    pub fn lists_in_order(&self) -> bool {
+        self.local_root.is_none()
+    }
+
     /// The URL it was opened from.
     pub fn url(&self) -> &str {
         &self.url

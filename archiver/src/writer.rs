@@ -10,6 +10,7 @@
 //!   uploaded as it is read: memory stays bounded by one block and one upload part, whatever
 //!   the size of the run.
 
+use crate::catalog;
 use crate::error::ArchiveError;
 use crate::format::{
     BLOCK_TARGET_BYTES, BlockIndex, FORMAT, Manifest, StreamIndex, StreamManifest, ZSTD_LEVEL,
@@ -93,6 +94,8 @@ pub async fn archive_run<C: ConnectionLike + Clone + Send>(
 ) -> Result<Option<Archived>, ArchiveError> {
     let run = &request.run;
     if let Some(manifest) = read_manifest(store, run).await? {
+        // A catalog entry lost to a crash after the manifest is made now.
+        catalog::add(store, &manifest).await?;
         return Ok(Some(done_already(manifest)));
     }
     let mut c = conn.clone();
@@ -171,6 +174,7 @@ pub async fn archive_run<C: ConnectionLike + Clone + Send>(
             let winner = read_manifest(store, run).await?.ok_or_else(|| {
                 ArchiveError::Corrupt(format!("the manifest of {run} exists but cannot be read"))
             })?;
+            catalog::add(store, &winner).await?;
             return Ok(Some(done_already(winner)));
         }
         Err(e) => {
@@ -178,6 +182,7 @@ pub async fn archive_run<C: ConnectionLike + Clone + Send>(
             return Err(e.into());
         }
     }
+    catalog::add(store, &manifest).await?;
     remove_other_attempts(store, run, &attempt).await;
     let (entries, content_bytes, data_bytes) = manifest.streams.iter().fold((0, 0, 0), |a, s| {
         (a.0 + s.entries, a.1 + s.content_bytes, a.2 + s.data_bytes)

@@ -5,6 +5,7 @@
 mod common;
 
 use agentrun_archiver::ArchiveReader;
+use agentrun_archiver::catalog::{self, CatalogFilter};
 use agentrun_archiver::writer::{WriteOptions, archive_run};
 use agentrun_protocol::archive::{
     self, ARCHIVE_DEAD_LETTER_KEY, ARCHIVE_QUEUE_KEY, ArchiveRequest, ArchiveStatus,
@@ -117,6 +118,41 @@ async fn finished_runs_are_archived_byte_exact(store: Store) {
             "the archive's own fields are not archived"
         );
     }
+    // The catalog lists every archived run, newest first, a page at a time and filtered.
+    let mut listed = Vec::new();
+    let mut after = None;
+    loop {
+        let page = catalog::list(&opened, &CatalogFilter::default(), after.as_deref(), 2)
+            .await
+            .unwrap();
+        listed.extend(page.runs);
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    let mut want: Vec<&str> = runs.iter().map(|(r, _, _)| r.as_str()).collect();
+    want.sort();
+    let mut got: Vec<&str> = listed.iter().map(|e| e.run.as_str()).collect();
+    got.sort();
+    assert_eq!(got, want, "each archived run once");
+    assert!(
+        listed
+            .windows(2)
+            .all(|w| w[0].created_ms >= w[1].created_ms)
+    );
+    let stopped = CatalogFilter {
+        phase: Some("stopped".into()),
+        ..Default::default()
+    };
+    let page = catalog::list(&opened, &stopped, None, 100).await.unwrap();
+    let want_stopped: Vec<&str> = runs
+        .iter()
+        .filter(|(_, _, e)| matches!(e, Ending::Stopped))
+        .map(|(r, _, _)| r.as_str())
+        .collect();
+    let got_stopped: Vec<&str> = page.runs.iter().map(|e| e.run.as_str()).collect();
+    assert_eq!(got_stopped, want_stopped);
 }
 
 #[tokio::test]
