@@ -184,6 +184,35 @@ pub async fn list(
     })
 }
 
+/// Adds every complete archive in the store to the catalog (archives written before the
+/// catalog existed, or a catalog that was lost). Returns how many runs it holds.
+pub async fn rebuild(store: &ArchiveStore) -> Result<usize, ArchiveError> {
+    let root_len = store.path("").as_ref().len();
+    let mut runs = Vec::new();
+    let mut listing = store.object_store().list(Some(&store.path("runs")));
+    while let Some(meta) = listing.try_next().await? {
+        let name = meta.location.as_ref()[root_len..].trim_start_matches('/');
+        let run = name
+            .strip_prefix("runs/")
+            .and_then(|rest| rest.strip_suffix("/manifest.json"))
+            .filter(|run| !run.contains('/'));
+        if let Some(run) = run {
+            runs.push(run.to_owned());
+        }
+    }
+    let mut added = 0;
+    for run in runs {
+        let Ok(id) = agentrun_protocol::RunId::new(run.clone()) else {
+            continue;
+        };
+        if let Some(manifest) = crate::writer::read_manifest(store, &id).await? {
+            add(store, &manifest).await?;
+            added += 1;
+        }
+    }
+    Ok(added)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

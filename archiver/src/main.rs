@@ -1,7 +1,9 @@
 //! `agentrun-archiver --redis-url URL --store-url URL` archives finished runs;
-//! `agentrun-archiver requeue-dead` puts dead letters back on the queue.
+//! `agentrun-archiver requeue-dead` puts dead letters back on the queue;
+//! `agentrun-archiver catalog` lists archived runs (and `--rebuild`s the list).
 
 use agentrun_archiver::ArchiveStore;
+use agentrun_archiver::catalog::{self, CatalogFilter};
 use agentrun_archiver::metrics::{self, Metrics};
 use agentrun_archiver::queue::{Archiver, QueueConfig, default_consumer, requeue_dead};
 use agentrun_archiver::writer::WriteOptions;
@@ -35,6 +37,29 @@ enum Command {
         redis: agentrun_protocol::RedisArgs,
         /// Runs to requeue (default: every dead letter).
         runs: Vec<String>,
+    },
+    /// List archived runs, newest first (one line each: created, phase, namespace, run), or
+    /// rebuild the list from the archives' manifests.
+    Catalog {
+        /// The archive store (as for archiving).
+        #[arg(long, env = "AGENTRUN_ARCHIVE_STORE_URL")]
+        store_url: String,
+        /// Add every complete archive to the list first (archives made before the list
+        /// existed, or a list that was lost).
+        #[arg(long)]
+        rebuild: bool,
+        /// Only runs of this namespace.
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Only runs that ended in this phase (succeeded, failed, stopped).
+        #[arg(long)]
+        phase: Option<String>,
+        /// Only runs whose id holds this text (the AgentRun's name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Most runs listed.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
     },
 }
 
@@ -91,7 +116,7 @@ fn main() {
     }
 }
 
-/// Archives until SIGTERM, or runs `requeue-dead`.
+/// Archives until SIGTERM, or runs `requeue-dead` or `catalog`.
 async fn run_command(cli: Cli) -> anyhow::Result<()> {
     if let Some(Command::RequeueDead { redis, runs }) = cli.command {
         let mut conn = redis.settings()?.connect().await?;
@@ -108,6 +133,36 @@ async fn run_command(cli: Cli) -> anyhow::Result<()> {
             moved.len(),
             moved.join(", ")
         );
+        return Ok(());
+    }
+    if let Some(Command::Catalog {
+        store_url,
+        rebuild,
+        namespace,
+        phase,
+        name,
+        limit,
+    }) = cli.command
+    {
+        let store = ArchiveStore::from_url(&store_url)?;
+        if rebuild {
+            let n = catalog::rebuild(&store).await?;
+            eprintln!("the catalog lists {n} archived run(s)");
+        }
+        let filter = CatalogFilter {
+            namespace,
+            phase,
+            name,
+        };
+        let page = catalog::list(&store, &filter, None, limit.max(1)).await?;
+        for e in page.runs {
+            let ns = if e.namespace.is_empty() {
+                "-"
+            } else {
+                &e.namespace
+            };
+            println!("{}\t{}\t{}\t{}", e.created_ms, e.phase, ns, e.run);
+        }
         return Ok(());
     }
     let serve = cli.serve;

@@ -153,6 +153,33 @@ async fn finished_runs_are_archived_byte_exact(store: Store) {
         .collect();
     let got_stopped: Vec<&str> = page.runs.iter().map(|e| e.run.as_str()).collect();
     assert_eq!(got_stopped, want_stopped);
+
+    // A lost catalog is rebuilt from the manifests by `agentrun-archiver catalog --rebuild`.
+    let names: Vec<_> = opened
+        .object_store()
+        .list(Some(&opened.path(catalog::CATALOG_DIR)))
+        .map_ok(|m| m.location)
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(names.len(), runs.len());
+    for name in &names {
+        opened.object_store().delete(name).await.unwrap();
+    }
+    assert!(
+        catalog::list(&opened, &CatalogFilter::default(), None, 100)
+            .await
+            .unwrap()
+            .runs
+            .is_empty()
+    );
+    let out = catalog_command(&store, &["--rebuild"]);
+    let mut lines: Vec<&str> = out
+        .lines()
+        .map(|l| l.rsplit('\t').next().unwrap())
+        .collect();
+    lines.sort();
+    assert_eq!(lines, want, "{out}");
 }
 
 #[tokio::test]

@@ -192,6 +192,23 @@ pub fn requeue_dead(redis: &RedisServer) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `agentrun-archiver catalog --store-url URL ARGS`, to its end: what it printed.
+pub fn catalog_command(store: &Store, args: &[&str]) -> String {
+    let mut cmd = Command::new(ARCHIVER);
+    cmd.args(["catalog", "--store-url", &store.url()])
+        .args(args);
+    for (k, v) in store.env() {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Deterministic bytes that do not compress (xorshift), with some text and invalid UTF-8.
 pub fn noise(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
