@@ -6,7 +6,8 @@
 //! /api/runs/{run}/events`, replaying each stream from the client's [`cursor`] and then
 //! following the hub's feed; [`sse`] writes the SSE text (the events of
 //! [`agentrun_protocol::sse`]). Around it:
-//! [`api`] (run list, run summary, control, health), [`download`] (a variation's output as a
+//! [`api`] (run list, run summary, control, health), [`archive`] (runs Redis has let go,
+//! read from their archive), [`download`] (a variation's output as a
 //! file), [`auth`] and [`kube_auth`] (who may see and steer a run), [`cors`], [`limits`] (per
 //! client and global caps), [`budget`] and [`ring`] (byte-bounded buffers), [`ui`] (the web
 //! page), [`metrics`]. [`config`] holds the flags, [`state`] what every handler shares,
@@ -15,6 +16,7 @@
 //! `docs/relay.md` describes the endpoints, the cursor and the events.
 
 pub mod api;
+pub mod archive;
 pub mod auth;
 pub mod budget;
 pub mod config;
