@@ -433,7 +433,7 @@ impl RedisCluster {
 
     /// The slot of `key` (`CLUSTER KEYSLOT`).
     pub async fn slot_of(&self, key: &str) -> u16 {
-        let mut c = direct(self.nodes[0].port()).await.expect("node answers");
+        let mut c = direct(self.any_port()).await.expect("node answers");
         redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(key)
@@ -473,7 +473,7 @@ impl RedisCluster {
 
     /// The ports of the masters, in order.
     pub async fn masters(&self) -> Vec<u16> {
-        let mut masters: Vec<u16> = Self::slot_ranges(self.nodes[0].port())
+        let mut masters: Vec<u16> = Self::slot_ranges(self.any_port())
             .await
             .iter()
             .map(|r| r.master)
@@ -486,7 +486,7 @@ impl RedisCluster {
     /// The master that serves `slot` and one of its replicas, once that replica is in sync (a
     /// new cluster is `ok` before its replicas have synced).
     pub async fn master_and_synced_replica(&self, slot: u16) -> (u16, u16) {
-        let port = self.nodes[0].port();
+        let port = self.any_port();
         wait_for(
             "the slot's master to have a synced replica",
             Duration::from_secs(30),
@@ -531,6 +531,167 @@ impl RedisCluster {
             },
         )
         .await;
+    }
+}
+
+impl RedisCluster {
+    /// Loads agentrun's function library on every master, each on its own connection, as the
+    /// operator does; returns the masters' ports.
+    pub async fn load_library(&self) -> Vec<u16> {
+        let masters = self.masters().await;
+        for &port in &masters {
+            let mut c = direct(port).await.expect("master answers");
+            crate::functions::load_library(&mut c)
+                .await
+                .expect("FUNCTION LOAD on a master");
+        }
+        masters
+    }
+
+    /// One run per master, whose slot that master serves: master port -> run, from the ids
+    /// `new_run` makes (a fresh one each call).
+    pub async fn a_run_on_every_master(
+        &self,
+        mut new_run: impl FnMut() -> crate::RunId,
+    ) -> std::collections::BTreeMap<u16, crate::RunId> {
+        let ranges = Self::slot_ranges(self.any_port()).await;
+        let masters = self.masters().await;
+        let mut runs = std::collections::BTreeMap::new();
+        while runs.len() < masters.len() {
+            let run = new_run();
+            let slot = crate::topology::key_slot(run.state_key().as_bytes());
+            runs.entry(SlotRange::serving(&ranges, slot).master)
+                .or_insert(run);
+        }
+        runs
+    }
+
+    /// The port of a node that runs (one was perhaps killed).
+    pub fn any_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| n.is_running())
+            .expect("a node of the cluster runs")
+            .port()
+    }
+
+    /// The node id of the server on `port` (`CLUSTER MYID`).
+    pub async fn node_id(port: u16) -> String {
+        let mut c = direct(port).await.expect("node answers");
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query_async(&mut c)
+            .await
+            .expect("CLUSTER MYID")
+    }
+
+    /// Moves `slot` to the master on `to` the way `redis-cli --cluster reshard` does: the
+    /// target `IMPORTING`, the source `MIGRATING`, the keys moved with `MIGRATE` in batches of
+    /// `batch` (`between` runs after each, so a test can act while the slot is half moved),
+    /// then `SETSLOT ... NODE` on the target, the source and the other masters. Waits until
+    /// every node names `to` the slot's master.
+    pub async fn migrate_slot<F, Fut>(&self, slot: u16, to: u16, batch: usize, mut between: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let from = SlotRange::serving(&Self::slot_ranges(to).await, slot).master;
+        assert_ne!(from, to, "slot {slot} is already served by {to}");
+        let (from_id, to_id) = (Self::node_id(from).await, Self::node_id(to).await);
+        let mut source = direct(from).await.expect("source answers");
+        let mut target = direct(to).await.expect("target answers");
+        let setslot = |state: &str, id: &str| {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+            cmd
+        };
+        setslot("IMPORTING", &from_id)
+            .query_async::<()>(&mut target)
+            .await
+            .expect("SETSLOT IMPORTING");
+        setslot("MIGRATING", &to_id)
+            .query_async::<()>(&mut source)
+            .await
+            .expect("SETSLOT MIGRATING");
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(batch)
+                .query_async(&mut source)
+                .await
+                .expect("GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async::<()>(&mut source)
+                .await
+                .expect("MIGRATE");
+            between().await;
+        }
+        setslot("NODE", &to_id)
+            .query_async::<()>(&mut target)
+            .await
+            .expect("SETSLOT NODE on the target");
+        setslot("NODE", &to_id)
+            .query_async::<()>(&mut source)
+            .await
+            .expect("SETSLOT NODE on the source");
+        for master in self.masters().await {
+            if master != from && master != to {
+                let mut c = direct(master).await.expect("master answers");
+                let _: redis::RedisResult<()> = setslot("NODE", &to_id).query_async(&mut c).await;
+            }
+        }
+        self.wait_for_master(slot, to).await;
+    }
+
+    /// Waits until every node that answers names `master` the master of `slot`.
+    pub async fn wait_for_master(&self, slot: u16, master: u16) {
+        let nodes: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.port())
+            .collect();
+        wait_for(
+            "every node to name the new master of the slot",
+            Duration::from_secs(30),
+            || {
+                let nodes = nodes.clone();
+                async move {
+                    for port in nodes {
+                        let ranges = Self::slot_ranges(port).await;
+                        if SlotRange::serving(&ranges, slot).master != master {
+                            return None;
+                        }
+                    }
+                    Some(())
+                }
+            },
+        )
+        .await;
+    }
+
+    /// Kills (SIGKILL) the master of `slot` and waits until the cluster has promoted its
+    /// replica (after `--cluster-node-timeout`, 2 s here). Returns (old master, new master).
+    pub async fn kill_master_of(&mut self, slot: u16) -> (u16, u16) {
+        let (old, replica) = self.master_and_synced_replica(slot).await;
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port() == old)
+            .expect("the master is one of the cluster's nodes")
+            .kill();
+        self.wait_for_master(slot, replica).await;
+        (old, replica)
     }
 }
 

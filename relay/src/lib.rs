@@ -28,6 +28,7 @@ pub mod limits;
 pub mod metrics;
 pub mod ring;
 pub mod server;
+pub mod shards;
 pub mod sse;
 pub mod state;
 pub mod ui;

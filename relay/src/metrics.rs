@@ -34,6 +34,9 @@ pub struct Metrics {
     pub replay_bytes: IntGauge,
     /// `reset` events sent: a client's position was not valid in the run's current history.
     pub resets: IntCounter,
+    /// Redis Cluster: runs whose sharded subscription was made again, where their slot is
+    /// now, after the slot moved or its node's connection dropped (their clients resynced).
+    pub resubscribed_runs: IntCounter,
 }
 
 impl Metrics {
@@ -100,6 +103,10 @@ impl Metrics {
             "resets_total",
             "reset events sent: a client's position was not valid in the run's current history",
         );
+        let resubscribed_runs = counter(
+            "resubscribed_runs_total",
+            "Redis Cluster: runs subscribed again where their slot is now, after it moved or its node's connection dropped",
+        );
         // Every label shows from the start (0), so that a rate over them is defined.
         for kind in ["token", "access"] {
             auth_reviews.with_label_values(&[kind]);
@@ -122,6 +129,7 @@ impl Metrics {
             Box::new(pubsub_buffer_bytes.clone()),
             Box::new(replay_bytes.clone()),
             Box::new(resets.clone()),
+            Box::new(resubscribed_runs.clone()),
         ] {
             registry.register(c).expect("metric registered once");
         }
@@ -141,6 +149,7 @@ impl Metrics {
             pubsub_buffer_bytes,
             replay_bytes,
             resets,
+            resubscribed_runs,
         }
     }
 
