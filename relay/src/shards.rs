@@ -19,7 +19,7 @@
 //! - a node connection that drops (a master killed): a `Disconnection` push;
 //! - a `SSUBSCRIBE` answered with `MOVED`: the slot map is stale.
 //!
-//! The hub's repair loop then calls [`Shards::resubscribe`]; once it succeeds, the run's
+//! The hub's repair loop then calls `Shards::resubscribe`; once it succeeds, the run's
 //! feed gets [`FeedItem::Resync`](crate::hub::FeedItem::Resync), and its clients read what
 //! they missed from the streams (subscribe first, then read: nothing lost; entries already
 //! sent are skipped by `seq`: nothing duplicated).
