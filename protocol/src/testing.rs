@@ -358,7 +358,8 @@ pub async fn info_replication(port: u16) -> String {
 }
 
 /// A Redis Cluster of real `redis-server` processes on loopback: `masters` masters with
-/// `replicas` replicas each, made with `redis-cli --cluster create`.
+/// `replicas` replicas each, made with `redis-cli --cluster create` (or, for one master
+/// without replicas, one node that takes every slot).
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
@@ -381,6 +382,22 @@ impl RedisCluster {
                 )
             })
             .collect();
+        if masters == 1 && replicas == 0 {
+            // `redis-cli --cluster create` wants three masters: one node takes every slot.
+            let out = Command::new("redis-cli")
+                .args(["-p", &nodes[0].port().to_string()])
+                .args(["CLUSTER", "ADDSLOTSRANGE", "0", "16383"])
+                .output()
+                .expect("run redis-cli (apt-get install redis-tools)");
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("OK"),
+                "CLUSTER ADDSLOTSRANGE: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            let cluster = RedisCluster { nodes };
+            cluster.wait_until_ok().await;
+            return cluster;
+        }
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
@@ -397,7 +414,12 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         let cluster = RedisCluster { nodes };
-        for node in &cluster.nodes {
+        cluster.wait_until_ok().await;
+        cluster
+    }
+
+    async fn wait_until_ok(&self) {
+        for node in &self.nodes {
             wait_for(
                 "every node to see the cluster ok",
                 Duration::from_secs(30),
@@ -413,7 +435,6 @@ impl RedisCluster {
             )
             .await;
         }
-        cluster
     }
 
     /// `redis+cluster://` settings with every node as a seed.
