@@ -339,6 +339,49 @@ impl Sentinel {
     }
 }
 
+/// The bytes of every entry of stream `key`, counted page by page (for checks of streams too
+/// big to hold).
+pub async fn stream_bytes<C: redis::aio::ConnectionLike>(conn: &mut C, key: &str) -> u64 {
+    let (mut after, mut total) = (0, 0);
+    loop {
+        let page = crate::replay::read_page(conn, key, after, 1000)
+            .await
+            .expect("XRANGE");
+        let Some(last) = page.entries.last() else {
+            return total;
+        };
+        after = last.seq;
+        total += page
+            .entries
+            .iter()
+            .map(|e| e.content.len() as u64)
+            .sum::<u64>();
+    }
+}
+
+/// What a benchmark ran on: "N cores, M GiB memory, load average A B C".
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib as f64 / 1024.0 / 1024.0);
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("{cores} cores, {memory_gib:.0} GiB memory, load average {load}")
+}
+
 /// A plain connection to one server on loopback (no agentrun settings involved).
 pub async fn direct(port: u16) -> Option<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
@@ -534,24 +577,7 @@ impl RedisCluster {
             .query_async::<()>(&mut r)
             .await
             .expect("CLUSTER FAILOVER");
-        let nodes: Vec<u16> = self.nodes.iter().map(|n| n.port()).collect();
-        wait_for(
-            "every node to name the replica the slot's master",
-            Duration::from_secs(30),
-            || {
-                let nodes = nodes.clone();
-                async move {
-                    for port in nodes {
-                        let ranges = Self::slot_ranges(port).await;
-                        if SlotRange::serving(&ranges, slot).master != replica {
-                            return None;
-                        }
-                    }
-                    Some(())
-                }
-            },
-        )
-        .await;
+        self.wait_for_master(slot, replica).await;
     }
 }
 

@@ -222,6 +222,15 @@ async fn published_at_least(published: &Arc<AtomicU64>, n: u64) {
     .await;
 }
 
+/// A run streaming while viewers follow it.
+struct Streaming {
+    viewers: Vec<(String, Arc<Mutex<Followed>>)>,
+    /// Lines acknowledged so far.
+    published: Arc<AtomicU64>,
+    /// Ends when every line is published; returns how many epochs lost entries started.
+    producer: tokio::task::JoinHandle<u64>,
+}
+
 /// A cluster with agentrun's library, two relays on it, a run registered with variation `a`,
 /// and a viewer of the run's output on each relay.
 struct Setup {
@@ -256,6 +265,25 @@ impl Setup {
         for (i, relay) in self.relays.iter().enumerate() {
             let n = relay_metric(&relay.base, "agentrun_relay_resubscribed_runs_total").await;
             assert!(n >= 1, "relay {} resubscribed the run {n} times", i + 1);
+        }
+    }
+
+    /// A viewer on each relay, then a producer of `count` lines; returns once 200 are
+    /// published, the run streaming on.
+    async fn stream_while_viewers_follow(&self, count: u64) -> Streaming {
+        let viewers = self.viewers().await;
+        let published = Arc::new(AtomicU64::new(0));
+        let producer = stream_lines(
+            self.conn.clone(),
+            self.run.clone(),
+            count,
+            published.clone(),
+        );
+        published_at_least(&published, 200).await;
+        Streaming {
+            viewers,
+            published,
+            producer,
         }
     }
 
@@ -334,12 +362,7 @@ async fn runs_on_every_master_stream_byte_exact_through_two_relays() {
 
     // The run list, read from every master, names the three runs on both relays.
     for relay in &relays {
-        let list: serde_json::Value = reqwest::get(format!("{}/api/runs", relay.base))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let list = run_list(&relay.base).await;
         for run in runs.values() {
             assert!(
                 list["runs"]
@@ -369,19 +392,15 @@ async fn runs_on_every_master_stream_byte_exact_through_two_relays() {
 async fn a_master_failover_while_viewers_follow_loses_and_duplicates_nothing() {
     let s = Setup::new("failover").await;
     let (old_master, replica) = s.cluster.master_and_synced_replica(s.slot).await;
-    let viewers = s.viewers().await;
     let count = 1200;
-    let published = Arc::new(AtomicU64::new(0));
-    let producer = stream_lines(s.conn.clone(), s.run.clone(), count, published.clone());
-
-    published_at_least(&published, 200).await;
+    let st = s.stream_while_viewers_follow(count).await;
     let started = Instant::now();
     s.cluster.fail_over_to(replica, s.slot).await;
     let took = started.elapsed();
-    let at_takeover = published.load(Ordering::SeqCst);
+    let at_takeover = st.published.load(Ordering::SeqCst);
 
     assert_eq!(
-        producer.await.unwrap(),
+        st.producer.await.unwrap(),
         0,
         "a graceful failover loses nothing"
     );
@@ -389,7 +408,7 @@ async fn a_master_failover_while_viewers_follow_loses_and_duplicates_nothing() {
         at_takeover < count,
         "the failover happened while the run streamed"
     );
-    wait_until_all_received(&viewers, &lines_text(count)).await;
+    wait_until_all_received(&st.viewers, &lines_text(count)).await;
     s.assert_every_relay_resubscribed().await;
     eprintln!(
         "CLUSTER FAILOVER of {old_master} to {replica} took {took:?}, {at_takeover} lines in; {count} lines to 2 viewers through 2 relays, 0 lost, 0 duplicated"
@@ -407,12 +426,8 @@ async fn a_slot_migration_while_viewers_follow_loses_and_duplicates_nothing() {
         .iter()
         .find(|&&m| m != from)
         .unwrap();
-    let viewers = s.viewers().await;
     let count = 1200;
-    let published = Arc::new(AtomicU64::new(0));
-    let producer = stream_lines(s.conn.clone(), s.run.clone(), count, published.clone());
-
-    published_at_least(&published, 200).await;
+    let st = s.stream_while_viewers_follow(count).await;
     let started = Instant::now();
     // The run's keys move in one `MIGRATE` (a function over several keys cannot run while
     // they are split between two nodes: Redis answers TRYAGAIN). Then, before the slot is
@@ -421,7 +436,7 @@ async fn a_slot_migration_while_viewers_follow_loses_and_duplicates_nothing() {
     // hear until the hand-over ends their subscriptions.
     s.cluster
         .migrate_slot(s.slot, to, 100, || {
-            let published = published.clone();
+            let published = st.published.clone();
             async move {
                 let now = published.load(Ordering::SeqCst);
                 published_at_least(&published, (now + 20).min(count)).await;
@@ -429,11 +444,11 @@ async fn a_slot_migration_while_viewers_follow_loses_and_duplicates_nothing() {
         })
         .await;
     let took = started.elapsed();
-    let at_end = published.load(Ordering::SeqCst);
+    let at_end = st.published.load(Ordering::SeqCst);
 
-    assert_eq!(producer.await.unwrap(), 0, "a migration loses nothing");
+    assert_eq!(st.producer.await.unwrap(), 0, "a migration loses nothing");
     assert!(at_end < count, "the migration ended while the run streamed");
-    wait_until_all_received(&viewers, &lines_text(count)).await;
+    wait_until_all_received(&st.viewers, &lines_text(count)).await;
     s.assert_every_relay_resubscribed().await;
     // The stream lives on the new master now.
     let mut direct = agentrun_protocol::testing::direct(to).await.unwrap();
@@ -451,17 +466,13 @@ async fn a_slot_migration_while_viewers_follow_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_master_while_viewers_follow_loses_nothing_but_what_redis_lost_and_says_so() {
     let mut s = Setup::new("kill").await;
-    let viewers = s.viewers().await;
     let count = 1500;
-    let published = Arc::new(AtomicU64::new(0));
-    let producer = stream_lines(s.conn.clone(), s.run.clone(), count, published.clone());
-
-    published_at_least(&published, 200).await;
+    let st = s.stream_while_viewers_follow(count).await;
     let started = Instant::now();
     let (old, new) = s.cluster.kill_master_of(s.slot).await;
     let took = started.elapsed();
-    let at_takeover = published.load(Ordering::SeqCst);
-    let rewinds = producer.await.unwrap();
+    let at_takeover = st.published.load(Ordering::SeqCst);
+    let rewinds = st.producer.await.unwrap();
     assert!(
         at_takeover < count,
         "the failover happened while the run streamed"
@@ -488,7 +499,7 @@ async fn a_killed_master_while_viewers_follow_loses_nothing_but_what_redis_lost_
     assert_eq!(sorted, numbers, "no line twice in the stream");
     assert!(numbers.windows(2).all(|w| w[0] < w[1]), "lines in order");
     let gap = count - numbers.len() as u64;
-    for (who, followed) in &viewers {
+    for (who, followed) in &st.viewers {
         wait_for(
             &format!("{who} to receive what the stream holds"),
             Duration::from_secs(60),

@@ -7,10 +7,9 @@
 //! (`AGENTRUN_BENCH_RUNS`, `AGENTRUN_BENCH_LINES`: runs and lines per run, default 12 and
 //! 200,000).
 
-use agentrun_protocol::replay::read_page;
-use agentrun_protocol::testing::{RedisCluster, SlotRange, direct};
+use agentrun_protocol::testing::{RedisCluster, SlotRange, direct, stream_bytes};
 use agentrun_protocol::topology::key_slot;
-use agentrun_protocol::{RedisConn, RunId, StreamName, Variation};
+use agentrun_protocol::{RunId, StreamName, Variation};
 use std::collections::BTreeMap;
 use std::process::Stdio;
 use std::time::Instant;
@@ -64,22 +63,6 @@ async fn keys(port: u16) -> u64 {
         .query_async(&mut c)
         .await
         .expect("DBSIZE")
-}
-
-async fn stream_bytes(conn: &mut RedisConn, key: &str) -> u64 {
-    let (mut after, mut total) = (0, 0);
-    loop {
-        let page = read_page(conn, key, after, 1000).await.expect("XRANGE");
-        let Some(last) = page.entries.last() else {
-            return total;
-        };
-        after = last.seq;
-        total += page
-            .entries
-            .iter()
-            .map(|e| e.content.len() as u64)
-            .sum::<u64>();
-    }
 }
 
 /// `runs` run ids spread evenly over the masters: master port -> its runs.
@@ -178,18 +161,7 @@ fn main() {
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async {
         println!("# agentrun ingest on Redis Cluster, one shard vs three");
-        println!(
-            "machine: {} cores, load average {}",
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(0),
-            std::fs::read_to_string("/proc/loadavg")
-                .unwrap_or_default()
-                .split_whitespace()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
+        println!("machine: {}", agentrun_protocol::testing::machine());
         measure(1, runs, lines).await;
         measure(3, runs, lines).await;
     });
