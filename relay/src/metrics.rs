@@ -13,7 +13,8 @@ pub struct Metrics {
     pub events_sent: IntCounterVec,
     /// Times a client read too slowly, overran its bounded queue and was switched to replay.
     pub slow_client_fallbacks: IntCounter,
-    /// Times the shared Pub/Sub connection was re-opened after Redis went away.
+    /// Times the shared Pub/Sub connection was re-opened after Redis went away (on a cluster:
+    /// a master's connection that dropped with runs subscribed on it).
     pub redis_reconnects: IntCounter,
     /// Control messages accepted and published.
     pub control_messages: IntCounter,
