@@ -239,10 +239,29 @@ elif name.startswith("redis-tls"):
         check("--tls" in probe and "--cert" in probe, f"the readiness probe speaks TLS: {probe}")
     else:
         check(relay_env["AGENTRUN_REDIS_URL"] == "rediss://redis.example.com:6380", "the external rediss:// URL")
-elif name in ("external-redis", "existing-secret"):
+elif name in ("external-redis", "existing-secret", "external-cluster", "external-sentinel"):
     check(not find("StatefulSet", "-redis"), "no bundled Redis")
+
+# A PodDisruptionBudget for the relays exactly when there are several.
+relay_replicas = one("Deployment", "-relay").get("spec", {}).get("replicas")
+relay_pdbs = find("PodDisruptionBudget", "-relay")
+if relay_replicas and relay_replicas > 1:
+    check(len(relay_pdbs) == 1 and relay_pdbs[0]["spec"].get("minAvailable") == 1, f"a PodDisruptionBudget keeps a relay up ({relay_replicas} replicas): {relay_pdbs}")
+    labels = one("Deployment", "-relay").get("spec", {}).get("selector", {}).get("matchLabels")
+    check(relay_pdbs and relay_pdbs[0]["spec"].get("selector", {}).get("matchLabels") == labels, "the budget selects the relay pods")
+else:
+    check(not relay_pdbs, f"no PodDisruptionBudget for a single relay (it would block drains): {relay_pdbs}")
+
 if name == "external-redis":
     check(relay_env["AGENTRUN_REDIS_URL"] == "rediss://redis.example.com:6380", "the external URL")
+elif name in ("external-cluster", "external-sentinel"):
+    want_url = {
+        "external-cluster": "redis+cluster://redis-0.redis:6379,redis-1.redis:6379,redis-2.redis:6379",
+        "external-sentinel": "redis+sentinel://sentinel-0.sentinel:26379,sentinel-1.sentinel:26379/mymaster",
+    }[name]
+    check(relay_env["AGENTRUN_REDIS_URL"] == want_url, f"the relay gets the URL: {relay_env['AGENTRUN_REDIS_URL']}")
+    check(operator_env.get("AGENTRUN_REDIS_URL") == want_url, f"the operator gets the URL (and hands it to sidecars): {operator_env.get('AGENTRUN_REDIS_URL')}")
+    check(one("Deployment", "-relay").get("spec", {}).get("replicas") == {"external-cluster": 2, "external-sentinel": 3}[name], "relay.replicas")
 elif name == "archive-fs":
     check(archiver_env.get("AGENTRUN_ARCHIVE_STORE_URL") == "file:///var/lib/agentrun/archive", f"the filesystem store by default: {archiver_env.get('AGENTRUN_ARCHIVE_STORE_URL')}")
     pvc = one("PersistentVolumeClaim", "-archive")

@@ -6,7 +6,8 @@
 #   3. manifests/examples/*.yaml validated against the AgentRun CRD's OpenAPI schema;
 #   4. manifests/install.yaml equal to a fresh render (`--update` rewrites it);
 #   5. what non-default values ask for is in the rendered objects (relay auth and CORS, Redis
-#      TLS, external Redis, ingress, agent pod settings, OpenShift, watchNamespace, the
+#      TLS, external Redis (standalone, Cluster, Sentinel), relay replicas and their
+#      PodDisruptionBudget, ingress, agent pod settings, OpenShift, watchNamespace, the
 #      archiver and its store), and bad
 #      values fail with a message naming the value;
 #   6. the image names and tags agree across docker/Dockerfile, Cargo.toml, the chart,
@@ -53,6 +54,8 @@ value_sets=(
   "default::"
   "external-redis::--set redis.bundled=false --set redis.external.url=rediss://redis.example.com:6380 --set redis.external.password=p"
   "existing-secret::--set redis.bundled=false --set redis.external.existingSecret=my-redis"
+  "external-cluster::--set redis.bundled=false --set redis.external.url=redis+cluster://redis-0.redis:6379\\,redis-1.redis:6379\\,redis-2.redis:6379 --set redis.external.existingSecret=my-redis --set relay.replicas=2"
+  "external-sentinel::--set redis.bundled=false --set redis.external.url=redis+sentinel://sentinel-0.sentinel:26379\\,sentinel-1.sentinel:26379/mymaster --set redis.external.password=p --set relay.replicas=3"
   "auth-token-secret::--set relay.auth.existingSecret=viewer-tokens"
   "auth-kubernetes::--set relay.auth.mode=kubernetes"
   "auth-none-cors::--set relay.auth.mode=none --set relay.cors.origins={https://a.example.com,https://b.example.com:8443}"
@@ -109,6 +112,7 @@ bad_values=(
   "/redis/maxmemoryPolicy::--set redis.maxmemoryPolicy=evict-everything"
   "/sidecar/durability::--set sidecar.durability=always"
   "/sidecar/durability::--set sidecar.durability=replicas=0"
+  "set sidecar.durability=none::--set redis.bundled=false --set redis.external.url=redis+cluster://a:6379 --set redis.external.password=p --set sidecar.durability=aof"
   "/sidecar/imagePullSecrets/0::--set sidecar.imagePullSecrets[0].nam=regcred"
   "/archive/storeUrl::--set archive.enabled=true --set archive.storeUrl=ftp://host/x"
   "archive.persistence.accessMode::--set archive.enabled=true --set archiver.replicas=2"

@@ -441,6 +441,40 @@ impl RedisSettings {
             })
     }
 
+    /// A RESP3 connection to one node of a cluster (`host:port` as `CLUSTER SLOTS` names it),
+    /// with the credentials, TLS and timeouts of these settings, for sharded Pub/Sub managed
+    /// by the caller: every push the node sends (`smessage`, `ssubscribe` and `sunsubscribe`
+    /// confirmations, the server's own `sunsubscribe` when the slot moves) and a
+    /// `Disconnection` push when the connection drops go to `pushes`. The connection does not
+    /// reconnect or resubscribe by itself.
+    ///
+    /// Send one channel per `SSUBSCRIBE`/`SUNSUBSCRIBE` command on it: the connection takes
+    /// the command's first confirmation as its reply.
+    pub async fn node_push_connection(
+        &self,
+        host: &str,
+        port: u16,
+        pushes: impl redis::aio::AsyncPushSender,
+    ) -> Result<redis::aio::MultiplexedConnection, SettingsError> {
+        let info = self.node_info(host, port)?;
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(redis::ProtocolVersion::RESP3);
+        let client = self.client_for(info.set_redis_settings(resp3))?;
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.connect_timeout))
+            .set_response_timeout(Some(self.response_timeout))
+            .set_push_sender(pushes);
+        client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(|source| SettingsError::Connect {
+                target: format!("{host}:{port} of {}", self.target()),
+                source,
+            })
+    }
+
     /// Subscribes to one channel and returns its messages' payloads: `SUBSCRIBE` on a
     /// dedicated connection, or in Cluster mode `SSUBSCRIBE` (sharded Pub/Sub, what the
     /// publish function announces with there) on the master of the channel's slot. The

@@ -339,6 +339,49 @@ impl Sentinel {
     }
 }
 
+/// The bytes of every entry of stream `key`, counted page by page (for checks of streams too
+/// big to hold).
+pub async fn stream_bytes<C: redis::aio::ConnectionLike>(conn: &mut C, key: &str) -> u64 {
+    let (mut after, mut total) = (0, 0);
+    loop {
+        let page = crate::replay::read_page(conn, key, after, 1000)
+            .await
+            .expect("XRANGE");
+        let Some(last) = page.entries.last() else {
+            return total;
+        };
+        after = last.seq;
+        total += page
+            .entries
+            .iter()
+            .map(|e| e.content.len() as u64)
+            .sum::<u64>();
+    }
+}
+
+/// What a benchmark ran on: "N cores, M GiB memory, load average A B C".
+pub fn machine() -> String {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let memory_gib = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0.0, |kib| kib as f64 / 1024.0 / 1024.0);
+    let load = std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ");
+    format!("{cores} cores, {memory_gib:.0} GiB memory, load average {load}")
+}
+
 /// A plain connection to one server on loopback (no agentrun settings involved).
 pub async fn direct(port: u16) -> Option<redis::aio::MultiplexedConnection> {
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
@@ -358,7 +401,8 @@ pub async fn info_replication(port: u16) -> String {
 }
 
 /// A Redis Cluster of real `redis-server` processes on loopback: `masters` masters with
-/// `replicas` replicas each, made with `redis-cli --cluster create`.
+/// `replicas` replicas each, made with `redis-cli --cluster create` (or, for one master
+/// without replicas, one node that takes every slot).
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
 }
@@ -381,6 +425,22 @@ impl RedisCluster {
                 )
             })
             .collect();
+        if masters == 1 && replicas == 0 {
+            // `redis-cli --cluster create` wants three masters: one node takes every slot.
+            let out = Command::new("redis-cli")
+                .args(["-p", &nodes[0].port().to_string()])
+                .args(["CLUSTER", "ADDSLOTSRANGE", "0", "16383"])
+                .output()
+                .expect("run redis-cli (apt-get install redis-tools)");
+            assert!(
+                String::from_utf8_lossy(&out.stdout).contains("OK"),
+                "CLUSTER ADDSLOTSRANGE: {}",
+                String::from_utf8_lossy(&out.stdout)
+            );
+            let cluster = RedisCluster { nodes };
+            cluster.wait_until_ok().await;
+            return cluster;
+        }
         let addrs: Vec<String> = nodes
             .iter()
             .map(|n| format!("127.0.0.1:{}", n.port()))
@@ -397,7 +457,12 @@ impl RedisCluster {
             String::from_utf8_lossy(&out.stdout)
         );
         let cluster = RedisCluster { nodes };
-        for node in &cluster.nodes {
+        cluster.wait_until_ok().await;
+        cluster
+    }
+
+    async fn wait_until_ok(&self) {
+        for node in &self.nodes {
             wait_for(
                 "every node to see the cluster ok",
                 Duration::from_secs(30),
@@ -413,7 +478,6 @@ impl RedisCluster {
             )
             .await;
         }
-        cluster
     }
 
     /// `redis+cluster://` settings with every node as a seed.
@@ -433,7 +497,7 @@ impl RedisCluster {
 
     /// The slot of `key` (`CLUSTER KEYSLOT`).
     pub async fn slot_of(&self, key: &str) -> u16 {
-        let mut c = direct(self.nodes[0].port()).await.expect("node answers");
+        let mut c = direct(self.any_port()).await.expect("node answers");
         redis::cmd("CLUSTER")
             .arg("KEYSLOT")
             .arg(key)
@@ -473,7 +537,7 @@ impl RedisCluster {
 
     /// The ports of the masters, in order.
     pub async fn masters(&self) -> Vec<u16> {
-        let mut masters: Vec<u16> = Self::slot_ranges(self.nodes[0].port())
+        let mut masters: Vec<u16> = Self::slot_ranges(self.any_port())
             .await
             .iter()
             .map(|r| r.master)
@@ -486,7 +550,7 @@ impl RedisCluster {
     /// The master that serves `slot` and one of its replicas, once that replica is in sync (a
     /// new cluster is `ok` before its replicas have synced).
     pub async fn master_and_synced_replica(&self, slot: u16) -> (u16, u16) {
-        let port = self.nodes[0].port();
+        let port = self.any_port();
         wait_for(
             "the slot's master to have a synced replica",
             Duration::from_secs(30),
@@ -513,16 +577,147 @@ impl RedisCluster {
             .query_async::<()>(&mut r)
             .await
             .expect("CLUSTER FAILOVER");
-        let nodes: Vec<u16> = self.nodes.iter().map(|n| n.port()).collect();
+        self.wait_for_master(slot, replica).await;
+    }
+}
+
+impl RedisCluster {
+    /// Loads agentrun's function library on every master, each on its own connection, as the
+    /// operator does; returns the masters' ports.
+    pub async fn load_library(&self) -> Vec<u16> {
+        let masters = self.masters().await;
+        for &port in &masters {
+            let mut c = direct(port).await.expect("master answers");
+            crate::functions::load_library(&mut c)
+                .await
+                .expect("FUNCTION LOAD on a master");
+        }
+        masters
+    }
+
+    /// One run per master, whose slot that master serves: master port -> run, from the ids
+    /// `new_run` makes (a fresh one each call).
+    pub async fn a_run_on_every_master(
+        &self,
+        mut new_run: impl FnMut() -> crate::RunId,
+    ) -> std::collections::BTreeMap<u16, crate::RunId> {
+        let ranges = Self::slot_ranges(self.any_port()).await;
+        let masters = self.masters().await;
+        let mut runs = std::collections::BTreeMap::new();
+        while runs.len() < masters.len() {
+            let run = new_run();
+            let slot = crate::topology::key_slot(run.state_key().as_bytes());
+            runs.entry(SlotRange::serving(&ranges, slot).master)
+                .or_insert(run);
+        }
+        runs
+    }
+
+    /// The port of a node that runs (one was perhaps killed).
+    pub fn any_port(&self) -> u16 {
+        self.nodes
+            .iter()
+            .find(|n| n.is_running())
+            .expect("a node of the cluster runs")
+            .port()
+    }
+
+    /// The node id of the server on `port` (`CLUSTER MYID`).
+    pub async fn node_id(port: u16) -> String {
+        let mut c = direct(port).await.expect("node answers");
+        redis::cmd("CLUSTER")
+            .arg("MYID")
+            .query_async(&mut c)
+            .await
+            .expect("CLUSTER MYID")
+    }
+
+    /// Moves `slot` to the master on `to` the way `redis-cli --cluster reshard` does: the
+    /// target `IMPORTING`, the source `MIGRATING`, the keys moved with `MIGRATE` in batches of
+    /// `batch` (`between` runs after each, so a test can act while the slot is half moved),
+    /// then `SETSLOT ... NODE` on the target, the source and the other masters. Waits until
+    /// every node names `to` the slot's master.
+    pub async fn migrate_slot<F, Fut>(&self, slot: u16, to: u16, batch: usize, mut between: F)
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let from = SlotRange::serving(&Self::slot_ranges(to).await, slot).master;
+        assert_ne!(from, to, "slot {slot} is already served by {to}");
+        let (from_id, to_id) = (Self::node_id(from).await, Self::node_id(to).await);
+        let mut source = direct(from).await.expect("source answers");
+        let mut target = direct(to).await.expect("target answers");
+        let setslot = |state: &str, id: &str| {
+            let mut cmd = redis::cmd("CLUSTER");
+            cmd.arg("SETSLOT").arg(slot).arg(state).arg(id);
+            cmd
+        };
+        setslot("IMPORTING", &from_id)
+            .query_async::<()>(&mut target)
+            .await
+            .expect("SETSLOT IMPORTING");
+        setslot("MIGRATING", &to_id)
+            .query_async::<()>(&mut source)
+            .await
+            .expect("SETSLOT MIGRATING");
+        loop {
+            let keys: Vec<String> = redis::cmd("CLUSTER")
+                .arg("GETKEYSINSLOT")
+                .arg(slot)
+                .arg(batch)
+                .query_async(&mut source)
+                .await
+                .expect("GETKEYSINSLOT");
+            if keys.is_empty() {
+                break;
+            }
+            redis::cmd("MIGRATE")
+                .arg("127.0.0.1")
+                .arg(to)
+                .arg("")
+                .arg(0)
+                .arg(5000)
+                .arg("KEYS")
+                .arg(&keys)
+                .query_async::<()>(&mut source)
+                .await
+                .expect("MIGRATE");
+            between().await;
+        }
+        setslot("NODE", &to_id)
+            .query_async::<()>(&mut target)
+            .await
+            .expect("SETSLOT NODE on the target");
+        setslot("NODE", &to_id)
+            .query_async::<()>(&mut source)
+            .await
+            .expect("SETSLOT NODE on the source");
+        for master in self.masters().await {
+            if master != from && master != to {
+                let mut c = direct(master).await.expect("master answers");
+                let _: redis::RedisResult<()> = setslot("NODE", &to_id).query_async(&mut c).await;
+            }
+        }
+        self.wait_for_master(slot, to).await;
+    }
+
+    /// Waits until every node that answers names `master` the master of `slot`.
+    pub async fn wait_for_master(&self, slot: u16, master: u16) {
+        let nodes: Vec<u16> = self
+            .nodes
+            .iter()
+            .filter(|n| n.is_running())
+            .map(|n| n.port())
+            .collect();
         wait_for(
-            "every node to name the replica the slot's master",
+            "every node to name the new master of the slot",
             Duration::from_secs(30),
             || {
                 let nodes = nodes.clone();
                 async move {
                     for port in nodes {
                         let ranges = Self::slot_ranges(port).await;
-                        if SlotRange::serving(&ranges, slot).master != replica {
+                        if SlotRange::serving(&ranges, slot).master != master {
                             return None;
                         }
                     }
@@ -531,6 +726,19 @@ impl RedisCluster {
             },
         )
         .await;
+    }
+
+    /// Kills (SIGKILL) the master of `slot` and waits until the cluster has promoted its
+    /// replica (after `--cluster-node-timeout`, 2 s here). Returns (old master, new master).
+    pub async fn kill_master_of(&mut self, slot: u16) -> (u16, u16) {
+        let (old, replica) = self.master_and_synced_replica(slot).await;
+        self.nodes
+            .iter_mut()
+            .find(|n| n.port() == old)
+            .expect("the master is one of the cluster's nodes")
+            .kill();
+        self.wait_for_master(slot, replica).await;
+        (old, replica)
     }
 }
 

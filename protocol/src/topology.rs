@@ -84,6 +84,93 @@ pub async fn data_nodes(
     Ok(nodes)
 }
 
+/// The hash slot of a key or sharded channel in a Redis Cluster: CRC16 (XMODEM) of its hash
+/// tag (the text between the first `{` and the next `}`, when not empty) or of the whole name,
+/// modulo 16384. Every key and channel of a run has the tag `{RUN}`, so one slot.
+pub fn key_slot(key: &[u8]) -> u16 {
+    let tagged = key
+        .iter()
+        .position(|&b| b == b'{')
+        .and_then(|open| {
+            let rest = &key[open + 1..];
+            let close = rest.iter().position(|&b| b == b'}')?;
+            (close > 0).then(|| &rest[..close])
+        })
+        .unwrap_or(key);
+    let mut crc: u16 = 0;
+    for &byte in tagged {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc % 16384
+}
+
+/// Slots `start..=end` and the master that serves them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotOwner {
+    pub start: u16,
+    pub end: u16,
+    pub master: NodeAddr,
+}
+
+/// The masters of a `CLUSTER SLOTS` answer, by slot range. A master whose address the node
+/// did not know (an empty host) is named with `fallback_host`, as Redis documents.
+pub fn masters_in_cluster_slots(reply: &redis::Value, fallback_host: &str) -> Vec<SlotOwner> {
+    use redis::Value;
+    let text = |v: &Value| -> Option<String> {
+        match v {
+            Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            Value::SimpleString(s) => Some(s.clone()),
+            _ => None,
+        }
+    };
+    let int = |v: &Value| -> Option<u16> {
+        match v {
+            Value::Int(i) => u16::try_from(*i).ok(),
+            other => text(other)?.parse().ok(),
+        }
+    };
+    let Value::Array(ranges) = reply else {
+        return Vec::new();
+    };
+    ranges
+        .iter()
+        .filter_map(|range| {
+            let Value::Array(parts) = range else {
+                return None;
+            };
+            let Value::Array(master) = parts.get(2)? else {
+                return None;
+            };
+            let host = text(master.first()?)?;
+            let host = if host.is_empty() || host == "?" {
+                fallback_host.to_owned()
+            } else {
+                host
+            };
+            Some(SlotOwner {
+                start: int(parts.first()?)?,
+                end: int(parts.get(1)?)?,
+                master: (host, int(master.get(1)?)?),
+            })
+        })
+        .collect()
+}
+
+/// The master that serves `slot`, if the map has one.
+pub fn master_of(owners: &[SlotOwner], slot: u16) -> Option<&NodeAddr> {
+    owners
+        .iter()
+        .find(|o| (o.start..=o.end).contains(&slot))
+        .map(|o| &o.master)
+}
+
 impl RedisSettings {
     /// The same credentials and TLS settings, for one node on its own (standalone).
     pub fn for_node(&self, (host, port): &NodeAddr) -> RedisSettings {
@@ -114,6 +201,58 @@ mod tests {
             vec![("10.0.0.2".into(), 6380), ("10.0.0.3".into(), 6381)]
         );
         assert!(replicas_in_info("role:slave\r\nmaster_host:x\r\n").is_empty());
+    }
+
+    #[test]
+    fn key_slots_match_redis_cluster_keyslot() {
+        // Values of `CLUSTER KEYSLOT` on Redis 7.
+        assert_eq!(key_slot(b"foo"), 12182);
+        assert_eq!(key_slot(b"bar"), 5061);
+        assert_eq!(key_slot(b"123456789"), 12739);
+        assert_eq!(key_slot(b"run:{r1}:status"), 2121);
+        assert_eq!(key_slot(b"r1"), 2121);
+        assert_eq!(key_slot(b"run:{r1}:output:a"), key_slot(b"run:{r1}:state"));
+        // An empty tag does not count: the whole name is hashed.
+        assert_eq!(key_slot(b"a{}b"), 13694);
+    }
+
+    #[test]
+    fn cluster_slots_name_each_range_master() {
+        use redis::Value;
+        let node = |h: &str, p: i64| {
+            Value::Array(vec![
+                Value::BulkString(h.as_bytes().to_vec()),
+                Value::Int(p),
+                Value::BulkString(b"id".to_vec()),
+            ])
+        };
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                Value::Int(0),
+                Value::Int(5460),
+                node("10.0.0.1", 7000),
+                node("10.0.0.4", 7003),
+            ]),
+            Value::Array(vec![Value::Int(5461), Value::Int(16383), node("", 7001)]),
+        ]);
+        let owners = masters_in_cluster_slots(&reply, "seed");
+        assert_eq!(
+            owners,
+            vec![
+                SlotOwner {
+                    start: 0,
+                    end: 5460,
+                    master: ("10.0.0.1".into(), 7000)
+                },
+                SlotOwner {
+                    start: 5461,
+                    end: 16383,
+                    master: ("seed".into(), 7001)
+                },
+            ]
+        );
+        assert_eq!(master_of(&owners, 6000), Some(&("seed".into(), 7001)));
+        assert_eq!(master_of(&[], 1), None);
     }
 
     #[test]

@@ -11,11 +11,19 @@
 //! ```
 //! Without arguments it runs two scenarios: 5,000 clients on one run, and 5,000 clients over
 //! 100 runs (50 each).
+//!
+//! `--relays N` starts N relay processes and spreads the clients over them (client i on relay
+//! i mod N), as a Service does; `--cluster M` runs Redis as a Redis Cluster of M masters
+//! (sharded Pub/Sub) instead of one server:
+//!
+//! ```text
+//! cargo bench -p agentrun-relay --bench fanout -- --clients 5000 --runs 100 --cluster 3 --relays 2
+//! ```
 
 use agentrun_protocol::publish::{Batch, register_run};
-use agentrun_protocol::testing::{RedisServer, free_port};
+use agentrun_protocol::testing::{RedisCluster, RedisServer, free_port};
 use agentrun_protocol::{
-    EntryType, NewEntry, PublishOptions, Publisher, RunId, StreamName, Variation,
+    EntryType, NewEntry, PublishOptions, Publisher, RedisSettings, RunId, StreamName, Variation,
 };
 use bytes::Bytes;
 use std::process::{Child, Command, Stdio};
@@ -32,6 +40,34 @@ struct Scenario {
     /// Entries per second published to each run.
     rate: u64,
     seconds: u64,
+    /// Relay processes the clients are spread over.
+    relays: usize,
+}
+
+/// The Redis the bench runs against: one server, or a cluster.
+enum Target {
+    Server(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Target {
+    fn url(&self) -> String {
+        match self {
+            Target::Server(r) => r.url(),
+            Target::Cluster(c) => c.url(),
+        }
+    }
+
+    fn settings(&self) -> RedisSettings {
+        RedisSettings::from_url(&self.url()).expect("valid url")
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Target::Server(_) => "one redis-server".into(),
+            Target::Cluster(c) => format!("a Redis Cluster of {} masters", c.nodes.len()),
+        }
+    }
 }
 
 struct Report {
@@ -163,17 +199,16 @@ async fn client(
     Ok(latencies)
 }
 
-async fn run_scenario(redis: &RedisServer, sc: Scenario) -> Report {
-    let port = free_port();
-    let addr = format!("127.0.0.1:{port}");
-    let mut relay: Child = Command::new(env!("CARGO_BIN_EXE_agentrun-relay"))
-        .args(["--redis-url", &redis.url(), "--listen", &addr])
+/// Starts a relay process on a free port and waits until it is ready.
+async fn start_relay(url: &str) -> (Child, String) {
+    let addr = format!("127.0.0.1:{}", free_port());
+    let relay: Child = Command::new(env!("CARGO_BIN_EXE_agentrun-relay"))
+        .args(["--redis-url", url, "--listen", &addr])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start agentrun-relay");
-    let pid = relay.id();
     let http = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(30);
     while http
@@ -186,8 +221,20 @@ async fn run_scenario(redis: &RedisServer, sc: Scenario) -> Report {
         assert!(Instant::now() < deadline, "relay did not become ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    (relay, addr)
+}
 
-    let mut conn = redis.conn().await;
+async fn run_scenario(target: &Target, sc: Scenario) -> Report {
+    let mut relays = Vec::new();
+    for _ in 0..sc.relays.max(1) {
+        relays.push(start_relay(&target.url()).await);
+    }
+    let pids: Vec<String> = relays.iter().map(|(r, _)| r.id().to_string()).collect();
+    let rss = || -> u64 { relays.iter().map(|(r, _)| rss_kib(r.id())).sum() };
+    let relays_cpu = || -> f64 { pids.iter().map(|p| cpu_secs(p)).sum() };
+
+    let settings = target.settings();
+    let mut conn = settings.connect().await.expect("connect to Redis");
     let runs: Vec<RunId> = (0..sc.runs)
         .map(|i| RunId::new(format!("bench-{}-{i}", sc.runs)).unwrap())
         .collect();
@@ -203,7 +250,7 @@ async fn run_scenario(redis: &RedisServer, sc: Scenario) -> Report {
     }
     // Warm up: one connection per run, then measure the base.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let rss_base_kib = rss_kib(pid);
+    let rss_base_kib = rss();
 
     let connected = Arc::new(AtomicUsize::new(0));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
@@ -212,7 +259,7 @@ async fn run_scenario(redis: &RedisServer, sc: Scenario) -> Report {
     let sem = Arc::new(tokio::sync::Semaphore::new(256));
     for i in 0..sc.clients {
         let run = runs[i % runs.len()].as_str().to_owned();
-        let addr = addr.clone();
+        let addr = relays[i % relays.len()].1.clone();
         let connected = connected.clone();
         let stop_rx = stop_rx.clone();
         // At most 256 connections in their handshake at once.
@@ -231,16 +278,19 @@ async fn run_scenario(redis: &RedisServer, sc: Scenario) -> Report {
     }
     let connect_secs = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_connected_kib = rss_kib(pid);
+    let rss_connected_kib = rss();
 
     // Publish: `rate` entries per second to every run.
-    let publisher = Publisher::new(PublishOptions::default());
+    let publisher = Publisher::new(PublishOptions {
+        publish_command: settings.publish_command(),
+        ..Default::default()
+    });
     let stream = StreamName::Output(Variation::new("a").unwrap());
     let ticks = sc.rate * sc.seconds;
     let mut interval = tokio::time::interval(Duration::from_micros(1_000_000 / sc.rate.max(1)));
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let send_started = Instant::now();
-    let relay_cpu_before = cpu_secs(&pid.to_string());
+    let relay_cpu_before = relays_cpu();
     let bench_cpu_before = cpu_secs("self");
     let mut published = 0u64;
     for pseq in 1..=ticks {
@@ -279,13 +329,13 @@ async fn run_scenario(redis: &RedisServer, sc: Scenario) -> Report {
         }
     }
     let send_secs = send_started.elapsed().as_secs_f64();
-    let relay_cpu = cpu_secs(&pid.to_string()) - relay_cpu_before;
+    let relay_cpu = relays_cpu() - relay_cpu_before;
     let client_cpu = cpu_secs("self") - bench_cpu_before;
     let expected = ticks * sc.clients as u64;
     // Let the last deliveries arrive.
     let drain_deadline = Instant::now() + Duration::from_secs(10);
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let rss_end_kib = rss_kib(pid);
+    let rss_end_kib = rss();
     let _ = stop_tx.send(true);
     let mut all: Vec<u32> = Vec::with_capacity(expected as usize);
     for t in tasks {
@@ -319,8 +369,10 @@ async fn run_scenario(redis: &RedisServer, sc: Scenario) -> Report {
         relay_cpu,
         client_cpu,
     };
-    let _ = relay.kill();
-    let _ = relay.wait();
+    for (mut relay, _) in relays {
+        let _ = relay.kill();
+        let _ = relay.wait();
+    }
     report
 }
 
@@ -328,9 +380,10 @@ fn print(r: &Report) {
     let sc = &r.scenario;
     let per_conn = |rss: u64| (rss.saturating_sub(r.rss_base_kib)) as f64 / sc.clients as f64;
     println!(
-        "| {} clients on {} run(s) | {} entries/s per run, {} s | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.1} KiB | {:.1} KiB | {:.1} s |",
+        "| {} clients on {} run(s), {} relay(s) | {} entries/s per run, {} s | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.1} KiB | {:.1} KiB | {:.1} s |",
         sc.clients,
         sc.runs,
+        sc.relays,
         sc.rate,
         sc.seconds,
         r.delivered as f64 / r.send_secs,
@@ -345,7 +398,7 @@ fn print(r: &Report) {
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     eprintln!("  load average while running: {}", load.trim());
     eprintln!(
-        "  published {} entries; expected {} deliveries, got {}; relay RSS {} KiB base, {} KiB connected, {} KiB after publishing; CPU while publishing {:.1} s: relay {:.2} s, clients and Redis client {:.2} s",
+        "  published {} entries; expected {} deliveries, got {}; relay RSS (all relays) {} KiB base, {} KiB connected, {} KiB after publishing; CPU while publishing {:.1} s: relays {:.2} s, clients and Redis client {:.2} s",
         r.published,
         r.expected,
         r.delivered,
@@ -374,6 +427,7 @@ fn main() {
             runs: arg(&args, "--runs").unwrap_or(1) as usize,
             rate: arg(&args, "--rate").unwrap_or(10),
             seconds: arg(&args, "--seconds").unwrap_or(20),
+            relays: arg(&args, "--relays").unwrap_or(1) as usize,
         }],
         None => vec![
             Scenario {
@@ -381,12 +435,14 @@ fn main() {
                 runs: 1,
                 rate: 10,
                 seconds: 20,
+                relays: 1,
             },
             Scenario {
                 clients: 5000,
                 runs: 100,
                 rate: 10,
                 seconds: 20,
+                relays: 1,
             },
         ],
     };
@@ -408,13 +464,20 @@ fn main() {
         .build()
         .expect("tokio runtime");
     rt.block_on(async {
-        let redis = RedisServer::start();
+        let target = match arg(&args, "--cluster") {
+            Some(masters) => Target::Cluster(RedisCluster::start(masters as usize, 0).await),
+            None => Target::Server(RedisServer::start()),
+        };
+        if let Target::Cluster(c) = &target {
+            c.load_library().await;
+        }
+        println!("Redis: {}; machine: {}", target.describe(), agentrun_protocol::testing::machine());
         println!(
             "| scenario | load | events/s delivered | p50 ms | p99 ms | max ms | lost | relay KiB/conn idle | relay KiB/conn after load | connect time |"
         );
         println!("|---|---|---|---|---|---|---|---|---|---|");
         for sc in scenarios {
-            let r = run_scenario(&redis, sc).await;
+            let r = run_scenario(&target, sc).await;
             print(&r);
         }
     });

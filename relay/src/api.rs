@@ -133,6 +133,20 @@ pub async fn list_runs(
     }
     let states: Vec<HashMap<String, String>> = if valid.is_empty() {
         Vec::new()
+    } else if state.settings.mode == agentrun_protocol::RedisMode::Cluster {
+        // Each run's state hash is in the run's slot, on whichever master serves it: a
+        // cluster takes a pipeline only within one slot, so read them one by one, a few at a
+        // time.
+        use futures::{StreamExt, TryStreamExt};
+        let cmds: Vec<redis::Cmd> = pipe.cmd_iter().cloned().collect();
+        futures::stream::iter(cmds)
+            .map(|cmd| {
+                let state = state.clone();
+                async move { state.query::<HashMap<String, String>>(&cmd).await }
+            })
+            .buffered(16)
+            .try_collect()
+            .await?
     } else {
         let pipe = &pipe;
         state

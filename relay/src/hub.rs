@@ -18,6 +18,12 @@
 //! When the Pub/Sub connection drops (Redis restart), the hub re-opens it, re-subscribes every
 //! channel and sends [`FeedItem::Resync`] to every feed likewise.
 //!
+//! On a Redis Cluster (`redis+cluster://`) the same happens per run over sharded Pub/Sub
+//! ([`crate::shards`]): each run's channels are subscribed with `SSUBSCRIBE` on the master of
+//! the run's slot, and when a slot moves (resharding, failover) or a node's connection drops,
+//! a repair task resubscribes the runs it concerns where their slot is now and sends them
+//! [`FeedItem::Resync`].
+//!
 //! Epochs: every announcement carries the run's epoch. Within one epoch a stream's `seq` only
 //! grows; when the hub sees it go back (a writer that does not check the stream's top
 //! rewrote history after Redis lost entries), it sends [`FeedItem::Rewound`], and clients
@@ -28,10 +34,11 @@
 
 use crate::metrics::Metrics;
 use crate::ring::{Ring, RingReader};
+use crate::shards::{Link, Push, Shards};
 use agentrun_protocol::live;
 use agentrun_protocol::state_hash;
 use agentrun_protocol::{
-    Epoch, RedisConn, RedisSettings, RunId, RunState, StatusEvent, StreamName, Variation,
+    Epoch, RedisConn, RedisMode, RedisSettings, RunId, RunState, StatusEvent, StreamName, Variation,
 };
 use bytes::Bytes;
 use futures::StreamExt;
@@ -61,8 +68,9 @@ pub enum FeedItem {
     },
     /// A variation the feed had not known about (announced on the status stream).
     Variation(Variation),
-    /// Entries may have been missed (the Pub/Sub connection was re-opened, or the relay shed
-    /// announcements it could not keep up with): replay from the cursors.
+    /// Entries may have been missed (the Pub/Sub connection was re-opened, the run's slot
+    /// moved to another cluster node, or the relay shed announcements it could not keep up
+    /// with): replay from the cursors.
     Resync,
     /// The stream's `seq` went back within one epoch: its history was rewritten.
     Rewound(StreamName),
@@ -146,8 +154,33 @@ fn lock<T>(m: &StdMutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 struct Subscriptions {
-    sink: Option<PubSubSink>,
+    sink: Sink,
     refs: HashMap<String, usize>,
+}
+
+/// Where subscriptions are made.
+enum Sink {
+    /// One Pub/Sub connection (standalone or Sentinel); `None` while it is re-opened.
+    Single(Option<PubSubSink>),
+    /// Sharded Pub/Sub on a Redis Cluster, one connection per master.
+    Sharded(Box<Shards>),
+}
+
+/// Runs whose sharded subscriptions must be made again (Cluster mode).
+#[derive(Default)]
+struct Repairs {
+    /// Runs to resubscribe.
+    runs: HashSet<RunId>,
+    /// A node ended one of the run's subscriptions on this connection (`sunsubscribe`).
+    lost: HashSet<(Link, RunId)>,
+    /// Node connections that dropped.
+    down: HashSet<Link>,
+}
+
+impl Repairs {
+    fn is_empty(&self) -> bool {
+        self.runs.is_empty() && self.lost.is_empty() && self.down.is_empty()
+    }
 }
 
 /// Announcements taken off the Pub/Sub connection, waiting for the dispatcher.
@@ -174,6 +207,8 @@ struct HubInner {
     feeds: StdMutex<HashMap<RunId, Arc<Feed>>>,
     subs: Mutex<Subscriptions>,
     intake: Arc<Intake>,
+    repairs: StdMutex<Repairs>,
+    repair_ready: Arc<Notify>,
 }
 
 /// The process-wide fan-out; cheap to clone.
@@ -214,8 +249,17 @@ impl Hub {
         options: HubOptions,
         metrics: Metrics,
     ) -> Result<Self, agentrun_protocol::SettingsError> {
-        let pubsub = settings.pubsub().await?;
-        let (sink, stream) = pubsub.split();
+        let (sink, stream, pushes) = if settings.mode == RedisMode::Cluster {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let mut shards = Shards::new(settings.clone(), conn.clone(), tx);
+            if !shards.refresh().await {
+                tracing::warn!(redis = %settings.target(), "cannot read the cluster's slot map yet; will ask again when a run is watched");
+            }
+            (Sink::Sharded(Box::new(shards)), None, Some(rx))
+        } else {
+            let (sink, stream) = settings.pubsub().await?.split();
+            (Sink::Single(Some(sink)), Some(stream), None)
+        };
         let (paused, paused_rx) = watch::channel(false);
         let limit = options.pubsub_buffer_bytes.max(64 * 1024);
         let hub = Hub {
@@ -226,7 +270,7 @@ impl Hub {
                 metrics,
                 feeds: StdMutex::new(HashMap::new()),
                 subs: Mutex::new(Subscriptions {
-                    sink: Some(sink),
+                    sink,
                     refs: HashMap::new(),
                 }),
                 intake: Arc::new(Intake {
@@ -235,10 +279,21 @@ impl Hub {
                     limit,
                     paused,
                 }),
+                repairs: StdMutex::new(Repairs::default()),
+                repair_ready: Arc::new(Notify::new()),
             }),
         };
         let weak = Arc::downgrade(&hub.inner);
-        tokio::spawn(run_pubsub(weak.clone(), stream));
+        if let Some(stream) = stream {
+            tokio::spawn(run_pubsub(weak.clone(), stream));
+        }
+        if let Some(pushes) = pushes {
+            tokio::spawn(run_shard_pushes(weak.clone(), pushes));
+            tokio::spawn(run_shard_repair(
+                weak.clone(),
+                hub.inner.repair_ready.clone(),
+            ));
+        }
         tokio::spawn(run_dispatch(weak, hub.inner.intake.clone(), paused_rx));
         Ok(hub)
     }
@@ -410,12 +465,26 @@ impl Hub {
         if new.is_empty() {
             return;
         }
-        if let Some(sink) = subs.sink.as_mut()
-            && let Err(e) = sink.subscribe(&new).await
-        {
-            // If the connection dropped, the connection task re-subscribes everything in
-            // `refs` and tells every feed to resync.
-            tracing::warn!(error = %e, "could not subscribe run channels; will re-subscribe after reconnecting");
+        match &mut subs.sink {
+            Sink::Single(Some(sink)) => {
+                if let Err(e) = sink.subscribe(&new).await {
+                    // If the connection dropped, the connection task re-subscribes everything
+                    // in `refs` and tells every feed to resync.
+                    tracing::warn!(error = %e, "could not subscribe run channels; will re-subscribe after reconnecting");
+                }
+            }
+            Sink::Single(None) => {}
+            Sink::Sharded(shards) => {
+                // Every call names channels of one run: one slot.
+                if let Some((run, _)) = StreamName::parse(&new[0])
+                    && !shards.subscribe(&run, &new).await
+                {
+                    tracing::debug!(%run, "could not subscribe the run's sharded channels yet; repairing");
+                    self.inner.repair(|r| {
+                        r.runs.insert(run);
+                    });
+                }
+            }
         }
     }
 
@@ -434,10 +503,21 @@ impl Hub {
         if gone.is_empty() {
             return;
         }
-        if let Some(sink) = subs.sink.as_mut()
-            && let Err(e) = sink.unsubscribe(&gone).await
-        {
-            tracing::debug!(error = %e, "could not unsubscribe; the connection is being re-opened");
+        let Subscriptions { sink, refs } = &mut *subs;
+        match sink {
+            Sink::Single(Some(sink)) => {
+                if let Err(e) = sink.unsubscribe(&gone).await {
+                    tracing::debug!(error = %e, "could not unsubscribe; the connection is being re-opened");
+                }
+            }
+            Sink::Single(None) => {}
+            Sink::Sharded(shards) => {
+                if let Some((run, _)) = StreamName::parse(&gone[0]) {
+                    let prefix = run.prefix();
+                    let last = !refs.keys().any(|c| c.starts_with(&prefix));
+                    shards.unsubscribe(&run, &gone, last).await;
+                }
+            }
         }
     }
 
@@ -501,6 +581,82 @@ impl Intake {
 impl HubInner {
     fn feed(&self, run: &RunId) -> Option<Arc<Feed>> {
         lock(&self.feeds).get(run).cloned()
+    }
+
+    /// Notes sharded subscriptions to make again and wakes the repair task.
+    fn repair(&self, note: impl FnOnce(&mut Repairs)) {
+        note(&mut lock(&self.repairs));
+        self.repair_ready.notify_one();
+    }
+
+    /// One round of repairs (Cluster mode): resubscribes the runs whose subscriptions were
+    /// lost where their slot is now, then tells their feeds to resync. Runs that could not be
+    /// resubscribed yet are kept for the next round; returns whether there are any.
+    async fn repair_shards(&self) -> bool {
+        let work = std::mem::take(&mut *lock(&self.repairs));
+        if work.is_empty() {
+            return false;
+        }
+        let mut subs = self.subs.lock().await;
+        let Subscriptions { sink, refs } = &mut *subs;
+        let Sink::Sharded(shards) = sink else {
+            return false;
+        };
+        let mut runs = work.runs;
+        for link in &work.down {
+            let lost = shards.link_down(link);
+            if !lost.is_empty() {
+                self.metrics.redis_reconnects.inc();
+                tracing::warn!(node = %format!("{}:{}", link.0.0, link.0.1), runs = lost.len(), "a cluster node's Pub/Sub connection dropped; resubscribing its runs");
+            }
+            runs.extend(lost);
+        }
+        for (link, run) in work.lost {
+            if shards.is_on(&run, &link) {
+                tracing::info!(%run, node = %format!("{}:{}", link.0.0, link.0.1), "the run's slot left its node; resubscribing where it is now");
+                runs.insert(run);
+            }
+        }
+        if runs.is_empty() {
+            return false;
+        }
+        shards.refresh().await;
+        let mut wanted: HashMap<RunId, Vec<String>> = HashMap::new();
+        for channel in refs.keys() {
+            if let Some((run, _)) = StreamName::parse(channel)
+                && runs.contains(&run)
+            {
+                wanted.entry(run).or_default().push(channel.clone());
+            }
+        }
+        let mut unreachable = HashSet::new();
+        let (mut done, mut again) = (Vec::new(), Vec::new());
+        for run in runs {
+            match wanted.get(&run) {
+                None => shards.forget(&run),
+                Some(channels) => {
+                    if shards.resubscribe(&run, channels, &mut unreachable).await {
+                        done.push(run);
+                    } else {
+                        again.push(run);
+                    }
+                }
+            }
+        }
+        drop(subs);
+        // Subscribed again: from now on every entry is heard, and what was announced before
+        // is in the streams, where the clients read it from their cursors.
+        for run in done {
+            self.metrics.resubscribed_runs.inc();
+            if let Some(feed) = self.feed(&run) {
+                feed.send(FeedItem::Resync);
+            }
+        }
+        if again.is_empty() {
+            return false;
+        }
+        lock(&self.repairs).runs.extend(again);
+        true
     }
 
     fn dispatch(self: &Arc<Self>, channel: &str, payload: &[u8]) {
@@ -657,7 +813,7 @@ async fn run_pubsub(hub: std::sync::Weak<HubInner>, mut stream: redis::aio::PubS
         }
         // The connection is gone: re-open it, re-subscribe and make every client catch up.
         let Some(inner) = hub.upgrade() else { return };
-        inner.subs.lock().await.sink = None;
+        inner.subs.lock().await.sink = Sink::Single(None);
         tracing::warn!(redis = %inner.settings.target(), "Redis Pub/Sub connection lost; reconnecting");
         let mut delay = Duration::from_millis(100);
         stream = loop {
@@ -668,7 +824,7 @@ async fn run_pubsub(hub: std::sync::Weak<HubInner>, mut stream: redis::aio::PubS
                     let channels: Vec<String> = subs.refs.keys().cloned().collect();
                     let ok = channels.is_empty() || sink.subscribe(&channels).await.is_ok();
                     if ok {
-                        subs.sink = Some(sink);
+                        subs.sink = Sink::Single(Some(sink));
                         drop(subs);
                         break new_stream;
                     }
@@ -688,6 +844,69 @@ async fn run_pubsub(hub: std::sync::Weak<HubInner>, mut stream: redis::aio::PubS
         let feeds: Vec<Arc<Feed>> = lock(&inner.feeds).values().cloned().collect();
         for feed in feeds {
             feed.send(FeedItem::Resync);
+        }
+    }
+}
+
+/// Takes pushes off the cluster nodes' connections as they come: sharded messages into the
+/// intake, lost subscriptions and dropped connections to the repair task. Ends when the hub is
+/// gone (its connections, which hold the senders, with it).
+async fn run_shard_pushes(
+    hub: std::sync::Weak<HubInner>,
+    mut pushes: tokio::sync::mpsc::UnboundedReceiver<Push>,
+) {
+    while let Some((link, push)) = pushes.recv().await {
+        let Some(inner) = hub.upgrade() else { return };
+        match push.kind {
+            redis::PushKind::SMessage => {
+                if let Some(msg) = redis::Msg::from_push_info(push) {
+                    inner.intake.offer(msg, &inner.metrics);
+                }
+            }
+            redis::PushKind::SUnsubscribe => {
+                // Our own unsubscribes are confirmed the same way; the repair task tells
+                // them apart (the run is no longer on that connection, or no longer watched).
+                let channel: Option<String> = push
+                    .data
+                    .first()
+                    .and_then(|v| redis::FromRedisValue::from_redis_value_ref(v).ok());
+                if let Some((run, _)) = channel.as_deref().and_then(StreamName::parse) {
+                    inner.repair(|r| {
+                        r.lost.insert((link, run));
+                    });
+                }
+            }
+            redis::PushKind::Disconnection => inner.repair(|r| {
+                r.down.insert(link);
+            }),
+            _ => {}
+        }
+    }
+}
+
+/// Resubscribes runs whose sharded subscriptions were lost, retrying (100 ms, doubling up to
+/// 1 s) while their slot's master is away (a failover in progress). Ends when the hub is gone.
+async fn run_shard_repair(hub: std::sync::Weak<HubInner>, ready: Arc<Notify>) {
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let Some(inner) = hub.upgrade() else { return };
+        if inner.repair_shards().await {
+            drop(inner);
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_secs(1));
+            continue;
+        }
+        delay = Duration::from_millis(100);
+        let pending = !lock(&inner.repairs).is_empty();
+        if pending {
+            continue;
+        }
+        drop(inner);
+        // Woken by the next repair (a notification sent meanwhile is kept); the timeout only
+        // notices a hub that is gone.
+        tokio::select! {
+            _ = ready.notified() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
 }

@@ -2,7 +2,8 @@
 //! Server-Sent Events, with replay and resume, and forwards control messages to the agents.
 //!
 //! Along the message path: [`hub`] holds one Pub/Sub subscription per watched run and fans
-//! its live entries out to that run's connections; [`events`] serves `GET
+//! its live entries out to that run's connections (on a Redis Cluster through [`shards`]:
+//! sharded subscriptions on each run's master); [`events`] serves `GET
 //! /api/runs/{run}/events`, replaying each stream from the client's [`cursor`] and then
 //! following the hub's feed; [`sse`] writes the SSE text (the events of
 //! [`agentrun_protocol::sse`]). Around it:
@@ -31,6 +32,7 @@ pub mod limits;
 pub mod metrics;
 pub mod ring;
 pub mod server;
+pub mod shards;
 pub mod sse;
 pub mod state;
 pub mod tls;

@@ -14,7 +14,8 @@ pub struct Metrics {
     pub events_sent: IntCounterVec,
     /// Times a client read too slowly, overran its bounded queue and was switched to replay.
     pub slow_client_fallbacks: IntCounter,
-    /// Times the shared Pub/Sub connection was re-opened after Redis went away.
+    /// Times the shared Pub/Sub connection was re-opened after Redis went away (on a cluster:
+    /// a master's connection that dropped with runs subscribed on it).
     pub redis_reconnects: IntCounter,
     /// Control messages accepted and published.
     pub control_messages: IntCounter,
@@ -35,6 +36,9 @@ pub struct Metrics {
     pub replay_bytes: IntGauge,
     /// `reset` events sent: a client's position was not valid in the run's current history.
     pub resets: IntCounter,
+    /// Redis Cluster: runs whose sharded subscription was made again, where their slot is
+    /// now, after the slot moved or its node's connection dropped (their clients resynced).
+    pub resubscribed_runs: IntCounter,
 }
 
 impl Metrics {
@@ -93,6 +97,10 @@ impl Metrics {
             "resets_total",
             "reset events sent: a client's position was not valid in the run's current history",
         );
+        let resubscribed_runs = counter(
+            "resubscribed_runs_total",
+            "Redis Cluster: runs subscribed again where their slot is now, after it moved or its node's connection dropped",
+        );
         Self {
             registry,
             connections,
@@ -109,6 +117,7 @@ impl Metrics {
             pubsub_buffer_bytes,
             replay_bytes,
             resets,
+            resubscribed_runs,
         }
     }
 

@@ -26,12 +26,7 @@ async fn lists_runs_newest_first_with_their_state() {
     finish(&mut conn, &mut p, &run_id("mid"), "a", RunState::Failed).await;
     let relay = Relay::start(&redis.url()).await;
 
-    let list: serde_json::Value = reqwest::get(format!("{}/api/runs", relay.base))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list = run_list(&relay.base).await;
     let runs = list["runs"].as_array().unwrap();
     let names: Vec<&str> = runs.iter().map(|r| r["run"].as_str().unwrap()).collect();
     assert_eq!(names, vec!["new", "mid", "old"]);

@@ -10,7 +10,6 @@
 //! else `none` on a master with `appendfsync always` as the closest figure.
 
 use agentrun_protocol::live;
-use agentrun_protocol::replay::read_page;
 use agentrun_protocol::testing::RedisServer;
 use agentrun_protocol::{RunId, StreamName, Variation, now_ms};
 use futures::StreamExt;
@@ -124,22 +123,7 @@ fn sidecar_run_durable(
 }
 
 async fn stream_bytes(redis: &RedisServer, key: &str) -> u64 {
-    let mut conn = redis.conn().await;
-    let mut after = 0;
-    let mut total = 0;
-    loop {
-        let page = read_page(&mut conn, key, after, 1000).await.unwrap();
-        let Some(last) = page.entries.last() else {
-            break;
-        };
-        after = last.seq;
-        total += page
-            .entries
-            .iter()
-            .map(|e| e.content.len() as u64)
-            .sum::<u64>();
-    }
-    total
+    agentrun_protocol::testing::stream_bytes(&mut redis.conn().await, key).await
 }
 
 fn percentile(sorted: &[u128], p: f64) -> f64 {
@@ -153,19 +137,7 @@ fn percentile(sorted: &[u128], p: f64) -> f64 {
 async fn bench() {
     let redis = RedisServer::start_with(&["--appendonly", "no"]);
     println!("# agentrun ingest benchmark");
-    println!(
-        "machine: {} cores, {}, load average {}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0),
-        mem_total(),
-        std::fs::read_to_string("/proc/loadavg")
-            .unwrap_or_default()
-            .split_whitespace()
-            .take(3)
-            .collect::<Vec<_>>()
-            .join(" ")
-    );
+    println!("machine: {}", agentrun_protocol::testing::machine());
 
     let baseline = redis_benchmark_xadd(redis.port());
     match baseline {
@@ -350,19 +322,6 @@ async fn latency(redis: &RedisServer, durability: &str, seconds: u64) {
         percentile(&latencies, 0.999),
         percentile(&latencies, 1.0),
     );
-}
-
-fn mem_total() -> String {
-    std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .next()
-                .map(|l| l.split_whitespace().nth(1).unwrap_or("0").to_owned())
-        })
-        .and_then(|kib| kib.parse::<u64>().ok())
-        .map(|kib| format!("{:.0} GiB memory", kib as f64 / 1024.0 / 1024.0))
-        .unwrap_or_default()
 }
 
 fn main() {

@@ -6,37 +6,16 @@
 mod common;
 
 use agentrun_protocol::acl::{create_run_user, generate_password};
-use agentrun_protocol::testing::{ChildGuard, RedisCluster, SlotRange, direct, wait_for};
+use agentrun_protocol::testing::{ChildGuard, RedisCluster, direct, wait_for};
 use agentrun_protocol::{RunId, StreamName, live, replay};
 use common::*;
 use std::collections::{BTreeMap, HashMap};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-/// Loads agentrun's library on every master, on its own connection, as the operator does.
-async fn load_library_on_masters(cluster: &RedisCluster) -> Vec<u16> {
-    let masters = cluster.masters().await;
-    for &port in &masters {
-        let mut c = direct(port).await.expect("master answers");
-        agentrun_protocol::functions::load_library(&mut c)
-            .await
-            .unwrap();
-    }
-    masters
-}
-
 /// One run id whose slot each master serves: master port -> run.
 async fn a_run_on_every_master(cluster: &RedisCluster, tag: &str) -> BTreeMap<u16, RunId> {
-    let ranges = RedisCluster::slot_ranges(cluster.nodes[0].port()).await;
-    let masters = cluster.masters().await;
-    let mut runs = BTreeMap::new();
-    while runs.len() < masters.len() {
-        let run = run_id(tag);
-        let slot = cluster.slot_of(&run.state_key()).await;
-        runs.entry(SlotRange::serving(&ranges, slot).master)
-            .or_insert(run);
-    }
-    runs
+    cluster.a_run_on_every_master(|| run_id(tag)).await
 }
 
 /// `agentrun-sidecar run` against the cluster, killed with the test.
@@ -106,7 +85,7 @@ async fn sharded_subscriber(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runs_on_every_master_arrive_byte_exact_and_are_announced_in_order_on_sharded_channels() {
     let cluster = RedisCluster::start(3, 1).await;
-    let masters = load_library_on_masters(&cluster).await;
+    let masters = cluster.load_library().await;
     assert_eq!(masters.len(), 3);
     let runs = a_run_on_every_master(&cluster, "shard").await;
     assert_eq!(runs.keys().copied().collect::<Vec<_>>(), masters);
@@ -213,7 +192,7 @@ fn assert_refused<T: std::fmt::Debug>(what: &str, result: redis::RedisResult<T>)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_a_cluster_the_sidecar_needs_only_its_run_user_and_reaches_no_other_run() {
     let cluster = RedisCluster::start(3, 1).await;
-    load_library_on_masters(&cluster).await;
+    cluster.load_library().await;
     let runs: Vec<RunId> = a_run_on_every_master(&cluster, "user")
         .await
         .into_values()
@@ -308,7 +287,7 @@ async fn on_a_cluster_the_sidecar_needs_only_its_run_user_and_reaches_no_other_r
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_failover_while_the_sidecar_streams_loses_and_duplicates_nothing() {
     let cluster = RedisCluster::start(3, 1).await;
-    load_library_on_masters(&cluster).await;
+    cluster.load_library().await;
     let run = run_id("failover");
     let slot = cluster.slot_of(&run.state_key()).await;
     let (old_master, replica) = cluster.master_and_synced_replica(slot).await;
@@ -415,7 +394,7 @@ async fn send_control(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_reaches_the_agent_over_sharded_pubsub_after_a_failover_too() {
     let cluster = RedisCluster::start(3, 1).await;
-    load_library_on_masters(&cluster).await;
+    cluster.load_library().await;
     let run = run_id("control");
     let slot = cluster.slot_of(&run.state_key()).await;
     let (_, replica) = cluster.master_and_synced_replica(slot).await;

@@ -74,6 +74,9 @@ true
 {{- if and .Values.redis.tls.enabled (not (hasPrefix "rediss" $url)) }}
 {{- fail (printf "redis.tls.enabled is true but redis.external.url %q is not a rediss:// (or rediss+sentinel://, rediss+cluster://) URL" $url) }}
 {{- end }}
+{{- if and (contains "+cluster://" $url) (ne (toString .Values.sidecar.durability) "none") }}
+{{- fail (printf "sidecar.durability %q cannot be used with a Redis Cluster (redis.external.url %q): its WAIT would go to every master, not the run's; set sidecar.durability=none" (toString .Values.sidecar.durability) $url) }}
+{{- end }}
   value: {{ $url | quote }}
 {{- end }}
 - name: AGENTRUN_REDIS_PASSWORD

@@ -491,6 +491,16 @@ pub fn v1_cursor(text: &str) -> String {
     )
 }
 
+/// `GET /api/runs` of the relay at `base` (no authentication), as JSON.
+pub async fn run_list(base: &str) -> serde_json::Value {
+    reqwest::get(format!("{base}/api/runs"))
+        .await
+        .expect("GET /api/runs")
+        .json()
+        .await
+        .expect("the run list is JSON")
+}
+
 /// The text of the relay's `/metrics` at `base`.
 pub async fn metrics_text(base: &str) -> String {
     reqwest::get(format!("{base}/metrics"))
