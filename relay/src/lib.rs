@@ -26,6 +26,8 @@ pub mod hub;
 pub mod kube_auth;
 pub mod limits;
 pub mod metrics;
+pub mod paging;
+pub mod query;
 pub mod ring;
 pub mod server;
 pub mod sse;
