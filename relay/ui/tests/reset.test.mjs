@@ -37,7 +37,7 @@ test('a reset history clears the page, says so, and shows the new history once',
   await waitFor('the new history', async () => (await outputText(page, 'main')) === 'new 1\nnew 2\n');
   await pub.output('main', 'new 3\n');
   await waitFor('live lines after the reset', async () => (await outputText(page, 'main')) === 'new 1\nnew 2\nnew 3\n');
-  const stats = await page.evaluate(() => window.__agentrun);
+  const stats = await page.evaluate(() => JSON.parse(JSON.stringify(window.__agentrun)));
   assert.equal(stats.resets, 1);
   assert.equal(stats.duplicates, 0);
   await s.browser.screenshot('reset-history');
