@@ -548,7 +548,7 @@ pub async fn range(
         }
         bytes += entry.content.len();
         kept.push_back((entry, before));
-        while kept.len() > limit || (bytes > RANGE_BYTES && kept.len() > 1) {
+        while backwards && (kept.len() > limit || (bytes > RANGE_BYTES && kept.len() > 1)) {
             if let Some((e, _)) = kept.pop_front() {
                 bytes -= e.content.len();
             }

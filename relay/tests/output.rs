@@ -218,6 +218,17 @@ async fn ranges_by_seq_and_by_line_number_every_line_as_the_download_does() {
             assert!(line_at(&all, starts[seq - 1]) < n || n == 1, "line {n}");
         }
     }
+    // A page forward from a position starts there, and ends after about a megabyte.
+    for q in ["line=1", "after=0&limit=1000"] {
+        let (_, page) = get_json(&format!("{base}?{q}")).await;
+        let entries = page["entries"].as_array().unwrap();
+        assert_eq!(entries[0]["seq"], 1, "{q}");
+        let bytes: usize = entries.iter().map(|e| content(e).len()).sum();
+        assert!((1024 * 1024..1024 * 1024 + 62 * 1024).contains(&bytes), "{q}: {bytes}");
+        let last = entries.last().unwrap()["seq"].as_u64().unwrap();
+        assert_eq!(page["nextSeq"], last);
+        assert_eq!(entries.len() as u64, last);
+    }
     // A line past the end: an empty page.
     let (status, page) = get_json(&format!("{base}?line=99999")).await;
     assert_eq!(status, 200);

@@ -194,15 +194,20 @@ class Follower {
     this.scroller = scroller;
     this.button = button;
     this.stuck = true;
+    this.held = false; // the page moved the view (a link, a search match): stay until the user moves it
     this.lastTop = 0;
     this.pending = false;
     scroller.addEventListener('scroll', () => {
       const top = scroller.scrollTop;
-      if (this.atBottom()) this.stuck = true;
+      if (this.held) this.stuck = false;
+      else if (this.atBottom()) this.stuck = true;
       else if (top < this.lastTop - 1) this.stuck = false;
       this.lastTop = top;
       this.button.hidden = this.stuck;
     });
+    for (const ev of ['wheel', 'mousedown', 'keydown', 'touchstart']) scroller.addEventListener(ev, () => {
+      this.held = false;
+    }, { passive: true });
     scroller.addEventListener('wheel', (e) => {
       if (e.deltaY < 0 && scroller.scrollTop > 0) {
         this.stuck = false;
@@ -210,10 +215,18 @@ class Follower {
       }
     }, { passive: true });
     button.addEventListener('click', () => {
+      this.held = false;
       this.stuck = true;
       this.button.hidden = true;
       this.now();
     });
+  }
+
+  /** The page moves the view: it stays there, not following, until the user scrolls. */
+  hold() {
+    this.held = true;
+    this.stuck = false;
+    this.button.hidden = false;
   }
 
   atBottom() {
@@ -391,7 +404,7 @@ class OutputPane {
   /** The live block and the one before it stay; others go, the farthest from the view first. */
   evict() {
     const keepFrom = blockOf(this.line) - 1;
-    const center = blockOf(this.viewLine());
+    const center = this.follower.stuck ? keepFrom : blockOf(this.viewLine());
     while (this.blocks.size > MAX_BLOCKS || this.rawSize > RAW_BUDGET) {
       let far = null;
       for (const k of this.blocks.keys()) {
@@ -419,8 +432,11 @@ class OutputPane {
     this.frame = 0;
     if (this.markdownMode) return;
     const total = this.total();
-    const first = Math.max(1, this.viewLine() - OVERSCAN);
-    const last = Math.min(total, this.viewLine() + Math.ceil(this.scroller.clientHeight / ROW_H) + OVERSCAN);
+    const rows = Math.ceil(this.scroller.clientHeight / ROW_H);
+    // Following: the last lines, wherever the scroll position is until it catches up.
+    const top = this.follower.stuck ? Math.max(1, total - rows) : this.viewLine();
+    const first = Math.max(1, top - OVERSCAN);
+    const last = Math.min(total, top + rows + OVERSCAN);
     const nodes = [];
     const shown = new Set();
     for (let k = blockOf(first); k <= blockOf(last); k++) {
@@ -442,7 +458,9 @@ class OutputPane {
     this.root.dataset.lines = String(total); // for the browser tests and for debugging
     this.top.style.height = `${(first - 1) * ROW_H}px`;
     this.bottom.style.height = `${Math.max(0, total - last) * ROW_H}px`;
-    this.term.replaceChildren(...nodes);
+    // Rows that stay are not moved (a click or a text selection on them goes on undisturbed).
+    const now = this.term.childNodes;
+    if (nodes.length !== now.length || nodes.some((n, i) => n !== now[i])) this.term.replaceChildren(...nodes);
   }
 
   rowNode(row) {
@@ -593,8 +611,8 @@ class OutputPane {
       return;
     }
     this.pendingJump = null;
-    this.follower.stuck = false;
-    this.followButton.hidden = false;
+    this.follower.hold();
+    this.render(); // the scroll area as tall as the lines so far, or the position is cut short
     const top = this.top.offsetTop + (from - 1) * ROW_H - Math.floor(this.scroller.clientHeight / 3);
     this.scroller.scrollTop = Math.max(0, top);
     this.follower.lastTop = this.scroller.scrollTop;
