@@ -35,10 +35,9 @@ use crate::ring::TryRecvError;
 use agentrun_protocol::replay::last_seq;
 use agentrun_protocol::{Entry, Epoch, RunState, StreamName, Variation};
 use agentrun_protocol::{sse, state_hash};
-use axum::body::Body;
 use axum::extract::{Extension, Path, RawQuery, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -692,13 +691,9 @@ pub async fn events(
             .await
             .map(|chunk| (Ok::<_, Infallible>(chunk), s))
     });
-    let mut response = Body::from_stream(stream).into_response();
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    Ok(crate::sse::streamed(
+        stream,
+        "text/event-stream",
+        "no-cache",
+    ))
 }

@@ -22,7 +22,6 @@ use std::time::Duration;
 
 use agentrun_protocol::{Entry, EntryType, Envelope, Epoch, RunId, StreamName, Variation};
 use axum::Extension;
-use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -774,24 +773,28 @@ pub async fn search(
 ) -> Result<Response, ApiError> {
     let search = parse_search(query.as_deref())?;
     let (run, variation) = visible_variation(&state, &access, &run, &variation).await?;
+    // A search counts as one of the caller's streams (`--max-sse-per-client`) while it runs.
+    let slot = match state.limiter.sse_slot(access.client_key()) {
+        Ok(s) => s,
+        Err(r) => return Ok(r),
+    };
     let walk = Walk::new(&state, &run, &variation, SEARCH_TIME).await?;
     // Small messages, few in flight: a client that reads slowly holds the search back.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
-    tokio::spawn(run_search(walk, search, tx));
+    tokio::spawn(async move {
+        run_search(walk, search, tx).await;
+        drop(slot);
+    });
     let body = futures::stream::unfold(rx, |mut rx| async move {
         rx.recv()
             .await
             .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
     });
-    let mut response = Body::from_stream(body).into_response();
-    let h = response.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/x-ndjson"),
-    );
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
-    Ok(response)
+    Ok(crate::sse::streamed(
+        body,
+        "application/x-ndjson",
+        "no-store",
+    ))
 }
 
 /// Why a search stopped before the end of the output.
@@ -814,6 +817,9 @@ async fn run_search(mut walk: Walk, search: Search, tx: tokio::sync::mpsc::Sende
         started: false,
     };
     let summary = loop {
+        if tx.is_closed() {
+            return; // the client went away
+        }
         if walk.timed_out() {
             break stopped(
                 "time",
@@ -971,10 +977,15 @@ mod tests {
             ("limit=100000", "`limit`"),
             ("after=1&after=2", "at most once"),
         ] {
-            let e = parse_range(Some(q)).unwrap_err();
-            assert_eq!(e.status, StatusCode::BAD_REQUEST);
-            assert!(e.message.contains(needle), "{q}: {}", e.message);
+            refused(parse_range(Some(q)).map(|_| ()), q, needle);
         }
+    }
+
+    /// `result` is a 400 whose message contains `needle`.
+    fn refused(result: Result<(), ApiError>, q: &str, needle: &str) {
+        let e = result.unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(e.message.contains(needle), "{q}: {}", e.message);
     }
 
     #[test]
@@ -1002,9 +1013,7 @@ mod tests {
             ("q=a&limit=0", "`limit`"),
             ("q=a&limit=10001", "`limit`"),
         ] {
-            let e = parse_search(Some(q)).unwrap_err();
-            assert_eq!(e.status, StatusCode::BAD_REQUEST);
-            assert!(e.message.contains(needle), "{q}: {}", e.message);
+            refused(parse_search(Some(q)).map(|_| ()), q, needle);
         }
     }
 

@@ -46,6 +46,18 @@ fn content(e: &serde_json::Value) -> Vec<u8> {
     }
 }
 
+/// Where each chunk starts in their concatenation.
+fn offsets(chunks: &[Vec<u8>]) -> Vec<usize> {
+    chunks
+        .iter()
+        .scan(0, |at, c| {
+            let s = *at;
+            *at += c.len();
+            Some(s)
+        })
+        .collect()
+}
+
 /// The line number of each byte offset of `all` where an entry starts.
 fn line_at(all: &[u8], offset: usize) -> u64 {
     all[..offset].iter().filter(|b| **b == b'\n').count() as u64 + 1
@@ -69,15 +81,7 @@ async fn publish_sample(
             .unwrap();
     }
     // A gap entry at the end: it adds no bytes and no lines.
-    p.publish(
-        &mut conn,
-        &run,
-        &stream,
-        EntryType::Gap,
-        &[br#"{"droppedBytes":10,"droppedChunks":1}"#.to_vec()],
-    )
-    .await
-    .unwrap();
+    p.gap(&mut conn, &run, &stream).await;
     let relay = Relay::start(&redis.url()).await;
     (redis, relay, run.to_string(), chunks)
 }
@@ -92,14 +96,7 @@ async fn get_json(url: &str) -> (u16, serde_json::Value) {
 async fn ranges_by_seq_and_by_line_number_every_line_as_the_download_does() {
     let (_redis, relay, run, chunks) = publish_sample("range").await;
     let all = chunks.concat();
-    let starts: Vec<usize> = chunks
-        .iter()
-        .scan(0, |at, c| {
-            let s = *at;
-            *at += c.len();
-            Some(s)
-        })
-        .collect();
+    let starts = offsets(&chunks);
     let total_entries = chunks.len() as u64 + 1;
     let base = format!("{}/api/runs/{run}/variations/main/output/range", relay.base);
 
@@ -224,7 +221,10 @@ async fn ranges_by_seq_and_by_line_number_every_line_as_the_download_does() {
         let entries = page["entries"].as_array().unwrap();
         assert_eq!(entries[0]["seq"], 1, "{q}");
         let bytes: usize = entries.iter().map(|e| content(e).len()).sum();
-        assert!((1024 * 1024..1024 * 1024 + 62 * 1024).contains(&bytes), "{q}: {bytes}");
+        assert!(
+            (1024 * 1024..1024 * 1024 + 62 * 1024).contains(&bytes),
+            "{q}: {bytes}"
+        );
         let last = entries.last().unwrap()["seq"].as_u64().unwrap();
         assert_eq!(page["nextSeq"], last);
         assert_eq!(entries.len() as u64, last);
@@ -300,14 +300,7 @@ async fn search_streams_every_matching_line_with_its_number_and_position() {
     let (_redis, relay, run, chunks) = publish_sample("search").await;
     let all = chunks.concat();
     let base = format!("{}/api/runs/{run}/variations/main/output", relay.base);
-    let starts: Vec<usize> = chunks
-        .iter()
-        .scan(0, |at, c| {
-            let s = *at;
-            *at += c.len();
-            Some(s)
-        })
-        .collect();
+    let starts = offsets(&chunks);
 
     // Text, case-insensitive by default; colours do not hide a match; bytes that are not
     // UTF-8 do not either.

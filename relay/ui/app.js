@@ -481,7 +481,8 @@ class OutputPane {
 
   /** Reads block `k` from the relay's range endpoint (a block the page no longer holds). */
   fetchBlock(k) {
-    if (this.fetching.has(k) || k >= blockOf(this.line) - 1) return;
+    // The live block and the one before it are written by the event stream, until the run ends.
+    if (this.fetching.has(k) || (k >= blockOf(this.line) - 1 && !this.ended)) return;
     const [a, z] = blockLines(k);
     const mode = this.mode();
     const job = (async () => {
@@ -597,6 +598,7 @@ class OutputPane {
   /** The run ended: nothing more comes; a pending jump goes to the last line at most. */
   end() {
     this.ended = true;
+    this.schedule(); // blocks not kept near the end can be read from the relay now
     if (this.pendingJump) this.jumpTo(Math.min(this.pendingJump.from, this.line), Math.min(this.pendingJump.to, this.line));
   }
 

@@ -57,6 +57,11 @@ async function footprint(page) {
 }
 
 test('a 300,000-line run: scroll back to the first line, search, line links, download; memory bounded', async () => {
+  let last = Date.now();
+  const step = (what) => {
+    console.log(`# ${what}: ${Date.now() - last} ms`);
+    last = Date.now();
+  };
   const run = uniqueRun('big');
   const t0 = Date.now();
   const agent = spawnTied(binary('agentrun-sidecar'), ['run', '--redis-url', s.redis.url, '--run-id', run, '--variation', 'big', '--quiet', '--', 'sh', '-c', AGENT], { stdio: 'ignore' });
@@ -78,6 +83,7 @@ test('a 300,000-line run: scroll back to the first line, search, line links, dow
   const atEnd = await footprint(page);
   console.log(`# at the end: ${JSON.stringify(atEnd)}`);
 
+  step('load');
   // Scrolled to the top: the first line, read again from the relay.
   const scroller = page.locator(`section.variation[data-variation="${v}"] .output-scroll`);
   await scroller.evaluate((el) => {
@@ -86,6 +92,7 @@ test('a 300,000-line run: scroll back to the first line, search, line links, dow
   await waitFor('the first line', async () => (await rowText(page, v, 1)) === `${lineOf(1)}\n`);
   assert.equal(await rowText(page, v, 2), `${lineOf(2)}\n`);
 
+  step('top');
   // Search for a line in the middle: the pane goes to it.
   const middle = LINES / 2;
   await page.locator(`section.variation[data-variation="${v}"] .out-search-input`).fill(lineOf(middle));
@@ -94,6 +101,7 @@ test('a 300,000-line run: scroll back to the first line, search, line links, dow
   assert.equal(await rowText(page, v, middle), `${lineOf(middle)}\n`);
   assert.equal(await page.locator(`section.variation[data-variation="${v}"] .out-search-status`).textContent(), '1 of 1');
 
+  step('search');
   // Scrolling around loads what it needs and keeps memory bounded.
   for (const at of [0.1, 0.9, 0.3, 0.7, 0.5]) {
     await scroller.evaluate((el, f) => {
@@ -112,6 +120,7 @@ test('a 300,000-line run: scroll back to the first line, search, line links, dow
     assert.ok(f.heap <= 32 * 1024 * 1024, `the JS heap holds ${(f.heap / 1048576).toFixed(1)} MiB`);
   }
 
+  step('scrolling');
   // A link to lines opens there, highlighted.
   const from = 123_456;
   await page.goto('about:blank'); // a new page load, not a change of the fragment
@@ -123,6 +132,7 @@ test('a 300,000-line run: scroll back to the first line, search, line links, dow
   await page.locator(`section.variation[data-variation="${v}"] .row[data-line="${from + 2}"] .ln`).click();
   assert.equal(await page.evaluate(() => location.hash), `#${v}:L${from + 2}`);
 
+  step('link');
   // The download is the agent's bytes.
   const got = await page.locator(`section.variation[data-variation="${v}"] a.download`).evaluate(async (a) => {
     const buf = await (await fetch(a.href)).arrayBuffer();
@@ -130,6 +140,7 @@ test('a 300,000-line run: scroll back to the first line, search, line links, dow
     return { length: buf.byteLength, sha256: Array.from(new Uint8Array(digest), (b) => b.toString(16).padStart(2, '0')).join('') };
   });
   assert.deepEqual(got, want);
+  step('download');
   await s.browser.screenshot('big-output');
   assert.deepEqual(s.browser.errors, []);
 });
