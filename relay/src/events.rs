@@ -563,12 +563,7 @@ pub async fn events(
     }
 
     // Who may see the run, and what it has, is settled before anything touches its feed.
-    let state: HashMap<String, String> = app
-        .query(redis::cmd("HGETALL").arg(run.state_key()))
-        .await?;
-    if state.is_empty() || !access.can_see(&state).await? {
-        return Err(ApiError::not_found(&run));
-    }
+    let state = access.visible_state(&app, &run).await?;
     let declared = state_hash::variations(&state);
     if let Some(v) = &variation
         && !declared.contains(v)

@@ -74,12 +74,7 @@ pub async fn visible_variation(
 ) -> Result<(RunId, Variation), ApiError> {
     let run = parse_run(run)?;
     let variation = Variation::new(variation).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let hash: HashMap<String, String> = state
-        .query(redis::cmd("HGETALL").arg(run.state_key()))
-        .await?;
-    if hash.is_empty() || !access.can_see(&hash).await? {
-        return Err(ApiError::not_found(&run));
-    }
+    let hash = access.visible_state(state, &run).await?;
     let known = state_hash::variations(&hash);
     if !known.contains(&variation) {
         let names: Vec<&str> = known.iter().map(Variation::as_str).collect();
