@@ -307,6 +307,7 @@ class OutputPane {
     this.blocks = new Map();
     this.rawSize = 0;
     this.line = 1; // the output line being written live
+    this.known = 0; // lines the relay said the output has (learnTotal)
     this.dropped = 0;
     this.startLive(renderItems([], { mode: this.mode(), firstLine: 1, maxLine: LINE_CAP }), 0);
   }
@@ -360,6 +361,12 @@ class OutputPane {
       if (nl < 0) break;
       this.line++;
       start = end;
+      const b = this.blocks.get(blockOf(this.line));
+      if (b && b.ahead) {
+        // The stream reached a block read ahead of it: the stream's own rendering replaces it.
+        this.rawSize -= b.size;
+        this.blocks.delete(b.k);
+      }
     }
     const segs = this.parser.push(text);
     this.place(this.screen.apply(segs));
@@ -398,17 +405,35 @@ class OutputPane {
 
   /** Lines in the scroll area: every output line up to the one being written. */
   total() {
-    return this.line;
+    return Math.max(this.line, this.known);
   }
 
-  /** The live block and the one before it stay; others go, the farthest from the view first. */
+  /**
+   * Asks the relay how many lines the output has (the newest range page), so that a link or a
+   * search match past what the event stream has brought so far can be gone to at once.
+   */
+  learnTotal() {
+    if (this.learning || this.ended) return;
+    this.learning = (async () => {
+      const res = await apiFetch(`${this.base}/range?limit=1`, { headers: { accept: 'application/json' } });
+      if (!res.ok) return;
+      const page = await res.json();
+      if (Number.isFinite(page.nextLine)) this.known = Math.max(this.known, page.nextLine);
+      const p = this.pendingJump;
+      if (p && p.from < this.total()) this.jumpTo(p.from, p.to);
+    })().catch(() => {}).finally(() => {
+      this.learning = null;
+    });
+  }
+
+  /** The live block and the ones next to it stay; others go, the farthest from the view first. */
   evict() {
     const keepFrom = blockOf(this.line) - 1;
     const center = this.follower.stuck ? keepFrom : blockOf(this.viewLine());
     while (this.blocks.size > MAX_BLOCKS || this.rawSize > RAW_BUDGET) {
       let far = null;
       for (const k of this.blocks.keys()) {
-        if (k >= keepFrom) continue;
+        if (k >= keepFrom && k <= keepFrom + 2) continue;
         if (far === null || Math.abs(k - center) > Math.abs(far - center)) far = k;
       }
       if (far === null) return;
@@ -481,8 +506,12 @@ class OutputPane {
 
   /** Reads block `k` from the relay's range endpoint (a block the page no longer holds). */
   fetchBlock(k) {
-    // The live block and the one before it are written by the event stream, until the run ends.
-    if (this.fetching.has(k) || (k >= blockOf(this.line) - 1 && !this.ended)) return;
+    // The live block, the one before it and the one after it are written by the event stream,
+    // until the run ends. A block further ahead (a link or a search match past what the stream
+    // has brought so far) is read, and given up when the stream reaches it.
+    const liveK = blockOf(this.line);
+    if (this.fetching.has(k) || (Math.abs(k - liveK) <= 1 && !this.ended)) return;
+    const ahead = k > liveK + 1 && !this.ended;
     const [a, z] = blockLines(k);
     const mode = this.mode();
     const job = (async () => {
@@ -499,6 +528,7 @@ class OutputPane {
       if (mode !== this.mode() || this.blocks.has(k)) return; // the view changed meanwhile
       const { rows } = renderItems(lines.items, { mode, firstLine: a, maxLine: LINE_CAP });
       const b = this.block(k);
+      b.ahead = ahead;
       b.rows = rows;
       b.items = lines.items;
       b.size = lines.items.reduce((s, i) => s + (typeof i === 'string' ? i.length : i.marker.length), 0);
@@ -586,7 +616,7 @@ class OutputPane {
     }
     this.schedule();
     this.follower.changed();
-    if (this.pendingJump && this.pendingJump.from < this.line) this.jumpTo(this.pendingJump.from, this.pendingJump.to);
+    if (this.pendingJump && this.pendingJump.from < this.total()) this.jumpTo(this.pendingJump.from, this.pendingJump.to);
   }
 
   renderMarkdown() {
@@ -608,8 +638,9 @@ class OutputPane {
    */
   jumpTo(from, to = from) {
     this.highlight = { from, to };
-    if (from >= this.line && !this.ended) {
+    if (from >= this.total() && !this.ended) {
       this.pendingJump = { from, to };
+      this.learnTotal();
       return;
     }
     this.pendingJump = null;
