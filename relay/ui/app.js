@@ -1071,7 +1071,7 @@ class VariationColumn {
       el('header', { class: 'var-head' },
         el('div', { class: 'var-title' }, el('h2', { text: name }), this.badgeSlot, controls(page.run, name, setError)),
         this.detail, this.error),
-      el('div', { class: 'pane-head' }, el('h3', { text: 'Output' }), this.output.search.root, rawToggle, mdToggle,
+      el('div', { class: 'pane-head output-head' }, el('h3', { text: 'Output' }), this.output.search.root, rawToggle, mdToggle,
         el('a', { class: 'toggle download', href: api(`/runs/${encodeURIComponent(page.run)}/variations/${encodeURIComponent(name)}/output`), download: `${page.run}-${name}.txt`, title: 'Download the whole output of this variation, as the agent wrote it', text: 'Download' })),
       this.output.root,
       stdinForm,
