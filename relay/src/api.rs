@@ -177,13 +177,7 @@ pub async fn get_run(
     Path(run): Path<String>,
 ) -> Result<Json<RunSummary>, ApiError> {
     let run = parse_run(&run)?;
-    let hash: HashMap<String, String> = state
-        .query(redis::cmd("HGETALL").arg(run.state_key()))
-        .await?;
-    // A run the caller may not see answers like one that does not exist.
-    if hash.is_empty() || !access.can_see(&hash).await? {
-        return Err(ApiError::not_found(&run));
-    }
+    let hash = access.visible_state(&state, &run).await?;
     Ok(Json(summary(run.as_str(), None, &hash)))
 }
 

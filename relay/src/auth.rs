@@ -161,6 +161,22 @@ impl Access {
         }
     }
 
+    /// The run's state hash, when the caller may see the run; a run it may not see answers
+    /// `404` like one that does not exist (never started, or expired).
+    pub async fn visible_state(
+        &self,
+        app: &crate::AppState,
+        run: &agentrun_protocol::RunId,
+    ) -> Result<HashMap<String, String>, ApiError> {
+        let state: HashMap<String, String> = app
+            .query(redis::cmd("HGETALL").arg(run.state_key()))
+            .await?;
+        if state.is_empty() || !self.can_see(&state).await? {
+            return Err(ApiError::not_found(run));
+        }
+        Ok(state)
+    }
+
     /// `Ok` when the caller may control the run; a run it may not see answers `404` like a
     /// missing one; in Kubernetes mode, a run it may see but not `update` answers `403`.
     pub async fn check_control(

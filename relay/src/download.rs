@@ -7,22 +7,18 @@
 //! `X-Agentrun-First-Seq` header says where the stream started when the download began, so a
 //! caller can tell a complete download (`1`) from a trimmed one.
 
-use std::collections::HashMap;
-
 use agentrun_protocol::replay::read_page;
-use agentrun_protocol::{EntryType, StreamName, Variation};
+use agentrun_protocol::{EntryType, StreamName};
 use axum::Extension;
 use axum::body::Body;
 use axum::extract::{Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use crate::AppState;
-use crate::api::parse_run;
 use crate::auth::Access;
 use crate::error::ApiError;
-use agentrun_protocol::state_hash;
 
 /// Entries read from Redis at a time (each at most the sidecar's chunk size, 64 KiB).
 pub const PAGE: usize = 64;
@@ -32,25 +28,8 @@ pub async fn output(
     Extension(access): Extension<Access>,
     Path((run, variation)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let run = parse_run(&run)?;
-    let variation = Variation::new(variation).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let hash: HashMap<String, String> = state
-        .query(redis::cmd("HGETALL").arg(run.state_key()))
-        .await?;
-    if hash.is_empty() || !access.can_see(&hash).await? {
-        return Err(ApiError::not_found(&run));
-    }
-    let known = state_hash::variations(&hash);
-    if !known.contains(&variation) {
-        let names: Vec<&str> = known.iter().map(Variation::as_str).collect();
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "run {run} has no variation {variation}; its variations are: {}",
-                names.join(", ")
-            ),
-        ));
-    }
+    let (run, variation) =
+        crate::output::visible_variation(&state, &access, &run, &variation).await?;
     let key = StreamName::Output(variation.clone()).key(&run);
     let mut conn = state.conn.clone();
     let first = read_page(&mut conn, &key, 0, 1)

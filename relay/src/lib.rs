@@ -8,8 +8,10 @@
 //! following the hub's feed; [`sse`] writes the SSE text (the events of
 //! [`agentrun_protocol::sse`]). Around it:
 //! [`api`] (run list, run summary, control, health), [`archive`] (runs Redis has let go,
-//! read from their archive), [`download`] (a variation's output as a
-//! file), [`auth`] and [`kube_auth`] (who may see and steer a run), [`cors`], [`limits`] (per
+//! read from their archive), [`download`] (a variation's output as a file), [`output`] (ranges
+//! of a variation's output by entry or line, and search across it; read with [`paging`]),
+//! [`query`] (what a request for events asks for), [`auth`] and [`kube_auth`] (who may see and
+//! steer a run), [`cors`], [`limits`] (per
 //! client and global caps), [`budget`] and [`ring`] (byte-bounded buffers), [`ui`] (the web
 //! page), [`metrics`]. [`config`] holds the flags, [`state`] what every handler shares,
 //! [`error`] the one error type handlers answer with, [`server`] the HTTP server (HTTP/1.1,
@@ -30,6 +32,9 @@ pub mod hub;
 pub mod kube_auth;
 pub mod limits;
 pub mod metrics;
+pub mod output;
+pub mod paging;
+pub mod query;
 pub mod ring;
 pub mod server;
 pub mod shards;
@@ -59,6 +64,14 @@ pub fn app(state: AppState) -> Router {
         .route(
             "/api/runs/{run}/variations/{variation}/output",
             get(download::output),
+        )
+        .route(
+            "/api/runs/{run}/variations/{variation}/output/range",
+            get(output::range),
+        )
+        .route(
+            "/api/runs/{run}/variations/{variation}/output/search",
+            get(output::search),
         )
         .route(
             "/api/session",

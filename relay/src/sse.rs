@@ -29,6 +29,29 @@ pub fn event_tail<E: ServerEvent>(out: &mut BytesMut, event: &E) {
     out.put_slice(b"\n\n");
 }
 
+/// A response whose body is `stream`, sent as it comes: with its content type and cache
+/// policy, and `X-Accel-Buffering: no` so that a proxy (nginx) does not hold it back.
+pub fn streamed<S>(
+    stream: S,
+    content_type: &'static str,
+    cache_control: &'static str,
+) -> axum::response::Response
+where
+    S: futures::Stream<Item = Result<Bytes, std::convert::Infallible>> + Send + 'static,
+{
+    use axum::http::{HeaderValue, header};
+    use axum::response::IntoResponse;
+    let mut response = axum::body::Body::from_stream(stream).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    h.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
+    h.insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,8 @@ pub struct RelayState {
     pub allowed_origins: Vec<String>,
     pub cors_origins: Vec<String>,
     pub limiter: limits::Limiter,
+    /// Checkpoints of output streams' line numbers (ranges, search).
+    pub line_index: crate::output::LineIndex,
 }
 
 /// Shared state of the relay's handlers; cheap to clone.
@@ -138,6 +140,7 @@ impl AppState {
             auth,
             allowed_origins,
             cors_origins,
+            line_index: crate::output::LineIndex::default(),
             limiter: limits::Limiter::new(limits::LimitSettings {
                 max_in_flight: config.max_in_flight,
                 max_body_bytes: config.max_body_bytes,

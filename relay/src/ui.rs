@@ -44,6 +44,11 @@ const ASSETS: &[Asset] = &[
         body: include_bytes!("../ui/terminal.js"),
     },
     Asset {
+        name: "lines.js",
+        content_type: "text/javascript; charset=utf-8",
+        body: include_bytes!("../ui/lines.js"),
+    },
+    Asset {
         name: "markdown.js",
         content_type: "text/javascript; charset=utf-8",
         body: include_bytes!("../ui/markdown.js"),

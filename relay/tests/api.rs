@@ -266,15 +266,7 @@ async fn a_variations_output_downloads_as_the_agents_exact_bytes() {
     )
     .await
     .unwrap();
-    p.publish(
-        &mut conn,
-        &run,
-        &stream,
-        agentrun_protocol::EntryType::Gap,
-        &[br#"{"droppedBytes":10,"droppedChunks":1}"#.to_vec()],
-    )
-    .await
-    .unwrap();
+    p.gap(&mut conn, &run, &stream).await;
     p.publish(
         &mut conn,
         &run,

@@ -6,10 +6,10 @@
 // forbids inline scripts on top of that.
 
 import { AnsiParser, plainText } from './ansi.js';
-import { Screen, runsOf } from './terminal.js';
+import { runsOf } from './terminal.js';
+import { blockOf, blockLines, parseLineHash, lineHash, gapMessage, fmtBytes, EntryDecoder, LineCollector, renderItems } from './lines.js';
 import { parse as parseMarkdown, render as renderMarkdown } from './markdown.js';
 
-const OUTPUT_CAP = 256 * 1024; // characters of output kept on the page per variation
 const MARKDOWN_CAP = 128 * 1024; // characters of output rendered as Markdown
 const LOG_LINES_CAP = 2000; // log lines kept per variation
 const LOG_LINE_CAP = 8 * 1024; // characters shown of one log line
@@ -71,14 +71,6 @@ function fmtDate(ms) {
   const n = Number(ms);
   if (!Number.isFinite(n) || n <= 0) return '';
   return new Date(n).toLocaleString([], { hour12: false });
-}
-
-function fmtBytes(n) {
-  const v = Number(n);
-  if (!Number.isFinite(v)) return String(n);
-  if (v < 1024) return `${v} B`;
-  if (v < 1024 * 1024) return `${(v / 1024).toFixed(1)} KiB`;
-  return `${(v / 1024 / 1024).toFixed(1)} MiB`;
 }
 
 function clip(s, n) {
@@ -202,15 +194,20 @@ class Follower {
     this.scroller = scroller;
     this.button = button;
     this.stuck = true;
+    this.held = false; // the page moved the view (a link, a search match): stay until the user moves it
     this.lastTop = 0;
     this.pending = false;
     scroller.addEventListener('scroll', () => {
       const top = scroller.scrollTop;
-      if (this.atBottom()) this.stuck = true;
+      if (this.held) this.stuck = false;
+      else if (this.atBottom()) this.stuck = true;
       else if (top < this.lastTop - 1) this.stuck = false;
       this.lastTop = top;
       this.button.hidden = this.stuck;
     });
+    for (const ev of ['wheel', 'mousedown', 'keydown', 'touchstart']) scroller.addEventListener(ev, () => {
+      this.held = false;
+    }, { passive: true });
     scroller.addEventListener('wheel', (e) => {
       if (e.deltaY < 0 && scroller.scrollTop > 0) {
         this.stuck = false;
@@ -218,10 +215,18 @@ class Follower {
       }
     }, { passive: true });
     button.addEventListener('click', () => {
+      this.held = false;
       this.stuck = true;
       this.button.hidden = true;
       this.now();
     });
+  }
+
+  /** The page moves the view: it stays there, not following, until the user scrolls. */
+  hold() {
+    this.held = true;
+    this.stuck = false;
+    this.button.hidden = false;
   }
 
   atBottom() {
@@ -248,140 +253,357 @@ class Follower {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Output pane: lines as a terminal shows them (terminal.js), or every byte made visible (raw),
-// capped; Markdown view of the same text.
+// Output pane: the variation's output as numbered lines (lines.js), as a terminal shows them
+// (terminal.js) or with every byte made visible (raw); a Markdown view of the latest output.
+//
+// Virtualized: the scroll area is as tall as the whole output, but only the rows in view (and
+// OVERSCAN on each side) are in the DOM, and only some blocks of lines are kept in memory. The
+// live tail arrives over SSE and is written as it comes; a block that is not kept is read again
+// from the relay's range endpoint when it comes into view, so the whole output can be scrolled
+// back to its first line, searched (search endpoint), and linked to (#VARIATION:L12-L20).
+
+const ROW_H = 18; // px: the height of a row (.term .row in style.css)
+const OVERSCAN = 60; // rows rendered above and below the view
+const MAX_BLOCKS = 40; // blocks of lines kept in memory (BLOCK lines each)
+const RAW_BUDGET = 8 * 1024 * 1024; // characters of output text kept to render again
+const BLOCK_RAW_CAP = 1024 * 1024; // characters of text kept for one block
+const LINE_CAP = 128 * 1024; // characters of one line shown (an over-long line loses its start)
+const RANGE_LIMIT = 500; // entries asked for per range page
 
 class OutputPane {
-  constructor() {
+  constructor(run, variation) {
+    this.run = run;
+    this.variation = variation;
+    this.base = api(`/runs/${encodeURIComponent(run)}/variations/${encodeURIComponent(variation)}/output`);
     this.raw = false;
-    this.source = []; // what was written, to render again in the other mode: {text} or {marker, kind}
-    this.sourceSize = 0;
-    this.sourceDropped = 0;
     this.markdownText = '';
     this.markdownMode = false;
     this.markdownTimer = null;
+    this.ended = false;
+    this.highlight = null; // {from, to}: linked lines or the current search match
+    this.pendingJump = null;
+    this.frame = 0;
+    this.shown = new Set();
+    this.fetching = new Map();
     this.trimNotice = el('div', { class: 'trim-notice', hidden: true });
+    this.top = el('div', { class: 'spacer' });
+    this.bottom = el('div', { class: 'spacer' });
     this.term = el('pre', { class: 'term' });
     this.md = el('div', { class: 'markdown', hidden: true });
-    this.scroller = el('div', { class: 'scroll output-scroll', tabindex: 0, 'aria-label': 'Output' }, this.trimNotice, this.term, this.md);
+    // The spacers stand for the lines above and below the rows in the DOM.
+    this.scroller = el('div', { class: 'scroll output-scroll', tabindex: 0, 'aria-label': 'Output' }, this.trimNotice, this.top, this.term, this.bottom, this.md);
     this.followButton = el('button', { class: 'follow', type: 'button', hidden: true, text: '↓ Follow output' });
     this.follower = new Follower(this.scroller, this.followButton);
     this.root = el('div', { class: 'pane output-pane' }, this.scroller, this.followButton);
-    this.clear();
+    this.search = new OutputSearch(this);
+    this.scroller.addEventListener('scroll', () => this.schedule());
+    window.addEventListener('resize', () => this.schedule());
+    this.term.addEventListener('click', (e) => this.onLineClick(e));
+    this.reset();
   }
 
-  /** Empties the view (not the source). */
-  clear() {
-    this.parser = new AnsiParser({ mode: this.raw ? 'raw' : 'terminal' });
-    // Half the cap: trimming whole older lines always leaves the current one on the page.
-    this.screen = new Screen({ maxLine: OUTPUT_CAP / 2 });
-    this.items = []; // lines that no longer change, and markers: {node, len}
-    this.size = 0; // characters on the page
-    this.trimmed = this.sourceDropped;
-    this.term.replaceChildren();
+  /** Starts over: no lines, a new live screen at line 1. */
+  reset() {
+    this.blocks = new Map();
+    this.rawSize = 0;
+    this.line = 1; // the output line being written live
+    this.known = 0; // lines the relay said the output has (learnTotal)
+    this.dropped = 0;
+    this.startLive(renderItems([], { mode: this.mode(), firstLine: 1, maxLine: LINE_CAP }), 0);
+  }
+
+  mode() {
+    return this.raw ? 'raw' : 'terminal';
+  }
+
+  /** Takes a rendering's screen and parser as the live ones, its rows into block `k`. */
+  startLive({ rows, screen, parser }, k) {
+    this.screen = screen;
+    this.parser = parser;
+    const b = this.block(k);
+    for (const r of rows) if (!b.rows.includes(r)) b.rows.push(r);
+  }
+
+  block(k) {
+    let b = this.blocks.get(k);
+    if (!b) {
+      b = { k, items: [], size: 0, rows: [] };
+      this.blocks.set(k, b);
+    }
+    return b;
+  }
+
+  /** Keeps output text (or a marker) of line `n`, to render it again in another mode. */
+  keep(n, item) {
+    const b = this.block(blockOf(n));
+    if (!b.items) return;
+    const len = typeof item === 'string' ? item.length : item.marker.length;
+    const last = b.items[b.items.length - 1];
+    if (typeof item === 'string' && typeof last === 'string' && last.length < 64 * 1024) b.items[b.items.length - 1] = last + item;
+    else b.items.push(item);
+    b.size += len;
+    this.rawSize += len;
+    if (b.size > BLOCK_RAW_CAP) {
+      // Too much to keep for one block (a huge line): it is read from the relay if needed.
+      this.rawSize -= b.size;
+      b.items = null;
+      b.size = 0;
+    }
   }
 
   write(text) {
     if (!text) return;
-    this.remember({ text });
+    let start = 0;
+    for (;;) {
+      const nl = text.indexOf('\n', start);
+      const end = nl < 0 ? text.length : nl + 1;
+      if (end > start) this.keep(this.line, text.slice(start, end));
+      if (nl < 0) break;
+      this.line++;
+      start = end;
+      const b = this.blocks.get(blockOf(this.line));
+      if (b && b.ahead) {
+        // The stream reached a block read ahead of it: the stream's own rendering replaces it.
+        this.rawSize -= b.size;
+        this.blocks.delete(b.k);
+      }
+    }
     const segs = this.parser.push(text);
-    this.paint(this.screen.apply(segs));
+    this.place(this.screen.apply(segs));
     this.markdownText += plainText(segs);
     if (this.markdownText.length > MARKDOWN_CAP * 1.25) this.markdownText = this.markdownText.slice(-MARKDOWN_CAP);
-    this.trim();
     this.changed();
   }
 
-  /** Keeps what was written (bounded) so that the other mode can show it. */
-  remember(chunk) {
-    this.source.push(chunk);
-    this.sourceSize += (chunk.text || chunk.marker).length;
-    while (this.sourceSize > OUTPUT_CAP * 2 && this.source.length > 1) {
-      const first = this.source.shift();
-      const n = (first.text || first.marker).length;
-      this.sourceSize -= n;
-      this.sourceDropped += n;
-    }
-  }
-
-  paint({ changed, frozen }) {
-    this.trimmed += this.screen.dropped;
-    this.screen.dropped = 0;
+  /** Puts new lines of the live screen into their blocks and marks changed ones for painting. */
+  place({ changed }) {
     for (const line of changed) {
-      if (!line.node) {
-        line.node = el('span', { class: 'ln' });
-        line.size = 0;
-        this.term.appendChild(line.node);
+      if (!line.placed) {
+        line.placed = true;
+        this.block(blockOf(line.n)).rows.push(line);
       }
-      const parts = runsOf(line).map((r) => (r.cls ? el('span', { class: r.cls }, r.text) : document.createTextNode(r.text)));
-      if (line.nl) parts.push('\n');
-      line.node.replaceChildren(...parts);
-      const size = line.text.length + (line.nl ? 1 : 0);
-      this.size += size - line.size;
-      line.size = size;
+      line.dirty = true;
     }
-    for (const line of frozen) this.freeze(line);
-  }
-
-  freeze(line) {
-    if (line.node) this.items.push({ node: line.node, len: line.size });
+    if (this.screen.dropped) {
+      this.dropped += this.screen.dropped;
+      this.screen.dropped = 0;
+      this.trimNotice.hidden = false;
+      this.trimNotice.textContent = `${fmtBytes(this.dropped)} at the start of over-long lines is not shown here (the page shows the last ${fmtBytes(LINE_CAP)} of a line); Download has every byte.`;
+    }
+    this.evict();
   }
 
   /** A visible notice inside the output (gap, missing entries, trimmed history...). */
   marker(message, kind = 'warn') {
-    this.remember({ marker: message, kind });
-    this.showMarker(message, kind);
+    this.keep(this.line, { marker: message, kind });
+    this.screen.freezeAll();
+    this.block(blockOf(this.line)).rows.push({ marker: message, kind, n: this.line });
+    this.place({ changed: [this.screen.lines[0]] });
     this.markdownText += `\n\n> ${message}\n\n`;
-    this.trim();
     this.changed();
   }
 
-  showMarker(message, kind) {
-    for (const line of this.screen.freezeAll()) this.freeze(line);
-    const node = el('span', { class: `marker marker-${kind}` }, message);
-    this.term.appendChild(node);
-    this.items.push({ node, len: message.length });
-    this.size += message.length;
+  /** Lines in the scroll area: every output line up to the one being written. */
+  total() {
+    return Math.max(this.line, this.known);
   }
 
-  trim() {
-    while (this.size > OUTPUT_CAP) {
-      if (this.items.length === 0) {
-        const line = this.screen.freezeOldest();
-        if (!line) break;
-        this.freeze(line);
+  /**
+   * Asks the relay how many lines the output has (the newest range page), so that a link or a
+   * search match past what the event stream has brought so far can be gone to at once.
+   */
+  learnTotal() {
+    if (this.learning || this.ended) return;
+    this.learning = (async () => {
+      const res = await apiFetch(`${this.base}/range?limit=1`, { headers: { accept: 'application/json' } });
+      if (!res.ok) return;
+      const page = await res.json();
+      if (Number.isFinite(page.nextLine)) this.known = Math.max(this.known, page.nextLine);
+      const p = this.pendingJump;
+      if (p && p.from < this.total()) this.jumpTo(p.from, p.to);
+    })().catch(() => {}).finally(() => {
+      this.learning = null;
+    });
+  }
+
+  /** The live block and the ones next to it stay; others go, the farthest from the view first. */
+  evict() {
+    const keepFrom = blockOf(this.line) - 1;
+    const center = this.follower.stuck ? keepFrom : blockOf(this.viewLine());
+    while (this.blocks.size > MAX_BLOCKS || this.rawSize > RAW_BUDGET) {
+      let far = null;
+      for (const k of this.blocks.keys()) {
+        if (k >= keepFrom && k <= keepFrom + 2) continue;
+        if (far === null || Math.abs(k - center) > Math.abs(far - center)) far = k;
+      }
+      if (far === null) return;
+      const b = this.blocks.get(far);
+      this.rawSize -= b.size;
+      this.blocks.delete(far);
+    }
+  }
+
+  /** The line at the top of the view. */
+  viewLine() {
+    return Math.max(1, Math.floor((this.scroller.scrollTop - this.top.offsetTop) / ROW_H) + 1);
+  }
+
+  schedule() {
+    if (this.frame) return;
+    this.frame = requestAnimationFrame(() => this.render());
+  }
+
+  render() {
+    this.frame = 0;
+    if (this.markdownMode) return;
+    const total = this.total();
+    const rows = Math.ceil(this.scroller.clientHeight / ROW_H);
+    // Following: the last lines, wherever the scroll position is until it catches up.
+    const top = this.follower.stuck ? Math.max(1, total - rows) : this.viewLine();
+    const first = Math.max(1, top - OVERSCAN);
+    const last = Math.min(total, top + rows + OVERSCAN);
+    const nodes = [];
+    const shown = new Set();
+    for (let k = blockOf(first); k <= blockOf(last); k++) {
+      const b = this.blocks.get(k);
+      if (b) {
+        for (const row of b.rows) {
+          if (row.n < first || row.n > last) continue;
+          nodes.push(this.rowNode(row));
+          shown.add(row);
+        }
         continue;
       }
-      const first = this.items.shift();
-      first.node.remove();
-      this.size -= first.len;
-      this.trimmed += first.len;
+      const [a, z] = blockLines(k);
+      for (let n = Math.max(a, first); n <= Math.min(z, last); n++) nodes.push(el('div', { class: 'row pending', 'data-line': n }, el('span', { class: 'ln', 'data-n': n }), '…\n'));
+      this.fetchBlock(k);
     }
-    if (this.trimmed > 0) {
+    for (const row of this.shown) if (!shown.has(row)) row.node = null;
+    this.shown = shown;
+    this.root.dataset.lines = String(total); // for the browser tests and for debugging
+    this.top.style.height = `${(first - 1) * ROW_H}px`;
+    this.bottom.style.height = `${Math.max(0, total - last) * ROW_H}px`;
+    // Rows that stay are not moved (a click or a text selection on them goes on undisturbed).
+    const now = this.term.childNodes;
+    if (nodes.length !== now.length || nodes.some((n, i) => n !== now[i])) this.term.replaceChildren(...nodes);
+  }
+
+  rowNode(row) {
+    const hl = !row.marker && this.highlight && row.n >= this.highlight.from && row.n <= this.highlight.to;
+    if (row.node && !row.dirty && row.hl === hl) return row.node;
+    row.dirty = false;
+    row.hl = hl;
+    if (row.marker) {
+      row.node = el('span', { class: `marker marker-${row.kind}` }, row.marker);
+      return row.node;
+    }
+    const parts = runsOf(row).map((r) => (r.cls ? el('span', { class: r.cls }, r.text) : document.createTextNode(r.text)));
+    if (row.nl) parts.push('\n');
+    row.node = el('div', { class: hl ? 'row hl' : 'row', 'data-line': row.n },
+      el('span', { class: 'ln', 'data-n': row.n, title: `Link to line ${row.n} (Shift: a range)` }), ...parts);
+    return row.node;
+  }
+
+  /** Reads block `k` from the relay's range endpoint (a block the page no longer holds). */
+  fetchBlock(k) {
+    // The live block, the one before it and the one after it are written by the event stream,
+    // until the run ends. A block further ahead (a link or a search match past what the stream
+    // has brought so far) is read, and given up when the stream reaches it.
+    const liveK = blockOf(this.line);
+    if (this.fetching.has(k) || (Math.abs(k - liveK) <= 1 && !this.ended)) return;
+    const ahead = k > liveK + 1 && !this.ended;
+    const [a, z] = blockLines(k);
+    const mode = this.mode();
+    const job = (async () => {
+      const lines = new LineCollector(a, z);
+      let url = `${this.base}/range?line=${a}&limit=${RANGE_LIMIT}`;
+      for (let pages = 0; pages < 1000 && !lines.done; pages++) {
+        const res = await apiFetch(url, { headers: { accept: 'application/json' } });
+        if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
+        const page = await res.json();
+        lines.add(page);
+        if (!(page.entries || []).length) break;
+        url = `${this.base}/range?after=${page.nextSeq}&limit=${RANGE_LIMIT}`;
+      }
+      if (mode !== this.mode() || this.blocks.has(k)) return; // the view changed meanwhile
+      const { rows } = renderItems(lines.items, { mode, firstLine: a, maxLine: LINE_CAP });
+      const b = this.block(k);
+      b.ahead = ahead;
+      b.rows = rows;
+      b.items = lines.items;
+      b.size = lines.items.reduce((s, i) => s + (typeof i === 'string' ? i.length : i.marker.length), 0);
+      this.rawSize += b.size;
+      this.evict();
+      this.schedule();
+    })();
+    this.fetching.set(k, job);
+    job.catch((e) => {
       this.trimNotice.hidden = false;
-      this.trimNotice.textContent = `${fmtBytes(this.trimmed)} of earlier output is not shown here (the page keeps the latest ${fmtBytes(OUTPUT_CAP)}). The full output stays in the run's stream: kubectl agentrun logs RUN.`;
+      this.trimNotice.textContent = `Cannot load lines ${a}–${z} from the relay: ${e.message}. Scroll again to retry.`;
+    }).finally(() => setTimeout(() => this.fetching.delete(k), 0));
+  }
+
+  /**
+   * The text of lines `from`..`to` as the pane shows them (markers included), from the blocks
+   * it holds; null when it does not hold them all. For the browser tests and for debugging.
+   */
+  textOf(from = 1, to = this.line) {
+    let out = '';
+    for (let k = blockOf(from); k <= blockOf(to); k++) {
+      const b = this.blocks.get(k);
+      if (!b) return null;
+      for (const row of b.rows) {
+        if (row.n < from || row.n > to) continue;
+        out += row.marker ? row.marker : row.text + (row.nl ? '\n' : '');
+      }
     }
+    return out;
   }
 
   /** Raw: every byte visible, nothing interpreted; otherwise as a terminal shows it. */
   setRaw(on) {
     if (on === this.raw) return;
     this.raw = on;
-    this.clear();
-    for (const chunk of this.source) {
-      if (chunk.text) this.paint(this.screen.apply(this.parser.push(chunk.text)));
-      else this.showMarker(chunk.marker, chunk.kind);
-      this.trim();
+    this.renderAgain();
+  }
+
+  /** Renders every kept block again in the current mode; blocks without their text are dropped (read again when needed). */
+  renderAgain() {
+    const mode = this.mode();
+    const liveK = blockOf(this.line);
+    let live = null;
+    for (const [k, b] of [...this.blocks]) {
+      if (!b.items) {
+        this.blocks.delete(k);
+        continue;
+      }
+      const r = renderItems(b.items, { mode, firstLine: blockLines(k)[0], maxLine: LINE_CAP });
+      b.rows = r.rows;
+      if (k === liveK) live = r;
     }
+    if (live) {
+      this.screen = live.screen;
+      this.parser = live.parser;
+    } else {
+      // The live block's text was too large to keep: the live view goes on from here.
+      this.startLive(renderItems([], { mode, firstLine: this.line, maxLine: LINE_CAP }), liveK);
+    }
+    for (const row of this.shown) row.node = null;
+    this.render();
     this.follower.changed();
   }
 
   setMarkdown(on) {
     this.markdownMode = on;
     this.term.hidden = on;
+    this.top.hidden = on;
+    this.bottom.hidden = on;
     this.md.hidden = !on;
     if (on) this.renderMarkdown();
-    else this.md.replaceChildren();
+    else {
+      this.md.replaceChildren();
+      this.render();
+    }
     this.follower.changed();
   }
 
@@ -392,13 +614,163 @@ class OutputPane {
         this.renderMarkdown();
       }, 250);
     }
+    this.schedule();
     this.follower.changed();
+    if (this.pendingJump && this.pendingJump.from < this.total()) this.jumpTo(this.pendingJump.from, this.pendingJump.to);
   }
 
   renderMarkdown() {
     if (!this.markdownMode) return;
     this.md.replaceChildren(renderMarkdown(parseMarkdown(this.markdownText)));
     this.follower.changed();
+  }
+
+  /** The run ended: nothing more comes; a pending jump goes to the last line at most. */
+  end() {
+    this.ended = true;
+    this.schedule(); // blocks not kept near the end can be read from the relay now
+    if (this.pendingJump) this.jumpTo(Math.min(this.pendingJump.from, this.line), Math.min(this.pendingJump.to, this.line));
+  }
+
+  /**
+   * Shows lines `from`..`to` highlighted, a third down the view; stops following. A line the
+   * page has not received yet is gone to when it arrives.
+   */
+  jumpTo(from, to = from) {
+    this.highlight = { from, to };
+    if (from >= this.total() && !this.ended) {
+      this.pendingJump = { from, to };
+      this.learnTotal();
+      return;
+    }
+    this.pendingJump = null;
+    this.follower.hold();
+    this.render(); // the scroll area as tall as the lines so far, or the position is cut short
+    const top = this.top.offsetTop + (from - 1) * ROW_H - Math.floor(this.scroller.clientHeight / 3);
+    this.scroller.scrollTop = Math.max(0, top);
+    this.follower.lastTop = this.scroller.scrollTop;
+    this.render();
+  }
+
+  onLineClick(e) {
+    const a = e.target.closest && e.target.closest('.ln');
+    if (!a) return;
+    e.preventDefault();
+    const n = Number(a.dataset.n);
+    let from = n;
+    let to = n;
+    if (e.shiftKey && this.highlight) {
+      from = Math.min(this.highlight.from, n);
+      to = Math.max(this.highlight.to, n);
+    }
+    history.replaceState(null, '', lineHash(this.variation, from, to));
+    this.highlight = { from, to };
+    this.render();
+  }
+}
+
+/**
+ * The output pane's search box: asks the relay's search endpoint (the whole output, not only
+ * what the page holds), and goes to the next or previous match.
+ */
+class OutputSearch {
+  constructor(pane) {
+    this.pane = pane;
+    this.matches = [];
+    this.index = -1;
+    this.query = '';
+    this.abort = null;
+    this.input = el('input', { type: 'search', class: 'out-search-input', placeholder: 'Search output', autocomplete: 'off', 'aria-label': `Search the output of ${pane.variation}` });
+    this.status = el('span', { class: 'out-search-status muted', 'aria-live': 'polite' });
+    const prev = el('button', { type: 'button', class: 'btn out-search-prev', title: 'Previous match (Shift+Enter)', text: '↑' });
+    const next = el('button', { type: 'button', class: 'btn out-search-next', title: 'Next match (Enter)', text: '↓' });
+    prev.addEventListener('click', () => this.go(-1));
+    next.addEventListener('click', () => this.go(1));
+    this.root = el('form', { class: 'out-search' }, this.input, prev, next, this.status);
+    this.root.setAttribute('role', 'search');
+    this.root.addEventListener('submit', (e) => {
+      e.preventDefault();
+      this.go(1);
+    });
+    this.input.addEventListener('keydown', (e) => {
+      if (e.key === 'Enter' && e.shiftKey) {
+        e.preventDefault();
+        this.go(-1);
+      }
+    });
+  }
+
+  /** Next (+1) or previous (-1) match; a new query is searched first. */
+  async go(dir) {
+    const q = this.input.value;
+    if (!q) return;
+    if (q !== this.query) {
+      await this.run(q);
+      if (!this.matches.length) return;
+      // The first match from the line in view on.
+      const at = this.pane.viewLine();
+      const i = this.matches.findIndex((m) => m.line >= at);
+      this.index = dir > 0 ? (i < 0 ? 0 : i) : (i <= 0 ? this.matches.length - 1 : i - 1);
+    } else {
+      if (!this.matches.length) return;
+      this.index = (this.index + dir + this.matches.length) % this.matches.length;
+    }
+    this.show();
+  }
+
+  show() {
+    const m = this.matches[this.index];
+    this.status.textContent = `${this.index + 1} of ${this.matches.length}${this.complete ? '' : '+'}`;
+    this.status.title = this.note || '';
+    this.pane.jumpTo(m.line);
+  }
+
+  async run(q) {
+    if (this.abort) this.abort.abort();
+    const abort = new AbortController();
+    this.abort = abort;
+    this.query = q;
+    this.matches = [];
+    this.index = -1;
+    this.complete = false;
+    this.note = '';
+    this.status.textContent = 'searching…';
+    try {
+      const res = await apiFetch(`${this.pane.base}/search?q=${encodeURIComponent(q)}`, { signal: abort.signal });
+      if (!res.ok) {
+        let msg = `${res.status} ${res.statusText}`;
+        try {
+          msg = (await res.json()).error || msg;
+        } catch {
+          // keep the status line
+        }
+        this.status.textContent = clip(msg, 200);
+        this.query = '';
+        return;
+      }
+      const reader = res.body.getReader();
+      const dec = new TextDecoder();
+      let buf = '';
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        buf += dec.decode(value, { stream: true });
+        let nl;
+        while ((nl = buf.indexOf('\n')) >= 0) {
+          const rec = JSON.parse(buf.slice(0, nl));
+          buf = buf.slice(nl + 1);
+          if (rec.done) {
+            this.complete = rec.complete === true;
+            this.note = rec.message || '';
+          } else if (Number.isFinite(rec.line)) this.matches.push(rec);
+        }
+      }
+      this.status.textContent = this.matches.length ? `${this.matches.length}${this.complete ? '' : '+'} matches` : 'no match';
+    } catch (e) {
+      if (abort.signal.aborted) return;
+      this.status.textContent = `search failed: ${e.message}`;
+      this.query = '';
+    }
   }
 }
 
@@ -658,7 +1030,7 @@ class VariationColumn {
   constructor(page, name) {
     this.name = name;
     this.state = '';
-    this.output = new OutputPane();
+    this.output = new OutputPane(page.run, name);
     this.logs = new LogPane();
     this.decoders = {};
     this.badgeSlot = el('span', { class: 'badge-slot' }, badge('pending'));
@@ -699,7 +1071,7 @@ class VariationColumn {
       el('header', { class: 'var-head' },
         el('div', { class: 'var-title' }, el('h2', { text: name }), this.badgeSlot, controls(page.run, name, setError)),
         this.detail, this.error),
-      el('div', { class: 'pane-head' }, el('h3', { text: 'Output' }), rawToggle, mdToggle,
+      el('div', { class: 'pane-head output-head' }, el('h3', { text: 'Output' }), this.output.search.root, rawToggle, mdToggle,
         el('a', { class: 'toggle download', href: api(`/runs/${encodeURIComponent(page.run)}/variations/${encodeURIComponent(name)}/output`), download: `${page.run}-${name}.txt`, title: 'Download the whole output of this variation, as the agent wrote it', text: 'Download' })),
       this.output.root,
       stdinForm,
@@ -717,21 +1089,7 @@ class VariationColumn {
   }
 
   decode(env, channel) {
-    if (env.encoding === 'base64') {
-      const dec = (this.decoders[channel] ||= new TextDecoder('utf-8', { fatal: false }));
-      let bytes;
-      try {
-        const bin = atob(env.content);
-        bytes = new Uint8Array(bin.length);
-        for (let i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
-      } catch {
-        return '\ufffd';
-      }
-      return dec.decode(bytes, { stream: true });
-    }
-    const dec = this.decoders[channel];
-    const rest = dec ? dec.decode() : '';
-    return rest + (typeof env.content === 'string' ? env.content : '');
+    return (this.decoders[channel] ||= new EntryDecoder()).decode(env);
   }
 }
 
@@ -748,6 +1106,15 @@ class RunPage {
     this.retryMs = 1000;
     this.stats = { received: 0, duplicates: 0, connects: 0, resets: 0 };
     window.__agentrun = this.stats; // for the browser tests and for debugging
+    // What an output pane holds, and its lines in memory (see OutputPane.textOf).
+    this.stats.lines = (v) => this.columns.get(v)?.output.line;
+    this.stats.text = (v, from, to) => this.columns.get(v)?.output.textOf(from, to) ?? null;
+    // A link to lines of a variation's output (#VARIATION:L12-L20) opens there.
+    this.link = parseLineHash(location.hash);
+    window.addEventListener('hashchange', () => {
+      this.link = parseLineHash(location.hash);
+      if (this.link && this.columns.has(this.link.variation)) this.columns.get(this.link.variation).output.jumpTo(this.link.from, this.link.to);
+    });
 
     this.runBadge = el('span', { class: 'badge-slot' }, badge('pending'));
     this.runInfo = el('div', { class: 'muted run-detail' });
@@ -792,6 +1159,8 @@ class RunPage {
     if (!c) {
       c = new VariationColumn(this, key);
       this.columns.set(key, c);
+      if (this.link && this.link.variation === key) c.output.jumpTo(this.link.from, this.link.to);
+      if (this.ended) c.output.end();
       this.grid.appendChild(c.root);
       this.grid.dataset.count = String(this.columns.size);
     }
@@ -890,6 +1259,7 @@ class RunPage {
     if (name === 'end') {
       this.ended = true;
       this.es.close();
+      for (const c of this.columns.values()) c.output.end();
       const phase = env && typeof env.phase === 'string' ? env.phase : '';
       if (phase) this.setRunState(phase);
       setConn('ended', env && env.finished === false ? 'stream closed' : 'run ended · all output received');
@@ -944,11 +1314,7 @@ class RunPage {
     }
     const type = env.type || name;
     if (type === 'gap') {
-      const m = env.meta && typeof env.meta === 'object' ? env.meta : {};
-      const what = [];
-      if (m.droppedBytes !== undefined) what.push(fmtBytes(m.droppedBytes));
-      if (m.droppedChunks !== undefined) what.push(`${m.droppedChunks} chunks`);
-      const msg = `⚠ gap: ${what.length ? what.join(', ') : 'some data'} of ${env.channel} could not be kept and ${what.length ? 'were' : 'was'} dropped here`;
+      const msg = gapMessage(env.channel, env.meta);
       if (col) (env.channel === 'output' ? col.output : col.logs).marker(msg);
       else this.addTimeline({ ts: env.ts, variation: env.variation, state: 'gap', message: msg });
       return;

@@ -7,11 +7,20 @@
 // Bounded: only the last `liveLines` lines can still change (older ones are handed back as
 // frozen, to be kept as they are), the cursor never moves further right than `maxCol`, and a
 // line longer than `maxLine` characters loses its start.
+//
+// Line numbers: `firstLine` is the number of the output line the screen starts on; every "\n"
+// counts one more, whether it starts a new line on the screen or moves down to an old one.
 
-/** A line: its text and its style runs ({end, cls}, in order, covering the text). */
-function newLine() {
-  return { text: '', runs: [], nl: false };
+/**
+ * A line: its text, its style runs ({end, cls}, in order, covering the text), and `n`, the
+ * number of the output line (counted by "\n", from 1) it was started on. Lines that a cursor
+ * move went back over keep their number; the output lines written over them start none.
+ */
+function newLine(n) {
+  return { text: '', runs: [], nl: false, n };
 }
+// A line written over by a later output line (a redrawn progress bar) takes that line's
+// number: the numbers shown are those of the output lines whose text is shown.
 
 function appendRun(line, text, cls) {
   line.text += text;
@@ -80,11 +89,12 @@ function dropStart(line, n) {
 }
 
 export class Screen {
-  constructor({ liveLines = 200, maxCol = 1024, maxLine = 256 * 1024 } = {}) {
+  constructor({ liveLines = 200, maxCol = 1024, maxLine = 256 * 1024, firstLine = 1 } = {}) {
     this.liveLines = liveLines;
     this.maxCol = maxCol;
     this.maxLine = maxLine;
-    this.lines = [newLine()];
+    this.line = firstLine; // the output line being written
+    this.lines = [newLine(firstLine)];
     this.row = 0;
     this.col = 0;
     this.dropped = 0; // characters cut from the start of over-long lines
@@ -112,6 +122,7 @@ export class Screen {
       const part = nl < 0 ? t.slice(start) : t.slice(start, nl);
       if (part) {
         const line = this.lines[this.row];
+        line.n = this.line; // numbered after the output line that wrote it last
         writeAt(line, this.col, part, cls);
         this.col += part.length;
         if (line.text.length > this.maxLine) {
@@ -130,6 +141,7 @@ export class Screen {
 
   newline(changed, frozen) {
     this.col = 0;
+    this.line++;
     if (this.row < this.lines.length - 1) {
       this.row++;
       return;
@@ -137,7 +149,7 @@ export class Screen {
     const ended = this.lines[this.row];
     ended.nl = true;
     changed.add(ended);
-    const line = newLine();
+    const line = newLine(this.line);
     this.lines.push(line);
     this.row++;
     changed.add(line);
@@ -173,6 +185,7 @@ export class Screen {
         if (name === 'next') this.col = 0;
         break;
       case 'el':
+        line.n = this.line;
         if (n === 0) truncate(line, this.col);
         else if (n === 1) writeAt(line, 0, ' '.repeat(Math.min(this.col + 1, line.text.length)), '');
         else {
@@ -189,7 +202,7 @@ export class Screen {
   /** Every live line leaves the live region (a marker is shown after them). */
   freezeAll() {
     const frozen = this.lines;
-    this.lines = [newLine()];
+    this.lines = [newLine(this.line)];
     this.row = 0;
     this.col = 0;
     return frozen;

@@ -275,6 +275,19 @@ impl Producer {
         Ok(out.last_seq)
     }
 
+    /// A gap entry on `stream` (10 bytes in 1 chunk dropped).
+    pub async fn gap(&mut self, conn: &mut RedisConn, run: &RunId, stream: &StreamName) {
+        self.publish(
+            conn,
+            run,
+            stream,
+            EntryType::Gap,
+            &[br#"{"droppedBytes":10,"droppedChunks":1}"#.to_vec()],
+        )
+        .await
+        .unwrap();
+    }
+
     pub async fn output(
         &mut self,
         conn: &mut RedisConn,

@@ -177,3 +177,38 @@ test('UI sources never parse strings as HTML or code', () => {
   assert.doesNotMatch(html, /\sstyle=|<style/, 'index.html has inline style');
   assert.doesNotMatch(html, /\son[a-z]+=/, 'index.html has an inline event handler');
 });
+
+test('line links: #VARIATION:L12 and #VARIATION:L12-L20, anything else is no link', async () => {
+  const { parseLineHash, lineHash } = await import('../lines.js');
+  assert.deepEqual(parseLineHash('#default:L1234-L1240'), { variation: 'default', from: 1234, to: 1240 });
+  assert.deepEqual(parseLineHash('#a-b:L7'), { variation: 'a-b', from: 7, to: 7 });
+  assert.deepEqual(parseLineHash('#x:L20-L10'), { variation: 'x', from: 10, to: 20 });
+  for (const bad of ['', '#', '#default', '#default:L0', '#default:12', '#-a:L1', '#a:L1-', '#a:Lx', '#<b>:L1']) assert.equal(parseLineHash(bad), null, bad);
+  assert.equal(lineHash('v', 3), '#v:L3');
+  assert.equal(lineHash('v', 3, 9), '#v:L3-L9');
+  assert.deepEqual(parseLineHash(lineHash('v', 3, 9)), { variation: 'v', from: 3, to: 9 });
+});
+
+test('lines of a block are picked out of range pages, whatever the entry boundaries', async () => {
+  const { LineCollector } = await import('../lines.js');
+  const b64 = (s) => Buffer.from(s).toString('base64');
+  // Lines 1..7; entries split them anywhere, one is base64, one a gap.
+  const pages = [
+    { entries: [{ line: 1, type: 'output', content: 'l1-tail\nl2\nl' }, { line: 3, type: 'output', content: b64('3 \u00e9'), encoding: 'base64' }], moreAfter: true },
+    { entries: [{ line: 3, type: 'output', content: '\nl4\n' }, { line: 5, type: 'gap', meta: { droppedBytes: 10 } }, { line: 5, type: 'output', content: 'l5\nl6\nl7\n' }], moreAfter: false },
+  ];
+  const c = new LineCollector(3, 5);
+  for (const p of pages) c.add(p);
+  assert.equal(c.done, true);
+  assert.deepEqual(c.items, ['l3 \u00e9\nl4\n', { marker: '⚠ gap: 10 B of output could not be kept and were dropped here', kind: 'warn' }, 'l5\n']);
+});
+
+test('rows are numbered by output line; a redrawn bar takes the number of the line that wrote it last', async () => {
+  const { renderItems } = await import('../lines.js');
+  const raw = 'a\nfile 1/2\nbar #\n\x1b[2A\r\x1b[Kfile 2/2\n\r\x1b[Kbar ##\ndone\n';
+  const { rows } = renderItems([raw], { mode: 'terminal', firstLine: 10, maxLine: 1000 });
+  assert.deepEqual(rows.map((r) => [r.n, r.text]), [[10, 'a'], [13, 'file 2/2'], [14, 'bar ##'], [15, 'done'], [16, '']]);
+  const rawRows = renderItems([raw], { mode: 'raw', firstLine: 10, maxLine: 1000 }).rows;
+  assert.deepEqual(rawRows.map((r) => r.n), [10, 11, 12, 13, 14, 15, 16]);
+  assert.equal(rawRows[3].text, '\u241b[2A\u240d\u241b[Kfile 2/2');
+});

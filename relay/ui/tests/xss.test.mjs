@@ -128,7 +128,7 @@ test('ANSI sequences become styles, control characters are shown, and huge lines
   assert.ok(Date.now() - t0 < 1000, 'the page is not responsive');
   const text = await outputText(page, 'tty');
   assert.ok(text.length <= 256 * 1024 + 1024, `${text.length} characters kept in the page`);
-  assert.match(await page.locator('section.variation[data-variation="tty"] .output-pane .trim-notice').textContent(), /MiB of earlier output is not shown/);
+  assert.match(await page.locator('section.variation[data-variation="tty"] .output-pane .trim-notice').textContent(), /MiB at the start of over-long lines is not shown here/);
   assert.ok(!text.includes('\x1b') && !text.includes('\x07') && !text.includes('\x00') && !text.includes('\u202e'), 'raw control characters reached the page');
 
   // The start of the output was trimmed away above; check the styling on fresh output.
