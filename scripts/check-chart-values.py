@@ -279,7 +279,35 @@ elif name == "archive-s3":
     check(mounts("-archiver").get("redis-tls-ca", {}).get("mountPath") == "/etc/agentrun/redis-tls/ca", "the archiver reaches Redis over TLS like the others")
     monitors = [d for d in docs if d["kind"] == "ServiceMonitor" and d["metadata"]["name"].endswith("-archiver")]
     check(len(monitors) == 1, "a ServiceMonitor for the archiver")
-elif name == "everything":
+elif name.startswith("relay-tls"):
+    relay_env = env("-relay")
+    secret = "relay-cert" if name == "relay-tls" else "agentrun-relay-tls"
+    check(relay_env.get("AGENTRUN_TLS_CERT") == "/etc/agentrun/relay-tls/tls.crt"
+          and relay_env.get("AGENTRUN_TLS_KEY") == "/etc/agentrun/relay-tls/tls.key",
+          "the relay gets --tls-cert and --tls-key")
+    check(mounts("-relay").get("relay-tls", {}).get("mountPath") == "/etc/agentrun/relay-tls",
+          "the relay's certificate is mounted as a directory (renewals reach it)")
+    check(secret_of("-relay", "relay-tls").get("secretName") == secret, f"the certificate comes from {secret}")
+    probes = [container("-relay").get(p, {}).get("httpGet", {}) for p in ("livenessProbe", "readinessProbe")]
+    check(all(p.get("scheme") == "HTTPS" for p in probes), "the probes speak HTTPS")
+    certificates = [d for d in docs if d["kind"] == "Certificate"]
+    if name == "relay-tls":
+        check(not certificates, "no Certificate without certManager")
+        ingress = one("Ingress", "-relay")
+        check(ingress.get("metadata", {}).get("annotations", {}).get("nginx.ingress.kubernetes.io/backend-protocol") == "HTTPS",
+              "the Ingress speaks HTTPS to a relay that serves it")
+    else:
+        check(len(certificates) == 1, "one Certificate")
+        spec = certificates[0]["spec"] if certificates else {}
+        check(spec.get("secretName") == secret, "the Certificate fills the mounted Secret")
+        names = spec.get("dnsNames", [])
+        check("agentrun-relay.agentrun.svc" in names and "localhost" in names and "agentrun.example.com" in names,
+              f"the Certificate covers the Service, port-forward and the extra names: {names}")
+        check(spec.get("issuerRef", {}).get("kind") == "ClusterIssuer", "the issuer kind is passed")
+else:
+    check(not any(d["kind"] == "Certificate" for d in docs), "no Certificate unless relay.tls.certManager")
+    check("AGENTRUN_TLS_CERT" not in env("-relay"), "plain HTTP unless relay.tls")
+if name == "everything":
     check(watch_ns == "agents", f"operator.watchNamespace reaches the operator: {watch_ns}")
     ing = one("Ingress", "-relay")
     check(ing.get("spec", {}).get("tls", [{}])[0].get("secretName") == "tls", "the Ingress serves TLS")

@@ -61,6 +61,8 @@ value_sets=(
   "auth-none-cors::--set relay.auth.mode=none --set relay.cors.origins={https://a.example.com,https://b.example.com:8443}"
   "redis-tls-bundled::--set redis.tls.enabled=true --set redis.tls.caSecret=redis-ca --set redis.tls.caKey=bundle.pem --set redis.tls.serverCertSecret=redis-server --set redis.tls.clientCertSecret=redis-client"
   "redis-tls-external::--set redis.bundled=false --set redis.external.url=rediss://redis.example.com:6380 --set redis.external.existingSecret=my-redis --set redis.tls.enabled=true --set redis.tls.caSecret=redis-ca"
+  "relay-tls::--set relay.tls.enabled=true --set relay.tls.secretName=relay-cert --set relay.ingress.enabled=true"
+  "relay-tls-cert-manager::--set relay.tls.enabled=true --set relay.tls.certManager.enabled=true --set relay.tls.certManager.issuerRef.name=internal-ca --set relay.tls.certManager.issuerRef.kind=ClusterIssuer --set relay.tls.certManager.extraDnsNames={agentrun.example.com}"
   "openshift::--set openshift=true"
   "private-quota::--set sidecar.imagePullSecrets[0].name=regcred --set sidecar.imagePullSecrets[1].name=mirror --set sidecar.resources.limits.cpu=200m --set sidecar.resources.limits.memory=128Mi --set agentPods.fsGroup=2000 --set sidecar.securityContext.runAsUser=1000 --set sidecar.durability=replicas=1\\,timeout=500"
   "archive-fs::--set archive.enabled=true"
@@ -82,6 +84,12 @@ docs = [d for d in yaml.safe_load_all(open(sys.argv[1])) if d]
 core, monitors = [], []
 for d in docs:
     (monitors if d.get("kind") == "ServiceMonitor" else core).append(d)
+# cert-manager's Certificate: not in the Kubernetes schemas either, checked by structure.
+certificates = [d for d in core if d.get("kind") == "Certificate"]
+core = [d for d in core if d.get("kind") != "Certificate"]
+for c in certificates:
+    assert c["apiVersion"] == "cert-manager.io/v1", c
+    assert c["spec"]["secretName"] and c["spec"]["dnsNames"] and c["spec"]["issuerRef"]["name"], c
 for m in monitors:
     assert m["apiVersion"] == "monitoring.coreos.com/v1", m
     assert m["spec"]["endpoints"][0]["port"] == "http", m
@@ -117,6 +125,9 @@ bad_values=(
   "/archive/storeUrl::--set archive.enabled=true --set archive.storeUrl=ftp://host/x"
   "archive.persistence.accessMode::--set archive.enabled=true --set archiver.replicas=2"
   "/archiver/replicas::--set archive.enabled=true --set archiver.replicas=0"
+  "relay.tls.certManager.issuerRef.name::--set relay.tls.enabled=true --set relay.tls.certManager.enabled=true"
+  "needs relay.tls.enabled=true::--set relay.tls.certManager.enabled=true --set relay.tls.certManager.issuerRef.name=ca"
+  "/relay/tls/certManager/issuerRef/kind::--set relay.tls.enabled=true --set relay.tls.certManager.enabled=true --set relay.tls.certManager.issuerRef.name=ca --set relay.tls.certManager.issuerRef.kind=Vault"
 )
 for entry in "${bad_values[@]}"; do
   want="${entry%%::*}"
