@@ -1,3 +1,4 @@
+// Long file: every Redis topology (standalone, TLS, Sentinel, Cluster) parsed and connected in one place, so that they stay alike.
 //! How to reach Redis: one URL plus optional credentials and TLS files.
 //!
 //! | URL | mode |

@@ -1,3 +1,4 @@
+// Long file: the test harness for every crate (servers, Sentinel, Cluster, TLS files), kept in one module behind `test-support`.
 //! Test harness: real `redis-server` processes on free loopback ports.
 //!
 //! Each [`RedisServer`] gets its own directory and port, runs with the append-only file on and

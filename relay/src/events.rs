@@ -1,3 +1,4 @@
+// Long file: one SSE session (replay, live feed, lag, resync, reset, end) whose state machine is read as a whole.
 //! `GET /api/runs/{run}/events`: Server-Sent Events with replay and resume.
 //!
 //! A connection carries a set of streams (the requested channels of the requested

@@ -1,3 +1,4 @@
+// Long file: the range and search endpoints share the line index and its bounds; split, each half would reach into the other.
 //! A variation's output as a document of numbered lines: ranges of it and search across it.
 //!
 //! - `GET /api/runs/{run}/variations/{variation}/output/range`: a page of the output stream's
