@@ -10,18 +10,7 @@ mod stack;
 
 use serde::Deserialize as _;
 use serde_json::{Value, json};
-use stack::{OperatorOptions, Stack, StackOptions, run_sh, workspace};
-
-/// The agent script of an example manifest (`spec.args[0]`, run with `sh -c`).
-fn example_script(rel: &str) -> String {
-    let text = std::fs::read_to_string(workspace().join(rel)).expect("read example");
-    let v: Value = serde_yaml::from_str(&text).expect("example YAML");
-    assert_eq!(v["spec"]["command"], json!(["sh", "-c"]), "{rel}: command");
-    v["spec"]["args"][0]
-        .as_str()
-        .expect("spec.args[0]")
-        .to_string()
-}
+use stack::{OperatorOptions, Stack, StackOptions, example_script, run_sh};
 
 #[tokio::test(flavor = "multi_thread")]
 async fn install_and_hello_streams_byte_exact_output() {

@@ -406,25 +406,36 @@ pub async fn info_replication(port: u16) -> String {
 /// without replicas, one node that takes every slot).
 pub struct RedisCluster {
     pub nodes: Vec<RedisServer>,
+    /// The address the nodes tell clients about (`127.0.0.1` unless [`RedisCluster::start_on`]).
+    pub host: String,
 }
 
 impl RedisCluster {
     pub async fn start(masters: usize, replicas: usize) -> Self {
+        Self::start_on(masters, replicas, None).await
+    }
+
+    /// A cluster whose nodes also listen on `address` and announce it (`--cluster-announce-ip`)
+    /// in `CLUSTER SLOTS` and redirections, for clients in other network namespaces (the pods of
+    /// kube-sim) that reach this machine there.
+    pub async fn start_on(masters: usize, replicas: usize, address: Option<&str>) -> Self {
         let count = masters * (1 + replicas);
+        let host = address.unwrap_or("127.0.0.1").to_owned();
+        let bind = format!("127.0.0.1 {host}");
+        let mut args = vec![
+            "--cluster-enabled",
+            "yes",
+            "--cluster-node-timeout",
+            "2000",
+            "--appendonly",
+            "no",
+        ];
+        if address.is_some() {
+            args.extend(["--bind", &bind, "--protected-mode", "no"]);
+            args.extend(["--cluster-announce-ip", &host]);
+        }
         let nodes: Vec<RedisServer> = (0..count)
-            .map(|_| {
-                RedisServer::start_on(
-                    free_cluster_port(),
-                    &[
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-node-timeout",
-                        "2000",
-                        "--appendonly",
-                        "no",
-                    ],
-                )
-            })
+            .map(|_| RedisServer::start_on(free_cluster_port(), &args))
             .collect();
         if masters == 1 && replicas == 0 {
             // `redis-cli --cluster create` wants three masters: one node takes every slot.
@@ -438,13 +449,13 @@ impl RedisCluster {
                 "CLUSTER ADDSLOTSRANGE: {}",
                 String::from_utf8_lossy(&out.stdout)
             );
-            let cluster = RedisCluster { nodes };
+            let cluster = RedisCluster { nodes, host };
             cluster.wait_until_ok().await;
             return cluster;
         }
         let addrs: Vec<String> = nodes
             .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .map(|n| format!("{host}:{}", n.port()))
             .collect();
         let out = Command::new("redis-cli")
             .args(["--cluster", "create"])
@@ -457,7 +468,7 @@ impl RedisCluster {
             "redis-cli --cluster create: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let cluster = RedisCluster { nodes };
+        let cluster = RedisCluster { nodes, host };
         cluster.wait_until_ok().await;
         cluster
     }
@@ -491,7 +502,7 @@ impl RedisCluster {
         let seeds: Vec<String> = self
             .nodes
             .iter()
-            .map(|n| format!("127.0.0.1:{}", n.port()))
+            .map(|n| format!("{}:{}", self.host, n.port()))
             .collect();
         format!("redis+cluster://{}", seeds.join(","))
     }

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentrun_protocol::testing::{RedisServer, free_port};
+use agentrun_protocol::testing::{RedisCluster, RedisServer, free_port};
 use base64::Engine as _;
 use kube::api::{Api, DynamicObject};
 use kube::discovery::ApiResource;
@@ -21,6 +21,21 @@ use crate::common::{Cluster, eventually};
 pub const SIM_HOST_ADDRESS: &str = "10.99.0.1";
 /// The sidecar image the operator is told to use; kube-sim's image map runs the built binary.
 pub const SIM_SIDECAR_IMAGE: &str = "ghcr.io/agentrun/agentrun-sidecar:0.1.0";
+
+/// The agent script of an example manifest (`spec.args[0]`, run with `sh -c`).
+pub fn example_script(rel: &str) -> String {
+    let text = std::fs::read_to_string(workspace().join(rel)).expect("read example");
+    let v: Value = serde_yaml::from_str(&text).expect("example YAML");
+    assert_eq!(
+        v["spec"]["command"],
+        serde_json::json!(["sh", "-c"]),
+        "{rel}: command"
+    );
+    v["spec"]["args"][0]
+        .as_str()
+        .expect("spec.args[0]")
+        .to_string()
+}
 
 /// `target/debug` (or `$CARGO_TARGET_DIR/debug`): the directory of the binaries being tested.
 pub fn bin_dir() -> PathBuf {
@@ -131,9 +146,53 @@ impl Drop for Proc {
     }
 }
 
+/// The Redis of a [`Stack`]: one server, or a Redis Cluster.
+pub enum Backend {
+    Server(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    /// The URL for the processes on this machine (operator, relay, tests).
+    pub fn url(&self) -> String {
+        match self {
+            Backend::Server(s) => s.url(),
+            Backend::Cluster(c) => c.url(),
+        }
+    }
+
+    /// The URL for the pods, which reach this machine at `host`.
+    pub fn pod_url(&self, host: &str) -> String {
+        match self {
+            Backend::Server(s) => format!("redis://{host}:{}", s.port()),
+            // The nodes announce `host` already.
+            Backend::Cluster(c) => c.url(),
+        }
+    }
+
+    fn server(&mut self) -> &mut RedisServer {
+        match self {
+            Backend::Server(s) => s,
+            Backend::Cluster(_) => {
+                panic!("this scenario stops and starts one Redis server, not a cluster")
+            }
+        }
+    }
+
+    pub fn kill(&mut self) {
+        self.server().kill();
+    }
+
+    pub fn restart(&mut self) {
+        self.server().restart();
+    }
+}
+
 /// How to start a [`Stack`]; the default is what [`Stack::start`] does.
 #[derive(Debug, Clone, Default)]
 pub struct StackOptions {
+    /// A Redis Cluster of three masters instead of one server.
+    pub redis_cluster: bool,
     /// kube-sim's auth config: users (bearer tokens) whose requests RBAC authorizes.
     pub auth: kube_sim::AuthConfig,
     /// How the operator runs; it is started by `start_with` unless `no_operator`.
@@ -165,7 +224,7 @@ pub struct RelayOptions {
 }
 
 /// Starts the relay on `url`'s address with `opts`' extra arguments.
-fn spawn_relay(redis: &RedisServer, url: &str, opts: &RelayOptions, log: PathBuf) -> Proc {
+fn spawn_relay(redis: &Backend, url: &str, opts: &RelayOptions, log: PathBuf) -> Proc {
     let listen = url.strip_prefix("http://").expect("an http:// relay URL");
     let mut args: Vec<String> = vec![
         "--redis-url".into(),
@@ -208,7 +267,7 @@ pub struct Stack {
     pub relay: Proc,
     pub relay_url: String,
     pub metrics_addr: String,
-    pub redis: RedisServer,
+    pub redis: Backend,
     pub host_address: String,
     pub sidecar_image: String,
     pub dir: tempfile::TempDir,
@@ -267,7 +326,16 @@ impl Stack {
         .await;
         // Redis listens on the host address for the pods (and on loopback for the rest).
         let bind = format!("127.0.0.1 {host_address}");
-        let redis = RedisServer::start_with(&["--bind", &bind, "--protected-mode", "no"]);
+        let redis = if opts.redis_cluster {
+            Backend::Cluster(RedisCluster::start_on(3, 0, Some(&host_address)).await)
+        } else {
+            Backend::Server(RedisServer::start_with(&[
+                "--bind",
+                &bind,
+                "--protected-mode",
+                "no",
+            ]))
+        };
 
         let crds = workspace().join("crds");
         cluster.kubectl_ok(&["apply", "-f", crds.to_str().expect("utf-8")]);
@@ -375,7 +443,7 @@ impl Stack {
             "--redis-url".into(),
             self.redis.url(),
             "--sidecar-redis-url".into(),
-            format!("redis://{}:{}", self.host_address, self.redis.port()),
+            self.redis.pod_url(&self.host_address),
             "--relay-url".into(),
             self.relay_url.clone(),
             "--run-credential-key".into(),
