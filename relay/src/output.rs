@@ -149,12 +149,17 @@ struct Checkpoints {
     spacing: u64,
     /// Content read since the last checkpoint, when walking on from it.
     used: u64,
+    /// When a request last used these checkpoints: the least recently used stream is the
+    /// one dropped when the index is full.
+    last_used: u64,
 }
 
 /// Checkpoints of the lines of output streams (see the module documentation).
 #[derive(Debug, Default)]
 pub struct LineIndex {
     streams: Mutex<HashMap<String, Checkpoints>>,
+    /// Counts uses, to order streams by their last use.
+    uses: std::sync::atomic::AtomicU64,
 }
 
 impl LineIndex {
@@ -166,6 +171,7 @@ impl LineIndex {
     /// dropped.
     fn valid<'a>(
         map: &'a mut HashMap<String, Checkpoints>,
+        uses: &std::sync::atomic::AtomicU64,
         key: &str,
         epoch: Option<Epoch>,
         first: u64,
@@ -178,6 +184,7 @@ impl LineIndex {
         }
         let c = map.get_mut(key)?;
         c.used = 0;
+        c.last_used = uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         Some(c)
     }
 
@@ -191,7 +198,7 @@ impl LineIndex {
         pred: impl Fn(&Mark) -> bool,
     ) -> Mark {
         let mut map = self.lock();
-        let Some(c) = Self::valid(&mut map, key, epoch, first) else {
+        let Some(c) = Self::valid(&mut map, &self.uses, key, epoch, first) else {
             return Mark::START;
         };
         let n = c.marks.partition_point(|m| pred(m));
@@ -204,8 +211,12 @@ impl LineIndex {
         let mut map = self.lock();
         if !map.contains_key(key) {
             if map.len() >= MAX_INDEXED_STREAMS {
-                // Not an LRU: any stream goes; a stream read again is indexed again.
-                if let Some(k) = map.keys().next().cloned() {
+                // The least recently used stream goes; read again, it is indexed again.
+                let oldest = map
+                    .iter()
+                    .min_by_key(|(_, c)| c.last_used)
+                    .map(|(k, _)| k.clone());
+                if let Some(k) = oldest {
                     map.remove(&k);
                 }
             }
@@ -217,6 +228,7 @@ impl LineIndex {
                     marks: Vec::new(),
                     spacing: CHECKPOINT_BYTES,
                     used: 0,
+                    last_used: self.uses.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
                 },
             );
         }
@@ -952,6 +964,22 @@ mod tests {
             index.note(&format!("k{i}"), None, 1, mark, CHECKPOINT_BYTES);
         }
         assert!(index.lock().len() <= MAX_INDEXED_STREAMS);
+    }
+
+    #[test]
+    fn a_full_index_drops_the_least_recently_used_stream() {
+        let index = LineIndex::default();
+        let mark = Mark::START.past(&entry(1, b"\n"));
+        for i in 0..MAX_INDEXED_STREAMS {
+            index.note(&format!("k{i}"), None, 1, mark, CHECKPOINT_BYTES);
+        }
+        // The first stream indexed is read again: it is now the most recently used.
+        assert_eq!(index.nearest("k0", None, 1, |_| true), mark);
+        index.note("new", None, 1, mark, CHECKPOINT_BYTES);
+        let map = index.lock();
+        assert!(map.contains_key("k0"), "the stream read last stays");
+        assert!(!map.contains_key("k1"), "the least recently used went");
+        assert!(map.contains_key("new") && map.len() == MAX_INDEXED_STREAMS);
     }
 
     #[test]
