@@ -23,11 +23,12 @@ pub const RELOAD_CHECK: Duration = Duration::from_secs(10);
 /// A certificate and key that could not be used, naming the file and what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("cannot read {flag} {path}: {source}")]
+    // Not `source`: the message already says it, and a chain would print it twice.
+    #[error("cannot read {flag} {path}: {error}")]
     Read {
         flag: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{flag} {path} holds no PEM {what}; give the PEM file (e.g. tls.crt / tls.key of a kubernetes.io/tls Secret)"
@@ -61,10 +62,10 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig
 /// Reads a PEM certificate chain and private key and checks that they belong together.
 fn load_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, TlsError> {
     let read = |flag, path: &Path| {
-        std::fs::read(path).map_err(|source| TlsError::Read {
+        std::fs::read(path).map_err(|error| TlsError::Read {
             flag,
             path: path.to_owned(),
-            source,
+            error,
         })
     };
     let cert_pem = read("--tls-cert", cert)?;
