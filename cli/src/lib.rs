@@ -5,7 +5,13 @@
 //! kubectl agentrun logs RUN [-f] [--variation V] [--channels output,logs] [--from earliest|now|CURSOR] [-o raw|json]
 //! kubectl agentrun pause|resume|stop RUN [--variation V]
 //! kubectl agentrun open RUN [--browser]
+//! kubectl agentrun list [-n NS] [--phase PHASE] [--name TEXT] [--limit N] [-o table|json]
+//! kubectl agentrun get RUN [-o table|json]
 //! ```
+//!
+//! `list` and `get` show live runs and runs Redis no longer holds (read from the archive by a
+//! relay with `--archive-url`). `logs` and `get` take a run id or an AgentRun name; once the
+//! AgentRun is deleted, a name is looked up in the relay's run list (with `--relay-url`).
 //!
 //! The relay's URL comes from `--relay-url` or `AGENTRUN_RELAY_URL`; without either, the
 //! plugin asks `kubectl` for the AgentRun named RUN and uses its `status.url` and
@@ -25,6 +31,7 @@
 //! if it has one. Tokens are never printed.
 
 pub mod lines;
+pub mod runs;
 
 use agentrun_protocol::Envelope;
 use agentrun_protocol::RunState;
@@ -82,6 +89,11 @@ pub enum Command {
     Stop(ControlArgs),
     /// Print the URL of the run's page in the web UI.
     Open(OpenArgs),
+    /// List runs, live and archived, newest first (needs --relay-url or AGENTRUN_RELAY_URL;
+    /// -n filters by namespace).
+    List(runs::ListArgs),
+    /// Show one run, live or archived.
+    Get(runs::GetArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -358,15 +370,60 @@ impl RelayClient {
 
 /// Runs the command; returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
-    let (run_arg, _) = match &cli.command {
-        Command::Logs(a) => (a.run.as_str(), ()),
-        Command::Pause(a) | Command::Resume(a) | Command::Stop(a) => (a.run.as_str(), ()),
-        Command::Open(a) => (a.run.as_str(), ()),
-    };
-    let target = resolve(cli.relay_url.as_deref(), cli.namespace.as_deref(), run_arg)?;
     let tok = token(cli.token.as_deref(), cli.token_file.as_deref())?;
+    let run_arg = match &cli.command {
+        Command::Logs(a) => a.run.as_str(),
+        Command::Pause(a) | Command::Resume(a) | Command::Stop(a) => a.run.as_str(),
+        Command::Open(a) => a.run.as_str(),
+        Command::Get(a) => a.run.as_str(),
+        Command::List(args) => {
+            let Some(base) = cli
+                .relay_url
+                .as_deref()
+                .map(str::trim)
+                .filter(|u| !u.is_empty())
+            else {
+                bail!(
+                    "list needs the relay's URL: set --relay-url or AGENTRUN_RELAY_URL (for example `kubectl port-forward svc/agentrun-relay 8080:80` and http://127.0.0.1:8080)"
+                );
+            };
+            let target = resolve(Some(base), None, "")?;
+            let mut relay = RelayClient::new(&target.base, tok)?;
+            let mut filters = Vec::new();
+            if let Some(ns) = &cli.namespace {
+                filters.push(("namespace", ns.as_str()));
+            }
+            if let Some(p) = &args.phase {
+                filters.push(("phase", p.as_str()));
+            }
+            if let Some(n) = &args.name {
+                filters.push(("name", n.as_str()));
+            }
+            let found = runs::list(&mut relay, &target.base, &filters, args.limit).await?;
+            runs::print(&found, args.output, &mut std::io::stdout().lock(), false)?;
+            return Ok(EXIT_OK);
+        }
+    };
+    let given_url = cli.relay_url.is_some();
+    let mut target = resolve(cli.relay_url.as_deref(), cli.namespace.as_deref(), run_arg)?;
     let mut relay = RelayClient::new(&target.base, tok)?;
+    // With the relay's URL given, RUN may be an AgentRun name (its object gone, the run archived).
+    let mut summary = None;
+    if given_url && matches!(cli.command, Command::Logs(_) | Command::Get(_)) {
+        let (found, s) = runs::find(&mut relay, &target, cli.namespace.as_deref()).await?;
+        target = found;
+        summary = Some(s);
+    }
     match &cli.command {
+        Command::Get(a) => {
+            let summary = match summary {
+                Some(s) => s,
+                None => runs::find(&mut relay, &target, None).await?.1,
+            };
+            runs::print(&[summary], a.output, &mut std::io::stdout().lock(), true)?;
+            Ok(EXIT_OK)
+        }
+        Command::List(_) => Ok(EXIT_OK),
         Command::Logs(args) => logs(&mut relay, &target, args).await,
         Command::Pause(a) => control(&mut relay, &target, "pause", a).await,
         Command::Resume(a) => control(&mut relay, &target, "resume", a).await,
@@ -398,7 +455,7 @@ fn http() -> anyhow::Result<reqwest::Client> {
         .context("building the HTTP client")
 }
 
-async fn error_message(resp: reqwest::Response) -> String {
+pub(crate) async fn error_message(resp: reqwest::Response) -> String {
     let status = resp.status();
     let body = resp.text().await.unwrap_or_default();
     let msg = serde_json::from_str::<serde_json::Value>(&body)

@@ -750,3 +750,117 @@ async fn logs_prefix_timestamps_tail_and_since_label_and_cut_the_output() {
     assert_eq!(status.code(), Some(0));
     relay.stop().await;
 }
+
+/// Archives a run with the archiver's writer, then deletes every Redis key it had.
+async fn archive_and_forget(
+    conn: &mut RedisConn,
+    store: &agentrun_archiver::testing::Store,
+    run: &RunId,
+) {
+    use agentrun_archiver::writer::{WriteOptions, archive_run};
+    let request = agentrun_protocol::archive::ArchiveRequest::new(run.clone(), 0, "test");
+    let done = archive_run(conn, &store.open(), &request, &WriteOptions::default())
+        .await
+        .unwrap();
+    assert!(done.is_some());
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("run:{{{run}}}:*"))
+        .query_async(conn)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(&keys)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// A run whose Redis data is gone is read from the archive: `logs` by run id and by AgentRun
+/// name (the AgentRun deleted too), byte for byte; `list` and `get` show it with live runs.
+#[tokio::test]
+async fn logs_list_and_get_show_archived_runs() {
+    let redis = RedisServer::start();
+    let store = agentrun_archiver::testing::Store::fs();
+    let mut config = Config::for_redis(redis.url());
+    config.archive_url = Some(store.url());
+    let (relay, base) = Relay::start_with(config, "127.0.0.1:0").await;
+
+    let id = "default.hello.0a1b2c3d";
+    let mut w = Writer::new(&redis, id).await;
+    set_state(
+        &mut w.conn,
+        &w.run,
+        &[("name", "hello".into()), ("namespace", "default".into())],
+    )
+    .await
+    .unwrap();
+    let chunks: Vec<Vec<u8>> = (1..=300).map(chunk).collect();
+    w.output(&chunks).await;
+    w.finish(RunState::Succeeded).await;
+    let want: Vec<u8> = chunks.concat();
+    let live_run = run(plugin(&base).args(["logs", id, "--channels", "output"])).await;
+    exit(&live_run, 0);
+    assert_eq!(live_run.stdout, want);
+    archive_and_forget(&mut w.conn, &store, &w.run).await;
+    let mut live = Writer::new(&redis, "cli-live").await;
+    live.output(&[b"live\n".to_vec()]).await;
+
+    // By run id, and by the AgentRun's name (there is no AgentRun: kubectl is not asked).
+    let out = run(plugin(&base).args(["logs", id, "--channels", "output"])).await;
+    exit(&out, 0);
+    assert_eq!(out.stdout, want, "byte for byte from the archive");
+    let out = run(plugin(&base).args(["logs", "hello", "-n", "default", "-f"])).await;
+    let err = exit(&out, 0);
+    assert!(
+        err.contains(&format!("AgentRun hello is run {id}")),
+        "{err}"
+    );
+    assert_eq!(out.stdout, want);
+    let out = run(plugin(&base).args(["logs", "hello", "-n", "other"])).await;
+    let err = exit(&out, 2);
+    assert!(err.contains("not found"), "{err}");
+
+    // list: a table of both, and JSON with filters.
+    let out = run(plugin(&base).args(["list"])).await;
+    exit(&out, 0);
+    let table = String::from_utf8(out.stdout).unwrap();
+    let rows: Vec<&str> = table.lines().collect();
+    assert!(rows[0].starts_with("RUN"), "{table}");
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with(id) && r.contains("succeeded") && r.ends_with("archive")),
+        "{table}"
+    );
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with("cli-live") && r.ends_with("live")),
+        "{table}"
+    );
+    let out =
+        run(plugin(&base).args(["list", "--phase", "succeeded", "-o", "json", "--limit", "5"]))
+            .await;
+    exit(&out, 0);
+    let listed: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    assert_eq!(listed[0]["run"], id);
+    assert_eq!(listed[0]["archived"], true);
+    let out =
+        run(plugin(&base).args(["list", "-n", "default", "--name", "hel", "--limit", "1"])).await;
+    exit(&out, 0);
+    assert_eq!(String::from_utf8(out.stdout).unwrap().lines().count(), 2);
+    let out = run(plugin(&base).args(["list", "--phase", "done"])).await;
+    let err = exit(&out, 2);
+    assert!(err.contains("`phase`"), "{err}");
+
+    // get: one run, live or archived.
+    let out = run(plugin(&base).args(["get", "hello", "-o", "json"])).await;
+    exit(&out, 0);
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["run"], id);
+    assert_eq!(got["archived"], true);
+    assert_eq!(got["phase"], "succeeded");
+    let out = run(plugin(&base).args(["get", "cli-live"])).await;
+    exit(&out, 0);
+    assert!(String::from_utf8(out.stdout).unwrap().contains("live"));
+    relay.stop().await;
+}
