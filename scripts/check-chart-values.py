@@ -165,6 +165,7 @@ else:
 archivers = find("Deployment", "-archiver")
 archiver_env = env("-archiver") if archivers else {}
 check((operator_env.get("AGENTRUN_ARCHIVE") == "true") == bool(archivers), "the operator archives runs exactly when the archiver is installed")
+check(("AGENTRUN_ARCHIVE_URL" in env("-relay")) == bool(archivers), "the relay reads the archive exactly when there is one")
 if archivers:
     for var in ("AGENTRUN_REDIS_URL", "AGENTRUN_REDIS_PASSWORD", "AGENTRUN_REDIS_CA_FILE"):
         check(archiver_env.get(var) == relay_env.get(var), f"archiver and relay agree on {var}")
@@ -270,6 +271,9 @@ elif name == "archive-fs":
     check(mounts("-archiver").get("archive", {}).get("mountPath") == "/var/lib/agentrun/archive", "at the store's folder")
     check(one("Deployment", "-archiver").get("spec", {}).get("strategy", {}).get("type") == "Recreate", "a ReadWriteOnce claim: Recreate")
     check("envFrom" not in container("-archiver"), "no credentials Secret unless asked for")
+    check(env("-relay").get("AGENTRUN_ARCHIVE_URL") == "file:///var/lib/agentrun/archive", f"the relay reads the same store: {env('-relay').get('AGENTRUN_ARCHIVE_URL')}")
+    check(volumes("-relay").get("archive", {}).get("persistentVolumeClaim", {}).get("claimName") == pvc.get("metadata", {}).get("name"), "the relay mounts the archive's claim")
+    check(mounts("-relay").get("archive", {}).get("mountPath") == "/var/lib/agentrun/archive" and mounts("-relay").get("archive", {}).get("readOnly") is True, "read only, at the store's folder")
 elif name == "archive-s3":
     check(archiver_env.get("AGENTRUN_ARCHIVE_STORE_URL") == "s3://agentrun-archive/runs", "archive.storeUrl reaches the archiver")
     check(container("-archiver").get("envFrom") == [{"secretRef": {"name": "archive-creds"}}], f"the credentials Secret becomes the environment: {container('-archiver').get('envFrom')}")
@@ -279,6 +283,9 @@ elif name == "archive-s3":
     check(mounts("-archiver").get("redis-tls-ca", {}).get("mountPath") == "/etc/agentrun/redis-tls/ca", "the archiver reaches Redis over TLS like the others")
     monitors = [d for d in docs if d["kind"] == "ServiceMonitor" and d["metadata"]["name"].endswith("-archiver")]
     check(len(monitors) == 1, "a ServiceMonitor for the archiver")
+    check(env("-relay").get("AGENTRUN_ARCHIVE_URL") == "s3://agentrun-archive/runs", "the relay reads the same store")
+    check(container("-relay").get("envFrom") == [{"secretRef": {"name": "archive-creds"}}], "with the same credentials")
+    check("archive" not in volumes("-relay"), "no claim for an object store")
 elif name.startswith("relay-tls"):
     relay_env = env("-relay")
     secret = "relay-cert" if name == "relay-tls" else "agentrun-relay-tls"

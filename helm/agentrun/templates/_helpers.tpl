@@ -199,3 +199,13 @@ none
 {{- int64 .Values.agentPods.fsGroup -}}
 {{- end -}}
 {{- end -}}
+
+{{/* The archive store's URL, as the archiver and the relay get it. */}}
+{{- define "agentrun.archiveStoreUrl" -}}
+{{- .Values.archive.storeUrl | default "file:///var/lib/agentrun/archive" -}}
+{{- end -}}
+
+{{/* The PersistentVolumeClaim of the filesystem store. */}}
+{{- define "agentrun.archiveClaim" -}}
+{{- .Values.archive.persistence.existingClaim | default (printf "%s-archive" (include "agentrun.fullname" .)) -}}
+{{- end -}}
