@@ -14,18 +14,18 @@
 use crate::AppState;
 use crate::auth::Access;
 use crate::budget::Reservation;
-use crate::cursor::{self, Cursors, Origin};
+use crate::cursor::{Cursors, Origin};
 use crate::error::ApiError;
 use crate::events::{ConnectionGauge, ResetReason};
 use crate::paging::{self, Pager, Source};
 use crate::query::{Request, Start};
+use crate::session;
 use agentrun_archiver::ArchiveReader;
 use agentrun_protocol::{Entry, RunId, StreamName, Variation, sse, state_hash};
 use axum::http::StatusCode;
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
@@ -191,14 +191,12 @@ struct Session {
 
 impl Session {
     fn write_id(&mut self) {
-        self.out.extend_from_slice(b"id: ");
-        cursor::encode_into(
+        session::write_id(
+            &mut self.out,
             &self.origin,
             &self.cursors,
-            &mut self.out,
             &mut self.scratch,
         );
-        self.out.extend_from_slice(b"\n");
     }
 
     fn write_event<E: sse::ServerEvent>(&mut self, event: &E) {
@@ -208,13 +206,8 @@ impl Session {
 
     fn write_reset(&mut self, reason: ResetReason, old: Option<agentrun_protocol::Epoch>) {
         self.app.metrics.resets.inc();
-        self.write_event(&sse::Reset {
-            message: reason.message().to_owned(),
-            new_epoch: self.origin.epoch.map(|e| e.to_string()),
-            old_epoch: old.map(|e| e.to_string()),
-            reason: reason.code().to_owned(),
-            run: self.run.to_string(),
-        });
+        let event = session::reset_event(reason, self.origin.epoch, old, &self.run);
+        self.write_event(&event);
     }
 
     /// Every stream from its first entry again (the cursor is not one of this history).
@@ -311,10 +304,8 @@ impl Session {
                 return self.take();
             }
             if self.app.shutting_down.load(Ordering::Relaxed) {
-                self.write_event(&sse::Shutdown {
-                    reason: "the relay is shutting down; reconnect with this event's id as Last-Event-ID".to_owned(),
-                    run: self.run.to_string(),
-                });
+                let event = session::shutdown_event(&self.run);
+                self.write_event(&event);
                 self.done = true;
                 return self.take();
             }
@@ -412,21 +403,7 @@ pub async fn events(
 
     // The same cursor checks as for a live run: another run or another epoch starts over.
     let from_now = matches!(start, Start::Now);
-    let (resume, pending_reset) = match start {
-        Start::Cursor(position) => {
-            let reason = match position.origin {
-                Some(o) if o.run_tag != origin.run_tag => Some((ResetReason::AnotherRun, o.epoch)),
-                Some(o) if o.epoch != origin.epoch => Some((ResetReason::EpochChanged, o.epoch)),
-                _ => None,
-            };
-            let counts = position.seqs.values().any(|s| *s > 0);
-            match reason {
-                Some(r) if counts => (Cursors::new(), Some(r)),
-                _ => (position.seqs, None),
-            }
-        }
-        _ => (Cursors::new(), None),
-    };
+    let (resume, pending_reset) = session::resume_from(start, &origin);
     let mut cursors = Cursors::new();
     for s in streams {
         let at = if from_now {
@@ -463,9 +440,9 @@ pub async fn events(
         _gauge: ConnectionGauge(gauge),
         _slot: slot,
     };
-    session.out.extend_from_slice(
-        format!(": agentrun relay\nretry: {}\n\n", app.limits.retry_ms).as_bytes(),
-    );
+    session
+        .out
+        .extend_from_slice(session::preamble(app.limits.retry_ms).as_bytes());
     session.write_event(&sse::Open {
         phase,
         run: run.to_string(),
@@ -474,14 +451,11 @@ pub async fn events(
     if let Some((reason, old)) = pending_reset {
         session.write_reset(reason, old);
     }
-    let stream = futures::stream::unfold(session, |mut s| async move {
-        s.next_chunk()
-            .await
-            .map(|chunk| (Ok::<_, Infallible>(chunk), s))
-    });
-    Ok(crate::sse::streamed(
-        stream,
-        "text/event-stream",
-        "no-cache",
-    ))
+    Ok(session::respond(session))
+}
+
+impl session::Chunks for Session {
+    fn next_chunk(&mut self) -> impl Future<Output = Option<Bytes>> + Send {
+        Session::next_chunk(self)
+    }
 }

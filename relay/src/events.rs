@@ -27,12 +27,13 @@
 use crate::AppState;
 use crate::api::parse_run;
 use crate::budget::Reservation;
-use crate::cursor::{self, Cursors, Origin};
+use crate::cursor::{Cursors, Origin};
 use crate::error::ApiError;
 use crate::hub::{FeedItem, Watch};
 use crate::paging::{self, Pager};
 use crate::query::{Kinds, Request, Start, parse_request};
 use crate::ring::TryRecvError;
+use crate::session;
 use agentrun_protocol::replay::last_seq;
 use agentrun_protocol::{Entry, Epoch, RunState, StreamName, Variation};
 use agentrun_protocol::{sse, state_hash};
@@ -41,7 +42,6 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::convert::Infallible;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::{Instant, Interval};
@@ -193,14 +193,12 @@ impl Session {
     }
 
     fn write_id(&mut self) {
-        self.out.extend_from_slice(b"id: ");
-        cursor::encode_into(
+        session::write_id(
+            &mut self.out,
             &self.origin,
             &self.cursors,
-            &mut self.out,
             &mut self.scratch,
         );
-        self.out.extend_from_slice(b"\n");
     }
 
     /// Whether this connection has positions that count entries (delivered, or given in a
@@ -228,13 +226,8 @@ impl Session {
     fn write_reset(&mut self, reason: ResetReason, old: Option<Epoch>) {
         self.app.metrics.resets.inc();
         tracing::info!(run = %self.run, reason = reason.code(), "a client's position is not valid in the run's history; it starts over");
-        self.write_event(&sse::Reset {
-            message: reason.message().to_owned(),
-            new_epoch: self.origin.epoch.map(|e| e.to_string()),
-            old_epoch: old.map(|e| e.to_string()),
-            reason: reason.code().to_owned(),
-            run: self.run.to_string(),
-        });
+        let event = session::reset_event(reason, self.origin.epoch, old, &self.run);
+        self.write_event(&event);
     }
 
     fn write_event<E: sse::ServerEvent>(&mut self, event: &E) {
@@ -468,10 +461,8 @@ impl Session {
                 return self.take();
             }
             if self.shutdown || self.app.shutting_down.load(Ordering::Relaxed) {
-                self.write_event(&sse::Shutdown {
-                    reason: "the relay is shutting down; reconnect with this event's id as Last-Event-ID".to_owned(),
-                    run: self.run.to_string(),
-                });
+                let event = session::shutdown_event(&self.run);
+                self.write_event(&event);
                 self.done = true;
                 return self.take();
             }
@@ -592,23 +583,7 @@ pub async fn events(
     // A cursor from another run or another epoch counts other entries: start over, and say so.
     let origin = Origin::new(&run, epoch);
     let from_now = matches!(start, Start::Now);
-    let (resume, pending_reset) = match start {
-        Start::Cursor(position) => {
-            let reason = match position.origin {
-                Some(o) if o.run_tag != origin.run_tag => Some((ResetReason::AnotherRun, o.epoch)),
-                Some(o) if o.epoch != epoch => Some((ResetReason::EpochChanged, o.epoch)),
-                // Version 1: no run, no epoch to check; positions past a stream's end still
-                // reset when replayed.
-                _ => None,
-            };
-            let counts = position.seqs.values().any(|s| *s > 0);
-            match reason {
-                Some(r) if counts => (Cursors::new(), Some(r)),
-                _ => (position.seqs, None),
-            }
-        }
-        _ => (Cursors::new(), None),
-    };
+    let (resume, pending_reset) = session::resume_from(start, &origin);
 
     let gauge = app.metrics.connections.clone();
     gauge.inc();
@@ -665,9 +640,9 @@ pub async fn events(
         _ => {}
     }
 
-    session.out.extend_from_slice(
-        format!(": agentrun relay\nretry: {}\n\n", app.limits.retry_ms).as_bytes(),
-    );
+    session
+        .out
+        .extend_from_slice(session::preamble(app.limits.retry_ms).as_bytes());
     session.write_event(&sse::Open {
         phase,
         run: run.to_string(),
@@ -677,14 +652,11 @@ pub async fn events(
         session.write_reset(reason, old);
     }
 
-    let stream = futures::stream::unfold(session, |mut s| async move {
-        s.next_chunk()
-            .await
-            .map(|chunk| (Ok::<_, Infallible>(chunk), s))
-    });
-    Ok(crate::sse::streamed(
-        stream,
-        "text/event-stream",
-        "no-cache",
-    ))
+    Ok(session::respond(session))
+}
+
+impl session::Chunks for Session {
+    fn next_chunk(&mut self) -> impl Future<Output = Option<Bytes>> + Send {
+        Session::next_chunk(self)
+    }
 }

@@ -39,6 +39,7 @@ pub mod paging;
 pub mod query;
 pub mod ring;
 pub mod server;
+mod session;
 pub mod shards;
 pub mod sse;
 pub mod state;

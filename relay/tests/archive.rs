@@ -129,6 +129,35 @@ fn per_stream(events: &[SseEvent]) -> BTreeMap<(String, String), Vec<(u64, Strin
     out
 }
 
+/// Output entries `range` of variation `v`: up to 60 KiB each, some binary, so that the
+/// archive holds several blocks.
+async fn output_entries(
+    conn: &mut RedisConn,
+    p: &mut Producer,
+    run: &RunId,
+    v: &str,
+    range: std::ops::RangeInclusive<u64>,
+) {
+    let big = |i: u64| -> Vec<u8> {
+        let mut v = format!("line {i}: ✓ héllo\n").into_bytes();
+        if i.is_multiple_of(5) {
+            v.extend((0..60_000).map(|j| (j * 7 + i as usize) as u8));
+            v.push(b'\n');
+        }
+        v
+    };
+    let contents: Vec<Vec<u8>> = range.map(big).collect();
+    p.publish(
+        conn,
+        run,
+        &StreamName::Output(var(v)),
+        agentrun_protocol::EntryType::Output,
+        &contents,
+    )
+    .await
+    .unwrap();
+}
+
 /// A run published in two halves: a cursor is taken from a live SSE read after the first
 /// half, while the run is running. Returns that cursor and the events read up to it.
 async fn publish_with_live_cursor(
@@ -138,26 +167,8 @@ async fn publish_with_live_cursor(
 ) -> (String, Vec<SseEvent>) {
     register_at(conn, run, agentrun_protocol::now_ms(), "default").await;
     let mut p = Producer::new("agent");
-    // Entries of up to 60 KiB, some binary, so the archive holds several blocks.
-    let big = |i: u64| -> Vec<u8> {
-        let mut v = format!("line {i}: ✓ héllo\n").into_bytes();
-        if i.is_multiple_of(5) {
-            v.extend((0..60_000).map(|j| (j * 7 + i as usize) as u8));
-            v.push(b'\n');
-        }
-        v
-    };
     for v in ["a", "b"] {
-        let contents: Vec<Vec<u8>> = (1..=60).map(big).collect();
-        p.publish(
-            conn,
-            run,
-            &StreamName::Output(var(v)),
-            agentrun_protocol::EntryType::Output,
-            &contents,
-        )
-        .await
-        .unwrap();
+        output_entries(conn, &mut p, run, v, 1..=60).await;
     }
     p.status(
         conn,
@@ -180,16 +191,7 @@ async fn publish_with_live_cursor(
     let cursor = sse.last_id.clone().unwrap();
     drop(sse);
     for v in ["a", "b"] {
-        let contents: Vec<Vec<u8>> = (61..=150).map(big).collect();
-        p.publish(
-            conn,
-            run,
-            &StreamName::Output(var(v)),
-            agentrun_protocol::EntryType::Output,
-            &contents,
-        )
-        .await
-        .unwrap();
+        output_entries(conn, &mut p, run, v, 61..=150).await;
         p.gap(conn, run, &StreamName::Output(var(v))).await;
         p.publish(
             conn,
@@ -433,65 +435,18 @@ async fn the_list_merges_live_and_archived_runs(store: Store) {
         Archived,
         Both,
     }
+    #[rustfmt::skip]
     let runs = [
-        (
-            "team-a.alpha.00000001",
-            t0 + 9,
-            "team-a",
-            Some(RunState::Succeeded),
-            Where::Archived,
-        ),
+        ("team-a.alpha.00000001", t0 + 9, "team-a", Some(RunState::Succeeded), Where::Archived),
         ("team-a.beta.00000002", t0 + 8, "team-a", None, Where::Live),
-        (
-            "default.gamma.00000003",
-            t0 + 7,
-            "default",
-            Some(RunState::Failed),
-            Where::Archived,
-        ),
-        // Created in the same millisecond as gamma.
-        (
-            "default.delta.00000004",
-            t0 + 7,
-            "default",
-            Some(RunState::Failed),
-            Where::Live,
-        ),
-        (
-            "default.eps.00000005",
-            t0 + 7,
-            "default",
-            Some(RunState::Succeeded),
-            Where::Archived,
-        ),
-        (
-            "team-a.zeta.00000006",
-            t0 + 5,
-            "team-a",
-            Some(RunState::Stopped),
-            Where::Both,
-        ),
-        (
-            "default.eta.00000007",
-            t0 + 4,
-            "default",
-            Some(RunState::Succeeded),
-            Where::Archived,
-        ),
-        (
-            "default.theta.00000008",
-            t0 + 3,
-            "default",
-            Some(RunState::Succeeded),
-            Where::Live,
-        ),
-        (
-            "team-a.iota.00000009",
-            t0 + 2,
-            "team-a",
-            Some(RunState::Failed),
-            Where::Archived,
-        ),
+        ("default.gamma.00000003", t0 + 7, "default", Some(RunState::Failed), Where::Archived),
+        // Created in the same millisecond as gamma and eps.
+        ("default.delta.00000004", t0 + 7, "default", Some(RunState::Failed), Where::Live),
+        ("default.eps.00000005", t0 + 7, "default", Some(RunState::Succeeded), Where::Archived),
+        ("team-a.zeta.00000006", t0 + 5, "team-a", Some(RunState::Stopped), Where::Both),
+        ("default.eta.00000007", t0 + 4, "default", Some(RunState::Succeeded), Where::Archived),
+        ("default.theta.00000008", t0 + 3, "default", Some(RunState::Succeeded), Where::Live),
+        ("team-a.iota.00000009", t0 + 2, "team-a", Some(RunState::Failed), Where::Archived),
     ];
     for (id, created, ns, phase, place) in runs {
         let run = RunId::new(id).unwrap();
