@@ -1414,3 +1414,82 @@ async fn sidecars_publish_to_a_tls_only_redis_with_the_operators_certificates() 
         .collect();
     assert_ticks(&out, 5);
 }
+
+/// With archiving on: a run ends, the archiver copies it (`status.archive` becomes `complete`),
+/// its Redis data expires (retention 2 s), and the relay and `kubectl agentrun logs` still show
+/// it byte for byte from the archive, by run id and by AgentRun name, even once the AgentRun
+/// is deleted.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_archived_run_outlives_its_redis_data_and_still_shows_byte_exact() {
+    let s = Stack::start_with(StackOptions {
+        archive: true,
+        operator: OperatorOptions {
+            retention_seconds: Some(2),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    s.apply_example("manifests/examples/hello.yaml");
+    let expected =
+        tokio::task::spawn_blocking(|| run_sh(&example_script("manifests/examples/hello.yaml")));
+    let run_id = s.run_id("hello").await;
+    let done = s
+        .wait_phase("hello", &["Succeeded", "Failed", "Stopped"], 45)
+        .await;
+    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    s.eventually(60, "status.archive.state is complete", || async {
+        let ar = s.agentrun("hello").await?;
+        (ar["status"]["archive"]["state"] == "complete").then_some(())
+    })
+    .await;
+    s.eventually(30, "the run's Redis data expires", || async {
+        s.run_keys(&run_id).await.is_empty().then_some(())
+    })
+    .await;
+    let expected = expected.await.expect("host run");
+    assert!(expected.len() > 40, "the example writes a sentence");
+
+    // The relay serves it from the archive: the same output, the same end.
+    let sse = s.sse(&run_id, 20).await;
+    assert_eq!(sse.output()["default"], expected, "byte for byte");
+    let end = sse.end().expect("end");
+    assert_eq!(
+        (end["phase"].clone(), end["finished"].clone()),
+        (json!("succeeded"), json!(true))
+    );
+    let summary: Value = s
+        .http
+        .get(format!("{}/api/runs/{run_id}", s.relay_url))
+        .send()
+        .await
+        .expect("GET the run")
+        .json()
+        .await
+        .expect("JSON");
+    assert_eq!(summary["archived"], true, "{summary}");
+
+    // The plugin, by run id and by AgentRun name, while the AgentRun exists and once it is gone.
+    let logs = |run: &str| {
+        let out = std::process::Command::new(stack::binaries().join("kubectl-agentrun"))
+            .args(["logs", run, "--channels", "output"])
+            .env("AGENTRUN_RELAY_URL", &s.relay_url)
+            .env_remove("AGENTRUN_TOKEN")
+            .output()
+            .expect("run kubectl-agentrun");
+        assert!(
+            out.status.success(),
+            "kubectl agentrun logs {run}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    };
+    assert_eq!(logs(&run_id), expected, "logs RUN_ID from the archive");
+    assert_eq!(logs("hello"), expected, "logs NAME from the archive");
+    s.kubectl_ok(&["delete", "agentrun", "hello"]);
+    s.eventually(30, "the AgentRun is gone", || async {
+        s.agentrun("hello").await.is_none().then_some(())
+    })
+    .await;
+    assert_eq!(logs("hello"), expected, "logs NAME with the AgentRun gone");
+}

@@ -47,7 +47,8 @@ pub fn bin_dir() -> PathBuf {
         .to_path_buf()
 }
 
-/// The built binaries of the operator, sidecar (+ entrypoint) and relay; builds them once if one
+/// The built binaries of the operator, sidecar (+ entrypoint), relay, archiver and kubectl
+/// plugin; builds them once if one
 /// is missing (`cargo nextest run -p agentrun-e2e` does not build other packages' binaries).
 pub fn binaries() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -59,6 +60,8 @@ pub fn binaries() -> PathBuf {
                 "agentrun-sidecar",
                 "agentrun-entrypoint",
                 "agentrun-relay",
+                "agentrun-archiver",
+                "kubectl-agentrun",
             ];
             if names.iter().all(|n| dir.join(n).exists()) {
                 return dir;
@@ -72,13 +75,17 @@ pub fn binaries() -> PathBuf {
                     "agentrun-sidecar",
                     "-p",
                     "agentrun-relay",
+                    "-p",
+                    "agentrun-archiver",
+                    "-p",
+                    "kubectl-agentrun",
                 ])
                 .current_dir(workspace())
                 .status()
                 .expect("run cargo build");
             assert!(
                 status.success(),
-                "cargo build -p agentrun-operator -p agentrun-sidecar -p agentrun-relay failed"
+                "cargo build -p agentrun-operator -p agentrun-sidecar -p agentrun-relay -p agentrun-archiver -p kubectl-agentrun failed"
             );
             for n in names {
                 assert!(
@@ -199,6 +206,9 @@ pub struct StackOptions {
     pub operator: OperatorOptions,
     /// Leave the operator to the test (`start_operator_with`), e.g. after installing RBAC.
     pub no_operator: bool,
+    /// Archive runs: an `agentrun-archiver` on a folder store, the operator with `--archive`
+    /// and the relay with `--archive-url` on the same folder.
+    pub archive: bool,
 }
 
 /// How [`Stack::start_operator`] runs the operator.
@@ -213,6 +223,8 @@ pub struct OperatorOptions {
     /// The agent pods' `terminationGracePeriodSeconds` (None: 8, short so that a deleted run's
     /// Redis user goes within a scenario's patience).
     pub pod_termination_grace_seconds: Option<u32>,
+    /// `--retention-seconds` (None: 3600).
+    pub retention_seconds: Option<u32>,
 }
 
 /// How [`Stack::restart_relay_with`] runs the relay (the default: what [`Stack::start`] does).
@@ -223,8 +235,15 @@ pub struct RelayOptions {
     pub args: Vec<String>,
 }
 
-/// Starts the relay on `url`'s address with `opts`' extra arguments.
-fn spawn_relay(redis: &Backend, url: &str, opts: &RelayOptions, log: PathBuf) -> Proc {
+/// Starts the relay on `url`'s address with `opts`' extra arguments (and the archive store, if
+/// the stack archives).
+fn spawn_relay(
+    redis: &Backend,
+    url: &str,
+    opts: &RelayOptions,
+    archive: Option<&Path>,
+    log: PathBuf,
+) -> Proc {
     let listen = url.strip_prefix("http://").expect("an http:// relay URL");
     let mut args: Vec<String> = vec![
         "--redis-url".into(),
@@ -234,6 +253,9 @@ fn spawn_relay(redis: &Backend, url: &str, opts: &RelayOptions, log: PathBuf) ->
         "--keepalive-seconds".into(),
         "1".into(),
     ];
+    if let Some(dir) = archive {
+        args.extend(["--archive-url".into(), dir.display().to_string()]);
+    }
     args.extend(opts.args.iter().cloned());
     Proc::spawn("relay", &binaries().join("agentrun-relay"), &args, log)
 }
@@ -262,8 +284,9 @@ pub fn helm_template(release: &str, namespace: &str, args: &[&str]) -> String {
 }
 
 pub struct Stack {
-    // Dropped in this order: the operator and relay before Redis and the cluster.
+    // Dropped in this order: the operator, archiver and relay before Redis and the cluster.
     pub operator: Option<Proc>,
+    pub archiver: Option<Proc>,
     pub relay: Proc,
     pub relay_url: String,
     pub metrics_addr: String,
@@ -275,6 +298,8 @@ pub struct Stack {
     pub http: reqwest::Client,
     /// How `start_operator` runs the operator (kept across restarts).
     pub operator_options: OperatorOptions,
+    /// The archive's folder store, when the stack archives runs.
+    pub archive_dir: Option<PathBuf>,
 }
 
 impl Stack {
@@ -340,15 +365,38 @@ impl Stack {
         let crds = workspace().join("crds");
         cluster.kubectl_ok(&["apply", "-f", crds.to_str().expect("utf-8")]);
 
+        let archive_dir = opts.archive.then(|| dir.path().join("archive"));
+        let archiver = archive_dir.as_ref().map(|store| {
+            std::fs::create_dir_all(store).expect("archive folder");
+            let args: Vec<String> = vec![
+                "--redis-url".into(),
+                redis.url(),
+                "--store-url".into(),
+                store.display().to_string(),
+                "--metrics-addr".into(),
+                format!("127.0.0.1:{}", free_port()),
+                "--consumer".into(),
+                "e2e".into(),
+            ];
+            Proc::spawn(
+                "archiver",
+                &bins.join("agentrun-archiver"),
+                &args,
+                dir.path().join("archiver.log"),
+            )
+        });
         let relay_url = format!("http://127.0.0.1:{}", free_port());
         let relay = spawn_relay(
             &redis,
             &relay_url,
             &RelayOptions::default(),
+            archive_dir.as_deref(),
             dir.path().join("relay.log"),
         );
         let mut stack = Stack {
             operator: None,
+            archiver,
+            archive_dir,
             relay,
             relay_url,
             metrics_addr: format!("127.0.0.1:{}", free_port()),
@@ -378,6 +426,7 @@ impl Stack {
             &self.redis,
             &self.relay_url,
             &opts,
+            self.archive_dir.as_deref(),
             self.dir.path().join(format!("relay-{n}.log")),
         );
         self.wait_relay_ready().await;
@@ -449,13 +498,16 @@ impl Stack {
             "--run-credential-key".into(),
             "e2e-run-credential-key".into(),
             "--retention-seconds".into(),
-            "3600".into(),
+            opts.retention_seconds.unwrap_or(3600).to_string(),
             // Short, so that a deleted run's Redis user (kept for its pods' final flush
             // until their grace period is over) goes within the scenario's patience.
             "--pod-termination-grace-seconds".into(),
             opts.pod_termination_grace_seconds.unwrap_or(8).to_string(),
         ];
         args.extend(election);
+        if self.archive_dir.is_some() {
+            args.extend(["--archive".to_string(), "true".to_string()]);
+        }
         if let Some(ns) = &opts.watch_namespace {
             args.extend(["--watch-namespace".to_string(), ns.clone()]);
         }
