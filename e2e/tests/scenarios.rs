@@ -12,22 +12,28 @@ use serde::Deserialize as _;
 use serde_json::{Value, json};
 use stack::{OperatorOptions, Stack, StackOptions, example_script, run_sh};
 
-#[tokio::test(flavor = "multi_thread")]
-async fn install_and_hello_streams_byte_exact_output() {
-    let s = Stack::start().await;
-    // kubectl apply -f crds/ was done by Stack::start; the example goes in the same way.
+/// `kubectl apply`s manifests/examples/hello.yaml (the CRDs are in already) and waits until it
+/// succeeded: its run id, the AgentRun then, and what its agent writes (run on the host
+/// alongside).
+async fn hello_succeeds(s: &Stack) -> (String, Value, Vec<u8>) {
     let out = s.apply_example("manifests/examples/hello.yaml");
     assert!(out.contains("agentrun.dev/hello created"), "{out}");
-
-    // What the agent writes, run on the host in parallel with the run itself.
     let expected =
         tokio::task::spawn_blocking(|| run_sh(&example_script("manifests/examples/hello.yaml")));
-
     let run_id = s.run_id("hello").await;
     let done = s
         .wait_phase("hello", &["Succeeded", "Failed", "Stopped"], 45)
         .await;
     assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    let expected = expected.await.expect("host run");
+    assert!(expected.len() > 40, "the example writes a sentence");
+    (run_id, done, expected)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn install_and_hello_streams_byte_exact_output() {
+    let s = Stack::start().await;
+    let (run_id, done, expected) = hello_succeeds(&s).await;
     assert_eq!(done["status"]["variationsDone"], "1/1", "{done:#}");
     assert_eq!(done["status"]["variations"][0]["exitCode"], 0, "{done:#}");
 
@@ -59,8 +65,6 @@ async fn install_and_hello_streams_byte_exact_output() {
     assert_eq!(end["phase"], "succeeded", "{end}");
     assert_eq!(end["finished"], true, "{end}");
     let output = sse.output();
-    let expected = expected.await.expect("host run");
-    assert!(expected.len() > 40, "the example writes a sentence");
     assert_eq!(
         output.keys().collect::<Vec<_>>(),
         vec!["default"],
@@ -1430,14 +1434,7 @@ async fn an_archived_run_outlives_its_redis_data_and_still_shows_byte_exact() {
         ..Default::default()
     })
     .await;
-    s.apply_example("manifests/examples/hello.yaml");
-    let expected =
-        tokio::task::spawn_blocking(|| run_sh(&example_script("manifests/examples/hello.yaml")));
-    let run_id = s.run_id("hello").await;
-    let done = s
-        .wait_phase("hello", &["Succeeded", "Failed", "Stopped"], 45)
-        .await;
-    assert_eq!(done["status"]["phase"], "Succeeded", "{done:#}");
+    let (run_id, _, expected) = hello_succeeds(&s).await;
     s.eventually(60, "status.archive.state is complete", || async {
         let ar = s.agentrun("hello").await?;
         (ar["status"]["archive"]["state"] == "complete").then_some(())
@@ -1447,9 +1444,6 @@ async fn an_archived_run_outlives_its_redis_data_and_still_shows_byte_exact() {
         s.run_keys(&run_id).await.is_empty().then_some(())
     })
     .await;
-    let expected = expected.await.expect("host run");
-    assert!(expected.len() > 40, "the example writes a sentence");
-
     // The relay serves it from the archive: the same output, the same end.
     let sse = s.sse(&run_id, 20).await;
     assert_eq!(sse.output()["default"], expected, "byte for byte");
