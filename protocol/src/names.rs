@@ -193,16 +193,21 @@ impl StreamName {
         let rest = key.strip_prefix("run:{")?;
         let close = rest.find("}:")?;
         let run = RunId::new(&rest[..close]).ok()?;
-        let tail = &rest[close + 2..];
-        let stream = match tail.split_once(':') {
+        let stream = Self::parse_kind(&rest[close + 2..], ':')?;
+        Some((run, stream))
+    }
+
+    /// Parses `KIND` or, for output and logs, `KIND{separator}VARIATION` (a key's tail with
+    /// `:`; the archive's file names use `.`), `KIND` as [`StreamName::kind`] names it.
+    pub fn parse_kind(text: &str, separator: char) -> Option<StreamName> {
+        Some(match text.split_once(separator) {
             Some(("output", v)) => Self::Output(Variation::new(v).ok()?),
             Some(("logs", v)) => Self::Logs(Variation::new(v).ok()?),
-            None if tail == "status" => Self::Status,
-            None if tail == "control" => Self::Control,
-            None if tail == "metrics" => Self::Metrics,
+            None if text == "status" => Self::Status,
+            None if text == "control" => Self::Control,
+            None if text == "metrics" => Self::Metrics,
             _ => return None,
-        };
-        Some((run, stream))
+        })
     }
 }
 

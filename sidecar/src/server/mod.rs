@@ -61,10 +61,10 @@ impl Sidecar {
             let _ = std::fs::create_dir_all(dir);
         }
         let listener = socket::bind_socket(&config.socket)?;
-        let metrics = Metrics::new();
+        let metrics = Metrics::default();
         let metrics_addr = match config.metrics_addr {
             Some(addr) => Some(
-                crate::metrics::serve(addr, metrics.clone())
+                agentrun_protocol::telemetry::serve_health(addr, metrics.clone())
                     .await
                     .map_err(|source| SidecarError::Metrics { addr, source })?,
             ),
