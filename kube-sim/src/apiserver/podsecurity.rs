@@ -433,6 +433,17 @@ fn containers_where(p: &Pod<'_>, mut bad: impl FnMut(&Value) -> bool) -> Vec<Str
     p.containers().filter(|c| bad(c)).map(cname).collect()
 }
 
+/// The violation `title` when any container `breaks` the rule: `containers "a", "b" {rule}`.
+fn containers_breaking(
+    p: &Pod<'_>,
+    title: &str,
+    rule: &str,
+    breaks: impl FnMut(&Value) -> bool,
+) -> Violation {
+    let bad = containers_where(p, breaks);
+    (!bad.is_empty()).then(|| (title.into(), format!("{} {rule}", containers_phrase(&bad))))
+}
+
 /// `container "a"` / `containers "a", "b"`.
 fn containers_phrase(names: &[String]) -> String {
     format!(
@@ -798,17 +809,9 @@ fn host_probes(p: &Pod<'_>) -> Violation {
 }
 
 fn privileged(p: &Pod<'_>) -> Violation {
-    let bad = containers_where(p, |c| {
+    let rule = "must not set securityContext.privileged=true";
+    containers_breaking(p, "privileged", rule, |c| {
         sc(c, "privileged").and_then(Value::as_bool) == Some(true)
-    });
-    (!bad.is_empty()).then(|| {
-        (
-            "privileged".into(),
-            format!(
-                "{} must not set securityContext.privileged=true",
-                containers_phrase(&bad)
-            ),
-        )
     })
 }
 
@@ -1021,17 +1024,10 @@ fn allow_privilege_escalation(p: &Pod<'_>) -> Violation {
     if p.windows() {
         return None;
     }
-    let bad = containers_where(p, |c| {
+    let title = "allowPrivilegeEscalation != false";
+    let rule = "must set securityContext.allowPrivilegeEscalation=false";
+    containers_breaking(p, title, rule, |c| {
         sc(c, "allowPrivilegeEscalation").and_then(Value::as_bool) != Some(false)
-    });
-    (!bad.is_empty()).then(|| {
-        (
-            "allowPrivilegeEscalation != false".into(),
-            format!(
-                "{} must set securityContext.allowPrivilegeEscalation=false",
-                containers_phrase(&bad)
-            ),
-        )
     })
 }
 

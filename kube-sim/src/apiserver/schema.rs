@@ -261,13 +261,19 @@ fn walk_object(
         }
     }
     check_required(schema, map, path, out);
-    if let Some(max) = schema["maxProperties"].as_u64()
-        && map.len() as u64 > max
+    check_most(schema, "maxProperties", map.len(), path, out);
+}
+
+/// `FieldValueTooMany` when an object or list has more than its `bound` (`maxProperties`,
+/// `maxItems`) allows.
+fn check_most(schema: &Value, bound: &str, len: usize, path: &str, out: &mut Outcome) {
+    if let Some(max) = schema[bound].as_u64()
+        && len as u64 > max
     {
         out.errors.push(FieldError::with(
             path,
             "FieldValueTooMany",
-            format!("Too many: {}: must have at most {max} items", map.len()),
+            format!("Too many: {len}: must have at most {max} items"),
         ));
     }
 }
@@ -279,15 +285,7 @@ fn walk_array(
     out: &mut Outcome,
     old: Option<&Value>,
 ) {
-    if let Some(max) = schema["maxItems"].as_u64()
-        && items.len() as u64 > max
-    {
-        out.errors.push(FieldError::with(
-            path,
-            "FieldValueTooMany",
-            format!("Too many: {}: must have at most {max} items", items.len()),
-        ));
-    }
+    check_most(schema, "maxItems", items.len(), path, out);
     if let Some(min) = schema["minItems"].as_u64()
         && (items.len() as u64) < min
     {
