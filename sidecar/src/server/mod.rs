@@ -12,6 +12,7 @@
 mod adopt;
 mod config;
 mod control;
+mod control_queue;
 mod entrypoint_watch;
 mod figures;
 mod health;
@@ -112,7 +113,7 @@ impl Sidecar {
             metrics: metrics.clone(),
             key,
             peer: Mutex::new(None),
-            control: Mutex::new(control::Queue::default()),
+            control: Mutex::new(control_queue::Queue::default()),
             control_acked: tokio::sync::Notify::new(),
             redis_up: watch::channel(conn.is_some()).0,
             entrypoint_done: watch::channel(false).0,
