@@ -77,7 +77,7 @@ async fn seed(redis: &RedisServer, run: &RunId, make: fn(usize, usize) -> Vec<u8
         &mut conn,
         run,
         now_ms(),
-        &[("variations", "default".into())],
+        &[(agentrun_protocol::state_hash::VARIATIONS, "default".into())],
     )
     .await
     .expect("register");

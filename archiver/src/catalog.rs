@@ -205,7 +205,7 @@ pub async fn rebuild(store: &ArchiveStore) -> Result<usize, ArchiveError> {
         let Ok(id) = agentrun_protocol::RunId::new(run.clone()) else {
             continue;
         };
-        if let Some(manifest) = crate::writer::read_manifest(store, &id).await? {
+        if let Some(manifest) = crate::store::read_manifest(store, &id).await? {
             add(store, &manifest).await?;
             added += 1;
         }

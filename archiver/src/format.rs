@@ -21,7 +21,7 @@
 //! `content_len u32` and the content bytes. Content is kept byte for byte.
 
 use crate::error::ArchiveError;
-use agentrun_protocol::{Entry, EntryType, RunId, StreamName, Variation};
+use agentrun_protocol::{Entry, EntryType, RunId, StreamName};
 use bytes::{Buf, BufMut, Bytes};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -44,14 +44,7 @@ pub fn stream_file(stream: &StreamName) -> String {
 
 /// Parses what [`stream_file`] made.
 pub fn parse_stream_file(name: &str) -> Option<StreamName> {
-    Some(match name.split_once('.') {
-        Some(("output", v)) => StreamName::Output(Variation::new(v).ok()?),
-        Some(("logs", v)) => StreamName::Logs(Variation::new(v).ok()?),
-        None if name == "status" => StreamName::Status,
-        None if name == "control" => StreamName::Control,
-        None if name == "metrics" => StreamName::Metrics,
-        _ => return None,
-    })
+    StreamName::parse_kind(name, '.')
 }
 
 /// Folder of a run's archive, under the store's root.
@@ -244,6 +237,7 @@ impl Manifest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use agentrun_protocol::Variation;
     use proptest::prelude::*;
 
     fn kind(i: u8) -> EntryType {

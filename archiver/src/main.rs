@@ -4,7 +4,7 @@
 
 use agentrun_archiver::ArchiveStore;
 use agentrun_archiver::catalog::{self, CatalogFilter};
-use agentrun_archiver::metrics::{self, Metrics};
+use agentrun_archiver::metrics::Metrics;
 use agentrun_archiver::queue::{Archiver, QueueConfig, default_consumer, requeue_dead};
 use agentrun_archiver::writer::WriteOptions;
 use agentrun_protocol::RunId;
@@ -175,8 +175,8 @@ async fn run_command(cli: Cli) -> anyhow::Result<()> {
     let settings = redis.settings()?;
     let store = ArchiveStore::from_url(&store_url)?;
     let conn = settings.connect().await?;
-    let metrics = Metrics::new();
-    let addr = metrics::serve(serve.metrics_addr, metrics.clone())
+    let metrics = Metrics::default();
+    let addr = agentrun_protocol::telemetry::serve_health(serve.metrics_addr, metrics.clone())
         .await
         .with_context(|| {
             format!(

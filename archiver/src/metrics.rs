@@ -1,9 +1,8 @@
-//! Prometheus figures of the archiver, and the small HTTP server for `/metrics`, `/healthz`
-//! and `/readyz`.
+//! Prometheus figures of the archiver and its readiness, which
+//! [`agentrun_protocol::telemetry::serve_health`] serves on `/metrics`, `/healthz` and `/readyz`.
 
-use agentrun_protocol::telemetry::{Health, MetricRegistry, serve_health};
+use agentrun_protocol::telemetry::{Health, MetricRegistry};
 use prometheus::{Histogram, IntCounter, IntCounterVec, IntGauge};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -36,8 +35,19 @@ pub struct Metrics {
     pub ready: Arc<AtomicBool>,
 }
 
-impl Metrics {
-    pub fn new() -> Self {
+impl Health for Metrics {
+    fn metrics(&self) -> String {
+        self.registry.render()
+    }
+
+    fn not_ready(&self) -> Option<&'static str> {
+        (!self.ready.load(Ordering::Relaxed))
+            .then_some("not ready: waiting for Redis to create the archive queue's consumer group")
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
         let b = MetricRegistry::new("agentrun_archiver");
         Self {
             runs_archived: b.counter("runs_archived_total", "Runs whose archive is complete"),
@@ -84,26 +94,4 @@ impl Metrics {
             registry: b,
         }
     }
-}
-
-impl Default for Metrics {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl Health for Metrics {
-    fn metrics(&self) -> String {
-        self.registry.render()
-    }
-
-    fn not_ready(&self) -> Option<&'static str> {
-        (!self.ready.load(Ordering::Relaxed))
-            .then_some("not ready: waiting for Redis to create the archive queue's consumer group")
-    }
-}
-
-/// Serves `/metrics`, `/healthz` and `/readyz` on `addr`; returns the bound address.
-pub async fn serve(addr: SocketAddr, metrics: Metrics) -> std::io::Result<SocketAddr> {
-    serve_health(addr, metrics).await
 }

@@ -9,7 +9,7 @@
 use crate::error::ArchiveError;
 use crate::format::{Manifest, StreamIndex, StreamManifest, decode_entries, run_dir};
 use crate::store::ArchiveStore;
-use crate::writer::read_manifest;
+use crate::store::read_manifest;
 use agentrun_protocol::replay::{ReplayPage, Trimmed};
 use agentrun_protocol::{Entry, RunId, StreamName};
 use futures::{Stream, TryStreamExt};

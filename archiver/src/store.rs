@@ -16,6 +16,8 @@
 //! race. The local filesystem, S3 (`If-None-Match`), GCS and Azure all do.
 
 use crate::error::ArchiveError;
+use crate::format::{Manifest, manifest_path};
+use agentrun_protocol::RunId;
 use object_store::local::LocalFileSystem;
 use object_store::path::{Path, PathPart};
 use object_store::{ObjectStore, ObjectStoreScheme};
@@ -153,6 +155,27 @@ impl ArchiveStore {
         if let Some(root) = &self.local_root {
             let _ = tokio::fs::remove_dir_all(root.join(relative)).await;
         }
+    }
+}
+
+/// Reads the manifest of a run's archive, if it has one.
+pub async fn read_manifest(
+    store: &ArchiveStore,
+    run: &RunId,
+) -> Result<Option<Manifest>, ArchiveError> {
+    match store
+        .object_store()
+        .get(&store.path(&manifest_path(run)))
+        .await
+    {
+        Ok(got) => {
+            let bytes = got.bytes().await?;
+            let manifest: Manifest = serde_json::from_slice(&bytes)
+                .map_err(|e| ArchiveError::Corrupt(format!("manifest of {run}: {e}")))?;
+            Ok(Some(manifest))
+        }
+        Err(object_store::Error::NotFound { .. }) => Ok(None),
+        Err(e) => Err(e.into()),
     }
 }
 

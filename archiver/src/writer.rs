@@ -16,7 +16,7 @@ use crate::format::{
     BLOCK_TARGET_BYTES, BlockIndex, FORMAT, Manifest, StreamIndex, StreamManifest, ZSTD_LEVEL,
     encode_entry, manifest_path, run_dir, stream_file,
 };
-use crate::store::ArchiveStore;
+use crate::store::{ArchiveStore, read_manifest};
 use agentrun_protocol::archive::{
     ArchiveRequest, FIELD_ARCHIVE, FIELD_ARCHIVE_ERROR, FIELD_ARCHIVED,
 };
@@ -62,27 +62,6 @@ pub struct Archived {
     pub entries: u64,
     pub content_bytes: u64,
     pub data_bytes: u64,
-}
-
-/// Reads the manifest of a run's archive, if it has one.
-pub async fn read_manifest(
-    store: &ArchiveStore,
-    run: &RunId,
-) -> Result<Option<Manifest>, ArchiveError> {
-    match store
-        .object_store()
-        .get(&store.path(&manifest_path(run)))
-        .await
-    {
-        Ok(got) => {
-            let bytes = got.bytes().await?;
-            let manifest: Manifest = serde_json::from_slice(&bytes)
-                .map_err(|e| ArchiveError::Corrupt(format!("manifest of {run}: {e}")))?;
-            Ok(Some(manifest))
-        }
-        Err(object_store::Error::NotFound { .. }) => Ok(None),
-        Err(e) => Err(e.into()),
-    }
 }
 
 /// Archives the run `request` names. Returns `None` when Redis holds nothing of the run.

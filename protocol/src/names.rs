@@ -98,6 +98,17 @@ impl fmt::Display for RunId {
     }
 }
 
+/// An RFC 1123 label, as Kubernetes names namespaces: 1 to 63 characters of a-z, 0-9 and `-`,
+/// starting and ending with a letter or digit.
+pub fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
 /// A variation of a run: one agent pod. Named like a DNS label.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Variation(String);
@@ -105,14 +116,7 @@ pub struct Variation(String);
 impl Variation {
     pub fn new(name: impl Into<String>) -> Result<Self, NameError> {
         let name = name.into();
-        let b = name.as_bytes();
-        let ok = !b.is_empty()
-            && b.len() <= 63
-            && b.iter()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
-            && b[0] != b'-'
-            && b[b.len() - 1] != b'-';
-        if ok {
+        if is_dns_label(&name) {
             Ok(Self(name))
         } else {
             Err(NameError::Variation(name))
@@ -193,16 +197,21 @@ impl StreamName {
         let rest = key.strip_prefix("run:{")?;
         let close = rest.find("}:")?;
         let run = RunId::new(&rest[..close]).ok()?;
-        let tail = &rest[close + 2..];
-        let stream = match tail.split_once(':') {
+        let stream = Self::parse_kind(&rest[close + 2..], ':')?;
+        Some((run, stream))
+    }
+
+    /// Parses `KIND` or, for output and logs, `KIND{separator}VARIATION` (a key's tail with
+    /// `:`; the archive's file names use `.`), `KIND` as [`StreamName::kind`] names it.
+    pub fn parse_kind(text: &str, separator: char) -> Option<StreamName> {
+        Some(match text.split_once(separator) {
             Some(("output", v)) => Self::Output(Variation::new(v).ok()?),
             Some(("logs", v)) => Self::Logs(Variation::new(v).ok()?),
-            None if tail == "status" => Self::Status,
-            None if tail == "control" => Self::Control,
-            None if tail == "metrics" => Self::Metrics,
+            None if text == "status" => Self::Status,
+            None if text == "control" => Self::Control,
+            None if text == "metrics" => Self::Metrics,
             _ => return None,
-        };
-        Some((run, stream))
+        })
     }
 }
 

@@ -243,7 +243,7 @@ async fn run_scenario(target: &Target, sc: Scenario) -> Report {
             &mut conn,
             r,
             agentrun_protocol::now_ms(),
-            &[("variations", "a".into())],
+            &[(agentrun_protocol::state_hash::VARIATIONS, "a".into())],
         )
         .await
         .unwrap();

@@ -13,6 +13,7 @@
 use crate::AppState;
 use crate::error::ApiError;
 use crate::kube_auth::{Caller, KubeAuth, Verb};
+use agentrun_protocol::names::is_dns_label;
 use agentrun_protocol::state_hash;
 use axum::Json;
 use axum::extract::{Request, State};
@@ -301,7 +302,7 @@ fn parse_tokens(text: &str) -> anyhow::Result<Vec<TokenEntry>> {
             );
         }
         let namespaces: Vec<String> = words.map(str::to_owned).collect();
-        if let Some(bad) = namespaces.iter().find(|ns| !is_namespace_name(ns)) {
+        if let Some(bad) = namespaces.iter().find(|ns| !is_dns_label(ns)) {
             anyhow::bail!(
                 "line {}: {bad:?} is not a namespace name (lowercase letters, digits and '-', at most 63); list namespaces separated by spaces",
                 n + 1
@@ -324,16 +325,6 @@ fn parse_tokens(text: &str) -> anyhow::Result<Vec<TokenEntry>> {
         anyhow::bail!("no tokens: write one bearer token per line");
     }
     Ok(tokens)
-}
-
-/// A Kubernetes namespace name: an RFC 1123 label.
-fn is_namespace_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
 }
 
 fn read_tokens_file(path: &Path) -> anyhow::Result<(Vec<TokenEntry>, [u8; 32])> {

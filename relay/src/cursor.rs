@@ -90,20 +90,16 @@ fn write_text(w: &mut String, origin: &Origin, cursors: &Cursors) {
     w.push(',');
     write_seq(w, cursors.get(&StreamName::Metrics).copied());
     // Outputs and logs are each sorted by variation: merge them.
-    let mut outs = cursors
-        .iter()
-        .filter_map(|(k, s)| match k {
-            StreamName::Output(v) => Some((v, *s)),
-            _ => None,
-        })
-        .peekable();
-    let mut logs = cursors
-        .iter()
-        .filter_map(|(k, s)| match k {
-            StreamName::Logs(v) => Some((v, *s)),
-            _ => None,
-        })
-        .peekable();
+    let of_pipe = |output: bool| {
+        cursors
+            .iter()
+            .filter_map(move |(k, s)| match (k, output) {
+                (StreamName::Output(v), true) | (StreamName::Logs(v), false) => Some((v, *s)),
+                _ => None,
+            })
+            .peekable()
+    };
+    let (mut outs, mut logs) = (of_pipe(true), of_pipe(false));
     loop {
         let var: &Variation = match (outs.peek(), logs.peek()) {
             (None, None) => break,

@@ -21,48 +21,32 @@ struct Asset {
     body: &'static [u8],
 }
 
-const INDEX: Asset = Asset {
-    name: "index.html",
-    content_type: "text/html; charset=utf-8",
-    body: include_bytes!("../ui/index.html"),
-};
+impl Asset {
+    const fn new(name: &'static str, content_type: &'static str, body: &'static [u8]) -> Self {
+        Self {
+            name,
+            content_type,
+            body,
+        }
+    }
+}
 
+const HTML: &str = "text/html; charset=utf-8";
+const JS: &str = "text/javascript; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+const SVG: &str = "image/svg+xml";
+
+const INDEX: Asset = Asset::new("index.html", HTML, include_bytes!("../ui/index.html"));
+
+/// The files under `/ui/`, one a line.
 const ASSETS: &[Asset] = &[
-    Asset {
-        name: "app.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../ui/app.js"),
-    },
-    Asset {
-        name: "ansi.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../ui/ansi.js"),
-    },
-    Asset {
-        name: "terminal.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../ui/terminal.js"),
-    },
-    Asset {
-        name: "lines.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../ui/lines.js"),
-    },
-    Asset {
-        name: "markdown.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_bytes!("../ui/markdown.js"),
-    },
-    Asset {
-        name: "style.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_bytes!("../ui/style.css"),
-    },
-    Asset {
-        name: "favicon.svg",
-        content_type: "image/svg+xml",
-        body: include_bytes!("../ui/favicon.svg"),
-    },
+    Asset::new("app.js", JS, include_bytes!("../ui/app.js")),
+    Asset::new("ansi.js", JS, include_bytes!("../ui/ansi.js")),
+    Asset::new("terminal.js", JS, include_bytes!("../ui/terminal.js")),
+    Asset::new("lines.js", JS, include_bytes!("../ui/lines.js")),
+    Asset::new("markdown.js", JS, include_bytes!("../ui/markdown.js")),
+    Asset::new("style.css", CSS, include_bytes!("../ui/style.css")),
+    Asset::new("favicon.svg", SVG, include_bytes!("../ui/favicon.svg")),
 ];
 
 /// Routes that serve the web UI. Merged into [`crate::app`].

@@ -59,6 +59,20 @@ impl Pipe {
     }
 }
 
+/// The byte that starts each kind of frame's body (the wire format: never renumber).
+mod tag {
+    pub const HELLO: u8 = 1;
+    pub const DATA: u8 = 2;
+    pub const EVENT: u8 = 3;
+    pub const GAP: u8 = 4;
+    pub const DONE: u8 = 5;
+    pub const ACK: u8 = 6;
+    pub const CONTROL: u8 = 7;
+    pub const HEALTH: u8 = 8;
+    pub const USAGE: u8 = 9;
+    pub const CONTROL_ACK: u8 = 10;
+}
+
 /// One frame. `fseq` numbers every frame an entrypoint produces (across all pipes), so the
 /// sidecar can acknowledge "everything up to N"; `pseq` is the producer sequence of the target
 /// stream, which Redis uses to drop re-sends.
@@ -145,12 +159,28 @@ impl Frame {
         }
     }
 
+    /// The byte that starts the frame's body.
+    fn tag(&self) -> u8 {
+        match self {
+            Frame::Hello { .. } => tag::HELLO,
+            Frame::Data { .. } => tag::DATA,
+            Frame::Event { .. } => tag::EVENT,
+            Frame::Gap { .. } => tag::GAP,
+            Frame::Done => tag::DONE,
+            Frame::Ack { .. } => tag::ACK,
+            Frame::Control { .. } => tag::CONTROL,
+            Frame::Health { .. } => tag::HEALTH,
+            Frame::Usage { .. } => tag::USAGE,
+            Frame::ControlAck { .. } => tag::CONTROL_ACK,
+        }
+    }
+
     pub fn encode(&self, out: &mut BytesMut) {
         let start = out.len();
         out.put_u32(0);
+        out.put_u8(self.tag());
         match self {
             Frame::Hello { producer, pid, key } => {
-                out.put_u8(1);
                 out.put_u32(*pid);
                 match key {
                     Some(key) => {
@@ -168,11 +198,7 @@ impl Frame {
                 ts,
                 bytes,
             } => {
-                out.put_u8(2);
-                out.put_u64(*fseq);
-                out.put_u8(pipe.code());
-                out.put_u64(*pseq);
-                out.put_u64(*ts);
+                put_output_head(out, (*fseq, *pipe, *pseq, *ts));
                 out.put_slice(bytes);
             }
             Frame::Event {
@@ -181,7 +207,6 @@ impl Frame {
                 ts,
                 event,
             } => {
-                out.put_u8(3);
                 out.put_u64(*fseq);
                 out.put_u64(*pseq);
                 out.put_u64(*ts);
@@ -195,37 +220,28 @@ impl Frame {
                 dropped_bytes,
                 dropped_chunks,
             } => {
-                out.put_u8(4);
-                out.put_u64(*fseq);
-                out.put_u8(pipe.code());
-                out.put_u64(*pseq);
-                out.put_u64(*ts);
+                put_output_head(out, (*fseq, *pipe, *pseq, *ts));
                 out.put_u64(*dropped_bytes);
                 out.put_u64(*dropped_chunks);
             }
-            Frame::Done => out.put_u8(5),
+            Frame::Done => {}
             Frame::Ack { fseq } => {
-                out.put_u8(6);
                 out.put_u64(*fseq);
             }
             Frame::Control { seq, msg } => {
-                out.put_u8(7);
                 out.put_u64(*seq);
                 out.put_slice(&msg.to_json());
             }
             Frame::ControlAck { seq } => {
-                out.put_u8(10);
                 out.put_u64(*seq);
             }
             Frame::Health { redis_up } => {
-                out.put_u8(8);
                 out.put_u8(u8::from(*redis_up));
             }
             Frame::Usage {
                 cpu_millis,
                 rss_bytes,
             } => {
-                out.put_u8(9);
                 out.put_u64(*cpu_millis);
                 out.put_u64(*rss_bytes);
             }
@@ -246,7 +262,7 @@ impl Frame {
         if body.is_empty() {
             return Err(Malformed("empty frame"));
         }
-        let tag = body.get_u8();
+        let kind = body.get_u8();
         let need = |b: &Bytes, n: usize| {
             if b.len() < n {
                 Err(Malformed("frame too short"))
@@ -261,8 +277,8 @@ impl Frame {
                 Ok(())
             }
         };
-        Ok(match tag {
-            1 => {
+        Ok(match kind {
+            tag::HELLO => {
                 need(&body, 5)?;
                 let pid = body.get_u32();
                 let key = match body.get_u8() as usize {
@@ -282,12 +298,9 @@ impl Frame {
                     .to_owned();
                 Frame::Hello { producer, pid, key }
             }
-            2 => {
-                need(&body, 25)?;
-                let fseq = body.get_u64();
-                let pipe = Pipe::from_code(body.get_u8()).ok_or(Malformed("unknown pipe"))?;
-                let pseq = body.get_u64();
-                let ts = body.get_u64();
+            tag::DATA => {
+                need(&body, OUTPUT_HEAD_LEN)?;
+                let (fseq, pipe, pseq, ts) = get_output_head(&mut body)?;
                 Frame::Data {
                     fseq,
                     pipe,
@@ -296,7 +309,7 @@ impl Frame {
                     bytes: body,
                 }
             }
-            3 => {
+            tag::EVENT => {
                 need(&body, 24)?;
                 let fseq = body.get_u64();
                 let pseq = body.get_u64();
@@ -310,37 +323,36 @@ impl Frame {
                     event,
                 }
             }
-            4 => {
-                exact(&body, 41)?;
-                let fseq = body.get_u64();
-                let pipe = Pipe::from_code(body.get_u8()).ok_or(Malformed("unknown pipe"))?;
+            tag::GAP => {
+                exact(&body, OUTPUT_HEAD_LEN + 16)?;
+                let (fseq, pipe, pseq, ts) = get_output_head(&mut body)?;
                 Frame::Gap {
                     fseq,
                     pipe,
-                    pseq: body.get_u64(),
-                    ts: body.get_u64(),
+                    pseq,
+                    ts,
                     dropped_bytes: body.get_u64(),
                     dropped_chunks: body.get_u64(),
                 }
             }
-            5 => {
+            tag::DONE => {
                 exact(&body, 0)?;
                 Frame::Done
             }
-            6 => {
+            tag::ACK => {
                 exact(&body, 8)?;
                 Frame::Ack {
                     fseq: body.get_u64(),
                 }
             }
-            7 => {
+            tag::CONTROL => {
                 need(&body, 8)?;
                 let seq = body.get_u64();
                 let msg =
                     serde_json::from_slice(&body).map_err(|_| Malformed("bad control message"))?;
                 Frame::Control { seq, msg }
             }
-            8 => {
+            tag::HEALTH => {
                 exact(&body, 1)?;
                 Frame::Health {
                     redis_up: match body.get_u8() {
@@ -350,14 +362,14 @@ impl Frame {
                     },
                 }
             }
-            9 => {
+            tag::USAGE => {
                 exact(&body, 16)?;
                 Frame::Usage {
                     cpu_millis: body.get_u64(),
                     rss_bytes: body.get_u64(),
                 }
             }
-            10 => {
+            tag::CONTROL_ACK => {
                 exact(&body, 8)?;
                 Frame::ControlAck {
                     seq: body.get_u64(),
@@ -396,6 +408,26 @@ impl Frame {
         }
         Frame::decode(Bytes::from(body)).map(Some)
     }
+}
+
+/// Bytes of the head of a data or gap frame's body: frame sequence, pipe, producer sequence,
+/// time.
+const OUTPUT_HEAD_LEN: usize = 8 + 1 + 8 + 8;
+
+/// Writes the head of a data or gap frame.
+fn put_output_head(out: &mut BytesMut, (fseq, pipe, pseq, ts): (u64, Pipe, u64, u64)) {
+    out.put_u64(fseq);
+    out.put_u8(pipe.code());
+    out.put_u64(pseq);
+    out.put_u64(ts);
+}
+
+/// Reads the head of a data or gap frame (the caller checked there are [`OUTPUT_HEAD_LEN`]
+/// bytes).
+fn get_output_head(body: &mut Bytes) -> Result<(u64, Pipe, u64, u64), FrameError> {
+    let fseq = body.get_u64();
+    let pipe = Pipe::from_code(body.get_u8()).ok_or(FrameError::Malformed("unknown pipe"))?;
+    Ok((fseq, pipe, body.get_u64(), body.get_u64()))
 }
 
 #[cfg(test)]

@@ -80,6 +80,27 @@ impl<W: Write> RecordWriter<'_, W> {
     }
 }
 
+impl<'k> RecordWriter<'k, std::io::BufWriter<File>> {
+    /// A writer of a new file at `tmp`, which [`RecordWriter::install`] puts in place.
+    fn create(tmp: &Path, key: &'k Key, producer: &'k str) -> std::io::Result<Self> {
+        Ok(RecordWriter {
+            out: std::io::BufWriter::new(create_readable(tmp, false)?),
+            offset: 0,
+            key,
+            producer,
+        })
+    }
+
+    /// Flushes the file at `tmp` to disk, then renames it to `path`.
+    fn install(self, tmp: &Path, path: &Path) -> std::io::Result<()> {
+        self.out
+            .into_inner()
+            .map_err(|e| e.into_error())?
+            .sync_all()?;
+        std::fs::rename(tmp, path)
+    }
+}
+
 /// A spool file being written (and drained) by its owner.
 pub struct SpoolFile {
     path: PathBuf,
@@ -190,12 +211,7 @@ impl SpoolFile {
     /// ends what is copied from the file (and is reported on stderr).
     pub fn persist(mut self, front: &[Frame], back: &[Frame]) -> std::io::Result<PathBuf> {
         let tmp = self.path.with_extension("tmp");
-        let mut out = RecordWriter {
-            out: std::io::BufWriter::new(create_readable(&tmp, false)?),
-            offset: 0,
-            key: &self.key,
-            producer: &self.producer,
-        };
+        let mut out = RecordWriter::create(&tmp, &self.key, &self.producer)?;
         for f in front {
             out.append(f)?;
         }
@@ -219,11 +235,7 @@ impl SpoolFile {
         for f in back {
             out.append(f)?;
         }
-        out.out
-            .into_inner()
-            .map_err(|e| e.into_error())?
-            .sync_all()?;
-        std::fs::rename(&tmp, &self.path)?;
+        out.install(&tmp, &self.path)?;
         self.written = u64::MAX; // keep the file on drop
         Ok(self.path.clone())
     }
@@ -247,20 +259,11 @@ pub fn write_spool(
     std::fs::create_dir_all(dir)?;
     let path = spool_path(dir, producer);
     let tmp = path.with_extension("tmp");
-    let mut out = RecordWriter {
-        out: std::io::BufWriter::new(create_readable(&tmp, false)?),
-        offset: 0,
-        key,
-        producer,
-    };
+    let mut out = RecordWriter::create(&tmp, key, producer)?;
     for f in frames {
         out.append(f)?;
     }
-    out.out
-        .into_inner()
-        .map_err(|e| e.into_error())?
-        .sync_all()?;
-    std::fs::rename(&tmp, &path)?;
+    out.install(&tmp, &path)?;
     Ok(path)
 }
 

@@ -131,14 +131,21 @@ pub fn group(types: &[ResourceType], name: &str) -> Option<Value> {
     groups(types).get(name).map(|v| group_doc(name, v))
 }
 
-pub fn resource_list(types: &[ResourceType], group: &str, version: &str) -> Option<Value> {
+/// The types served in `group`/`version`; `None` when there are none.
+fn served_in<'a>(
+    types: &'a [ResourceType],
+    group: &str,
+    version: &str,
+) -> Option<Vec<&'a ResourceType>> {
     let matching: Vec<&ResourceType> = types
         .iter()
         .filter(|t| t.group == group && t.version == version)
         .collect();
-    if matching.is_empty() {
-        return None;
-    }
+    (!matching.is_empty()).then_some(matching)
+}
+
+pub fn resource_list(types: &[ResourceType], group: &str, version: &str) -> Option<Value> {
+    let matching = served_in(types, group, version)?;
     let gv = if group.is_empty() {
         version.to_string()
     } else {
@@ -181,13 +188,7 @@ pub fn openapi_root(types: &[ResourceType]) -> Value {
 /// kubectl only reads it to learn that the server validates fields itself
 /// (`fieldValidation`); it carries no schemas.
 pub fn openapi_gv(types: &[ResourceType], group: &str, version: &str) -> Option<Value> {
-    let matching: Vec<&ResourceType> = types
-        .iter()
-        .filter(|t| t.group == group && t.version == version)
-        .collect();
-    if matching.is_empty() {
-        return None;
-    }
+    let matching = served_in(types, group, version)?;
     let mut paths = serde_json::Map::new();
     for t in matching {
         let base = format!("/{}", gv_path(group, version));

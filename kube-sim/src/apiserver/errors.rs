@@ -27,44 +27,47 @@ impl ApiError {
         self
     }
 
-    pub fn not_found(group: &str, plural: &str, name: &str) -> Self {
-        let res = qualified(group, plural);
-        ApiError::new(404, "NotFound", format!("{res} \"{name}\" not found"))
+    /// An error about one object, whose name, group and resource go in the details; `message`
+    /// is given the qualified resource (`pods`, `agentruns.agentrun.dev`).
+    fn about_object(
+        code: u16,
+        reason: &'static str,
+        (group, plural, name): (&str, &str, &str),
+        message: impl FnOnce(String) -> String,
+    ) -> Self {
+        ApiError::new(code, reason, message(qualified(group, plural)))
             .with_details(json!({"name": name, "group": group, "kind": plural}))
     }
 
+    pub fn not_found(group: &str, plural: &str, name: &str) -> Self {
+        Self::about_object(404, "NotFound", (group, plural, name), |res| {
+            format!("{res} \"{name}\" not found")
+        })
+    }
+
     pub fn already_exists(group: &str, plural: &str, name: &str) -> Self {
-        let res = qualified(group, plural);
-        ApiError::new(
-            409,
-            "AlreadyExists",
-            format!("{res} \"{name}\" already exists"),
-        )
-        .with_details(json!({"name": name, "group": group, "kind": plural}))
+        Self::about_object(409, "AlreadyExists", (group, plural, name), |res| {
+            format!("{res} \"{name}\" already exists")
+        })
     }
 
     pub fn conflict(group: &str, plural: &str, name: &str) -> Self {
-        let res = qualified(group, plural);
-        ApiError::new(
-            409,
-            "Conflict",
+        Self::about_object(409, "Conflict", (group, plural, name), |res| {
             format!(
                 "Operation cannot be fulfilled on {res} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
-            ),
-        )
-        .with_details(json!({"name": name, "group": group, "kind": plural}))
+            )
+        })
     }
 
     /// 403 Forbidden from admission: `pods "x" is forbidden: <why>`.
     pub fn forbidden(group: &str, plural: &str, name: &str, why: &str) -> Self {
-        let res = qualified(group, plural);
-        let message = if name.is_empty() {
-            format!("{res} is forbidden: {why}")
-        } else {
-            format!("{res} \"{name}\" is forbidden: {why}")
-        };
-        ApiError::new(403, "Forbidden", message)
-            .with_details(json!({"name": name, "group": group, "kind": plural}))
+        Self::about_object(403, "Forbidden", (group, plural, name), |res| {
+            if name.is_empty() {
+                format!("{res} is forbidden: {why}")
+            } else {
+                format!("{res} \"{name}\" is forbidden: {why}")
+            }
+        })
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {

@@ -213,14 +213,7 @@ async fn route(
                 .ok_or_else(|| ApiError::not_found(&target.t.group, &target.t.plural, name))?;
             let obj = as_version(&target.t, obj);
             if wants_table {
-                let include = q
-                    .get("includeObject")
-                    .map(String::as_str)
-                    .unwrap_or("Metadata");
-                return Ok(json_response(
-                    200,
-                    &table::table(&target.t, &[obj], app.store.current_rv(), include),
-                ));
+                return Ok(table_response(&target, q, &[obj], app.store.current_rv()));
             }
             Ok(json_response(200, &obj))
         }
@@ -348,6 +341,15 @@ fn list_doc(t: &ResourceType, items: Vec<Value>, rv: u64) -> Value {
     })
 }
 
+/// Objects as a `Table` (kubectl's `get` output), with `includeObject` as the client asked.
+fn table_response(target: &Target, q: &Query, objects: &[Value], rv: u64) -> Response {
+    let include = q
+        .get("includeObject")
+        .map(String::as_str)
+        .unwrap_or("Metadata");
+    json_response(200, &table::table(&target.t, objects, rv, include))
+}
+
 fn list(
     app: &Arc<App>,
     target: &Target,
@@ -356,14 +358,7 @@ fn list(
 ) -> Result<Response, ApiError> {
     let (items, rv) = selected(app, target, q)?;
     if wants_table {
-        let include = q
-            .get("includeObject")
-            .map(String::as_str)
-            .unwrap_or("Metadata");
-        return Ok(json_response(
-            200,
-            &table::table(&target.t, &items, rv, include),
-        ));
+        return Ok(table_response(target, q, &items, rv));
     }
     Ok(json_response(200, &list_doc(&target.t, items, rv)))
 }

@@ -410,6 +410,40 @@ fn join_quote<S: AsRef<str>>(items: &[S]) -> String {
         .join(", ")
 }
 
+/// The names of the `items` (containers or volumes) in which `found` finds something, and
+/// everything it found, sorted and each once.
+fn offenders<'a>(
+    items: impl Iterator<Item = &'a Value>,
+    found: impl Fn(&Value) -> Vec<String>,
+) -> (Vec<String>, Vec<String>) {
+    let mut names = Vec::new();
+    let mut all = BTreeSet::new();
+    for item in items {
+        let values = found(item);
+        if !values.is_empty() {
+            names.push(cname(item));
+            all.extend(values);
+        }
+    }
+    (names, all.into_iter().collect())
+}
+
+/// The names of the pod's containers for which `bad` holds.
+fn containers_where(p: &Pod<'_>, mut bad: impl FnMut(&Value) -> bool) -> Vec<String> {
+    p.containers().filter(|c| bad(c)).map(cname).collect()
+}
+
+/// The violation `title` when any container `breaks` the rule: `containers "a", "b" {rule}`.
+fn containers_breaking(
+    p: &Pod<'_>,
+    title: &str,
+    rule: &str,
+    breaks: impl FnMut(&Value) -> bool,
+) -> Violation {
+    let bad = containers_where(p, breaks);
+    (!bad.is_empty()).then(|| (title.into(), format!("{} {rule}", containers_phrase(&bad))))
+}
+
 /// `container "a"` / `containers "a", "b"`.
 fn containers_phrase(names: &[String]) -> String {
     format!(
@@ -653,20 +687,13 @@ fn added_capabilities(c: &Value) -> Vec<String> {
 }
 
 fn capabilities_baseline(p: &Pod<'_>) -> Violation {
-    let mut bad = Vec::new();
-    let mut caps = BTreeSet::new();
-    for c in p.containers() {
-        let extra: Vec<String> = added_capabilities(c)
+    let (bad, caps) = offenders(p.containers(), |c| {
+        added_capabilities(c)
             .into_iter()
             .filter(|cap| !BASELINE_CAPABILITIES.contains(&cap.as_str()))
-            .collect();
-        if !extra.is_empty() {
-            bad.push(cname(c));
-            caps.extend(extra);
-        }
-    }
+            .collect()
+    });
     (!bad.is_empty()).then(|| {
-        let caps: Vec<String> = caps.into_iter().collect();
         (
             "non-default capabilities".into(),
             format!(
@@ -713,25 +740,17 @@ fn host_path_volumes(p: &Pod<'_>) -> Violation {
 }
 
 fn host_ports(p: &Pod<'_>) -> Violation {
-    let mut bad = Vec::new();
-    let mut ports = BTreeSet::new();
-    for c in p.containers() {
-        let used: Vec<String> = c
-            .get("ports")
+    let (bad, ports) = offenders(p.containers(), |c| {
+        c.get("ports")
             .and_then(Value::as_array)
             .into_iter()
             .flatten()
             .filter_map(|port| port.get("hostPort").and_then(Value::as_i64))
             .filter(|hp| *hp != 0)
             .map(|hp| hp.to_string())
-            .collect();
-        if !used.is_empty() {
-            bad.push(cname(c));
-            ports.extend(used);
-        }
-    }
+            .collect()
+    });
     (!bad.is_empty()).then(|| {
-        let ports: Vec<String> = ports.into_iter().collect();
         (
             "hostPort".into(),
             format!(
@@ -790,35 +809,22 @@ fn host_probes(p: &Pod<'_>) -> Violation {
 }
 
 fn privileged(p: &Pod<'_>) -> Violation {
-    let bad: Vec<String> = p
-        .containers()
-        .filter(|c| sc(c, "privileged").and_then(Value::as_bool) == Some(true))
-        .map(cname)
-        .collect();
-    (!bad.is_empty()).then(|| {
-        (
-            "privileged".into(),
-            format!(
-                "{} must not set securityContext.privileged=true",
-                containers_phrase(&bad)
-            ),
-        )
+    let rule = "must not set securityContext.privileged=true";
+    containers_breaking(p, "privileged", rule, |c| {
+        sc(c, "privileged").and_then(Value::as_bool) == Some(true)
     })
 }
 
 fn proc_mount(p: &Pod<'_>) -> Violation {
-    let mut bad = Vec::new();
-    let mut types = BTreeSet::new();
-    for c in p.containers() {
-        if let Some(t) = sc(c, "procMount").and_then(Value::as_str)
-            && t != "Default"
-        {
-            bad.push(cname(c));
-            types.insert(t.to_string());
-        }
-    }
+    let (bad, types) = offenders(p.containers(), |c| {
+        sc(c, "procMount")
+            .and_then(Value::as_str)
+            .filter(|t| *t != "Default")
+            .map(String::from)
+            .into_iter()
+            .collect()
+    });
     (!bad.is_empty()).then(|| {
-        let types: Vec<String> = types.into_iter().collect();
         (
             "procMount".into(),
             format!(
@@ -863,11 +869,7 @@ fn se_linux(p: &Pod<'_>) -> Violation {
         ok
     };
     let pod_bad = !valid(p.pod_sc("seLinuxOptions"));
-    let bad: Vec<String> = p
-        .containers()
-        .filter(|c| !valid(sc(c, "seLinuxOptions")))
-        .map(cname)
-        .collect();
+    let bad = containers_where(p, |c| !valid(sc(c, "seLinuxOptions")));
     if !pod_bad && bad.is_empty() {
         return None;
     }
@@ -1006,11 +1008,7 @@ fn windows_host_process(p: &Pod<'_>) -> Violation {
             == Some(true)
     };
     let pod_bad = host(p.pod_sc("windowsOptions"));
-    let bad: Vec<String> = p
-        .containers()
-        .filter(|c| host(sc(c, "windowsOptions")))
-        .map(cname)
-        .collect();
+    let bad = containers_where(p, |c| host(sc(c, "windowsOptions")));
     (pod_bad || !bad.is_empty()).then(|| {
         (
             "hostProcess".into(),
@@ -1026,19 +1024,10 @@ fn allow_privilege_escalation(p: &Pod<'_>) -> Violation {
     if p.windows() {
         return None;
     }
-    let bad: Vec<String> = p
-        .containers()
-        .filter(|c| sc(c, "allowPrivilegeEscalation").and_then(Value::as_bool) != Some(false))
-        .map(cname)
-        .collect();
-    (!bad.is_empty()).then(|| {
-        (
-            "allowPrivilegeEscalation != false".into(),
-            format!(
-                "{} must set securityContext.allowPrivilegeEscalation=false",
-                containers_phrase(&bad)
-            ),
-        )
+    let title = "allowPrivilegeEscalation != false";
+    let rule = "must set securityContext.allowPrivilegeEscalation=false";
+    containers_breaking(p, title, rule, |c| {
+        sc(c, "allowPrivilegeEscalation").and_then(Value::as_bool) != Some(false)
     })
 }
 
@@ -1123,21 +1112,17 @@ fn restricted_volumes(p: &Pod<'_>) -> Violation {
         ("storageos", "storageos"),
     ];
     let set = |v: &Value, k: &str| v.get(k).is_some_and(|x| !x.is_null());
-    let mut bad = Vec::new();
-    let mut types = BTreeSet::new();
-    for v in volumes(p) {
+    let (bad, types) = offenders(volumes(p), |v| {
         if ALLOWED.iter().any(|k| set(v, k)) {
-            continue;
+            return Vec::new();
         }
-        bad.push(cname(v));
         let t = RESTRICTED
             .iter()
             .find(|(k, _)| set(v, k))
             .map_or("unknown", |(_, t)| *t);
-        types.insert(t.to_string());
-    }
+        vec![t.to_string()]
+    });
     (!bad.is_empty()).then(|| {
-        let types: Vec<String> = types.into_iter().collect();
         (
             "restricted volume types".into(),
             format!(
@@ -1200,11 +1185,7 @@ fn run_as_non_root(p: &Pod<'_>) -> Violation {
 fn run_as_user(p: &Pod<'_>) -> Violation {
     let root = |v: Option<&Value>| v.and_then(Value::as_i64) == Some(0);
     let pod_bad = root(p.pod_sc("runAsUser"));
-    let bad: Vec<String> = p
-        .containers()
-        .filter(|c| root(sc(c, "runAsUser")))
-        .map(cname)
-        .collect();
+    let bad = containers_where(p, |c| root(sc(c, "runAsUser")));
     (pod_bad || !bad.is_empty()).then(|| {
         (
             "runAsUser=0".into(),

@@ -122,265 +122,75 @@ fn builtin(
     }
 }
 
+/// One built-in type: group, version, plural, kind, namespaced, short names, whether it has a
+/// status subresource, categories.
+type Builtin = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    bool,
+    &'static [&'static str],
+    bool,
+    &'static [&'static str],
+);
+
+/// The built-in types, one a line.
+#[rustfmt::skip]
+const BUILTINS: &[Builtin] = &[
+    ("", "v1", "namespaces", "Namespace", false, &["ns"], true, &[]),
+    ("", "v1", "nodes", "Node", false, &["no"], true, &[]),
+    ("", "v1", "pods", "Pod", true, &["po"], true, &["all"]),
+    ("", "v1", "secrets", "Secret", true, &[], false, &[]),
+    ("", "v1", "configmaps", "ConfigMap", true, &["cm"], false, &[]),
+    ("", "v1", "services", "Service", true, &["svc"], true, &["all"]),
+    ("", "v1", "endpoints", "Endpoints", true, &["ep"], false, &[]),
+    ("", "v1", "serviceaccounts", "ServiceAccount", true, &["sa"], false, &[]),
+    ("", "v1", "events", "Event", true, &["ev"], false, &[]),
+    ("", "v1", "persistentvolumeclaims", "PersistentVolumeClaim", true, &["pvc"], true, &[]),
+    ("", "v1", "resourcequotas", "ResourceQuota", true, &["quota"], true, &[]),
+    ("", "v1", "limitranges", "LimitRange", true, &["limits"], false, &[]),
+    ("events.k8s.io", "v1", "events", "Event", true, &["ev"], false, &[]),
+    ("coordination.k8s.io", "v1", "leases", "Lease", true, &[], false, &[]),
+    ("apps", "v1", "deployments", "Deployment", true, &["deploy"], true, &["all"]),
+    ("apps", "v1", "statefulsets", "StatefulSet", true, &["sts"], true, &["all"]),
+    ("apps", "v1", "replicasets", "ReplicaSet", true, &["rs"], true, &["all"]),
+    ("apps", "v1", "daemonsets", "DaemonSet", true, &["ds"], true, &["all"]),
+    ("batch", "v1", "jobs", "Job", true, &[], true, &["all"]),
+    ("policy", "v1", "poddisruptionbudgets", "PodDisruptionBudget", true, &["pdb"], true, &[]),
+    ("networking.k8s.io", "v1", "ingresses", "Ingress", true, &["ing"], true, &[]),
+    ("networking.k8s.io", "v1", "networkpolicies", "NetworkPolicy", true, &["netpol"], false, &[]),
+    ("rbac.authorization.k8s.io", "v1", "roles", "Role", true, &[], false, &[]),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings", "RoleBinding", true, &[], false, &[]),
+    ("rbac.authorization.k8s.io", "v1", "clusterroles", "ClusterRole", false, &[], false, &[]),
+    ("rbac.authorization.k8s.io", "v1", "clusterrolebindings", "ClusterRoleBinding", false, &[], false, &[]),
+    ("apiextensions.k8s.io", "v1", "customresourcedefinitions", "CustomResourceDefinition", false, &["crd", "crds"], true, &[]),
+    ("autoscaling", "v2", "horizontalpodautoscalers", "HorizontalPodAutoscaler", true, &["hpa"], true, &["all"]),
+];
+
+/// The review types (version v1), which only take a create: group, plural, kind, namespaced.
+#[rustfmt::skip]
+const REVIEWS: &[(&str, &str, &str, bool)] = &[
+    ("authentication.k8s.io", "tokenreviews", "TokenReview", false),
+    ("authorization.k8s.io", "subjectaccessreviews", "SubjectAccessReview", false),
+    ("authorization.k8s.io", "selfsubjectaccessreviews", "SelfSubjectAccessReview", false),
+    ("authorization.k8s.io", "localsubjectaccessreviews", "LocalSubjectAccessReview", true),
+];
+
 /// The built-in types kube-sim serves.
 pub fn builtin_types() -> Vec<ResourceType> {
-    let all = &["all"][..];
-    let none = &[][..];
-    let mut v = vec![
-        builtin(
-            "",
-            "v1",
-            "namespaces",
-            "Namespace",
-            false,
-            &["ns"],
-            true,
-            none,
-        ),
-        builtin("", "v1", "nodes", "Node", false, &["no"], true, none),
-        builtin("", "v1", "pods", "Pod", true, &["po"], true, all),
-        builtin("", "v1", "secrets", "Secret", true, none, false, none),
-        builtin(
-            "",
-            "v1",
-            "configmaps",
-            "ConfigMap",
-            true,
-            &["cm"],
-            false,
-            none,
-        ),
-        builtin("", "v1", "services", "Service", true, &["svc"], true, all),
-        builtin(
-            "",
-            "v1",
-            "endpoints",
-            "Endpoints",
-            true,
-            &["ep"],
-            false,
-            none,
-        ),
-        builtin(
-            "",
-            "v1",
-            "serviceaccounts",
-            "ServiceAccount",
-            true,
-            &["sa"],
-            false,
-            none,
-        ),
-        builtin("", "v1", "events", "Event", true, &["ev"], false, none),
-        builtin(
-            "",
-            "v1",
-            "persistentvolumeclaims",
-            "PersistentVolumeClaim",
-            true,
-            &["pvc"],
-            true,
-            none,
-        ),
-        builtin(
-            "",
-            "v1",
-            "resourcequotas",
-            "ResourceQuota",
-            true,
-            &["quota"],
-            true,
-            none,
-        ),
-        builtin(
-            "",
-            "v1",
-            "limitranges",
-            "LimitRange",
-            true,
-            &["limits"],
-            false,
-            none,
-        ),
-        builtin(
-            "events.k8s.io",
-            "v1",
-            "events",
-            "Event",
-            true,
-            &["ev"],
-            false,
-            none,
-        ),
-        builtin(
-            "coordination.k8s.io",
-            "v1",
-            "leases",
-            "Lease",
-            true,
-            none,
-            false,
-            none,
-        ),
-        builtin(
-            "apps",
-            "v1",
-            "deployments",
-            "Deployment",
-            true,
-            &["deploy"],
-            true,
-            all,
-        ),
-        builtin(
-            "apps",
-            "v1",
-            "statefulsets",
-            "StatefulSet",
-            true,
-            &["sts"],
-            true,
-            all,
-        ),
-        builtin(
-            "apps",
-            "v1",
-            "replicasets",
-            "ReplicaSet",
-            true,
-            &["rs"],
-            true,
-            all,
-        ),
-        builtin(
-            "apps",
-            "v1",
-            "daemonsets",
-            "DaemonSet",
-            true,
-            &["ds"],
-            true,
-            all,
-        ),
-        builtin("batch", "v1", "jobs", "Job", true, none, true, all),
-        builtin(
-            "policy",
-            "v1",
-            "poddisruptionbudgets",
-            "PodDisruptionBudget",
-            true,
-            &["pdb"],
-            true,
-            none,
-        ),
-        builtin(
-            "networking.k8s.io",
-            "v1",
-            "ingresses",
-            "Ingress",
-            true,
-            &["ing"],
-            true,
-            none,
-        ),
-        builtin(
-            "networking.k8s.io",
-            "v1",
-            "networkpolicies",
-            "NetworkPolicy",
-            true,
-            &["netpol"],
-            false,
-            none,
-        ),
-        builtin(
-            "rbac.authorization.k8s.io",
-            "v1",
-            "roles",
-            "Role",
-            true,
-            none,
-            false,
-            none,
-        ),
-        builtin(
-            "rbac.authorization.k8s.io",
-            "v1",
-            "rolebindings",
-            "RoleBinding",
-            true,
-            none,
-            false,
-            none,
-        ),
-        builtin(
-            "rbac.authorization.k8s.io",
-            "v1",
-            "clusterroles",
-            "ClusterRole",
-            false,
-            none,
-            false,
-            none,
-        ),
-        builtin(
-            "rbac.authorization.k8s.io",
-            "v1",
-            "clusterrolebindings",
-            "ClusterRoleBinding",
-            false,
-            none,
-            false,
-            none,
-        ),
-        builtin(
-            "apiextensions.k8s.io",
-            "v1",
-            "customresourcedefinitions",
-            "CustomResourceDefinition",
-            false,
-            &["crd", "crds"],
-            true,
-            none,
-        ),
-        builtin(
-            "autoscaling",
-            "v2",
-            "horizontalpodautoscalers",
-            "HorizontalPodAutoscaler",
-            true,
-            &["hpa"],
-            true,
-            all,
-        ),
-    ];
-    for (group, plural, kind, namespaced) in [
-        (
-            "authentication.k8s.io",
-            "tokenreviews",
-            "TokenReview",
-            false,
-        ),
-        (
-            "authorization.k8s.io",
-            "subjectaccessreviews",
-            "SubjectAccessReview",
-            false,
-        ),
-        (
-            "authorization.k8s.io",
-            "selfsubjectaccessreviews",
-            "SelfSubjectAccessReview",
-            false,
-        ),
-        (
-            "authorization.k8s.io",
-            "localsubjectaccessreviews",
-            "LocalSubjectAccessReview",
-            true,
-        ),
-    ] {
-        let mut t = builtin(group, "v1", plural, kind, namespaced, none, false, none);
+    let mut v: Vec<ResourceType> = BUILTINS
+        .iter()
+        .map(
+            |&(group, version, plural, kind, namespaced, short, status, categories)| {
+                builtin(
+                    group, version, plural, kind, namespaced, short, status, categories,
+                )
+            },
+        )
+        .collect();
+    for &(group, plural, kind, namespaced) in REVIEWS {
+        let mut t = builtin(group, "v1", plural, kind, namespaced, &[], false, &[]);
         t.create_only = true;
         v.push(t);
     }

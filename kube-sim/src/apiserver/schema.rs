@@ -3,6 +3,8 @@
 //! (`x-kubernetes-validations`) of the subset `cel.rs` evaluates; [`validate`] turns the outcome
 //! into the API server's answer (400 under `fieldValidation=Strict`, 422 `Invalid`).
 
+use std::cmp::Ordering;
+
 use regex::Regex;
 use serde_json::{Map, Value};
 
@@ -259,13 +261,19 @@ fn walk_object(
         }
     }
     check_required(schema, map, path, out);
-    if let Some(max) = schema["maxProperties"].as_u64()
-        && map.len() as u64 > max
+    check_most(schema, "maxProperties", map.len(), path, out);
+}
+
+/// `FieldValueTooMany` when an object or list has more than its `bound` (`maxProperties`,
+/// `maxItems`) allows.
+fn check_most(schema: &Value, bound: &str, len: usize, path: &str, out: &mut Outcome) {
+    if let Some(max) = schema[bound].as_u64()
+        && len as u64 > max
     {
         out.errors.push(FieldError::with(
             path,
             "FieldValueTooMany",
-            format!("Too many: {}: must have at most {max} items", map.len()),
+            format!("Too many: {len}: must have at most {max} items"),
         ));
     }
 }
@@ -277,15 +285,7 @@ fn walk_array(
     out: &mut Outcome,
     old: Option<&Value>,
 ) {
-    if let Some(max) = schema["maxItems"].as_u64()
-        && items.len() as u64 > max
-    {
-        out.errors.push(FieldError::with(
-            path,
-            "FieldValueTooMany",
-            format!("Too many: {}: must have at most {max} items", items.len()),
-        ));
-    }
+    check_most(schema, "maxItems", items.len(), path, out);
     if let Some(min) = schema["minItems"].as_u64()
         && (items.len() as u64) < min
     {
@@ -377,35 +377,39 @@ fn check_string(schema: &Value, s: &str, path: &str, out: &mut Outcome) {
 }
 
 fn check_number(schema: &Value, x: f64, v: &Value, path: &str, out: &mut Outcome) {
-    let excl_min = schema["exclusiveMinimum"] == Value::Bool(true);
-    let excl_max = schema["exclusiveMaximum"] == Value::Bool(true);
-    if let Some(min) = schema["minimum"].as_f64() {
-        let bad = if excl_min { x <= min } else { x < min };
-        if bad {
-            let op = if excl_min {
-                "greater than"
+    // Each bound, its exclusive flag, what the value must be, and the side of it that is out.
+    for (bound, exclusive, relation, out_side) in [
+        (
+            "minimum",
+            "exclusiveMinimum",
+            "greater than",
+            Ordering::Less,
+        ),
+        (
+            "maximum",
+            "exclusiveMaximum",
+            "less than",
+            Ordering::Greater,
+        ),
+    ] {
+        let Some(limit) = schema[bound].as_f64() else {
+            continue;
+        };
+        let excl = schema[exclusive] == Value::Bool(true);
+        let outside = match x.partial_cmp(&limit) {
+            Some(Ordering::Equal) => excl,
+            side => side == Some(out_side),
+        };
+        if outside {
+            let op = if excl {
+                relation.to_string()
             } else {
-                "greater than or equal to"
+                format!("{relation} or equal to")
             };
             out.errors.push(FieldError::invalid(
                 path,
                 v,
-                format!("{path} in body should be {op} {}", fmt_num(min)),
-            ));
-        }
-    }
-    if let Some(max) = schema["maximum"].as_f64() {
-        let bad = if excl_max { x >= max } else { x > max };
-        if bad {
-            let op = if excl_max {
-                "less than"
-            } else {
-                "less than or equal to"
-            };
-            out.errors.push(FieldError::invalid(
-                path,
-                v,
-                format!("{path} in body should be {op} {}", fmt_num(max)),
+                format!("{path} in body should be {op} {}", fmt_num(limit)),
             ));
         }
     }

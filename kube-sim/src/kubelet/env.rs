@@ -153,21 +153,18 @@ fn field_ref(pod: &Value, path: &str, pod_ip: &str) -> String {
         let key = rest.trim_start_matches("['").trim_end_matches("']");
         Some(key.to_string())
     };
-    if let Some(k) = bracket("metadata.labels") {
-        return pod
-            .pointer("/metadata/labels")
-            .and_then(|l| l.get(&k))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .into();
-    }
-    if let Some(k) = bracket("metadata.annotations") {
-        return pod
-            .pointer("/metadata/annotations")
-            .and_then(|l| l.get(&k))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .into();
+    for (field, pointer) in [
+        ("metadata.labels", "/metadata/labels"),
+        ("metadata.annotations", "/metadata/annotations"),
+    ] {
+        if let Some(k) = bracket(field) {
+            return pod
+                .pointer(pointer)
+                .and_then(|m| m.get(&k))
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .into();
+        }
     }
     match path {
         "metadata.name" => str_at(pod, "/metadata/name"),

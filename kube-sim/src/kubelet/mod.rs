@@ -307,13 +307,7 @@ impl Kubelet {
             str_at(pod, "/metadata/uid"),
         );
         let now = now_rfc3339();
-        let was_unschedulable = pod
-            .pointer("/status/conditions")
-            .and_then(Value::as_array)
-            .is_some_and(|c| {
-                c.iter()
-                    .any(|c| c["type"] == "PodScheduled" && c["reason"] == "Unschedulable")
-            });
+        let was_unschedulable = marked_unschedulable(pod);
         if selector_ok {
             pod_event(
                 &self.store,
@@ -346,14 +340,7 @@ impl Kubelet {
                 if str_at(p, "/metadata/uid") != uid {
                     return;
                 }
-                let already = p
-                    .pointer("/status/conditions")
-                    .and_then(Value::as_array)
-                    .is_some_and(|c| {
-                        c.iter()
-                            .any(|c| c["type"] == "PodScheduled" && c["reason"] == "Unschedulable")
-                    });
-                if !already {
+                if !marked_unschedulable(p) {
                     set_condition(p, "PodScheduled", "False", "Unschedulable", msg, &now);
                 }
             });
@@ -365,4 +352,14 @@ impl PodLogs for Kubelet {
     fn log_path(&self, uid: &str, container: &str) -> PathBuf {
         Kubelet::log_path(self, uid, container)
     }
+}
+
+/// Whether the pod's `PodScheduled` condition already says it is unschedulable.
+fn marked_unschedulable(pod: &Value) -> bool {
+    pod.pointer("/status/conditions")
+        .and_then(Value::as_array)
+        .is_some_and(|c| {
+            c.iter()
+                .any(|c| c["type"] == "PodScheduled" && c["reason"] == "Unschedulable")
+        })
 }

@@ -64,7 +64,7 @@ pub struct OutboxConfig {
 }
 
 /// Control messages the entrypoint may hold before it applies them; a sidecar sends at most
-/// its window (`server::control::WINDOW`) without an acknowledgement.
+/// its window (`server::control_queue::WINDOW`) without an acknowledgement.
 pub const CONTROL_QUEUE: usize = 256;
 /// After the sidecar refused this outbox, how long before it tries again.
 const REFUSED_RETRY: Duration = Duration::from_secs(2);

@@ -2,9 +2,10 @@
 //! entrypoint, each until the entrypoint acknowledges it.
 //!
 //! The control stream is the queue: the sidecar subscribes to the channel (only to learn that
-//! there is something new), then reads the stream from where it is. At most [`WINDOW`]
-//! messages (and [`WINDOW_BYTES`] of them) are held in memory, sent to the entrypoint or
-//! waiting for one to connect; the rest wait in the stream, and are read as the entrypoint
+//! there is something new), then reads the stream from where it is. At most
+//! [`WINDOW`](super::control_queue::WINDOW) messages (and
+//! [`WINDOW_BYTES`](super::control_queue::WINDOW_BYTES) of them) are held in memory, sent to
+//! the entrypoint or waiting for one to connect; the rest wait in the stream, and are read as the entrypoint
 //! acknowledges what it has. The state hash's `control:VAR` records how far every message is
 //! dealt with (meant for another variation, or acknowledged by the entrypoint), so a restarted
 //! sidecar starts from there; the entrypoint applies each seq at most once, so a message sent
@@ -17,48 +18,12 @@ use super::state::{SidecarState, lock};
 use agentrun_protocol::replay::read_page;
 use agentrun_protocol::{ControlError, ControlMessage, Entry, StreamName};
 use futures::StreamExt;
-use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// Control messages held in memory for the entrypoint at most.
-pub const WINDOW: usize = 64;
-/// Bytes of control messages held in memory at most (one message is always taken).
-pub const WINDOW_BYTES: usize = 1024 * 1024;
 /// Reason of the status event that reports trimmed control messages.
 pub const TRIMMED_REASON: &str = "ControlTrimmed";
-
-/// The control messages for this variation taken from the stream and not yet acknowledged.
-#[derive(Default)]
-pub(crate) struct Queue {
-    pending: VecDeque<(u64, ControlMessage, usize)>,
-    bytes: usize,
-    /// Every control entry up to this seq has been read (and is pending, acknowledged, or
-    /// meant for another variation).
-    read_to: u64,
-    /// Whether `read_to` was loaded from the state hash.
-    loaded: bool,
-}
-
-impl Queue {
-    fn has_room(&self, size: usize) -> bool {
-        self.pending.is_empty()
-            || (self.pending.len() < WINDOW && self.bytes + size <= WINDOW_BYTES)
-    }
-
-    /// Every control message up to this seq is dealt with.
-    fn marker(&self) -> u64 {
-        self.pending
-            .front()
-            .map_or(self.read_to, |(seq, _, _)| seq - 1)
-    }
-
-    /// The messages to send to a newly connected entrypoint, in order.
-    pub(crate) fn unacknowledged(&self) -> impl Iterator<Item = (u64, &ControlMessage)> {
-        self.pending.iter().map(|(seq, msg, _)| (*seq, msg))
-    }
-}
 
 /// The entrypoint has every control message up to `seq`.
 pub(crate) fn acknowledged(shared: &SidecarState, seq: u64) {

@@ -12,6 +12,7 @@
 mod adopt;
 mod config;
 mod control;
+mod control_queue;
 mod entrypoint_watch;
 mod figures;
 mod health;
@@ -61,10 +62,10 @@ impl Sidecar {
             let _ = std::fs::create_dir_all(dir);
         }
         let listener = socket::bind_socket(&config.socket)?;
-        let metrics = Metrics::new();
+        let metrics = Metrics::default();
         let metrics_addr = match config.metrics_addr {
             Some(addr) => Some(
-                crate::metrics::serve(addr, metrics.clone())
+                agentrun_protocol::telemetry::serve_health(addr, metrics.clone())
                     .await
                     .map_err(|source| SidecarError::Metrics { addr, source })?,
             ),
@@ -112,7 +113,7 @@ impl Sidecar {
             metrics: metrics.clone(),
             key,
             peer: Mutex::new(None),
-            control: Mutex::new(control::Queue::default()),
+            control: Mutex::new(control_queue::Queue::default()),
             control_acked: tokio::sync::Notify::new(),
             redis_up: watch::channel(conn.is_some()).0,
             entrypoint_done: watch::channel(false).0,

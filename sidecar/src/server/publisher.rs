@@ -7,16 +7,19 @@
 //! the stream below that top and starts a new epoch before appending, so readers are told
 //! that the history was reset instead of silently skipping the reused sequence numbers.
 
-use super::state::SidecarState;
+use super::state::{SidecarState, lock};
 use agentrun_protocol::archive::{self, ArchiveRequest};
 use agentrun_protocol::durability::{Durability, NO_WAITAOF};
 use agentrun_protocol::publish::{Batch, Expected, add_variation, set_state, settle_phase};
 use agentrun_protocol::state_hash;
 use agentrun_protocol::{
-    NewEntry, Publisher, RedisConn, RedisSettings, StatusEvent, StreamName, Variation, now_ms,
+    EntryType, NewEntry, Publisher, RedisConn, RedisSettings, StatusEvent, StreamName, Variation,
+    now_ms,
 };
+use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, mpsc, oneshot};
 
@@ -463,4 +466,68 @@ impl PublishLoop {
 
 fn expected_top(acknowledged: &HashMap<StreamName, Expected>, stream: &StreamName) -> u64 {
     acknowledged.get(stream).map_or(0, |e| e.top)
+}
+
+/// The sidecar's own entries (its status events and figures), queued for the publisher.
+impl SidecarState {
+    /// Publishes a fact about the sidecar on the status stream without changing the
+    /// variation's state: the event carries the latest state, and is not mirrored into the
+    /// state hash (so it never moves the run's phase, even after the run has ended).
+    pub(crate) async fn notice(
+        &self,
+        items: &mpsc::Sender<ToPublish>,
+        reason: &str,
+        message: String,
+    ) {
+        let state = *lock(&self.last_state);
+        let event = StatusEvent::new(Some(self.config.variation.as_str()), state)
+            .reason(reason)
+            .message(message)
+            .source("sidecar");
+        self.push_status(items, event, false).await;
+    }
+
+    /// Queues a status event of the sidecar's own; `mirror`: also make it the variation's
+    /// latest status in the state hash (a notice is not).
+    pub(crate) async fn push_status(
+        &self,
+        items: &mpsc::Sender<ToPublish>,
+        event: StatusEvent,
+        mirror: bool,
+    ) {
+        let content = event.to_json();
+        let status = mirror.then_some(event);
+        self.push_own(
+            items,
+            StreamName::Status,
+            EntryType::Status,
+            content,
+            status,
+        )
+        .await;
+    }
+
+    /// Queues an entry of the sidecar's own producer (its status events and figures); false
+    /// when the publisher is gone.
+    pub(crate) async fn push_own(
+        &self,
+        items: &mpsc::Sender<ToPublish>,
+        stream: StreamName,
+        kind: EntryType,
+        content: impl Into<Bytes>,
+        status: Option<StatusEvent>,
+    ) -> bool {
+        let pseq = self.pseq.fetch_add(1, Ordering::SeqCst) + 1;
+        items
+            .send(ToPublish::Entry {
+                stream,
+                producer: self.producer.clone(),
+                entry: Box::new(NewEntry::now(pseq, kind, content)),
+                ack: None,
+                status,
+                permit: None,
+            })
+            .await
+            .is_ok()
+    }
 }

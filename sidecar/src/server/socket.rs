@@ -227,3 +227,25 @@ pub(crate) async fn handle_connection(
     }
     tracing::info!(producer = %producer, "entrypoint disconnected");
 }
+
+/// The socket's side of the shared state: connections waiting for their `Hello`.
+impl SidecarState {
+    /// Registers a new connection as waiting for its `Hello`; past [`MAX_UNAUTHENTICATED`]
+    /// the oldest waiting one is closed. The receiver fires when this one is.
+    pub(crate) fn admit(&self, epoch: u64) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        let mut waiting = lock(&self.unauthenticated);
+        if waiting.len() >= MAX_UNAUTHENTICATED
+            && let Some((_, oldest)) = waiting.pop_front()
+        {
+            let _ = oldest.send(());
+        }
+        waiting.push_back((epoch, tx));
+        rx
+    }
+
+    /// The connection is no longer waiting for its `Hello`.
+    pub(crate) fn admitted(&self, epoch: u64) {
+        lock(&self.unauthenticated).retain(|(e, _)| *e != epoch);
+    }
+}

@@ -2,17 +2,15 @@
 //! the sidecar's own status producer, and the refusals and spools it has seen.
 
 use super::config::SidecarConfig;
-use super::control;
-use super::publisher::ToPublish;
-use super::socket::MAX_UNAUTHENTICATED;
+use super::control_queue;
 use crate::auth::Key;
 use crate::frame::Frame;
 use crate::metrics::Metrics;
-use agentrun_protocol::{EntryType, NewEntry, RunState, StatusEvent, StreamName};
+use agentrun_protocol::RunState;
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -38,7 +36,7 @@ pub(crate) struct SidecarState {
     pub(crate) key: Key,
     pub(crate) peer: Mutex<Option<Peer>>,
     /// Control messages taken from the stream and not yet acknowledged by the entrypoint.
-    pub(crate) control: Mutex<control::Queue>,
+    pub(crate) control: Mutex<control_queue::Queue>,
     /// Woken when the entrypoint acknowledges control messages.
     pub(crate) control_acked: tokio::sync::Notify,
     pub(crate) redis_up: watch::Sender<bool>,
@@ -87,88 +85,8 @@ impl SidecarState {
         }
     }
 
-    /// Registers a new connection as waiting for its `Hello`; past [`MAX_UNAUTHENTICATED`]
-    /// the oldest waiting one is closed. The receiver fires when this one is.
-    pub(crate) fn admit(&self, epoch: u64) -> oneshot::Receiver<()> {
-        let (tx, rx) = oneshot::channel();
-        let mut waiting = lock(&self.unauthenticated);
-        if waiting.len() >= MAX_UNAUTHENTICATED
-            && let Some((_, oldest)) = waiting.pop_front()
-        {
-            let _ = oldest.send(());
-        }
-        waiting.push_back((epoch, tx));
-        rx
-    }
-
-    /// The connection is no longer waiting for its `Hello`.
-    pub(crate) fn admitted(&self, epoch: u64) {
-        lock(&self.unauthenticated).retain(|(e, _)| *e != epoch);
-    }
-
     /// Records the variation's state as the entrypoint or the sidecar reported it.
     pub(crate) fn saw_state(&self, state: RunState) {
         *lock(&self.last_state) = state;
-    }
-
-    /// Publishes a fact about the sidecar on the status stream without changing the
-    /// variation's state: the event carries the latest state, and is not mirrored into the
-    /// state hash (so it never moves the run's phase, even after the run has ended).
-    pub(crate) async fn notice(
-        &self,
-        items: &mpsc::Sender<ToPublish>,
-        reason: &str,
-        message: String,
-    ) {
-        let state = *lock(&self.last_state);
-        let event = StatusEvent::new(Some(self.config.variation.as_str()), state)
-            .reason(reason)
-            .message(message)
-            .source("sidecar");
-        self.push_status(items, event, false).await;
-    }
-
-    /// Queues a status event of the sidecar's own; `mirror`: also make it the variation's
-    /// latest status in the state hash (a notice is not).
-    pub(crate) async fn push_status(
-        &self,
-        items: &mpsc::Sender<ToPublish>,
-        event: StatusEvent,
-        mirror: bool,
-    ) {
-        let content = event.to_json();
-        let status = mirror.then_some(event);
-        self.push_own(
-            items,
-            StreamName::Status,
-            EntryType::Status,
-            content,
-            status,
-        )
-        .await;
-    }
-
-    /// Queues an entry of the sidecar's own producer (its status events and figures); false
-    /// when the publisher is gone.
-    pub(crate) async fn push_own(
-        &self,
-        items: &mpsc::Sender<ToPublish>,
-        stream: StreamName,
-        kind: EntryType,
-        content: impl Into<Bytes>,
-        status: Option<StatusEvent>,
-    ) -> bool {
-        let pseq = self.pseq.fetch_add(1, Ordering::SeqCst) + 1;
-        items
-            .send(ToPublish::Entry {
-                stream,
-                producer: self.producer.clone(),
-                entry: Box::new(NewEntry::now(pseq, kind, content)),
-                ack: None,
-                status,
-                permit: None,
-            })
-            .await
-            .is_ok()
     }
 }

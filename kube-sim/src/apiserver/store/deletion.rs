@@ -4,10 +4,7 @@
 
 use serde_json::{Value, json};
 
-use super::{
-    DeleteOpts, Event, EventType, State, Store, TypeKey, bad_shape, finalizers, is_pod, meta,
-    meta_mut,
-};
+use super::{DeleteOpts, State, Store, TypeKey, bad_shape, finalizers, is_pod, meta, meta_mut};
 use crate::apiserver::errors::ApiError;
 use crate::apiserver::resources::ResourceType;
 use crate::time::now_rfc3339;
@@ -104,20 +101,8 @@ impl Store {
             return;
         }
         let rv = Self::next_rv(&mut st);
-        let mut gone = obj.clone();
-        gone["metadata"]["resourceVersion"] = Value::String(rv.to_string());
         Self::take(&mut st, key, ns, name);
-        self.emit(
-            &mut st,
-            Event {
-                rv,
-                key: key.clone(),
-                namespace: ns.into(),
-                kind: EventType::Deleted,
-                object: gone,
-                old: Some(obj),
-            },
-        );
+        self.emit_deleted(&mut st, key, ns, rv, obj.clone(), obj);
     }
 
     fn orphan_dependents(&self, owner_uid: &str) {
@@ -157,19 +142,7 @@ impl Store {
             .unwrap_or_default();
         for ((ns, _), obj) in objs {
             let rv = Self::next_rv(st);
-            let mut gone = obj.clone();
-            gone["metadata"]["resourceVersion"] = Value::String(rv.to_string());
-            self.emit(
-                st,
-                Event {
-                    rv,
-                    key: key.clone(),
-                    namespace: ns,
-                    kind: EventType::Deleted,
-                    object: gone,
-                    old: Some(obj),
-                },
-            );
+            self.emit_deleted(st, &key, &ns, rv, obj.clone(), obj);
         }
     }
 }

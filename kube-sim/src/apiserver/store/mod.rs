@@ -437,6 +437,31 @@ impl Store {
         let _ = self.tx.send(ev);
     }
 
+    /// Tells the watchers that `object` is gone as of `rv` (stamped on it); `old` is the object
+    /// as it was stored.
+    fn emit_deleted(
+        &self,
+        st: &mut State,
+        key: &TypeKey,
+        ns: &str,
+        rv: u64,
+        mut object: Value,
+        old: Value,
+    ) {
+        object["metadata"]["resourceVersion"] = Value::String(rv.to_string());
+        self.emit(
+            st,
+            Event {
+                rv,
+                key: key.clone(),
+                namespace: ns.into(),
+                kind: EventType::Deleted,
+                object,
+                old: Some(old),
+            },
+        );
+    }
+
     fn next_rv(st: &mut State) -> u64 {
         st.rv += 1;
         st.rv

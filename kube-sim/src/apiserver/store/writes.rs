@@ -210,6 +210,22 @@ impl Store {
         }
         new["apiVersion"] = Value::String(t.api_version());
         new["kind"] = Value::String(t.kind.clone());
+        // Admission of this update, of the whole object or of its `status` subresource.
+        let admit = |obj: &mut Value, subresource: Option<&str>| {
+            admission::admit(
+                &admission::Request {
+                    operation: Operation::Update,
+                    t,
+                    namespace: store_ns,
+                    name,
+                    old: Some(&old),
+                    subresource,
+                    store: self,
+                    warnings: opts.warnings.as_ref(),
+                },
+                obj,
+            )
+        };
         let mut merged = if opts.status {
             let mut m = old.clone();
             m["status"] = new.get("status").cloned().unwrap_or(Value::Null);
@@ -218,19 +234,7 @@ impl Store {
             {
                 o.remove("status");
             }
-            admission::admit(
-                &admission::Request {
-                    operation: Operation::Update,
-                    t,
-                    namespace: store_ns,
-                    name,
-                    old: Some(&old),
-                    subresource: Some("status"),
-                    store: self,
-                    warnings: opts.warnings.as_ref(),
-                },
-                &mut m,
-            )?;
+            admit(&mut m, Some("status"))?;
             m
         } else {
             if t.has_status {
@@ -270,19 +274,7 @@ impl Store {
             if t.custom {
                 schema::validate(t, name, &mut new, opts.strict, Some(&old))?;
             }
-            admission::admit(
-                &admission::Request {
-                    operation: Operation::Update,
-                    t,
-                    namespace: store_ns,
-                    name,
-                    old: Some(&old),
-                    subresource: None,
-                    store: self,
-                    warnings: opts.warnings.as_ref(),
-                },
-                &mut new,
-            )?;
+            admit(&mut new, None)?;
             new
         };
         if t.custom && opts.status {
@@ -365,17 +357,7 @@ impl Store {
             || (key.0.is_empty() && key.1 == "namespaces");
         if deleting && !held {
             Self::take(&mut st, key, ns, name);
-            self.emit(
-                &mut st,
-                Event {
-                    rv,
-                    key: key.clone(),
-                    namespace: ns.into(),
-                    kind: EventType::Deleted,
-                    object: obj.clone(),
-                    old: Some(current),
-                },
-            );
+            self.emit_deleted(&mut st, key, ns, rv, obj.clone(), current);
         } else {
             self.put(&mut st, key, ns, name, obj.clone());
             self.emit(
