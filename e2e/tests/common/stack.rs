@@ -59,6 +59,8 @@ pub fn binaries() -> PathBuf {
                 "agentrun-sidecar",
                 "agentrun-entrypoint",
                 "agentrun-relay",
+                "agentrun-archiver",
+                "kubectl-agentrun",
             ];
             if names.iter().all(|n| dir.join(n).exists()) {
                 return dir;
@@ -72,13 +74,17 @@ pub fn binaries() -> PathBuf {
                     "agentrun-sidecar",
                     "-p",
                     "agentrun-relay",
+                    "-p",
+                    "agentrun-archiver",
+                    "-p",
+                    "kubectl-agentrun",
                 ])
                 .current_dir(workspace())
                 .status()
                 .expect("run cargo build");
             assert!(
                 status.success(),
-                "cargo build -p agentrun-operator -p agentrun-sidecar -p agentrun-relay failed"
+                "cargo build -p agentrun-operator -p agentrun-sidecar -p agentrun-relay -p agentrun-archiver -p kubectl-agentrun failed"
             );
             for n in names {
                 assert!(
@@ -199,6 +205,10 @@ pub struct StackOptions {
     pub operator: OperatorOptions,
     /// Leave the operator to the test (`start_operator_with`), e.g. after installing RBAC.
     pub no_operator: bool,
+    /// Archive runs when they end: the operator with `--archive true` and a short retention,
+    /// an `agentrun-archiver` writing to a folder store, and the relay reading it
+    /// (`--archive-url`).
+    pub archive: bool,
 }
 
 /// How [`Stack::start_operator`] runs the operator.
@@ -223,8 +233,18 @@ pub struct RelayOptions {
     pub args: Vec<String>,
 }
 
-/// Starts the relay on `url`'s address with `opts`' extra arguments.
-fn spawn_relay(redis: &Backend, url: &str, opts: &RelayOptions, log: PathBuf) -> Proc {
+/// Seconds a run's Redis data is kept after its archive is complete, in a stack that archives.
+pub const ARCHIVE_RETENTION_SECONDS: u32 = 2;
+
+/// Starts the relay on `url`'s address with `opts`' extra arguments (and the archive store,
+/// when the stack has one).
+fn spawn_relay(
+    redis: &Backend,
+    url: &str,
+    archive: Option<&Path>,
+    opts: &RelayOptions,
+    log: PathBuf,
+) -> Proc {
     let listen = url.strip_prefix("http://").expect("an http:// relay URL");
     let mut args: Vec<String> = vec![
         "--redis-url".into(),
@@ -234,6 +254,9 @@ fn spawn_relay(redis: &Backend, url: &str, opts: &RelayOptions, log: PathBuf) ->
         "--keepalive-seconds".into(),
         "1".into(),
     ];
+    if let Some(store) = archive {
+        args.extend(["--archive-url".into(), store.display().to_string()]);
+    }
     args.extend(opts.args.iter().cloned());
     Proc::spawn("relay", &binaries().join("agentrun-relay"), &args, log)
 }
@@ -265,6 +288,10 @@ pub struct Stack {
     // Dropped in this order: the operator and relay before Redis and the cluster.
     pub operator: Option<Proc>,
     pub relay: Proc,
+    /// `agentrun-archiver`, in a stack that archives.
+    pub archiver: Option<Proc>,
+    /// The folder the archiver writes and the relay reads, in a stack that archives.
+    pub archive_store: Option<PathBuf>,
     pub relay_url: String,
     pub metrics_addr: String,
     pub redis: Backend,
@@ -340,16 +367,38 @@ impl Stack {
         let crds = workspace().join("crds");
         cluster.kubectl_ok(&["apply", "-f", crds.to_str().expect("utf-8")]);
 
+        let archive_store = opts.archive.then(|| dir.path().join("archive"));
+        let archiver = archive_store.as_deref().map(|store| {
+            let args: Vec<String> = vec![
+                "--redis-url".into(),
+                redis.url(),
+                "--store-url".into(),
+                store.display().to_string(),
+                "--metrics-addr".into(),
+                format!("127.0.0.1:{}", free_port()),
+                "--consumer".into(),
+                "e2e-archiver".into(),
+            ];
+            Proc::spawn(
+                "archiver",
+                &bins.join("agentrun-archiver"),
+                &args,
+                dir.path().join("archiver.log"),
+            )
+        });
         let relay_url = format!("http://127.0.0.1:{}", free_port());
         let relay = spawn_relay(
             &redis,
             &relay_url,
+            archive_store.as_deref(),
             &RelayOptions::default(),
             dir.path().join("relay.log"),
         );
         let mut stack = Stack {
             operator: None,
             relay,
+            archiver,
+            archive_store,
             relay_url,
             metrics_addr: format!("127.0.0.1:{}", free_port()),
             redis,
@@ -377,6 +426,7 @@ impl Stack {
         self.relay = spawn_relay(
             &self.redis,
             &self.relay_url,
+            self.archive_store.as_deref(),
             &opts,
             self.dir.path().join(format!("relay-{n}.log")),
         );
@@ -449,13 +499,20 @@ impl Stack {
             "--run-credential-key".into(),
             "e2e-run-credential-key".into(),
             "--retention-seconds".into(),
-            "3600".into(),
+            if self.archive_store.is_some() {
+                ARCHIVE_RETENTION_SECONDS.to_string()
+            } else {
+                "3600".into()
+            },
             // Short, so that a deleted run's Redis user (kept for its pods' final flush
             // until their grace period is over) goes within the scenario's patience.
             "--pod-termination-grace-seconds".into(),
             opts.pod_termination_grace_seconds.unwrap_or(8).to_string(),
         ];
         args.extend(election);
+        if self.archive_store.is_some() {
+            args.extend(["--archive".to_string(), "true".to_string()]);
+        }
         if let Some(ns) = &opts.watch_namespace {
             args.extend(["--watch-namespace".to_string(), ns.clone()]);
         }
@@ -493,6 +550,9 @@ impl Stack {
             eprintln!("--- operator log (tail) ---\n{}", op.tail());
         }
         eprintln!("--- relay log (tail) ---\n{}", self.relay.tail());
+        if let Some(a) = &self.archiver {
+            eprintln!("--- archiver log (tail) ---\n{}", a.tail());
+        }
         let ars = self.cluster.kubectl(&[
             "get",
             "ar,pods,secrets",
