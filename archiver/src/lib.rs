@@ -10,6 +10,7 @@
 //!   name without reading an object.
 //! - [`format`]: the objects, the entry encoding, the index and the manifest.
 //! - [`store`]: the object store a URL names (a folder, `s3://`, `gs://`, `az://`).
+//! - `testing` (feature `test-support`): a real S3 server and seeded runs for tests.
 //!
 //! The Redis side of the contract (queue keys, the `archive` field of the state hash, expiry
 //! that waits for the archive) is `agentrun_protocol::archive`; `docs/archive.md` describes
@@ -22,6 +23,8 @@ pub mod metrics;
 pub mod queue;
 pub mod reader;
 pub mod store;
+#[cfg(feature = "test-support")]
+pub mod testing;
 pub mod writer;
 
 pub use error::ArchiveError;

@@ -3,7 +3,6 @@
 use crate::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
-use agentrun_protocol::names::RUNS_INDEX_KEY;
 use agentrun_protocol::state_hash;
 use agentrun_protocol::{
     ControlError, ControlMessage, EntryType, NewEntry, RunId, StreamName, Variation,
@@ -52,6 +51,9 @@ pub struct RunSummary {
     pub variations: BTreeMap<String, serde_json::Value>,
     /// Whether the run has reached a final phase.
     pub finished: bool,
+    /// Whether the run is served from its archive (Redis no longer holds it).
+    #[serde(default)]
+    pub archived: bool,
 }
 
 pub fn summary(
@@ -77,6 +79,7 @@ pub fn summary(
         url: text(state_hash::URL),
         variations,
         finished: state_hash::phase(state).is_some_and(|p| p.is_final()),
+        archived: false,
     }
 }
 
@@ -84,6 +87,14 @@ pub fn summary(
 pub struct ListQuery {
     /// How many runs to list: 1 to 1000 (default 100; beyond the range, the nearest bound).
     pub limit: Option<String>,
+    /// Only runs of this namespace.
+    pub namespace: Option<String>,
+    /// Only runs in this phase (`succeeded`, `failed`, `running`...).
+    pub phase: Option<String>,
+    /// Only runs whose id or AgentRun name holds this text.
+    pub name: Option<String>,
+    /// The `next` of the previous page.
+    pub after: Option<String>,
 }
 
 impl ListQuery {
@@ -107,78 +118,32 @@ impl ListQuery {
     }
 }
 
-/// `GET /api/runs?limit=N`: runs known to Redis, newest first, with their state.
+/// `GET /api/runs?limit=N&namespace=NS&phase=PHASE&name=TEXT&after=TOKEN`: live and archived
+/// runs, newest first, with their state: `{"runs": [...], "next": TOKEN or null}` (see
+/// [`crate::listing`]).
 pub async fn list_runs(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
     RawQuery(query): RawQuery,
 ) -> Result<Json<serde_json::Value>, ApiError> {
-    let limit = parse_query::<ListQuery>(query.as_deref())?.limit()?;
-    let ids: Vec<(String, f64)> = state
-        .query(
-            redis::cmd("ZREVRANGE")
-                .arg(RUNS_INDEX_KEY)
-                .arg(0)
-                .arg(limit as i64 - 1)
-                .arg("WITHSCORES"),
-        )
-        .await?;
-    let mut pipe = redis::pipe();
-    let mut valid = Vec::new();
-    for (id, score) in ids {
-        if let Ok(run) = RunId::new(&id) {
-            pipe.cmd("HGETALL").arg(run.state_key());
-            valid.push((id, score));
-        }
-    }
-    let states: Vec<HashMap<String, String>> = if valid.is_empty() {
-        Vec::new()
-    } else if state.settings.mode == agentrun_protocol::RedisMode::Cluster {
-        // Each run's state hash is in the run's slot, on whichever master serves it: a
-        // cluster takes a pipeline only within one slot, so read them one by one, a few at a
-        // time.
-        use futures::{StreamExt, TryStreamExt};
-        let cmds: Vec<redis::Cmd> = pipe.cmd_iter().cloned().collect();
-        futures::stream::iter(cmds)
-            .map(|cmd| {
-                let state = state.clone();
-                async move { state.query::<HashMap<String, String>>(&cmd).await }
-            })
-            .buffered(16)
-            .try_collect()
-            .await?
-    } else {
-        let pipe = &pipe;
-        state
-            .redis(|mut conn| async move { pipe.query_async(&mut conn).await })
-            .await?
-    };
-    // A run whose state hash expired has no data left to show.
-    let present: Vec<usize> = (0..valid.len().min(states.len()))
-        .filter(|&i| !states[i].is_empty())
-        .collect();
-    // Only the runs this caller may see.
-    let visible = access
-        .visible(&present.iter().map(|&i| &states[i]).collect::<Vec<_>>())
-        .await?;
-    let runs: Vec<RunSummary> = present
-        .iter()
-        .zip(visible)
-        .filter(|(_, v)| *v)
-        .map(|(&i, _)| summary(&valid[i].0, Some(valid[i].1 as u64), &states[i]))
-        .collect();
-    Ok(Json(serde_json::json!({ "runs": runs })))
+    let query = parse_query::<ListQuery>(query.as_deref())?;
+    Ok(Json(
+        crate::listing::list_runs(&state, &access, &query).await?,
+    ))
 }
 
-/// `GET /api/runs/{run}`: the run's state hash, summarised.
+/// `GET /api/runs/{run}`: the run's state hash, summarised (from its archive's manifest once
+/// Redis no longer holds it: `"archived": true`).
 pub async fn get_run(
     State(state): State<AppState>,
     Extension(access): Extension<Access>,
     Path(run): Path<String>,
 ) -> Result<Json<RunSummary>, ApiError> {
     let run = parse_run(&run)?;
-    let hash = access.visible_state(&state, &run).await?;
-    Ok(Json(summary(run.as_str(), None, &hash)))
+    let located = crate::archived::locate(&state, &access, &run).await?;
+    let mut summary = summary(run.as_str(), None, located.state());
+    summary.archived = located.is_archived();
+    Ok(Json(summary))
 }
 
 /// The longest `Idempotency-Key` accepted.
@@ -362,7 +327,7 @@ mod tests {
             digits in "[0-9]{1,40}",
             junk in "[0-9]{0,3}[a-zA-Z+.,-]{1,3}[0-9]{0,3}",
         ) {
-            let limit = |v: &str| ListQuery { limit: Some(v.to_owned()) }.limit();
+            let limit = |v: &str| ListQuery { limit: Some(v.to_owned()), ..Default::default() }.limit();
             let want = digits.parse::<u128>().map_or(1000, |n| n.clamp(1, 1000) as usize);
             prop_assert_eq!(limit(&digits).unwrap(), want);
             prop_assert!(limit(&junk).unwrap_err().message.contains("`limit`"));

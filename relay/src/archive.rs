@@ -8,8 +8,9 @@
 
 use agentrun_archiver::catalog::{self, CatalogFilter, CatalogPage};
 use agentrun_archiver::{ArchiveError, ArchiveReader, ArchiveStore};
-use agentrun_protocol::RunId;
-use std::collections::VecDeque;
+use agentrun_protocol::replay::RunPage;
+use agentrun_protocol::{Epoch, RunId, StreamName, state_hash};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 /// Archives kept open.
@@ -87,6 +88,44 @@ impl Archive {
     ) -> Result<CatalogPage, ArchiveError> {
         catalog::list(&self.store, filter, after, limit).await
     }
+}
+
+/// The run's state hash as it was archived (what access checks and run summaries read).
+pub fn state_of(reader: &ArchiveReader) -> HashMap<String, String> {
+    reader
+        .manifest()
+        .state
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// The epoch the archived run's cursors count in (the one it had in Redis).
+pub fn epoch_of(reader: &ArchiveReader) -> Option<Epoch> {
+    reader
+        .manifest()
+        .state
+        .get(state_hash::EPOCH)
+        .and_then(|e| Epoch::parse(e))
+}
+
+/// Like `agentrun_protocol::replay::read_run_page`, from the archive: up to `count` entries of
+/// `stream` with `seq > after`, the run's epoch, and whether the cursor is past the stream's
+/// end (so the same cursor checks hold as for a live run).
+pub async fn read_run_page(
+    reader: &ArchiveReader,
+    stream: &StreamName,
+    after: u64,
+    count: usize,
+) -> Result<RunPage, ArchiveError> {
+    let page = reader.read_page(stream, after, count).await?;
+    let top = reader.last_seq(stream);
+    let ends_before_cursor = (page.entries.is_empty() && after > top).then_some(top);
+    Ok(RunPage {
+        page,
+        epoch: epoch_of(reader),
+        ends_before_cursor,
+    })
 }
 
 #[cfg(test)]

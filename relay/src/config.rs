@@ -114,6 +114,12 @@ pub struct Config {
     /// Control requests per client per second (token bucket).
     #[arg(long, env = "AGENTRUN_CONTROL_PER_SECOND", default_value_t = 5.0)]
     pub control_per_second: f64,
+    /// The archive store the archivers write to (a folder, file:///PATH, s3://BUCKET/PREFIX,
+    /// gs://BUCKET/PREFIX or az://CONTAINER/PREFIX; credentials from the usual AWS_*,
+    /// GOOGLE_* and AZURE_* variables, AWS_ENDPOINT_URL for another S3 server). With it, runs
+    /// Redis no longer holds are served from their archive, and the run list includes them.
+    #[arg(long, env = "AGENTRUN_ARCHIVE_URL")]
+    pub archive_url: Option<String>,
     /// Control requests a client may send in a burst.
     #[arg(long, env = "AGENTRUN_CONTROL_BURST", default_value_t = 20.0)]
     pub control_burst: f64,

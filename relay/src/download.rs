@@ -1,5 +1,5 @@
 //! `GET /api/runs/{run}/variations/{variation}/output`: a variation's output, the agent's bytes
-//! as they are in the stream, streamed page by page (at most [`PAGE`] entries in memory per
+//! as they are in the stream (or its archive, once Redis no longer holds the run), streamed page by page (at most [`PAGE`] entries in memory per
 //! request), named after the run for the browser's download.
 //!
 //! The body is the output entries' content in stream order; `gap` entries (output that never
@@ -7,7 +7,6 @@
 //! `X-Agentrun-First-Seq` header says where the stream started when the download began, so a
 //! caller can tell a complete download (`1`) from a trimmed one.
 
-use agentrun_protocol::replay::read_page;
 use agentrun_protocol::{EntryType, StreamName};
 use axum::Extension;
 use axum::body::Body;
@@ -28,26 +27,32 @@ pub async fn output(
     Extension(access): Extension<Access>,
     Path((run, variation)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
-    let (run, variation) =
+    let (run, variation, source) =
         crate::output::visible_variation(&state, &access, &run, &variation).await?;
-    let key = StreamName::Output(variation.clone()).key(&run);
-    let mut conn = state.conn.clone();
-    let first = read_page(&mut conn, &key, 0, 1)
+    let stream = StreamName::Output(variation.clone());
+    let first = source
+        .read_page(&state, &run, &stream, 0, 1)
         .await
         .map_err(|e| ApiError::redis(&state, e))?;
-    let first_seq = first.entries.first().map_or(0, |e| e.seq);
-    let body = futures::stream::unfold(Some((conn, 0u64)), move |cursor| {
-        let key = key.clone();
+    let first_seq = first.page.entries.first().map_or(0, |e| e.seq);
+    let (app, id) = (state.clone(), run.clone());
+    let body = futures::stream::unfold(Some(0u64), move |cursor| {
+        let (app, id, stream, source) = (app.clone(), id.clone(), stream.clone(), source.clone());
         async move {
-            let (mut conn, after) = cursor?;
-            match read_page(&mut conn, &key, after, PAGE).await {
-                Ok(page) => {
-                    let last = page.entries.last()?.seq;
+            let after = cursor?;
+            match source.read_page(&app, &id, &stream, after, PAGE).await {
+                Ok(found) => {
+                    let last = found.page.entries.last()?.seq;
                     let mut bytes = Vec::new();
-                    for e in page.entries.iter().filter(|e| e.kind == EntryType::Output) {
+                    for e in found
+                        .page
+                        .entries
+                        .iter()
+                        .filter(|e| e.kind == EntryType::Output)
+                    {
                         bytes.extend_from_slice(&e.content);
                     }
-                    Some((Ok(Bytes::from(bytes)), Some((conn, last))))
+                    Some((Ok(Bytes::from(bytes)), Some(last)))
                 }
                 // The status line is sent: the connection ends short, which clients see.
                 Err(e) => Some((Err(std::io::Error::other(e)), None)),

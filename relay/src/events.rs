@@ -53,7 +53,7 @@ const REPLAY_RETRY: Duration = Duration::from_millis(250);
 
 /// Why a connection's positions are not valid in the run's history (`event: reset`).
 #[derive(Debug, Clone, Copy)]
-enum ResetReason {
+pub(crate) enum ResetReason {
     EpochChanged,
     HistoryRewound,
     PastTheEnd,
@@ -61,7 +61,7 @@ enum ResetReason {
 }
 
 impl ResetReason {
-    fn code(self) -> &'static str {
+    pub(crate) fn code(self) -> &'static str {
         match self {
             Self::EpochChanged => "epoch-changed",
             Self::HistoryRewound => "history-rewound",
@@ -70,7 +70,7 @@ impl ResetReason {
         }
     }
 
-    fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         match self {
             Self::EpochChanged => {
                 "the run's history changed: Redis lost entries it had acknowledged (a restart without persistence, or a failover) and the run started a new epoch; positions from before do not count the same entries. Discard what you have shown: the run's history follows again from its first entry"
@@ -140,7 +140,7 @@ struct Session {
     _slot: crate::limits::SseSlot,
 }
 
-struct ConnectionGauge(prometheus::IntGauge);
+pub(crate) struct ConnectionGauge(pub(crate) prometheus::IntGauge);
 
 impl Drop for ConnectionGauge {
     fn drop(&mut self) {
@@ -379,14 +379,8 @@ impl Session {
         let page = found.page;
         if let Some(t) = page.trimmed {
             self.app.metrics.trimmed_notices.inc();
-            self.write_event(&sse::Trimmed {
-                channel: stream.kind().to_owned(),
-                first_available: t.first_available,
-                missed: t.first_available - t.wanted,
-                run: self.run.to_string(),
-                variation: stream.variation().map(|v| v.to_string()),
-                wanted: t.wanted,
-            });
+            let event = crate::archived::trimmed_event(&self.run, &stream, t);
+            self.write_event(&event);
         }
         self.pager.measure(&page, &mut held);
         if page.entries.is_empty() {
@@ -563,25 +557,26 @@ pub async fn events(
         ));
     }
 
-    // Who may see the run, and what it has, is settled before anything touches its feed.
-    let state = access.visible_state(&app, &run).await?;
+    // Who may see the run, and what it has, is settled before anything touches its feed. A run
+    // Redis no longer holds is served from its archive (`crate::archived`).
+    let state = match crate::archived::locate(&app, &access, &run).await? {
+        crate::archived::Located::Live(state) => state,
+        crate::archived::Located::Archived(archived) => {
+            let request = Request {
+                kinds,
+                variation,
+                follow,
+                start,
+            };
+            return crate::archived::events(app, access, run, archived, request).await;
+        }
+    };
     let declared = state_hash::variations(&state);
     if let Some(v) = &variation
         && !declared.contains(v)
         && !app.hub.known_variations(&run).contains(v)
     {
-        let known: Vec<&str> = declared.iter().map(|v| v.as_str()).collect();
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!(
-                "run {run} has no variation {v:?} (its variations: {}); ask for one of them, or leave out `variation` to follow all",
-                if known.is_empty() {
-                    "none yet".to_owned()
-                } else {
-                    known.join(", ")
-                }
-            ),
-        ));
+        return Err(crate::archived::unknown_variation(&run, v, &declared));
     }
     let slot = match app.limiter.sse_slot(access.client_key()) {
         Ok(s) => s,

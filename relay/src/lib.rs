@@ -7,8 +7,8 @@
 //! /api/runs/{run}/events`, replaying each stream from the client's [`cursor`] and then
 //! following the hub's feed; [`sse`] writes the SSE text (the events of
 //! [`agentrun_protocol::sse`]). Around it:
-//! [`api`] (run list, run summary, control, health), [`archive`] (runs Redis has let go,
-//! read from their archive), [`download`] (a variation's output as a file), [`output`] (ranges
+//! [`api`] (run summary, control, health), [`listing`] (the run list, live and archived), [`archive`] (runs Redis has let go,
+//! read from their archive) and [`archived`] (serving them), [`download`] (a variation's output as a file), [`output`] (ranges
 //! of a variation's output by entry or line, and search across it; read with [`paging`]),
 //! [`query`] (what a request for events asks for), [`auth`] and [`kube_auth`] (who may see and
 //! steer a run), [`cors`], [`limits`] (per
@@ -20,6 +20,7 @@
 
 pub mod api;
 pub mod archive;
+pub mod archived;
 pub mod auth;
 pub mod budget;
 pub mod config;
@@ -31,6 +32,7 @@ pub mod events;
 pub mod hub;
 pub mod kube_auth;
 pub mod limits;
+pub mod listing;
 pub mod metrics;
 pub mod output;
 pub mod paging;

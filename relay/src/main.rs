@@ -28,7 +28,7 @@ async fn main() -> anyhow::Result<()> {
     } else {
         "http (HTTP/1.1)"
     };
-    tracing::info!(listen = %addr, scheme, auth = ?config.auth, redis = %config.redis_settings()?.target(), "agentrun-relay serving");
+    tracing::info!(listen = %addr, scheme, auth = ?config.auth, redis = %config.redis_settings()?.target(), archive = config.archive_url.as_deref().unwrap_or("none"), "agentrun-relay serving");
     let shutdown = async {
         shutdown_signal().await;
         tracing::info!("ending SSE streams with a resumable cursor");

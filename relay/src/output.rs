@@ -35,7 +35,7 @@ use crate::api::{parse_query, parse_run};
 use crate::auth::Access;
 use crate::budget::Reservation;
 use crate::error::ApiError;
-use crate::paging::{Pager, Read};
+use crate::paging::{Pager, Read, Source};
 use agentrun_protocol::state_hash;
 
 /// Most entries one range page holds.
@@ -66,17 +66,18 @@ const MAX_CHECKPOINTS: usize = 1024;
 const MAX_INDEXED_STREAMS: usize = 256;
 
 /// Checks that the caller may see `run` and that it has `variation`: 404 otherwise (the same
-/// answer for a run that does not exist and one the caller may not see).
+/// answer for a run that does not exist and one the caller may not see). Also says where the
+/// run's entries are: Redis, or its archive once Redis no longer holds it.
 pub async fn visible_variation(
     state: &AppState,
     access: &Access,
     run: &str,
     variation: &str,
-) -> Result<(RunId, Variation), ApiError> {
+) -> Result<(RunId, Variation, Source), ApiError> {
     let run = parse_run(run)?;
     let variation = Variation::new(variation).map_err(|e| ApiError::bad_request(e.to_string()))?;
-    let hash = access.visible_state(state, &run).await?;
-    let known = state_hash::variations(&hash);
+    let located = crate::archived::locate(state, access, &run).await?;
+    let known = state_hash::variations(located.state());
     if !known.contains(&variation) {
         let names: Vec<&str> = known.iter().map(Variation::as_str).collect();
         return Err(ApiError::new(
@@ -87,7 +88,7 @@ pub async fn visible_variation(
             ),
         ));
     }
-    Ok((run, variation))
+    Ok((run, variation, located.source()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -267,6 +268,7 @@ impl LineIndex {
 struct Walk {
     app: AppState,
     run: RunId,
+    source: Source,
     stream: StreamName,
     key: String,
     pager: Pager,
@@ -282,11 +284,12 @@ struct Walk {
 /// The stream's first entry and the run's epoch (0: empty stream).
 async fn first_entry(
     app: &AppState,
+    source: &Source,
     run: &RunId,
     stream: &StreamName,
 ) -> Result<(u64, Option<Epoch>), ApiError> {
-    let mut conn = app.conn.clone();
-    let found = agentrun_protocol::replay::read_run_page(&mut conn, run, stream, 0, 1)
+    let found = source
+        .read_page(app, run, stream, 0, 1)
         .await
         .map_err(|e| ApiError::redis(app, e))?;
     Ok((found.page.entries.first().map_or(0, |e| e.seq), found.epoch))
@@ -302,16 +305,18 @@ fn changed_underneath() -> ApiError {
 impl Walk {
     async fn new(
         app: &AppState,
+        source: Source,
         run: &RunId,
         variation: &Variation,
         time: Duration,
     ) -> Result<Self, ApiError> {
         let stream = StreamName::Output(variation.clone());
-        let (first, epoch) = first_entry(app, run, &stream).await?;
+        let (first, epoch) = first_entry(app, &source, run, &stream).await?;
         Ok(Self {
             key: stream.key(run),
             app: app.clone(),
             run: run.clone(),
+            source,
             stream,
             pager: Pager::default(),
             deadline: Instant::now() + time,
@@ -373,7 +378,8 @@ impl Walk {
             }
             match self
                 .pager
-                .read(
+                .read_from(
+                    &self.source,
                     &self.app,
                     &self.run,
                     &self.stream,
@@ -504,9 +510,9 @@ pub async fn range(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let (at, limit) = parse_range(query.as_deref())?;
-    let (run, variation) = visible_variation(&state, &access, &run, &variation).await?;
-    let mut walk = Walk::new(&state, &run, &variation, RANGE_TIME).await?;
-    let last = last_seq_of(&state, &walk.key).await?;
+    let (run, variation, source) = visible_variation(&state, &access, &run, &variation).await?;
+    let mut walk = Walk::new(&state, source, &run, &variation, RANGE_TIME).await?;
+    let last = walk.source.last_seq(&state, &run, &walk.stream).await?;
     // Walk to the mark just before the first entry the page may hold.
     match at {
         At::After(seq) => {
@@ -593,13 +599,6 @@ pub async fn range(
         .headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(response)
-}
-
-async fn last_seq_of(state: &AppState, key: &str) -> Result<u64, ApiError> {
-    let mut conn = state.conn.clone();
-    agentrun_protocol::replay::last_seq(&mut conn, key)
-        .await
-        .map_err(|e| ApiError::redis(state, e))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -780,13 +779,13 @@ pub async fn search(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let search = parse_search(query.as_deref())?;
-    let (run, variation) = visible_variation(&state, &access, &run, &variation).await?;
+    let (run, variation, source) = visible_variation(&state, &access, &run, &variation).await?;
     // A search counts as one of the caller's streams (`--max-sse-per-client`) while it runs.
     let slot = match state.limiter.sse_slot(access.client_key()) {
         Ok(s) => s,
         Err(r) => return Ok(r),
     };
-    let walk = Walk::new(&state, &run, &variation, SEARCH_TIME).await?;
+    let walk = Walk::new(&state, source, &run, &variation, SEARCH_TIME).await?;
     // Small messages, few in flight: a client that reads slowly holds the search back.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
     tokio::spawn(async move {

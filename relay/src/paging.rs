@@ -7,12 +7,17 @@
 //! the relay-wide `--replay-memory-bytes` budget before it reads, and gives the reservation to
 //! the caller with the page: the caller holds it until it has used the page, so every reader
 //! together holds at most the budget.
+//!
+//! Pages come from Redis, or from the run's archive when Redis no longer holds the run
+//! ([`Source`]): the same entries, the same cursors, within the same budget.
 
 use crate::AppState;
 use crate::budget::Reservation;
 use crate::config::Limits;
+use agentrun_archiver::ArchiveReader;
 use agentrun_protocol::replay::{ReplayPage, RunPage, read_run_page};
 use agentrun_protocol::{Entry, RunId, StreamName};
+use std::sync::Arc;
 use std::time::Duration;
 
 /// How long one replay read may take before it is given up (and retried by the session).
@@ -26,6 +31,59 @@ pub const FIRST_ENTRY_ESTIMATE: usize = 64 * 1024 + 256;
 const MIN_ENTRY_ESTIMATE: usize = 256;
 /// What an entry costs beyond its content and meta (its fields and bookkeeping).
 const ENTRY_OVERHEAD: usize = 128;
+
+/// Where a run's entries are read from.
+#[derive(Clone)]
+pub enum Source {
+    /// Redis (the run is live, or ended and not yet expired).
+    Redis,
+    /// The run's archive (`--archive-url`): Redis no longer holds it.
+    Archive(Arc<ArchiveReader>),
+}
+
+impl Source {
+    /// Up to `count` entries of `stream` with `seq > after`, with the run's epoch.
+    pub async fn read_page(
+        &self,
+        app: &AppState,
+        run: &RunId,
+        stream: &StreamName,
+        after: u64,
+        count: usize,
+    ) -> Result<RunPage, String> {
+        match self {
+            Source::Redis => {
+                let mut conn = app.conn.clone();
+                read_run_page(&mut conn, run, stream, after, count)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Source::Archive(reader) => crate::archive::read_run_page(reader, stream, after, count)
+                .await
+                .map_err(|e| format!("archive store: {e}")),
+        }
+    }
+
+    /// The `seq` of the stream's newest entry (0: none).
+    pub async fn last_seq(
+        &self,
+        app: &AppState,
+        run: &RunId,
+        stream: &StreamName,
+    ) -> Result<u64, crate::error::ApiError> {
+        match self {
+            Source::Redis => {
+                let key = stream.key(run);
+                let key = &key;
+                app.redis(|mut conn| async move {
+                    agentrun_protocol::replay::last_seq(&mut conn, key).await
+                })
+                .await
+            }
+            Source::Archive(reader) => Ok(reader.last_seq(stream)),
+        }
+    }
+}
 
 /// Sizes pages from what it has read, and reads them.
 #[derive(Debug, Clone)]
@@ -81,9 +139,23 @@ impl Pager {
     }
 
     /// Reads up to [`Pager::count`] entries (and at most `at_most`) of `stream` with `seq >
-    /// after`, with the run's epoch, once the budget has room for them.
+    /// after` from Redis, with the run's epoch, once the budget has room for them.
     pub async fn read(
         &self,
+        app: &AppState,
+        run: &RunId,
+        stream: &StreamName,
+        after: u64,
+        at_most: usize,
+    ) -> Read {
+        self.read_from(&Source::Redis, app, run, stream, after, at_most)
+            .await
+    }
+
+    /// [`Pager::read`] from `source`.
+    pub async fn read_from(
+        &self,
+        source: &Source,
         app: &AppState,
         run: &RunId,
         stream: &StreamName,
@@ -97,15 +169,14 @@ impl Pager {
         else {
             return Read::Busy;
         };
-        let mut conn = app.conn.clone();
-        let read = read_run_page(&mut conn, run, stream, after, count);
+        let read = source.read_page(app, run, stream, after, count);
         match tokio::time::timeout(REPLAY_TIMEOUT, read).await {
             Ok(Ok(run_page)) => Read::Page(Found {
                 run_page,
                 asked: count,
                 held,
             }),
-            Ok(Err(e)) => Read::Failed(e.to_string()),
+            Ok(Err(e)) => Read::Failed(e),
             Err(_) => Read::Failed(format!("no answer within {} s", REPLAY_TIMEOUT.as_secs())),
         }
     }

@@ -33,6 +33,8 @@ pub struct RelayState {
     pub limiter: limits::Limiter,
     /// Checkpoints of output streams' line numbers (ranges, search).
     pub line_index: crate::output::LineIndex,
+    /// The archive of runs Redis no longer holds (`--archive-url`), if any.
+    pub archive: Option<Arc<crate::archive::Archive>>,
 }
 
 /// Shared state of the relay's handlers; cheap to clone.
@@ -85,6 +87,18 @@ impl AppState {
             .collect();
         let mut allowed_origins = config.allowed_origins.clone();
         allowed_origins.extend(cors_origins.iter().cloned());
+        // A store URL that names nothing usable fails here, not on the first archived run.
+        let archive = config
+            .archive_url
+            .as_deref()
+            .map(|url| {
+                crate::archive::Archive::from_url(url).map(Arc::new).map_err(|e| {
+                    anyhow::anyhow!(
+                        "--archive-url {url:?} (AGENTRUN_ARCHIVE_URL) is not a usable archive store: {e}"
+                    )
+                })
+            })
+            .transpose()?;
         let settings = config.redis_settings()?;
         let mut conn = settings.connect().await?;
         // A TLS server that refuses the client certificate does so after the handshake: ask
@@ -141,6 +155,7 @@ impl AppState {
             allowed_origins,
             cors_origins,
             line_index: crate::output::LineIndex::default(),
+            archive,
             limiter: limits::Limiter::new(limits::LimitSettings {
                 max_in_flight: config.max_in_flight,
                 max_body_bytes: config.max_body_bytes,

@@ -384,11 +384,22 @@ impl RelayProcess {
     /// Starts `agentrun-relay ARGS EXTRA` at `RUST_LOG=log_level` (AGENTRUN_AUTH unset) and
     /// waits until it serves.
     pub fn start(args: &[&str], extra: &[&str], log_level: &str) -> Self {
+        Self::start_with_env(args, extra, &[], log_level)
+    }
+
+    /// [`RelayProcess::start`] with more environment variables.
+    pub fn start_with_env(
+        args: &[&str],
+        extra: &[&str],
+        env: &[(String, String)],
+        log_level: &str,
+    ) -> Self {
         use std::process::Stdio;
         let mut child = ChildGuard::spawn(
             dying_with_test(env!("CARGO_BIN_EXE_agentrun-relay"))
                 .args(args)
                 .args(extra)
+                .envs(env.iter().map(|(k, v)| (k, v)))
                 .env("RUST_LOG", log_level)
                 .env("NO_COLOR", "1")
                 // Few malloc arenas, as in the container image, so RSS reflects live memory.
