@@ -1104,6 +1104,14 @@ function controls(run, variation, onError) {
   return el('div', { class: 'controls' }, mk('pause', 'Pause', 'btn-pause'), mk('resume', 'Resume', 'btn-resume'), mk('stop', 'Stop', 'btn-stop'));
 }
 
+/** Disables the control buttons and stdin boxes under `root`: the run has ended. */
+function closeControls(root) {
+  for (const e of root.querySelectorAll('.controls button, form.stdin input, form.stdin button')) {
+    e.disabled = true;
+    e.title = 'The run has ended';
+  }
+}
+
 function statusDetail(st) {
   if (!st || typeof st !== 'object') return '';
   const parts = [];
@@ -1189,6 +1197,7 @@ class RunPage {
     this.lastSeq = new Map();
     this.lastId = '';
     this.ended = false;
+    this.finished = false; // the run reached a final phase (its `end` said so)
     this.missing = false;
     this.es = null;
     this.retryMs = 1000;
@@ -1249,6 +1258,7 @@ class RunPage {
       this.columns.set(key, c);
       if (this.link && this.link.variation === key) c.output.jumpTo(this.link.from, this.link.to);
       if (this.ended) c.output.end();
+      if (this.finished) closeControls(c.root);
       this.grid.appendChild(c.root);
       this.grid.dataset.count = String(this.columns.size);
     }
@@ -1353,6 +1363,9 @@ class RunPage {
       for (const c of this.columns.values()) c.output.end();
       const phase = env && typeof env.phase === 'string' ? env.phase : '';
       if (phase) this.setRunState(phase);
+      // A finished run's agents are gone: nothing left to pause, resume, stop or type to.
+      this.finished = env ? env.finished !== false : true;
+      if (this.finished) closeControls(document);
       setConn('ended', env && env.finished === false ? 'stream closed' : 'run ended · all output received');
       this.loadState(); // the state hash has the final word on every variation
       return;

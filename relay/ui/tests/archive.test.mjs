@@ -142,6 +142,9 @@ test('an archived run looks like a finished live run: every line, scrolled back,
   assert.equal(await page.locator('section.variation[data-variation="main"]').getAttribute('data-state'), 'failed');
   assert.match(await page.locator('.run-detail').first().textContent(), /read from the archive/);
   assert.equal(await page.evaluate(() => window.__agentrun.duplicates), 0);
+  // Nothing is left to pause, stop or type to.
+  const open = await page.locator('.controls button, form.stdin input, form.stdin button').evaluateAll((es) => es.filter((e) => !e.disabled).map((e) => e.outerHTML));
+  assert.deepEqual(open, [], 'controls still enabled');
   await waitFor('the last line', async () => (await rowText(page, LINES)) === `${lineOf(LINES)}\n`);
 
   // Scrolled to the top: the first lines are read again, from the archive (Redis has none).
