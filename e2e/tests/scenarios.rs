@@ -1480,6 +1480,50 @@ async fn an_archived_run_outlives_its_redis_data_and_still_shows_byte_exact() {
     };
     assert_eq!(logs(&run_id), expected, "logs RUN_ID from the archive");
     assert_eq!(logs("hello"), expected, "logs NAME from the archive");
+    // As a user types it: kubectl finds the plugin on PATH, and the plugin finds the relay and
+    // the run id in the AgentRun's status.
+    let kubectl = kube_sim::testing::kubectl_bin();
+    let kubectl_dir = std::path::Path::new(&kubectl)
+        .parent()
+        .map(|d| format!("{}:", d.display()))
+        .unwrap_or_default();
+    let path = format!(
+        "{}:{kubectl_dir}{}",
+        stack::binaries().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = std::process::Command::new(&kubectl)
+        .args(["agentrun", "logs", "hello", "--channels", "output", "-n", s.ns()])
+        .env("PATH", &path)
+        .env("KUBECONFIG", &s.cluster.kubeconfig)
+        .env_remove("AGENTRUN_RELAY_URL")
+        .env_remove("AGENTRUN_TOKEN")
+        .output()
+        .expect("run kubectl agentrun logs");
+    assert!(
+        out.status.success(),
+        "kubectl agentrun logs hello: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, expected, "kubectl agentrun logs hello from the archive");
+
+    // The browser: the run's page (status.url) shows every line and the run's end.
+    let url = s.agentrun("hello").await.expect("hello")["status"]["url"]
+        .as_str()
+        .expect("status.url")
+        .to_owned();
+    let text = String::from_utf8(expected.clone()).expect("hello prints text");
+    let lines: Vec<&str> = text.lines().collect();
+    let (first, last) = (lines[0], lines[lines.len() - 1]);
+    let mut page = browser::RunPage::open(&url, "default", first, last, s.dir.path());
+    page.next("loaded", 60).await;
+    page.next("live", 30).await;
+    let ended = page.next("ended", 30).await;
+    assert_eq!(ended["badge"], "succeeded", "{ended}");
+    assert_eq!(ended["text"], text.as_str(), "{ended}");
+    assert_eq!(ended["errors"], json!([]), "no page errors");
+    page.close().await;
+
     s.kubectl_ok(&["delete", "agentrun", "hello"]);
     s.eventually(30, "the AgentRun is gone", || async {
         s.agentrun("hello").await.is_none().then_some(())

@@ -42,6 +42,7 @@ function el(tag, props = {}, ...children) {
     else if (k === 'autocomplete') e.autocomplete = v;
     else if (k === 'type') e.type = v;
     else if (k === 'value') e.value = v;
+    else if (k === 'role') e.setAttribute('role', v);
     else if (k === 'onclick') e.addEventListener('click', v);
     else if (k === 'onchange') e.addEventListener('change', v);
     else if (k.startsWith('data-')) e.setAttribute(k, String(v));
@@ -148,31 +149,98 @@ function overallState(run) {
 // ---------------------------------------------------------------------------------------------
 // Run list
 
+const LIST_PAGE = 50; // runs asked for per page of the run list
+const LIST_REFRESH_MS = 5000;
+const PHASES = ['pending', 'running', 'succeeded', 'failed', 'stopped'];
+// The list's filters, as the relay's `GET /api/runs` takes them and the page's URL keeps them.
+const LIST_FILTERS = ['namespace', 'phase', 'name'];
+
+/** The run list's filters from a URL query (`?namespace=…&phase=…&name=…`). */
+function listFilters(search) {
+  const q = new URLSearchParams(search);
+  const f = {};
+  for (const k of LIST_FILTERS) {
+    const v = (q.get(k) || '').trim();
+    if (v) f[k] = v;
+  }
+  return f;
+}
+
+function listUrl(filters, after) {
+  const q = new URLSearchParams({ limit: String(LIST_PAGE), ...filters });
+  if (after) q.set('after', after);
+  return `${api('/runs')}?${q}`;
+}
+
+function runRow(run) {
+  const link = el('a', { href: `/runs/${encodeURIComponent(run.id)}`, text: run.id });
+  const vars = el('span', { class: 'vars' }, ...run.variations.map((v) => el('span', { class: 'var-chip' }, v, ' ', badge(run.vars[v] && run.vars[v].state))));
+  const owner = run.name ? el('div', { class: 'muted small', text: run.namespace ? `${run.namespace}/${run.name}` : run.name }) : null;
+  const archived = run.archived ? el('span', { class: 'chip archived', title: 'Redis has let this run go; it is read from the archive', text: 'archived' }) : null;
+  return el('tr', { 'data-run': run.id, 'data-archived': run.archived ? 'true' : 'false' },
+    el('td', {}, link, owner), el('td', {}, badge(overallState(run)), archived ? ' ' : null, archived), el('td', {}, vars), el('td', { class: 'muted', text: fmtDate(run.created) }));
+}
+
+/**
+ * The run list: live runs and, with an archive, the runs Redis has let go, newest first.
+ * Filters (namespace, phase, part of the name) are kept in the page's URL; "Older runs" reads
+ * the next page. The first page refreshes every few seconds; once older pages are shown the
+ * list stays as it is until the user goes back to the newest runs.
+ */
 async function listPage(app) {
   document.title = 'Runs · agentrun';
+  let filters = listFilters(location.search);
+  let next = null;
+  let pages = 0;
+  let timer = null;
   const tbody = el('tbody');
   const info = el('p', { class: 'empty', text: 'Loading runs…' });
   const table = el('table', { class: 'runs', hidden: true },
     el('thead', {}, el('tr', {}, el('th', { text: 'Run' }), el('th', { text: 'State' }), el('th', { text: 'Variations' }), el('th', { text: 'Created' }))),
     tbody);
-  app.replaceChildren(el('section', { class: 'page' }, el('h1', { text: 'Runs' }), info, table));
+  const nsInput = el('input', { class: 'filter-input', type: 'search', placeholder: 'namespace', autocomplete: 'off', 'aria-label': 'Namespace', value: filters.namespace || '' });
+  const nameInput = el('input', { class: 'filter-input', type: 'search', placeholder: 'name contains', autocomplete: 'off', 'aria-label': 'Name contains', value: filters.name || '' });
+  const phaseSelect = el('select', { 'aria-label': 'Phase' }, el('option', { value: '', text: 'any phase' }), ...PHASES.map((p) => el('option', { value: p, text: p })));
+  phaseSelect.value = filters.phase || '';
+  const form = el('form', { class: 'filters', role: 'search' }, nsInput, phaseSelect, nameInput, el('button', { class: 'btn', type: 'submit', text: 'Filter' }));
+  const more = el('button', { class: 'btn more', type: 'button', hidden: true, text: 'Older runs' });
+  const paused = el('p', { class: 'muted small paused', hidden: true }, 'Older runs are shown: the list no longer refreshes. ',
+    el('button', { class: 'btn newest', type: 'button', text: 'Back to the newest runs' }));
+  app.replaceChildren(el('section', { class: 'page' }, el('h1', { text: 'Runs' }), form, paused, info, table, el('p', { class: 'list-more' }, more)));
 
-  const refresh = async () => {
+  const load = async (after) => {
     try {
-      const res = await apiFetch(api('/runs'), { headers: { accept: 'application/json' } });
-      if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
+      const res = await apiFetch(listUrl(filters, after), { headers: { accept: 'application/json' } });
+      if (!res.ok) {
+        let why = `${res.status} ${res.statusText}`;
+        try {
+          const body = await res.json();
+          if (body && typeof body.error === 'string') why = body.error;
+        } catch {
+          // not JSON: the status says it
+        }
+        throw new Error(why);
+      }
       const body = await res.json();
       const list = Array.isArray(body) ? body : body.runs || body.items || [];
-      const runs = list.map((r) => normalizeRun(typeof r === 'string' ? { run: r } : r));
-      tbody.replaceChildren(...runs.map((run) => {
-        const link = el('a', { href: `/runs/${encodeURIComponent(run.id)}`, text: run.id });
-        const vars = el('span', { class: 'vars' }, ...run.variations.map((v) => el('span', { class: 'var-chip' }, v, ' ', badge(run.vars[v] && run.vars[v].state))));
-        const owner = run.name ? el('div', { class: 'muted small', text: run.namespace ? `${run.namespace}/${run.name}` : run.name }) : null;
-        return el('tr', { 'data-run': run.id }, el('td', {}, link, owner), el('td', {}, badge(overallState(run))), el('td', {}, vars), el('td', { class: 'muted', text: fmtDate(run.created) }));
-      }));
-      table.hidden = runs.length === 0;
-      info.hidden = runs.length > 0;
-      info.textContent = 'No runs yet. Start one with `agentrun-sidecar run -- COMMAND` or by creating an AgentRun.';
+      const runs = list.map((r) => {
+        const run = normalizeRun(typeof r === 'string' ? { run: r } : r);
+        run.archived = r && r.archived === true;
+        return run;
+      });
+      const rows = runs.map(runRow);
+      if (after) tbody.append(...rows);
+      else tbody.replaceChildren(...rows);
+      next = body && typeof body.next === 'string' && body.next ? body.next : null;
+      pages = after ? pages + 1 : 1;
+      more.hidden = !next;
+      paused.hidden = pages <= 1;
+      const any = tbody.childElementCount > 0;
+      table.hidden = !any;
+      info.hidden = any;
+      info.textContent = Object.keys(filters).length
+        ? 'No runs match these filters.'
+        : 'No runs yet. Start one with `agentrun-sidecar run -- COMMAND` or by creating an AgentRun.';
       setConn('live', 'connected');
     } catch (e) {
       info.hidden = false;
@@ -180,10 +248,30 @@ async function listPage(app) {
       setConn('down', 'relay unreachable');
     }
   };
-  await refresh();
-  setInterval(() => {
-    if (!document.hidden) refresh();
-  }, 5000);
+  const newest = async () => {
+    next = null;
+    await load(null);
+  };
+  form.addEventListener('submit', (ev) => {
+    ev.preventDefault();
+    filters = {};
+    for (const [k, v] of [['namespace', nsInput.value], ['phase', phaseSelect.value], ['name', nameInput.value]]) {
+      if (v.trim()) filters[k] = v.trim();
+    }
+    const q = new URLSearchParams(filters).toString();
+    history.replaceState(null, '', q ? `/?${q}` : '/');
+    newest();
+  });
+  phaseSelect.addEventListener('change', () => form.requestSubmit());
+  more.addEventListener('click', () => {
+    if (next) load(next);
+  });
+  paused.querySelector('button').addEventListener('click', newest);
+  await newest();
+  timer = setInterval(() => {
+    if (!document.hidden && pages <= 1) load(null);
+  }, LIST_REFRESH_MS);
+  return timer;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1016,6 +1104,14 @@ function controls(run, variation, onError) {
   return el('div', { class: 'controls' }, mk('pause', 'Pause', 'btn-pause'), mk('resume', 'Resume', 'btn-resume'), mk('stop', 'Stop', 'btn-stop'));
 }
 
+/** Disables the control buttons and stdin boxes under `root`: the run has ended. */
+function closeControls(root) {
+  for (const e of root.querySelectorAll('.controls button, form.stdin input, form.stdin button')) {
+    e.disabled = true;
+    e.title = 'The run has ended';
+  }
+}
+
 function statusDetail(st) {
   if (!st || typeof st !== 'object') return '';
   const parts = [];
@@ -1101,6 +1197,7 @@ class RunPage {
     this.lastSeq = new Map();
     this.lastId = '';
     this.ended = false;
+    this.finished = false; // the run reached a final phase (its `end` said so)
     this.missing = false;
     this.es = null;
     this.retryMs = 1000;
@@ -1161,6 +1258,7 @@ class RunPage {
       this.columns.set(key, c);
       if (this.link && this.link.variation === key) c.output.jumpTo(this.link.from, this.link.to);
       if (this.ended) c.output.end();
+      if (this.finished) closeControls(c.root);
       this.grid.appendChild(c.root);
       this.grid.dataset.count = String(this.columns.size);
     }
@@ -1180,7 +1278,8 @@ class RunPage {
         this.showNotice('');
       }
       if (!res.ok) throw new Error(`${res.status} ${res.statusText}`);
-      const state = normalizeRun(await res.json(), this.run);
+      const raw = await res.json();
+      const state = normalizeRun(raw, this.run);
       for (const v of state.variations) this.column(v);
       for (const [v, st] of Object.entries(state.vars)) this.column(v).setStatus(st);
       this.setRunState(overallState(state));
@@ -1188,7 +1287,9 @@ class RunPage {
       if (state.name) parts.push(`AgentRun ${state.namespace ? `${state.namespace}/` : ''}${state.name}`);
       if (state.created) parts.push(`created ${fmtDate(state.created)}`);
       if (state.ended) parts.push(`ended ${fmtDate(state.ended)}`);
+      if (raw && raw.archived === true) parts.push('read from the archive');
       this.runInfo.textContent = parts.join(' · ');
+      this.app.dataset.archived = raw && raw.archived === true ? 'true' : 'false';
     } catch (e) {
       this.showNotice(`Cannot read the run's state: ${e.message}`);
     }
@@ -1262,6 +1363,9 @@ class RunPage {
       for (const c of this.columns.values()) c.output.end();
       const phase = env && typeof env.phase === 'string' ? env.phase : '';
       if (phase) this.setRunState(phase);
+      // A finished run's agents are gone: nothing left to pause, resume, stop or type to.
+      this.finished = env ? env.finished !== false : true;
+      if (this.finished) closeControls(document);
       setConn('ended', env && env.finished === false ? 'stream closed' : 'run ended · all output received');
       this.loadState(); // the state hash has the final word on every variation
       return;

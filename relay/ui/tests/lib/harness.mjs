@@ -291,12 +291,17 @@ export function binary(name) {
 }
 
 export class Relay {
-  /** `options.tls`: `{ cert, key }` PEM files: the relay serves HTTPS (HTTP/2 and HTTP/1.1). */
+  /**
+   * `options.tls`: `{ cert, key }` PEM files: the relay serves HTTPS (HTTP/2 and HTTP/1.1).
+   * `options.archive`: the archive store's URL (`--archive-url`): runs Redis has let go are
+   * served from there.
+   */
   static async start(redisUrl, port, options = {}) {
     const r = new Relay();
     r.redisUrl = redisUrl;
     r.port = port || (await freePort());
     r.tls = options.tls;
+    r.archive = options.archive;
     await r.spawn();
     return r;
   }
@@ -309,6 +314,7 @@ export class Relay {
     this.log = '';
     const args = ['--redis-url', this.redisUrl, '--listen', `127.0.0.1:${this.port}`];
     if (this.tls) args.push('--tls-cert', this.tls.cert, '--tls-key', this.tls.key);
+    if (this.archive) args.push('--archive-url', this.archive);
     this.child = spawnTied(binary('agentrun-relay'), args, {
       stdio: ['ignore', 'pipe', 'pipe'],
       env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'warn' },
@@ -340,6 +346,43 @@ export class Relay {
     await this.stop(signal);
     if (downMs) await new Promise((r) => setTimeout(r, downMs));
     await this.spawn();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Archiver
+
+/** `agentrun-archiver` archiving to a store (a folder here), as the chart runs it. */
+export class Archiver {
+  static async start(redisUrl, storeUrl) {
+    const a = new Archiver();
+    a.log = '';
+    const metrics = await freePort();
+    a.child = spawnTied(binary('agentrun-archiver'), ['--redis-url', redisUrl, '--store-url', storeUrl, '--metrics-addr', `127.0.0.1:${metrics}`, '--consumer', `ui-test-${process.pid}`], {
+      stdio: ['ignore', 'pipe', 'pipe'],
+      env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'warn' },
+    });
+    const keep = (d) => {
+      a.log = (a.log + d.toString()).slice(-20000);
+    };
+    a.child.stdout.on('data', keep);
+    a.child.stderr.on('data', keep);
+    return a;
+  }
+
+  /**
+   * Puts a finished run on the archive queue, as the operator does when a run ends; Redis
+   * drops the run's keys `retentionSeconds` after its archive is complete.
+   */
+  static async enqueue(redis, run, retentionSeconds) {
+    await redis.command('HSET', `run:{${run}}:state`, 'archive', 'queued');
+    await redis.command('XADD', 'agentrun:{archive}:queue', '*', 'run', run, 'retention', String(retentionSeconds), 'source', 'ui-test', 'enqueued', String(Date.now()));
+  }
+
+  async stop() {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    this.child.kill('SIGKILL');
+    await exited(this.child);
   }
 }
 
