@@ -264,7 +264,8 @@ fn relay_binary() -> std::path::PathBuf {
 
 /// The sidecar binary next to the relay's (same profile), for `--tokens`.
 fn sidecar_binary() -> std::path::PathBuf {
-    let path = std::path::PathBuf::from(env!("CARGO_BIN_EXE_agentrun-relay")).with_file_name("agentrun-sidecar");
+    let path = std::path::PathBuf::from(env!("CARGO_BIN_EXE_agentrun-relay"))
+        .with_file_name("agentrun-sidecar");
     if !path.exists() {
         eprintln!(
             "{} is missing: --tokens runs the real sidecar; build it first with `cargo bench -p agentrun-relay -p agentrun-sidecar --no-run`",
@@ -398,7 +399,14 @@ fn agent(args: &[String]) {
 /// Starts `agentrun-sidecar run` for `run` with this program as its agent (see [`agent`]).
 fn start_sidecar(url: &str, run: &RunId, rate: u64, seconds: u64, go: &std::path::Path) -> Child {
     Command::new(sidecar_binary())
-        .args(["run", "--quiet", "--metrics-interval-seconds", "0", "--redis-url", url])
+        .args([
+            "run",
+            "--quiet",
+            "--metrics-interval-seconds",
+            "0",
+            "--redis-url",
+            url,
+        ])
         .args(["--run-id", run.as_str(), "--"])
         .arg(std::env::current_exe().expect("bench path"))
         .args([rate.to_string(), seconds.to_string()])
@@ -410,7 +418,11 @@ fn start_sidecar(url: &str, run: &RunId, rate: u64, seconds: u64, go: &std::path
         .expect("start agentrun-sidecar")
 }
 
-async fn run_scenario(target: &Target, sc: Scenario, publisher_rt: &tokio::runtime::Handle) -> Report {
+async fn run_scenario(
+    target: &Target,
+    sc: Scenario,
+    publisher_rt: &tokio::runtime::Handle,
+) -> Report {
     let mut relays = Vec::new();
     for _ in 0..sc.relays.max(1) {
         relays.push(start_relay(&target.url()).await);
@@ -429,7 +441,13 @@ async fn run_scenario(target: &Target, sc: Scenario, publisher_rt: &tokio::runti
     let go = std::env::temp_dir().join(format!("agentrun-fanout-go-{}-{tag}", std::process::id()));
     let mut sidecar = None;
     if sc.tokens {
-        sidecar = Some(start_sidecar(&target.url(), &runs[0], sc.rate, sc.seconds, &go));
+        sidecar = Some(start_sidecar(
+            &target.url(),
+            &runs[0],
+            sc.rate,
+            sc.seconds,
+            &go,
+        ));
         let http = reqwest::Client::new();
         let url = format!("http://{}/api/runs/{}", relays[0].1, runs[0]);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -445,7 +463,10 @@ async fn run_scenario(target: &Target, sc: Scenario, publisher_rt: &tokio::runti
             if ready {
                 break;
             }
-            assert!(Instant::now() < deadline, "the sidecar did not register its run");
+            assert!(
+                Instant::now() < deadline,
+                "the sidecar did not register its run"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     } else {
@@ -584,7 +605,11 @@ fn print(r: &Report) {
     println!(
         "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {:.1} | {:.1} | {} | {} | {:.1} s |",
         sc.describe(),
-        if sc.idle { "none".to_owned() } else { format!("{} entries/s per run, {} s", sc.rate, sc.seconds) },
+        if sc.idle {
+            "none".to_owned()
+        } else {
+            format!("{} entries/s per run, {} s", sc.rate, sc.seconds)
+        },
         r.published as f64 / r.send_secs,
         r.delivered as f64 / r.send_secs,
         r.p50_ms,

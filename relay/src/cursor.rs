@@ -469,7 +469,8 @@ mod tests {
             seq(cursors.get(&StreamName::Status)),
             seq(cursors.get(&StreamName::Metrics))
         ));
-        let vars: std::collections::BTreeSet<&Variation> = cursors.keys().filter_map(|k| k.variation()).collect();
+        let vars: std::collections::BTreeSet<&Variation> =
+            cursors.keys().filter_map(|k| k.variation()).collect();
         for v in vars {
             w.push_str(&format!(
                 ";{v}={}.{}",

@@ -273,18 +273,16 @@ impl Session {
                     return;
                 }
                 let seq = entry.seq;
-                let Some(&at) = self.cursors.get(stream) else {
+                let Some(at) = self.cursors.get_mut(stream) else {
                     // A stream this connection wants but did not know (a new variation).
                     self.track(stream.clone());
                     return;
                 };
-                if seq <= at {
+                if seq <= *at {
                     return;
                 }
-                if seq == at + 1 && !self.catchup.contains(stream) {
-                    if let Some(c) = self.cursors.get_mut(stream) {
-                        *c = seq;
-                    }
+                if seq == *at + 1 && !self.catchup.contains(stream) {
+                    *at = seq;
                     self.write_id();
                     let tail =
                         event.get_or_init(|| crate::sse::entry_tail(&self.run, stream, entry));
@@ -511,10 +509,13 @@ impl Session {
             }
             if self.recheck_due {
                 self.recheck_due = false;
-                let still = self
-                    .access
-                    .still_allowed(&self.app.auth, &self.access_state)
-                    .await;
+                // Boxed, like the other rare steps below: their futures (an API server call, a
+                // Redis read) would otherwise be part of every idle connection's state.
+                let still = Box::pin(
+                    self.access
+                        .still_allowed(&self.app.auth, &self.access_state),
+                )
+                .await;
                 // An API server that cannot be asked does not end streams.
                 if still == Some(false) {
                     tracing::info!(run = %self.run, client = self.access.client_key(), "the caller may no longer see this run (token removed or permission revoked); ending its stream");
@@ -525,11 +526,11 @@ impl Session {
             }
             if self.retry_at.is_none() {
                 if self.refresh_variations {
-                    self.refresh_variations_step().await;
+                    Box::pin(self.refresh_variations_step()).await;
                     continue;
                 }
                 if !self.catchup.is_empty() {
-                    self.catch_up_step().await;
+                    Box::pin(self.catch_up_step()).await;
                     continue;
                 }
                 if self.ending.is_some() {
@@ -730,4 +731,29 @@ pub async fn events(
         "text/event-stream",
         "no-cache",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn size_of_return<F, R>(_: F) -> usize
+    where
+        F: FnOnce(&'static mut Session) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
+    /// What an idle connection holds beyond hyper's buffers: the session and the future that
+    /// waits for its next chunk. The rare steps (replay read, access re-check) are boxed so
+    /// that their futures are not part of it.
+    #[test]
+    fn an_idle_session_is_small() {
+        let session = std::mem::size_of::<Session>();
+        let waiting = size_of_return(|s: &'static mut Session| s.next_chunk());
+        println!("Session: {session} bytes; next_chunk future: {waiting} bytes");
+        assert!(session <= 1024, "Session is {session} bytes");
+        assert!(waiting <= 512, "next_chunk's future is {waiting} bytes");
+    }
 }
