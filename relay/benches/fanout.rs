@@ -399,15 +399,9 @@ fn agent(args: &[String]) {
 /// Starts `agentrun-sidecar run` for `run` with this program as its agent (see [`agent`]).
 fn start_sidecar(url: &str, run: &RunId, rate: u64, seconds: u64, go: &std::path::Path) -> Child {
     Command::new(sidecar_binary())
-        .args([
-            "run",
-            "--quiet",
-            "--metrics-interval-seconds",
-            "0",
-            "--redis-url",
-            url,
-        ])
-        .args(["--run-id", run.as_str(), "--"])
+        .args(["run", "--redis-url", url, "--run-id", run.as_str()])
+        // No metrics entries: only the agent's lines are timed.
+        .args(["--quiet", "--metrics-interval-seconds", "0", "--"])
         .arg(std::env::current_exe().expect("bench path"))
         .args([rate.to_string(), seconds.to_string()])
         .arg(go)
