@@ -1493,7 +1493,15 @@ async fn an_archived_run_outlives_its_redis_data_and_still_shows_byte_exact() {
         std::env::var("PATH").unwrap_or_default()
     );
     let out = std::process::Command::new(&kubectl)
-        .args(["agentrun", "logs", "hello", "--channels", "output", "-n", s.ns()])
+        .args([
+            "agentrun",
+            "logs",
+            "hello",
+            "--channels",
+            "output",
+            "-n",
+            s.ns(),
+        ])
         .env("PATH", &path)
         .env("KUBECONFIG", &s.cluster.kubeconfig)
         .env_remove("AGENTRUN_RELAY_URL")
@@ -1505,7 +1513,10 @@ async fn an_archived_run_outlives_its_redis_data_and_still_shows_byte_exact() {
         "kubectl agentrun logs hello: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert_eq!(out.stdout, expected, "kubectl agentrun logs hello from the archive");
+    assert_eq!(
+        out.stdout, expected,
+        "kubectl agentrun logs hello from the archive"
+    );
 
     // The browser: the run's page (status.url) shows every line and the run's end.
     let url = s.agentrun("hello").await.expect("hello")["status"]["url"]

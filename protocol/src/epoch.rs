@@ -35,6 +35,11 @@ impl Epoch {
     pub fn from_u64(value: u64) -> Self {
         Self(value)
     }
+
+    /// The number whose 16 hex digits are the epoch's text.
+    pub fn as_u64(self) -> u64 {
+        self.0
+    }
 }
 
 impl fmt::Display for Epoch {

@@ -9,8 +9,32 @@
 //! bash -c 'ulimit -n 20000 && cargo bench -p agentrun-relay --bench fanout'
 //! cargo bench -p agentrun-relay --bench fanout -- --clients 5000 --runs 1 --rate 10 --seconds 20
 //! ```
-//! Without arguments it runs two scenarios: 5,000 clients on one run, and 5,000 clients over
-//! 100 runs (50 each).
+//! Without arguments it runs the scenarios of docs/benchmarks.md ("Relay fan-out") one after
+//! the other; each can be run alone:
+//!
+//! ```text
+//! # 10,000 viewers of one run at 2 entries/s
+//! fanout -- --clients 10000 --runs 1 --rate 2 --seconds 20
+//! # many runs with a few viewers each (the publisher: several connections, pipelined)
+//! fanout -- --clients 10000 --runs 1000 --rate 2 --seconds 20
+//! fanout -- --clients 4000 --runs 2000 --rate 20 --seconds 20 --publishers 4
+//! # idle connections: relay memory per connection, nothing published
+//! fanout -- --clients 19000 --runs 1 --idle
+//! # token streaming: agent write -> viewer read through the real sidecar and entrypoint
+//! fanout -- --tokens --clients 100 --rate 500 --seconds 10
+//! ```
+//!
+//! The publisher runs on a runtime of its own (one thread), so that the clients' reads do not
+//! hold it back, and spreads the runs over `--publishers` connections, each publishing its
+//! runs' entries of a tick as one pipeline. What it actually published is reported ("entries/s
+//! published"), beside what was asked.
+//!
+//! `--tokens` starts the release `agentrun-sidecar` (next to the relay binary: build both with
+//! `cargo bench -p agentrun-relay -p agentrun-sidecar --no-run`) running this bench program as the agent, which
+//! writes `--rate` lines per second, each carrying the microsecond it was written; latency is
+//! *agent write -> client read*, through the entrypoint's pipe, the sidecar, Redis and the relay.
+//!
+//! `AGENTRUN_RELAY_BIN=PATH` runs another relay binary (to compare builds with the same bench).
 //!
 //! `--relays N` starts N relay processes and spreads the clients over them (client i on relay
 //! i mod N), as a Service does; `--cluster M` runs Redis as a Redis Cluster of M masters
@@ -42,6 +66,30 @@ struct Scenario {
     seconds: u64,
     /// Relay processes the clients are spread over.
     relays: usize,
+    /// Connections the publisher spreads the runs over.
+    publishers: usize,
+    /// Connect the clients and publish nothing: relay memory of idle connections.
+    idle: bool,
+    /// One run fed by the real sidecar, whose agent writes `rate` lines per second.
+    tokens: bool,
+}
+
+impl Scenario {
+    fn describe(&self) -> String {
+        if self.tokens {
+            return format!(
+                "tokens: {} viewers of 1 run, agent writes {} lines/s (sidecar)",
+                self.clients, self.rate
+            );
+        }
+        if self.idle {
+            return format!("{} idle clients on {} run(s)", self.clients, self.runs);
+        }
+        format!(
+            "{} clients on {} run(s), {} relay(s)",
+            self.clients, self.runs, self.relays
+        )
+    }
 }
 
 /// The Redis the bench runs against: one server, or a cluster.
@@ -86,6 +134,8 @@ struct Report {
     /// CPU seconds used while publishing, by the relay and by this process (the clients).
     relay_cpu: f64,
     client_cpu: f64,
+    /// Load average (1 minute) when the scenario ended.
+    load: String,
 }
 
 fn micros() -> u64 {
@@ -131,7 +181,11 @@ fn fd_limit() -> u64 {
         .unwrap_or(0)
 }
 
-/// One SSE client on a raw socket: counts deliveries and records latencies.
+/// What marks a timestamp in an entry's content: `T@MICROS@`.
+const STAMP: &[u8] = b"T@";
+
+/// One SSE client on a raw socket: counts deliveries and records latencies (every `T@MICROS@`
+/// in what it reads is one delivery).
 async fn client(
     addr: String,
     run: String,
@@ -148,11 +202,10 @@ async fn client(
         .as_bytes(),
     )
     .await?;
-    let mut buf = Vec::with_capacity(4096);
+    let mut buf = Vec::new();
     let mut tmp = vec![0u8; 4096];
     let mut latencies = Vec::new();
     let mut open = false;
-    let marker = b"\"content\":\"t=";
     let mut stop = stop;
     loop {
         let n = tokio::select! {
@@ -176,9 +229,9 @@ async fn client(
         }
         let mut consumed = 0;
         let mut i = 0;
-        while let Some(off) = buf[i..].windows(marker.len()).position(|w| w == marker) {
-            let start = i + off + marker.len();
-            let Some(end) = buf[start..].iter().position(|b| *b == b'"') else {
+        while let Some(off) = buf[i..].windows(STAMP.len()).position(|w| w == STAMP) {
+            let start = i + off + STAMP.len();
+            let Some(end) = buf[start..].iter().position(|b| *b == b'@') else {
                 break;
             };
             let sent: u64 = std::str::from_utf8(&buf[start..start + end])
@@ -195,14 +248,38 @@ async fn client(
             let keep = buf.len() - 64;
             buf.drain(..keep);
         }
+        if buf.capacity() > 16 * 1024 && buf.len() < 1024 {
+            buf.shrink_to(1024);
+        }
     }
     Ok(latencies)
+}
+
+/// The relay binary: this package's release build, or `AGENTRUN_RELAY_BIN`.
+fn relay_binary() -> std::path::PathBuf {
+    std::env::var_os("AGENTRUN_RELAY_BIN")
+        .map(Into::into)
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_agentrun-relay").into())
+}
+
+/// The sidecar binary next to the relay's (same profile), for `--tokens`.
+fn sidecar_binary() -> std::path::PathBuf {
+    let path = std::path::PathBuf::from(env!("CARGO_BIN_EXE_agentrun-relay"))
+        .with_file_name("agentrun-sidecar");
+    if !path.exists() {
+        eprintln!(
+            "{} is missing: --tokens runs the real sidecar; build it first with `cargo bench -p agentrun-relay -p agentrun-sidecar --no-run`",
+            path.display()
+        );
+        std::process::exit(2);
+    }
+    path
 }
 
 /// Starts a relay process on a free port and waits until it is ready.
 async fn start_relay(url: &str) -> (Child, String) {
     let addr = format!("127.0.0.1:{}", free_port());
-    let relay: Child = Command::new(env!("CARGO_BIN_EXE_agentrun-relay"))
+    let relay: Child = Command::new(relay_binary())
         .args(["--redis-url", url, "--listen", &addr])
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
@@ -224,7 +301,122 @@ async fn start_relay(url: &str) -> (Child, String) {
     (relay, addr)
 }
 
-async fn run_scenario(target: &Target, sc: Scenario) -> Report {
+/// Publishes `rate` entries per second to every run for `seconds`, from `publishers`
+/// connections (each with its share of the runs, one pipeline per tick, their ticks spread over
+/// the period); returns how many were published. Runs on the publisher's own runtime.
+async fn publish(
+    settings: RedisSettings,
+    runs: Vec<RunId>,
+    rate: u64,
+    seconds: u64,
+    publishers: usize,
+) -> u64 {
+    let publisher = Publisher::new(PublishOptions {
+        publish_command: settings.publish_command(),
+        ..Default::default()
+    });
+    let stream = StreamName::Output(Variation::new("a").unwrap());
+    let ticks = rate * seconds;
+    let period = Duration::from_micros(1_000_000 / rate.max(1));
+    let publishers = publishers.clamp(1, runs.len().max(1));
+    let mut conns = Vec::new();
+    for _ in 0..publishers {
+        conns.push(settings.connect().await.expect("connect to Redis"));
+    }
+    let started = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
+    for (k, conn) in conns.into_iter().enumerate() {
+        let mine: Vec<RunId> = runs.iter().skip(k).step_by(publishers).cloned().collect();
+        let (publisher, stream) = (publisher.clone(), stream.clone());
+        let first = started + period * k as u32 / publishers as u32;
+        tasks.push(tokio::spawn(async move {
+            let mut interval = tokio::time::interval_at(first, period);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut published = 0u64;
+            for pseq in 1..=ticks {
+                interval.tick().await;
+                let futs = mine.iter().map(|r| {
+                    let (mut c, publisher, stream) = (conn.clone(), &publisher, &stream);
+                    async move {
+                        let entry = NewEntry {
+                            pseq,
+                            ts: agentrun_protocol::now_ms(),
+                            kind: EntryType::Output,
+                            content: Bytes::from(format!("T@{}@", micros())),
+                            meta: None,
+                        };
+                        publisher
+                            .publish(
+                                &mut c,
+                                r,
+                                Batch {
+                                    stream,
+                                    producer: "bench",
+                                    entries: std::slice::from_ref(&entry),
+                                },
+                            )
+                            .await
+                    }
+                });
+                for r in futures::future::join_all(futs).await {
+                    r.expect("publish");
+                    published += 1;
+                }
+            }
+            published
+        }));
+    }
+    let mut published = 0;
+    for t in tasks {
+        published += t.await.expect("publisher task");
+    }
+    published
+}
+
+/// The agent of `--tokens` (this program, run by the sidecar): waits until `go` exists, then
+/// writes `rate` lines per second for `seconds`, each `T@MICROS@` and a few words.
+fn agent(args: &[String]) {
+    use std::io::Write;
+    let rate: u64 = args.first().and_then(|a| a.parse().ok()).unwrap_or(500);
+    let secs: u64 = args.get(1).and_then(|a| a.parse().ok()).unwrap_or(10);
+    let go = args.get(2).cloned().unwrap_or_default();
+    while !std::path::Path::new(&go).exists() {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let mut out = std::io::stdout().lock();
+    let start = Instant::now();
+    for i in 0..rate * secs {
+        let due = start + Duration::from_nanos(i * 1_000_000_000 / rate.max(1));
+        let now = Instant::now();
+        if due > now {
+            std::thread::sleep(due - now);
+        }
+        let _ = writeln!(out, "T@{}@ the next few tokens", micros());
+        let _ = out.flush();
+    }
+}
+
+/// Starts `agentrun-sidecar run` for `run` with this program as its agent (see [`agent`]).
+fn start_sidecar(url: &str, run: &RunId, rate: u64, seconds: u64, go: &std::path::Path) -> Child {
+    Command::new(sidecar_binary())
+        .args(["run", "--redis-url", url, "--run-id", run.as_str()])
+        // No metrics entries: only the agent's lines are timed.
+        .args(["--quiet", "--metrics-interval-seconds", "0", "--"])
+        .arg(std::env::current_exe().expect("bench path"))
+        .args([rate.to_string(), seconds.to_string()])
+        .arg(go)
+        .env("AGENTRUN_BENCH_AGENT", "1")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("start agentrun-sidecar")
+}
+
+async fn run_scenario(
+    target: &Target,
+    sc: Scenario,
+    publisher_rt: &tokio::runtime::Handle,
+) -> Report {
     let mut relays = Vec::new();
     for _ in 0..sc.relays.max(1) {
         relays.push(start_relay(&target.url()).await);
@@ -235,20 +427,54 @@ async fn run_scenario(target: &Target, sc: Scenario) -> Report {
 
     let settings = target.settings();
     let mut conn = settings.connect().await.expect("connect to Redis");
+    let tag = micros();
     let runs: Vec<RunId> = (0..sc.runs)
-        .map(|i| RunId::new(format!("bench-{}-{i}", sc.runs)).unwrap())
+        .map(|i| RunId::new(format!("bench-{tag}-{}-{i}", sc.runs)).unwrap())
         .collect();
-    for r in &runs {
-        register_run(
-            &mut conn,
-            r,
-            agentrun_protocol::now_ms(),
-            &[(agentrun_protocol::state_hash::VARIATIONS, "a".into())],
-        )
-        .await
-        .unwrap();
+    // `--tokens`: the sidecar registers its run; its agent waits for `go`.
+    let go = std::env::temp_dir().join(format!("agentrun-fanout-go-{}-{tag}", std::process::id()));
+    let mut sidecar = None;
+    if sc.tokens {
+        sidecar = Some(start_sidecar(
+            &target.url(),
+            &runs[0],
+            sc.rate,
+            sc.seconds,
+            &go,
+        ));
+        let http = reqwest::Client::new();
+        let url = format!("http://{}/api/runs/{}", relays[0].1, runs[0]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = match http.get(&url).send().await {
+                Ok(r) if r.status().is_success() => r
+                    .json::<serde_json::Value>()
+                    .await
+                    .ok()
+                    .is_some_and(|v| v["variations"].as_object().is_some_and(|o| !o.is_empty())),
+                _ => false,
+            };
+            if ready {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the sidecar did not register its run"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    } else {
+        for r in &runs {
+            register_run(
+                &mut conn,
+                r,
+                agentrun_protocol::now_ms(),
+                &[(agentrun_protocol::state_hash::VARIATIONS, "a".into())],
+            )
+            .await
+            .unwrap();
+        }
     }
-    // Warm up: one connection per run, then measure the base.
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_base_kib = rss();
 
@@ -266,7 +492,7 @@ async fn run_scenario(target: &Target, sc: Scenario) -> Report {
         let permit = sem.clone().acquire_owned().await.unwrap();
         tasks.push(tokio::spawn(client(addr, run, connected, stop_rx, permit)));
     }
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(180);
     while connected.load(Ordering::SeqCst) < sc.clients {
         assert!(
             Instant::now() < deadline,
@@ -277,65 +503,46 @@ async fn run_scenario(target: &Target, sc: Scenario) -> Report {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let connect_secs = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let rss_connected_kib = rss();
 
-    // Publish: `rate` entries per second to every run.
-    let publisher = Publisher::new(PublishOptions {
-        publish_command: settings.publish_command(),
-        ..Default::default()
-    });
-    let stream = StreamName::Output(Variation::new("a").unwrap());
-    let ticks = sc.rate * sc.seconds;
-    let mut interval = tokio::time::interval(Duration::from_micros(1_000_000 / sc.rate.max(1)));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let send_started = Instant::now();
     let relay_cpu_before = relays_cpu();
     let bench_cpu_before = cpu_secs("self");
-    let mut published = 0u64;
-    for pseq in 1..=ticks {
-        interval.tick().await;
-        let mut futs = Vec::with_capacity(runs.len());
-        for r in &runs {
-            let mut c = conn.clone();
-            let publisher = publisher.clone();
-            let stream = stream.clone();
-            let r = r.clone();
-            futs.push(async move {
-                let entry = NewEntry {
-                    pseq,
-                    ts: agentrun_protocol::now_ms(),
-                    kind: EntryType::Output,
-                    content: Bytes::from(format!("t={}", micros())),
-                    meta: None,
-                };
-                publisher
-                    .publish(
-                        &mut c,
-                        &r,
-                        Batch {
-                            stream: &stream,
-                            producer: "bench",
-                            entries: std::slice::from_ref(&entry),
-                        },
-                    )
-                    .await
-                    .map(|_| ())
-            });
+    let (published, expected) = if sc.idle {
+        tokio::time::sleep(Duration::from_secs(sc.seconds.min(5))).await;
+        (0, 0)
+    } else if let Some(child) = &mut sidecar {
+        std::fs::write(&go, b"go").expect("write the agent's go file");
+        let deadline = Instant::now() + Duration::from_secs(sc.seconds + 60);
+        while child.try_wait().ok().flatten().is_none() {
+            assert!(Instant::now() < deadline, "the sidecar did not end");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        for r in futures::future::join_all(futs).await {
-            r.expect("publish");
-            published += 1;
-        }
-    }
+        let lines = sc.rate * sc.seconds;
+        (lines, lines * sc.clients as u64)
+    } else {
+        let published = publisher_rt
+            .spawn(publish(
+                settings.clone(),
+                runs.clone(),
+                sc.rate,
+                sc.seconds,
+                sc.publishers,
+            ))
+            .await
+            .expect("publisher");
+        (published, published * (sc.clients / sc.runs) as u64)
+    };
     let send_secs = send_started.elapsed().as_secs_f64();
-    let relay_cpu = relays_cpu() - relay_cpu_before;
-    let client_cpu = cpu_secs("self") - bench_cpu_before;
-    let expected = ticks * sc.clients as u64;
+    let _ = std::fs::remove_file(&go);
     // Let the last deliveries arrive.
     let drain_deadline = Instant::now() + Duration::from_secs(10);
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let relay_cpu = relays_cpu() - relay_cpu_before;
+    let client_cpu = cpu_secs("self") - bench_cpu_before;
     let rss_end_kib = rss();
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let _ = stop_tx.send(true);
     let mut all: Vec<u32> = Vec::with_capacity(expected as usize);
     for t in tasks {
@@ -368,7 +575,12 @@ async fn run_scenario(target: &Target, sc: Scenario) -> Report {
         max_ms: pct(1.0),
         relay_cpu,
         client_cpu,
+        load: load.split_whitespace().next().unwrap_or("?").to_owned(),
     };
+    if let Some(mut s) = sidecar {
+        let _ = s.kill();
+        let _ = s.wait();
+    }
     for (mut relay, _) in relays {
         let _ = relay.kill();
         let _ = relay.wait();
@@ -379,33 +591,41 @@ async fn run_scenario(target: &Target, sc: Scenario) -> Report {
 fn print(r: &Report) {
     let sc = &r.scenario;
     let per_conn = |rss: u64| (rss.saturating_sub(r.rss_base_kib)) as f64 / sc.clients as f64;
+    let us_per_delivery = if r.delivered > 0 {
+        format!("{:.1}", r.relay_cpu * 1e6 / r.delivered as f64)
+    } else {
+        "-".into()
+    };
     println!(
-        "| {} clients on {} run(s), {} relay(s) | {} entries/s per run, {} s | {:.0} | {:.1} | {:.1} | {:.1} | {} | {:.1} KiB | {:.1} KiB | {:.1} s |",
-        sc.clients,
-        sc.runs,
-        sc.relays,
-        sc.rate,
-        sc.seconds,
+        "| {} | {} | {:.0} | {:.0} | {:.1} | {:.1} | {:.1} | {} of {} | {:.1} | {:.1} | {} | {} | {:.1} s |",
+        sc.describe(),
+        if sc.idle {
+            "none".to_owned()
+        } else {
+            format!("{} entries/s per run, {} s", sc.rate, sc.seconds)
+        },
+        r.published as f64 / r.send_secs,
         r.delivered as f64 / r.send_secs,
         r.p50_ms,
         r.p99_ms,
         r.max_ms,
         r.expected.saturating_sub(r.delivered),
+        r.expected,
         per_conn(r.rss_connected_kib),
         per_conn(r.rss_end_kib),
+        us_per_delivery,
+        r.load,
         r.connect_secs,
     );
-    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    eprintln!("  load average while running: {}", load.trim());
     eprintln!(
-        "  published {} entries; expected {} deliveries, got {}; relay RSS (all relays) {} KiB base, {} KiB connected, {} KiB after publishing; CPU while publishing {:.1} s: relays {:.2} s, clients and Redis client {:.2} s",
+        "  published {} entries in {:.1} s; expected {} deliveries, got {}; relay RSS (all relays) {} KiB base, {} KiB connected, {} KiB at the end; CPU: relays {:.2} s, this process (clients, publisher) {:.2} s",
         r.published,
+        r.send_secs,
         r.expected,
         r.delivered,
         r.rss_base_kib,
         r.rss_connected_kib,
         r.rss_end_kib,
-        r.send_secs,
         r.relay_cpu,
         r.client_cpu
     );
@@ -418,8 +638,27 @@ fn arg(args: &[String], name: &str) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+fn has(args: &[String], name: &str) -> bool {
+    args.iter().any(|a| a == name)
+}
+
 fn main() {
+    if std::env::var_os("AGENTRUN_BENCH_AGENT").is_some() {
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        agent(&args);
+        return;
+    }
     let args: Vec<String> = std::env::args().collect();
+    let base = Scenario {
+        clients: 0,
+        runs: 1,
+        rate: 2,
+        seconds: 20,
+        relays: 1,
+        publishers: 4,
+        idle: false,
+        tokens: false,
+    };
     // `cargo bench` passes --bench; ignore what is not ours.
     let scenarios = match arg(&args, "--clients") {
         Some(clients) => vec![Scenario {
@@ -428,21 +667,37 @@ fn main() {
             rate: arg(&args, "--rate").unwrap_or(10),
             seconds: arg(&args, "--seconds").unwrap_or(20),
             relays: arg(&args, "--relays").unwrap_or(1) as usize,
+            publishers: arg(&args, "--publishers").unwrap_or(4) as usize,
+            idle: has(&args, "--idle"),
+            tokens: has(&args, "--tokens"),
         }],
         None => vec![
             Scenario {
-                clients: 5000,
-                runs: 1,
-                rate: 10,
-                seconds: 20,
-                relays: 1,
+                clients: 10_000,
+                ..base.clone()
             },
             Scenario {
-                clients: 5000,
-                runs: 100,
-                rate: 10,
-                seconds: 20,
-                relays: 1,
+                clients: 10_000,
+                runs: 1000,
+                ..base.clone()
+            },
+            Scenario {
+                clients: 4000,
+                runs: 2000,
+                rate: 20,
+                ..base.clone()
+            },
+            Scenario {
+                clients: 19_000,
+                idle: true,
+                ..base.clone()
+            },
+            Scenario {
+                clients: 100,
+                rate: 500,
+                seconds: 10,
+                tokens: true,
+                ..base.clone()
             },
         ],
     };
@@ -459,10 +714,19 @@ fn main() {
         );
         std::process::exit(2);
     }
+    if scenarios.iter().any(|s| s.tokens) {
+        sidecar_binary();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
+    // The publisher's own thread: the clients' reads do not hold it back.
+    let publisher_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("publisher runtime");
     rt.block_on(async {
         let target = match arg(&args, "--cluster") {
             Some(masters) => Target::Cluster(RedisCluster::start(masters as usize, 0).await),
@@ -471,13 +735,18 @@ fn main() {
         if let Target::Cluster(c) = &target {
             c.load_library().await;
         }
-        println!("Redis: {}; machine: {}", target.describe(), agentrun_protocol::testing::machine());
         println!(
-            "| scenario | load | events/s delivered | p50 ms | p99 ms | max ms | lost | relay KiB/conn idle | relay KiB/conn after load | connect time |"
+            "Redis: {}; machine: {}; relay: {}",
+            target.describe(),
+            agentrun_protocol::testing::machine(),
+            relay_binary().display()
         );
-        println!("|---|---|---|---|---|---|---|---|---|---|");
+        println!(
+            "| scenario | load | entries/s published | events/s delivered | p50 ms | p99 ms | max ms | lost | relay KiB/conn connected | relay KiB/conn at the end | relay CPU µs/delivery | load avg | connect time |"
+        );
+        println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
         for sc in scenarios {
-            let r = run_scenario(&target, sc).await;
+            let r = run_scenario(&target, sc, publisher_rt.handle()).await;
             print(&r);
         }
     });

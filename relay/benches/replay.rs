@@ -116,7 +116,14 @@ async fn shape(redis: &RedisServer, name: &str, size: usize) {
             .await
             .expect("publish");
     }
-    finish(&mut conn, &mut producer, &run, "default", RunState::Succeeded).await;
+    finish(
+        &mut conn,
+        &mut producer,
+        &run,
+        "default",
+        RunState::Succeeded,
+    )
+    .await;
 
     let dir = tempfile::tempdir().expect("temp dir");
     let store_url = dir.path().to_str().expect("path").to_owned();

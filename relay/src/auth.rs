@@ -135,6 +135,12 @@ impl Access {
         }
     }
 
+    /// Whether [`Access::still_allowed`] can ever say no: only for a caller with a
+    /// credential. Without one, nothing needs re-checking.
+    pub fn can_be_withdrawn(&self) -> bool {
+        self.credential.is_some()
+    }
+
     /// The key of the per-client limits.
     pub fn client_key(&self) -> &str {
         self.client.as_deref().unwrap_or("unknown")

@@ -21,7 +21,6 @@ use agentrun_protocol::{Epoch, RunId, StreamName, Variation};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 const VERSION: &str = "2.";
 const VERSION_1: &str = "1.";
@@ -73,17 +72,43 @@ pub fn run_tag(run: &RunId) -> u32 {
     u32::from_be_bytes([d[0], d[1], d[2], d[3]])
 }
 
+/// Appends `value` as `digits` lowercase hex digits (zero-padded), without `core::fmt`: the
+/// cursor is written for every event of every connection.
+fn push_hex(w: &mut String, value: u64, digits: u32) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for i in (0..digits).rev() {
+        w.push(HEX[((value >> (i * 4)) & 0xf) as usize] as char);
+    }
+}
+
+/// Appends `value` in decimal, without `core::fmt`.
+fn push_decimal(w: &mut String, mut value: u64) {
+    let mut buf = [0u8; 20];
+    let mut at = buf.len();
+    loop {
+        at -= 1;
+        buf[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    w.push_str(std::str::from_utf8(&buf[at..]).unwrap_or_default());
+}
+
 fn write_seq(w: &mut String, seq: Option<u64>) {
     if let Some(s) = seq {
-        let _ = write!(w, "{s}");
+        push_decimal(w, s);
     }
 }
 
 /// Writes the cursor's text (before base64) into `w`.
 fn write_text(w: &mut String, origin: &Origin, cursors: &Cursors) {
-    let _ = write!(w, "{:08x},", origin.run_tag);
+    push_hex(w, u64::from(origin.run_tag), 8);
+    w.push(',');
     if let Some(e) = origin.epoch {
-        let _ = write!(w, "{e}");
+        push_hex(w, e.as_u64(), 16);
     }
     w.push(',');
     write_seq(w, cursors.get(&StreamName::Status).copied());
@@ -109,7 +134,9 @@ fn write_text(w: &mut String, origin: &Origin, cursors: &Cursors) {
         };
         let o = outs.next_if(|(v, _)| *v == var).map(|(_, s)| s);
         let l = logs.next_if(|(v, _)| *v == var).map(|(_, s)| s);
-        let _ = write!(w, ";{var}=");
+        w.push(';');
+        w.push_str(var.as_str());
+        w.push('=');
         write_seq(w, o);
         w.push('.');
         write_seq(w, l);
@@ -425,6 +452,31 @@ mod tests {
             })
     }
 
+    /// The cursor text as the relay wrote it with `format!` (the reference for the
+    /// hand-written encoder).
+    fn text_with_fmt(origin: &Origin, cursors: &Cursors) -> String {
+        let seq = |s: Option<&u64>| s.map(|s| s.to_string()).unwrap_or_default();
+        let mut w = format!("{:08x},", origin.run_tag);
+        if let Some(e) = origin.epoch {
+            w.push_str(&format!("{e}"));
+        }
+        w.push_str(&format!(
+            ",{},{}",
+            seq(cursors.get(&StreamName::Status)),
+            seq(cursors.get(&StreamName::Metrics))
+        ));
+        let vars: std::collections::BTreeSet<&Variation> =
+            cursors.keys().filter_map(|k| k.variation()).collect();
+        for v in vars {
+            w.push_str(&format!(
+                ";{v}={}.{}",
+                seq(cursors.get(&StreamName::Output(v.clone()))),
+                seq(cursors.get(&StreamName::Logs(v.clone())))
+            ));
+        }
+        w
+    }
+
     fn origin() -> impl Strategy<Value = Origin> {
         (run_id(), prop::option::of(any::<u64>()))
             .prop_map(|(run, epoch)| Origin::new(&run, epoch.map(Epoch::from_u64)))
@@ -529,6 +581,28 @@ mod tests {
             prop_assert_eq!(origin, Origin::new(&a, epoch));
             prop_assert_ne!(origin.run_tag, run_tag(&b));
             prop_assert_ne!(Some(origin), Some(Origin::new(&b, epoch)));
+        }
+
+        /// The cursor text written without `core::fmt` is byte for byte what the `format!`
+        /// version the relay sent before wrote (clients hold such tokens and compare them).
+        #[test]
+        fn the_text_is_what_fmt_wrote(origin in origin(), c in cursors()) {
+            let mut fast = String::new();
+            write_text(&mut fast, &origin, &c);
+            prop_assert_eq!(fast, text_with_fmt(&origin, &c));
+        }
+
+        #[test]
+        fn decimals_and_hex_are_what_fmt_writes(v in prop_oneof![Just(0u64), Just(u64::MAX), any::<u64>()]) {
+            let mut w = String::new();
+            push_decimal(&mut w, v);
+            prop_assert_eq!(&w, &v.to_string());
+            w.clear();
+            push_hex(&mut w, v, 16);
+            prop_assert_eq!(&w, &format!("{v:016x}"));
+            w.clear();
+            push_hex(&mut w, v & 0xffff_ffff, 8);
+            prop_assert_eq!(w, format!("{:08x}", v & 0xffff_ffff));
         }
 
         /// `parse_seq` takes exactly the numbers from 0 to `MAX_SEQ` and refuses all else, never

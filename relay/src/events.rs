@@ -44,10 +44,12 @@ use bytes::{Bytes, BytesMut};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::time::{Instant, Interval};
+use tokio::time::Instant;
 
 /// Flush to the socket once this much is buffered (or when nothing more is ready).
 const FLUSH_BYTES: usize = 32 * 1024;
+/// What an empty buffer reserves for the next event (its `id:` line and a small tail).
+const FIRST_RESERVE: usize = 512;
 /// Pause before retrying a replay read that failed (Redis away).
 const REPLAY_RETRY: Duration = Duration::from_millis(250);
 
@@ -128,12 +130,15 @@ struct Session {
     refresh_variations: bool,
     done: bool,
     retry_at: Option<Instant>,
-    keepalive: Interval,
+    /// When the next keep-alive and access re-check are due.
+    deadlines: crate::sse::Deadlines,
+    /// One timer, armed for the nearest deadline (`deadlines`, `retry_at`); created when the
+    /// session first waits.
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// The caller's access and the run's state hash, checked again every `auth_recheck`:
     /// a stream whose token was removed, or whose permission was revoked, ends.
     access: crate::auth::Access,
     access_state: HashMap<String, String>,
-    recheck: Interval,
     recheck_due: bool,
     shutdown: bool,
     _gauge: ConnectionGauge,
@@ -193,6 +198,10 @@ impl Session {
     }
 
     fn write_id(&mut self) {
+        if self.out.capacity() == 0 {
+            // An event with its tail is a few hundred bytes: one allocation, not several.
+            self.out.reserve(FIRST_RESERVE);
+        }
         session::write_id(
             &mut self.out,
             &self.origin,
@@ -235,8 +244,11 @@ impl Session {
         crate::sse::event_tail(&mut self.out, event);
     }
 
+    /// The buffered text, as one chunk (one socket write). The buffer is handed over whole,
+    /// so that nothing stays allocated for a connection between deliveries (a replay's 32 KiB
+    /// flush would otherwise stay reserved for the connection's life).
     fn take(&mut self) -> Option<Bytes> {
-        Some(self.out.split().freeze())
+        Some(std::mem::take(&mut self.out).freeze())
     }
 
     fn handle(&mut self, item: &FeedItem) {
@@ -254,18 +266,16 @@ impl Session {
                     return;
                 }
                 let seq = entry.seq;
-                let Some(&at) = self.cursors.get(stream) else {
+                let Some(at) = self.cursors.get_mut(stream) else {
                     // A stream this connection wants but did not know (a new variation).
                     self.track(stream.clone());
                     return;
                 };
-                if seq <= at {
+                if seq <= *at {
                     return;
                 }
-                if seq == at + 1 && !self.catchup.contains(stream) {
-                    if let Some(c) = self.cursors.get_mut(stream) {
-                        *c = seq;
-                    }
+                if seq == *at + 1 && !self.catchup.contains(stream) {
+                    *at = seq;
                     self.write_id();
                     let tail =
                         event.get_or_init(|| crate::sse::entry_tail(&self.run, stream, entry));
@@ -452,6 +462,22 @@ impl Session {
         self.done = true;
     }
 
+    /// Does what fell due: ends a replay pause, writes a keep-alive, asks for an access
+    /// re-check.
+    fn timer_fired(&mut self) {
+        let now = Instant::now();
+        if self.retry_at.is_some_and(|t| t <= now) {
+            self.retry_at = None;
+        }
+        let due = self.deadlines.due(now);
+        if due.keepalive {
+            self.out.extend_from_slice(b": keep-alive\n\n");
+        }
+        if due.recheck {
+            self.recheck_due = true;
+        }
+    }
+
     async fn next_chunk(&mut self) -> Option<Bytes> {
         loop {
             if self.done {
@@ -468,10 +494,13 @@ impl Session {
             }
             if self.recheck_due {
                 self.recheck_due = false;
-                let still = self
-                    .access
-                    .still_allowed(&self.app.auth, &self.access_state)
-                    .await;
+                // Boxed, like the other rare steps below: their futures (an API server call, a
+                // Redis read) would otherwise be part of every idle connection's state.
+                let still = Box::pin(
+                    self.access
+                        .still_allowed(&self.app.auth, &self.access_state),
+                )
+                .await;
                 // An API server that cannot be asked does not end streams.
                 if still == Some(false) {
                     tracing::info!(run = %self.run, client = self.access.client_key(), "the caller may no longer see this run (token removed or permission revoked); ending its stream");
@@ -482,11 +511,11 @@ impl Session {
             }
             if self.retry_at.is_none() {
                 if self.refresh_variations {
-                    self.refresh_variations_step().await;
+                    Box::pin(self.refresh_variations_step()).await;
                     continue;
                 }
                 if !self.catchup.is_empty() {
-                    self.catch_up_step().await;
+                    Box::pin(self.catch_up_step()).await;
                     continue;
                 }
                 if self.ending.is_some() {
@@ -507,20 +536,21 @@ impl Session {
                     Err(TryRecvError::Empty) => return self.take(),
                 }
             }
-            let retry_at = self.retry_at;
+            // One timer for every deadline; re-armed only when the nearest one changes.
+            let wake_at = self.deadlines.next(self.retry_at);
+            let timer = self
+                .timer
+                .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(wake_at)));
+            if timer.deadline() != wake_at {
+                timer.as_mut().reset(wake_at);
+            }
             tokio::select! {
                 biased;
-                _ = async { if let Some(t) = retry_at { tokio::time::sleep_until(t).await } }, if retry_at.is_some() => {
-                    self.retry_at = None;
-                }
                 r = self.watch.rx.recv() => match r {
                     Ok(item) => self.handle(&item),
                     Err(_) => self.lagged(),
                 },
-                _ = self.keepalive.tick() => {
-                    self.out.extend_from_slice(b": keep-alive\n\n");
-                }
-                _ = self.recheck.tick() => self.recheck_due = true,
+                _ = timer.as_mut() => self.timer_fired(),
             }
         }
     }
@@ -606,10 +636,19 @@ pub async fn events(
         refresh_variations: false,
         done: false,
         retry_at: None,
-        keepalive: tokio::time::interval_at(Instant::now() + keepalive_period, keepalive_period),
-        recheck: tokio::time::interval_at(Instant::now() + recheck_period, recheck_period),
+        deadlines: crate::sse::Deadlines::new(
+            Instant::now(),
+            keepalive_period,
+            access.can_be_withdrawn().then_some(recheck_period),
+        ),
+        timer: None,
         recheck_due: false,
-        access_state: state.clone(),
+        // Only a caller whose access can be withdrawn needs the state hash to re-check it.
+        access_state: if access.can_be_withdrawn() {
+            state.clone()
+        } else {
+            HashMap::new()
+        },
         access,
         shutdown: false,
         _gauge: ConnectionGauge(gauge),
@@ -658,5 +697,30 @@ pub async fn events(
 impl session::Chunks for Session {
     fn next_chunk(&mut self) -> impl Future<Output = Option<Bytes>> + Send {
         Session::next_chunk(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The size of what `f` returns, without calling it.
+    fn size_of_return<F, R>(_: F) -> usize
+    where
+        F: FnOnce(&'static mut Session) -> R,
+    {
+        std::mem::size_of::<R>()
+    }
+
+    /// What an idle connection holds beyond hyper's buffers: the session and the future that
+    /// waits for its next chunk. The rare steps (replay read, access re-check) are boxed so
+    /// that their futures are not part of it.
+    #[test]
+    fn an_idle_session_is_small() {
+        let session = std::mem::size_of::<Session>();
+        let waiting = size_of_return(|s: &'static mut Session| s.next_chunk());
+        println!("Session: {session} bytes; next_chunk future: {waiting} bytes");
+        assert!(session <= 1024, "Session is {session} bytes");
+        assert!(waiting <= 512, "next_chunk's future is {waiting} bytes");
     }
 }

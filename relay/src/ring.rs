@@ -102,35 +102,40 @@ pub struct RingReader<T> {
 impl<T> RingReader<T> {
     /// The next item, if there is one.
     pub fn try_recv(&mut self) -> Result<Arc<T>, TryRecvError> {
-        let s = self.ring.lock();
-        if self.next < s.first {
-            let missed = s.first - self.next;
-            self.next = s.first;
-            return Err(TryRecvError::Lagged(missed));
-        }
-        let at = (self.next - s.first) as usize;
-        match s.items.get(at) {
-            Some((item, _)) => {
-                self.next += 1;
-                Ok(item.clone())
-            }
-            None => Err(TryRecvError::Empty),
-        }
+        take_next(&self.ring, &mut self.next)
     }
 
     /// Waits for the next item (or for the news that this reader lagged).
     pub async fn recv(&mut self) -> Result<Arc<T>, TryRecvError> {
-        let ring = self.ring.clone();
         loop {
-            let notified = ring.notify.notified();
+            let notified = self.ring.notify.notified();
             tokio::pin!(notified);
             // Registered before looking, so a push between the look and the wait wakes us.
             notified.as_mut().enable();
-            match self.try_recv() {
+            match take_next(&self.ring, &mut self.next) {
                 Err(TryRecvError::Empty) => notified.await,
                 other => return other,
             }
         }
+    }
+}
+
+/// The item at `next` in `ring`, moving `next` on (a reader's step; a free function so that
+/// [`RingReader::recv`] can look while it holds its registration with the ring's `Notify`).
+fn take_next<T>(ring: &Ring<T>, next: &mut u64) -> Result<Arc<T>, TryRecvError> {
+    let s = ring.lock();
+    if *next < s.first {
+        let missed = s.first - *next;
+        *next = s.first;
+        return Err(TryRecvError::Lagged(missed));
+    }
+    let at = (*next - s.first) as usize;
+    match s.items.get(at) {
+        Some((item, _)) => {
+            *next += 1;
+            Ok(item.clone())
+        }
+        None => Err(TryRecvError::Empty),
     }
 }
 

@@ -5,6 +5,8 @@
 use agentrun_protocol::sse::ServerEvent;
 use agentrun_protocol::{Entry, Envelope, RunId, StreamName};
 use bytes::{BufMut, Bytes, BytesMut};
+use std::time::Duration;
+use tokio::time::Instant;
 
 /// The tail of an entry's event, shared by every connection that sends it.
 pub fn entry_tail(run: &RunId, stream: &StreamName, entry: &Entry) -> Bytes {
@@ -50,6 +52,68 @@ where
     );
     h.insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
+}
+
+/// A connection's timed duties: a keep-alive comment every `keepalive`, and, for a caller
+/// whose access can be withdrawn, an access re-check every `recheck`. Kept as deadlines that
+/// the session looks at when it wakes, so that it arms one timer (for the nearest of them)
+/// instead of polling a timer per duty on every delivery.
+#[derive(Debug, Clone)]
+pub struct Deadlines {
+    keepalive: Duration,
+    keepalive_at: Instant,
+    /// `None`: nothing to re-check (no credential).
+    recheck: Option<(Duration, Instant)>,
+}
+
+/// What [`Deadlines::due`] found due.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Due {
+    pub keepalive: bool,
+    pub recheck: bool,
+}
+
+impl Deadlines {
+    /// Duties from `now`: the first keep-alive one period later, the first re-check likewise.
+    pub fn new(now: Instant, keepalive: Duration, recheck: Option<Duration>) -> Self {
+        Self {
+            keepalive,
+            keepalive_at: now + keepalive,
+            recheck: recheck.map(|p| (p, now + p)),
+        }
+    }
+
+    /// The nearest deadline, or `also` if that is nearer (a replay retry).
+    pub fn next(&self, also: Option<Instant>) -> Instant {
+        let mut at = self.keepalive_at;
+        if let Some((_, r)) = self.recheck {
+            at = at.min(r);
+        }
+        also.map_or(at, |a| at.min(a))
+    }
+
+    /// The duties due at `now`, each moved to its next time: one period after the one that
+    /// fell due, or one period from `now` if the session was too busy to look for longer
+    /// than a period (one keep-alive, not a burst of them).
+    pub fn due(&mut self, now: Instant) -> Due {
+        fn advance(at: &mut Instant, period: Duration, now: Instant) -> bool {
+            if *at > now {
+                return false;
+            }
+            *at += period;
+            if *at <= now {
+                *at = now + period;
+            }
+            true
+        }
+        Due {
+            keepalive: advance(&mut self.keepalive_at, self.keepalive, now),
+            recheck: self
+                .recheck
+                .as_mut()
+                .is_some_and(|(period, at)| advance(at, *period, now)),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -113,5 +177,45 @@ mod tests {
         );
         let text = std::str::from_utf8(&tail).unwrap();
         assert!(text.contains("\"encoding\":\"base64\""), "{text}");
+    }
+
+    #[test]
+    fn deadlines_fall_due_in_turn_and_one_timer_covers_them() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut d = Deadlines::new(t0, 15 * s, Some(30 * s));
+        assert_eq!(d.next(None), t0 + 15 * s);
+        assert_eq!(d.next(Some(t0 + 2 * s)), t0 + 2 * s);
+        assert_eq!(d.due(t0 + 14 * s), Due::default());
+        assert_eq!(
+            d.due(t0 + 15 * s),
+            Due {
+                keepalive: true,
+                recheck: false
+            }
+        );
+        // The next keep-alive counts from the one that fell due, not from when it was seen.
+        assert_eq!(d.next(None), t0 + 30 * s);
+        assert_eq!(
+            d.due(t0 + 30 * s + Duration::from_millis(5)),
+            Due {
+                keepalive: true,
+                recheck: true
+            }
+        );
+        assert_eq!(d.next(None), t0 + 45 * s);
+        // A session busy for several periods sends one keep-alive, then one a period later.
+        assert!(d.due(t0 + 100 * s).keepalive);
+        assert_eq!(d.next(None), t0 + 115 * s);
+        assert!(!d.due(t0 + 100 * s).keepalive);
+    }
+
+    #[test]
+    fn without_a_credential_nothing_is_rechecked() {
+        let t0 = Instant::now();
+        let mut d = Deadlines::new(t0, Duration::from_secs(15), None);
+        assert_eq!(d.next(None), t0 + Duration::from_secs(15));
+        let due = d.due(t0 + Duration::from_secs(3600));
+        assert!(due.keepalive && !due.recheck);
     }
 }
