@@ -130,7 +130,8 @@ async fn shape(redis: &RedisServer, name: &str, size: usize) {
     let relay = RelayProcess::start(
         &["--redis-url", &redis.url(), "--listen", "127.0.0.1:0"],
         &["--archive-url", &store_url],
-        "warn",
+        // The start line ("agentrun-relay serving") is an info line.
+        "info",
     );
     let live = replay(&relay.base, &run).await;
     assert_eq!(live.bytes, count * size, "every byte from Redis");
