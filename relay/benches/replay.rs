@@ -89,7 +89,7 @@ fn row(shape: &str, source: &str, r: &Read) {
 
 async fn shape(redis: &RedisServer, name: &str, size: usize) {
     let mut conn = redis.conn().await;
-    let run = RunId::new(format!("replay-{name}-{:08x}", rand::random::<u32>())).expect("id");
+    let run = RunId::new(format!("replay-{size}-{:08x}", rand::random::<u32>())).expect("id");
     register(&mut conn, &run, &["default"]).await;
     // No length cap: the whole 100 MB stays in the stream.
     let mut producer = Producer::with_options(

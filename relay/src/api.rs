@@ -3,120 +3,17 @@
 use crate::AppState;
 use crate::auth::Access;
 use crate::error::ApiError;
-use agentrun_protocol::state_hash;
-use agentrun_protocol::{
-    ControlError, ControlMessage, EntryType, NewEntry, RunId, StreamName, Variation,
-};
+use crate::listing::{ListQuery, RunSummary, summary};
+use crate::query::{parse_query, parse_run};
+use agentrun_protocol::{ControlError, ControlMessage, EntryType, NewEntry, StreamName, Variation};
 use axum::Json;
 use axum::extract::{Extension, Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-
-pub fn parse_run(run: &str) -> Result<RunId, ApiError> {
-    RunId::new(run).map_err(|e| ApiError::bad_request(e.to_string()))
-}
-
-/// Reads a query string as axum's `Query` does (`serde_urlencoded`), but answers a bad one
-/// with an [`ApiError`] (JSON, like every other error of the API) rather than plain text.
-/// The query types take every parameter as text and check it themselves, so the only error
-/// left here is a parameter given twice, which the message names.
-pub fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
-    serde_urlencoded::from_str(query.unwrap_or_default()).map_err(|e| {
-        ApiError::bad_request(format!(
-            "the query string is not valid: {e}; give each parameter at most once"
-        ))
-    })
-}
-
-/// What `GET /api/runs/{run}` and each item of `GET /api/runs` say about a run.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct RunSummary {
-    pub run: String,
-    /// Creation time, ms since the epoch.
-    pub created: Option<u64>,
-    /// Run-level state (`pending`, `running`, ..., `succeeded`, `failed`, `stopped`).
-    pub phase: Option<String>,
-    /// When the run reached a final phase, ms since the epoch.
-    pub ended: Option<u64>,
-    pub name: Option<String>,
-    pub namespace: Option<String>,
-    pub url: Option<String>,
-    /// Latest status of each variation (a `StatusEvent` object, or null when not known yet).
-    pub variations: BTreeMap<String, serde_json::Value>,
-    /// Whether the run has reached a final phase.
-    pub finished: bool,
-    /// Whether the run is served from its archive (Redis no longer holds it).
-    #[serde(default)]
-    pub archived: bool,
-}
-
-pub fn summary(
-    run: &str,
-    created_score: Option<u64>,
-    state: &HashMap<String, String>,
-) -> RunSummary {
-    let text = |k: &str| state.get(k).cloned();
-    let mut variations = BTreeMap::new();
-    for v in state_hash::variations(state) {
-        let status = state_hash::variation_status(state, &v)
-            .and_then(|s| serde_json::from_str(s).ok())
-            .unwrap_or(serde_json::Value::Null);
-        variations.insert(v.as_str().to_owned(), status);
-    }
-    RunSummary {
-        run: run.to_owned(),
-        created: state_hash::millis(state, state_hash::CREATED).or(created_score),
-        phase: text(state_hash::PHASE),
-        ended: state_hash::millis(state, state_hash::ENDED),
-        name: text(state_hash::NAME),
-        namespace: text(state_hash::NAMESPACE),
-        url: text(state_hash::URL),
-        variations,
-        finished: state_hash::phase(state).is_some_and(|p| p.is_final()),
-        archived: false,
-    }
-}
-
-#[derive(Debug, Default, Deserialize)]
-pub struct ListQuery {
-    /// How many runs to list: 1 to 1000 (default 100; beyond the range, the nearest bound).
-    pub limit: Option<String>,
-    /// Only runs of this namespace.
-    pub namespace: Option<String>,
-    /// Only runs in this phase (`succeeded`, `failed`, `running`...).
-    pub phase: Option<String>,
-    /// Only runs whose id or AgentRun name holds this text.
-    pub name: Option<String>,
-    /// The `next` of the previous page.
-    pub after: Option<String>,
-}
-
-impl ListQuery {
-    /// How many runs to list.
-    pub fn limit(&self) -> Result<usize, ApiError> {
-        let Some(text) = self
-            .limit
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty())
-        else {
-            return Ok(100);
-        };
-        if !text.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(ApiError::bad_request(format!(
-                "limit {text:?} is not a number: give `limit` as a whole number of runs, 1 to 1000"
-            )));
-        }
-        // All digits: only too many of them fail to parse, and that is above the range too.
-        Ok(text.parse::<usize>().unwrap_or(usize::MAX).clamp(1, 1000))
-    }
-}
 
 /// `GET /api/runs?limit=N&namespace=NS&phase=PHASE&name=TEXT&after=TOKEN`: live and archived
 /// runs, newest first, with their state: `{"runs": [...], "next": TOKEN or null}` (see
@@ -288,7 +185,7 @@ pub async fn readyz(State(state): State<AppState>) -> Response {
     match ping {
         Ok(Ok(_)) => (StatusCode::OK, "ready\n").into_response(),
         Ok(Err(e)) => e.into_response(),
-        Err(_) => ApiError::redis(&state, "timed out after 2 s").into_response(),
+        Err(_) => state.redis_error("timed out after 2 s").into_response(),
     }
 }
 

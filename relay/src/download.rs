@@ -33,7 +33,7 @@ pub async fn output(
     let first = source
         .read_page(&state, &run, &stream, 0, 1)
         .await
-        .map_err(|e| ApiError::redis(&state, e))?;
+        .map_err(|e| state.redis_error(e))?;
     let first_seq = first.page.entries.first().map_or(0, |e| e.seq);
     let (app, id) = (state.clone(), run.clone());
     let body = futures::stream::unfold(Some(0u64), move |cursor| {

@@ -1,7 +1,6 @@
 //! The one error type of the relay's handlers: a status code and a message that says what to
 //! do, answered as `{"error": "..."}`.
 
-use crate::state::AppState;
 use agentrun_protocol::RunId;
 use axum::Json;
 use axum::http::StatusCode;
@@ -26,13 +25,11 @@ impl ApiError {
         Self::new(StatusCode::BAD_REQUEST, message)
     }
 
-    pub fn redis(state: &AppState, e: impl std::fmt::Display) -> Self {
+    /// Redis (at `target`, as the settings name it) did not answer.
+    pub fn redis(target: impl std::fmt::Display, e: impl std::fmt::Display) -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!(
-                "Redis at {} did not answer ({e}); retry when it is reachable",
-                state.settings.target()
-            ),
+            format!("Redis at {target} did not answer ({e}); retry when it is reachable"),
         )
     }
 

@@ -25,15 +25,15 @@
 //! connection holds at most one page and one flush plus one event.
 
 use crate::AppState;
-use crate::api::parse_run;
 use crate::budget::Reservation;
 use crate::cursor::{Cursors, Origin};
 use crate::error::ApiError;
 use crate::hub::{FeedItem, Watch};
 use crate::paging::{self, Pager};
+use crate::query::parse_run;
 use crate::query::{Kinds, Request, Start, parse_request};
 use crate::ring::TryRecvError;
-use crate::session;
+use crate::session::{self, ConnectionGauge, ResetReason};
 use agentrun_protocol::replay::last_seq;
 use agentrun_protocol::{Entry, Epoch, RunState, StreamName, Variation};
 use agentrun_protocol::{sse, state_hash};
@@ -52,43 +52,6 @@ const FLUSH_BYTES: usize = 32 * 1024;
 const FIRST_RESERVE: usize = 512;
 /// Pause before retrying a replay read that failed (Redis away).
 const REPLAY_RETRY: Duration = Duration::from_millis(250);
-
-/// Why a connection's positions are not valid in the run's history (`event: reset`).
-#[derive(Debug, Clone, Copy)]
-pub(crate) enum ResetReason {
-    EpochChanged,
-    HistoryRewound,
-    PastTheEnd,
-    AnotherRun,
-}
-
-impl ResetReason {
-    pub(crate) fn code(self) -> &'static str {
-        match self {
-            Self::EpochChanged => "epoch-changed",
-            Self::HistoryRewound => "history-rewound",
-            Self::PastTheEnd => "past-the-end",
-            Self::AnotherRun => "another-run",
-        }
-    }
-
-    pub(crate) fn message(self) -> &'static str {
-        match self {
-            Self::EpochChanged => {
-                "the run's history changed: Redis lost entries it had acknowledged (a restart without persistence, or a failover) and the run started a new epoch; positions from before do not count the same entries. Discard what you have shown: the run's history follows again from its first entry"
-            }
-            Self::HistoryRewound => {
-                "a stream's sequence numbers went back: its history was written again after Redis lost entries. Discard what you have shown: the run's history follows again from its first entry"
-            }
-            Self::PastTheEnd => {
-                "the cursor points past the end of the run's history (that history was lost, or the cursor is not from it). Discard what you have shown: the run's history follows again from its first entry"
-            }
-            Self::AnotherRun => {
-                "the cursor was taken on another run; this run's history follows from its first entry"
-            }
-        }
-    }
-}
 
 /// A replay page being written out.
 struct PageInProgress {
@@ -143,14 +106,6 @@ struct Session {
     shutdown: bool,
     _gauge: ConnectionGauge,
     _slot: crate::limits::SseSlot,
-}
-
-pub(crate) struct ConnectionGauge(pub(crate) prometheus::IntGauge);
-
-impl Drop for ConnectionGauge {
-    fn drop(&mut self) {
-        self.0.dec();
-    }
 }
 
 impl Session {

@@ -31,11 +31,11 @@ use serde::Deserialize;
 use tokio::time::Instant;
 
 use crate::AppState;
-use crate::api::{parse_query, parse_run};
 use crate::auth::Access;
 use crate::budget::Reservation;
 use crate::error::ApiError;
 use crate::paging::{Pager, Read, Source};
+use crate::query::{parse_query, parse_run};
 use agentrun_protocol::state_hash;
 
 /// Most entries one range page holds.
@@ -291,7 +291,7 @@ async fn first_entry(
     let found = source
         .read_page(app, run, stream, 0, 1)
         .await
-        .map_err(|e| ApiError::redis(app, e))?;
+        .map_err(|e| app.redis_error(e))?;
     Ok((found.page.entries.first().map_or(0, |e| e.seq), found.epoch))
 }
 
@@ -389,7 +389,7 @@ impl Walk {
                 .await
             {
                 Read::Busy => continue,
-                Read::Failed(e) => return Err(ApiError::redis(&self.app, e)),
+                Read::Failed(e) => return Err(self.app.redis_error(e)),
                 Read::Page(found) => {
                     let more = found.more();
                     let mut held = found.held;

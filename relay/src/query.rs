@@ -1,13 +1,30 @@
-//! Reading what a request for events asks for: the query string of `GET
-//! /api/runs/{run}/events` and its `Last-Event-ID` header, checked; a bad one is a 400 whose
-//! message names the parameter at fault and what to send.
+//! Reading what a request asks for: the run in its path, its query string, and for `GET
+//! /api/runs/{run}/events` its parameters and `Last-Event-ID` header, checked; a bad one is a
+//! 400 whose message names the parameter at fault and what to send.
 
-use crate::api::parse_query;
 use crate::cursor;
 use crate::error::ApiError;
-use agentrun_protocol::Variation;
+use agentrun_protocol::{RunId, Variation};
 use axum::http::HeaderMap;
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+/// The run named in a request's path.
+pub fn parse_run(run: &str) -> Result<RunId, ApiError> {
+    RunId::new(run).map_err(|e| ApiError::bad_request(e.to_string()))
+}
+
+/// Reads a query string as axum's `Query` does (`serde_urlencoded`), but answers a bad one
+/// with an [`ApiError`] (JSON, like every other error of the API) rather than plain text.
+/// The query types take every parameter as text and check it themselves, so the only error
+/// left here is a parameter given twice, which the message names.
+pub fn parse_query<T: DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(query.unwrap_or_default()).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the query string is not valid: {e}; give each parameter at most once"
+        ))
+    })
+}
 
 #[derive(Debug, Default, Deserialize)]
 pub struct EventsQuery {

@@ -2,12 +2,57 @@
 //! run ([`crate::archived`]), so that they write the same text for the same thing.
 
 use crate::cursor::{self, Cursors, Origin};
-use crate::events::ResetReason;
 use crate::query::Start;
 use agentrun_protocol::{Epoch, RunId, sse};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
 use std::convert::Infallible;
+
+/// Why a connection's positions are not valid in the run's history (`event: reset`).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum ResetReason {
+    EpochChanged,
+    HistoryRewound,
+    PastTheEnd,
+    AnotherRun,
+}
+
+impl ResetReason {
+    pub(crate) fn code(self) -> &'static str {
+        match self {
+            Self::EpochChanged => "epoch-changed",
+            Self::HistoryRewound => "history-rewound",
+            Self::PastTheEnd => "past-the-end",
+            Self::AnotherRun => "another-run",
+        }
+    }
+
+    pub(crate) fn message(self) -> &'static str {
+        match self {
+            Self::EpochChanged => {
+                "the run's history changed: Redis lost entries it had acknowledged (a restart without persistence, or a failover) and the run started a new epoch; positions from before do not count the same entries. Discard what you have shown: the run's history follows again from its first entry"
+            }
+            Self::HistoryRewound => {
+                "a stream's sequence numbers went back: its history was written again after Redis lost entries. Discard what you have shown: the run's history follows again from its first entry"
+            }
+            Self::PastTheEnd => {
+                "the cursor points past the end of the run's history (that history was lost, or the cursor is not from it). Discard what you have shown: the run's history follows again from its first entry"
+            }
+            Self::AnotherRun => {
+                "the cursor was taken on another run; this run's history follows from its first entry"
+            }
+        }
+    }
+}
+
+/// Counts the connection in the `connections` gauge while it is open.
+pub(crate) struct ConnectionGauge(pub(crate) prometheus::IntGauge);
+
+impl Drop for ConnectionGauge {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
 
 /// An SSE session: the next chunk of its response, `None` at its end.
 pub(crate) trait Chunks: Send + 'static {

@@ -185,7 +185,12 @@ impl AppState {
             }
             other => other,
         };
-        result.map_err(|e| ApiError::redis(self, e))
+        result.map_err(|e| self.redis_error(e))
+    }
+
+    /// A 503 that says Redis did not answer, naming where the relay looks for it.
+    pub(crate) fn redis_error(&self, e: impl std::fmt::Display) -> ApiError {
+        ApiError::redis(self.settings.target(), e)
     }
 
     /// [`AppState::redis`] for one command.
