@@ -18,7 +18,7 @@ use crate::cursor::{Cursors, Origin};
 use crate::error::ApiError;
 use crate::paging::{self, Pager, Source};
 use crate::query::{Request, Start};
-use crate::session::{self, ConnectionGauge, ResetReason};
+use crate::session::{self, Chunks as _, ConnectionGauge, FLUSH_BYTES, ResetReason};
 use agentrun_archiver::ArchiveReader;
 use agentrun_protocol::{Entry, RunId, StreamName, Variation, sse, state_hash};
 use axum::http::StatusCode;
@@ -29,8 +29,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use tokio::time::Instant;
 
-/// Flush to the socket once this much is buffered.
-const FLUSH_BYTES: usize = 32 * 1024;
 /// Pause before reading again when the budget is spent or the store failed.
 const RETRY: std::time::Duration = std::time::Duration::from_millis(250);
 
@@ -189,20 +187,6 @@ struct Session {
 }
 
 impl Session {
-    fn write_id(&mut self) {
-        session::write_id(
-            &mut self.out,
-            &self.origin,
-            &self.cursors,
-            &mut self.scratch,
-        );
-    }
-
-    fn write_event<E: sse::ServerEvent>(&mut self, event: &E) {
-        self.write_id();
-        crate::sse::event_tail(&mut self.out, event);
-    }
-
     fn write_reset(&mut self, reason: ResetReason, old: Option<agentrun_protocol::Epoch>) {
         self.app.metrics.resets.inc();
         let event = session::reset_event(reason, self.origin.epoch, old, &self.run);
@@ -228,16 +212,7 @@ impl Session {
         let Some(mut page) = self.page.take() else {
             return;
         };
-        while self.out.len() < FLUSH_BYTES {
-            let Some(entry) = page.entries.pop_front() else {
-                break;
-            };
-            self.cursors.insert(page.stream.clone(), entry.seq);
-            self.write_id();
-            let tail = crate::sse::entry_tail(&self.run, &page.stream, &entry);
-            self.out.extend_from_slice(&tail);
-            self.app.sent_replay.inc();
-        }
+        session::write_entries(self, &page.stream, &mut page.entries);
         if !page.entries.is_empty() {
             self.page = Some(page);
         } else if !page.more {
@@ -415,7 +390,7 @@ pub async fn events(
 
     let gauge = app.metrics.connections.clone();
     gauge.inc();
-    let mut session = Session {
+    let session = Session {
         app: app.clone(),
         run: run.clone(),
         source: Source::Archive(archived.reader.clone()),
@@ -439,22 +414,12 @@ pub async fn events(
         _gauge: ConnectionGauge(gauge),
         _slot: slot,
     };
-    session
-        .out
-        .extend_from_slice(session::preamble(app.limits.retry_ms).as_bytes());
-    session.write_event(&sse::Open {
-        phase,
-        run: run.to_string(),
-        variations: vars.iter().map(|v| v.to_string()).collect(),
-    });
-    if let Some((reason, old)) = pending_reset {
-        session.write_reset(reason, old);
-    }
-    Ok(session::respond(session))
+    Ok(session::start(
+        session,
+        app.limits.retry_ms,
+        (&run, phase, &vars),
+        pending_reset,
+    ))
 }
 
-impl session::Chunks for Session {
-    fn next_chunk(&mut self) -> impl Future<Output = Option<Bytes>> + Send {
-        Session::next_chunk(self)
-    }
-}
+session::chunks_for!(Session);

@@ -33,7 +33,7 @@ use crate::paging::{self, Pager};
 use crate::query::parse_run;
 use crate::query::{Kinds, Request, Start, parse_request};
 use crate::ring::TryRecvError;
-use crate::session::{self, ConnectionGauge, ResetReason};
+use crate::session::{self, Chunks as _, ConnectionGauge, FLUSH_BYTES, ResetReason};
 use agentrun_protocol::replay::last_seq;
 use agentrun_protocol::{Entry, Epoch, RunState, StreamName, Variation};
 use agentrun_protocol::{sse, state_hash};
@@ -46,10 +46,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Flush to the socket once this much is buffered (or when nothing more is ready).
-const FLUSH_BYTES: usize = 32 * 1024;
-/// What an empty buffer reserves for the next event (its `id:` line and a small tail).
-const FIRST_RESERVE: usize = 512;
 /// Pause before retrying a replay read that failed (Redis away).
 const REPLAY_RETRY: Duration = Duration::from_millis(250);
 
@@ -152,19 +148,6 @@ impl Session {
         self.catchup.insert(stream);
     }
 
-    fn write_id(&mut self) {
-        if self.out.capacity() == 0 {
-            // An event with its tail is a few hundred bytes: one allocation, not several.
-            self.out.reserve(FIRST_RESERVE);
-        }
-        session::write_id(
-            &mut self.out,
-            &self.origin,
-            &self.cursors,
-            &mut self.scratch,
-        );
-    }
-
     /// Whether this connection has positions that count entries (delivered, or given in a
     /// resume cursor): only then does a changed history need saying.
     fn has_positions(&self) -> bool {
@@ -192,11 +175,6 @@ impl Session {
         tracing::info!(run = %self.run, reason = reason.code(), "a client's position is not valid in the run's history; it starts over");
         let event = session::reset_event(reason, self.origin.epoch, old, &self.run);
         self.write_event(&event);
-    }
-
-    fn write_event<E: sse::ServerEvent>(&mut self, event: &E) {
-        self.write_id();
-        crate::sse::event_tail(&mut self.out, event);
     }
 
     /// The buffered text, as one chunk (one socket write). The buffer is handed over whole,
@@ -365,16 +343,7 @@ impl Session {
         let Some(mut page) = self.page.take() else {
             return;
         };
-        while self.out.len() < FLUSH_BYTES {
-            let Some(entry) = page.entries.pop_front() else {
-                break;
-            };
-            self.cursors.insert(page.stream.clone(), entry.seq);
-            self.write_id();
-            let tail = crate::sse::entry_tail(&self.run, &page.stream, &entry);
-            self.out.extend_from_slice(&tail);
-            self.app.sent_replay.inc();
-        }
+        session::write_entries(self, &page.stream, &mut page.entries);
         if !page.entries.is_empty() {
             self.page = Some(page);
             return;
@@ -634,26 +603,15 @@ pub async fn events(
         _ => {}
     }
 
-    session
-        .out
-        .extend_from_slice(session::preamble(app.limits.retry_ms).as_bytes());
-    session.write_event(&sse::Open {
-        phase,
-        run: run.to_string(),
-        variations: vars.iter().map(|v| v.to_string()).collect(),
-    });
-    if let Some((reason, old)) = pending_reset {
-        session.write_reset(reason, old);
-    }
-
-    Ok(session::respond(session))
+    Ok(session::start(
+        session,
+        app.limits.retry_ms,
+        (&run, phase, &vars),
+        pending_reset,
+    ))
 }
 
-impl session::Chunks for Session {
-    fn next_chunk(&mut self) -> impl Future<Output = Option<Bytes>> + Send {
-        Session::next_chunk(self)
-    }
-}
+session::chunks_for!(Session);
 
 #[cfg(test)]
 mod tests {

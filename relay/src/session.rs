@@ -3,9 +3,10 @@
 
 use crate::cursor::{self, Cursors, Origin};
 use crate::query::Start;
-use agentrun_protocol::{Epoch, RunId, sse};
+use agentrun_protocol::{Entry, Epoch, RunId, RunState, StreamName, Variation, sse};
 use axum::response::Response;
 use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 
 /// Why a connection's positions are not valid in the run's history (`event: reset`).
@@ -54,13 +55,53 @@ impl Drop for ConnectionGauge {
     }
 }
 
-/// An SSE session: the next chunk of its response, `None` at its end.
-pub(crate) trait Chunks: Send + 'static {
+/// An SSE session: the next chunk of its response (`None` at its end), and the events both
+/// kinds of session write the same way.
+pub(crate) trait Chunks: Send + Sized + 'static {
     fn next_chunk(&mut self) -> impl Future<Output = Option<Bytes>> + Send;
+    /// The text not yet handed to the connection.
+    fn out(&mut self) -> &mut BytesMut;
+    /// The connection's position in each stream.
+    fn cursors(&mut self) -> &mut Cursors;
+    /// The run, and the counter of replayed events sent.
+    fn replay_context(&self) -> (RunId, prometheus::IntCounter);
+    /// Appends the `id:` line of the next event: the connection's cursor.
+    fn write_id(&mut self);
+    /// Appends `reset`: every stream starts over (the client's positions do not count here).
+    fn write_reset(&mut self, reason: ResetReason, old: Option<Epoch>);
+
+    /// Appends one of the relay's own events, after its `id:` line.
+    fn write_event<E: sse::ServerEvent>(&mut self, event: &E) {
+        self.write_id();
+        crate::sse::event_tail(self.out(), event);
+    }
 }
 
-/// The streamed `text/event-stream` response of a session.
-pub(crate) fn respond(session: impl Chunks) -> Response {
+/// The streamed `text/event-stream` response of a session, which starts with the preamble,
+/// `open` (the run, its phase and variations), and a `reset` when the client's cursor does not
+/// count in this history.
+pub(crate) fn start<'a, S: Chunks>(
+    mut session: S,
+    retry_ms: u64,
+    open: (
+        &RunId,
+        Option<RunState>,
+        impl IntoIterator<Item = &'a Variation>,
+    ),
+    reset: Option<(ResetReason, Option<Epoch>)>,
+) -> Response {
+    let (run, phase, variations) = open;
+    session
+        .out()
+        .extend_from_slice(preamble(retry_ms).as_bytes());
+    session.write_event(&sse::Open {
+        phase,
+        run: run.to_string(),
+        variations: variations.into_iter().map(|v| v.to_string()).collect(),
+    });
+    if let Some((reason, old)) = reset {
+        session.write_reset(reason, old);
+    }
     let stream = futures::stream::unfold(session, |mut s| async move {
         s.next_chunk()
             .await
@@ -69,10 +110,79 @@ pub(crate) fn respond(session: impl Chunks) -> Response {
     crate::sse::streamed(stream, "text/event-stream", "no-cache")
 }
 
+/// Flush to the socket once this much is buffered (or when nothing more is ready).
+pub(crate) const FLUSH_BYTES: usize = 32 * 1024;
+
+/// Writes replayed entries of `stream` from the front of `entries`, each with its `id:` line,
+/// until a flush is ready or none are left.
+pub(crate) fn write_entries<S: Chunks>(
+    session: &mut S,
+    stream: &StreamName,
+    entries: &mut VecDeque<Entry>,
+) {
+    let (run, sent) = session.replay_context();
+    let run = &run;
+    while session.out().len() < FLUSH_BYTES {
+        let Some(entry) = entries.pop_front() else {
+            break;
+        };
+        session.cursors().insert(stream.clone(), entry.seq);
+        session.write_id();
+        let tail = crate::sse::entry_tail(run, stream, &entry);
+        session.out().extend_from_slice(&tail);
+        sent.inc();
+    }
+}
+
+/// Implements [`Chunks`] for a session type that has the fields `out`, `origin`, `cursors`
+/// and `scratch`, and its own `next_chunk` and `write_reset`.
+macro_rules! chunks_for {
+    ($session:ty) => {
+        impl $crate::session::Chunks for $session {
+            fn next_chunk(&mut self) -> impl Future<Output = Option<bytes::Bytes>> + Send {
+                <$session>::next_chunk(self)
+            }
+
+            fn out(&mut self) -> &mut bytes::BytesMut {
+                &mut self.out
+            }
+
+            fn cursors(&mut self) -> &mut $crate::cursor::Cursors {
+                &mut self.cursors
+            }
+
+            fn replay_context(&self) -> (agentrun_protocol::RunId, prometheus::IntCounter) {
+                (self.run.clone(), self.app.sent_replay.clone())
+            }
+
+            fn write_id(&mut self) {
+                $crate::session::write_id(
+                    &mut self.out,
+                    &self.origin,
+                    &self.cursors,
+                    &mut self.scratch,
+                );
+            }
+
+            fn write_reset(
+                &mut self,
+                reason: $crate::session::ResetReason,
+                old: Option<agentrun_protocol::Epoch>,
+            ) {
+                <$session>::write_reset(self, reason, old)
+            }
+        }
+    };
+}
+pub(crate) use chunks_for;
+
 /// What every stream starts with: a comment and the reconnection delay.
 pub(crate) fn preamble(retry_ms: u64) -> String {
     format!(": agentrun relay\nretry: {retry_ms}\n\n")
 }
+
+/// What an empty buffer reserves for the next event (its `id:` line and a small tail).
+const FIRST_RESERVE: usize = 512;
 
 /// Appends the `id:` line of an event: the connection's cursor.
 pub(crate) fn write_id(
@@ -81,6 +191,10 @@ pub(crate) fn write_id(
     cursors: &Cursors,
     scratch: &mut String,
 ) {
+    if out.capacity() == 0 {
+        // An event with its tail is a few hundred bytes: one allocation, not several.
+        out.reserve(FIRST_RESERVE);
+    }
     out.extend_from_slice(b"id: ");
     cursor::encode_into(origin, cursors, out, scratch);
     out.extend_from_slice(b"\n");
