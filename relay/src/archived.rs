@@ -228,7 +228,7 @@ impl Session {
         let at = self.cursors.get(&stream).copied().unwrap_or(0);
         let found = match self
             .pager
-            .read_from(&self.source, &self.app, &self.run, &stream, at, usize::MAX)
+            .read(&self.source, &self.app, &self.run, &stream, at, usize::MAX)
             .await
         {
             paging::Read::Busy => return false,
@@ -285,13 +285,15 @@ impl Session {
             }
             if Instant::now() >= self.recheck_at {
                 self.recheck_at = Instant::now() + self.app.limits.auth_recheck;
-                let still = self
-                    .access
-                    .still_allowed(&self.app.auth, &self.access_state)
-                    .await;
-                if still == Some(false) {
-                    tracing::info!(run = %self.run, client = self.access.client_key(), "the caller may no longer see this archived run; ending its stream");
-                    self.out.extend_from_slice(b": access withdrawn\n\n");
+                if session::access_withdrawn(
+                    &self.access,
+                    &self.app.auth,
+                    &self.access_state,
+                    &self.run,
+                    &mut self.out,
+                )
+                .await
+                {
                     self.done = true;
                     return self.take();
                 }

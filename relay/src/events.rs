@@ -29,7 +29,7 @@ use crate::budget::Reservation;
 use crate::cursor::{Cursors, Origin};
 use crate::error::ApiError;
 use crate::hub::{FeedItem, Watch};
-use crate::paging::{self, Pager};
+use crate::paging::{self, Pager, Source};
 use crate::query::parse_run;
 use crate::query::{Kinds, Request, Start, parse_request};
 use crate::ring::TryRecvError;
@@ -273,7 +273,14 @@ impl Session {
         let at = self.cursors.get(&stream).copied().unwrap_or(0);
         let found = match self
             .pager
-            .read(&self.app, &self.run, &stream, at, usize::MAX)
+            .read(
+                &Source::Redis,
+                &self.app,
+                &self.run,
+                &stream,
+                at,
+                usize::MAX,
+            )
             .await
         {
             // Other connections hold the budget: do other work, then ask again.
@@ -418,17 +425,15 @@ impl Session {
             }
             if self.recheck_due {
                 self.recheck_due = false;
-                // Boxed, like the other rare steps below: their futures (an API server call, a
-                // Redis read) would otherwise be part of every idle connection's state.
-                let still = Box::pin(
-                    self.access
-                        .still_allowed(&self.app.auth, &self.access_state),
+                if session::access_withdrawn(
+                    &self.access,
+                    &self.app.auth,
+                    &self.access_state,
+                    &self.run,
+                    &mut self.out,
                 )
-                .await;
-                // An API server that cannot be asked does not end streams.
-                if still == Some(false) {
-                    tracing::info!(run = %self.run, client = self.access.client_key(), "the caller may no longer see this run (token removed or permission revoked); ending its stream");
-                    self.out.extend_from_slice(b": access withdrawn\n\n");
+                .await
+                {
                     self.done = true;
                     return self.take();
                 }

@@ -378,7 +378,7 @@ impl Walk {
             }
             match self
                 .pager
-                .read_from(
+                .read(
                     &self.source,
                     &self.app,
                     &self.run,

@@ -139,21 +139,9 @@ impl Pager {
     }
 
     /// Reads up to [`Pager::count`] entries (and at most `at_most`) of `stream` with `seq >
-    /// after` from Redis, with the run's epoch, once the budget has room for them.
+    /// after` from `source` (Redis, or the run's archive), with the run's epoch, once the
+    /// budget has room for them.
     pub async fn read(
-        &self,
-        app: &AppState,
-        run: &RunId,
-        stream: &StreamName,
-        after: u64,
-        at_most: usize,
-    ) -> Read {
-        self.read_from(&Source::Redis, app, run, stream, after, at_most)
-            .await
-    }
-
-    /// [`Pager::read`] from `source`.
-    pub async fn read_from(
         &self,
         source: &Source,
         app: &AppState,

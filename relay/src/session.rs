@@ -134,6 +134,26 @@ pub(crate) fn write_entries<S: Chunks>(
     }
 }
 
+/// Whether the caller may no longer see the run (its token was removed or its permission
+/// revoked): then `out` gets the comment that ends the stream. An API server that cannot be
+/// asked does not end streams.
+pub(crate) async fn access_withdrawn(
+    access: &crate::auth::Access,
+    auth: &crate::auth::Authenticator,
+    state: &std::collections::HashMap<String, String>,
+    run: &RunId,
+    out: &mut BytesMut,
+) -> bool {
+    // Boxed: the API server call's future would otherwise be part of every idle connection's
+    // state.
+    if Box::pin(access.still_allowed(auth, state)).await != Some(false) {
+        return false;
+    }
+    tracing::info!(run = %run, client = access.client_key(), "the caller may no longer see this run (token removed or permission revoked); ending its stream");
+    out.extend_from_slice(b": access withdrawn\n\n");
+    true
+}
+
 /// Implements [`Chunks`] for a session type that has the fields `out`, `origin`, `cursors`
 /// and `scratch`, and its own `next_chunk` and `write_reset`.
 macro_rules! chunks_for {

@@ -294,7 +294,7 @@ export class Relay {
   /**
    * `options.tls`: `{ cert, key }` PEM files: the relay serves HTTPS (HTTP/2 and HTTP/1.1).
    * `options.archive`: the archive store's URL (`--archive-url`): runs Redis has let go are
-   * served from there.
+   * served from there. `options.env`: more environment (a cloud store's credentials).
    */
   static async start(redisUrl, port, options = {}) {
     const r = new Relay();
@@ -302,6 +302,7 @@ export class Relay {
     r.port = port || (await freePort());
     r.tls = options.tls;
     r.archive = options.archive;
+    r.env = options.env || {};
     await r.spawn();
     return r;
   }
@@ -317,7 +318,7 @@ export class Relay {
     if (this.archive) args.push('--archive-url', this.archive);
     this.child = spawnTied(binary('agentrun-relay'), args, {
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'warn' },
+      env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'warn', ...this.env },
     });
     const keep = (d) => {
       this.log = (this.log + d.toString()).slice(-20000);
@@ -354,13 +355,14 @@ export class Relay {
 
 /** `agentrun-archiver` archiving to a store (a folder here), as the chart runs it. */
 export class Archiver {
-  static async start(redisUrl, storeUrl) {
+  /** `env`: more environment (a cloud store's credentials, see [`S3Server`]). */
+  static async start(redisUrl, storeUrl, env = {}) {
     const a = new Archiver();
     a.log = '';
     const metrics = await freePort();
     a.child = spawnTied(binary('agentrun-archiver'), ['--redis-url', redisUrl, '--store-url', storeUrl, '--metrics-addr', `127.0.0.1:${metrics}`, '--consumer', `ui-test-${process.pid}`], {
       stdio: ['ignore', 'pipe', 'pipe'],
-      env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'warn' },
+      env: { ...process.env, RUST_LOG: process.env.RUST_LOG || 'warn', ...env },
     });
     const keep = (d) => {
       a.log = (a.log + d.toString()).slice(-20000);
@@ -383,6 +385,46 @@ export class Archiver {
     if (this.child.exitCode !== null || this.child.signalCode !== null) return;
     this.child.kill('SIGKILL');
     await exited(this.child);
+  }
+}
+
+/**
+ * A real S3 API on loopback: `s3s-fs` (crates.io; scripts/deps/s3s-fs.sh installs it) with a
+ * bucket, for archive stores given as `s3://` URLs.
+ */
+export class S3Server {
+  static async start() {
+    const bin = [join(process.env.HOME || '', '.cargo/bin/s3s-fs'), '/usr/local/bin/s3s-fs', '/usr/local/cargo/bin/s3s-fs'].find((p) => existsSync(p));
+    if (!bin) throw new Error('s3s-fs is not installed: run scripts/deps/s3s-fs.sh (cargo install s3s-fs --features binary)');
+    const s = new S3Server();
+    s.port = await freePort();
+    s.dir = mkdtempSync(join(tmpdir(), 'agentrun-ui-s3-'));
+    mkdirSync(join(s.dir, 'archive'));
+    s.child = spawnTied(bin, ['--host', '127.0.0.1', '--port', String(s.port), '--access-key', 'agentrun-test', '--secret-key', 'agentrun-test-secret', s.dir], { stdio: 'ignore' });
+    await waitFor(`s3s-fs to listen on ${s.port}`, () => accepts(s.port), 20000, 100);
+    return s;
+  }
+
+  /** The store URL (`--store-url`, `--archive-url`). */
+  get url() {
+    return 's3://archive/prefix';
+  }
+
+  /** The environment the archiver and the relay need to reach it. */
+  get env() {
+    return {
+      AWS_ACCESS_KEY_ID: 'agentrun-test',
+      AWS_SECRET_ACCESS_KEY: 'agentrun-test-secret',
+      AWS_REGION: 'us-east-1',
+      AWS_ENDPOINT_URL: `http://127.0.0.1:${this.port}`,
+      AWS_ALLOW_HTTP: 'true',
+    };
+  }
+
+  async stop() {
+    this.child.kill('SIGKILL');
+    await exited(this.child);
+    rmSync(this.dir, { recursive: true, force: true });
   }
 }
 
