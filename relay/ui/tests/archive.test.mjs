@@ -30,7 +30,7 @@ function rowText(page, n) {
 }
 
 for (const kind of ['folder', 's3']) {
-  describe(`runs archived in a ${kind} store`, () => {
+  describe(`runs archived in ${kind === 's3' ? 'an S3' : 'a folder'} store`, () => {
     let redis;
     let client;
     let relay;
