@@ -568,7 +568,7 @@ impl RedisCluster {
             Duration::from_secs(30),
             || async move {
                 let ranges = Self::slot_ranges(port).await;
-                let range = SlotRange::serving(&ranges, slot);
+                let range = SlotRange::find(&ranges, slot)?;
                 let replica = *range.replicas.first()?;
                 info_replication(replica)
                     .await
@@ -729,7 +729,8 @@ impl RedisCluster {
                 async move {
                     for port in nodes {
                         let ranges = Self::slot_ranges(port).await;
-                        if SlotRange::serving(&ranges, slot).master != master {
+                        // A node that has not learned of the move yet may name no master.
+                        if SlotRange::find(&ranges, slot).map(|r| r.master) != Some(master) {
                             return None;
                         }
                     }
@@ -764,12 +765,14 @@ pub struct SlotRange {
 }
 
 impl SlotRange {
-    /// The range that holds `slot`.
+    /// The range that holds `slot`, if a node names one (during a move, it may not).
+    pub fn find(ranges: &[SlotRange], slot: u16) -> Option<&SlotRange> {
+        ranges.iter().find(|r| (r.start..=r.end).contains(&slot))
+    }
+
+    /// The range that holds `slot`, on a cluster at rest.
     pub fn serving(ranges: &[SlotRange], slot: u16) -> &SlotRange {
-        ranges
-            .iter()
-            .find(|r| (r.start..=r.end).contains(&slot))
-            .expect("every slot is served")
+        Self::find(ranges, slot).expect("every slot is served")
     }
 }
 

@@ -285,15 +285,7 @@ impl Session {
             }
             if Instant::now() >= self.recheck_at {
                 self.recheck_at = Instant::now() + self.app.limits.auth_recheck;
-                if session::access_withdrawn(
-                    &self.access,
-                    &self.app.auth,
-                    &self.access_state,
-                    &self.run,
-                    &mut self.out,
-                )
-                .await
-                {
+                if self.access_withdrawn().await {
                     self.done = true;
                     return self.take();
                 }

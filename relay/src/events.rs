@@ -425,15 +425,7 @@ impl Session {
             }
             if self.recheck_due {
                 self.recheck_due = false;
-                if session::access_withdrawn(
-                    &self.access,
-                    &self.app.auth,
-                    &self.access_state,
-                    &self.run,
-                    &mut self.out,
-                )
-                .await
-                {
+                if self.access_withdrawn().await {
                     self.done = true;
                     return self.take();
                 }

@@ -69,6 +69,9 @@ pub(crate) trait Chunks: Send + Sized + 'static {
     fn write_id(&mut self);
     /// Appends `reset`: every stream starts over (the client's positions do not count here).
     fn write_reset(&mut self, reason: ResetReason, old: Option<Epoch>);
+    /// Whether the caller may no longer see the run ([`check_access`]); then the comment that
+    /// ends the stream is written.
+    fn access_withdrawn(&mut self) -> impl Future<Output = bool> + Send;
 
     /// Appends one of the relay's own events, after its `id:` line.
     fn write_event<E: sse::ServerEvent>(&mut self, event: &E) {
@@ -137,7 +140,7 @@ pub(crate) fn write_entries<S: Chunks>(
 /// Whether the caller may no longer see the run (its token was removed or its permission
 /// revoked): then `out` gets the comment that ends the stream. An API server that cannot be
 /// asked does not end streams.
-pub(crate) async fn access_withdrawn(
+pub(crate) async fn check_access(
     access: &crate::auth::Access,
     auth: &crate::auth::Authenticator,
     state: &std::collections::HashMap<String, String>,
@@ -155,7 +158,8 @@ pub(crate) async fn access_withdrawn(
 }
 
 /// Implements [`Chunks`] for a session type that has the fields `out`, `origin`, `cursors`
-/// and `scratch`, and its own `next_chunk` and `write_reset`.
+/// and `scratch` (and `run`, `app`, `access`, `access_state`), and its own `next_chunk` and
+/// `write_reset`.
 macro_rules! chunks_for {
     ($session:ty) => {
         impl $crate::session::Chunks for $session {
@@ -182,6 +186,16 @@ macro_rules! chunks_for {
                     &self.cursors,
                     &mut self.scratch,
                 );
+            }
+
+            fn access_withdrawn(&mut self) -> impl Future<Output = bool> + Send {
+                $crate::session::check_access(
+                    &self.access,
+                    &self.app.auth,
+                    &self.access_state,
+                    &self.run,
+                    &mut self.out,
+                )
             }
 
             fn write_reset(
