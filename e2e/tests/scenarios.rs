@@ -1465,26 +1465,22 @@ async fn an_archived_run_outlives_its_redis_data_and_still_shows_byte_exact() {
 
     // The plugin, by run id and by AgentRun name, while the AgentRun exists and once it is gone.
     let logs = |run: &str| {
-        let out = std::process::Command::new(stack::binaries().join("kubectl-agentrun"))
-            .args(["logs", run, "--channels", "output"])
-            .env("AGENTRUN_RELAY_URL", &s.relay_url)
-            .env_remove("AGENTRUN_TOKEN")
-            .output()
-            .expect("run kubectl-agentrun");
-        assert!(
-            out.status.success(),
-            "kubectl agentrun logs {run}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        stdout_of(
+            std::process::Command::new(stack::binaries().join("kubectl-agentrun"))
+                .args(["logs", run, "--channels", "output"])
+                .env("AGENTRUN_RELAY_URL", &s.relay_url)
+                .env_remove("AGENTRUN_TOKEN"),
+        )
     };
     assert_eq!(logs(&run_id), expected, "logs RUN_ID from the archive");
     assert_eq!(logs("hello"), expected, "logs NAME from the archive");
     // As a user types it: kubectl finds the plugin on PATH, and the plugin finds the relay and
     // the run id in the AgentRun's status.
     let kubectl = kube_sim::testing::kubectl_bin();
+    // A bare `kubectl` has no folder to add: an empty PATH entry would mean the working folder.
     let kubectl_dir = std::path::Path::new(&kubectl)
         .parent()
+        .filter(|d| !d.as_os_str().is_empty())
         .map(|d| format!("{}:", d.display()))
         .unwrap_or_default();
     let path = format!(
@@ -1492,29 +1488,17 @@ async fn an_archived_run_outlives_its_redis_data_and_still_shows_byte_exact() {
         stack::binaries().display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let out = std::process::Command::new(&kubectl)
-        .args([
-            "agentrun",
-            "logs",
-            "hello",
-            "--channels",
-            "output",
-            "-n",
-            s.ns(),
-        ])
-        .env("PATH", &path)
-        .env("KUBECONFIG", &s.cluster.kubeconfig)
-        .env_remove("AGENTRUN_RELAY_URL")
-        .env_remove("AGENTRUN_TOKEN")
-        .output()
-        .expect("run kubectl agentrun logs");
-    assert!(
-        out.status.success(),
-        "kubectl agentrun logs hello: {}",
-        String::from_utf8_lossy(&out.stderr)
+    let typed = stdout_of(
+        std::process::Command::new(&kubectl)
+            .args(["agentrun", "logs", "hello", "--channels", "output"])
+            .args(["-n", s.ns()])
+            .env("PATH", &path)
+            .env("KUBECONFIG", &s.cluster.kubeconfig)
+            .env_remove("AGENTRUN_RELAY_URL")
+            .env_remove("AGENTRUN_TOKEN"),
     );
     assert_eq!(
-        out.stdout, expected,
+        typed, expected,
         "kubectl agentrun logs hello from the archive"
     );
 
@@ -1541,4 +1525,15 @@ async fn an_archived_run_outlives_its_redis_data_and_still_shows_byte_exact() {
     })
     .await;
     assert_eq!(logs("hello"), expected, "logs NAME with the AgentRun gone");
+}
+
+/// Runs `cmd` to its end and returns what it printed; a failure shows its stderr.
+fn stdout_of(cmd: &mut std::process::Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
