@@ -32,8 +32,8 @@ pub struct Config {
     /// Seconds between keep-alive comments on idle SSE streams.
     #[arg(long, env = "AGENTRUN_KEEPALIVE_SECONDS", default_value_t = 15)]
     pub keepalive_seconds: u64,
-    /// Live entries kept per watched run for clients that read slowly; a client further
-    /// behind catches up from the Redis stream.
+    /// Live entries kept per watched run for clients that read slowly (an entry every client
+    /// has taken is not kept); a client further behind catches up from the Redis stream.
     #[arg(long, env = "AGENTRUN_FEED_CAPACITY", default_value_t = 1024)]
     pub feed_capacity: usize,
     /// Bytes of live entries kept per watched run (each entry counts twice its size: its

@@ -1,12 +1,14 @@
 //! A bounded broadcast ring: one writer, any number of readers, bounded both in items and in
-//! bytes.
+//! bytes, and holding only what some reader has still to take.
 //!
 //! Each run's live feed is one ring shared by all of its clients. Pushing never waits for a
 //! reader: when the ring is over either bound, the oldest items are dropped, and a reader that
 //! had not taken them is told it lagged ([`TryRecvError::Lagged`]) and continues from the
 //! oldest item still held (the relay's clients then catch up from the Redis stream). So the
 //! ring's memory is at most `max_bytes` (by the weights the writer gives, plus one item), however
-//! many clients read slowly, and no client can slow the writer down.
+//! many clients read slowly, and no client can slow the writer down. An item every reader has
+//! taken is let go at once (a new reader starts with the items pushed after it came), so a
+//! run whose clients keep up holds next to nothing, however many runs a relay follows.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
@@ -23,10 +25,36 @@ pub enum TryRecvError {
 }
 
 struct State<T> {
-    items: VecDeque<(Arc<T>, usize)>,
+    items: VecDeque<Slot<T>>,
     /// Index of `items[0]` in the sequence of everything ever pushed.
     first: u64,
     bytes: usize,
+    /// Readers there are now.
+    readers: usize,
+}
+
+struct Slot<T> {
+    item: Arc<T>,
+    weight: usize,
+    /// Readers that have yet to take this item.
+    unread: usize,
+}
+
+impl<T> State<T> {
+    /// Drops the oldest item.
+    fn pop(&mut self) {
+        if let Some(slot) = self.items.pop_front() {
+            self.bytes -= slot.weight;
+            self.first += 1;
+        }
+    }
+
+    /// Drops the oldest items while every reader has taken them.
+    fn let_go_of_taken(&mut self) {
+        while self.items.front().is_some_and(|s| s.unread == 0) {
+            self.pop();
+        }
+    }
 }
 
 /// The shared ring; push with [`Ring::push`], read through [`Ring::reader`].
@@ -46,6 +74,7 @@ impl<T> Ring<T> {
                 items: VecDeque::new(),
                 first: 0,
                 bytes: 0,
+                readers: 0,
             }),
             notify: Notify::new(),
             max_items: max_items.max(1),
@@ -58,18 +87,26 @@ impl<T> Ring<T> {
     }
 
     /// Appends an item of the given weight (bytes), dropping the oldest items beyond the
-    /// bounds, and wakes the readers.
+    /// bounds, and wakes the readers. With no reader, the item is let go at once.
     pub fn push(&self, item: T, weight: usize) {
         {
             let mut s = self.lock();
-            s.items.push_back((Arc::new(item), weight));
+            if s.readers == 0 {
+                s.first += 1 + s.items.len() as u64;
+                s.items.clear();
+                s.bytes = 0;
+                return;
+            }
+            let unread = s.readers;
+            s.items.push_back(Slot {
+                item: Arc::new(item),
+                weight,
+                unread,
+            });
             s.bytes += weight;
             while s.items.len() > 1 && (s.items.len() > self.max_items || s.bytes > self.max_bytes)
             {
-                if let Some((_, w)) = s.items.pop_front() {
-                    s.bytes -= w;
-                    s.first += 1;
-                }
+                s.pop();
             }
         }
         self.notify.notify_waiters();
@@ -80,10 +117,16 @@ impl<T> Ring<T> {
         self.lock().bytes
     }
 
+    /// Items held now.
+    pub fn items_held(&self) -> usize {
+        self.lock().items.len()
+    }
+
     /// A reader that sees every item pushed from now on.
     pub fn reader(self: &Arc<Self>) -> RingReader<T> {
         let next = {
-            let s = self.lock();
+            let mut s = self.lock();
+            s.readers += 1;
             s.first + s.items.len() as u64
         };
         RingReader {
@@ -120,23 +163,38 @@ impl<T> RingReader<T> {
     }
 }
 
+impl<T> Drop for RingReader<T> {
+    fn drop(&mut self) {
+        let mut s = self.ring.lock();
+        s.readers -= 1;
+        let from = self.next.saturating_sub(s.first) as usize;
+        for slot in s.items.iter_mut().skip(from) {
+            slot.unread -= 1;
+        }
+        s.let_go_of_taken();
+    }
+}
+
 /// The item at `next` in `ring`, moving `next` on (a reader's step; a free function so that
 /// [`RingReader::recv`] can look while it holds its registration with the ring's `Notify`).
 fn take_next<T>(ring: &Ring<T>, next: &mut u64) -> Result<Arc<T>, TryRecvError> {
-    let s = ring.lock();
+    let mut s = ring.lock();
     if *next < s.first {
         let missed = s.first - *next;
         *next = s.first;
         return Err(TryRecvError::Lagged(missed));
     }
     let at = (*next - s.first) as usize;
-    match s.items.get(at) {
-        Some((item, _)) => {
-            *next += 1;
-            Ok(item.clone())
-        }
-        None => Err(TryRecvError::Empty),
+    let Some(slot) = s.items.get_mut(at) else {
+        return Err(TryRecvError::Empty);
+    };
+    *next += 1;
+    slot.unread -= 1;
+    let item = slot.item.clone();
+    if at == 0 {
+        s.let_go_of_taken();
     }
+    Ok(item)
 }
 
 #[cfg(test)]
@@ -167,6 +225,38 @@ mod tests {
             small.push(i, 1);
         }
         assert_eq!(r.try_recv(), Err(TryRecvError::Lagged(2)));
+    }
+
+    #[test]
+    fn items_every_reader_has_taken_are_let_go() {
+        let ring = Ring::new(100, 1000);
+        // Nobody to read them: nothing is kept.
+        ring.push(0u32, 10);
+        assert_eq!((ring.items_held(), ring.bytes()), (0, 0));
+        let mut fast = ring.reader();
+        let mut slow = ring.reader();
+        for i in 1..=3u32 {
+            ring.push(i, 10);
+            assert_eq!(*fast.try_recv().unwrap(), i);
+        }
+        assert_eq!((ring.items_held(), ring.bytes()), (3, 30));
+        assert_eq!(*slow.try_recv().unwrap(), 1);
+        assert_eq!(*slow.try_recv().unwrap(), 2);
+        assert_eq!((ring.items_held(), ring.bytes()), (1, 10));
+        // A reader that joins now sees only what comes next, and holds nothing back.
+        let mut late = ring.reader();
+        ring.push(4, 10);
+        assert_eq!(*late.try_recv().unwrap(), 4);
+        assert_eq!(*fast.try_recv().unwrap(), 4);
+        assert_eq!(ring.items_held(), 2);
+        // A reader that leaves no longer holds back what it had not taken.
+        drop(slow);
+        assert_eq!((ring.items_held(), ring.bytes()), (0, 0));
+        assert_eq!(fast.try_recv(), Err(TryRecvError::Empty));
+        drop(late);
+        ring.push(5, 10);
+        assert_eq!(*fast.try_recv().unwrap(), 5);
+        assert_eq!(ring.items_held(), 0);
     }
 
     #[tokio::test]

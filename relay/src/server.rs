@@ -1,6 +1,8 @@
 //! Serving the application over HTTP/1.1, or over TLS with HTTP/2 for browsers, and its
 //! graceful end.
 
+mod direct;
+
 use crate::app;
 use crate::state::AppState;
 use axum::extract::ConnectInfo;
@@ -23,7 +25,9 @@ const WRITE_BUFFER: usize = 16 * 1024;
 ///
 /// HTTP/1.1 only (proxies and ingress controllers speak HTTP/1.1 to backends). Served with
 /// hyper directly rather than `axum::serve` to keep per-connection memory small: no HTTP/2
-/// detection layer, and a write buffer capped at 16 KiB for clients that read slowly.
+/// detection layer, and a write buffer capped at 16 KiB for clients that read slowly; and a
+/// connection that opens with a request for an SSE stream is served without hyper's buffers
+/// at all (see [`direct`]).
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
@@ -55,7 +59,7 @@ async fn serve_with(
     tls: Option<tokio_rustls::TlsAcceptor>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let protocols = Protocols::new(app(state.clone()));
+    let protocols = Arc::new(Protocols::new(app(state.clone())));
     let graceful = GracefulShutdown::new();
     // Handshakes still in progress when the shutdown starts are dropped.
     let (closing, _) = tokio::sync::watch::channel(());
@@ -78,7 +82,28 @@ async fn serve_with(
         // shutdown starts ends gracefully right after it.
         let watcher = graceful.watcher();
         match &tls {
-            None => protocols.http1(stream, peer, watcher),
+            None => {
+                let (protocols, mut closing) = (protocols.clone(), closing.subscribe());
+                tokio::spawn(async move {
+                    // A client that has not sent its first request when the shutdown starts
+                    // is let go.
+                    let first = tokio::select! {
+                        first = direct::read_first(&stream) => first,
+                        _ = closing.changed() => return,
+                    };
+                    match first {
+                        direct::First::Stream(request) => {
+                            direct::answer(stream, request, peer, protocols.app.clone()).await;
+                            drop(watcher);
+                        }
+                        direct::First::Other(read) => {
+                            let io = direct::Rewind::new(read, stream);
+                            protocols.http1_connection(io, peer, watcher).await
+                        }
+                        direct::First::Gone => {}
+                    }
+                });
+            }
             Some(acceptor) => {
                 let (acceptor, protocols) = (acceptor.clone(), protocols.clone());
                 let mut closing = closing.subscribe();
@@ -91,9 +116,9 @@ async fn serve_with(
                     };
                     match handshake {
                         Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
-                            protocols.http2(tls, peer, watcher)
+                            protocols.http2_connection(tls, peer, watcher).await
                         }
-                        Ok(Ok(tls)) => protocols.http1(tls, peer, watcher),
+                        Ok(Ok(tls)) => protocols.http1_connection(tls, peer, watcher).await,
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }
@@ -122,7 +147,7 @@ impl Protocols {
         http1
             .max_buf_size(WRITE_BUFFER)
             .timer(TokioTimer::new())
-            .header_read_timeout(Duration::from_secs(30));
+            .header_read_timeout(direct::HEAD_TIMEOUT);
         let mut http2 = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
         http2
             .timer(TokioTimer::new())
@@ -141,17 +166,21 @@ impl Protocols {
         }
     }
 
-    fn http1<S>(&self, io: S, peer: SocketAddr, graceful: Watcher)
+    /// Serves an HTTP/1.1 connection to its end.
+    async fn http1_connection<S>(&self, io: S, peer: SocketAddr, graceful: Watcher)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let conn = self
             .http1
             .serve_connection(TokioIo::new(io), self.service(peer));
-        spawn_watched(graceful.watch(conn));
+        if let Err(e) = graceful.watch(conn).await {
+            tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+        }
     }
 
-    fn http2(
+    /// Serves an HTTP/2 connection to its end.
+    async fn http2_connection(
         &self,
         io: tokio_rustls::server::TlsStream<TcpStream>,
         peer: SocketAddr,
@@ -160,7 +189,9 @@ impl Protocols {
         let conn = self
             .http2
             .serve_connection(TokioIo::new(io), self.service(peer));
-        spawn_watched(graceful.watch(conn));
+        if let Err(e) = graceful.watch(conn).await {
+            tracing::debug!(%peer, error = %e, "HTTP/2 connection ended with an error");
+        }
     }
 }
 
@@ -182,14 +213,4 @@ impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for WithPeer
         // A router is always ready; calling a clone is what `axum::serve` does too.
         tower::Service::call(&mut self.app.clone(), req)
     }
-}
-
-fn spawn_watched<E: std::fmt::Display>(
-    conn: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
-) {
-    tokio::spawn(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(error = %e, "HTTP connection ended with an error");
-        }
-    });
 }
