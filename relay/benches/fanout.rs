@@ -110,9 +110,22 @@ impl Target {
         RedisSettings::from_url(&self.url()).expect("valid url")
     }
 
+    /// The Redis servers' process ids.
+    fn pids(&self) -> Vec<String> {
+        let servers = match self {
+            Target::Server(s) => std::slice::from_ref(s),
+            Target::Cluster(c) => &c.nodes[..],
+        };
+        servers
+            .iter()
+            .filter_map(|s| s.pid())
+            .map(|p| p.to_string())
+            .collect()
+    }
+
     fn describe(&self) -> String {
         match self {
-            Target::Server(_) => "one redis-server".into(),
+            Target::Server(_) => "one redis-server (AOF, fsync every second)".into(),
             Target::Cluster(c) => format!("a Redis Cluster of {} masters", c.nodes.len()),
         }
     }
@@ -134,6 +147,8 @@ struct Report {
     /// CPU seconds used while publishing, by the relay and by this process (the clients).
     relay_cpu: f64,
     client_cpu: f64,
+    /// CPU seconds Redis used meanwhile.
+    redis_cpu: f64,
     /// Load average (1 minute) when the scenario ended.
     load: String,
 }
@@ -424,6 +439,8 @@ async fn run_scenario(
     let pids: Vec<String> = relays.iter().map(|(r, _)| r.id().to_string()).collect();
     let rss = || -> u64 { relays.iter().map(|(r, _)| rss_kib(r.id())).sum() };
     let relays_cpu = || -> f64 { pids.iter().map(|p| cpu_secs(p)).sum() };
+    let redis_pids = target.pids();
+    let redis_cpu = || -> f64 { redis_pids.iter().map(|p| cpu_secs(p)).sum() };
 
     let settings = target.settings();
     let mut conn = settings.connect().await.expect("connect to Redis");
@@ -509,6 +526,7 @@ async fn run_scenario(
     let send_started = Instant::now();
     let relay_cpu_before = relays_cpu();
     let bench_cpu_before = cpu_secs("self");
+    let redis_cpu_before = redis_cpu();
     let (published, expected) = if sc.idle {
         tokio::time::sleep(Duration::from_secs(sc.seconds.min(5))).await;
         (0, 0)
@@ -541,6 +559,7 @@ async fn run_scenario(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let relay_cpu = relays_cpu() - relay_cpu_before;
     let client_cpu = cpu_secs("self") - bench_cpu_before;
+    let redis_cpu = redis_cpu() - redis_cpu_before;
     let rss_end_kib = rss();
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     let _ = stop_tx.send(true);
@@ -575,6 +594,7 @@ async fn run_scenario(
         max_ms: pct(1.0),
         relay_cpu,
         client_cpu,
+        redis_cpu,
         load: load.split_whitespace().next().unwrap_or("?").to_owned(),
     };
     if let Some(mut s) = sidecar {
@@ -618,7 +638,7 @@ fn print(r: &Report) {
         r.connect_secs,
     );
     eprintln!(
-        "  published {} entries in {:.1} s; expected {} deliveries, got {}; relay RSS (all relays) {} KiB base, {} KiB connected, {} KiB at the end; CPU: relays {:.2} s, this process (clients, publisher) {:.2} s",
+        "  published {} entries in {:.1} s; expected {} deliveries, got {}; relay RSS (all relays) {} KiB base, {} KiB connected, {} KiB at the end; CPU: relays {:.2} s, this process (clients, publisher) {:.2} s, Redis {:.2} s",
         r.published,
         r.send_secs,
         r.expected,
@@ -627,7 +647,8 @@ fn print(r: &Report) {
         r.rss_connected_kib,
         r.rss_end_kib,
         r.relay_cpu,
-        r.client_cpu
+        r.client_cpu,
+        r.redis_cpu
     );
 }
 
@@ -730,7 +751,9 @@ fn main() {
     rt.block_on(async {
         let target = match arg(&args, "--cluster") {
             Some(masters) => Target::Cluster(RedisCluster::start(masters as usize, 0).await),
-            None => Target::Server(RedisServer::start()),
+            // Persisted as the chart runs it (AOF, fsync every second), not as the tests do
+            // (fsync on every write, so that a kill -9 loses nothing acknowledged).
+            None => Target::Server(RedisServer::start_with(&["--appendfsync", "everysec"])),
         };
         if let Target::Cluster(c) = &target {
             c.load_library().await;
