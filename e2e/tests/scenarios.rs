@@ -808,6 +808,55 @@ async fn operator_restarted_mid_run_makes_no_duplicate_pods_and_finishes() {
     assert_ticks(&sse.output()["default"], 40);
 }
 
+/// The run index does not keep every run ever started: a restarted operator (and then the
+/// leader every ten minutes) drops the runs whose keys have expired, and keeps the others.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_operator_drops_runs_whose_keys_expired_from_the_run_index() {
+    use agentrun_protocol::RunId;
+    use agentrun_protocol::names::RUNS_INDEX_KEY;
+    use agentrun_protocol::publish::register_run;
+    let mut s = Stack::start().await;
+    let mut c = s.redis_conn().await;
+    let two_hours_ago = agentrun_protocol::now_ms() - 2 * 3600 * 1000;
+    let kept = RunId::new("default.kept-a-while").unwrap();
+    register_run(
+        &mut c,
+        &kept,
+        two_hours_ago,
+        &[("phase", "Succeeded".into())],
+    )
+    .await
+    .unwrap();
+    let _: () = redis::cmd("ZADD")
+        .arg(RUNS_INDEX_KEY)
+        .arg(two_hours_ago)
+        .arg("default.expired-long-ago")
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    s.start_operator().await; // kills the running one first
+    s.eventually(30, "the expired run leaves the run index", || {
+        let mut c = c.clone();
+        async move {
+            let score: Option<f64> = redis::cmd("ZSCORE")
+                .arg(RUNS_INDEX_KEY)
+                .arg("default.expired-long-ago")
+                .query_async(&mut c)
+                .await
+                .unwrap();
+            score.is_none().then_some(())
+        }
+    })
+    .await;
+    let score: Option<f64> = redis::cmd("ZSCORE")
+        .arg(RUNS_INDEX_KEY)
+        .arg(kept.as_str())
+        .query_async(&mut c)
+        .await
+        .unwrap();
+    assert!(score.is_some(), "a run whose keys exist stays in the index");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn sidecar_killed_mid_run_is_restarted_and_no_output_is_lost() {
     let s = Stack::start().await;

@@ -72,8 +72,10 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         clock: Clock::System,
     });
     let lost = Arc::new(AtomicBool::new(false));
+    let pruning = tokio::spawn(prune_index(ctx.store.clone()));
     info!("starting the AgentRun controller");
     control(&client, &scope, ctx, stop(leading, lost.clone())).await;
+    pruning.abort();
     if !args.no_leader_election {
         lease.release().await;
     }
@@ -84,6 +86,33 @@ pub async fn run(args: RunArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// How often the leader drops runs whose keys are gone from the run index.
+const INDEX_PRUNE_EVERY: Duration = Duration::from_secs(600);
+
+/// Runs younger than this stay in the run index even without their keys: a run is indexed
+/// before its state hash is written.
+const INDEX_PRUNE_GRACE: Duration = Duration::from_secs(3600);
+
+/// Drops from the run index, at start and every [`INDEX_PRUNE_EVERY`], the runs whose keys
+/// have expired (or were let go after archiving): without it the index would keep every run
+/// ever started, and the relay's run list would read through them.
+async fn prune_index(store: Arc<dyn RunStore>) {
+    let mut tick = tokio::time::interval(INDEX_PRUNE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let cut = agentrun_protocol::now_ms().saturating_sub(INDEX_PRUNE_GRACE.as_millis() as u64);
+        match store.prune_index(cut).await {
+            Ok(0) => {}
+            Ok(n) => info!(
+                dropped = n,
+                "dropped runs whose keys are gone from the run index"
+            ),
+            Err(e) => warn!(error = %e, "could not prune the run index; trying again later"),
+        }
+    }
 }
 
 /// The client of the kubeconfig given, else of `KUBECONFIG`, `~/.kube/config` or the pod.

@@ -75,6 +75,15 @@ pub trait RunStore: Send + Sync {
     /// gone).
     fn archive_details(&self, run_id: &str) -> BoxFuture<'_, Result<Option<ArchiveDetails>>>;
 
+    /// Drops from the run index the runs created before `created_before_ms` whose keys are
+    /// gone; returns how many it dropped.
+    fn prune_index(
+        &self,
+        _created_before_ms: u64,
+    ) -> BoxFuture<'_, std::result::Result<usize, redis::RedisError>> {
+        Box::pin(std::future::ready(Ok(0)))
+    }
+
     /// Adds the run to the run index so the relay can list it (idempotent).
     fn register(&self, run: &RunInfo) -> BoxFuture<'_, Result<()>> {
         self.write(StoreCall::Register(run.clone()))
@@ -234,6 +243,16 @@ fn redis_err(run_id: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl RunStore for RedisStore {
+    fn prune_index(
+        &self,
+        created_before_ms: u64,
+    ) -> BoxFuture<'_, std::result::Result<usize, redis::RedisError>> {
+        Box::pin(async move {
+            let mut conn = self.conn.clone();
+            agentrun_protocol::publish::prune_run_index(&mut conn, created_before_ms).await
+        })
+    }
+
     fn write(&self, call: StoreCall) -> BoxFuture<'_, Result<()>> {
         Box::pin(async move {
             match call {
@@ -356,8 +375,8 @@ impl RedisStore {
         archive::expire_unless_archiving(&mut conn, &run, &keys, ttl_seconds)
             .await
             .map_err(|e| redis_err(run_id, e))?;
-        // The index entry stays: its score (creation time) lets the relay trim old ids, and
-        // it drops ids whose keys have expired.
+        // The index entry stays until the keys are gone; then the leader's pruning drops it
+        // (`run::prune_index`).
         Ok(())
     }
 

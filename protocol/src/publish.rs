@@ -276,6 +276,68 @@ pub async fn register_run<C: ConnectionLike>(
     pipe.query_async::<()>(conn).await
 }
 
+/// Removes from the run index the runs created before `created_before_ms` whose state hash
+/// is gone (their keys expired after the run ended, or were archived and let go); returns how
+/// many it removed. Without this the index would keep every run ever started.
+///
+/// Only runs older than the cut are looked at: a run is put in the index before its state
+/// hash is written, and a young entry without a hash may be a run being registered. The
+/// index is read a page at a time (oldest first) and each state hash is asked for on its
+/// own (`EXISTS`): in Redis Cluster they are on other nodes than the index.
+pub async fn prune_run_index<C: ConnectionLike + Clone>(
+    conn: &mut C,
+    created_before_ms: u64,
+) -> Result<usize, RedisError> {
+    use futures::{StreamExt, TryStreamExt};
+    const PAGE: usize = 500;
+    let mut removed = 0;
+    // Entries before `offset` were looked at and kept.
+    let mut offset = 0;
+    loop {
+        let page: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+            .arg(RUNS_INDEX_KEY)
+            .arg("-inf")
+            .arg(format!("({created_before_ms}"))
+            .arg("LIMIT")
+            .arg(offset)
+            .arg(PAGE)
+            .query_async(conn)
+            .await?;
+        let looked = page.len();
+        let gone: Vec<String> = futures::stream::iter(page)
+            .map(|id| {
+                let mut conn = conn.clone();
+                async move {
+                    // An id that is not a run id has no state hash to look for.
+                    let Ok(run) = RunId::new(id.clone()) else {
+                        return Ok::<_, RedisError>(Some(id));
+                    };
+                    let exists: bool = redis::cmd("EXISTS")
+                        .arg(run.state_key())
+                        .query_async(&mut conn)
+                        .await?;
+                    Ok((!exists).then_some(id))
+                }
+            })
+            .buffered(16)
+            .try_filter_map(|id| async move { Ok(id) })
+            .try_collect()
+            .await?;
+        if !gone.is_empty() {
+            let n: usize = redis::cmd("ZREM")
+                .arg(RUNS_INDEX_KEY)
+                .arg(&gone)
+                .query_async(conn)
+                .await?;
+            removed += n;
+        }
+        offset += looked - gone.len();
+        if looked < PAGE {
+            return Ok(removed);
+        }
+    }
+}
+
 /// Writes fields to the run's state hash.
 pub async fn set_state<C: ConnectionLike>(
     conn: &mut C,

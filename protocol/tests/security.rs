@@ -384,6 +384,64 @@ async fn the_operator_user_manages_run_users_but_is_no_admin() {
     );
 }
 
+/// The run index keeps only runs whose keys exist: the operator drops the others, in pages,
+/// old entries only (a young one without a state hash may be a run being registered).
+#[tokio::test]
+async fn the_operator_prunes_runs_whose_keys_are_gone_from_the_run_index() {
+    use agentrun_protocol::names::RUNS_INDEX_KEY;
+    use agentrun_protocol::publish::{prune_run_index, register_run};
+    let redis = RedisServer::start();
+    let mut admin = redis.conn().await;
+    let pw = generate_password();
+    set_user(&mut admin, "agentrun-operator", &pw, &operator_user_rules())
+        .await
+        .unwrap();
+    let mut operator = connect_as(&redis, "agentrun-operator", &pw).await;
+    // 1,200 old runs (more than two pages), every other one with its keys gone; a young run
+    // whose state hash is not written yet; an old entry that is no run id at all.
+    let now = agentrun_protocol::now_ms();
+    let cut = now - 60_000;
+    let mut kept = Vec::new();
+    for i in 0..1200u64 {
+        let run = RunId::new(format!("old-{i}")).unwrap();
+        register_run(&mut admin, &run, cut - 10_000 + i, &[])
+            .await
+            .unwrap();
+        if i % 2 == 0 {
+            kept.push(run.as_str().to_owned());
+        } else {
+            let _: () = redis::cmd("DEL")
+                .arg(run.state_key())
+                .query_async(&mut admin)
+                .await
+                .unwrap();
+        }
+    }
+    let _: () = redis::cmd("ZADD")
+        .arg(RUNS_INDEX_KEY)
+        .arg(now)
+        .arg("young")
+        .arg(cut - 1)
+        .arg("not a run id!")
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+
+    let removed = prune_run_index(&mut operator, cut).await.unwrap();
+    assert_eq!(removed, 601);
+    let mut left: Vec<String> = redis::cmd("ZRANGE")
+        .arg(RUNS_INDEX_KEY)
+        .arg(0)
+        .arg(-1)
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    assert_eq!(left.pop().as_deref(), Some("young"));
+    assert_eq!(left, kept);
+    // Nothing more to drop.
+    assert_eq!(prune_run_index(&mut operator, cut).await.unwrap(), 0);
+}
+
 /// A Redis command built from words.
 fn command(words: &[&str]) -> redis::Cmd {
     let mut c = redis::cmd(words[0]);
