@@ -337,15 +337,21 @@ async fn the_relay_user_reads_everything_but_writes_only_control() {
     );
 }
 
-#[tokio::test]
-async fn the_operator_user_manages_run_users_but_is_no_admin() {
+/// A server, an admin connection, and a connection as the operator's user.
+async fn operator_setup() -> (RedisServer, RedisConn, RedisConn) {
     let redis = RedisServer::start();
     let mut admin = redis.conn().await;
     let pw = generate_password();
     set_user(&mut admin, "agentrun-operator", &pw, &operator_user_rules())
         .await
         .unwrap();
-    let mut operator = connect_as(&redis, "agentrun-operator", &pw).await;
+    let operator = connect_as(&redis, "agentrun-operator", &pw).await;
+    (redis, admin, operator)
+}
+
+#[tokio::test]
+async fn the_operator_user_manages_run_users_but_is_no_admin() {
+    let (redis, _admin, mut operator) = operator_setup().await;
     let run = RunId::new("op").unwrap();
     let run_pw = generate_password();
     let user = create_run_user(&mut operator, &run, &run_pw).await.unwrap();
@@ -390,13 +396,7 @@ async fn the_operator_user_manages_run_users_but_is_no_admin() {
 async fn the_operator_prunes_runs_whose_keys_are_gone_from_the_run_index() {
     use agentrun_protocol::names::RUNS_INDEX_KEY;
     use agentrun_protocol::publish::{prune_run_index, register_run};
-    let redis = RedisServer::start();
-    let mut admin = redis.conn().await;
-    let pw = generate_password();
-    set_user(&mut admin, "agentrun-operator", &pw, &operator_user_rules())
-        .await
-        .unwrap();
-    let mut operator = connect_as(&redis, "agentrun-operator", &pw).await;
+    let (redis, mut admin, mut operator) = operator_setup().await;
     // 1,200 old runs (more than two pages), every other one with its keys gone; a young run
     // whose state hash is not written yet; an old entry that is no run id at all.
     let now = agentrun_protocol::now_ms();

@@ -16,18 +16,23 @@ async fn connect(relay: &Relay) -> TcpStream {
     TcpStream::connect(addr).await.unwrap()
 }
 
+/// Reads a byte at a time up to and with `end`.
+async fn read_until(s: &mut TcpStream, end: &[u8], what: &str) -> Vec<u8> {
+    let mut read = Vec::new();
+    while !read.ends_with(end) {
+        let mut b = [0u8; 1];
+        tokio::time::timeout(WAIT, s.read_exact(&mut b))
+            .await
+            .unwrap_or_else(|_| panic!("{what} comes in time"))
+            .unwrap_or_else(|e| panic!("{what}: {e} after {read:?}"));
+        read.push(b[0]);
+    }
+    read
+}
+
 /// Reads one response head (status line and headers, lowercased names).
 async fn read_head(s: &mut TcpStream) -> (String, Vec<(String, String)>) {
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        let n = tokio::time::timeout(WAIT, s.read(&mut b))
-            .await
-            .expect("the response head comes in time")
-            .unwrap();
-        assert_eq!(n, 1, "connection closed inside the head: {head:?}");
-        head.push(b[0]);
-    }
+    let head = read_until(s, b"\r\n\r\n", "the response head").await;
     let text = String::from_utf8(head).unwrap();
     let mut lines = text.trim_end().split("\r\n");
     let status = lines.next().unwrap().to_owned();
@@ -51,15 +56,7 @@ fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
 async fn read_chunked(s: &mut TcpStream) -> Vec<u8> {
     let mut body = Vec::new();
     loop {
-        let mut line = Vec::new();
-        while !line.ends_with(b"\r\n") {
-            let mut b = [0u8; 1];
-            tokio::time::timeout(WAIT, s.read_exact(&mut b))
-                .await
-                .expect("the next chunk comes in time")
-                .expect("chunk size line");
-            line.push(b[0]);
-        }
+        let line = read_until(s, b"\r\n", "a chunk size line").await;
         let size = std::str::from_utf8(&line[..line.len() - 2]).unwrap();
         let size = usize::from_str_radix(size, 16).expect("a hex chunk size");
         let mut chunk = vec![0u8; size + 2];
@@ -81,13 +78,26 @@ async fn expect_eof(s: &mut TcpStream) {
     assert!(rest.is_empty(), "bytes after the response: {rest:?}");
 }
 
-#[tokio::test]
-async fn a_stream_is_written_chunked_and_its_connection_ends_with_it() {
-    let (redis, mut conn, run) = redis_with_run("h1-stream", &["a"]).await;
+/// A relay, and a run with `lines` lines of output in variation `a`.
+async fn relay_with_lines(
+    name: &str,
+    lines: u64,
+) -> (
+    agentrun_protocol::testing::RedisServer,
+    Relay,
+    agentrun_protocol::RunId,
+) {
+    let (redis, mut conn, run) = redis_with_run(name, &["a"]).await;
     let mut p = Producer::new("p");
-    p.output(&mut conn, &run, "a", &tagged_lines(1..=3, "line"))
+    p.output(&mut conn, &run, "a", &tagged_lines(1..=lines, "line"))
         .await;
     let relay = Relay::start(&redis.url()).await;
+    (redis, relay, run)
+}
+
+#[tokio::test]
+async fn a_stream_is_written_chunked_and_its_connection_ends_with_it() {
+    let (_redis, relay, run) = relay_with_lines("h1-stream", 3).await;
 
     let mut s = connect(&relay).await;
     // The head arrives in pieces, as a slow client sends it.
@@ -180,11 +190,7 @@ async fn a_client_that_leaves_ends_its_stream() {
 
 #[tokio::test]
 async fn other_requests_keep_their_connection_and_a_stream_may_follow_them() {
-    let (redis, mut conn, run) = redis_with_run("h1-keepalive", &["a"]).await;
-    let mut p = Producer::new("p");
-    p.output(&mut conn, &run, "a", &tagged_lines(1..=2, "line"))
-        .await;
-    let relay = Relay::start(&redis.url()).await;
+    let (_redis, relay, run) = relay_with_lines("h1-keepalive", 2).await;
     let mut s = connect(&relay).await;
     // Two requests in one write: the second is pipelined behind the first.
     s.write_all(
