@@ -396,7 +396,7 @@ async fn the_operator_user_manages_run_users_but_is_no_admin() {
 async fn the_operator_prunes_runs_whose_keys_are_gone_from_the_run_index() {
     use agentrun_protocol::names::RUNS_INDEX_KEY;
     use agentrun_protocol::publish::{prune_run_index, register_run};
-    let (redis, mut admin, mut operator) = operator_setup().await;
+    let (_redis, mut admin, mut operator) = operator_setup().await;
     // 1,200 old runs (more than two pages), every other one with its keys gone; a young run
     // whose state hash is not written yet; an old entry that is no run id at all.
     let now = agentrun_protocol::now_ms();
