@@ -1,0 +1,129 @@
+//! The relay behind Redis Sentinel: when the master dies and Sentinel promotes its replica,
+//! the relay finds the new master by itself, subscribes there again, and its clients get every
+//! entry once, in order: those published before the failover, and those published on the new
+//! master (live, or replayed from the stream if they came before the relay had subscribed).
+
+mod support;
+
+use agentrun_protocol::testing::{
+    RedisServer, SENTINEL_MASTER, Sentinel, info_replication, wait_for,
+};
+use agentrun_protocol::{EntryType, StreamName};
+use agentrun_relay::Config;
+use std::time::Duration;
+use support::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_loses_nothing_and_repeats_nothing() {
+    let mut master = RedisServer::start();
+    let replica =
+        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    wait_for("the replica to sync", WAIT, || async {
+        info_replication(replica.port())
+            .await
+            .contains("master_link_status:up")
+            .then_some(())
+    })
+    .await;
+    let sentinel = Sentinel::start(master.port());
+    sentinel.wait_for_replica(replica.port()).await;
+
+    let url = format!(
+        "redis+sentinel://127.0.0.1:{}/{SENTINEL_MASTER}",
+        sentinel.port
+    );
+    let mut conn = sentinel
+        .settings()
+        .connect()
+        .await
+        .expect("connect through Sentinel");
+    let run = run_id("r-sentinel");
+    register(&mut conn, &run, &["a"]).await;
+    let relay = Relay::start_with(Config::for_redis(&url), "127.0.0.1:0").await;
+    let mut sse =
+        SseClient::connect(&relay.events_url("r-sentinel", "channels=output"), None).await;
+    sse.expect("open").await;
+
+    let mut p = Producer::new("p");
+    p.output(&mut conn, &run, "a", &tagged_lines(1..=50, "before"))
+        .await;
+    let mut seen = Vec::new();
+    while seen.len() < 50 {
+        seen.push(
+            sse.expect_entry("before the failover").await.json()["seq"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    // What the master acknowledged has reached the replica (replication is asynchronous; this
+    // test is about where the relay reads after a failover, not what a failover can lose).
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(10_000)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(acked, 1);
+
+    // The master dies; Sentinel finds it down and promotes the replica.
+    master.kill();
+    wait_for(
+        "Sentinel to name the replica as master",
+        Duration::from_secs(30),
+        || async {
+            let (_, port): (String, u16) = sentinel
+                .command(&["GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])
+                .await?;
+            (port == replica.port()).then_some(())
+        },
+    )
+    .await;
+    wait_for(
+        "the replica to take writes",
+        Duration::from_secs(30),
+        || async {
+            info_replication(replica.port())
+                .await
+                .contains("role:master")
+                .then_some(())
+        },
+    )
+    .await;
+
+    // The producer writes on the new master (its connection follows Sentinel too).
+    let contents: Vec<Vec<u8>> = tagged_lines(51..=150, "after")
+        .into_iter()
+        .map(String::into_bytes)
+        .collect();
+    let stream = StreamName::Output(var("a"));
+    wait_for("publishing on the new master", WAIT, || {
+        let (mut conn, run, stream, contents) =
+            (conn.clone(), run.clone(), stream.clone(), contents.clone());
+        let mut again = Producer {
+            publisher: p.publisher.clone(),
+            id: p.id.clone(),
+            pseq: p.pseq,
+        };
+        async move {
+            again
+                .publish(&mut conn, &run, &stream, EntryType::Output, &contents)
+                .await
+                .ok()
+        }
+    })
+    .await;
+    while seen.len() < 150 {
+        seen.push(
+            sse.expect_entry("after the failover").await.json()["seq"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    assert_eq!(seen, (1..=150u64).collect::<Vec<_>>());
+    let reconnects = relay_metric(&relay.base, "agentrun_relay_redis_reconnects_total").await;
+    assert!(
+        reconnects >= 1,
+        "the relay's subscription moved to the new master"
+    );
+    relay.shutdown().await;
+}
