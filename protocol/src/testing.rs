@@ -478,6 +478,105 @@ impl RedisCluster {
         cluster
     }
 
+    /// A cluster of `masters` masters (no replicas) that speaks only TLS, to clients and on its
+    /// bus, with the server certificate of `tls` (its names: `localhost`, `127.0.0.1`, the
+    /// address the nodes announce); agentrun's functions are loaded on every master. Reach it
+    /// with [`RedisCluster::tls_settings`].
+    pub async fn start_tls(masters: usize, tls: &TlsFiles) -> Self {
+        let (cert, key, ca) = (
+            tls.server_cert.display().to_string(),
+            tls.server_key.display().to_string(),
+            tls.ca.display().to_string(),
+        );
+        let nodes: Vec<RedisServer> = (0..masters)
+            .map(|_| {
+                let port = free_cluster_port().to_string();
+                let args = [
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &port,
+                    "--tls-cluster",
+                    "yes",
+                    "--tls-replication",
+                    "yes",
+                    "--tls-cert-file",
+                    &cert,
+                    "--tls-key-file",
+                    &key,
+                    "--tls-ca-cert-file",
+                    &ca,
+                    "--tls-auth-clients",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--appendonly",
+                    "no",
+                ];
+                RedisServer::start_on(port.parse().expect("a port"), &args)
+            })
+            .collect();
+        let cli = |args: &[String]| {
+            let out = Command::new("redis-cli")
+                .args(["--tls", "--cacert", &ca])
+                .args(args)
+                .output()
+                .expect("run redis-cli (apt-get install redis-tools)");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let ports: Vec<String> = nodes.iter().map(|n| n.port().to_string()).collect();
+        if masters == 1 {
+            let out =
+                cli(&["-p", &ports[0], "CLUSTER", "ADDSLOTSRANGE", "0", "16383"].map(String::from));
+            assert!(out.contains("OK"), "CLUSTER ADDSLOTSRANGE: {out}");
+        } else {
+            let mut args: Vec<String> = vec!["--cluster".into(), "create".into()];
+            args.extend(ports.iter().map(|p| format!("127.0.0.1:{p}")));
+            args.push("--cluster-yes".into());
+            let out = cli(&args);
+            assert!(
+                out.contains("[OK] All 16384 slots covered"),
+                "redis-cli --cluster create: {out}"
+            );
+        }
+        for port in &ports {
+            wait_for(
+                "every node to see the cluster ok",
+                Duration::from_secs(30),
+                || async {
+                    cli(&["-p", port, "CLUSTER", "INFO"].map(String::from))
+                        .contains("cluster_state:ok")
+                        .then_some(())
+                },
+            )
+            .await;
+            let mut settings =
+                RedisSettings::from_url(&format!("rediss://127.0.0.1:{port}")).expect("valid url");
+            settings.ca_file = Some(tls.ca.clone());
+            let mut conn = settings.connect().await.expect("a TLS node answers");
+            crate::functions::load_library(&mut conn)
+                .await
+                .expect("FUNCTION LOAD on a master");
+        }
+        RedisCluster {
+            nodes,
+            host: "127.0.0.1".into(),
+        }
+    }
+
+    /// `rediss+cluster://` settings, with every node as a seed and the test CA, for a cluster
+    /// from [`RedisCluster::start_tls`].
+    pub fn tls_settings(&self, tls: &TlsFiles) -> RedisSettings {
+        let url = self
+            .url()
+            .replacen("redis+cluster://", "rediss+cluster://", 1);
+        let mut settings = RedisSettings::from_url(&url).expect("valid url");
+        settings.ca_file = Some(tls.ca.clone());
+        settings
+    }
+
     async fn wait_until_ok(&self) {
         for node in &self.nodes {
             wait_for(

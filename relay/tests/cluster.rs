@@ -2,12 +2,13 @@
 //! byte-exact through two relays, and viewers that follow a run while its slot's master fails
 //! over (`CLUSTER FAILOVER`, or a SIGKILL and the cluster's own failover), while its slot
 //! migrates to another master, or while the relay they watch through is killed, get every
-//! entry once, in order (see docs/scaling.md).
+//! entry once, in order; and a cluster that speaks only TLS is reached by the addresses its
+//! nodes announce (see docs/scaling.md).
 
 mod support;
 
 use agentrun_protocol::publish::{Batch, Expected};
-use agentrun_protocol::testing::{RedisCluster, wait_for};
+use agentrun_protocol::testing::{RedisCluster, TlsFiles, wait_for};
 use agentrun_protocol::{
     EntryType, NewEntry, PublishOptions, Publisher, RedisConn, RunId, RunState, StreamName,
 };
@@ -317,6 +318,46 @@ impl Setup {
         }
         viewers
     }
+}
+
+/// A cluster that speaks only TLS, to clients and on its bus: the relay and the producer
+/// reach each master at the address `CLUSTER SLOTS` announces (`127.0.0.1`), checked against
+/// the names in the nodes' certificate, and runs in every slot stream through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_stream_from_a_cluster_that_speaks_only_tls() {
+    let tls = TlsFiles::generate();
+    let cluster = RedisCluster::start_tls(3, &tls).await;
+    let mut conn = cluster.tls_settings(&tls).connect().await.unwrap();
+    let mut config = agentrun_relay::Config::for_redis(cluster.url().replacen(
+        "redis+cluster://",
+        "rediss+cluster://",
+        1,
+    ));
+    config.redis.ca_file = Some(tls.ca.clone());
+    let relay = Relay::start_with(config, "127.0.0.1:0").await;
+    // Nine runs: their slots are spread over the three masters.
+    let mut viewers = Vec::new();
+    let mut wanted = Vec::new();
+    for i in 0..9u64 {
+        let run = fresh_run("tls");
+        register(&mut conn, &run, &["a"]).await;
+        let followed = Arc::new(Mutex::new(Followed::default()));
+        follow(
+            relay.events_url(run.as_str(), "channels=output&variation=a"),
+            followed.clone(),
+        )
+        .await;
+        viewers.push((run.to_string(), followed));
+        let lines = tagged_lines(1..=20 + i, run.as_str());
+        cluster_producer("tls")
+            .output(&mut conn, &run, "a", &lines)
+            .await;
+        wanted.push(lines.concat().into_bytes());
+    }
+    for (viewer, want) in viewers.iter().zip(&wanted) {
+        wait_until_all_received(std::slice::from_ref(viewer), want).await;
+    }
+    relay.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
