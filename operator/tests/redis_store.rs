@@ -203,21 +203,9 @@ async fn wait_user_on(ports: &[u16], user: &str, known: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_runs_user_is_on_every_replica_so_a_sentinel_failover_keeps_its_sidecars_in() {
-    use agentrun_protocol::testing::{Sentinel, info_replication, wait_for};
+    use agentrun_protocol::testing::Sentinel;
     let master = RedisServer::start();
-    let replica =
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
-    wait_for(
-        "the replica to sync",
-        std::time::Duration::from_secs(10),
-        || async {
-            info_replication(replica.port())
-                .await
-                .contains("master_link_status:up")
-                .then_some(())
-        },
-    )
-    .await;
+    let replica = RedisServer::start_replica_of(master.port()).await;
     let sentinel = Sentinel::start(master.port());
     sentinel.wait_for_replica(replica.port()).await;
     let store = RedisStore::connect(&sentinel.settings(), 1000)
@@ -266,21 +254,8 @@ async fn a_runs_user_is_on_every_replica_so_a_sentinel_failover_keeps_its_sideca
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_that_restarts_gets_the_runs_users_again() {
-    use agentrun_protocol::testing::{info_replication, wait_for};
     let master = RedisServer::start();
-    let mut replica =
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
-    wait_for(
-        "the replica to sync",
-        std::time::Duration::from_secs(10),
-        || async {
-            info_replication(master.port())
-                .await
-                .contains("state=online")
-                .then_some(())
-        },
-    )
-    .await;
+    let mut replica = RedisServer::start_replica_of(master.port()).await;
     let store = RedisStore::connect(&master.settings(), 1000)
         .await
         .expect("connects");

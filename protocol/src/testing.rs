@@ -154,6 +154,19 @@ impl RedisServer {
         }
     }
 
+    /// Starts a replica of the server on `master_port` and waits until it is in sync.
+    pub async fn start_replica_of(master_port: u16) -> Self {
+        let replica = Self::start_with(&["--replicaof", "127.0.0.1", &master_port.to_string()]);
+        wait_for("the replica to sync", Duration::from_secs(10), || async {
+            info_replication(replica.port())
+                .await
+                .contains("master_link_status:up")
+                .then_some(())
+        })
+        .await;
+        replica
+    }
+
     /// Starts a server that speaks only TLS, with certificates from `tls`; with
     /// `require_client_cert`, clients must present a certificate signed by the test CA.
     pub fn start_tls(tls: &TlsFiles, require_client_cert: bool) -> Self {
@@ -331,16 +344,18 @@ impl Sentinel {
             },
         )
         .await;
-        wait_for(
-            "the sentinel to report the new master",
-            Duration::from_secs(20),
-            || async {
-                let (_, port): (String, u16) = self
-                    .command(&["GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])
-                    .await?;
-                (port == new_master_port).then_some(())
-            },
-        )
+        self.wait_for_master(new_master_port, Duration::from_secs(20))
+            .await;
+    }
+
+    /// Waits until the Sentinel names the server on `port` as the master.
+    pub async fn wait_for_master(&self, port: u16, within: Duration) {
+        wait_for("the sentinel to report the new master", within, || async {
+            let (_, master): (String, u16) = self
+                .command(&["GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])
+                .await?;
+            (master == port).then_some(())
+        })
         .await;
     }
 }
@@ -394,6 +409,29 @@ pub async fn direct(port: u16) -> Option<redis::aio::MultiplexedConnection> {
     client.get_multiplexed_async_connection().await.ok()
 }
 
+/// Asserts that one replica has every write made on `conn` so far (`WAIT 1`, 10 s at most):
+/// for tests about where writes go after a failover, not about what a failover can lose.
+pub async fn assert_replicated<C: redis::aio::ConnectionLike>(conn: &mut C) {
+    let acked: i64 = redis::cmd("WAIT")
+        .arg(1)
+        .arg(10_000)
+        .query_async(conn)
+        .await
+        .expect("WAIT");
+    assert_eq!(acked, 1, "the replica has the writes before the failover");
+}
+
+/// Waits until the server on `port` says it is a `master` or a `slave` (`INFO replication`).
+pub async fn wait_for_role(port: u16, role: &str, within: Duration) {
+    let line = format!("role:{role}");
+    wait_for(
+        &format!("the server on {port} to be {role}"),
+        within,
+        || async { info_replication(port).await.contains(&line).then_some(()) },
+    )
+    .await;
+}
+
 /// `INFO replication` of the server on `port` (empty when it does not answer).
 pub async fn info_replication(port: u16) -> String {
     let Some(mut c) = direct(port).await else {
@@ -405,6 +443,16 @@ pub async fn info_replication(port: u16) -> String {
         .await
         .unwrap_or_default()
 }
+
+/// What every node of a test cluster runs with.
+const CLUSTER_NODE_ARGS: [&str; 6] = [
+    "--cluster-enabled",
+    "yes",
+    "--cluster-node-timeout",
+    "2000",
+    "--appendonly",
+    "no",
+];
 
 /// A Redis Cluster of real `redis-server` processes on loopback: `masters` masters with
 /// `replicas` replicas each, made with `redis-cli --cluster create` (or, for one master
@@ -427,14 +475,7 @@ impl RedisCluster {
         let count = masters * (1 + replicas);
         let host = address.unwrap_or("127.0.0.1").to_owned();
         let bind = format!("127.0.0.1 {host}");
-        let mut args = vec![
-            "--cluster-enabled",
-            "yes",
-            "--cluster-node-timeout",
-            "2000",
-            "--appendonly",
-            "no",
-        ];
+        let mut args = CLUSTER_NODE_ARGS.to_vec();
         if address.is_some() {
             args.extend(["--bind", &bind, "--protected-mode", "no"]);
             args.extend(["--cluster-announce-ip", &host]);
@@ -508,13 +549,8 @@ impl RedisCluster {
                     &ca,
                     "--tls-auth-clients",
                     "no",
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-node-timeout",
-                    "2000",
-                    "--appendonly",
-                    "no",
                 ];
+                let args = [&args[..], &CLUSTER_NODE_ARGS[..]].concat();
                 RedisServer::start_on(port.parse().expect("a port"), &args)
             })
             .collect();

@@ -3,43 +3,18 @@
 //! `connect()` must find the new master by itself.
 
 use agentrun_protocol::RedisSettings;
-use agentrun_protocol::testing::{RedisServer, Sentinel, direct, info_replication, wait_for};
+use agentrun_protocol::testing::{RedisServer, Sentinel, assert_replicated, direct, wait_for_role};
 use redis::AsyncCommands;
-use std::collections::HashMap;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_follow_the_master_after_a_sentinel_failover() {
     let master = RedisServer::start();
-    let replica =
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
-    wait_for("the replica to sync", Duration::from_secs(10), || async {
-        info_replication(replica.port())
-            .await
-            .contains("master_link_status:up")
-            .then_some(())
-    })
-    .await;
+    let replica = RedisServer::start_replica_of(master.port()).await;
 
     let sentinel = Sentinel::start(master.port());
     // The Sentinel must know the replica, connected and in sync, before it can fail over.
-    wait_for(
-        "the sentinel to know the replica",
-        Duration::from_secs(10),
-        || async {
-            let replicas: Vec<HashMap<String, String>> =
-                sentinel.command(&["REPLICAS", "mymaster"]).await?;
-            replicas
-                .iter()
-                .any(|r| {
-                    r.get("port") == Some(&replica.port().to_string())
-                        && r.get("flags").map(String::as_str) == Some("slave")
-                        && r.get("master-link-status").map(String::as_str) == Some("ok")
-                })
-                .then_some(())
-        },
-    )
-    .await;
+    sentinel.wait_for_replica(replica.port()).await;
 
     let settings = RedisSettings::from_url(&format!(
         "redis+sentinel://127.0.0.1:{}/mymaster",
@@ -55,50 +30,15 @@ async fn writes_follow_the_master_after_a_sentinel_failover() {
     let () = conn.set("key", "before").await.unwrap();
     // Replication is asynchronous: the failover may only be asked for once the replica has
     // these writes (this test is about where writes go, not about what a failover can lose).
-    let acked: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(10_000)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(acked, 1, "the replica has the writes before the failover");
+    assert_replicated(&mut conn).await;
 
     let mut clone = conn.clone();
 
-    wait_for(
-        "SENTINEL FAILOVER to be accepted",
-        Duration::from_secs(15),
-        || async {
-            let ok: String = sentinel.command(&["FAILOVER", "mymaster"]).await?;
-            (ok == "OK").then_some(())
-        },
-    )
-    .await;
-    wait_for(
-        "the sentinel to report the replica as the new master",
-        Duration::from_secs(20),
-        || async {
-            let (_, port): (String, u16) = sentinel
-                .command(&["GET-MASTER-ADDR-BY-NAME", "mymaster"])
-                .await?;
-            (port == replica.port()).then_some(())
-        },
-    )
-    .await;
+    sentinel.failover_to(replica.port()).await;
 
     // Until the Sentinel demotes the old master it still takes writes (and loses them: Redis
     // replication is asynchronous); the question is what happens once it is a replica.
-    wait_for(
-        "the old master to become a replica",
-        Duration::from_secs(40),
-        || async {
-            info_replication(master.port())
-                .await
-                .contains("role:slave")
-                .then_some(())
-        },
-    )
-    .await;
+    wait_for_role(master.port(), "slave", Duration::from_secs(40)).await;
 
     // The same connection: writes fail for a moment at most, then reach the new master.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);

@@ -6,7 +6,7 @@
 mod support;
 
 use agentrun_protocol::testing::{
-    RedisServer, SENTINEL_MASTER, Sentinel, info_replication, wait_for,
+    RedisServer, SENTINEL_MASTER, Sentinel, assert_replicated, wait_for, wait_for_role,
 };
 use agentrun_protocol::{EntryType, StreamName};
 use agentrun_relay::Config;
@@ -16,15 +16,7 @@ use support::*;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sentinel_failover_loses_nothing_and_repeats_nothing() {
     let mut master = RedisServer::start();
-    let replica =
-        RedisServer::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
-    wait_for("the replica to sync", WAIT, || async {
-        info_replication(replica.port())
-            .await
-            .contains("master_link_status:up")
-            .then_some(())
-    })
-    .await;
+    let replica = RedisServer::start_replica_of(master.port()).await;
     let sentinel = Sentinel::start(master.port());
     sentinel.wait_for_replica(replica.port()).await;
 
@@ -57,38 +49,14 @@ async fn a_sentinel_failover_loses_nothing_and_repeats_nothing() {
     }
     // What the master acknowledged has reached the replica (replication is asynchronous; this
     // test is about where the relay reads after a failover, not what a failover can lose).
-    let acked: i64 = redis::cmd("WAIT")
-        .arg(1)
-        .arg(10_000)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(acked, 1);
+    assert_replicated(&mut conn).await;
 
     // The master dies; Sentinel finds it down and promotes the replica.
     master.kill();
-    wait_for(
-        "Sentinel to name the replica as master",
-        Duration::from_secs(30),
-        || async {
-            let (_, port): (String, u16) = sentinel
-                .command(&["GET-MASTER-ADDR-BY-NAME", SENTINEL_MASTER])
-                .await?;
-            (port == replica.port()).then_some(())
-        },
-    )
-    .await;
-    wait_for(
-        "the replica to take writes",
-        Duration::from_secs(30),
-        || async {
-            info_replication(replica.port())
-                .await
-                .contains("role:master")
-                .then_some(())
-        },
-    )
-    .await;
+    sentinel
+        .wait_for_master(replica.port(), Duration::from_secs(30))
+        .await;
+    wait_for_role(replica.port(), "master", Duration::from_secs(30)).await;
 
     // The producer writes on the new master (its connection follows Sentinel too).
     let contents: Vec<Vec<u8>> = tagged_lines(51..=150, "after")
