@@ -63,6 +63,7 @@ value_sets=(
   "redis-tls-external::--set redis.bundled=false --set redis.external.url=rediss://redis.example.com:6380 --set redis.external.existingSecret=my-redis --set redis.tls.enabled=true --set redis.tls.caSecret=redis-ca"
   "relay-tls::--set relay.tls.enabled=true --set relay.tls.secretName=relay-cert --set relay.ingress.enabled=true"
   "relay-tls-cert-manager::--set relay.tls.enabled=true --set relay.tls.certManager.enabled=true --set relay.tls.certManager.issuerRef.name=internal-ca --set relay.tls.certManager.issuerRef.kind=ClusterIssuer --set relay.tls.certManager.extraDnsNames={agentrun.example.com}"
+  "relay-tls-cert-manager-public::--set relay.tls.enabled=true --set relay.tls.certManager.enabled=true --set relay.tls.certManager.issuerRef.name=letsencrypt --set relay.tls.certManager.issuerRef.kind=ClusterIssuer --set relay.tls.certManager.serviceNames=false --set relay.tls.certManager.extraDnsNames={agentrun.example.com}"
   "openshift::--set openshift=true"
   "private-quota::--set sidecar.imagePullSecrets[0].name=regcred --set sidecar.imagePullSecrets[1].name=mirror --set sidecar.resources.limits.cpu=200m --set sidecar.resources.limits.memory=128Mi --set agentPods.fsGroup=2000 --set sidecar.securityContext.runAsUser=1000 --set sidecar.durability=replicas=1\\,timeout=500"
   "archive-fs::--set archive.enabled=true"
@@ -127,6 +128,7 @@ bad_values=(
   "/archiver/replicas::--set archive.enabled=true --set archiver.replicas=0"
   "relay.tls.certManager.issuerRef.name::--set relay.tls.enabled=true --set relay.tls.certManager.enabled=true"
   "needs relay.tls.enabled=true::--set relay.tls.certManager.enabled=true --set relay.tls.certManager.issuerRef.name=ca"
+  "the certificate would name nothing::--set relay.tls.enabled=true --set relay.tls.certManager.enabled=true --set relay.tls.certManager.issuerRef.name=ca --set relay.tls.certManager.serviceNames=false"
   "/relay/tls/certManager/issuerRef/kind::--set relay.tls.enabled=true --set relay.tls.certManager.enabled=true --set relay.tls.certManager.issuerRef.name=ca --set relay.tls.certManager.issuerRef.kind=Vault"
 )
 for entry in "${bad_values[@]}"; do
