@@ -27,7 +27,8 @@
 //! The publisher runs on a runtime of its own (one thread), so that the clients' reads do not
 //! hold it back, and spreads the runs over `--publishers` connections, each publishing its
 //! runs' entries of a tick as one pipeline. What it actually published is reported ("entries/s
-//! published"), beside what was asked.
+//! published"), beside what was asked. `--batch N` publishes N entries per run in each call
+//! (`rate / N` calls per second and run), as a producer that sends what it has gathered.
 //!
 //! `--tokens` starts the release `agentrun-sidecar` (next to the relay binary: build both with
 //! `cargo bench -p agentrun-relay -p agentrun-sidecar --no-run`) running this bench program as the agent, which
@@ -68,6 +69,9 @@ struct Scenario {
     relays: usize,
     /// Connections the publisher spreads the runs over.
     publishers: usize,
+    /// Entries each publish carries per run (`rate / batch` publishes per second and run), as
+    /// a producer that sends what it has every `batch / rate` seconds.
+    batch: u64,
     /// Connect the clients and publish nothing: relay memory of idle connections.
     idle: bool,
     /// One run fed by the real sidecar, whose agent writes `rate` lines per second.
@@ -325,6 +329,7 @@ async fn publish(
     rate: u64,
     seconds: u64,
     publishers: usize,
+    batch: u64,
 ) -> u64 {
     let publisher = Publisher::new(PublishOptions {
         publish_command: settings.publish_command(),
@@ -334,6 +339,8 @@ async fn publish(
     let ticks = rate * seconds;
     let period = Duration::from_micros(1_000_000 / rate.max(1));
     let publishers = publishers.clamp(1, runs.len().max(1));
+    let batch = batch.clamp(1, rate.max(1));
+    let (ticks, period) = (ticks / batch, period * batch as u32);
     let mut conns = Vec::new();
     for _ in 0..publishers {
         conns.push(settings.connect().await.expect("connect to Redis"));
@@ -348,18 +355,20 @@ async fn publish(
             let mut interval = tokio::time::interval_at(first, period);
             interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
             let mut published = 0u64;
-            for pseq in 1..=ticks {
+            for tick in 0..ticks {
                 interval.tick().await;
                 let futs = mine.iter().map(|r| {
                     let (mut c, publisher, stream) = (conn.clone(), &publisher, &stream);
                     async move {
-                        let entry = NewEntry {
-                            pseq,
-                            ts: agentrun_protocol::now_ms(),
-                            kind: EntryType::Output,
-                            content: Bytes::from(format!("T@{}@", micros())),
-                            meta: None,
-                        };
+                        let entries: Vec<NewEntry> = (1..=batch)
+                            .map(|i| NewEntry {
+                                pseq: tick * batch + i,
+                                ts: agentrun_protocol::now_ms(),
+                                kind: EntryType::Output,
+                                content: Bytes::from(format!("T@{}@", micros())),
+                                meta: None,
+                            })
+                            .collect();
                         publisher
                             .publish(
                                 &mut c,
@@ -367,7 +376,7 @@ async fn publish(
                                 Batch {
                                     stream,
                                     producer: "bench",
-                                    entries: std::slice::from_ref(&entry),
+                                    entries: &entries,
                                 },
                             )
                             .await
@@ -375,7 +384,7 @@ async fn publish(
                 });
                 for r in futures::future::join_all(futs).await {
                     r.expect("publish");
-                    published += 1;
+                    published += batch;
                 }
             }
             published
@@ -547,6 +556,7 @@ async fn run_scenario(
                 sc.rate,
                 sc.seconds,
                 sc.publishers,
+                sc.batch,
             ))
             .await
             .expect("publisher");
@@ -622,7 +632,13 @@ fn print(r: &Report) {
         if sc.idle {
             "none".to_owned()
         } else {
-            format!("{} entries/s per run, {} s", sc.rate, sc.seconds)
+            match sc.batch {
+                1 => format!("{} entries/s per run, {} s", sc.rate, sc.seconds),
+                b => format!(
+                    "{} entries/s per run, {b} per publish, {} s",
+                    sc.rate, sc.seconds
+                ),
+            }
         },
         r.published as f64 / r.send_secs,
         r.delivered as f64 / r.send_secs,
@@ -677,6 +693,7 @@ fn main() {
         seconds: 20,
         relays: 1,
         publishers: 4,
+        batch: 1,
         idle: false,
         tokens: false,
     };
@@ -689,6 +706,7 @@ fn main() {
             seconds: arg(&args, "--seconds").unwrap_or(20),
             relays: arg(&args, "--relays").unwrap_or(1) as usize,
             publishers: arg(&args, "--publishers").unwrap_or(4) as usize,
+            batch: arg(&args, "--batch").unwrap_or(1),
             idle: has(&args, "--idle"),
             tokens: has(&args, "--tokens"),
         }],
