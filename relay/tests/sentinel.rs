@@ -6,9 +6,8 @@
 mod support;
 
 use agentrun_protocol::testing::{
-    RedisServer, SENTINEL_MASTER, Sentinel, assert_replicated, wait_for, wait_for_role,
+    RedisServer, SENTINEL_MASTER, Sentinel, assert_replicated, wait_for_role,
 };
-use agentrun_protocol::{EntryType, StreamName};
 use agentrun_relay::Config;
 use std::time::Duration;
 use support::*;
@@ -40,13 +39,7 @@ async fn a_sentinel_failover_loses_nothing_and_repeats_nothing() {
     p.output(&mut conn, &run, "a", &tagged_lines(1..=50, "before"))
         .await;
     let mut seen = Vec::new();
-    while seen.len() < 50 {
-        seen.push(
-            sse.expect_entry("before the failover").await.json()["seq"]
-                .as_u64()
-                .unwrap(),
-        );
-    }
+    sse.collect_seqs(&mut seen, 50, "before the failover").await;
     // What the master acknowledged has reached the replica (replication is asynchronous; this
     // test is about where the relay reads after a failover, not what a failover can lose).
     assert_replicated(&mut conn).await;
@@ -59,34 +52,9 @@ async fn a_sentinel_failover_loses_nothing_and_repeats_nothing() {
     wait_for_role(replica.port(), "master", Duration::from_secs(30)).await;
 
     // The producer writes on the new master (its connection follows Sentinel too).
-    let contents: Vec<Vec<u8>> = tagged_lines(51..=150, "after")
-        .into_iter()
-        .map(String::into_bytes)
-        .collect();
-    let stream = StreamName::Output(var("a"));
-    wait_for("publishing on the new master", WAIT, || {
-        let (mut conn, run, stream, contents) =
-            (conn.clone(), run.clone(), stream.clone(), contents.clone());
-        let mut again = Producer {
-            publisher: p.publisher.clone(),
-            id: p.id.clone(),
-            pseq: p.pseq,
-        };
-        async move {
-            again
-                .publish(&mut conn, &run, &stream, EntryType::Output, &contents)
-                .await
-                .ok()
-        }
-    })
-    .await;
-    while seen.len() < 150 {
-        seen.push(
-            sse.expect_entry("after the failover").await.json()["seq"]
-                .as_u64()
-                .unwrap(),
-        );
-    }
+    p.output_when_redis_takes_it(&conn, &run, "a", &tagged_lines(51..=150, "after"))
+        .await;
+    sse.collect_seqs(&mut seen, 150, "after the failover").await;
     assert_eq!(seen, (1..=150u64).collect::<Vec<_>>());
     let reconnects = relay_metric(&relay.base, "agentrun_relay_redis_reconnects_total").await;
     assert!(

@@ -2,7 +2,6 @@
 
 mod support;
 
-use agentrun_protocol::testing::wait_for;
 use agentrun_protocol::{PublishOptions, RunState, StatusEvent, StreamName};
 use support::*;
 
@@ -288,51 +287,18 @@ async fn redis_restart_mid_stream_loses_nothing() {
     p.output(&mut conn, &run, "a", &tagged_lines(1..=100, "before"))
         .await;
     let mut seen = Vec::new();
-    while seen.len() < 100 {
-        seen.push(
-            sse.expect_entry("before the outage").await.json()["seq"]
-                .as_u64()
-                .unwrap(),
-        );
-    }
+    sse.collect_seqs(&mut seen, 100, "before the outage").await;
 
     redis.restart();
     // Publish once Redis is back (the command connection reconnects by itself).
     let mut published = 100;
-    let batch = tagged_lines(101..=300, "after");
-    wait_for("publishing after the restart", WAIT, || {
-        let mut conn = conn.clone();
-        let batch = batch.clone();
-        let run = run.clone();
-        let mut p2 = Producer {
-            publisher: p.publisher.clone(),
-            id: p.id.clone(),
-            pseq: p.pseq,
-        };
-        async move {
-            let contents: Vec<Vec<u8>> = batch.iter().map(|l| l.clone().into_bytes()).collect();
-            p2.publish(
-                &mut conn,
-                &run,
-                &StreamName::Output(var("a")),
-                agentrun_protocol::EntryType::Output,
-                &contents,
-            )
-            .await
-            .ok()
-        }
-    })
-    .await;
+    p.output_when_redis_takes_it(&conn, &run, "a", &tagged_lines(101..=300, "after"))
+        .await;
     published += 200;
     // Entries published right after the restart, perhaps before the relay re-subscribed,
     // arrive too: either live or replayed from the stream.
-    while seen.len() < published {
-        seen.push(
-            sse.expect_entry("after the restart").await.json()["seq"]
-                .as_u64()
-                .unwrap(),
-        );
-    }
+    sse.collect_seqs(&mut seen, published, "after the restart")
+        .await;
     assert_eq!(seen, (1..=300u64).collect::<Vec<_>>());
     let text = metrics_text(&relay.base).await;
     assert!(

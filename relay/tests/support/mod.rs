@@ -188,6 +188,14 @@ impl SseClient {
             }
         }
     }
+
+    /// The `seq`s of the next entries, until `seen` holds `total`.
+    pub async fn collect_seqs(&mut self, seen: &mut Vec<u64>, total: usize, what: &str) {
+        while seen.len() < total {
+            let seq = self.expect_entry(what).await.json()["seq"].as_u64();
+            seen.push(seq.expect("an entry has a seq"));
+        }
+    }
 }
 
 /// Lines `TAG N\n` for N in `range`.
@@ -227,6 +235,7 @@ pub async fn redis_with_run(
 }
 
 /// Publishes entries as one producer would, with its own producer sequence.
+#[derive(Clone)]
 pub struct Producer {
     pub publisher: Publisher,
     pub id: String,
@@ -305,6 +314,32 @@ impl Producer {
         )
         .await
         .unwrap()
+    }
+
+    /// Like [`Producer::output`], trying again until Redis takes it (or [`WAIT`] runs out):
+    /// for right after an outage or a failover, when writes fail for a moment.
+    pub async fn output_when_redis_takes_it(
+        &mut self,
+        conn: &RedisConn,
+        run: &RunId,
+        v: &str,
+        lines: &[String],
+    ) {
+        let contents: Vec<Vec<u8>> = lines.iter().map(|l| l.clone().into_bytes()).collect();
+        let stream = StreamName::Output(var(v));
+        let this = &*self;
+        wait_for("Redis to take the output", WAIT, || {
+            let (mut conn, mut again) = (conn.clone(), this.clone());
+            let (run, stream, contents) = (run.clone(), stream.clone(), contents.clone());
+            async move {
+                again
+                    .publish(&mut conn, &run, &stream, EntryType::Output, &contents)
+                    .await
+                    .ok()
+            }
+        })
+        .await;
+        self.pseq += contents.len() as u64;
     }
 
     pub async fn status(&mut self, conn: &mut RedisConn, run: &RunId, event: StatusEvent) {
