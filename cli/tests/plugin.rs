@@ -576,7 +576,8 @@ async fn logs_follow_says_when_the_history_is_reset_and_goes_on() {
     })
     .await;
 
-    // Redis loses the stream (and the producer's record of it), and it is written again.
+    // Redis loses the stream (and the producers hash its record of it: the producer's last
+    // pseq and the stream's top), and it is written again.
     let key = StreamName::Output(Variation::new("a").unwrap()).key(&w.run);
     let _: () = redis::pipe()
         .cmd("DEL")
@@ -584,6 +585,7 @@ async fn logs_follow_says_when_the_history_is_reset_and_goes_on() {
         .cmd("HDEL")
         .arg(w.run.producers_key())
         .arg(format!("{key}|w"))
+        .arg(&key)
         .query_async(&mut w.conn)
         .await
         .unwrap();

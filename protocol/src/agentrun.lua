@@ -11,6 +11,13 @@
 -- Every function touches only the keys it is given, and Redis checks each call inside it
 -- against the caller's ACL user, so a run's user still reaches only its own run's keys.
 
+-- The seq of the newest entry of a stream (0: none).
+local function newest_seq(key)
+  local newest = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
+  if #newest > 0 then return tonumber(string.sub(newest[1][1], 3)) end
+  return 0
+end
+
 -- Appends a batch of entries of one producer to one stream and announces each on the channel
 -- of the same name (protocol/src/publish.rs explains dedup, sequence numbers and epochs).
 -- keys[1] stream key (and channel); keys[2] producers hash; keys[3] (optional) the run's
@@ -21,31 +28,68 @@
 -- five values per entry: pseq, ts, type, content, meta ("" = none).
 -- Returns {last stream seq, entries appended, highest pseq applied, epoch ("" = none),
 -- 1 when this call started a new epoch because the history was rewound, else 0}.
+--
+-- The producers hash also keeps each stream's top (field: the stream key itself), written in
+-- the same step as the entries, so that a publish does not read the newest entry to learn it
+-- (that read costs more than the append). Without it (a stream written before it was kept)
+-- the newest entry says; when the stream is ahead of it (changed by hand) the append is
+-- refused and the newest entry says. Numbers stay the strings they came as where they can:
+-- formatting a Lua number is dear too.
 local function publish(keys, args)
   local field = keys[1] .. '|' .. args[1]
+  -- (HGET twice rather than HMGET: run users of older releases may not HMGET.)
   local applied = tonumber(redis.call('HGET', keys[2], field) or '0')
-  local top = 0
-  local newest = redis.call('XREVRANGE', keys[1], '+', '-', 'COUNT', 1)
-  if #newest > 0 then
-    top = tonumber(string.sub(newest[1][1], 3))
-  end
-  local fresh = false
+  local top = tonumber(redis.call('HGET', keys[2], keys[1]))
+  local first = nil
   for i = 7, #args, 5 do
-    if tonumber(args[i]) > applied then fresh = true; break end
+    if tonumber(args[i]) > applied then first = i; break end
   end
   local epoch = ''
+  if #keys >= 3 then epoch = redis.call('HGET', keys[3], 'epoch') or '' end
+  if not first then
+    -- Only re-sends: nothing changes.
+    return {top or newest_seq(keys[1]), 0, applied, epoch, 0}
+  end
+  if not top then top = newest_seq(keys[1]) end
+  local head = {keys[1]}
+  if tonumber(args[2]) > 0 then head = {keys[1], 'MAXLEN', '~', args[2]} end
+  -- Appends entry i as seq top + 1 and returns that seq (a string).
+  local function append(i)
+    local xadd = {unpack(head)}
+    local n = #xadd
+    xadd[n + 1] = '0-?'
+    xadd[n + 2] = 'seq'; xadd[n + 3] = '?'
+    xadd[n + 4] = 'ts'; xadd[n + 5] = args[i + 1]
+    xadd[n + 6] = 'type'; xadd[n + 7] = args[i + 2]
+    xadd[n + 8] = 'content'; xadd[n + 9] = args[i + 3]
+    if args[i + 4] ~= '' then
+      xadd[n + 10] = 'meta'; xadd[n + 11] = args[i + 4]
+    end
+    for attempt = 1, 2 do
+      local seq = tostring(top + 1)
+      xadd[n + 1] = '0-' .. seq
+      xadd[n + 3] = seq
+      local r = redis.pcall('XADD', unpack(xadd))
+      if type(r) ~= 'table' or not r.err then
+        top = top + 1
+        return seq
+      end
+      -- The stream is ahead of the top kept for it: learn it from the newest entry once.
+      if attempt == 2 or not string.find(r.err, 'equal or smaller', 1, true) then error(r) end
+      top = newest_seq(keys[1])
+    end
+  end
+  local seq = append(first)
   local rewound = 0
   if #keys >= 3 then
+    -- The stream's top before this batch, against the one the producer was acknowledged.
+    local before = top - 1
     local expected = tonumber(args[5])
-    epoch = redis.call('HGET', keys[3], 'epoch')
-    if not epoch then
-      epoch = ''
-      if fresh then
-        epoch = args[4]
-        redis.call('HSET', keys[3], 'epoch', epoch)
-        if expected > 0 then rewound = 1 end
-      end
-    elseif fresh and expected > 0 and top < expected and epoch == args[6] then
+    if epoch == '' then
+      epoch = args[4]
+      redis.call('HSET', keys[3], 'epoch', epoch)
+      if expected > 0 then rewound = 1 end
+    elseif expected > 0 and before < expected and epoch == args[6] then
       epoch = args[4]
       redis.call('HSET', keys[3], 'epoch', epoch)
       rewound = 1
@@ -53,37 +97,25 @@ local function publish(keys, args)
   end
   local tail = ''
   if epoch ~= '' then tail = ' ' .. epoch end
-  local maxlen = tonumber(args[2])
   local pub = args[3]
   local added = 0
-  for i = 7, #args, 5 do
+  local applied_arg = ''
+  for i = first, #args, 5 do
     local pseq = tonumber(args[i])
     if pseq > applied then
-      top = top + 1
-      local ts, kind, content, meta = args[i + 1], args[i + 2], args[i + 3], args[i + 4]
-      local xadd = {keys[1]}
-      if maxlen > 0 then
-        xadd[#xadd + 1] = 'MAXLEN'; xadd[#xadd + 1] = '~'; xadd[#xadd + 1] = maxlen
-      end
-      xadd[#xadd + 1] = '0-' .. top
-      xadd[#xadd + 1] = 'seq'; xadd[#xadd + 1] = top
-      xadd[#xadd + 1] = 'ts'; xadd[#xadd + 1] = ts
-      xadd[#xadd + 1] = 'type'; xadd[#xadd + 1] = kind
-      xadd[#xadd + 1] = 'content'; xadd[#xadd + 1] = content
-      if meta ~= '' then
-        xadd[#xadd + 1] = 'meta'; xadd[#xadd + 1] = meta
-      end
-      redis.call('XADD', unpack(xadd))
+      if i ~= first then seq = append(i) end
       if pub ~= '' then
-        redis.call(pub, keys[1], top .. ' ' .. ts .. ' ' .. kind .. ' ' .. #meta .. tail .. '\n' .. meta .. content)
+        local meta = args[i + 4]
+        local metalen = '0'
+        if meta ~= '' then metalen = tostring(#meta) end
+        redis.call(pub, keys[1], seq .. ' ' .. args[i + 1] .. ' ' .. args[i + 2] .. ' ' .. metalen .. tail .. '\n' .. meta .. args[i + 3])
       end
       applied = pseq
+      applied_arg = args[i]
       added = added + 1
     end
   end
-  if added > 0 then
-    redis.call('HSET', keys[2], field, applied)
-  end
+  redis.call('HSET', keys[2], field, applied_arg, keys[1], seq)
   return {top, added, applied, epoch, rewound}
 end
 

@@ -145,6 +145,94 @@ async fn trimmed_history_is_reported() {
     assert_eq!(page.entries.last().unwrap().seq, 500);
 }
 
+/// Sequence numbers go on from the top the producers hash keeps for the stream, not from its
+/// newest entry: a stream emptied by hand (`XTRIM MAXLEN 0`, `XDEL` of its newest entries)
+/// keeps counting, so a number is never given to two entries and readers are told what went.
+/// A kept top that is missing (a stream written before it was kept) or behind the stream
+/// (changed by hand) gives way to the stream's newest entry.
+#[tokio::test]
+async fn a_stream_emptied_by_hand_keeps_counting() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let run = RunId::new("t-emptied").unwrap();
+    let stream = StreamName::Output(Variation::default_name());
+    let key = stream.key(&run);
+    let publisher = Publisher::new(PublishOptions::default());
+    let publishing = conn.clone();
+    let publish = |entries: Vec<NewEntry>| {
+        let (publisher, stream, run) = (&publisher, &stream, &run);
+        let mut conn = publishing.clone();
+        async move {
+            publisher
+                .publish(
+                    &mut conn,
+                    run,
+                    Batch {
+                        stream,
+                        producer: "p",
+                        entries: &entries,
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        publish((1..=3).map(|i| entry(i, b"a")).collect())
+            .await
+            .last_seq,
+        3
+    );
+
+    let _: () = redis::cmd("XDEL")
+        .arg(&key)
+        .arg("0-3")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let out = publish(vec![entry(4, b"after xdel")]).await;
+    assert_eq!((out.last_seq, out.appended), (4, 1));
+
+    let _: () = redis::cmd("XTRIM")
+        .arg(&key)
+        .arg("MAXLEN")
+        .arg(0)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let out = publish(vec![entry(5, b"after xtrim"), entry(6, b"and one more")]).await;
+    assert_eq!((out.last_seq, out.appended, out.applied_pseq), (6, 2, 6));
+
+    let page = read_page(&mut conn, &key, 2, 100).await.unwrap();
+    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [5, 6]);
+    assert_eq!(page.entries[0].content.as_ref(), b"after xtrim");
+    let trimmed = page.trimmed.expect("the entries that went are reported");
+    assert_eq!((trimmed.wanted, trimmed.first_available), (3, 5));
+
+    let _: () = redis::cmd("HDEL")
+        .arg(run.producers_key())
+        .arg(&key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(publish(vec![entry(7, b"no kept top")]).await.last_seq, 7);
+    let _: () = redis::cmd("HSET")
+        .arg(run.producers_key())
+        .arg(&key)
+        .arg(2)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        publish(vec![entry(8, b"kept top behind")]).await.last_seq,
+        8
+    );
+    let all = read_page(&mut conn, &key, 0, 100).await.unwrap();
+    let seqs: Vec<u64> = all.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [5, 6, 7, 8]);
+}
+
 #[tokio::test]
 async fn runs_are_registered_once() {
     let redis = RedisServer::start();
@@ -312,7 +400,8 @@ async fn a_rewound_stream_gets_the_run_a_new_epoch_once_and_readers_see_which() 
     assert_eq!((got.seq, epoch), (1, Some(e1)));
 
     // Redis loses the last two entries of both streams, and what the producers hash
-    // recorded for them (as an AOF that was not synced would).
+    // recorded for them: the producers' last pseq and the streams' tops (as an AOF that was
+    // not synced would).
     let mut lose = redis::pipe();
     lose.cmd("XDEL").arg(output.key(&run)).arg("0-4").arg("0-5");
     lose.cmd("XSETID").arg(output.key(&run)).arg("0-3");
@@ -322,7 +411,11 @@ async fn a_rewound_stream_gets_the_run_a_new_epoch_once_and_readers_see_which() 
         .arg(run.producers_key())
         .arg(format!("{}|p", output.key(&run)))
         .arg(3)
+        .arg(output.key(&run))
+        .arg(3)
         .arg(format!("{}|p", logs.key(&run)))
+        .arg(0)
+        .arg(logs.key(&run))
         .arg(0)
         .query_async(&mut conn)
         .await

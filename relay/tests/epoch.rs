@@ -179,14 +179,14 @@ async fn seq_numbers_going_backwards_on_the_live_feed_send_a_reset() {
         assert_eq!(sse.expect_entry("old entries").await.json()["seq"], want);
     }
 
-    // The stream loses its history and is written again from seq 1 (a publisher that does
-    // not check the stream's top, after a Redis that lost writes).
+    // The stream loses its history, and the producers hash the top it kept for it, and is
+    // written again from seq 1 (a publisher that does not check the stream's top, after a
+    // Redis that lost writes).
     let key = StreamName::Output(var("a")).key(&run);
-    let _: () = redis::cmd("DEL")
-        .arg(&key)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let mut lose = redis::pipe();
+    lose.cmd("DEL").arg(&key);
+    lose.cmd("HDEL").arg(run.producers_key()).arg(&key);
+    let _: () = lose.query_async(&mut conn).await.unwrap();
     let mut again = Producer::new("p-again");
     again
         .publish(
