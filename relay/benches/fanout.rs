@@ -35,6 +35,10 @@
 //! writes `--rate` lines per second, each carrying the microsecond it was written; latency is
 //! *agent write -> client read*, through the entrypoint's pipe, the sidecar, Redis and the relay.
 //!
+//! `--tls` serves the relay over HTTPS (a self-signed certificate for `localhost`) and has each
+//! client speak HTTP/1.1 over a TLS connection of its own; `--h2` the same with HTTP/2 (ALPN),
+//! one stream per connection. Without either, clients speak plain HTTP/1.1 on raw sockets.
+//!
 //! `AGENTRUN_RELAY_BIN=PATH` runs another relay binary (to compare builds with the same bench).
 //!
 //! `--relays N` starts N relay processes and spreads the clients over them (client i on relay
@@ -76,6 +80,29 @@ struct Scenario {
     idle: bool,
     /// One run fed by the real sidecar, whose agent writes `rate` lines per second.
     tokens: bool,
+    /// How the clients talk to the relay.
+    transport: Transport,
+}
+
+/// The clients' connections to the relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// Plain HTTP/1.1 (what an ingress or a Service in front of the relay speaks to it).
+    Plain,
+    /// HTTP/1.1 over the relay's TLS (`--tls-cert`), one connection per client.
+    Tls,
+    /// HTTP/2 over the relay's TLS, one connection per client, one stream on each.
+    H2,
+}
+
+impl Transport {
+    fn describe(self) -> &'static str {
+        match self {
+            Transport::Plain => "",
+            Transport::Tls => ", HTTP/1.1 over TLS",
+            Transport::H2 => ", HTTP/2 over TLS",
+        }
+    }
 }
 
 impl Scenario {
@@ -87,11 +114,19 @@ impl Scenario {
             );
         }
         if self.idle {
-            return format!("{} idle clients on {} run(s)", self.clients, self.runs);
+            return format!(
+                "{} idle clients on {} run(s){}",
+                self.clients,
+                self.runs,
+                self.transport.describe()
+            );
         }
         format!(
-            "{} clients on {} run(s), {} relay(s)",
-            self.clients, self.runs, self.relays
+            "{} clients on {} run(s), {} relay(s){}",
+            self.clients,
+            self.runs,
+            self.relays,
+            self.transport.describe()
         )
     }
 }
@@ -203,49 +238,29 @@ fn fd_limit() -> u64 {
 /// What marks a timestamp in an entry's content: `T@MICROS@`.
 const STAMP: &[u8] = b"T@";
 
-/// One SSE client on a raw socket: counts deliveries and records latencies (every `T@MICROS@`
-/// in what it reads is one delivery).
-async fn client(
-    addr: String,
-    run: String,
-    connected: Arc<AtomicUsize>,
-    stop: tokio::sync::watch::Receiver<bool>,
-    permit: tokio::sync::OwnedSemaphorePermit,
-) -> std::io::Result<Vec<u32>> {
-    let mut permit = Some(permit);
-    let mut s = TcpStream::connect(&addr).await?;
-    s.write_all(
-        format!(
-            "GET /api/runs/{run}/events?channels=output&from=now HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
-        )
-        .as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    let mut tmp = vec![0u8; 4096];
-    let mut latencies = Vec::new();
-    let mut open = false;
-    let mut stop = stop;
-    loop {
-        let n = tokio::select! {
-            r = s.read(&mut tmp) => r?,
-            _ = stop.changed() => break,
-        };
-        if n == 0 {
-            break;
+/// Reads what a client receives: finds the stream's `open` event, then counts deliveries and
+/// records latencies (every `T@MICROS@` is one delivery).
+#[derive(Default)]
+struct Stamps {
+    buf: Vec<u8>,
+    open: bool,
+    latencies: Vec<u32>,
+}
+
+impl Stamps {
+    /// Takes bytes read at `now` (µs); returns true when they held the `open` event.
+    fn feed(&mut self, data: &[u8], now: u64) -> bool {
+        self.buf.extend_from_slice(data);
+        let mut opened = false;
+        if !self.open {
+            let Some(pos) = self.buf.windows(11).position(|w| w == b"event: open") else {
+                return false;
+            };
+            self.open = true;
+            opened = true;
+            self.buf.drain(..pos + 11);
         }
-        let now = micros();
-        buf.extend_from_slice(&tmp[..n]);
-        if !open {
-            if let Some(pos) = buf.windows(11).position(|w| w == b"event: open") {
-                open = true;
-                permit.take();
-                connected.fetch_add(1, Ordering::SeqCst);
-                buf.drain(..pos + 11);
-            } else {
-                continue;
-            }
-        }
+        let buf = &self.buf;
         let mut consumed = 0;
         let mut i = 0;
         while let Some(off) = buf[i..].windows(STAMP.len()).position(|w| w == STAMP) {
@@ -257,21 +272,145 @@ async fn client(
                 .ok()
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(now);
-            latencies.push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
+            self.latencies
+                .push(now.saturating_sub(sent).min(u32::MAX as u64) as u32);
             i = start + end;
             consumed = i;
         }
         if consumed > 0 {
-            buf.drain(..consumed);
-        } else if buf.len() > 64 * 1024 {
-            let keep = buf.len() - 64;
-            buf.drain(..keep);
+            self.buf.drain(..consumed);
+        } else if self.buf.len() > 64 * 1024 {
+            let keep = self.buf.len() - 64;
+            self.buf.drain(..keep);
         }
-        if buf.capacity() > 16 * 1024 && buf.len() < 1024 {
-            buf.shrink_to(1024);
+        if self.buf.capacity() > 16 * 1024 && self.buf.len() < 1024 {
+            self.buf.shrink_to(1024);
+        }
+        opened
+    }
+}
+
+/// What a client needs: where the relay is, how to reach it, when to stop.
+struct ClientSetup {
+    addr: String,
+    run: String,
+    transport: Transport,
+    /// The relay's certificate (PEM), for the TLS transports.
+    ca: Option<Arc<Vec<u8>>>,
+    connected: Arc<AtomicUsize>,
+    stop: tokio::sync::watch::Receiver<bool>,
+    permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// One SSE client: counts deliveries and records latencies.
+async fn client(setup: ClientSetup) -> std::io::Result<Vec<u32>> {
+    match setup.transport {
+        Transport::Plain => raw_client(setup).await,
+        Transport::Tls | Transport::H2 => https_client(setup).await,
+    }
+}
+
+/// A plain HTTP/1.1 client on a raw socket.
+async fn raw_client(setup: ClientSetup) -> std::io::Result<Vec<u32>> {
+    let ClientSetup {
+        addr,
+        run,
+        connected,
+        mut stop,
+        permit,
+        ..
+    } = setup;
+    let mut permit = Some(permit);
+    let mut s = TcpStream::connect(&addr).await?;
+    s.write_all(
+        format!(
+            "GET /api/runs/{run}/events?channels=output&from=now HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+        )
+        .as_bytes(),
+    )
+    .await?;
+    let mut tmp = vec![0u8; 4096];
+    let mut stamps = Stamps::default();
+    loop {
+        let n = tokio::select! {
+            r = s.read(&mut tmp) => r?,
+            _ = stop.changed() => break,
+        };
+        if n == 0 {
+            break;
+        }
+        if stamps.feed(&tmp[..n], micros()) {
+            permit.take();
+            connected.fetch_add(1, Ordering::SeqCst);
         }
     }
-    Ok(latencies)
+    Ok(stamps.latencies)
+}
+
+/// An HTTPS client that trusts `ca` and finds `localhost` at `addr`.
+fn https(addr: &str, ca: &[u8]) -> reqwest::ClientBuilder {
+    let ca = reqwest::Certificate::from_pem(ca).expect("the relay's certificate");
+    reqwest::Client::builder()
+        .add_root_certificate(ca)
+        .https_only(true)
+        .resolve("localhost", addr.parse().expect("the relay's address"))
+}
+
+fn port_of(addr: &str) -> &str {
+    addr.rsplit_once(':').map(|(_, p)| p).unwrap_or_default()
+}
+
+/// A client over the relay's TLS, with a connection of its own: HTTP/1.1 or HTTP/2 as its
+/// transport says (ALPN).
+async fn https_client(setup: ClientSetup) -> std::io::Result<Vec<u32>> {
+    let ClientSetup {
+        addr,
+        run,
+        transport,
+        ca,
+        connected,
+        mut stop,
+        permit,
+    } = setup;
+    let mut permit = Some(permit);
+    let builder = https(&addr, ca.as_deref().expect("the relay's certificate"));
+    let builder = match transport {
+        Transport::H2 => builder,
+        _ => builder.http1_only(),
+    };
+    let http = builder.build().map_err(std::io::Error::other)?;
+    let mut resp = http
+        .get(format!(
+            "https://localhost:{}/api/runs/{run}/events?channels=output&from=now",
+            port_of(&addr)
+        ))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .map_err(std::io::Error::other)?;
+    let want = match transport {
+        Transport::H2 => reqwest::Version::HTTP_2,
+        _ => reqwest::Version::HTTP_11,
+    };
+    if resp.version() != want {
+        return Err(std::io::Error::other(format!(
+            "the relay answered {:?}, not {want:?}",
+            resp.version()
+        )));
+    }
+    let mut stamps = Stamps::default();
+    loop {
+        let chunk = tokio::select! {
+            r = resp.chunk() => r.map_err(std::io::Error::other)?,
+            _ = stop.changed() => break,
+        };
+        let Some(chunk) = chunk else { break };
+        if stamps.feed(&chunk, micros()) {
+            permit.take();
+            connected.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+    Ok(stamps.latencies)
 }
 
 /// The relay binary: this package's release build, or `AGENTRUN_RELAY_BIN`.
@@ -295,20 +434,55 @@ fn sidecar_binary() -> std::path::PathBuf {
     path
 }
 
-/// Starts a relay process on a free port and waits until it is ready.
-async fn start_relay(url: &str) -> (Child, String) {
+/// A certificate for `localhost` and its key, for the TLS transports.
+struct Cert {
+    _dir: tempfile::TempDir,
+    cert: std::path::PathBuf,
+    key: std::path::PathBuf,
+    pem: Arc<Vec<u8>>,
+}
+
+fn localhost_cert() -> Cert {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let generated = rcgen::generate_simple_self_signed(vec!["localhost".into()])
+        .expect("a self-signed certificate");
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    let pem = generated.cert.pem().into_bytes();
+    std::fs::write(&cert, &pem).expect("write the certificate");
+    std::fs::write(&key, generated.signing_key.serialize_pem()).expect("write the key");
+    Cert {
+        _dir: dir,
+        cert,
+        key,
+        pem: Arc::new(pem),
+    }
+}
+
+/// Starts a relay process on a free port (HTTPS with `cert`) and waits until it is ready.
+async fn start_relay(url: &str, cert: Option<&Cert>) -> (Child, String) {
     let addr = format!("127.0.0.1:{}", free_port());
-    let relay: Child = Command::new(relay_binary())
-        .args(["--redis-url", url, "--listen", &addr])
+    let mut command = Command::new(relay_binary());
+    command.args(["--redis-url", url, "--listen", &addr]);
+    if let Some(c) = cert {
+        command.arg("--tls-cert").arg(&c.cert);
+        command.arg("--tls-key").arg(&c.key);
+    }
+    let relay: Child = command
         .env("RUST_LOG", "warn")
         .stdout(Stdio::null())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start agentrun-relay");
-    let http = reqwest::Client::new();
+    let (http, ready) = match cert {
+        Some(c) => (
+            https(&addr, &c.pem).build().expect("an HTTPS client"),
+            format!("https://localhost:{}/readyz", port_of(&addr)),
+        ),
+        None => (reqwest::Client::new(), format!("http://{addr}/readyz")),
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while http
-        .get(format!("http://{addr}/readyz"))
+        .get(&ready)
         .send()
         .await
         .map(|r| !r.status().is_success())
@@ -441,9 +615,10 @@ async fn run_scenario(
     sc: Scenario,
     publisher_rt: &tokio::runtime::Handle,
 ) -> Report {
+    let cert = (sc.transport != Transport::Plain).then(localhost_cert);
     let mut relays = Vec::new();
     for _ in 0..sc.relays.max(1) {
-        relays.push(start_relay(&target.url()).await);
+        relays.push(start_relay(&target.url(), cert.as_ref()).await);
     }
     let pids: Vec<String> = relays.iter().map(|(r, _)| r.id().to_string()).collect();
     let rss = || -> u64 { relays.iter().map(|(r, _)| rss_kib(r.id())).sum() };
@@ -516,7 +691,15 @@ async fn run_scenario(
         let stop_rx = stop_rx.clone();
         // At most 256 connections in their handshake at once.
         let permit = sem.clone().acquire_owned().await.unwrap();
-        tasks.push(tokio::spawn(client(addr, run, connected, stop_rx, permit)));
+        tasks.push(tokio::spawn(client(ClientSetup {
+            addr,
+            run,
+            transport: sc.transport,
+            ca: cert.as_ref().map(|c| c.pem.clone()),
+            connected,
+            stop: stop_rx,
+            permit,
+        })));
     }
     let deadline = Instant::now() + Duration::from_secs(180);
     while connected.load(Ordering::SeqCst) < sc.clients {
@@ -696,6 +879,7 @@ fn main() {
         batch: 1,
         idle: false,
         tokens: false,
+        transport: Transport::Plain,
     };
     // `cargo bench` passes --bench; ignore what is not ours.
     let scenarios = match arg(&args, "--clients") {
@@ -709,6 +893,13 @@ fn main() {
             batch: arg(&args, "--batch").unwrap_or(1),
             idle: has(&args, "--idle"),
             tokens: has(&args, "--tokens"),
+            transport: if has(&args, "--h2") {
+                Transport::H2
+            } else if has(&args, "--tls") {
+                Transport::Tls
+            } else {
+                Transport::Plain
+            },
         }],
         None => vec![
             Scenario {
