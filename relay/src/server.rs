@@ -37,7 +37,8 @@ pub async fn serve(
 }
 
 /// Like [`serve`], over TLS: HTTP/2 for clients that offer it with ALPN (every browser),
-/// HTTP/1.1 for the others. A failed handshake closes that connection only.
+/// HTTP/1.1 for the others (a stream request first on the connection is served without
+/// hyper's buffers there too). A failed handshake closes that connection only.
 pub async fn serve_tls(
     listener: TcpListener,
     state: AppState,
@@ -93,7 +94,8 @@ async fn serve_with(
                     };
                     match first {
                         direct::First::Stream(request) => {
-                            direct::answer(stream, request, peer, protocols.app.clone()).await;
+                            let link = direct::Link::Plain(stream);
+                            direct::answer(link, request, peer, protocols.app.clone()).await;
                             drop(watcher);
                         }
                         direct::First::Other(read) => {
@@ -118,7 +120,27 @@ async fn serve_with(
                         Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
                             protocols.http2_connection(tls, peer, watcher).await
                         }
-                        Ok(Ok(tls)) => protocols.http1_connection(tls, peer, watcher).await,
+                        Ok(Ok(mut tls)) => {
+                            // HTTP/1.1: a stream request is answered without hyper, as on
+                            // a plain connection.
+                            let first = tokio::select! {
+                                first = direct::read_first_tls(&mut tls) => first,
+                                _ = closing.changed() => return,
+                            };
+                            match first {
+                                direct::First::Stream(request) => {
+                                    let link = direct::Link::Tls(Box::new(tls));
+                                    direct::answer(link, request, peer, protocols.app.clone())
+                                        .await;
+                                    drop(watcher);
+                                }
+                                direct::First::Other(read) => {
+                                    let io = direct::Rewind::new(read, tls);
+                                    protocols.http1_connection(io, peer, watcher).await
+                                }
+                                direct::First::Gone => {}
+                            }
+                        }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                     }

@@ -3,6 +3,7 @@
 
 mod support;
 
+use agentrun_protocol::testing::wait_for;
 use agentrun_relay::Config;
 use reqwest::Version;
 use std::path::PathBuf;
@@ -125,6 +126,95 @@ async fn http1_clients_are_served_over_tls_too() {
     let page = client.get(format!("{}/", relay.base)).send().await.unwrap();
     assert_eq!(page.version(), Version::HTTP_11);
     assert!(page.status().is_success());
+}
+
+/// Over TLS too, a connection that opens with a stream request is written by the relay
+/// itself (chunked, `Connection: close`), without hyper's buffers: a client that leaves ends
+/// its stream, an error is written whole, a graceful shutdown ends the stream with its event,
+/// and a connection that opens with another request keeps hyper's keep-alive.
+#[tokio::test]
+async fn an_http1_stream_over_tls_is_written_directly_and_ends_with_its_client() {
+    let (redis, mut conn, run) = redis_with_run("https-direct", &["a"]).await;
+    let cert = localhost_cert();
+    let relay = https_relay(&redis.url(), &cert).await;
+    let mut p = Producer::new("p");
+    p.output(&mut conn, &run, "a", &tagged_lines(1..=2, "x"))
+        .await;
+    let connections = || {
+        let (http, base) = (client(&cert, true), relay.base.clone());
+        async move {
+            let text = http
+                .get(format!("{base}/metrics"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap();
+            metric(&text, "agentrun_relay_connections")
+        }
+    };
+
+    let url = relay.events_url("https-direct", "channels=output");
+    let (version, mut sse) = open_stream(&client(&cert, true), &url).await;
+    assert_eq!(version, Version::HTTP_11);
+    assert_eq!(sse.headers["connection"], "close");
+    assert_eq!(sse.headers["transfer-encoding"], "chunked");
+    for seq in 1..=2u64 {
+        assert_eq!(sse.expect_entry("history").await.json()["seq"], seq);
+    }
+    p.output(&mut conn, &run, "a", &tagged_lines(3..=3, "x"))
+        .await;
+    assert_eq!(sse.expect_entry("live").await.json()["seq"], 3);
+    wait_for("the relay counts the stream", WAIT, || async {
+        (connections().await == 1).then_some(())
+    })
+    .await;
+    drop(sse);
+    wait_for("the relay lets the stream go", WAIT, || async {
+        (connections().await == 0).then_some(())
+    })
+    .await;
+
+    let missing = client(&cert, true)
+        .get(relay.events_url("https-no-such-run", "channels=output"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status().as_u16(), 404);
+    assert_eq!(missing.headers()["connection"], "close");
+    let length: usize = missing.headers()["content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(missing.bytes().await.unwrap().len(), length);
+
+    let keep = client(&cert, true);
+    for _ in 0..2 {
+        let ok = keep
+            .get(format!("{}/healthz", relay.base))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            (ok.version(), ok.status().as_u16()),
+            (Version::HTTP_11, 200)
+        );
+        assert!(ok.headers().get("connection").is_none());
+    }
+
+    let (_, mut sse) = open_stream(&client(&cert, true), &url).await;
+    assert_eq!(sse.expect_entry("history again").await.json()["seq"], 1);
+    relay.shutdown().await;
+    let mut last = String::new();
+    while let Some(ev) = tokio::time::timeout(WAIT, sse.next())
+        .await
+        .expect("the stream ends after the shutdown")
+    {
+        last = ev.event;
+    }
+    assert_eq!(last, "shutdown");
 }
 
 #[tokio::test]

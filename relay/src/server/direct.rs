@@ -3,8 +3,8 @@
 //! Most of a relay's connections are SSE streams that stay open for hours and are idle most
 //! of that time. hyper keeps an 8 KiB read buffer and an 8 KiB header buffer per HTTP/1.1
 //! connection for as long as it lives: more than everything else an idle stream holds. So the
-//! relay reads the first request head of a plain HTTP/1.1 connection itself, into a buffer it
-//! frees once the head is parsed:
+//! relay reads the first request head of an HTTP/1.1 connection (plain, or over its TLS when
+//! the client did not choose HTTP/2) itself, into a buffer it frees once the head is parsed:
 //!
 //! - `GET /api/runs/{run}/events` (the SSE endpoint) is answered here: the request goes
 //!   through the same router (auth, CORS, limits) as any other, and its response is written
@@ -58,6 +58,32 @@ pub(super) async fn read_first(stream: &TcpStream) -> First {
     match tokio::time::timeout(HEAD_TIMEOUT, read_head(stream)).await {
         Ok(first) => first,
         Err(_) => First::Gone,
+    }
+}
+
+/// [`read_first`] over TLS.
+pub(super) async fn read_first_tls(stream: &mut TlsStream) -> First {
+    match tokio::time::timeout(HEAD_TIMEOUT, read_head_tls(stream)).await {
+        Ok(first) => first,
+        Err(_) => First::Gone,
+    }
+}
+
+async fn read_head_tls(stream: &mut TlsStream) -> First {
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        if buf.capacity() == buf.len() {
+            buf.reserve(if buf.is_empty() { 1024 } else { buf.len() });
+        }
+        match tokio::io::AsyncReadExt::read_buf(stream, &mut buf).await {
+            Ok(0) | Err(_) => return First::Gone,
+            Ok(_) => {}
+        }
+        match parse(&buf) {
+            Parsed::Partial if buf.len() < MAX_HEAD => {}
+            Parsed::Partial | Parsed::Other => return First::Other(Bytes::from(buf)),
+            Parsed::Stream(request) => return First::Stream(request),
+        }
     }
 }
 
@@ -140,9 +166,66 @@ fn is_events_path(target: &str) -> bool {
         .is_some_and(|run| !run.is_empty() && !run.contains('/'))
 }
 
+/// The TLS connections answered here (HTTP/1.1 over the relay's TLS).
+pub(super) type TlsStream = tokio_rustls::server::TlsStream<TcpStream>;
+
+/// The connection a stream is written to.
+pub(super) enum Link {
+    Plain(TcpStream),
+    Tls(Box<TlsStream>),
+}
+
+impl Link {
+    /// Writes every byte of `parts`, waiting for room as needed.
+    async fn write_all(&mut self, parts: &mut [IoSlice<'_>]) -> std::io::Result<()> {
+        match self {
+            Link::Plain(stream) => write_all(stream, parts).await,
+            Link::Tls(stream) => {
+                use tokio::io::AsyncWriteExt;
+                let mut parts = parts;
+                while !parts.is_empty() {
+                    match stream.write_vectored(parts).await? {
+                        0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                        n => IoSlice::advance_slices(&mut parts, n),
+                    }
+                }
+                // rustls holds the records until they are flushed to the socket.
+                stream.flush().await
+            }
+        }
+    }
+
+    /// Resolves when the client has closed the connection (or it failed).
+    async fn closed(&mut self) {
+        match self {
+            Link::Plain(stream) => closed(stream).await,
+            Link::Tls(stream) => {
+                let mut sink = [0u8; 64];
+                while let Ok(n) = tokio::io::AsyncReadExt::read(stream, &mut sink).await {
+                    if n == 0 {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Ends the sending side (over TLS: with a `close_notify` first).
+    async fn shutdown(&mut self) -> std::io::Result<()> {
+        let result = match self {
+            Link::Plain(stream) => tokio::io::AsyncWriteExt::shutdown(stream).await,
+            Link::Tls(stream) => tokio::io::AsyncWriteExt::shutdown(stream).await,
+        };
+        match result {
+            Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(()),
+            other => other,
+        }
+    }
+}
+
 /// Answers a stream request with `app` and writes the answer to `stream`.
 pub(super) async fn answer(
-    mut stream: TcpStream,
+    mut stream: Link,
     mut request: Box<Request<axum::body::Body>>,
     peer: SocketAddr,
     app: axum::Router,
@@ -202,7 +285,7 @@ fn head_of(response: &Response<axum::body::Body>) -> Vec<u8> {
 }
 
 async fn write_whole(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     response: Response<axum::body::Body>,
 ) -> std::io::Result<()> {
     let mut head = head_of(&response);
@@ -211,23 +294,25 @@ async fn write_whole(
         .map_err(std::io::Error::other)?;
     head.extend_from_slice(format!("content-length: {}\r\n", body.len()).as_bytes());
     head.extend_from_slice(b"connection: close\r\n\r\n");
-    write_all(stream, &mut [IoSlice::new(&head), IoSlice::new(&body)]).await?;
-    shutdown(stream).await
+    stream
+        .write_all(&mut [IoSlice::new(&head), IoSlice::new(&body)])
+        .await?;
+    stream.shutdown().await
 }
 
 async fn write_stream(
-    stream: &mut TcpStream,
+    stream: &mut Link,
     response: Response<axum::body::Body>,
 ) -> std::io::Result<()> {
     let mut head = head_of(&response);
     head.extend_from_slice(b"transfer-encoding: chunked\r\nconnection: close\r\n\r\n");
-    write_all(stream, &mut [IoSlice::new(&head)]).await?;
+    stream.write_all(&mut [IoSlice::new(&head)]).await?;
     drop(head);
     let mut body = response.into_body().into_data_stream();
     loop {
         let next = tokio::select! {
             next = body.next() => next,
-            () = closed(stream) => return Ok(()),
+            () = stream.closed() => return Ok(()),
         };
         match next {
             Some(Ok(chunk)) => write_chunk(stream, &chunk).await?,
@@ -237,26 +322,24 @@ async fn write_stream(
             None => break,
         }
     }
-    write_all(stream, &mut [IoSlice::new(b"0\r\n\r\n")]).await?;
-    shutdown(stream).await
+    stream.write_all(&mut [IoSlice::new(b"0\r\n\r\n")]).await?;
+    stream.shutdown().await
 }
 
-async fn write_chunk(stream: &TcpStream, chunk: &Bytes) -> std::io::Result<()> {
+async fn write_chunk(stream: &mut Link, chunk: &Bytes) -> std::io::Result<()> {
     if chunk.is_empty() {
         // An empty chunk would end the body.
         return Ok(());
     }
     let mut size = [0u8; 18];
     let size = chunk_size_line(chunk.len(), &mut size);
-    write_all(
-        stream,
-        &mut [
+    stream
+        .write_all(&mut [
             IoSlice::new(size),
             IoSlice::new(chunk),
             IoSlice::new(b"\r\n"),
-        ],
-    )
-    .await
+        ])
+        .await
 }
 
 /// `{len:x}\r\n` written into `buf`.
@@ -305,14 +388,6 @@ async fn closed(stream: &TcpStream) {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
             Err(_) => return,
         }
-    }
-}
-
-/// Ends the sending side, so that the client sees the end of the connection at once.
-async fn shutdown(stream: &mut TcpStream) -> std::io::Result<()> {
-    match tokio::io::AsyncWriteExt::shutdown(stream).await {
-        Err(e) if e.kind() == std::io::ErrorKind::NotConnected => Ok(()),
-        other => other,
     }
 }
 
