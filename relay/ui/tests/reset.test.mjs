@@ -30,9 +30,10 @@ test('a reset history clears the page, says so, and shows the new history once',
   await toggle('md-toggle').click();
   assert.equal(await toggle('raw-toggle').getAttribute('aria-pressed'), 'true');
 
-  // Redis loses the stream and the producer's record of it; the stream is written again.
+  // Redis loses the stream and the producers hash its record of it (the producer's last pseq
+  // and the stream's top); the stream is written again.
   await s.client.command('DEL', pub.key('output:main'));
-  await s.client.command('HDEL', pub.key('producers'), `${pub.key('output:main')}|${pub.producer}`);
+  await s.client.command('HDEL', pub.key('producers'), `${pub.key('output:main')}|${pub.producer}`, pub.key('output:main'));
   pub.pseq.delete('output:main');
   await pub.output('main', 'new 1\n');
   await pub.output('main', 'new 2\n');
