@@ -66,7 +66,8 @@ local function publish(keys, args)
       xadd[n + 10] = 'meta'; xadd[n + 11] = args[i + 4]
     end
     for attempt = 1, 2 do
-      local seq = tostring(top + 1)
+      -- '%d', not tostring: a Lua number prints with 14 digits at most.
+      local seq = string.format('%d', top + 1)
       xadd[n + 1] = '0-' .. seq
       xadd[n + 3] = seq
       local r = redis.pcall('XADD', unpack(xadd))

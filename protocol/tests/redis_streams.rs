@@ -233,6 +233,74 @@ async fn a_stream_emptied_by_hand_keeps_counting() {
     assert_eq!(seqs, [5, 6, 7, 8]);
 }
 
+/// Sequence numbers are exact up to the largest a stream may hold (2^53, what a Lua number
+/// counts exactly), in the ids, the entries, the announcements and the replies.
+#[tokio::test]
+async fn sequence_numbers_stay_exact_up_to_the_largest_a_stream_may_hold() {
+    let redis = RedisServer::start();
+    let mut conn = redis.conn().await;
+    let run = RunId::new("t-huge").unwrap();
+    let stream = StreamName::Output(Variation::default_name());
+    let key = stream.key(&run);
+    // A stream whose top is just below the limit.
+    let near = agentrun_protocol::replay::MAX_SEQ - 3;
+    let _: () = redis::cmd("HSET")
+        .arg(run.producers_key())
+        .arg(&key)
+        .arg(near)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let client = redis::Client::open(redis.url()).unwrap();
+    let mut pubsub = client.get_async_pubsub().await.unwrap();
+    pubsub.subscribe(&key).await.unwrap();
+    let mut live = pubsub.on_message();
+    let entries = [entry(1, b"a"), entry(2, b"b"), entry(3, b"c")];
+    let out = Publisher::new(PublishOptions::default())
+        .publish(
+            &mut conn,
+            &run,
+            Batch {
+                stream: &stream,
+                producer: "p",
+                entries: &entries,
+            },
+        )
+        .await
+        .unwrap();
+    let max = agentrun_protocol::replay::MAX_SEQ;
+    assert_eq!(out.last_seq, max);
+    let page = read_page(&mut conn, &key, near, 10).await.unwrap();
+    let seqs: Vec<u64> = page.entries.iter().map(|e| e.seq).collect();
+    assert_eq!(seqs, [max - 2, max - 1, max]);
+    // The `seq` field of the stored entries too.
+    let stored: Vec<(String, std::collections::HashMap<String, String>)> = redis::cmd("XRANGE")
+        .arg(&key)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let ids: Vec<(&str, &str)> = stored
+        .iter()
+        .map(|(id, fields)| (id.as_str(), fields["seq"].as_str()))
+        .collect();
+    let want: Vec<(String, String)> = [max - 2, max - 1, max]
+        .iter()
+        .map(|s| (format!("0-{s}"), s.to_string()))
+        .collect();
+    let want: Vec<(&str, &str)> = want.iter().map(|(i, s)| (i.as_str(), s.as_str())).collect();
+    assert_eq!(ids, want);
+    for want in [max - 2, max - 1, max] {
+        let msg = tokio::time::timeout(Duration::from_secs(5), live.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let got = live::decode_with_epoch(msg.get_payload_bytes()).unwrap().0;
+        assert_eq!(got.seq, want);
+    }
+}
+
 #[tokio::test]
 async fn runs_are_registered_once() {
     let redis = RedisServer::start();
