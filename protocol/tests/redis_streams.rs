@@ -157,25 +157,17 @@ async fn a_stream_emptied_by_hand_keeps_counting() {
     let run = RunId::new("t-emptied").unwrap();
     let stream = StreamName::Output(Variation::default_name());
     let key = stream.key(&run);
-    let publisher = Publisher::new(PublishOptions::default());
-    let publishing = conn.clone();
-    let publish = |entries: Vec<NewEntry>| {
-        let (publisher, stream, run) = (&publisher, &stream, &run);
-        let mut conn = publishing.clone();
-        async move {
-            publisher
-                .publish(
-                    &mut conn,
-                    run,
-                    Batch {
-                        stream,
-                        producer: "p",
-                        entries: &entries,
-                    },
-                )
-                .await
-                .unwrap()
-        }
+    let mut publishing = conn.clone();
+    let mut publish = async |entries: Vec<NewEntry>| {
+        publish_expecting(
+            &mut publishing,
+            &run,
+            &stream,
+            "p",
+            &entries,
+            Default::default(),
+        )
+        .await
     };
     assert_eq!(
         publish((1..=3).map(|i| entry(i, b"a")).collect())
@@ -256,18 +248,7 @@ async fn sequence_numbers_stay_exact_up_to_the_largest_a_stream_may_hold() {
     pubsub.subscribe(&key).await.unwrap();
     let mut live = pubsub.on_message();
     let entries = [entry(1, b"a"), entry(2, b"b"), entry(3, b"c")];
-    let out = Publisher::new(PublishOptions::default())
-        .publish(
-            &mut conn,
-            &run,
-            Batch {
-                stream: &stream,
-                producer: "p",
-                entries: &entries,
-            },
-        )
-        .await
-        .unwrap();
+    let out = publish_expecting(&mut conn, &run, &stream, "p", &entries, Default::default()).await;
     let max = agentrun_protocol::replay::MAX_SEQ;
     assert_eq!(out.last_seq, max);
     let page = read_page(&mut conn, &key, near, 10).await.unwrap();

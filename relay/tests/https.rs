@@ -143,14 +143,7 @@ async fn an_http1_stream_over_tls_is_written_directly_and_ends_with_its_client()
     let connections = || {
         let (http, base) = (client(&cert, true), relay.base.clone());
         async move {
-            let text = http
-                .get(format!("{base}/metrics"))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap();
+            let text = metrics_text_with(&http, &base).await;
             metric(&text, "agentrun_relay_connections")
         }
     };

@@ -399,14 +399,7 @@ async fn review_answers_are_cached_for_the_configured_time() {
     assert_eq!(list(&client, &relay, ALICE).await, first);
     assert_eq!(cluster.reviews(), after_list);
     // The relay's own count agrees with the proxy's.
-    let text = client
-        .get(format!("{}/metrics", relay.base))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text_with(&client, &relay.base).await;
     assert_eq!(
         metric(&text, "agentrun_relay_auth_reviews_total{kind=\"token\"}"),
         after_list.0 as u64

@@ -562,7 +562,15 @@ pub async fn run_list(base: &str) -> serde_json::Value {
 
 /// The text of the relay's `/metrics` at `base`.
 pub async fn metrics_text(base: &str) -> String {
-    reqwest::get(format!("{base}/metrics"))
+    metrics_text_with(&reqwest::Client::new(), base).await
+}
+
+/// [`metrics_text`] asked with `client` (one that trusts the relay's certificate, or carries
+/// credentials).
+pub async fn metrics_text_with(client: &reqwest::Client, base: &str) -> String {
+    client
+        .get(format!("{base}/metrics"))
+        .send()
         .await
         .expect("GET /metrics")
         .text()
