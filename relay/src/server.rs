@@ -92,18 +92,9 @@ async fn serve_with(
                         first = direct::read_first(&stream) => first,
                         _ = closing.changed() => return,
                     };
-                    match first {
-                        direct::First::Stream(request) => {
-                            let link = direct::Link::Plain(stream);
-                            direct::answer(link, request, peer, protocols.app.clone()).await;
-                            drop(watcher);
-                        }
-                        direct::First::Other(read) => {
-                            let io = direct::Rewind::new(read, stream);
-                            protocols.http1_connection(io, peer, watcher).await
-                        }
-                        direct::First::Gone => {}
-                    }
+                    protocols
+                        .http1_after_head(first, stream, direct::Link::Plain, peer, watcher)
+                        .await;
                 });
             }
             Some(acceptor) => {
@@ -127,19 +118,10 @@ async fn serve_with(
                                 first = direct::read_first_tls(&mut tls) => first,
                                 _ = closing.changed() => return,
                             };
-                            match first {
-                                direct::First::Stream(request) => {
-                                    let link = direct::Link::Tls(Box::new(tls));
-                                    direct::answer(link, request, peer, protocols.app.clone())
-                                        .await;
-                                    drop(watcher);
-                                }
-                                direct::First::Other(read) => {
-                                    let io = direct::Rewind::new(read, tls);
-                                    protocols.http1_connection(io, peer, watcher).await
-                                }
-                                direct::First::Gone => {}
-                            }
+                            let link = |tls| direct::Link::Tls(Box::new(tls));
+                            protocols
+                                .http1_after_head(first, tls, link, peer, watcher)
+                                .await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -198,6 +180,32 @@ impl Protocols {
             .serve_connection(TokioIo::new(io), self.service(peer));
         if let Err(e) = graceful.watch(conn).await {
             tracing::debug!(%peer, error = %e, "HTTP connection ended with an error");
+        }
+    }
+
+    /// Serves an HTTP/1.1 connection whose first request head was read: a stream request is
+    /// answered on `link(io)` without hyper; anything else is hyper's, starting with the bytes
+    /// already read.
+    async fn http1_after_head<S>(
+        &self,
+        first: direct::First,
+        io: S,
+        link: fn(S) -> direct::Link,
+        peer: SocketAddr,
+        graceful: Watcher,
+    ) where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        match first {
+            direct::First::Stream(request) => {
+                direct::answer(link(io), request, peer, self.app.clone()).await;
+                drop(graceful);
+            }
+            direct::First::Other(read) => {
+                let io = direct::Rewind::new(read, io);
+                self.http1_connection(io, peer, graceful).await
+            }
+            direct::First::Gone => {}
         }
     }
 

@@ -72,17 +72,13 @@ pub(super) async fn read_first_tls(stream: &mut TlsStream) -> First {
 async fn read_head_tls(stream: &mut TlsStream) -> First {
     let mut buf: Vec<u8> = Vec::new();
     loop {
-        if buf.capacity() == buf.len() {
-            buf.reserve(if buf.is_empty() { 1024 } else { buf.len() });
-        }
+        make_room(&mut buf);
         match tokio::io::AsyncReadExt::read_buf(stream, &mut buf).await {
             Ok(0) | Err(_) => return First::Gone,
             Ok(_) => {}
         }
-        match parse(&buf) {
-            Parsed::Partial if buf.len() < MAX_HEAD => {}
-            Parsed::Partial | Parsed::Other => return First::Other(Bytes::from(buf)),
-            Parsed::Stream(request) => return First::Stream(request),
+        if let Some(first) = judge(&mut buf) {
+            return first;
         }
     }
 }
@@ -94,20 +90,32 @@ async fn read_head(stream: &TcpStream) -> First {
         if stream.readable().await.is_err() {
             return First::Gone;
         }
-        if buf.capacity() == buf.len() {
-            buf.reserve(if buf.is_empty() { 1024 } else { buf.len() });
-        }
+        make_room(&mut buf);
         match stream.try_read_buf(&mut buf) {
             Ok(0) => return First::Gone,
             Ok(_) => {}
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(_) => return First::Gone,
         }
-        match parse(&buf) {
-            Parsed::Partial if buf.len() < MAX_HEAD => {}
-            Parsed::Partial | Parsed::Other => return First::Other(Bytes::from(buf)),
-            Parsed::Stream(request) => return First::Stream(request),
+        if let Some(first) = judge(&mut buf) {
+            return first;
         }
+    }
+}
+
+/// Room for the next read of a head: 1 KiB at first, then twice as much each time.
+fn make_room(buf: &mut Vec<u8>) {
+    if buf.capacity() == buf.len() {
+        buf.reserve(if buf.is_empty() { 1024 } else { buf.len() });
+    }
+}
+
+/// What the bytes read so far say; `None` while the head is incomplete and may still grow.
+fn judge(buf: &mut Vec<u8>) -> Option<First> {
+    match parse(buf) {
+        Parsed::Partial if buf.len() < MAX_HEAD => None,
+        Parsed::Partial | Parsed::Other => Some(First::Other(Bytes::from(std::mem::take(buf)))),
+        Parsed::Stream(request) => Some(First::Stream(request)),
     }
 }
 
