@@ -2,13 +2,6 @@ use agentrun_protocol::process::shutdown_signal;
 use agentrun_relay::{AppState, Config};
 use clap::Parser;
 
-/// mimalloc rather than the C library's allocator. The release images are static musl
-/// binaries, and musl's allocator made the relay spend 38 % more CPU per delivery than glibc's
-/// (docs/benchmarks.md, "The allocator"); with the same allocator in every build, what the
-/// benchmarks and tests run is what ships.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config = Config::parse();
